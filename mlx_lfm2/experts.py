@@ -1,0 +1,89 @@
+"""Stacked experts driven by gather matmuls (``mx.gather_mm`` / ``mx.gather_qmm``).
+
+Every expert's weight lives in one ``[E, out, in]`` array (quantized: packed ``uint32``
+plus scales/biases), so routing is an index, not a Python loop. For long inputs the
+(token, expert) pairs are sorted by expert first, so each expert's weights are read once
+as a contiguous run (``sorted_indices=True``); a single decode token skips the sort.
+
+Dimensions: N tokens (flattened), K experts per token, E experts, D in, F out.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+
+SORT_THRESHOLD = 64  # (token, expert) pairs above which sorting pays for itself
+
+
+@mx.compile
+def swiglu(gate: mx.array, up: mx.array) -> mx.array:
+    return nn.silu(gate) * up
+
+
+class SwitchLinear(nn.Module):
+    def __init__(self, input_dims: int, output_dims: int, num_experts: int):
+        super().__init__()
+        scale = math.sqrt(1 / input_dims)
+        self.weight = mx.random.uniform(-scale, scale, (num_experts, output_dims, input_dims))
+
+    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
+        w = self["weight"].swapaxes(-1, -2)
+        if x.dtype != mx.float32 and mx.default_device().type == mx.cpu:
+            # MLX's CPU gather_mm is float32-only past a few rows; GPUs take any float.
+            y = mx.gather_mm(x.astype(mx.float32), w.astype(mx.float32), rhs_indices=indices,
+                             sorted_indices=sorted_indices)
+            return y.astype(x.dtype)
+        return mx.gather_mm(x, w, rhs_indices=indices, sorted_indices=sorted_indices)
+
+    def to_quantized(self, group_size: int = 64, bits: int = 4, mode: str = "affine", **_):
+        return QuantizedSwitchLinear(self.weight, group_size, bits, mode)
+
+
+class QuantizedSwitchLinear(nn.Module):
+    """A SwitchLinear whose ``[E, out, in]`` weight is quantized per group along ``in``."""
+
+    def __init__(self, weight: mx.array, group_size: int, bits: int, mode: str = "affine"):
+        super().__init__()
+        self.group_size, self.bits, self.mode = group_size, bits, mode
+        self.weight, self.scales, *b = mx.quantize(weight, group_size, bits, mode=mode)
+        if b:
+            self.biases = b[0]
+        self.freeze()
+
+    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
+        return mx.gather_qmm(
+            x, self["weight"], self["scales"], self.get("biases"), rhs_indices=indices,
+            transpose=True, group_size=self.group_size, bits=self.bits, mode=self.mode,
+            sorted_indices=sorted_indices,
+        )
+
+
+class SwitchGLU(nn.Module):
+    """``E`` SwiGLU experts: ``w2[e](silu(w1[e] x) * w3[e] x)`` for the chosen ``e``."""
+
+    def __init__(self, dims: int, hidden: int, num_experts: int):
+        super().__init__()
+        self.w1 = SwitchLinear(dims, hidden, num_experts)
+        self.w3 = SwitchLinear(dims, hidden, num_experts)
+        self.w2 = SwitchLinear(hidden, dims, num_experts)
+
+    def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
+        """x ``[..., D]``, indices ``[..., K]`` -> ``[..., K, D]``."""
+        lead, K = indices.shape[:-1], indices.shape[-1]
+        x = mx.expand_dims(x, (-2, -3))  # [..., 1, 1, D]
+        do_sort = indices.size >= SORT_THRESHOLD
+        idx = indices
+        if do_sort:
+            flat = indices.flatten()  # [N*K]
+            order = mx.argsort(flat)
+            inv_order = mx.argsort(order)
+            x = x.flatten(0, -3)[order // K]  # [N*K, 1, D], grouped by expert
+            idx = flat[order]
+        h = swiglu(self.w1(x, idx, do_sort), self.w3(x, idx, do_sort))
+        y = self.w2(h, idx, do_sort)  # [..., 1, D]
+        if do_sort:
+            y = y[inv_order].reshape(*lead, K, 1, -1)
+        return y.squeeze(-2)

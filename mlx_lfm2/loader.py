@@ -1,0 +1,72 @@
+"""``load(path_or_repo_id) -> (model, tokenizer)``: local folders and hub repos."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional, Union
+
+import mlx.core as mx
+
+from .config import ConfigError, ModelArgs
+from .model import Model
+from .weights import load_into, safetensors_files
+
+# What a model folder needs; nothing else is downloaded.
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.txt"]
+
+
+def resolve(path_or_repo: Union[str, Path], revision: Optional[str] = None) -> Path:
+    """A local folder as is; otherwise a hub repo id fetched (or found in the HF cache)."""
+    path = Path(path_or_repo).expanduser()
+    if path.is_dir():
+        return path
+    name = str(path_or_repo)
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise FileNotFoundError(
+            f"{name!r} is neither a model folder nor a hub repo id like 'LiquidAI/LFM2-24B-A2B'"
+        )
+    from huggingface_hub import snapshot_download  # only when we really go to the hub
+
+    try:
+        return Path(snapshot_download(name, revision=revision, allow_patterns=HUB_PATTERNS))
+    except Exception as e:
+        raise FileNotFoundError(
+            f"could not fetch {name!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
+            "Check the repo id and your network, or pass a local folder."
+        ) from e
+
+
+def load_config(folder: Path) -> dict:
+    f = folder / "config.json"
+    if not f.exists():
+        raise FileNotFoundError(f"{folder} has no config.json: is this a model folder?")
+    try:
+        return json.loads(f.read_text())
+    except ValueError as e:
+        raise ConfigError(f"{f} is not valid JSON: {e}") from e
+
+
+def load_model(folder: Union[str, Path], dtype: Optional[mx.Dtype] = None, lazy: bool = False) -> Model:
+    folder = Path(folder)
+    args = ModelArgs.from_dict(load_config(folder))
+    model = Model(args)
+    load_into(model, safetensors_files(folder), args, dtype=dtype)
+    if not lazy:
+        mx.eval(model.parameters())
+    model.eval()
+    return model
+
+
+def load(path_or_repo: Union[str, Path], dtype: Optional[mx.Dtype] = None, lazy: bool = False,
+         revision: Optional[str] = None):
+    """Load a model folder or hub repo; returns ``(model, tokenizer)``.
+
+    ``dtype`` casts floating weights (the router's expert_bias stays float32); ``lazy``
+    leaves weights unread until first used.
+    """
+    from .tokenizer import load_tokenizer
+
+    folder = resolve(path_or_repo, revision)
+    model = load_model(folder, dtype=dtype, lazy=lazy)
+    return model, load_tokenizer(folder, model.args)

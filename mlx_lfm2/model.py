@@ -1,0 +1,208 @@
+"""The LFM2 family as one MLX module tree.
+
+Dense LFM2 and LFM2-MoE share every block; a layer differs only in its operator
+(short convolution or attention, from ``layer_types``) and its feed-forward (dense
+SwiGLU below ``num_dense_layers``, sparse MoE above). Parameter paths are the hub
+checkpoint's, with experts stacked (``feed_forward.experts.w1.weight`` is ``[E, F, D]``);
+``weights.sanitize`` maps hub and mlx-lm layouts onto them.
+
+Dimensions: B batch, L tokens in this call, D hidden, H / H_kv query / key-value heads,
+Dh head dim, T cached positions, E experts, K experts per token, F FFN width.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .cache import ConvCache, KVCache
+from .config import ModelArgs
+from .experts import SwitchGLU, swiglu
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with per-head RMSNorm on q and k before RoPE."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        D, self.H, self.H_kv, Dh = (
+            args.hidden_size,
+            args.num_attention_heads,
+            args.num_key_value_heads,
+            args.head_dim,
+        )
+        self.scale = Dh**-0.5
+        self.q_proj = nn.Linear(D, self.H * Dh, bias=False)
+        self.k_proj = nn.Linear(D, self.H_kv * Dh, bias=False)
+        self.v_proj = nn.Linear(D, self.H_kv * Dh, bias=False)
+        self.out_proj = nn.Linear(self.H * Dh, D, bias=False)
+        self.q_layernorm = nn.RMSNorm(Dh, eps=args.norm_eps)
+        self.k_layernorm = nn.RMSNorm(Dh, eps=args.norm_eps)
+        self.rope = nn.RoPE(Dh, traditional=False, base=args.rope_theta)
+
+    def __call__(self, x: mx.array, cache: Optional[KVCache]) -> mx.array:
+        B, L, _ = x.shape
+        q = self.q_layernorm(self.q_proj(x).reshape(B, L, self.H, -1)).transpose(0, 2, 1, 3)
+        k = self.k_layernorm(self.k_proj(x).reshape(B, L, self.H_kv, -1)).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(B, L, self.H_kv, -1).transpose(0, 2, 1, 3)
+        offset = cache.offset if cache is not None else 0
+        q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)  # [B, H(_kv), L, Dh]
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)  # [B, H_kv, T, Dh]
+        # "causal" aligns the L queries with the last L of the T keys.
+        mask = "causal" if L > 1 else None
+        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        return self.out_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class DepthwiseConv(nn.Module):
+    """Causal depthwise convolution over time; weight ``[D, L_cache, 1]`` (MLX Conv1d layout)."""
+
+    def __init__(self, dims: int, kernel: int, bias: bool):
+        super().__init__()
+        self.weight = mx.zeros((dims, kernel, 1))
+        if bias:
+            self.bias = mx.zeros((dims,))
+
+    def __call__(self, x: mx.array, state: Optional[mx.array]):
+        """x ``[B, L, D]``, state ``[B, K-1, D]`` (None: zeros) -> (y ``[B, L, D]``, new state)."""
+        B, L, D = x.shape
+        K = self.weight.shape[1]
+        w = self.weight[:, :, 0].T  # [K, D]
+        if L == 1 and state is not None:  # decode: no padding, no concat of the whole input
+            window = mx.concatenate([state, x], axis=1)  # [B, K, D]
+            y = (window * w).sum(axis=1, keepdims=True)
+        else:
+            if state is None:
+                state = mx.zeros((B, K - 1, D), dtype=x.dtype)
+            window = mx.concatenate([state, x], axis=1)  # [B, L+K-1, D]
+            y = window[:, 0:L] * w[0]
+            for k in range(1, K):  # K = 3 taps, not a loop over tokens
+                y = y + window[:, k : k + L] * w[k]
+        if "bias" in self:
+            y = y + self.bias
+        return y, window[:, -(K - 1) :]
+
+
+class ShortConv(nn.Module):
+    """Double-gated short convolution: ``out_proj(C * conv(B * x))``."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        D = args.hidden_size
+        self.in_proj = nn.Linear(D, 3 * D, bias=args.conv_bias)
+        self.conv = DepthwiseConv(D, args.conv_L_cache, bias=args.conv_bias)
+        self.out_proj = nn.Linear(D, D, bias=args.conv_bias)
+
+    def __call__(self, x: mx.array, cache: Optional[ConvCache]) -> mx.array:
+        b, c, h = mx.split(self.in_proj(x), 3, axis=-1)  # 3 x [B, L, D]
+        state = cache.conv_state if cache is not None else None
+        y, new_state = self.conv(b * h, state)
+        if cache is not None:
+            cache.conv_state = new_state
+            cache.offset += x.shape[1]
+        return self.out_proj(c * y)
+
+
+class DenseFFN(nn.Module):
+    """SwiGLU: ``w2(silu(w1 x) * w3 x)``."""
+
+    def __init__(self, dims: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dims, hidden, bias=False)
+        self.w3 = nn.Linear(dims, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dims, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.w2(swiglu(self.w1(x), self.w3(x)))
+
+
+class SparseMoE(nn.Module):
+    """Sigmoid router; ``expert_bias`` steers which experts are chosen, never their weights."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        E = args.num_experts
+        self.top_k = args.num_experts_per_tok
+        self.norm_topk_prob = args.norm_topk_prob
+        self.routed_scaling_factor = args.routed_scaling_factor
+        self.gate = nn.Linear(args.hidden_size, E, bias=False)
+        if args.use_expert_bias:
+            self.expert_bias = mx.zeros((E,), dtype=mx.float32)
+        self.experts = SwitchGLU(args.hidden_size, args.moe_intermediate_size, E)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        K = self.top_k
+        probs = mx.sigmoid(self.gate(x).astype(mx.float32))  # [B, L, E]
+        choice = probs + self.expert_bias if "expert_bias" in self else probs
+        inds = mx.stop_gradient(mx.argpartition(-choice, kth=K - 1, axis=-1)[..., :K])  # [B, L, K]
+        w = mx.take_along_axis(probs, inds, axis=-1)
+        if self.norm_topk_prob:
+            w = w / (w.sum(axis=-1, keepdims=True) + 1e-6)
+        w = (w * self.routed_scaling_factor).astype(x.dtype)
+        y = self.experts(x, inds)  # [B, L, K, D]
+        return (y * w[..., None]).sum(axis=-2)
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs, i: int):
+        super().__init__()
+        self.is_attention = args.is_attention(i)
+        if self.is_attention:
+            self.self_attn = Attention(args)
+        else:
+            self.conv = ShortConv(args)
+        if args.is_moe(i):
+            self.feed_forward = SparseMoE(args)
+        else:
+            self.feed_forward = DenseFFN(args.hidden_size, args.intermediate_size)
+        self.operator_norm = nn.RMSNorm(args.hidden_size, eps=args.norm_eps)
+        self.ffn_norm = nn.RMSNorm(args.hidden_size, eps=args.norm_eps)
+
+    def __call__(self, x: mx.array, cache=None) -> mx.array:
+        op = self.self_attn if self.is_attention else self.conv
+        h = x + op(self.operator_norm(x), cache)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Backbone(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [Block(args, i) for i in range(args.num_hidden_layers)]
+        self.embedding_norm = nn.RMSNorm(args.hidden_size, eps=args.norm_eps)
+
+    def __call__(self, inputs: mx.array, cache=None) -> mx.array:
+        h = self.embed_tokens(inputs)
+        cache = cache if cache is not None else [None] * len(self.layers)
+        for layer, c in zip(self.layers, cache):
+            h = layer(h, c)
+        return self.embedding_norm(h)
+
+
+class Model(nn.Module):
+    """``model(inputs [B, L], cache=None) -> logits [B, L, vocab]``."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model_type = args.model_type
+        self.model = Backbone(args)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def __call__(self, inputs: mx.array, cache=None) -> mx.array:
+        h = self.model(inputs, cache)
+        if "lm_head" in self:
+            return self.lm_head(h)
+        return self.model.embed_tokens.as_linear(h)
+
+    @property
+    def layers(self):
+        return self.model.layers
+
+    def make_cache(self) -> list:
+        """A fresh cache: a KVCache per attention layer, a ConvCache per conv layer."""
+        return [KVCache() if l.is_attention else ConvCache() for l in self.layers]
