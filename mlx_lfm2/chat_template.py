@@ -134,11 +134,15 @@ def tool_schemas(tools) -> list | None:
 
 def render(source: str, messages: list, tools=None, documents=None, add_generation_prompt=False,
            **kwargs) -> str:
+    if not messages:
+        raise ValueError("cannot render an empty conversation: give at least one message")
     for m in messages:
         if not isinstance(m, dict):
             raise TypeError(f"chat messages are dicts with 'role' and 'content', got {m!r}")
+    # As transformers does: a key set to None (OpenAI's content=None) is a missing key.
+    messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
     return compile_template(source).render(
-        messages=_plain(list(messages)), tools=_plain(tool_schemas(tools)), documents=_plain(documents),
+        messages=_plain(messages), tools=_plain(tool_schemas(tools)), documents=_plain(documents),
         add_generation_prompt=add_generation_prompt, **_plain(kwargs),
     )
 
