@@ -12,8 +12,8 @@ __version__ = "0.1.0"
 # Names resolved on first use, so `import mlx_lfm2` stays cheap.
 _EXPORTS = {
     "load": "loader", "load_model": "loader", "Model": "model", "ModelArgs": "config",
-    "generate": "generate", "stream_generate": "generate", "GenerationResponse": "generate",
-    "convert": "convert", "parse_tool_calls": "tools", "get_json_schema": "chat_template",
+    "generate": "generation", "stream_generate": "generation", "GenerationResponse": "generation",
+    "convert": "conversion", "parse_tool_calls": "tools", "get_json_schema": "chat_template",
     "Chat": "session", "make_sampler": "sample", "make_logits_processors": "sample",
 }
 

@@ -125,7 +125,7 @@ def save_cache(path: str, cache: Cache, metadata: Optional[dict] = None) -> None
 
 
 def load_cache(path: str) -> tuple[Cache, dict]:
-    arrays, meta = mx.load(path, return_metadata=True)
+    arrays, meta = mx.load(path, format="safetensors", return_metadata=True)
     cache, i = [], 0
     kinds = {"KVCache": KVCache, "ConvCache": ConvCache}
     while f"layer.{i}" in meta:

@@ -1,0 +1,207 @@
+"""Generation in two layers.
+
+* ``generate_step`` (tokens only): chunked prefill, then a decode loop that builds step
+  n+1's graph before waiting on step n (``mx.async_eval``), so the device never idles on
+  Python. It knows nothing of text; it stops at ``max_tokens`` or when ``stop_event`` is set.
+* ``stream_generate`` / ``generate`` (text): prompts as text, ids or chat messages, the
+  streaming detokenizer, stop ids and stop strings (never shown), and stats.
+
+The caller may pass a cache that already holds a prefix (see ``session.PromptCache``):
+only the new tokens are prefilled, and ``cache[0].offset`` always says how many tokens the
+cache has consumed.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence, Union
+
+import mlx.core as mx
+
+from .sample import make_logits_processors, make_sampler
+
+Prompt = Union[str, Sequence[int], Sequence[dict]]
+
+
+class PromptTooLongError(ValueError):
+    """The prompt (plus what the cache already holds) exceeds the model's context."""
+
+
+# Recommended sampling from the model cards, keyed by the MoE shape that identifies them.
+MODEL_CARD_DEFAULTS = {
+    (64, 4): dict(temperature=0.1, top_k=50, repetition_penalty=1.05),  # LFM2-24B-A2B
+    (32, 4): dict(temperature=0.3, min_p=0.15, repetition_penalty=1.05),  # LFM2-8B-A1B
+}
+FALLBACK_DEFAULTS = dict(temperature=0.3, min_p=0.15, repetition_penalty=1.05)
+
+
+def default_sampling(model) -> dict:
+    a = model.args
+    return dict(MODEL_CARD_DEFAULTS.get((a.num_experts, a.num_experts_per_tok), FALLBACK_DEFAULTS))
+
+
+def context_length(model) -> int:
+    return model.args.max_position_embeddings
+
+
+def prefill(model, tokens: mx.array, cache: list, step_size: int = 512) -> None:
+    """Run ``tokens`` ``[L]`` through the model into ``cache``, ``step_size`` at a time."""
+    for start in range(0, tokens.size, step_size):
+        model(tokens[None, start : start + step_size], cache=cache)
+        mx.eval([c.state for c in cache])
+
+
+def generate_step(prompt: mx.array, model, cache: list, *, max_tokens: int = 256, sampler=None,
+                  logits_processors=(), prefill_step_size: int = 512,
+                  stop_event: Optional[threading.Event] = None) -> Iterator[tuple[int, mx.array]]:
+    """Yield ``(token, logprobs [V])`` for up to ``max_tokens`` new tokens after ``prompt`` ``[L]``.
+
+    ``prompt`` must hold at least one token; everything before its last token is prefilled in
+    chunks. ``logits_processors`` see the prompt and generated ids as history.
+    """
+    sampler = sampler or make_sampler(0.0)
+    if prompt.size == 0:
+        raise ValueError("prompt is empty: nothing to continue from")
+    history = prompt
+
+    def step(tokens: mx.array):
+        nonlocal history
+        logits = model(tokens[None], cache=cache)[:, -1, :]
+        for proc in logits_processors:
+            logits = proc(history, logits)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        y = sampler(logprobs)
+        if logits_processors:
+            history = mx.concatenate([history, y.astype(history.dtype)])
+        return y, logprobs[0]
+
+    prefill(model, prompt[:-1], cache, prefill_step_size)
+    if max_tokens <= 0:
+        return
+    y, logprobs = step(prompt[-1:])
+    mx.async_eval(y, logprobs)
+    for n in range(max_tokens):
+        if stop_event is not None and stop_event.is_set():
+            return
+        if n + 1 < max_tokens:
+            next_y, next_logprobs = step(y)  # feeds y into the cache
+            mx.async_eval(next_y, next_logprobs)
+        yield y.item(), logprobs
+        if n + 1 < max_tokens:
+            y, logprobs = next_y, next_logprobs
+
+
+@dataclass
+class GenerationResponse:
+    text: str  # the new text since the last response
+    token: Optional[int]  # the token just generated; on the last response, the stop token if any
+    logprobs: Optional[mx.array]
+    finish_reason: Optional[str]  # "stop", "length", "cancelled", or None while generating
+    prompt_tokens: int  # tokens prefilled for this call (not those reused from a cache)
+    generation_tokens: int
+    prompt_tps: float
+    generation_tps: float
+    peak_memory: float  # GB
+
+
+def encode_prompt(tokenizer, prompt: Prompt, tools=None) -> list[int]:
+    if isinstance(prompt, str):
+        return tokenizer.encode(prompt)
+    prompt = list(prompt)
+    if prompt and isinstance(prompt[0], dict):
+        return tokenizer.apply_chat_template(prompt, tools=tools, add_generation_prompt=True, tokenize=True)
+    if not all(isinstance(t, int) for t in prompt):
+        raise TypeError("prompt must be a string, a list of token ids or a list of chat messages")
+    return prompt
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """How many trailing characters could still begin a stop string."""
+    n = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                n = max(n, k)
+                break
+    return n
+
+
+def stream_generate(model, tokenizer, prompt: Prompt, max_tokens: int = 256, *,
+                    temperature: Optional[float] = None, top_p: float = 1.0, top_k: int = 0,
+                    min_p: float = 0.0, repetition_penalty: Optional[float] = None,
+                    repetition_context_size: int = 64, logit_bias: Optional[dict] = None,
+                    seed: Optional[int] = None, stop: Union[str, Sequence[str], None] = None,
+                    cache: Optional[list] = None, stop_event: Optional[threading.Event] = None,
+                    prefill_step_size: int = 512, tools=None) -> Iterator[GenerationResponse]:
+    """Stream a completion of ``prompt``; the last response carries ``finish_reason``.
+
+    Sampling arguments left as None use greedy decoding (``temperature=0``) and no penalty;
+    front ends pass the model card defaults (``default_sampling``).
+    """
+    ids = encode_prompt(tokenizer, prompt, tools)
+    cache = model.make_cache() if cache is None else cache
+    held = cache[0].offset if cache else 0
+    if held + len(ids) + 1 > context_length(model):
+        raise PromptTooLongError(
+            f"prompt of {len(ids)} tokens (+{held} cached) does not fit the model's context of "
+            f"{context_length(model)} tokens: shorten it or start a new conversation"
+        )
+    max_tokens = max(0, min(max_tokens, context_length(model) - held - len(ids)))
+    stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
+    sampler = make_sampler(temperature or 0.0, top_p, top_k, min_p, seed)
+    processors = make_logits_processors(repetition_penalty, repetition_context_size, logit_bias)
+    detok = tokenizer.detokenizer()
+    eos = tokenizer.eos_token_ids
+
+    mx.reset_peak_memory()
+    tic = time.perf_counter()
+    prompt_tps = gen_tps = 0.0
+    text, shown, n, stop_token = "", 0, 0, None
+    stepper = generate_step(mx.array(ids, dtype=mx.uint32), model, cache, max_tokens=max_tokens,
+                            sampler=sampler, logits_processors=processors,
+                            prefill_step_size=prefill_step_size, stop_event=stop_event)
+
+    def response(segment, token, logprobs, reason):
+        return GenerationResponse(segment, token, logprobs, reason, len(ids), n, prompt_tps, gen_tps,
+                                  mx.get_peak_memory() / 1e9)
+
+    for token, logprobs in stepper:
+        if n == 0:
+            prompt_tps = len(ids) / (time.perf_counter() - tic)
+            tic = time.perf_counter()
+        n += 1
+        gen_tps = (n - 1) / max(time.perf_counter() - tic, 1e-9)
+        if token in eos:
+            finish, stop_token = "stop", token
+            text += detok.finalize()
+            break
+        text += detok.add_token(token)
+        # A stop string can only begin in the unshown tail: any earlier start was held back.
+        hits = [i for i in (text.find(s, shown) for s in stops) if i >= 0]
+        if hits:
+            text, finish = text[: min(hits)], "stop"
+            break
+        visible = len(text) - _held_back(text, stops)
+        yield response(text[shown:visible], token, logprobs, None)
+        shown = max(shown, visible)
+    else:
+        finish = "cancelled" if stop_event is not None and stop_event.is_set() else "length"
+        text += detok.finalize()
+    stepper.close()
+    yield response(text[shown:], stop_token, None, finish)
+
+
+def generate(model, tokenizer, prompt: Prompt, max_tokens: int = 256, verbose: bool = False, **kwargs) -> str:
+    """The whole completion as a string (``stream_generate``'s arguments)."""
+    out = []
+    for r in stream_generate(model, tokenizer, prompt, max_tokens, **kwargs):
+        out.append(r.text)
+        if verbose:
+            print(r.text, end="", flush=True)
+    if verbose:
+        print(f"\nprompt: {r.prompt_tokens} tokens, {r.prompt_tps:.1f} tok/s | "
+              f"generation: {r.generation_tokens} tokens, {r.generation_tps:.1f} tok/s | "
+              f"peak memory {r.peak_memory:.2f} GB")
+    return "".join(out)

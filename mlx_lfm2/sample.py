@@ -1,0 +1,99 @@
+"""Samplers and logits processors: pure functions of arrays, no text.
+
+A sampler maps log-probabilities ``[B, V]`` to tokens ``[B]``; a logits processor maps
+``(history [T], logits [B, V])`` to new logits. Sampling with a ``seed`` draws from its
+own key sequence, so a seeded run is reproducible whatever else uses ``mx.random``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import mlx.core as mx
+
+Sampler = Callable[[mx.array], mx.array]
+LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
+
+
+def _top_k(logprobs: mx.array, k: int) -> mx.array:
+    if k <= 0 or k >= logprobs.shape[-1]:
+        return logprobs
+    kth = mx.partition(logprobs, kth=-k, axis=-1)[..., -k:].min(axis=-1, keepdims=True)
+    return mx.where(logprobs < kth, -mx.inf, logprobs)
+
+
+def _top_p(logprobs: mx.array, p: float) -> mx.array:
+    if not 0 < p < 1:
+        return logprobs
+    order = mx.argsort(-logprobs, axis=-1)
+    sorted_lp = mx.take_along_axis(logprobs, order, axis=-1)
+    probs = mx.exp(sorted_lp)
+    # Keep a token while the mass before it is < p (the top token always stays).
+    before = mx.cumsum(probs, axis=-1) - probs
+    kept = mx.where(before < p, sorted_lp, -mx.inf)
+    inverse = mx.argsort(order, axis=-1)
+    return mx.take_along_axis(kept, inverse, axis=-1)
+
+
+def _min_p(logprobs: mx.array, min_p: float) -> mx.array:
+    if min_p <= 0:
+        return logprobs
+    threshold = logprobs.max(axis=-1, keepdims=True) + mx.log(mx.array(min_p, logprobs.dtype))
+    return mx.where(logprobs < threshold, -mx.inf, logprobs)
+
+
+def make_sampler(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
+                 seed: Optional[int] = None) -> Sampler:
+    """Greedy at temperature 0; otherwise filter (top_k, top_p, min_p) then sample."""
+    if temperature < 0:
+        raise ValueError("temperature must be >= 0")
+    if temperature == 0:
+        return lambda logprobs: mx.argmax(logprobs, axis=-1)
+    state = {"key": mx.random.key(seed) if seed is not None else None}
+
+    def sample(logprobs: mx.array) -> mx.array:
+        lp = _min_p(_top_p(_top_k(logprobs, top_k), top_p), min_p)
+        key = None
+        if state["key"] is not None:
+            state["key"], key = mx.random.split(state["key"])
+        return mx.random.categorical(lp * (1 / temperature), key=key)
+
+    return sample
+
+
+def repetition_penalty_processor(penalty: float, window: int = 64) -> LogitsProcessor:
+    """Divide positive / multiply negative logits of tokens seen in the last ``window``."""
+    if penalty <= 0:
+        raise ValueError("repetition_penalty must be > 0")
+
+    def process(history: mx.array, logits: mx.array) -> mx.array:
+        if history.size == 0:
+            return logits
+        recent = history[-window:]
+        picked = logits[:, recent]
+        picked = mx.where(picked > 0, picked / penalty, picked * penalty)
+        logits[:, recent] = picked
+        return logits
+
+    return process
+
+
+def logit_bias_processor(bias: dict[int, float]) -> LogitsProcessor:
+    ids = mx.array(list(bias.keys()))
+    values = mx.array(list(bias.values()), dtype=mx.float32)
+
+    def process(history: mx.array, logits: mx.array) -> mx.array:
+        logits[:, ids] = logits[:, ids] + values.astype(logits.dtype)
+        return logits
+
+    return process
+
+
+def make_logits_processors(repetition_penalty: Optional[float] = None, repetition_context_size: int = 64,
+                           logit_bias: Optional[dict[int, float]] = None) -> list[LogitsProcessor]:
+    out = []
+    if logit_bias:
+        out.append(logit_bias_processor(logit_bias))
+    if repetition_penalty and repetition_penalty != 1.0:
+        out.append(repetition_penalty_processor(repetition_penalty, repetition_context_size))
+    return out
