@@ -14,6 +14,11 @@ from .weights import load_into, safetensors_files
 
 # What a model folder needs; nothing else is downloaded.
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.txt"]
+# The text side of a model folder, copied along by conversion.
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "chat_template.jinja", "generation_config.json",
+)
 
 
 def resolve(path_or_repo: Union[str, Path], revision: Optional[str] = None) -> Path:

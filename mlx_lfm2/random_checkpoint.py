@@ -21,11 +21,8 @@ from typing import Optional
 import numpy as np
 
 from .config import ModelArgs
+from .loader import TOKENIZER_FILES
 
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-    "chat_template.jinja", "generation_config.json",
-)
 
 
 def _moe(layers: int, dense: int, attn: list[int], **kw) -> dict:
@@ -152,7 +149,7 @@ def write_checkpoint(out: Path, config: dict, seed: int = 0, dtype: str = "bfloa
     if tokenizer_from is not None:
         for name in TOKENIZER_FILES:
             if (Path(tokenizer_from) / name).exists():
-                shutil.copy(Path(tokenizer_from) / name, out / name)
+                shutil.copyfile(Path(tokenizer_from) / name, out / name)
     return out
 
 

@@ -100,8 +100,28 @@ def safetensors_files(folder: Path) -> list[Path]:
     return files
 
 
+def check_safetensors(path: Path) -> None:
+    """Header parses and the file holds every byte it promises (catches truncated downloads)."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 0 < n <= min(size - 8, 100_000_000):
+                raise ValueError("bad header length")
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError) as e:
+        raise WeightsError(f"cannot read {path}: {e} (corrupt or truncated download?)") from e
+    if 8 + n + end > size:
+        raise WeightsError(
+            f"cannot read {path}: it holds {size} bytes but its header needs {8 + n + end} "
+            "(corrupt or truncated download?)"
+        )
+
+
 def load_safetensors(path: Path) -> dict:
-    """Lazy arrays of one file; a truncated or corrupt file is a clear error."""
+    """Lazy arrays of one file (read when first evaluated); corrupt files are clear errors."""
+    check_safetensors(path)
     try:
         return mx.load(str(path))
     except Exception as e:  # mlx raises RuntimeError/ValueError with terse text

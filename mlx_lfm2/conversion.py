@@ -1,0 +1,267 @@
+"""Hub checkpoint -> MLX folder (optionally quantized) that mlx-lm and LM Studio load.
+
+The conversion streams: tensors are read lazily from the source safetensors, then one
+layer at a time is stacked (experts), cast, quantized, evaluated and written, so peak
+memory is about one layer plus one output shard, whatever the checkpoint's size (the
+real LFM2-24B-A2B is a single 47.7 GB file). Output goes to a hidden folder beside the
+target and is renamed into place only when complete.
+
+    python convert.py --hf-path LiquidAI/LFM2-24B-A2B --mlx-path lfm2-24b-4bit -q
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .config import ModelArgs
+from .loader import TOKENIZER_FILES, load_config, resolve
+from .model import Block, Model
+from .weights import cast, check_weights, load_safetensors, safetensors_files, sanitize, to_mlx_lm_name
+
+DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
+ROUTER_QUANT = {"group_size": 64, "bits": 8}  # routing is sensitive; the router is tiny
+RECIPES = {
+    "uniform": None,  # every quantizable weight at --q-bits
+    "mixed_6": 6,  # experts at --q-bits, attention/conv/dense FFN/embeddings at 6 bits
+    "mixed_8": 8,  # ... at 8 bits
+}
+
+
+class ConversionError(RuntimeError):
+    pass
+
+
+def quant_predicate(bits: int, group_size: int, recipe: str = "uniform") -> Callable:
+    """Our-path -> False | True | {"bits", "group_size"}: the per-path quantization choice."""
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown quant recipe {recipe!r}; choose from {sorted(RECIPES)}")
+    rest_bits = RECIPES[recipe]
+
+    def predicate(path: str, module: nn.Module):
+        if not hasattr(module, "to_quantized"):
+            return False
+        if path.endswith("feed_forward.gate"):
+            return dict(ROUTER_QUANT)
+        w = module.weight
+        if w.shape[-1] % group_size:
+            return False
+        if rest_bits is not None and ".experts." not in path:
+            return {"group_size": group_size, "bits": rest_bits}
+        return True
+
+    return predicate
+
+
+class ShardWriter:
+    """Collects evaluated tensors and writes ``model-XXXXX.safetensors`` shards as they fill."""
+
+    def __init__(self, folder: Path, max_bytes: int):
+        self.folder, self.max_bytes = folder, max_bytes
+        self.pending: dict = {}
+        self.pending_bytes = 0
+        self.shards: list[dict] = []
+        self.total = 0
+
+    def add(self, tensors: dict) -> None:
+        for k, v in tensors.items():
+            self.pending[k] = v
+            self.pending_bytes += v.nbytes
+            self.total += v.nbytes
+        if self.pending_bytes >= self.max_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            name = f"model-{len(self.shards) + 1:05d}.safetensors"
+            mx.save_safetensors(str(self.folder / name), self.pending, metadata={"format": "mlx"})
+            self.shards.append({"file": name, "keys": list(self.pending)})
+            self.pending, self.pending_bytes = {}, 0
+
+    def finish(self) -> None:
+        self.flush()
+        n = len(self.shards)
+        weight_map = {}
+        for i, shard in enumerate(self.shards):
+            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors" if n > 1 else "model.safetensors"
+            os.rename(self.folder / shard["file"], self.folder / final)
+            weight_map.update({k: final for k in shard["keys"]})
+        index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def _groups(keys, n_layers: int) -> list[tuple[str, list[str]]]:
+    """Source keys by layer (``model.layers.{i}.``), then the rest (embeddings, head)."""
+    by_layer = {i: [] for i in range(n_layers)}
+    rest = []
+    for k in keys:
+        if k.startswith("model.layers."):
+            i = int(k.split(".")[2])
+            if i not in by_layer:
+                raise ConversionError(f"weight {k} belongs to layer {i}, but the config has {n_layers} layers")
+            by_layer[i].append(k)
+        else:
+            rest.append(k)
+    return [(f"model.layers.{i}.", ks) for i, ks in by_layer.items()] + [("", rest)]
+
+
+def _convert_group(module: nn.Module, prefix: str, weights: dict, args: ModelArgs, dtype,
+                   predicate: Optional[Callable], q_bits: int, q_group: int, overrides: dict) -> dict:
+    """Load one layer's (or the globals') weights into ``module``, quantize, return mlx-lm names."""
+    local = {k[len(prefix):]: v for k, v in cast(sanitize(weights, args), dtype).items()}
+    check_weights(module, {k: v for k, v in local.items()})
+    module.load_weights(list(local.items()), strict=False)
+    if predicate is not None:
+        def full(path, m):
+            choice = predicate(prefix + path, m)
+            if isinstance(choice, dict) and choice != {"group_size": q_group, "bits": q_bits}:
+                overrides[to_mlx_lm_name(prefix + path, args.model_type)] = choice
+            return choice
+
+        nn.quantize(module, q_group, q_bits, class_predicate=full)
+    out = {to_mlx_lm_name(prefix + k, args.model_type): v for k, v in tree_flatten(module.parameters())}
+    mx.eval(out)
+    return out
+
+
+def convert(hf_path: Union[str, Path], mlx_path: Union[str, Path], quantize: bool = False, q_bits: int = 4,
+            q_group_size: int = 64, dtype: str = "bfloat16", quant_recipe: str = "uniform",
+            force: bool = False, revision: Optional[str] = None, max_shard_gb: float = 2.0,
+            progress: bool = True) -> Path:
+    """Convert a hub checkpoint (repo id or folder) into an MLX folder; returns its path."""
+    mlx_path = Path(mlx_path).expanduser().resolve()
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}")
+    if quantize and q_bits not in (2, 3, 4, 5, 6, 8):
+        raise ValueError("q_bits must be 2, 3, 4, 5, 6 or 8")
+    if quantize and q_group_size not in (32, 64, 128):
+        raise ValueError("q_group_size must be 32, 64 or 128")
+    if mlx_path.exists() and not force:
+        raise FileExistsError(f"{mlx_path} exists: pick another --mlx-path or pass --force to replace it")
+    predicate = quant_predicate(q_bits, q_group_size, quant_recipe) if quantize else None
+
+    src = resolve(hf_path, revision)
+    config = load_config(src)
+    args = ModelArgs.from_dict(config)
+    if args.quantization:
+        raise ConversionError(f"{src} is already quantized: convert from the original checkpoint")
+    files = safetensors_files(src)
+    source = {}
+    for f in files:
+        source.update(load_safetensors(f))
+
+    mlx_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = mlx_path.parent / f".{mlx_path.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        writer = ShardWriter(tmp, int(max_shard_gb * 1e9))
+        overrides: dict = {}
+        groups = _groups(list(source), args.num_hidden_layers)
+        total = sum(source[k].nbytes for k in source)
+        with _progress(progress, total) as advance:
+            for prefix, keys in groups:
+                weights = {k: source.pop(k) for k in keys}
+                nbytes = sum(w.nbytes for w in weights.values())
+                if prefix:
+                    module = Block(args, int(prefix.split(".")[2]))
+                else:
+                    module = Model(dataclasses.replace(args, num_hidden_layers=0, layer_types=[]))
+                try:
+                    out = _convert_group(module, prefix, weights, args, DTYPES[dtype], predicate,
+                                         q_bits, q_group_size, overrides)
+                except (RuntimeError, ValueError) as e:
+                    raise ConversionError(f"converting {prefix or 'embeddings/head'} failed: {e}") from e
+                del weights, module
+                writer.add(out)
+                del out
+                advance(nbytes, prefix or "embeddings")
+        writer.finish()
+        _write_config(tmp, config, dtype, quantize, q_bits, q_group_size, overrides)
+        for name in TOKENIZER_FILES:
+            if (src / name).exists():
+                shutil.copyfile(src / name, tmp / name)
+        _replace(tmp, mlx_path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return mlx_path
+
+
+def _write_config(folder: Path, config: dict, dtype: str, quantize: bool, bits: int, group: int,
+                  overrides: dict) -> None:
+    config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
+    config["torch_dtype"] = dtype
+    if quantize:
+        q = {"group_size": group, "bits": bits, "mode": "affine", **dict(sorted(overrides.items()))}
+        config["quantization"] = q
+        config["quantization_config"] = q
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def _replace(tmp: Path, target: Path) -> None:
+    """Move the finished folder into place; an old target (--force) goes only after."""
+    old = None
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{os.getpid()}"
+        os.rename(target, old)
+    os.rename(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+class _progress:
+    """A rich progress bar over source bytes (a no-op when disabled)."""
+
+    def __init__(self, enabled: bool, total: int):
+        self.enabled, self.total = enabled, total
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda n, what: None
+        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn)
+
+        self.bar = Progress(TextColumn("[bold]converting[/] {task.description}"), BarColumn(),
+                            DownloadColumn(), TimeRemainingColumn())
+        self.bar.start()
+        task = self.bar.add_task("", total=self.total)
+        return lambda n, what: self.bar.update(task, advance=n, description=what)
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.bar.stop()
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description="Convert an LFM2 checkpoint to an MLX folder (mlx-lm layout).")
+    p.add_argument("--hf-path", required=True, help="hub repo id or local folder")
+    p.add_argument("--mlx-path", required=True, help="output folder")
+    p.add_argument("-q", "--quantize", action="store_true", help="quantize (default 4-bit, group 64)")
+    p.add_argument("--q-bits", type=int, default=4, choices=[2, 3, 4, 5, 6, 8])
+    p.add_argument("--q-group-size", type=int, default=64, choices=[32, 64, 128])
+    p.add_argument("--quant-recipe", default="uniform", choices=sorted(RECIPES),
+                   help="uniform: all at --q-bits; mixed_6/mixed_8: experts at --q-bits, the rest at 6/8")
+    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    p.add_argument("--revision", help="hub revision (branch, tag or commit)")
+    p.add_argument("--max-shard-gb", type=float, default=2.0)
+    p.add_argument("--force", action="store_true", help="replace an existing --mlx-path")
+    a = p.parse_args(argv)
+    try:
+        out = convert(a.hf_path, a.mlx_path, a.quantize, a.q_bits, a.q_group_size, a.dtype, a.quant_recipe,
+                      a.force, a.revision, a.max_shard_gb)
+    except (FileNotFoundError, FileExistsError, ValueError, ConversionError) as e:
+        raise SystemExit(f"error: {e}")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

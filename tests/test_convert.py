@@ -1,0 +1,155 @@
+"""convert(): mlx-lm-compatible folders, quantized inference, atomic and safe writes."""
+
+import json
+import shutil
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from mlx_lfm2 import convert, load
+from mlx_lfm2.conversion import ConversionError, ShardWriter
+from mlx_lfm2.experts import QuantizedSwitchLinear
+from mlx_lfm2.loader import load_model
+
+# Widths that group sizes divide, so every matrix (experts included) is quantized.
+QCFG = tiny_config("tiny-moe", hidden_size=128, intermediate_size=256, moe_intermediate_size=64)
+IDS = mx.array(np.random.default_rng(0).integers(0, 5000, (2, 24)))
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    from mlx_lfm2.random_checkpoint import write_checkpoint
+    from conftest import reference_dir
+
+    return write_checkpoint(tmp_path_factory.mktemp("src"), QCFG, dtype="float32", tokenizer_from=reference_dir())
+
+
+def logits(model):
+    return np.array(model(IDS).astype(mx.float32))
+
+
+def leftovers(parent):
+    return [p.name for p in parent.iterdir() if ".partial-" in p.name or ".old-" in p.name]
+
+
+def test_quantized_folder_loads_in_mlx_lm_with_equal_logits(source, tmp_path):
+    mlx_lm_utils = pytest.importorskip("mlx_lm.utils")
+    out = convert(source, tmp_path / "q4", quantize=True, dtype="float32", progress=False)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["quantization"]["bits"] == 4 and cfg["quantization"]["group_size"] == 64
+    assert cfg["quantization"]["model.layers.1.feed_forward.gate"] == {"group_size": 64, "bits": 8}
+    assert cfg["quantization_config"] == cfg["quantization"]
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert "model.layers.1.feed_forward.switch_mlp.gate_proj.scales" in index["weight_map"]
+    assert "model.layers.0.feed_forward.gate_proj.weight" in index["weight_map"]
+    assert index["weight_map"]["model.layers.1.feed_forward.expert_bias"]
+    assert (out / "tokenizer.json").exists() and (out / "chat_template.jinja").exists()
+
+    ours, tok = load(out)
+    experts = ours.layers[1].feed_forward.experts
+    assert isinstance(experts.w1, QuantizedSwitchLinear) and experts.w1.bits == 4
+    assert ours.layers[1].feed_forward.gate.bits == 8
+    assert ours.layers[1].feed_forward.expert_bias.dtype == mx.float32
+    theirs, _ = mlx_lm_utils.load_model(out)
+    np.testing.assert_allclose(logits(ours), logits(theirs), atol=1e-4, rtol=0)
+    # and it is close to, but not the same as, the unquantized model
+    full = logits(load_model(source))
+    assert 0 < np.abs(logits(ours) - full).mean() < 0.5 * np.abs(full).mean()
+
+
+def test_mlx_lm_converted_folder_loads_in_mlx_lfm2(source, tmp_path):
+    mlx_lm_utils = pytest.importorskip("mlx_lm.utils")
+    from mlx_lm.convert import convert as mlx_lm_convert
+
+    out = tmp_path / "mlxlm-q4"
+    mlx_lm_convert(str(source), str(out), quantize=True, dtype="float32")
+    theirs, _ = mlx_lm_utils.load_model(out)
+    ours, _ = load(out)
+    assert isinstance(ours.layers[2].feed_forward.experts.w2, QuantizedSwitchLinear)
+    np.testing.assert_allclose(logits(ours), logits(theirs), atol=1e-4, rtol=0)
+
+
+def test_unquantized_bf16_conversion_matches_loading_the_hub_folder(source, tmp_path):
+    out = convert(source, tmp_path / "bf16", progress=False, max_shard_gb=0.0005)
+    assert len(list(out.glob("model-*-of-*.safetensors"))) > 1
+    assert not (out / "model.safetensors").exists()
+    np.testing.assert_array_equal(logits(load_model(out)), logits(load_model(source, dtype=mx.bfloat16)))
+
+
+def test_mixed_recipe_keeps_the_dense_path_at_higher_bits(source, tmp_path):
+    out = convert(source, tmp_path / "mixed", quantize=True, q_bits=3, quant_recipe="mixed_8",
+                  dtype="float32", progress=False)
+    model, _ = load(out)
+    assert model.layers[1].feed_forward.experts.w1.bits == 3
+    assert model.layers[2].conv.in_proj.bits == 8 and model.layers[1].self_attn.q_proj.bits == 8 and model.model.embed_tokens.bits == 8
+
+
+def test_existing_target_is_refused_unless_forced(source, tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="--force"):
+        convert(source, target, progress=False)
+    assert (target / "keep.txt").read_text() == "mine"
+    convert(source, target, force=True, progress=False)
+    assert not (target / "keep.txt").exists() and (target / "config.json").exists()
+    assert leftovers(tmp_path) == []
+
+
+def test_interrupted_conversion_leaves_nothing(source, tmp_path, monkeypatch):
+    real_add, calls = ShardWriter.add, {"n": 0}
+
+    def add_then_die(self, tensors):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        real_add(self, tensors)
+
+    monkeypatch.setattr(ShardWriter, "add", add_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        convert(source, tmp_path / "out", quantize=True, progress=False)
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_bad_inputs_stop_with_clear_errors_and_no_output(source, tmp_path):
+    from mlx_lfm2.config import ConfigError
+    from mlx_lfm2.weights import WeightsError
+
+    bad = tmp_path / "bad"
+    shutil.copytree(source, bad)
+    data = (bad / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[: len(data) - 1000])
+    with pytest.raises(WeightsError, match="truncated"):
+        convert(bad, tmp_path / "o1", progress=False)
+
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps(dict(cfg, model_type="qwen3_moe")))
+    with pytest.raises(ConfigError, match="unsupported model_type 'qwen3_moe'"):
+        convert(bad, tmp_path / "o2", progress=False)
+
+    shutil.copyfile(source / "config.json", bad / "config.json")
+    (bad / "model.safetensors").unlink()
+    (bad / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "model-00001-of-00002.safetensors"}}))
+    with pytest.raises(WeightsError, match="missing"):
+        convert(bad, tmp_path / "o3", progress=False)
+
+    with pytest.raises(ValueError, match="q_bits"):
+        convert(source, tmp_path / "o4", quantize=True, q_bits=7, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]
+
+
+def test_already_quantized_source_is_refused(source, tmp_path):
+    q = convert(source, tmp_path / "q", quantize=True, progress=False)
+    with pytest.raises(ConversionError, match="already quantized"):
+        convert(q, tmp_path / "qq", quantize=True, progress=False)
+
+
+def test_cli_converts_and_reports_errors(source, tmp_path, capsys):
+    from mlx_lfm2.conversion import main
+
+    main(["--hf-path", str(source), "--mlx-path", str(tmp_path / "cli"), "-q", "--q-bits", "8"])
+    assert json.loads((tmp_path / "cli/config.json").read_text())["quantization"]["bits"] == 8
+    with pytest.raises(SystemExit, match="exists"):
+        main(["--hf-path", str(source), "--mlx-path", str(tmp_path / "cli")])
