@@ -1,0 +1,228 @@
+"""``python chat.py``: a streaming chat REPL (rich) over ``session.Chat``.
+
+With no ``--model`` it uses LFM2-24B-A2B, converted once to 4-bit into a local cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import inspect
+import os
+import time
+from pathlib import Path
+
+DEFAULT_REPO = "LiquidAI/LFM2-24B-A2B"
+HOME = Path(os.environ.get("MLX_LFM2_HOME", Path.home() / ".cache" / "mlx_lfm2"))
+
+HELP = """\
+[bold]Commands[/]
+  /reset          forget the conversation (keeps the system prompt)
+  /system TEXT    set the system prompt and reset
+  /save PATH      save the conversation (transcript and cache)
+  /load PATH      load a saved conversation
+  /stats          speed and memory of the last reply
+  /help           this help
+  /quit           leave (or Ctrl-D)
+Multi-line input: end a line with \\ to continue, or wrap a block in triple quotes (\"\"\").
+Ctrl-C stops a reply and keeps the conversation."""
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Chat with an LFM2 model.")
+    p.add_argument("--model", help=f"model folder or hub repo id (default: {DEFAULT_REPO}, 4-bit)")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--max-tokens", type=int, default=2048)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--min-p", type=float)
+    p.add_argument("--repetition-penalty", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--tools", type=Path, help="a Python file whose public functions the model may call")
+    p.add_argument("--no-markdown", action="store_true", help="print replies as plain text")
+    return p.parse_args(argv)
+
+
+def default_model(console) -> Path:
+    """The 4-bit LFM2-24B-A2B folder, converted on first use."""
+    target = HOME / "models" / "LFM2-24B-A2B-4bit"
+    if not (target / "config.json").exists():
+        from .conversion import convert
+
+        console.print(f"First run: fetching [bold]{DEFAULT_REPO}[/] and converting it to 4-bit in {target}")
+        convert(DEFAULT_REPO, target, quantize=True, force=True)
+    return target
+
+
+def load_tools(path: Path) -> dict:
+    """Public functions defined in a Python file (their docstrings describe them to the model)."""
+    if not path.exists():
+        raise SystemExit(f"error: no tools file at {path}")
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return {name: fn for name, fn in vars(module).items()
+            if inspect.isfunction(fn) and fn.__module__ == module.__name__ and not name.startswith("_")}
+
+
+def read_message(console) -> str:
+    """One user message; ``\\`` continues a line, triple quotes open a block."""
+    lines = []
+    line = console.input("[bold green]>>> [/]")
+    if line.strip().startswith('"""'):
+        body = line.strip()[3:]
+        while not body.rstrip().endswith('"""'):
+            lines.append(body)
+            body = console.input("[dim]... [/]")
+        lines.append(body.rstrip()[:-3])
+        return "\n".join(lines).strip()
+    while line.endswith("\\"):
+        lines.append(line[:-1])
+        line = console.input("[dim]... [/]")
+    lines.append(line)
+    return "\n".join(lines)
+
+
+def stats_line(r) -> str:
+    return (f"[dim]{r.prompt_tokens} prompt tokens @ {r.prompt_tps:.1f} tok/s · "
+            f"{r.generation_tokens} tokens @ {r.generation_tps:.1f} tok/s · "
+            f"peak {r.peak_memory:.2f} GB · {r.finish_reason}[/]")
+
+
+class Repl:
+    def __init__(self, chat, console, tools: dict, markdown: bool, max_tokens: int):
+        self.chat, self.console, self.tools = chat, console, tools
+        self.markdown, self.max_tokens = markdown, max_tokens
+
+    def stream(self, responses) -> str:
+        """Show a reply as it streams (tool-call text held back); returns the full text."""
+        from rich.live import Live
+        from rich.markdown import Markdown
+        from rich.text import Text
+
+        from .tools import ToolCallStream
+
+        calls, shown = ToolCallStream(), ""
+        render = (lambda s: Markdown(s)) if self.markdown else (lambda s: Text(s))
+        with Live(render(""), console=self.console, refresh_per_second=12,
+                  vertical_overflow="visible") as live:
+            try:
+                for r in responses:
+                    piece = calls.feed(r.text)
+                    if r.finish_reason:
+                        piece += calls.finish()
+                    if piece:
+                        shown += piece
+                        live.update(render(shown))
+            except KeyboardInterrupt:
+                responses.close()
+                live.update(render(shown + "\n\n*[interrupted]*" if self.markdown else shown + " [interrupted]"))
+                return shown
+        if self.chat.last is not None:
+            self.console.print(stats_line(self.chat.last))
+        return shown
+
+    def turn(self, text: str) -> None:
+        self.stream(self.chat.send(text, max_tokens=self.max_tokens))
+        for _ in range(8):  # a few rounds of tool use per user turn at most
+            from .tools import call_tool, parse_tool_calls
+
+            reply = self.chat.messages[-1]["content"]
+            calls = parse_tool_calls(reply).calls if self.tools else []
+            if not calls:
+                return
+            for call in calls:
+                args = ", ".join(f"{k}={v!r}" for k, v in call["arguments"].items())
+                self.console.print(f"[yellow]tool call[/] [bold]{call['name']}[/]({args})")
+                answer = self.console.input("[yellow]run it? [y/N] [/]").strip().lower()
+                if answer in ("y", "yes"):
+                    result = call_tool(self.tools, call)
+                else:
+                    result = '{"error": "the user declined to run this tool"}'
+                self.console.print(f"[dim]→ {result[:500]}[/]")
+                self.chat.messages.append({"role": "tool", "content": result})
+            self.stream(self.chat.reply(max_tokens=self.max_tokens))
+
+    def command(self, line: str) -> bool:
+        """Run a /command; False means quit."""
+        cmd, _, arg = line.partition(" ")
+        arg = arg.strip()
+        if cmd in ("/quit", "/exit"):
+            return False
+        if cmd == "/help":
+            self.console.print(HELP)
+        elif cmd == "/reset":
+            self.chat.reset()
+            self.console.print("[dim]conversation reset[/]")
+        elif cmd == "/system":
+            self.chat.reset(system=arg)
+            self.console.print(f"[dim]system prompt set ({len(arg)} chars); conversation reset[/]")
+        elif cmd in ("/save", "/load") and not arg:
+            self.console.print(f"[red]usage: {cmd} PATH[/]")
+        elif cmd == "/save":
+            self.chat.save(arg)
+            self.console.print(f"[dim]saved {len(self.chat.messages)} messages to {arg}[/]")
+        elif cmd == "/load":
+            try:
+                self.chat.load(arg)
+                self.console.print(f"[dim]loaded {len(self.chat.messages)} messages from {arg}[/]")
+            except (OSError, ValueError) as e:
+                self.console.print(f"[red]{e}[/]")
+        elif cmd == "/stats":
+            r = self.chat.last
+            self.console.print(stats_line(r) if r else "[dim]no reply yet[/]")
+            self.console.print(f"[dim]{self.chat.cached_tokens} tokens in the cache, "
+                               f"{len(self.chat.messages)} messages[/]")
+        else:
+            self.console.print(f"[red]unknown command {cmd}[/] (try /help)")
+        return True
+
+    def run(self) -> None:
+        while True:
+            try:
+                line = read_message(self.console)
+            except EOFError:
+                self.console.print()
+                return
+            except KeyboardInterrupt:
+                self.console.print("\n[dim](Ctrl-D or /quit to leave)[/]")
+                continue
+            if not line.strip():
+                continue
+            if line.startswith("/"):
+                if not self.command(line.strip()):
+                    return
+                continue
+            self.turn(line)
+
+
+def main(argv=None) -> None:
+    t0 = time.perf_counter()
+    args = parse_args(argv)
+    from rich.console import Console
+
+    console = Console(highlight=False)
+    tools = load_tools(args.tools) if args.tools else {}
+    from .loader import load
+    from .session import Chat
+
+    t_load = time.perf_counter()
+    try:
+        model, tokenizer = load(args.model) if args.model else load(default_model(console))
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+    load_s = time.perf_counter() - t_load
+    sampling = {k: v for k, v in dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                      min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                                      seed=args.seed).items() if v is not None}
+    chat = Chat(model, tokenizer, system=args.system, tools=list(tools.values()) or None, **sampling)
+    startup = time.perf_counter() - t0 - load_s
+    console.print(f"[bold]mlx_lfm2[/] · {args.model or DEFAULT_REPO} · weights {load_s:.1f}s · "
+                  f"start-up {startup:.2f}s · /help for commands"
+                  + (f" · tools: {', '.join(tools)}" if tools else ""))
+    Repl(chat, console, tools, markdown=not args.no_markdown, max_tokens=args.max_tokens).run()
+
+
+if __name__ == "__main__":
+    main()

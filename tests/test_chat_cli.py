@@ -1,0 +1,150 @@
+"""chat.py in a real pseudo-terminal, with a tiny random checkpoint and the real tokenizer."""
+
+import re
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, tiny_config
+
+pexpect = pytest.importorskip("pexpect")
+ANSI = re.compile(r"\x1b\[[0-9;?]*[a-zA-Z]")
+PROMPT = ">>> "
+
+
+@pytest.fixture
+def chat(checkpoint, tmp_path):
+    folder = checkpoint(tiny_config("tiny-moe"), tokenizer=True)
+    started = time.perf_counter()
+    child = pexpect.spawn(sys.executable, [str(ROOT / "chat.py"), "--model", str(folder), "--max-tokens", "24",
+                                           "--temperature", "0"],
+                          encoding="utf-8", codec_errors="replace", timeout=60, dimensions=(50, 150), cwd=str(tmp_path),
+                          env={"TERM": "xterm", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    child.expect(PROMPT)
+    child.startup_wall = time.perf_counter() - started
+    child.banner = ANSI.sub("", child.before)
+    yield child
+    child.close(force=True)
+
+
+def stats(child):
+    child.sendline("/stats")
+    child.expect(r"(\d+) tokens in the cache, (\d+) messages")
+    cached, messages = int(child.match.group(1)), int(child.match.group(2))
+    child.expect(PROMPT)
+    return cached, messages
+
+
+def test_start_stream_remember_reset_and_quit(chat):
+    m = re.search(r"start-up ([0-9.]+)s", chat.banner)
+    assert m and float(m.group(1)) < 1.0, chat.banner  # excluding weight loading
+    chat.sendline("Hello there, who are you?")
+    chat.expect(r"(\d+) prompt tokens @ .* (\d+) tokens @ .* tok/s")
+    first_prompt = int(chat.match.group(1))
+    chat.expect(PROMPT)
+    assert stats(chat)[1] == 2
+
+    chat.sendline("And what did I just ask?")
+    chat.expect(r"(\d+) prompt tokens @")
+    second_prompt = int(chat.match.group(1))
+    chat.expect(PROMPT)
+    cached, messages = stats(chat)
+    assert messages == 4 and cached > first_prompt + second_prompt  # context kept, only the new turn prefilled
+    assert second_prompt < first_prompt + 10
+
+    chat.sendline("/reset")
+    chat.expect("conversation reset")
+    chat.expect(PROMPT)
+    assert stats(chat) == (0, 0)
+    chat.sendline("/quit")
+    chat.expect(pexpect.EOF)
+    assert chat.wait() == 0
+
+
+def test_ctrl_c_stops_a_reply_and_keeps_the_session(checkpoint, tmp_path):
+    folder = checkpoint(tiny_config("tiny-moe"), tokenizer=True)
+    child = pexpect.spawn(sys.executable, [str(ROOT / "chat.py"), "--model", str(folder), "--max-tokens", "100000",
+                                           "--temperature", "0", "--no-markdown"],
+                          encoding="utf-8", codec_errors="replace", timeout=60, dimensions=(50, 150), cwd=str(tmp_path))
+    try:
+        child.expect(PROMPT)
+        child.sendline("Write a very long story")
+        time.sleep(1.5)  # let it stream for a while
+        child.sendintr()
+        child.expect(r"\[interrupted\]")
+        child.expect(PROMPT)
+        child.sendline("/stats")
+        child.expect(r"(\d+) tokens in the cache, (\d+) messages")
+        assert int(child.match.group(2)) == 2  # the partial reply is kept
+        child.expect(PROMPT)
+        child.sendline("Shorter please")  # the session still works after the interrupt
+        time.sleep(1.0)
+        child.sendintr()
+        child.expect(r"\[interrupted\]")
+        child.expect(PROMPT)
+        child.sendline("/stats")
+        child.expect(r"(\d+) tokens in the cache, 4 messages")
+        child.expect(PROMPT)
+        child.sendeof()
+        child.expect(pexpect.EOF)
+        assert child.wait() == 0
+    finally:
+        child.close(force=True)
+
+
+def test_multiline_input_and_save_load(chat, tmp_path):
+    chat.sendline("first line \\")
+    chat.expect(r"\.\.\. ")
+    chat.sendline("second line")
+    chat.expect("tok/s")
+    chat.expect(PROMPT)
+    chat.sendline("/save conv.chat")
+    chat.expect("saved 2 messages")
+    chat.expect(PROMPT)
+    chat.sendline("/reset")
+    chat.expect(PROMPT)
+    chat.sendline("/load conv.chat")
+    chat.expect("loaded 2 messages")
+    chat.expect(PROMPT)
+    cached, messages = stats(chat)
+    assert messages == 2 and cached > 10
+    chat.sendline("/load missing.chat")
+    chat.expect("no saved chat")
+    chat.expect(PROMPT)
+    chat.sendline("/nope")
+    chat.expect("unknown command")
+    chat.sendeof()
+    chat.expect(pexpect.EOF)
+
+
+def test_tool_calls_are_confirmed_run_and_fed_back(chat_model, monkeypatch):
+    """The REPL's tool loop, with a chat whose model asks for a tool once."""
+    from rich.console import Console
+
+    from mlx_lfm2.cli import Repl, load_tools
+    from mlx_lfm2.session import Chat
+
+    model, tok, _ = chat_model
+    chat = Chat(model, tok, temperature=0.0)
+    replies = iter(['<|tool_call_start|>[add(a=2, b=3)]<|tool_call_end|>', "The sum is 5."])
+
+    def fake_reply(**kw):
+        from mlx_lfm2.generation import GenerationResponse
+
+        text = next(replies)
+        chat.messages.append({"role": "assistant", "content": text})
+        yield GenerationResponse(text, None, None, "stop", 1, 1, 1.0, 1.0, 0.0)
+
+    monkeypatch.setattr(chat, "reply", fake_reply)
+    console = Console(record=True, width=120, force_terminal=False)
+    monkeypatch.setattr(console, "input", lambda prompt="": "y")
+    tools_file = ROOT / "tests/fixtures/tools_example.py"
+    tools = load_tools(tools_file)
+    assert set(tools) == {"add", "get_weather"}
+    Repl(chat, console, tools, markdown=False, max_tokens=10).turn("What is 2+3?")
+    out = console.export_text()
+    assert "tool call add(a=2, b=3)" in out and "→ 5" in out and "The sum is 5." in out
+    assert "<|tool_call_start|>" not in out
+    assert [m["role"] for m in chat.messages] == ["user", "assistant", "tool", "assistant"]
+    assert chat.messages[2]["content"] == "5"
