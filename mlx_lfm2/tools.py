@@ -178,6 +178,23 @@ def _partial_suffix(text: str, marker: str) -> int:
     return 0
 
 
+def _py_literal(value) -> str:
+    if isinstance(value, bool) or value is None:
+        return repr(value)
+    if isinstance(value, (int, float, str)):
+        return json.dumps(value, ensure_ascii=False) if isinstance(value, str) else repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_py_literal(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_py_literal(str(k))}: {_py_literal(v)}" for k, v in value.items()) + "}"
+    return json.dumps(str(value))
+
+
+def format_pythonic_call(name: str, arguments: dict) -> str:
+    """``name(k=v, ...)`` as LFM2 writes calls; ``parse_call_block`` reads it back."""
+    return f"{name}(" + ", ".join(f"{k}={_py_literal(v)}" for k, v in arguments.items()) + ")"
+
+
 def format_tool_result(result) -> str:
     """A tool's return value as the content of a ``tool`` message."""
     return result if isinstance(result, str) else json.dumps(result, ensure_ascii=False, default=str)

@@ -2,7 +2,10 @@
 
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
+import mlx.core as mx
+import numpy as np
 import pytest
 
 from mlx_lfm2.random_checkpoint import PRESETS, write_checkpoint
@@ -47,3 +50,34 @@ def chat_model(checkpoint):
     folder = checkpoint(tiny_config("tiny-moe"), tokenizer=True)
     model, tokenizer = load(folder)
     return model, tokenizer, folder
+
+
+class ScriptedModel:
+    """A stand-in model: its n-th sampling step (1-token call) on a cache makes ``script[n]``
+    the argmax (the last entry repeats). Prefill calls (L > 1) only advance the cache.
+    ``spread`` replaces the scripted row by fixed logits. ``calls`` records each call's L."""
+
+    def __init__(self, script, vocab=64400, context=4096, spread=None):
+        self.script, self.vocab, self.spread, self.calls = list(script), vocab, spread, []
+        self.steps = {}  # id(cache) -> sampling steps so far
+        self.args = SimpleNamespace(max_position_embeddings=context, num_experts=0, num_experts_per_tok=0)
+
+    def make_cache(self):
+        from mlx_lfm2.cache import ConvCache
+
+        return [ConvCache()]
+
+    def __call__(self, inputs, cache=None):
+        L = inputs.shape[1]
+        self.calls.append(L)
+        cache[0].offset += L
+        cache[0].conv_state = mx.zeros((1, 1, 1))
+        if self.spread is not None:
+            row = np.asarray(self.spread, np.float32)
+        else:
+            n = self.steps.get(id(cache), 0)
+            if L == 1:
+                self.steps[id(cache)] = n + 1
+            row = np.full(self.vocab, -10.0, np.float32)
+            row[self.script[min(n, len(self.script) - 1)]] = 10.0
+        return mx.array(np.broadcast_to(row, (L, self.vocab)))[None]

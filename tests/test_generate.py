@@ -7,43 +7,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from conftest import reference_dir, tiny_config
+from conftest import ScriptedModel as MockModel, reference_dir, tiny_config
 from mlx_lfm2 import Chat, generate, load, stream_generate
-from mlx_lfm2.cache import ConvCache
 from mlx_lfm2.generation import PromptTooLongError, generate_step
 from mlx_lfm2.sample import make_logits_processors, make_sampler
-
-
-class MockModel:
-    """Emits ``script[i]`` as the argmax at step i (then the last entry forever)."""
-
-    def __init__(self, script, vocab=64400, context=4096, spread=None):
-        self.script, self.vocab, self.calls = list(script), vocab, []
-        self.spread = spread  # optional fixed logits row, overrides script
-        self.args = SimpleNamespace(max_position_embeddings=context, num_experts=0, num_experts_per_tok=0)
-
-    def make_cache(self):
-        return [ConvCache()]
-
-    def __call__(self, inputs, cache=None):
-        B, L = inputs.shape
-        self.calls.append(L)
-        start = cache[0].offset
-        cache[0].offset += L
-        cache[0].conv_state = mx.zeros((1, 1, 1))
-        rows = []
-        for pos in range(start, start + L):
-            if self.spread is not None:
-                rows.append(self.spread)
-                continue
-            row = np.full(self.vocab, -10.0, np.float32)
-            # position p predicts the token after p; generated index = p - prompt_len + 1
-            row[self.script[min(self.step(pos), len(self.script) - 1)]] = 10.0
-            rows.append(row)
-        return mx.array(np.stack(rows))[None]
-
-    def step(self, pos):
-        return max(0, pos - self.prompt_len + 1)
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +21,6 @@ def tok():
 
 
 def run(model, tok, prompt_ids, **kw):
-    model.prompt_len = len(prompt_ids)
     return list(stream_generate(model, tok, prompt_ids, **kw))
 
 
@@ -94,7 +60,6 @@ def test_held_back_prefix_is_released_when_not_a_stop(tok):
 def test_stop_event_from_another_thread_cancels(tok):
     ev = threading.Event()
     model = MockModel(ids_of(tok, " a") * 1000)
-    model.prompt_len = 1
     got = []
     for r in stream_generate(model, tok, [1], max_tokens=1000, stop_event=ev):
         got.append(r)
@@ -111,7 +76,6 @@ def test_prompt_longer_than_context_is_a_clear_error(tok):
 
 def test_chunked_prefill_feeds_everything_but_the_last_token_first():
     model = MockModel([5, 6, 7])
-    model.prompt_len = 1300
     cache = model.make_cache()
     toks = [t for t, _ in generate_step(mx.arange(1300), model, cache, max_tokens=2, prefill_step_size=512)]
     assert model.calls[:3] == [512, 512, 275] and model.calls[3] == 1

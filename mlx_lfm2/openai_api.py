@@ -1,0 +1,226 @@
+"""OpenAI request validation and response shapes, separate from serving.
+
+Requests are checked with pydantic models (unknown fields are tolerated, as OpenAI's
+server does); answers follow the Chat Completions and Completions schemas, including
+streamed ``chat.completion.chunk`` deltas and ``tool_calls``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .tools import format_pythonic_call
+
+
+class APIError(Exception):
+    """An error answered as OpenAI does: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: Optional[str] = None, code: Optional[str] = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class _Lenient(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class ToolCallFunction(_Lenient):
+    name: str
+    arguments: Union[str, dict] = "{}"
+
+
+class ToolCall(_Lenient):
+    id: Optional[str] = None
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
+class Message(_Lenient):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[str, list[dict], None] = None
+    tool_calls: Optional[list[ToolCall]] = None
+    tool_call_id: Optional[str] = None
+    name: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _content_required(self):
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"a {self.role} message needs content")
+        return self
+
+
+class Sampling(_Lenient):
+    model: Optional[str] = None
+    max_tokens: Optional[int] = Field(None, ge=1)
+    temperature: Optional[float] = Field(None, ge=0, le=2)
+    top_p: Optional[float] = Field(None, gt=0, le=1)
+    top_k: Optional[int] = Field(None, ge=0)
+    min_p: Optional[float] = Field(None, ge=0, le=1)
+    repetition_penalty: Optional[float] = Field(None, gt=0)
+    frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    seed: Optional[int] = None
+    stop: Union[str, list[str], None] = None
+    n: int = 1
+    stream: bool = False
+    stream_options: Optional[dict] = None
+    logprobs: Optional[Union[bool, int]] = None
+    logit_bias: Optional[dict[str, float]] = None
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, n):
+        if n != 1:
+            raise ValueError("only n=1 is supported")
+        return n
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, stop):
+        stops = [stop] if isinstance(stop, str) else (stop or [])
+        if len(stops) > 4:
+            raise ValueError("at most 4 stop sequences")
+        return stops
+
+    def sampling_kwargs(self, defaults: dict) -> dict:
+        kw = dict(defaults)
+        for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed"):
+            if getattr(self, name) is not None:
+                kw[name] = getattr(self, name)
+        if self.logit_bias:
+            try:
+                kw["logit_bias"] = {int(k): float(v) for k, v in self.logit_bias.items()}
+            except ValueError:
+                raise APIError(400, "logit_bias keys must be token ids", param="logit_bias")
+        kw["stop"] = self.stop or None
+        return kw
+
+
+class ChatRequest(Sampling):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    tools: Optional[list[dict]] = None
+    tool_choice: Union[str, dict, None] = None
+    response_format: Optional[dict] = None
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
+
+    @field_validator("response_format")
+    @classmethod
+    def _format(cls, rf):
+        if rf is None:
+            return rf
+        kind = rf.get("type")
+        if kind not in ("text", "json_object", "json_schema"):
+            raise ValueError("response_format.type must be text, json_object or json_schema")
+        if kind == "json_schema" and not isinstance((rf.get("json_schema") or {}).get("schema"), dict):
+            raise ValueError("response_format json_schema needs json_schema.schema (an object)")
+        return rf
+
+    @field_validator("tools")
+    @classmethod
+    def _tools(cls, tools):
+        for t in tools or []:
+            if t.get("type") != "function" or not isinstance((t.get("function") or {}).get("name"), str):
+                raise ValueError("each tool is {'type': 'function', 'function': {'name': ..., ...}}")
+        return tools
+
+    @property
+    def limit(self) -> Optional[int]:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class CompletionRequest(Sampling):
+    prompt: Union[str, list[int]]
+    echo: bool = False
+
+    @property
+    def limit(self) -> Optional[int]:
+        return self.max_tokens
+
+
+def _text_of(content) -> str:
+    if isinstance(content, str) or content is None:
+        return content or ""
+    parts = []
+    for part in content:
+        if part.get("type") not in ("text", "input_text"):
+            raise APIError(400, f"content part type {part.get('type')!r} is not supported (text only)",
+                           param="messages")
+        parts.append(part.get("text", ""))
+    return "".join(parts)
+
+
+def to_template_messages(req: ChatRequest, template_renders_tool_calls: bool) -> list[dict]:
+    """OpenAI messages -> the dicts a chat template reads (LFM2 tool-call text where needed)."""
+    out = []
+    for m in req.messages:
+        role = "system" if m.role == "developer" else m.role
+        msg = {"role": role, "content": _text_of(m.content)}
+        if m.tool_calls:
+            calls = []
+            for c in m.tool_calls:
+                args = c.function.arguments
+                if isinstance(args, str):
+                    try:
+                        args = json.loads(args or "{}")
+                    except ValueError:
+                        raise APIError(400, f"tool call arguments of {c.function.name} are not JSON",
+                                       param="messages")
+                calls.append({"name": c.function.name, "arguments": args})
+            if template_renders_tool_calls:
+                msg["tool_calls"] = [{"type": "function", "function": c} for c in calls]
+            else:
+                msg["content"] = ("<|tool_call_start|>[" + ", ".join(
+                    format_pythonic_call(c["name"], c["arguments"]) for c in calls)
+                    + "]<|tool_call_end|>" + msg["content"])
+        out.append(msg)
+    return out
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def openai_tool_calls(calls: list[dict], start: int = 0) -> list[dict]:
+    return [{"index": start + i, "id": f"call_{uuid.uuid4().hex[:16]}", "type": "function",
+             "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
+            for i, c in enumerate(calls)]
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def chat_chunk(cid: str, model: str, delta: dict, finish: Optional[str] = None, logprobs=None) -> dict:
+    choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+    return {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+            "choices": [choice]}
+
+
+def logprob_entry(tokenizer, token: int, logprobs, top: int) -> dict:
+    """One ``logprobs.content`` item: the chosen token, its logprob and the top alternatives."""
+    import mlx.core as mx
+
+    def item(t, lp):
+        text = tokenizer.decode([t])
+        return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+
+    entry = item(token, logprobs[token].item())
+    entry["top_logprobs"] = []
+    if top:
+        ids = mx.argpartition(-logprobs, kth=top - 1)[:top]
+        vals = logprobs[ids]
+        order = mx.argsort(-vals)
+        entry["top_logprobs"] = [item(int(t), float(v)) for t, v in zip(ids[order].tolist(), vals[order].tolist())]
+    return entry
