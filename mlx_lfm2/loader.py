@@ -52,11 +52,18 @@ def load_config(folder: Path) -> dict:
         raise ConfigError(f"{f} is not valid JSON: {e}") from e
 
 
-def load_model(folder: Union[str, Path], dtype: Optional[mx.Dtype] = None, lazy: bool = False) -> Model:
+def default_compute_dtype(args: ModelArgs) -> Optional[mx.Dtype]:
+    """float32 activations for quantized models on the CPU backend; the weights' dtype elsewhere."""
+    return mx.float32 if args.quantization and mx.default_device().type == mx.cpu else None
+
+
+def load_model(folder: Union[str, Path], dtype: Optional[mx.Dtype] = None, lazy: bool = False,
+               compute_dtype: Union[mx.Dtype, None, str] = "auto") -> Model:
     folder = Path(folder)
     args = ModelArgs.from_dict(load_config(folder))
     model = Model(args)
     load_into(model, safetensors_files(folder), args, dtype=dtype)
+    model.compute_dtype = default_compute_dtype(args) if compute_dtype == "auto" else compute_dtype
     if not lazy:
         mx.eval(model.parameters())
     model.eval()
@@ -64,14 +71,15 @@ def load_model(folder: Union[str, Path], dtype: Optional[mx.Dtype] = None, lazy:
 
 
 def load(path_or_repo: Union[str, Path], dtype: Optional[mx.Dtype] = None, lazy: bool = False,
-         revision: Optional[str] = None):
+         revision: Optional[str] = None, compute_dtype: Union[mx.Dtype, None, str] = "auto"):
     """Load a model folder or hub repo; returns ``(model, tokenizer)``.
 
     ``dtype`` casts floating weights (the router's expert_bias stays float32); ``lazy``
-    leaves weights unread until first used.
+    leaves weights unread until first used; ``compute_dtype`` sets the activation dtype
+    ("auto": ``default_compute_dtype``).
     """
     from .tokenizer import load_tokenizer
 
     folder = resolve(path_or_repo, revision)
-    model = load_model(folder, dtype=dtype, lazy=lazy)
+    model = load_model(folder, dtype=dtype, lazy=lazy, compute_dtype=compute_dtype)
     return model, load_tokenizer(folder, model.args)

@@ -170,12 +170,15 @@ class Block(nn.Module):
 class Backbone(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
+        self.compute_dtype: Optional[mx.Dtype] = None  # see Model.compute_dtype
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = [Block(args, i) for i in range(args.num_hidden_layers)]
         self.embedding_norm = nn.RMSNorm(args.hidden_size, eps=args.norm_eps)
 
     def __call__(self, inputs: mx.array, cache=None) -> mx.array:
         h = self.embed_tokens(inputs)
+        if self.compute_dtype is not None:
+            h = h.astype(self.compute_dtype)
         cache = cache if cache is not None else [None] * len(self.layers)
         for layer, c in zip(self.layers, cache):
             h = layer(h, c)
@@ -202,6 +205,17 @@ class Model(nn.Module):
     @property
     def layers(self):
         return self.model.layers
+
+    @property
+    def compute_dtype(self) -> Optional[mx.Dtype]:
+        """Activation dtype (None: the weights'). The loader picks float32 for quantized models
+        on the CPU backend, where quantized matmuls with float32 inputs run ~8x faster than with
+        bfloat16 ones (scales stay bfloat16; outputs follow the input dtype)."""
+        return self.model.compute_dtype
+
+    @compute_dtype.setter
+    def compute_dtype(self, dtype: Optional[mx.Dtype]) -> None:
+        self.model.compute_dtype = dtype
 
     def make_cache(self) -> list:
         """A fresh cache: a KVCache per attention layer, a ConvCache per conv layer."""

@@ -1,0 +1,47 @@
+"""Shared by the benchmark scripts: checkpoints on disk, subprocess runs, medians."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "bench" / "out"
+REFERENCE = ROOT.parent / "shared" / "lfm2-reference" / "LFM2-350M"
+sys.path.insert(0, str(ROOT))
+
+
+def checkpoint(preset: str, layers: int, dtype: str = "bfloat16") -> Path:
+    """A random hub checkpoint, written once and reused."""
+    from mlx_lfm2.random_checkpoint import PRESETS, write_checkpoint
+
+    folder = OUT / f"{preset}-{layers}L-{dtype}"
+    if not (folder / "config.json").exists():
+        write_checkpoint(folder, PRESETS[preset](layers), dtype=dtype,
+                         tokenizer_from=REFERENCE if REFERENCE.exists() else None)
+    return folder
+
+
+def converted(src: Path, bits: int, group_size: int = 64, recipe: str = "uniform") -> Path:
+    from mlx_lfm2 import convert
+
+    folder = OUT / f"{src.name}-q{bits}-g{group_size}-{recipe}"
+    if not (folder / "config.json").exists():
+        convert(src, folder, quantize=True, q_bits=bits, q_group_size=group_size, quant_recipe=recipe,
+                force=True, progress=False)
+    return folder
+
+
+def run_json(args: list[str], timeout: int = 3600) -> dict:
+    """Run a python module/script in a fresh process; its last stdout line is JSON."""
+    p = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    if p.returncode != 0:
+        raise RuntimeError(f"{args} failed:\n{p.stderr[-3000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def median(values):
+    return statistics.median(values) if values else None

@@ -1,0 +1,83 @@
+"""Decode/prefill speed and memory: mlx_lfm2 vs mlx-lm on the same quantized folder.
+
+Runs alternate between the engines (fresh process each), then reports medians and ratios.
+
+    python bench/speed.py --preset 24b-a2b-narrow --layers 8 --bits 4 --runs 3
+"""
+
+import argparse
+import json
+import platform
+
+from common import checkpoint, converted, median, run_json
+
+
+def bandwidth_gbs() -> float:
+    """Measured read bandwidth: summing a 1 GB array, best of 5."""
+    import time
+
+    import mlx.core as mx
+
+    a = mx.ones((256 * 1024 * 1024,), dtype=mx.float32)
+    mx.eval(a)
+    best = 0.0
+    for _ in range(5):
+        t = time.perf_counter()
+        mx.eval(a.sum())
+        best = max(best, a.nbytes / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def bytes_per_token(folder) -> int:
+    """Weight bytes one decoded token reads: dense parts, K of E experts, the tied head."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from mlx_lfm2.loader import load_model
+
+    model = load_model(folder, lazy=True)
+    a = model.args
+    total = 0
+    for name, p in tree_flatten(model.parameters()):
+        n = p.nbytes
+        if ".experts." in name:
+            n = n * a.num_experts_per_tok // a.num_experts
+        total += n
+    if a.tie_word_embeddings:
+        # The embedding is read twice: one row for the input, all of it as the output head.
+        total += 0  # counted once above as the head; the input row is negligible
+    return total
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="24b-a2b-narrow")
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--decode", type=int, default=128)
+    p.add_argument("--prefill", type=int, nargs="*", default=[512, 4096])
+    a = p.parse_args()
+    folder = converted(checkpoint(a.preset, a.layers), a.bits)
+    results = {"mlx_lfm2": [], "mlx_lm": []}
+    for i in range(a.runs):
+        order = ["mlx_lfm2", "mlx_lm"] if i % 2 == 0 else ["mlx_lm", "mlx_lfm2"]
+        for engine in order:
+            results[engine].append(run_json(["bench/speed_worker.py", engine, str(folder), "--decode",
+                                             str(a.decode), "--prefill", *map(str, a.prefill)]))
+    keys = [k for k in results["mlx_lfm2"][0] if k != "engine"]
+    med = {e: {k: median([r[k] for r in rs]) for k in keys} for e, rs in results.items()}
+    ratios = {k: med["mlx_lfm2"][k] / med["mlx_lm"][k] for k in keys if med["mlx_lm"][k]}
+    bpt = bytes_per_token(folder)
+    bw = bandwidth_gbs()
+    bound = bw * 1e9 / bpt
+    print(json.dumps({
+        "bench": "speed", "preset": a.preset, "layers": a.layers, "bits": a.bits, "runs": a.runs,
+        "machine": f"{platform.machine()} {platform.system()}", "median": med, "ratio_mlx_lfm2_over_mlx_lm": ratios,
+        "bytes_per_token": bpt, "bandwidth_gbs": bw, "decode_bound_tps": bound,
+        "decode_fraction_of_bound": med["mlx_lfm2"]["decode_tps"] / bound,
+    }))
+
+
+if __name__ == "__main__":
+    main()
