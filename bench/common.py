@@ -14,13 +14,14 @@ REFERENCE = ROOT.parent / "shared" / "lfm2-reference" / "LFM2-350M"
 sys.path.insert(0, str(ROOT))
 
 
-def checkpoint(preset: str, layers: int, dtype: str = "bfloat16") -> Path:
-    """A random hub checkpoint, written once and reused."""
+def checkpoint(preset: str, layers: int, dtype: str = "bfloat16", **overrides) -> Path:
+    """A random hub checkpoint, written once and reused (``overrides``: config keys)."""
     from mlx_lfm2.random_checkpoint import PRESETS, write_checkpoint
 
-    folder = OUT / f"{preset}-{layers}L-{dtype}"
+    tag = "".join(f"-{k}{v}" for k, v in sorted(overrides.items()))
+    folder = OUT / f"{preset}-{layers}L-{dtype}{tag}"
     if not (folder / "config.json").exists():
-        write_checkpoint(folder, PRESETS[preset](layers), dtype=dtype,
+        write_checkpoint(folder, {**PRESETS[preset](layers), **overrides}, dtype=dtype,
                          tokenizer_from=REFERENCE if REFERENCE.exists() else None)
     return folder
 

@@ -43,10 +43,7 @@ def bytes_per_token(folder) -> int:
         if ".experts." in name:
             n = n * a.num_experts_per_tok // a.num_experts
         total += n
-    if a.tie_word_embeddings:
-        # The embedding is read twice: one row for the input, all of it as the output head.
-        total += 0  # counted once above as the head; the input row is negligible
-    return total
+    return total  # the tied embedding counts once: read whole as the head, one row as input
 
 
 def main():
@@ -57,23 +54,25 @@ def main():
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--decode", type=int, default=128)
     p.add_argument("--prefill", type=int, nargs="*", default=[512, 4096])
+    p.add_argument("--bf16", action="store_true", help="also run mlx_lfm2 with bfloat16 activations")
     a = p.parse_args()
     folder = converted(checkpoint(a.preset, a.layers), a.bits)
-    results = {"mlx_lfm2": [], "mlx_lm": []}
+    engines = ["mlx_lfm2", "mlx_lm"] + (["mlx_lfm2_bf16"] if a.bf16 else [])
+    results = {e: [] for e in engines}
     for i in range(a.runs):
-        order = ["mlx_lfm2", "mlx_lm"] if i % 2 == 0 else ["mlx_lm", "mlx_lfm2"]
-        for engine in order:
+        for engine in engines if i % 2 == 0 else engines[::-1]:
             results[engine].append(run_json(["bench/speed_worker.py", engine, str(folder), "--decode",
                                              str(a.decode), "--prefill", *map(str, a.prefill)]))
     keys = [k for k in results["mlx_lfm2"][0] if k != "engine"]
     med = {e: {k: median([r[k] for r in rs]) for k in keys} for e, rs in results.items()}
-    ratios = {k: med["mlx_lfm2"][k] / med["mlx_lm"][k] for k in keys if med["mlx_lm"][k]}
+    ratios = {e: {k: med[e][k] / med["mlx_lm"][k] for k in keys if med["mlx_lm"][k]}
+              for e in engines if e != "mlx_lm"}
     bpt = bytes_per_token(folder)
     bw = bandwidth_gbs()
     bound = bw * 1e9 / bpt
     print(json.dumps({
         "bench": "speed", "preset": a.preset, "layers": a.layers, "bits": a.bits, "runs": a.runs,
-        "machine": f"{platform.machine()} {platform.system()}", "median": med, "ratio_mlx_lfm2_over_mlx_lm": ratios,
+        "machine": f"{platform.machine()} {platform.system()}", "median": med, "ratio_over_mlx_lm": ratios,
         "bytes_per_token": bpt, "bandwidth_gbs": bw, "decode_bound_tps": bound,
         "decode_fraction_of_bound": med["mlx_lfm2"]["decode_tps"] / bound,
     }))

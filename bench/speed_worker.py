@@ -18,16 +18,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("engine", choices=["mlx_lfm2", "mlx_lm"])
+    p.add_argument("engine", choices=["mlx_lfm2", "mlx_lfm2_bf16", "mlx_lm"],
+                   help="mlx_lfm2_bf16: mlx_lfm2 with bfloat16 activations (compute_dtype=None)")
     p.add_argument("folder")
     p.add_argument("--decode", type=int, default=128)
     p.add_argument("--prefill", type=int, nargs="*", default=[512, 4096])
     a = p.parse_args()
     t0 = time.perf_counter()
-    if a.engine == "mlx_lfm2":
+    if a.engine.startswith("mlx_lfm2"):
         from mlx_lfm2 import load, stream_generate
 
-        model, tok = load(a.folder)
+        model, tok = load(a.folder, **({"compute_dtype": None} if a.engine == "mlx_lfm2_bf16" else {}))
 
         def run(prompt, n):
             *_, last = stream_generate(model, tok, prompt, max_tokens=n, temperature=0.0,

@@ -15,6 +15,8 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
+from .parallel import split
+
 SORT_THRESHOLD = 64  # (token, expert) pairs above which sorting pays for itself
 
 
@@ -54,11 +56,28 @@ class QuantizedSwitchLinear(nn.Module):
         self.freeze()
 
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
-        return mx.gather_qmm(
-            x, self["weight"], self["scales"], self.get("biases"), rhs_indices=indices,
-            transpose=True, group_size=self.group_size, bits=self.bits, mode=self.mode,
-            sorted_indices=sorted_indices,
-        )
+        """x ``[..., K|1, 1, D]``, indices ``[..., K]`` -> ``[..., K, 1, F]``; on the CPU the
+        K (token, expert) pairs are shared out across streams (see ``parallel``)."""
+        K = indices.shape[-1]
+        E, F, _ = self["weight"].shape
+        x_per_pair = x.shape[-3] == K
+        # Few pairs (decode): take the chosen experts first, so the kernel's per-call work on
+        # scales and biases (a float32 copy, with float32 inputs) covers K experts, not all E.
+        take_first = not sorted_indices and indices.size < E
+
+        def part(lo, hi):
+            idx = indices[..., lo:hi]
+            w, s, b = self["weight"], self["scales"], self.get("biases")
+            if take_first:
+                flat = idx.flatten()
+                w, s, b = w[flat], s[flat], None if b is None else b[flat]
+                idx = mx.arange(flat.size).reshape(idx.shape)
+            return mx.gather_qmm(
+                x[..., lo:hi, :, :] if x_per_pair else x, w, s, b, rhs_indices=idx, transpose=True,
+                group_size=self.group_size, bits=self.bits, mode=self.mode, sorted_indices=sorted_indices,
+            )
+
+        return split(part, K, K * F * self["scales"].shape[-1] * self.group_size, axis=-3)
 
 
 class SwitchGLU(nn.Module):

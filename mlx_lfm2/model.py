@@ -20,6 +20,7 @@ import mlx.nn as nn
 from .cache import ConvCache, KVCache
 from .config import ModelArgs
 from .experts import SwitchGLU, swiglu
+from .parallel import Embedding, Linear
 
 
 class Attention(nn.Module):
@@ -34,10 +35,10 @@ class Attention(nn.Module):
             args.head_dim,
         )
         self.scale = Dh**-0.5
-        self.q_proj = nn.Linear(D, self.H * Dh, bias=False)
-        self.k_proj = nn.Linear(D, self.H_kv * Dh, bias=False)
-        self.v_proj = nn.Linear(D, self.H_kv * Dh, bias=False)
-        self.out_proj = nn.Linear(self.H * Dh, D, bias=False)
+        self.q_proj = Linear(D, self.H * Dh, bias=False)
+        self.k_proj = Linear(D, self.H_kv * Dh, bias=False)
+        self.v_proj = Linear(D, self.H_kv * Dh, bias=False)
+        self.out_proj = Linear(self.H * Dh, D, bias=False)
         self.q_layernorm = nn.RMSNorm(Dh, eps=args.norm_eps)
         self.k_layernorm = nn.RMSNorm(Dh, eps=args.norm_eps)
         self.rope = nn.RoPE(Dh, traditional=False, base=args.rope_theta)
@@ -92,9 +93,9 @@ class ShortConv(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         D = args.hidden_size
-        self.in_proj = nn.Linear(D, 3 * D, bias=args.conv_bias)
+        self.in_proj = Linear(D, 3 * D, bias=args.conv_bias)
         self.conv = DepthwiseConv(D, args.conv_L_cache, bias=args.conv_bias)
-        self.out_proj = nn.Linear(D, D, bias=args.conv_bias)
+        self.out_proj = Linear(D, D, bias=args.conv_bias)
 
     def __call__(self, x: mx.array, cache: Optional[ConvCache]) -> mx.array:
         b, c, h = mx.split(self.in_proj(x), 3, axis=-1)  # 3 x [B, L, D]
@@ -111,9 +112,9 @@ class DenseFFN(nn.Module):
 
     def __init__(self, dims: int, hidden: int):
         super().__init__()
-        self.w1 = nn.Linear(dims, hidden, bias=False)
-        self.w3 = nn.Linear(dims, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, dims, bias=False)
+        self.w1 = Linear(dims, hidden, bias=False)
+        self.w3 = Linear(dims, hidden, bias=False)
+        self.w2 = Linear(hidden, dims, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.w2(swiglu(self.w1(x), self.w3(x)))
@@ -128,7 +129,7 @@ class SparseMoE(nn.Module):
         self.top_k = args.num_experts_per_tok
         self.norm_topk_prob = args.norm_topk_prob
         self.routed_scaling_factor = args.routed_scaling_factor
-        self.gate = nn.Linear(args.hidden_size, E, bias=False)
+        self.gate = Linear(args.hidden_size, E, bias=False)
         if args.use_expert_bias:
             self.expert_bias = mx.zeros((E,), dtype=mx.float32)
         self.experts = SwitchGLU(args.hidden_size, args.moe_intermediate_size, E)
@@ -171,7 +172,7 @@ class Backbone(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.compute_dtype: Optional[mx.Dtype] = None  # see Model.compute_dtype
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.embed_tokens = Embedding(args.vocab_size, args.hidden_size)
         self.layers = [Block(args, i) for i in range(args.num_hidden_layers)]
         self.embedding_norm = nn.RMSNorm(args.hidden_size, eps=args.norm_eps)
 
@@ -194,7 +195,7 @@ class Model(nn.Module):
         self.model_type = args.model_type
         self.model = Backbone(args)
         if not args.tie_word_embeddings:
-            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+            self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
 
     def __call__(self, inputs: mx.array, cache=None) -> mx.array:
         h = self.model(inputs, cache)

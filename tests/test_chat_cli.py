@@ -148,3 +148,35 @@ def test_tool_calls_are_confirmed_run_and_fed_back(chat_model, monkeypatch):
     assert "<|tool_call_start|>" not in out
     assert [m["role"] for m in chat.messages] == ["user", "assistant", "tool", "assistant"]
     assert chat.messages[2]["content"] == "5"
+
+
+def test_default_model_is_converted_once_into_the_local_cache(tmp_path, monkeypatch):
+    from rich.console import Console
+
+    from mlx_lfm2 import cli, conversion
+
+    calls = []
+
+    def fake_convert(hf_path, mlx_path, quantize=False, force=False, **kw):
+        calls.append((hf_path, quantize))
+        mlx_path.mkdir(parents=True)
+        (mlx_path / "config.json").write_text("{}")
+        return mlx_path
+
+    monkeypatch.setattr(cli, "HOME", tmp_path)
+    monkeypatch.setattr(conversion, "convert", fake_convert)
+    console = Console(record=True)
+    first = cli.default_model(console)
+    second = cli.default_model(console)
+    assert first == second == tmp_path / "models" / "LFM2-24B-A2B-4bit"
+    assert calls == [("LiquidAI/LFM2-24B-A2B", True)]
+    assert "converting it to 4-bit" in console.export_text()
+
+
+def test_bad_model_path_is_a_clean_error(tmp_path):
+    import subprocess
+
+    p = subprocess.run([sys.executable, str(ROOT / "chat.py"), "--model", str(tmp_path / "nope")],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode != 0 and "neither a model folder nor a hub repo id" in p.stderr
+    assert "Traceback" not in p.stderr

@@ -153,3 +153,49 @@ def test_cli_converts_and_reports_errors(source, tmp_path, capsys):
     assert json.loads((tmp_path / "cli/config.json").read_text())["quantization"]["bits"] == 8
     with pytest.raises(SystemExit, match="exists"):
         main(["--hf-path", str(source), "--mlx-path", str(tmp_path / "cli")])
+
+
+def test_cpu_stream_split_matches_single_stream(source, tmp_path, monkeypatch):
+    """Quantized matmuls shared across CPU streams give the single-op result."""
+    from mlx_lfm2 import parallel
+
+    if len(parallel.cpu_streams()) < 2:
+        monkeypatch.setattr(parallel, "_streams", [mx.default_stream(mx.cpu), mx.new_stream(mx.cpu)])
+    model, _ = load(convert(source, tmp_path / "q", quantize=True, progress=False))
+    assert model.compute_dtype == mx.float32  # quantized on the CPU: float32 activations
+    ids = mx.array(np.random.default_rng(1).integers(0, 5000, (1, 40)))  # sorted (prefill) expert path
+    monkeypatch.setattr(parallel, "MIN_WEIGHTS", 1 << 62)
+    single = [np.array(model(ids)), np.array(model(ids[:, :1]))]
+    monkeypatch.setattr(parallel, "MIN_WEIGHTS", 0)
+    split = [np.array(model(ids)), np.array(model(ids[:, :1]))]
+    for a, b in zip(single, split):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=0)
+
+
+def test_compute_dtype_defaults(source, tmp_path):
+    assert load_model(source).compute_dtype is None
+    q = convert(source, tmp_path / "q", quantize=True, progress=False)
+    assert load_model(q).compute_dtype == mx.float32
+    model = load_model(q, compute_dtype=None)
+    assert model(IDS).dtype == mx.bfloat16
+
+
+def test_eight_bit_agrees_on_top1_with_the_unquantized_model(tmp_path):
+    """Quality on the real expert count and top-k at a narrow width (see bench/quant_quality.py)."""
+    import sys
+
+    from conftest import ROOT
+    from mlx_lfm2.random_checkpoint import PRESETS, write_checkpoint
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from quant_quality import compare
+
+    src = write_checkpoint(tmp_path / "src", PRESETS["24b-a2b-narrow"](4), dtype="bfloat16")
+    ids = mx.array(np.random.default_rng(2).integers(10, 8000, (1, 128)))
+    ref = np.array(load_model(src, dtype=mx.float32)(ids), dtype=np.float64)[0]
+    got = {}
+    for bits in (8, 4):
+        q = convert(src, tmp_path / f"q{bits}", quantize=True, q_bits=bits, progress=False)
+        got[bits] = compare(ref, np.array(load_model(q)(ids), dtype=np.float64)[0])
+    assert got[8]["top1_agreement"] >= 0.99
+    assert got[8]["kl_mean"] < got[4]["kl_mean"] < 0.5
