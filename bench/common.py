@@ -46,3 +46,19 @@ def run_json(args: list[str], timeout: int = 3600) -> dict:
 
 def median(values):
     return statistics.median(values) if values else None
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident memory. (Linux's ru_maxrss survives exec, so a child
+    would report at least its parent's peak; VmHWM does not.)"""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1e6
+    except OSError:
+        pass
+    import resource
+    import sys as _sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 1e9 if _sys.platform == "darwin" else rss / 1e6

@@ -13,13 +13,15 @@ import shutil
 from common import OUT, checkpoint, run_json
 
 WORKER = """
-import json, resource, sys, time
+import json, sys, time
 sys.path.insert(0, {root!r})
+sys.path.insert(0, {root!r} + "/bench")
+from common import peak_rss_gb
 from mlx_lfm2 import convert
 t = time.perf_counter()
 convert({src!r}, {dst!r}, quantize=True, force=True, progress=False)
 print(json.dumps({{"seconds": time.perf_counter() - t,
-                   "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}}))
+                   "peak_rss_gb": peak_rss_gb()}}))
 """
 
 

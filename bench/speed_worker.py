@@ -5,7 +5,6 @@
 
 import argparse
 import json
-import resource
 import sys
 import time
 from pathlib import Path
@@ -14,6 +13,7 @@ import mlx.core as mx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import peak_rss_gb  # noqa: E402  (bench/ is on the path when run as a script)
 
 
 def main():
@@ -60,7 +60,7 @@ def main():
     out["decode_tps"] = r.generation_tps
     out["decode_tokens"] = r.generation_tokens
     out["decode_peak_gb"] = r.peak_memory
-    out["max_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    out["max_rss_gb"] = peak_rss_gb()
     print(json.dumps(out))
 
 

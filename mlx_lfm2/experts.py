@@ -63,7 +63,7 @@ class QuantizedSwitchLinear(nn.Module):
         x_per_pair = x.shape[-3] == K
         # Few pairs (decode): take the chosen experts first, so the kernel's per-call work on
         # scales and biases (a float32 copy, with float32 inputs) covers K experts, not all E.
-        take_first = not sorted_indices and indices.size < E
+        take_first = not sorted_indices and indices.size <= E // 4
 
         def part(lo, hi):
             idx = indices[..., lo:hi]

@@ -6,13 +6,12 @@ source that llama-cpp-python vendors; pass that folder) and quantized by its own
 
     pip download --no-deps --no-binary :all: llama-cpp-python && tar xzf llama_cpp_python-*.tar.gz
     pip install ./llama_cpp_python-*/
-    python bench/llama_cpp.py --llama-cpp-src ./llama_cpp_python-*/vendor/llama.cpp
+    python bench/vs_llama_cpp.py --llama-cpp-src ./llama_cpp_python-*/vendor/llama.cpp
 """
 
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -21,7 +20,9 @@ from pathlib import Path
 from common import OUT, checkpoint, converted, median, run_json
 
 WORKER = """
-import json, resource, sys, time
+import json, sys, time
+sys.path.insert(0, "bench")
+from common import peak_rss_gb
 import numpy as np
 from llama_cpp import Llama
 llm = Llama(model_path={path!r}, n_ctx={ctx}, n_batch=512, n_threads={threads}, verbose=False)
@@ -39,7 +40,7 @@ for _ in range({decode}):
     scores[7] = -1e9
     llm.eval([int(np.argmax(scores))])
 out["decode_tps"] = {decode} / (time.perf_counter() - t)
-out["max_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+out["max_rss_gb"] = peak_rss_gb()
 print(json.dumps(out))
 """
 
