@@ -116,10 +116,16 @@ def _groups(keys, n_layers: int) -> list[tuple[str, list[str]]]:
 
 def _convert_group(module: nn.Module, prefix: str, weights: dict, args: ModelArgs, dtype,
                    predicate: Optional[Callable], q_bits: int, q_group: int, overrides: dict) -> dict:
-    """Load one layer's (or the globals') weights into ``module``, quantize, return mlx-lm names."""
+    """Load one layer's (or the globals') weights into ``module``, quantize, return mlx-lm names.
+
+    Consumes ``weights``: afterwards the lazy source tensors live only in the graph, so each
+    output tensor, evaluated on its own, frees its sources (one projection's experts at a time).
+    """
     local = {k[len(prefix):]: v for k, v in cast(sanitize(weights, args), dtype).items()}
-    check_weights(module, {k: v for k, v in local.items()})
+    weights.clear()
+    check_weights(module, local)
     module.load_weights(list(local.items()), strict=False)
+    del local
     if predicate is not None:
         def full(path, m):
             choice = predicate(prefix + path, m)
@@ -129,13 +135,14 @@ def _convert_group(module: nn.Module, prefix: str, weights: dict, args: ModelArg
 
         nn.quantize(module, q_group, q_bits, class_predicate=full)
     out = {to_mlx_lm_name(prefix + k, args.model_type): v for k, v in tree_flatten(module.parameters())}
-    mx.eval(out)
+    for v in out.values():
+        mx.eval(v)
     return out
 
 
 def convert(hf_path: Union[str, Path], mlx_path: Union[str, Path], quantize: bool = False, q_bits: int = 4,
             q_group_size: int = 64, dtype: str = "bfloat16", quant_recipe: str = "uniform",
-            force: bool = False, revision: Optional[str] = None, max_shard_gb: float = 2.0,
+            force: bool = False, revision: Optional[str] = None, max_shard_gb: float = 1.0,
             progress: bool = True) -> Path:
     """Convert a hub checkpoint (repo id or folder) into an MLX folder; returns its path."""
     mlx_path = Path(mlx_path).expanduser().resolve()
@@ -252,7 +259,8 @@ def main(argv=None) -> None:
                    help="uniform: all at --q-bits; mixed_6/mixed_8: experts at --q-bits, the rest at 6/8")
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     p.add_argument("--revision", help="hub revision (branch, tag or commit)")
-    p.add_argument("--max-shard-gb", type=float, default=2.0)
+    p.add_argument("--max-shard-gb", type=float, default=1.0,
+                   help="output shard size; conversion holds at most one shard in memory")
     p.add_argument("--force", action="store_true", help="replace an existing --mlx-path")
     a = p.parse_args(argv)
     try:

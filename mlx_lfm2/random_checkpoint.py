@@ -112,6 +112,10 @@ def _random(rng: np.random.Generator, name: str, shape: tuple) -> np.ndarray:
         return 0.02 * rng.standard_normal(shape, dtype=np.float32)
     if "embed_tokens" in name:
         return rng.standard_normal(shape, dtype=np.float32)
+    if name == "lm_head.weight":
+        # Logits ~ N(0, 16): next-token entropy of a few nats, like a trained model's. (A tied
+        # head instead puts nearly all mass on the input token, which hides quantization error.)
+        return 4 * rng.standard_normal(shape, dtype=np.float32) / np.float32(np.sqrt(shape[-1]))
     return rng.standard_normal(shape, dtype=np.float32) / np.float32(np.sqrt(shape[-1]))  # fan-in
 
 
