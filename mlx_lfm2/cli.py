@@ -45,13 +45,14 @@ def parse_args(argv=None):
 
 
 def default_model(console) -> Path:
-    """The 4-bit LFM2-24B-A2B folder, converted on first use."""
-    target = HOME / "models" / "LFM2-24B-A2B-4bit"
+    """LFM2-24B-A2B converted on first use: experts at 4 bits, the rest (under 4% of the
+    weights, most of the quantization error) at 8 bits: ~0.4 GB over uniform 4-bit."""
+    target = HOME / "models" / "LFM2-24B-A2B-4bit-mixed8"
     if not (target / "config.json").exists():
         from .conversion import convert
 
         console.print(f"First run: fetching [bold]{DEFAULT_REPO}[/] and converting it to 4-bit in {target}")
-        convert(DEFAULT_REPO, target, quantize=True, force=True)
+        convert(DEFAULT_REPO, target, quantize=True, quant_recipe="mixed_8", force=True)
     return target
 
 

@@ -157,8 +157,8 @@ def test_default_model_is_converted_once_into_the_local_cache(tmp_path, monkeypa
 
     calls = []
 
-    def fake_convert(hf_path, mlx_path, quantize=False, force=False, **kw):
-        calls.append((hf_path, quantize))
+    def fake_convert(hf_path, mlx_path, quantize=False, force=False, quant_recipe="uniform", **kw):
+        calls.append((hf_path, quantize, quant_recipe))
         mlx_path.mkdir(parents=True)
         (mlx_path / "config.json").write_text("{}")
         return mlx_path
@@ -168,8 +168,8 @@ def test_default_model_is_converted_once_into_the_local_cache(tmp_path, monkeypa
     console = Console(record=True)
     first = cli.default_model(console)
     second = cli.default_model(console)
-    assert first == second == tmp_path / "models" / "LFM2-24B-A2B-4bit"
-    assert calls == [("LiquidAI/LFM2-24B-A2B", True)]
+    assert first == second == tmp_path / "models" / "LFM2-24B-A2B-4bit-mixed8"
+    assert calls == [("LiquidAI/LFM2-24B-A2B", True, "mixed_8")]
     assert "converting it to 4-bit" in console.export_text()
 
 
