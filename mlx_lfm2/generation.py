@@ -46,15 +46,26 @@ def context_length(model) -> int:
     return model.args.max_position_embeddings
 
 
-def prefill(model, tokens: mx.array, cache: list, step_size: int = 512) -> None:
+def default_prefill_step() -> int:
+    """Prompt tokens per prefill chunk.
+
+    On the CPU, 128-token chunks prefill as fast as 512-token ones (measured at the real
+    24B-A2B layer shapes: 5.94 tok/s both) with a third less transient memory, which matters
+    because quantized models compute in float32 there. GPUs want large chunks (mlx-lm's 2048).
+    """
+    return 128 if mx.default_device().type == mx.cpu else 2048
+
+
+def prefill(model, tokens: mx.array, cache: list, step_size: Optional[int] = None) -> None:
     """Run ``tokens`` ``[L]`` through the model into ``cache``, ``step_size`` at a time."""
+    step_size = step_size or default_prefill_step()
     for start in range(0, tokens.size, step_size):
         model(tokens[None, start : start + step_size], cache=cache)
         mx.eval([c.state for c in cache])
 
 
 def generate_step(prompt: mx.array, model, cache: list, *, max_tokens: int = 256, sampler=None,
-                  logits_processors=(), prefill_step_size: int = 512,
+                  logits_processors=(), prefill_step_size: Optional[int] = None,
                   stop_event: Optional[threading.Event] = None) -> Iterator[tuple[int, mx.array]]:
     """Yield ``(token, logprobs [V])`` for up to ``max_tokens`` new tokens after ``prompt`` ``[L]``.
 
@@ -134,7 +145,7 @@ def stream_generate(model, tokenizer, prompt: Prompt, max_tokens: int = 256, *,
                     repetition_context_size: int = 64, logit_bias: Optional[dict] = None,
                     seed: Optional[int] = None, stop: Union[str, Sequence[str], None] = None,
                     cache: Optional[list] = None, stop_event: Optional[threading.Event] = None,
-                    prefill_step_size: int = 512, tools=None) -> Iterator[GenerationResponse]:
+                    prefill_step_size: Optional[int] = None, tools=None) -> Iterator[GenerationResponse]:
     """Stream a completion of ``prompt``; the last response carries ``finish_reason``.
 
     Sampling arguments left as None use greedy decoding (``temperature=0``) and no penalty;
