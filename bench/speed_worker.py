@@ -23,6 +23,8 @@ def main():
     p.add_argument("folder")
     p.add_argument("--decode", type=int, default=128)
     p.add_argument("--prefill", type=int, nargs="*", default=[512, 4096])
+    p.add_argument("--decode-prompt", type=int, default=16, help="prompt tokens before the decode run")
+    p.add_argument("--no-warmup", action="store_true", help="skip the warm-up generation")
     a = p.parse_args()
     t0 = time.perf_counter()
     if a.engine.startswith("mlx_lfm2"):
@@ -49,14 +51,15 @@ def main():
     vocab = min(model.args.vocab_size, 8192)
     rng = np.random.default_rng(0)
     out = {"engine": a.engine, "load_s": load_s}
-    run(rng.integers(10, vocab, 16).tolist(), 4)  # warm up
+    if not a.no_warmup:
+        run(rng.integers(10, vocab, 16).tolist(), 4)
     for n in a.prefill:
         mx.reset_peak_memory()
         r = run(rng.integers(10, vocab, n).tolist(), 1)
         out[f"prefill_{n}_tps"] = r.prompt_tps
         out[f"prefill_{n}_peak_gb"] = r.peak_memory
     mx.reset_peak_memory()
-    r = run(rng.integers(10, vocab, 16).tolist(), a.decode)
+    r = run(rng.integers(10, vocab, a.decode_prompt).tolist(), a.decode)
     out["decode_tps"] = r.generation_tps
     out["decode_tokens"] = r.generation_tokens
     out["decode_peak_gb"] = r.peak_memory
