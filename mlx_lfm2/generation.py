@@ -143,6 +143,7 @@ def stream_generate(model, tokenizer, prompt: Prompt, max_tokens: int = 256, *,
                     temperature: Optional[float] = None, top_p: float = 1.0, top_k: int = 0,
                     min_p: float = 0.0, repetition_penalty: Optional[float] = None,
                     repetition_context_size: int = 64, logit_bias: Optional[dict] = None,
+                    frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
                     seed: Optional[int] = None, stop: Union[str, Sequence[str], None] = None,
                     cache: Optional[list] = None, stop_event: Optional[threading.Event] = None,
                     prefill_step_size: Optional[int] = None, tools=None) -> Iterator[GenerationResponse]:
@@ -162,7 +163,8 @@ def stream_generate(model, tokenizer, prompt: Prompt, max_tokens: int = 256, *,
     max_tokens = max(0, min(max_tokens, context_length(model) - held - len(ids)))
     stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
     sampler = make_sampler(temperature or 0.0, top_p, top_k, min_p, seed)
-    processors = make_logits_processors(repetition_penalty, repetition_context_size, logit_bias)
+    processors = make_logits_processors(repetition_penalty, repetition_context_size, logit_bias,
+                                        frequency_penalty, presence_penalty, prompt_tokens=len(ids))
     detok = tokenizer.detokenizer()
     eos = tokenizer.eos_token_ids
 

@@ -14,7 +14,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .tools import format_pythonic_call
+from .tools import CALL_START, format_pythonic_call
 
 
 class APIError(Exception):
@@ -93,7 +93,8 @@ class Sampling(_Lenient):
 
     def sampling_kwargs(self, defaults: dict) -> dict:
         kw = dict(defaults)
-        for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed"):
+        for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed",
+                     "frequency_penalty", "presence_penalty"):
             if getattr(self, name) is not None:
                 kw[name] = getattr(self, name)
         if self.logit_bias:
@@ -132,6 +133,32 @@ class ChatRequest(Sampling):
             if t.get("type") != "function" or not isinstance((t.get("function") or {}).get("name"), str):
                 raise ValueError("each tool is {'type': 'function', 'function': {'name': ..., ...}}")
         return tools
+
+    @model_validator(mode="after")
+    def _tool_choice(self):
+        choice = self.tool_choice
+        if choice in (None, "auto", "none"):
+            return self
+        if not self.tools:
+            raise ValueError("tool_choice other than 'none' or 'auto' needs tools")
+        if choice == "required":
+            return self
+        name = (choice.get("function") or {}).get("name") if isinstance(choice, dict) else None
+        if not (isinstance(choice, dict) and choice.get("type") == "function" and isinstance(name, str)):
+            raise ValueError("tool_choice is 'none', 'auto', 'required' or "
+                             "{'type': 'function', 'function': {'name': ...}}")
+        if name not in {t["function"]["name"] for t in self.tools}:
+            raise ValueError(f"tool_choice names {name!r}, which is not one of the tools")
+        return self
+
+    def forced_tool_call(self) -> str:
+        """What the reply must start with for ``tool_choice``: appended to the prompt, so the
+        model can only go on to write a call ('required': any tool; named: that one)."""
+        if self.tool_choice == "required":
+            return CALL_START + "["
+        if isinstance(self.tool_choice, dict):
+            return f"{CALL_START}[{self.tool_choice['function']['name']}("
+        return ""
 
     @property
     def limit(self) -> Optional[int]:

@@ -89,11 +89,29 @@ def logit_bias_processor(bias: dict[int, float]) -> LogitsProcessor:
     return process
 
 
+def frequency_presence_processor(frequency: float, presence: float, skip: int) -> LogitsProcessor:
+    """OpenAI's penalties: subtract ``count * frequency + (count > 0) * presence`` from each
+    token's logit, counting the tokens generated so far (``history[skip:]``)."""
+
+    def process(history: mx.array, logits: mx.array) -> mx.array:
+        generated = history[skip:]
+        if generated.size == 0:
+            return logits
+        counts = mx.zeros((logits.shape[-1],), logits.dtype).at[generated].add(1)
+        return logits - (counts * frequency + (counts > 0) * presence)
+
+    return process
+
+
 def make_logits_processors(repetition_penalty: Optional[float] = None, repetition_context_size: int = 64,
-                           logit_bias: Optional[dict[int, float]] = None) -> list[LogitsProcessor]:
+                           logit_bias: Optional[dict[int, float]] = None, frequency_penalty: float = 0.0,
+                           presence_penalty: float = 0.0, prompt_tokens: int = 0) -> list[LogitsProcessor]:
+    """``prompt_tokens``: how much of the history is prompt, which the OpenAI penalties skip."""
     out = []
     if logit_bias:
         out.append(logit_bias_processor(logit_bias))
+    if frequency_penalty or presence_penalty:
+        out.append(frequency_presence_processor(frequency_penalty, presence_penalty, prompt_tokens))
     if repetition_penalty and repetition_penalty != 1.0:
         out.append(repetition_penalty_processor(repetition_penalty, repetition_context_size))
     return out

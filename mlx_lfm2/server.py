@@ -211,11 +211,12 @@ def create_app(engine: Engine, api_key: Optional[str] = None) -> Starlette:
         except Exception as e:
             raise APIError(400, f"the chat template rejected these messages: {e}", param="messages")
         top = (req.top_logprobs or 0) if req.logprobs else None
-        job = prepare(req, prompt, top)
+        forced = req.forced_tool_call()  # the reply's opening, written for the model
+        job = prepare(req, prompt + forced, top)
         cid, model_id = new_id("chatcmpl"), engine.model_id
         if req.stream:
-            return EventSourceResponse(_stream_chat(job, request, cid, model_id, req), ping=15)
-        text, entries, last = "", [], None
+            return EventSourceResponse(_stream_chat(job, request, cid, model_id, req, forced), ping=15)
+        text, entries, last = forced, [], None
         async for r, entry in results(job, request):
             text += r.text
             last = r
@@ -237,8 +238,10 @@ def create_app(engine: Engine, api_key: Optional[str] = None) -> Starlette:
                              "model": model_id, "choices": [choice],
                              "usage": usage(job.prompt_tokens, last.generation_tokens, job.cached_tokens)})
 
-    async def _stream_chat(job, request, cid, model_id, req):
+    async def _stream_chat(job, request, cid, model_id, req, forced):
         tools = ToolCallStream() if req.tools and req.tool_choice != "none" else None
+        if tools:
+            tools.feed(forced)  # held back like any call until it closes
         yield json.dumps(chat_chunk(cid, model_id, {"role": "assistant", "content": ""}))
         n_calls, last = 0, None
         async for r, entry in results(job, request):

@@ -119,6 +119,24 @@ def test_repetition_penalty_and_logit_bias():
     assert mx.argmax(bias(mx.array([], dtype=mx.uint32), mx.array(logits)), axis=-1).item() == 3
 
 
+def test_frequency_and_presence_penalties_count_only_generated_tokens():
+    logits = mx.array([[2.0, 1.9, -1.0, 0.0]])
+    (pen,) = make_logits_processors(frequency_penalty=0.5, presence_penalty=0.25, prompt_tokens=2)
+    history = mx.array([1, 1, 0, 0, 2])  # prompt [1, 1], then 0 twice and 2 once
+    np.testing.assert_allclose(np.array(pen(history, mx.array(logits))),
+                               [[2.0 - 1.0 - 0.25, 1.9, -1.0 - 0.5 - 0.25, 0.0]], rtol=1e-6)
+    np.testing.assert_allclose(np.array(pen(history[:2], mx.array(logits))), np.array(logits))
+
+
+def test_presence_penalty_changes_greedy_choice_after_the_first_token(tok):
+    row = np.full(64400, -10.0, np.float32)
+    row[100], row[101] = 2.0, 1.5
+    out = run(MockModel([0], spread=row), tok, [100], max_tokens=3, presence_penalty=1.0)
+    assert [r.token for r in out[:3]] == [100, 101, 100]  # 2 - 1 > 1.5 - 1 once both were used
+    out = run(MockModel([0], spread=row), tok, [100], max_tokens=3)
+    assert [r.token for r in out[:3]] == [100, 100, 100]  # the prompt's 100 is not penalized
+
+
 def test_repetition_penalty_changes_greedy_choice_in_the_loop(tok):
     row = np.full(64400, -10.0, np.float32)
     row[100], row[101] = 2.0, 1.9

@@ -155,6 +155,25 @@ def test_tool_calls_come_back_as_openai_tool_calls_and_results_are_answered(scri
     assert follow.choices[0].message.role == "assistant"
 
 
+@pytest.mark.parametrize("choice, script", [
+    ({"type": "function", "function": {"name": "get_weather"}}, 'city="Oslo")]<|tool_call_end|>'),
+    ("required", 'get_weather(city="Oslo")]<|tool_call_end|>'),
+])
+def test_tool_choice_makes_the_reply_a_call(scripted, choice, script):
+    # The scripted model writes only what follows the forced opening of the call.
+    base, client, engine = scripted(script, tail=[7])
+    msgs = [{"role": "user", "content": "Weather in Oslo?"}]
+    r = client.chat.completions.create(model="m", messages=msgs, tools=TOOLS, tool_choice=choice, max_tokens=32)
+    (call,) = r.choices[0].message.tool_calls
+    assert (call.function.name, json.loads(call.function.arguments)) == ("get_weather", {"city": "Oslo"})
+    assert r.choices[0].finish_reason == "tool_calls" and not r.choices[0].message.content
+    stream = client.chat.completions.create(model="m", messages=msgs, tools=TOOLS, tool_choice=choice,
+                                            max_tokens=32, stream=True)
+    deltas = [c.choices[0].delta for c in stream if c.choices]
+    assert "".join(d.content or "" for d in deltas) == ""
+    assert [t.function.name for d in deltas for t in d.tool_calls or []] == ["get_weather"]
+
+
 def test_eight_concurrent_streaming_clients_all_complete(scripted):
     base, client, engine = scripted(" word" * 40, queue_size=8)
     done = []
@@ -222,6 +241,13 @@ BAD = [
      {"messages": [{"role": "user", "content": "x"}], "max_tokens": -1}, "sekrit", 422),
     ("bad tool", "POST", "/v1/chat/completions",
      {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "web"}]}, "sekrit", 422),
+    ("tool_choice without tools", "POST", "/v1/chat/completions",
+     {"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}, "sekrit", 422),
+    ("tool_choice unknown tool", "POST", "/v1/chat/completions",
+     {"messages": [{"role": "user", "content": "x"}], "tools": TOOLS,
+      "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "sekrit", 422),
+    ("bad frequency_penalty", "POST", "/v1/chat/completions",
+     {"messages": [{"role": "user", "content": "x"}], "frequency_penalty": 3}, "sekrit", 422),
     ("bad response_format", "POST", "/v1/chat/completions",
      {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "xml"}}, "sekrit", 422),
     ("image part", "POST", "/v1/chat/completions",
