@@ -64,16 +64,20 @@ class QuantizedSwitchLinear(nn.Module):
         # Few pairs (decode): take the chosen experts first, so the kernel's per-call work on
         # scales and biases (a float32 copy, with float32 inputs) covers K experts, not all E.
         take_first = not sorted_indices and indices.size <= E // 4
+        w, s, b = self["weight"], self["scales"], self.get("biases")
+        if not take_first and x.dtype == mx.float32 and s.dtype != mx.float32:
+            # The kernel would copy all E experts' scales to float32 once per stream; do it
+            # once here and share the copy.
+            s, b = s.astype(x.dtype), None if b is None else b.astype(x.dtype)
 
         def part(lo, hi):
-            idx = indices[..., lo:hi]
-            w, s, b = self["weight"], self["scales"], self.get("biases")
+            idx, pw, ps, pb = indices[..., lo:hi], w, s, b
             if take_first:
                 flat = idx.flatten()
-                w, s, b = w[flat], s[flat], None if b is None else b[flat]
+                pw, ps, pb = w[flat], s[flat], None if b is None else b[flat]
                 idx = mx.arange(flat.size).reshape(idx.shape)
             return mx.gather_qmm(
-                x[..., lo:hi, :, :] if x_per_pair else x, w, s, b, rhs_indices=idx, transpose=True,
+                x[..., lo:hi, :, :] if x_per_pair else x, pw, ps, pb, rhs_indices=idx, transpose=True,
                 group_size=self.group_size, bits=self.bits, mode=self.mode, sorted_indices=sorted_indices,
             )
 
