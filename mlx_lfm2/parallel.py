@@ -44,17 +44,20 @@ def split(part: Callable[[int, int], mx.array], n: int, work: int, axis: int = -
     return mx.concatenate(outs, axis=axis)
 
 
-def _qmm(layer, x, lo, hi):
-    b = layer.get("biases")
-    return mx.quantized_matmul(x, layer["weight"][lo:hi], layer["scales"][lo:hi],
-                               None if b is None else b[lo:hi], transpose=True,
-                               group_size=layer.group_size, bits=layer.bits, mode=layer.mode)
+def quantized_matmul(layer, x: mx.array) -> mx.array:
+    """``x @ W.T`` for a quantized layer's ``[rows, in]`` weight, rows split across streams."""
+    w, s, b = layer["weight"], layer["scales"], layer.get("biases")
+
+    def part(lo, hi):
+        return mx.quantized_matmul(x, w[lo:hi], s[lo:hi], None if b is None else b[lo:hi], transpose=True,
+                                   group_size=layer.group_size, bits=layer.bits, mode=layer.mode)
+
+    return split(part, w.shape[0], w.shape[0] * s.shape[1] * layer.group_size)
 
 
 class QuantizedLinear(nn.QuantizedLinear):
     def __call__(self, x: mx.array) -> mx.array:
-        rows = self["weight"].shape[0]
-        y = split(lambda lo, hi: _qmm(self, x, lo, hi), rows, rows * self["scales"].shape[1] * self.group_size)
+        y = quantized_matmul(self, x)
         return y + self["bias"] if "bias" in self else y
 
 
@@ -67,8 +70,7 @@ class Linear(nn.Linear):
 
 class QuantizedEmbedding(nn.QuantizedEmbedding):
     def as_linear(self, x: mx.array) -> mx.array:
-        rows = self["weight"].shape[0]
-        return split(lambda lo, hi: _qmm(self, x, lo, hi), rows, rows * self["scales"].shape[1] * self.group_size)
+        return quantized_matmul(self, x)
 
 
 class Embedding(nn.Embedding):
