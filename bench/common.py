@@ -44,8 +44,21 @@ def run_json(args: list[str], timeout: int = 3600) -> dict:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def median(values):
-    return statistics.median(values) if values else None
+def alternating_medians(runners: dict, runs: int) -> dict:
+    """Call each engine's runner (``name -> () -> dict of numbers``) ``runs`` times, reversing
+    the order every other round; the median of each number per engine."""
+    results = {e: [] for e in runners}
+    for i in range(runs):
+        for e in list(runners)[:: 1 if i % 2 == 0 else -1]:
+            results[e].append(runners[e]())
+    return {e: {k: statistics.median(r[k] for r in rs) for k, v in rs[0].items() if isinstance(v, (int, float))}
+            for e, rs in results.items()}
+
+
+def ratios(med: dict, over: str) -> dict:
+    """Each other engine's medians divided by ``over``'s, for the numbers both report."""
+    return {e: {k: v / med[over][k] for k, v in m.items() if isinstance(v, (int, float)) and med[over].get(k)}
+            for e, m in med.items() if e != over}
 
 
 def peak_rss_gb() -> float:
@@ -58,7 +71,6 @@ def peak_rss_gb() -> float:
     except OSError:
         pass
     import resource
-    import sys as _sys
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 1e9 if _sys.platform == "darwin" else rss / 1e6
+    return rss / 1e9 if sys.platform == "darwin" else rss / 1e6

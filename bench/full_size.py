@@ -15,7 +15,7 @@ import argparse
 import json
 import shutil
 
-from common import OUT, ROOT, checkpoint, run_json
+from common import OUT, ROOT, checkpoint, ratios, run_json
 from convert_memory import WORKER
 
 
@@ -41,8 +41,7 @@ def main():
         short = ["--no-warmup", "--prefill", "--decode-prompt", "8", "--decode", "4"]
         for engine in ("mlx_lfm2", "mlx_lm"):
             out[engine] = run_json(["bench/speed_worker.py", engine, str(dst), *short], timeout=7200)
-        out["ratio_over_mlx_lm"] = {k: out["mlx_lfm2"][k] / out["mlx_lm"][k]
-                                    for k in ("decode_peak_gb", "max_rss_gb", "load_s")}
+        out["ratio_over_mlx_lm"] = ratios({e: out[e] for e in ("mlx_lfm2", "mlx_lm")}, "mlx_lm")["mlx_lfm2"]
     else:
         out["mlx_lfm2"] = run_json(["bench/speed_worker.py", "mlx_lfm2", str(dst), "--decode", str(a.decode),
                                     "--prefill", str(a.prefill)], timeout=7200)

@@ -9,7 +9,7 @@ import argparse
 import json
 import platform
 
-from common import checkpoint, converted, median, run_json
+from common import alternating_medians, checkpoint, converted, ratios, run_json
 
 
 def bandwidth_gbs() -> float:
@@ -58,21 +58,15 @@ def main():
     a = p.parse_args()
     folder = converted(checkpoint(a.preset, a.layers), a.bits)
     engines = ["mlx_lfm2", "mlx_lm"] + (["mlx_lfm2_bf16"] if a.bf16 else [])
-    results = {e: [] for e in engines}
-    for i in range(a.runs):
-        for engine in engines if i % 2 == 0 else engines[::-1]:
-            results[engine].append(run_json(["bench/speed_worker.py", engine, str(folder), "--decode",
-                                             str(a.decode), "--prefill", *map(str, a.prefill)]))
-    keys = [k for k in results["mlx_lfm2"][0] if k != "engine"]
-    med = {e: {k: median([r[k] for r in rs]) for k in keys} for e, rs in results.items()}
-    ratios = {e: {k: med[e][k] / med["mlx_lm"][k] for k in keys if med["mlx_lm"][k]}
-              for e in engines if e != "mlx_lm"}
+    args = ["--decode", str(a.decode), "--prefill", *map(str, a.prefill)]
+    med = alternating_medians({e: (lambda e=e: run_json(["bench/speed_worker.py", e, str(folder), *args]))
+                               for e in engines}, a.runs)
     bpt = bytes_per_token(folder)
     bw = bandwidth_gbs()
     bound = bw * 1e9 / bpt
     print(json.dumps({
         "bench": "speed", "preset": a.preset, "layers": a.layers, "bits": a.bits, "runs": a.runs,
-        "machine": f"{platform.machine()} {platform.system()}", "median": med, "ratio_over_mlx_lm": ratios,
+        "machine": f"{platform.machine()} {platform.system()}", "median": med, "ratio_over_mlx_lm": ratios(med, "mlx_lm"),
         "bytes_per_token": bpt, "bandwidth_gbs": bw, "decode_bound_tps": bound,
         "decode_fraction_of_bound": med["mlx_lfm2"]["decode_tps"] / bound,
     }))

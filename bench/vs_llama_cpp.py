@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import OUT, checkpoint, converted, median, run_json
+from common import OUT, alternating_medians, checkpoint, converted, run_json
 
 WORKER = """
 import json, sys, time
@@ -78,21 +78,20 @@ def main():
     src = checkpoint(a.preset, a.layers, vocab_size=65536)
     engines = {"mlx_lfm2": converted(src, 4), **{k: gguf(src, a.llama_cpp_src, k) for k in FTYPES}}
     threads = os.cpu_count() or 1
-    results = {e: [] for e in engines}
-    for i in range(a.runs):
-        for e in (list(engines) if i % 2 == 0 else list(engines)[::-1]):
-            if e == "mlx_lfm2":
-                r = run_json(["bench/speed_worker.py", "mlx_lfm2", str(engines[e]), "--decode", str(a.decode),
-                              "--prefill", *map(str, a.prefill)])
-            else:
-                r = run_json(["-c", WORKER.format(path=str(engines[e]), ctx=max(a.prefill) + 256, threads=threads,
-                                                  prefill=a.prefill, decode=a.decode)])
-            results[e].append(r)
+
+    def runner(e):
+        if e == "mlx_lfm2":
+            return lambda: run_json(["bench/speed_worker.py", "mlx_lfm2", str(engines[e]), "--decode",
+                                     str(a.decode), "--prefill", *map(str, a.prefill)])
+        return lambda: run_json(["-c", WORKER.format(path=str(engines[e]), ctx=max(a.prefill) + 256,
+                                                     threads=threads, prefill=a.prefill, decode=a.decode)])
+
+    med = alternating_medians({e: runner(e) for e in engines}, a.runs)
     keys = ["decode_tps", "max_rss_gb"] + [f"prefill_{n}_tps" for n in a.prefill]
-    med = {e: {k: median([r[k] for r in rs]) for k in keys} for e, rs in results.items()}
-    ratios = {k: {k2: med["mlx_lfm2"][k2] / med[k][k2] for k2 in keys} for k in FTYPES}
+    med = {e: {k: m[k] for k in keys} for e, m in med.items()}
+    ratio = {k: {k2: med["mlx_lfm2"][k2] / med[k][k2] for k2 in keys} for k in FTYPES}
     print(json.dumps({"bench": "llama_cpp", "preset": a.preset, "layers": a.layers, "runs": a.runs,
-                      "threads": threads, "median": med, "ratio_mlx_lfm2_over": ratios}))
+                      "threads": threads, "median": med, "ratio_mlx_lfm2_over": ratio}))
 
 
 if __name__ == "__main__":
