@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT))
 
 def checkpoint(preset: str, layers: int, dtype: str = "bfloat16", **overrides) -> Path:
     """A random hub checkpoint, written once and reused (``overrides``: config keys)."""
-    from mlx_lfm2.random_checkpoint import PRESETS, write_checkpoint
+    from mlx_lfm2.weights.random_checkpoint import PRESETS, write_checkpoint
 
     tag = "".join(f"-{k}{v}" for k, v in sorted(overrides.items()))
     folder = OUT / f"{preset}-{layers}L-{dtype}{tag}"

@@ -26,7 +26,7 @@ def compare(reference: np.ndarray, other: np.ndarray) -> dict:
 
 
 def logits(folder, ids, **kw) -> np.ndarray:
-    from mlx_lfm2.loader import load_model
+    from mlx_lfm2.weights.loader import load_model
 
     model = load_model(folder, **kw)
     out = model(mx.array(ids)).astype(mx.float32)

@@ -33,7 +33,7 @@ def bytes_per_token(folder) -> int:
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    from mlx_lfm2.loader import load_model
+    from mlx_lfm2.weights.loader import load_model
 
     model = load_model(folder, lazy=True)
     a = model.args

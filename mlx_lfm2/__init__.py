@@ -11,10 +11,11 @@ __version__ = "0.1.0"
 
 # Names resolved on first use, so `import mlx_lfm2` stays cheap.
 _EXPORTS = {
-    "load": "loader", "load_model": "loader", "Model": "model", "ModelArgs": "config",
-    "generate": "generation", "stream_generate": "generation", "GenerationResponse": "generation",
-    "convert": "conversion", "parse_tool_calls": "tools", "get_json_schema": "chat_template",
-    "Chat": "session", "make_sampler": "sample", "make_logits_processors": "sample",
+    "load": "weights.loader", "load_model": "weights.loader", "Model": "model.blocks",
+    "ModelArgs": "model.config", "generate": "engine.generation", "stream_generate": "engine.generation",
+    "GenerationResponse": "engine.generation", "convert": "weights.conversion",
+    "parse_tool_calls": "text.tools", "get_json_schema": "text.chat_template", "Chat": "engine.session",
+    "make_sampler": "engine.sample", "make_logits_processors": "engine.sample",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -8,7 +8,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_lfm2.random_checkpoint import PRESETS, write_checkpoint
+from mlx_lfm2.weights.random_checkpoint import PRESETS, write_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = Path(os.environ.get("LFM2_REFERENCE", ROOT.parent / "shared/lfm2-reference/LFM2-350M"))
@@ -63,7 +63,7 @@ class ScriptedModel:
         self.args = SimpleNamespace(max_position_embeddings=context, num_experts=0, num_experts_per_tok=0)
 
     def make_cache(self):
-        from mlx_lfm2.cache import ConvCache
+        from mlx_lfm2.model.cache import ConvCache
 
         return [ConvCache()]
 

@@ -122,15 +122,15 @@ def test_tool_calls_are_confirmed_run_and_fed_back(chat_model, monkeypatch):
     """The REPL's tool loop, with a chat whose model asks for a tool once."""
     from rich.console import Console
 
-    from mlx_lfm2.cli import Repl, load_tools
-    from mlx_lfm2.session import Chat
+    from mlx_lfm2.cli.chat import Repl, load_tools
+    from mlx_lfm2.engine.session import Chat
 
     model, tok, _ = chat_model
     chat = Chat(model, tok, temperature=0.0)
     replies = iter(['<|tool_call_start|>[add(a=2, b=3)]<|tool_call_end|>', "The sum is 5."])
 
     def fake_reply(**kw):
-        from mlx_lfm2.generation import GenerationResponse
+        from mlx_lfm2.engine.generation import GenerationResponse
 
         text = next(replies)
         chat.messages.append({"role": "assistant", "content": text})
@@ -153,7 +153,9 @@ def test_tool_calls_are_confirmed_run_and_fed_back(chat_model, monkeypatch):
 def test_default_model_is_converted_once_into_the_local_cache(tmp_path, monkeypatch):
     from rich.console import Console
 
-    from mlx_lfm2 import cli, conversion
+    from mlx_lfm2.cli import chat as cli
+
+    from mlx_lfm2.weights import conversion
 
     calls = []
 

@@ -9,9 +9,9 @@ import pytest
 
 from conftest import tiny_config
 from mlx_lfm2 import convert, load
-from mlx_lfm2.conversion import ConversionError, ShardWriter
-from mlx_lfm2.experts import QuantizedSwitchLinear
-from mlx_lfm2.loader import load_model
+from mlx_lfm2.weights.conversion import ConversionError, ShardWriter
+from mlx_lfm2.model.experts import QuantizedSwitchLinear
+from mlx_lfm2.weights.loader import load_model
 
 # Widths that group sizes divide, so every matrix (experts included) is quantized.
 QCFG = tiny_config("tiny-moe", hidden_size=128, intermediate_size=256, moe_intermediate_size=64)
@@ -20,7 +20,7 @@ IDS = mx.array(np.random.default_rng(0).integers(0, 5000, (2, 24)))
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
-    from mlx_lfm2.random_checkpoint import write_checkpoint
+    from mlx_lfm2.weights.random_checkpoint import write_checkpoint
     from conftest import reference_dir
 
     return write_checkpoint(tmp_path_factory.mktemp("src"), QCFG, dtype="float32", tokenizer_from=reference_dir())
@@ -114,8 +114,8 @@ def test_interrupted_conversion_leaves_nothing(source, tmp_path, monkeypatch):
 
 
 def test_bad_inputs_stop_with_clear_errors_and_no_output(source, tmp_path):
-    from mlx_lfm2.config import ConfigError
-    from mlx_lfm2.weights import WeightsError
+    from mlx_lfm2.model.config import ConfigError
+    from mlx_lfm2.weights.layouts import WeightsError
 
     bad = tmp_path / "bad"
     shutil.copytree(source, bad)
@@ -147,7 +147,7 @@ def test_already_quantized_source_is_refused(source, tmp_path):
 
 
 def test_cli_converts_and_reports_errors(source, tmp_path, capsys):
-    from mlx_lfm2.conversion import main
+    from mlx_lfm2.weights.conversion import main
 
     main(["--hf-path", str(source), "--mlx-path", str(tmp_path / "cli"), "-q", "--q-bits", "8"])
     assert json.loads((tmp_path / "cli/config.json").read_text())["quantization"]["bits"] == 8
@@ -157,7 +157,7 @@ def test_cli_converts_and_reports_errors(source, tmp_path, capsys):
 
 def test_cpu_stream_split_matches_single_stream(source, tmp_path, monkeypatch):
     """Quantized matmuls shared across CPU streams give the single-op result."""
-    from mlx_lfm2 import parallel
+    from mlx_lfm2.model import device as parallel
 
     if len(parallel.cpu_streams()) < 2:
         monkeypatch.setattr(parallel, "_streams", [mx.default_stream(mx.cpu), mx.new_stream(mx.cpu)])
@@ -189,7 +189,7 @@ def test_quantization_error_orders_by_bits_and_8_bit_stays_close(tmp_path):
     import sys
 
     from conftest import ROOT
-    from mlx_lfm2.random_checkpoint import PRESETS, write_checkpoint
+    from mlx_lfm2.weights.random_checkpoint import PRESETS, write_checkpoint
 
     sys.path.insert(0, str(ROOT / "bench"))
     from quant_quality import compare

@@ -4,8 +4,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_lfm2 import parallel
-from mlx_lfm2.experts import SORT_THRESHOLD, QuantizedSwitchLinear, SwitchGLU
+from mlx_lfm2.model import device as parallel
+from mlx_lfm2.model.experts import SORT_THRESHOLD, QuantizedSwitchLinear, SwitchGLU
 
 
 def reference(layer, x, indices):

@@ -9,13 +9,13 @@ import pytest
 
 from conftest import ScriptedModel as MockModel, reference_dir, tiny_config
 from mlx_lfm2 import Chat, generate, load, stream_generate
-from mlx_lfm2.generation import PromptTooLongError, generate_step
-from mlx_lfm2.sample import make_logits_processors, make_sampler
+from mlx_lfm2.engine.generation import PromptTooLongError, generate_step
+from mlx_lfm2.engine.sample import make_logits_processors, make_sampler
 
 
 @pytest.fixture(scope="module")
 def tok():
-    from mlx_lfm2.tokenizer import load_tokenizer
+    from mlx_lfm2.text.tokenizer import load_tokenizer
 
     return load_tokenizer(reference_dir())
 

@@ -11,9 +11,9 @@ import pytest
 
 from conftest import tiny_config
 from mlx_lfm2 import load
-from mlx_lfm2.config import ConfigError
-from mlx_lfm2.loader import load_model, resolve
-from mlx_lfm2.weights import WeightsError
+from mlx_lfm2.model.config import ConfigError
+from mlx_lfm2.weights.loader import load_model, resolve
+from mlx_lfm2.weights.layouts import WeightsError
 
 
 @pytest.fixture

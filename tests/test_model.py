@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import REFERENCE, tiny_config
-from mlx_lfm2.loader import load_model
+from mlx_lfm2.weights.loader import load_model
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -56,7 +56,7 @@ def test_logits_match_transformers(checkpoint, name):
 def test_old_style_350m_config_matches_transformers(tmp_path):
     if not (REFERENCE / "config.json").exists():
         pytest.skip(f"no reference config at {REFERENCE}")
-    from mlx_lfm2.random_checkpoint import write_checkpoint
+    from mlx_lfm2.weights.random_checkpoint import write_checkpoint
 
     cfg = old_style_350m()
     folder = write_checkpoint(tmp_path, cfg, dtype="float32")
@@ -72,7 +72,7 @@ def test_checkpoint_writer_matches_transformers_layout(tmp_path):
     """Our random writer emits exactly the keys and shapes transformers' save_pretrained does."""
     from safetensors import safe_open
 
-    from mlx_lfm2.random_checkpoint import write_checkpoint
+    from mlx_lfm2.weights.random_checkpoint import write_checkpoint
 
     cfg = moe(conv_bias=True, tie_word_embeddings=False)
     ours = write_checkpoint(tmp_path / "ours", cfg, dtype="float32")
@@ -121,7 +121,7 @@ def test_bfloat16_runs_and_stays_finite(checkpoint):
 
 def test_long_prefill_sorts_tokens_by_expert_and_matches_unsorted(checkpoint):
     """Above the sort threshold the expert path reorders tokens; results must not change."""
-    from mlx_lfm2 import experts
+    from mlx_lfm2.model import experts
 
     model = load_model(checkpoint(tiny_config("tiny-moe")))
     ids = mx.array(np.random.default_rng(6).integers(0, 1000, (1, 100)))

@@ -100,8 +100,8 @@ def scripted(tmp_path):
     import uvicorn
 
     from conftest import ScriptedModel, reference_dir
-    from mlx_lfm2.server import Engine, create_app
-    from mlx_lfm2.tokenizer import load_tokenizer
+    from mlx_lfm2.serve.app import Engine, create_app
+    from mlx_lfm2.text.tokenizer import load_tokenizer
 
     tok = load_tokenizer(reference_dir())
     servers = []

@@ -6,8 +6,8 @@ from typing import Literal, Optional
 import pytest
 
 from conftest import ROOT, reference_dir
-from mlx_lfm2.tokenizer import load_tokenizer
-from mlx_lfm2.tools import ToolCallStream, parse_tool_calls
+from mlx_lfm2.text.tokenizer import load_tokenizer
+from mlx_lfm2.text.tools import ToolCallStream, parse_tool_calls
 
 transformers = pytest.importorskip("transformers")
 

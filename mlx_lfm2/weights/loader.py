@@ -8,9 +8,9 @@ from typing import Optional, Union
 
 import mlx.core as mx
 
-from .config import ConfigError, ModelArgs
-from .model import Model
-from .weights import load_into, safetensors_files
+from ..model.config import ConfigError, ModelArgs
+from ..model.blocks import Model
+from .layouts import load_into, safetensors_files
 
 # What a model folder needs; nothing else is downloaded.
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.txt"]
@@ -78,7 +78,7 @@ def load(path_or_repo: Union[str, Path], dtype: Optional[mx.Dtype] = None, lazy:
     leaves weights unread until first used; ``compute_dtype`` sets the activation dtype
     ("auto": ``default_compute_dtype``).
     """
-    from .tokenizer import load_tokenizer
+    from ..text.tokenizer import load_tokenizer
 
     folder = resolve(path_or_repo, revision)
     model = load_model(folder, dtype=dtype, lazy=lazy, compute_dtype=compute_dtype)

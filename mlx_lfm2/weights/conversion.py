@@ -23,10 +23,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .config import ModelArgs
+from ..model.config import ModelArgs
 from .loader import TOKENIZER_FILES, load_config, resolve
-from .model import Block, Model
-from .weights import cast, check_weights, load_safetensors, safetensors_files, sanitize, to_mlx_lm_name
+from ..model.blocks import Block, Model
+from .layouts import cast, check_weights, load_safetensors, safetensors_files, sanitize, to_mlx_lm_name
 
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
 ROUTER_QUANT = {"group_size": 64, "bits": 8}  # routing is sensitive; the router is tiny

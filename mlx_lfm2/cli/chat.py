@@ -49,7 +49,7 @@ def default_model(console) -> Path:
     weights, most of the quantization error) at 8 bits: ~0.4 GB over uniform 4-bit."""
     target = HOME / "models" / "LFM2-24B-A2B-4bit-mixed8"
     if not (target / "config.json").exists():
-        from .conversion import convert
+        from ..weights.conversion import convert
 
         console.print(f"First run: fetching [bold]{DEFAULT_REPO}[/] and converting it to 4-bit in {target}")
         convert(DEFAULT_REPO, target, quantize=True, quant_recipe="mixed_8", force=True)
@@ -102,7 +102,7 @@ class Repl:
         from rich.markdown import Markdown
         from rich.text import Text
 
-        from .tools import ToolCallStream
+        from ..text.tools import ToolCallStream
 
         calls, shown = ToolCallStream(), ""
         render = (lambda s: Markdown(s)) if self.markdown else (lambda s: Text(s))
@@ -127,7 +127,7 @@ class Repl:
     def turn(self, text: str) -> None:
         self.stream(self.chat.send(text, max_tokens=self.max_tokens))
         for _ in range(8):  # a few rounds of tool use per user turn at most
-            from .tools import call_tool, parse_tool_calls
+            from ..text.tools import call_tool, parse_tool_calls
 
             reply = self.chat.messages[-1]["content"]
             calls = parse_tool_calls(reply).calls if self.tools else []
@@ -205,8 +205,8 @@ def main(argv=None) -> None:
 
     console = Console(highlight=False)
     tools = load_tools(args.tools) if args.tools else {}
-    from .loader import load
-    from .session import Chat
+    from ..weights.loader import load
+    from ..engine.session import Chat
 
     t_load = time.perf_counter()
     try:

@@ -20,7 +20,7 @@ import mlx.nn as nn
 from .cache import ConvCache, KVCache
 from .config import ModelArgs
 from .experts import SwitchGLU, swiglu
-from .parallel import Embedding, Linear
+from .device import Embedding, Linear
 
 
 class Attention(nn.Module):

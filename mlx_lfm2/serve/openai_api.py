@@ -14,7 +14,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .tools import CALL_START, format_pythonic_call
+from ..text.tools import CALL_START, format_pythonic_call
 
 
 class APIError(Exception):

@@ -23,7 +23,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .config import ModelArgs
+from ..model.config import ModelArgs
 
 
 class WeightsError(ValueError):

@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Iterator, Optional
 
-from .cache import copy_cache, load_cache, save_cache
+from ..model.cache import copy_cache, load_cache, save_cache
 from .generation import GenerationResponse, default_sampling, stream_generate
 
 

@@ -15,7 +15,7 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
-from .parallel import split
+from .device import split
 
 SORT_THRESHOLD = 64  # (token, expert) pairs above which sorting pays for itself
 
@@ -57,7 +57,7 @@ class QuantizedSwitchLinear(nn.Module):
 
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
         """x ``[..., K|1, 1, D]``, indices ``[..., K]`` -> ``[..., K, 1, F]``; on the CPU the
-        K (token, expert) pairs are shared out across streams (see ``parallel``)."""
+        K (token, expert) pairs are shared out across streams (see ``device``)."""
         K = indices.shape[-1]
         E, F, _ = self["weight"].shape
         x_per_pair = x.shape[-3] == K

@@ -1,0 +1,1 @@
+"""Generation: sampling, the token loop, sessions. Knows token ids, not HTTP or terminals."""

@@ -1,0 +1,1 @@
+"""HTTP front end: the starlette app and the OpenAI request/response shapes."""
