@@ -20,6 +20,7 @@ from typing import Iterator, Optional, Sequence, Union
 
 import mlx.core as mx
 
+from ..model.cache import checkpoint
 from .sample import make_logits_processors, make_sampler
 
 Prompt = Union[str, Sequence[int], Sequence[dict]]
@@ -62,6 +63,7 @@ def prefill(model, tokens: mx.array, cache: list, step_size: Optional[int] = Non
     for start in range(0, tokens.size, step_size):
         model(tokens[None, start : start + step_size], cache=cache)
         mx.eval([c.state for c in cache])
+        checkpoint(cache)  # a later prompt that shares this prefix can rewind to here
 
 
 def generate_step(prompt: mx.array, model, cache: list, *, max_tokens: int = 256, sampler=None,

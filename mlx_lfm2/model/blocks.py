@@ -100,10 +100,10 @@ class ShortConv(nn.Module):
     def __call__(self, x: mx.array, cache: Optional[ConvCache]) -> mx.array:
         b, c, h = mx.split(self.in_proj(x), 3, axis=-1)  # 3 x [B, L, D]
         state = cache.conv_state if cache is not None else None
-        y, new_state = self.conv(b * h, state)
+        bx = b * h
+        y, new_state = self.conv(bx, state)
         if cache is not None:
-            cache.conv_state = new_state
-            cache.offset += x.shape[1]
+            cache.update(bx, new_state)  # keeps bx for exact rewinds (see cache.py)
         return self.out_proj(c * y)
 
 
