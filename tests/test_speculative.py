@@ -73,3 +73,119 @@ def test_rewind_inside_a_block_and_to_a_checkpoint(model):
     fresh2 = model.make_cache()
     prefill(model, mx.array(tokens[:33]), fresh2)
     _assert_same_cache(cache2, fresh2, atol=1e-4)
+
+
+# ---- speculative decoding ----------------------------------------------------------------
+
+from mlx_lfm2 import stream_generate  # noqa: E402
+from mlx_lfm2.engine.speculative import accept_drafts  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def pair(checkpoint, tmp_path_factory):
+    """Target (tiny MoE, float32), a draft that mostly agrees (the target at 4 bits) and one
+    that never does (another random checkpoint), all with the real tokenizer."""
+    from mlx_lfm2 import convert
+
+    folder = checkpoint(tiny_config("tiny-moe"), tokenizer=True)
+    target, tok = load(folder)
+    q4 = tmp_path_factory.mktemp("draft-q4")
+    convert(folder, q4, quantize=True, q_bits=4, force=True, progress=False)
+    close, _ = load(q4)
+    other, _ = load(checkpoint(tiny_config("tiny-dense"), tokenizer=True, seed=1))
+    return target, tok, close, other
+
+
+def _run(model, tok, prompt, **kw):
+    out = list(stream_generate(model, tok, prompt, max_tokens=kw.pop("max_tokens", 40), **kw))
+    return [r.token for r in out if r.token is not None], out
+
+
+PROMPTS = [[1, 300, 301, 302, 303, 300, 301, 302, 303, 300, 301], list(range(500, 530))]
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+@pytest.mark.parametrize("how", ["close-draft", "other-draft", "lookup", "draft-k1"])
+def test_speculative_greedy_is_plain_greedy_token_for_token(pair, prompt, how):
+    target, tok, close, other = pair
+    kw = {"close-draft": dict(draft_model=close, num_draft_tokens=4),
+          "other-draft": dict(draft_model=other, num_draft_tokens=3),
+          "draft-k1": dict(draft_model=close, num_draft_tokens=1),
+          "lookup": dict(prompt_lookup=True)}[how]
+    bias = {7: -1e9}  # no early EOS: compare all 40 tokens
+    plain, _ = _run(target, tok, prompt, logit_bias=bias)
+    spec, out = _run(target, tok, prompt, logit_bias=bias, **kw)
+    assert spec == plain
+    last = out[-1]
+    assert last.draft_tokens >= last.accepted_tokens >= sum(r.from_draft for r in out)
+    if how in ("close-draft", "draft-k1") or (how == "lookup" and prompt is PROMPTS[0]):
+        assert any(r.from_draft for r in out) and last.acceptance > 0
+
+
+def test_speculative_with_penalties_matches_plain(pair):
+    target, tok, close, _ = pair
+    kw = dict(logit_bias={7: -1e9}, repetition_penalty=1.3, frequency_penalty=0.5, max_tokens=30)
+    plain, _ = _run(target, tok, PROMPTS[0], **kw)
+    for extra in (dict(draft_model=close), dict(prompt_lookup=True)):
+        spec, _ = _run(target, tok, PROMPTS[0], **kw, **extra)
+        assert spec == plain
+
+
+def test_speculative_continues_a_cache_exactly(pair):
+    """After a speculative reply the cache (and the draft's) equals a fresh prefill."""
+    target, tok, close, _ = pair
+    cache, dcache = target.make_cache(), close.make_cache()
+    toks, _ = _run(target, tok, PROMPTS[1], cache=cache, draft_model=close, draft_cache=dcache,
+                   max_tokens=25, logit_bias={7: -1e9})
+    held = cache[0].offset
+    assert dcache[0].offset == held and held >= len(PROMPTS[1]) + len(toks) - 1
+    fresh = target.make_cache()
+    prefill(target, mx.array((PROMPTS[1] + toks)[:held]), fresh)
+    _assert_same_cache(cache, fresh, atol=1e-3)
+
+
+def test_bad_draft_arguments_are_clear_errors(pair, checkpoint):
+    target, tok, close, _ = pair
+    with pytest.raises(ValueError, match="num_draft_tokens"):
+        _run(target, tok, [1, 2], draft_model=close, num_draft_tokens=99)
+    small_vocab, _ = load(checkpoint(tiny_config("tiny-dense", vocab_size=1000), tokenizer=True))
+    with pytest.raises(ValueError, match="vocabulary"):
+        _run(target, tok, [1, 2], draft_model=small_vocab)
+
+
+# ---- the sampling rule keeps the target distribution ------------------------------------
+
+def test_acceptance_rule_output_follows_the_target_distribution():
+    """Chi-square on the first and second emitted tokens over many draws: with drafts drawn
+    from q, the rule's output must follow p (both for a draft model and a point mass)."""
+    def chisquare(observed, expected):  # statistic, and whether it passes at p = 0.001 for 4 dof
+        return ((observed - expected) ** 2 / expected).sum()
+
+    CRITICAL = 18.47  # chi-square, 4 degrees of freedom, p = 0.001
+    rng = np.random.default_rng(0)
+    V, N = 5, 3000
+    p = rng.dirichlet(np.ones(V), size=3).astype(np.float32)  # target rows for positions 0, 1, 2
+    q = rng.dirichlet(np.ones(V), size=2).astype(np.float32)
+    lp, lq = mx.log(mx.array(p)), mx.log(mx.array(q))
+    key = mx.random.key(1)
+    first, second = np.zeros(V), np.zeros(V)
+    for i in range(N):
+        key, k1, k2 = mx.random.split(key, 3)
+        drafts = mx.random.categorical(lq, key=k1).tolist()
+        a, nxt = accept_drafts(lp, drafts, lq, key=k2)
+        out = drafts[:a] + [nxt]
+        first[out[0]] += 1
+        if out[0] == 0 and len(out) > 1:  # the second token, given the first is 0
+            second[out[1]] += 1
+    assert chisquare(first, p[0] * N) < CRITICAL
+    assert chisquare(second, p[1] * second.sum()) < CRITICAL
+    # A point-mass draft (prompt lookup) that proposes token 2 every time.
+    counts = np.zeros(V)
+    for i in range(N):
+        key, k2 = mx.random.split(key)
+        a, nxt = accept_drafts(lp[:2], [2], None, key=k2)
+        counts[2 if a else nxt] += 1
+    assert chisquare(counts, p[0] * N) < CRITICAL
+    # A wrong rule (always keep the draft) must fail this test.
+    assert chisquare(np.bincount(mx.random.categorical(lq[0], shape=(N,)).tolist(), minlength=V),
+                     p[0] * N) > CRITICAL

@@ -117,6 +117,13 @@ class GenerationResponse:
     prompt_tps: float
     generation_tps: float
     peak_memory: float  # GB
+    from_draft: bool = False  # speculative decoding: a draft token the target accepted
+    draft_tokens: int = 0  # speculative decoding: drafted tokens verified so far...
+    accepted_tokens: int = 0  # ...and how many of them the target kept
+
+    @property
+    def acceptance(self) -> Optional[float]:
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else None
 
 
 def encode_prompt(tokenizer, prompt: Prompt, tools=None) -> list[int]:
@@ -148,11 +155,16 @@ def stream_generate(model, tokenizer, prompt: Prompt, max_tokens: int = 256, *,
                     frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
                     seed: Optional[int] = None, stop: Union[str, Sequence[str], None] = None,
                     cache: Optional[list] = None, stop_event: Optional[threading.Event] = None,
-                    prefill_step_size: Optional[int] = None, tools=None) -> Iterator[GenerationResponse]:
+                    prefill_step_size: Optional[int] = None, tools=None, draft_model=None,
+                    draft_cache: Optional[list] = None, num_draft_tokens: Optional[int] = None,
+                    prompt_lookup: bool = False) -> Iterator[GenerationResponse]:
     """Stream a completion of ``prompt``; the last response carries ``finish_reason``.
 
     Sampling arguments left as None use greedy decoding (``temperature=0``) and no penalty;
-    front ends pass the model card defaults (``default_sampling``).
+    front ends pass the model card defaults (``default_sampling``). ``draft_model`` (an LFM2
+    sharing the tokenizer, with ``draft_cache`` holding what ``cache`` holds) or
+    ``prompt_lookup=True`` turn on speculative decoding (``speculative.py``): same greedy
+    output, same sampling distribution, fewer target passes.
     """
     ids = encode_prompt(tokenizer, prompt, tools)
     cache = model.make_cache() if cache is None else cache
@@ -174,15 +186,28 @@ def stream_generate(model, tokenizer, prompt: Prompt, max_tokens: int = 256, *,
     tic = time.perf_counter()
     prompt_tps = gen_tps = 0.0
     text, shown, n, stop_token = "", 0, 0, None
-    stepper = generate_step(mx.array(ids, dtype=mx.uint32), model, cache, max_tokens=max_tokens,
-                            sampler=sampler, logits_processors=processors,
-                            prefill_step_size=prefill_step_size, stop_event=stop_event)
+    spec = {}
+    if draft_model is not None or prompt_lookup:
+        from .sample import make_distribution
+        from .speculative import speculative_generate_step
 
-    def response(segment, token, logprobs, reason):
+        stepper = speculative_generate_step(
+            mx.array(ids, dtype=mx.uint32), model, cache, draft_model=draft_model, draft_cache=draft_cache,
+            prompt_lookup=prompt_lookup, num_draft_tokens=num_draft_tokens, max_tokens=max_tokens,
+            sampler=sampler, distribution=make_distribution(temperature or 0.0, top_p, top_k, min_p),
+            logits_processors=processors, seed=seed, prefill_step_size=prefill_step_size,
+            stop_event=stop_event, stats=spec)
+    else:
+        stepper = ((t, lp, False) for t, lp in generate_step(
+            mx.array(ids, dtype=mx.uint32), model, cache, max_tokens=max_tokens, sampler=sampler,
+            logits_processors=processors, prefill_step_size=prefill_step_size, stop_event=stop_event))
+
+    def response(segment, token, logprobs, reason, from_draft=False):
         return GenerationResponse(segment, token, logprobs, reason, len(ids), n, prompt_tps, gen_tps,
-                                  mx.get_peak_memory() / 1e9)
+                                  mx.get_peak_memory() / 1e9, from_draft, spec.get("drafted", 0),
+                                  spec.get("accepted", 0))
 
-    for token, logprobs in stepper:
+    for token, logprobs, from_draft in stepper:
         if n == 0:
             prompt_tps = len(ids) / (time.perf_counter() - tic)
             tic = time.perf_counter()
@@ -199,7 +224,7 @@ def stream_generate(model, tokenizer, prompt: Prompt, max_tokens: int = 256, *,
             text, finish = text[: min(hits)], "stop"
             break
         visible = len(text) - _held_back(text, stops)
-        yield response(text[shown:visible], token, logprobs, None)
+        yield response(text[shown:visible], token, logprobs, None, from_draft)
         shown = max(shown, visible)
     else:
         finish = "cancelled" if stop_event is not None and stop_event.is_set() else "length"
