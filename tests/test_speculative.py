@@ -189,3 +189,71 @@ def test_acceptance_rule_output_follows_the_target_distribution():
     # A wrong rule (always keep the draft) must fail this test.
     assert chisquare(np.bincount(mx.random.categorical(lq[0], shape=(N,)).tolist(), minlength=V),
                      p[0] * N) > CRITICAL
+
+
+# ---- rewinds in the front ends ----------------------------------------------------------
+
+from mlx_lfm2 import Chat  # noqa: E402
+
+
+def _next_logits(model, cache, ids):
+    return np.array(model(mx.array(ids)[None], cache=cache)[0, -1])
+
+
+def _cache_is_its_tokens(chat):
+    """The chat's cache equals a fresh prefill of the tokens it claims to hold."""
+    pc, model = chat.prompt_cache, chat.model
+    assert pc.offset == len(pc.tokens)
+    fresh = model.make_cache()
+    prefill(model, mx.array(pc.tokens), fresh)
+    _assert_same_cache(pc.cache, fresh, atol=1e-3)
+
+
+def test_chat_retry_rewinds_to_the_prompt_instead_of_prefilling(chat_model):
+    model, tok, _ = chat_model
+    chat = Chat(model, tok, system="You are terse.", temperature=0.0, repetition_penalty=None)
+    list(chat.send("First question, with some words in it", max_tokens=8))
+    first = list(chat.send("Second question", max_tokens=8))
+    full = first[-1].prompt_tokens
+    again = list(chat.retry(max_tokens=8))
+    assert "".join(r.text for r in again) == "".join(r.text for r in first)  # greedy: same reply
+    assert again[-1].prompt_tokens == 1 < full  # only the prompt's last token, fed as the first step
+    assert [m["role"] for m in chat.messages] == ["system", "user", "assistant", "user", "assistant"]
+    _cache_is_its_tokens(chat)
+
+
+def test_chat_undo_then_send_prefills_only_the_new_turn(chat_model):
+    model, tok, _ = chat_model
+    chat = Chat(model, tok, temperature=0.0, repetition_penalty=None)
+    list(chat.send("Tell me about the sea and the mountains", max_tokens=8))
+    list(chat.send("And the rivers?", max_tokens=8))
+    dropped = chat.undo()
+    assert [m["role"] for m in dropped] == ["user", "assistant"] and len(chat.messages) == 2
+    out = list(chat.send("And the lakes?", max_tokens=8))
+    new_turn = len(tok.encode("<|im_end|>\n<|im_start|>user\nAnd the lakes?<|im_end|>\n<|im_start|>assistant\n",
+                              add_special_tokens=False))
+    assert out[-1].prompt_tokens <= new_turn + 2  # + the last token of the kept reply, at most
+    # Same reply as a fresh conversation with the same transcript.
+    fresh = Chat(model, tok, temperature=0.0, repetition_penalty=None)
+    fresh.messages = chat.messages[:3]
+    assert "".join(r.text for r in fresh.reply(max_tokens=8)) == chat.messages[3]["content"]
+    _cache_is_its_tokens(chat)
+    with pytest.raises(ValueError, match="nothing to undo"):
+        Chat(model, tok).undo()
+
+
+def test_chat_with_a_draft_model_keeps_both_caches_in_step(chat_model, checkpoint):
+    model, tok, _ = chat_model
+    draft, _ = load(checkpoint(tiny_config("tiny-dense"), tokenizer=True, seed=1))
+    plain = Chat(model, tok, temperature=0.0, repetition_penalty=None)
+    spec = Chat(model, tok, draft_model=draft, temperature=0.0, repetition_penalty=None)
+    for c in (plain, spec):
+        list(c.send("Hello there", max_tokens=10))
+        list(c.send("More please", max_tokens=10))
+        list(c.retry(max_tokens=10))
+    assert spec.messages == plain.messages
+    pc = spec.prompt_cache
+    assert pc.draft_cache[0].offset == pc.offset
+    fresh = draft.make_cache()
+    prefill(draft, mx.array(pc.tokens), fresh)
+    _assert_same_cache(pc.draft_cache, fresh, atol=1e-3)
