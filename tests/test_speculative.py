@@ -257,3 +257,36 @@ def test_chat_with_a_draft_model_keeps_both_caches_in_step(chat_model, checkpoin
     fresh = draft.make_cache()
     prefill(draft, mx.array(pc.tokens), fresh)
     _assert_same_cache(pc.draft_cache, fresh, atol=1e-3)
+
+
+def test_chat_cli_retry_undo_and_acceptance_stats(checkpoint, tmp_path):
+    import re
+    import sys
+
+    from conftest import ROOT
+
+    pexpect = pytest.importorskip("pexpect")
+    folder = checkpoint(tiny_config("tiny-moe"), tokenizer=True)
+    child = pexpect.spawn(sys.executable, [str(ROOT / "chat.py"), "--model", str(folder), "--max-tokens", "24",
+                                           "--temperature", "0", "--prompt-lookup", "--no-markdown"],
+                          encoding="utf-8", codec_errors="replace", timeout=60, dimensions=(50, 150),
+                          cwd=str(tmp_path), env={"TERM": "xterm", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    try:
+        child.expect(">>> ")
+        child.sendline("one two three one two three one two three")
+        child.expect(r"(\d+) prompt tokens @")
+        first = int(child.match.group(1))
+        child.expect(">>> ")
+        child.sendline("/retry")
+        child.expect(r"(\d+) prompt tokens @[^\n]*")
+        assert int(child.match.group(1)) == 1 < first
+        child.expect(">>> ")
+        child.sendline("/undo")
+        child.expect("dropped 2 messages")
+        child.expect(">>> ")
+        child.sendline("/stats")
+        child.expect(r"(\d+) tokens in the cache, 0 messages")
+        child.sendline("/quit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
