@@ -290,3 +290,47 @@ def test_chat_cli_retry_undo_and_acceptance_stats(checkpoint, tmp_path):
         child.expect(pexpect.EOF)
     finally:
         child.close(force=True)
+
+
+def test_server_reuses_the_longest_common_prefix(checkpoint):
+    """An edited last message or a regenerated reply prefills only what changed."""
+    openai = pytest.importorskip("openai")
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from test_server import free_port
+
+    folder = checkpoint(tiny_config("tiny-moe"), tokenizer=True)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "mlx_lfm2.server", "--model", str(folder), "--port", str(port),
+                             "--prompt-lookup"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(300):
+            try:
+                if httpx.get(base + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        client = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0)
+
+        def ask(messages):
+            return client.chat.completions.create(model="m", messages=messages, max_tokens=8, temperature=0)
+
+        first_msgs = [{"role": "user", "content": "Tell me about MLX and the CPU backend"}]
+        first = ask(first_msgs)
+        history = first_msgs + [{"role": "assistant", "content": first.choices[0].message.content}]
+        second = ask(history + [{"role": "user", "content": "And about LFM2 models?"}])
+        edited = ask(history + [{"role": "user", "content": "And about LFM2-MoE instead?"}])
+        cached = edited.usage.prompt_tokens_details.cached_tokens
+        assert cached >= first.usage.prompt_tokens + first.usage.completion_tokens - 1
+        assert cached < second.usage.prompt_tokens
+        again = ask(history + [{"role": "user", "content": "And about LFM2-MoE instead?"}])  # regenerate
+        assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens - 1
+        assert again.choices[0].message.content == edited.choices[0].message.content
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -6,9 +6,10 @@ coroutine through an asyncio queue; a client that disconnects sets its job's sto
 which ends its generation at the next token and frees the worker.
 
 Prompt reuse: after each request the worker keeps its ``PromptCache`` (cache plus the text
-it consumed); a later prompt that extends one of those texts copies it and prefills only the
-new part. Copies are cheap (MLX arrays are immutable) and necessary: the conv state cannot
-be rewound, so a cache is never trimmed back, only extended.
+it consumed); a later prompt copies the one that shares the longest prefix with it, which
+extends, or rewinds to the longest common prefix it can reach (a regenerated reply or an
+edited last message), and prefills only the rest. Copies are cheap (MLX arrays are immutable).
+With ``--draft-model`` or ``--prompt-lookup`` replies are decoded speculatively.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import queue
 import threading
 import time
@@ -60,8 +62,11 @@ class Engine:
     """The model, its worker thread, the request queue and the prompt caches."""
 
     def __init__(self, model, tokenizer, model_id: str, queue_size: int = 16, cache_entries: int = 8,
-                 max_context: Optional[int] = None):
+                 max_context: Optional[int] = None, draft_model=None, prompt_lookup: bool = False,
+                 num_draft_tokens: Optional[int] = None):
         self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
+        self.draft_model = draft_model
+        self.speculative = dict(prompt_lookup=prompt_lookup, num_draft_tokens=num_draft_tokens)
         self.max_context = min(max_context or 1 << 62, model.args.max_position_embeddings)
         self.defaults = default_sampling(model)
         self.jobs: queue.Queue = queue.Queue(maxsize=queue_size)
@@ -79,10 +84,12 @@ class Engine:
                            type_="rate_limit_error", code="queue_full")
 
     def _take_cache(self, text: str) -> PromptCache:
-        """A copy of the cached prompt that is the longest prefix of ``text`` (or a fresh one)."""
-        best = max((k for k in self.caches if text.startswith(k)), key=len, default=None)
-        if best is None:
-            return PromptCache(self.model)
+        """A copy of the cached prompt sharing the longest prefix with ``text`` (or a fresh one);
+        ``PromptCache.new_tokens`` then extends it or rewinds it to what it can reuse."""
+        shared = {k: len(os.path.commonprefix([k, text])) for k in self.caches}
+        best = max(shared, key=shared.get, default=None)
+        if best is None or shared[best] == 0:
+            return PromptCache(self.model, draft_model=self.draft_model)
         self.caches.move_to_end(best)
         return self.caches[best].copy()
 
@@ -116,7 +123,8 @@ class Engine:
         job.cached_tokens = pc.offset
         job.prompt_tokens = pc.offset + len(ids)
         generated, finished = [], False
-        for r in stream_generate(self.model, tok, ids, cache=pc.cache, stop_event=job.stop, **job.kwargs):
+        spec = dict(self.speculative, draft_model=self.draft_model, draft_cache=pc.draft_cache)
+        for r in stream_generate(self.model, tok, ids, cache=pc.cache, stop_event=job.stop, **spec, **job.kwargs):
             if r.token is not None:
                 generated.append(r.token)
             entry = None
@@ -355,6 +363,9 @@ def main(argv=None) -> None:
     p.add_argument("--queue-size", type=int, default=16, help="requests waiting before 429")
     p.add_argument("--max-context", type=int, help="context limit in tokens (default: the model's)")
     p.add_argument("--cache-entries", type=int, default=8, help="prompt caches kept for reuse")
+    p.add_argument("--draft-model", help="a small LFM2 with the same tokenizer for speculative decoding")
+    p.add_argument("--num-draft-tokens", type=int, help="tokens drafted per step (default: adaptive)")
+    p.add_argument("--prompt-lookup", action="store_true", help="speculative decoding from n-grams of the prompt")
     a = p.parse_args(argv)
     import uvicorn
 
@@ -364,7 +375,16 @@ def main(argv=None) -> None:
         model, tokenizer = load(a.model)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}")
-    engine = Engine(model, tokenizer, a.model, a.queue_size, a.cache_entries, a.max_context)
+    draft = None
+    if a.draft_model:
+        try:
+            draft, _ = load(a.draft_model)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: draft model: {e}")
+        if draft.args.vocab_size != model.args.vocab_size or a.prompt_lookup:
+            raise SystemExit("error: --draft-model needs the target's tokenizer, and excludes --prompt-lookup")
+    engine = Engine(model, tokenizer, a.model, a.queue_size, a.cache_entries, a.max_context, draft,
+                    a.prompt_lookup, a.num_draft_tokens)
     uvicorn.run(create_app(engine, a.api_key), host=a.host, port=a.port, log_level="warning")
 
 
