@@ -144,6 +144,15 @@ def test_speculative_continues_a_cache_exactly(pair):
     _assert_same_cache(cache, fresh, atol=1e-3)
 
 
+def test_speculative_sampling_runs_end_to_end_and_is_seeded(pair):
+    target, tok, close, _ = pair
+    kw = dict(temperature=0.8, top_k=50, seed=3, logit_bias={7: -1e9}, max_tokens=24)
+    a, out = _run(target, tok, PROMPTS[0], draft_model=close, **kw)
+    b, _ = _run(target, tok, PROMPTS[0], draft_model=close, **kw)
+    assert a == b and len(a) == 24 and out[-1].draft_tokens > 0
+    assert any(r.from_draft for r in out)  # the 4-bit draft agrees often enough to be kept
+
+
 def test_bad_draft_arguments_are_clear_errors(pair, checkpoint):
     target, tok, close, _ = pair
     with pytest.raises(ValueError, match="num_draft_tokens"):
