@@ -76,7 +76,13 @@ class PromptLookup:
         for n in range(self.max_ngram, self.min_ngram - 1, -1):
             start = self.index.get(tuple(hist[-n:])) if len(hist) >= n else None
             if start is not None:
-                return hist[start : start + k]
+                # Copy what followed; past the end of the history, the match repeats with
+                # period len(hist) - start (a loop continues as a loop).
+                out = []
+                for i in range(k):
+                    j = start + i
+                    out.append(hist[j] if j < len(hist) else out[j - len(hist)])
+                return out
         return []
 
     def ready(self, hist: list[int]) -> bool:
@@ -265,7 +271,7 @@ def speculative_generate_step(prompt: mx.array, model, cache: list, *, draft_mod
             misses = 0 if a else misses + 1
             if misses >= 2:
                 cooldown = min(max(8, 2 * cooldown), 256)
-                plain_left, misses = cooldown, 0
+                plain_left, misses = cooldown, 1  # after it, one more miss backs off again
             elif a:
                 cooldown = 0
             for i, t in enumerate(draft_ids[:a] + [last]):
