@@ -81,6 +81,14 @@ from mlx_lfm2 import stream_generate  # noqa: E402
 from mlx_lfm2.engine.speculative import accept_drafts  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def no_timing(monkeypatch):
+    """Tests decide from tokens, not timings: no back-off because plain decoding was faster."""
+    import mlx_lfm2.engine.speculative as spec
+
+    monkeypatch.setattr(spec, "MEASURE_SPEED", False)
+
+
 @pytest.fixture(scope="module")
 def pair(checkpoint, tmp_path_factory):
     """Target (tiny MoE, float32), a draft that mostly agrees (the target at 4 bits) and one

@@ -15,14 +15,18 @@ therefore emits between 1 and ``k + 1`` tokens for one target pass.
   lookup's draft distribution ``q`` is a point mass.
 * Logits processors see, for position ``i`` of the block, the history plus ``d1..di``.
 * Adaptive: ``k`` grows by one after a fully accepted round and falls to ``accepted + 1``
-  after a rejection. Rounds that keep getting nothing accepted, or a lookup that finds no
-  n-gram, fall back to the plain pipelined decode loop (``mx.async_eval``) for a while, so a
-  draft that never agrees costs little.
+  after a rejection. Speculation only pays where a pass over ``k + 1`` tokens costs little
+  more than one over a single token (GPUs; MLX's CPU quantized matmul costs grow with the
+  rows), so the loop times both: when speculative rounds deliver tokens slower than the
+  plain loop, or keep getting nothing accepted, or a lookup finds no n-gram, it falls back to
+  the plain pipelined decode loop (``mx.async_eval``) for 8, 16, ... 256 tokens, so a draft
+  that never agrees costs little.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from typing import Iterator, Optional
 
 import mlx.core as mx
@@ -31,6 +35,7 @@ from ..model.cache import ConvCache, can_rewind, rewind
 from .sample import make_sampler
 
 MAX_DRAFT = ConvCache.window - 1  # a block of k + 1 tokens must fit the conv rewind window
+MEASURE_SPEED = True  # back off when speculation is slower than plain decoding (timing-based)
 
 
 def accept_drafts(p_logprobs: mx.array, drafts: list[int], q_logprobs: Optional[mx.array],
@@ -91,6 +96,9 @@ class PromptLookup:
     def propose(self, hist, k, process, dist, keys):
         return [mx.array([t]) for t in self._lookup(hist, k)], None
 
+    def catch_up(self, hist: list[int]) -> None:
+        pass
+
     def kept(self, hist_len: int, k: int, a: int) -> None:
         pass
 
@@ -107,17 +115,19 @@ class DraftModel:
     def ready(self, hist) -> bool:
         return True
 
-    def _feed(self, tokens: list[int]) -> mx.array:
-        from .generation import prefill
+    def catch_up(self, hist: list[int]) -> None:
+        """Prefill what the draft has not seen (tokens decoded without it), all but the last."""
+        if len(hist) - 1 > self.fed:
+            from .generation import prefill
 
-        if len(tokens) > 1:
-            prefill(self.model, mx.array(tokens[:-1], dtype=mx.uint32), self.cache, self.step)
-        self.fed += len(tokens)
-        return self.model(mx.array(tokens[-1:], dtype=mx.uint32)[None], cache=self.cache)[0, -1:]
+            prefill(self.model, mx.array(hist[self.fed : -1], dtype=mx.uint32), self.cache, self.step)
+            self.fed = len(hist) - 1
 
     def propose(self, hist, k, process, dist, keys):
         """``k`` draft tokens after ``hist`` (lazy ``[1]`` arrays) and their distributions."""
-        logits = self._feed(hist[self.fed:])
+        self.catch_up(hist)
+        logits = self.model(mx.array(hist[self.fed:], dtype=mx.uint32)[None], cache=self.cache)[0, -1:]
+        self.fed = len(hist)
         drafts, qs = [], []
         for i in range(k):
             lp = process(logits, drafts)
@@ -215,19 +225,30 @@ def speculative_generate_step(prompt: mx.array, model, cache: list, *, draft_mod
         return sampler(logprobs).astype(mx.uint32), logprobs
 
     prefill(model, prompt[:-1], cache, prefill_step_size)
-    n, k, misses, cooldown, plain_left = 0, k_max, 0, 0, 0
+    n, k, misses, cooldown = 0, k_max, 0, 0
+    plain_left = 4 if MEASURE_SPEED else 0  # a few plain tokens first, to know their speed
+    speed = {"plain": None, "spec": None}  # seconds per token, moving averages
+
+    def timed(mode: str, seconds: float, tokens: int) -> None:
+        v = seconds / tokens
+        speed[mode] = v if speed[mode] is None else 0.6 * speed[mode] + 0.4 * v
+
     try:
         while n < max_tokens:
             if stop_event is not None and stop_event.is_set():
                 return
             y = hist[-1]  # the newest token: not yet in the target cache
             drafts, q = [], None
+            if plain_left <= 0:
+                drafter.catch_up(hist)  # outside the timed round: a one-off, not a per-round cost
+            round_start = time.perf_counter()
             if plain_left <= 0 and max_tokens - n > 1:
                 drafts, q = drafter.propose(hist, min(k, max_tokens - n - 1), process, distribution, keys)
             if not drafts:
                 # The plain pipelined loop, until the drafter has something to offer again.
                 tok, lp = plain_step(mx.array([y], dtype=mx.uint32), [])
                 mx.async_eval(tok, lp)
+                mark = None
                 while True:
                     nxt = plain_step(tok, [tok]) if n + 1 < max_tokens else None
                     if nxt is not None:
@@ -237,6 +258,10 @@ def speculative_generate_step(prompt: mx.array, model, cache: list, *, draft_mod
                     plain_left -= 1
                     hist.append(t)
                     yield t, lp[0], False
+                    now = time.perf_counter()
+                    if mark is not None:  # steady state only: the first step was not pipelined
+                        timed("plain", now - mark, 1)
+                    mark = now
                     if nxt is None or (stop_event is not None and stop_event.is_set()):
                         return
                     tok, lp = nxt
@@ -266,18 +291,21 @@ def speculative_generate_step(prompt: mx.array, model, cache: list, *, draft_mod
             drafter.kept(len(hist), k_now, a)
             stats["drafted"] += k_now
             stats["accepted"] += a
-            # Adapt: grow after a full block, shrink to what was kept, back off after misses.
-            k = min(k + 1, MAX_DRAFT) if a == k_now else max(1, min(k, a + 1))
-            misses = 0 if a else misses + 1
-            if misses >= 2:
-                cooldown = min(max(8, 2 * cooldown), 256)
-                plain_left, misses = cooldown, 1  # after it, one more miss backs off again
-            elif a:
-                cooldown = 0
             for i, t in enumerate(draft_ids[:a] + [last]):
                 n += 1
                 hist.append(t)
                 yield t, rows[i], i < a
+            timed("spec", time.perf_counter() - round_start, a + 1)
+            # Adapt: grow after a full block, shrink to what was kept, back off after misses
+            # or when the plain loop is faster.
+            k = min(k + 1, MAX_DRAFT) if a == k_now else max(1, min(k, a + 1))
+            misses = 0 if a else misses + 1
+            slower = MEASURE_SPEED and speed["plain"] is not None and speed["spec"] > speed["plain"]
+            if misses >= 2 or slower:
+                cooldown = min(max(8, 2 * cooldown), 256)
+                plain_left, misses = cooldown, 1  # after it, one more miss backs off again
+            elif a:
+                cooldown = 0
     finally:
         # Leave the caches holding at most the history handed out, as generate_step does.
         held = cache[0].offset - start
