@@ -276,6 +276,7 @@ def test_chat_with_a_draft_model_keeps_both_caches_in_step(chat_model, checkpoin
     _assert_same_cache(pc.draft_cache, fresh, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_chat_cli_retry_undo_and_acceptance_stats(checkpoint, tmp_path):
     import re
     import sys
@@ -309,6 +310,7 @@ def test_chat_cli_retry_undo_and_acceptance_stats(checkpoint, tmp_path):
         child.close(force=True)
 
 
+@pytest.mark.slow
 def test_server_reuses_the_longest_common_prefix(checkpoint):
     """An edited last message or a regenerated reply prefills only what changed."""
     openai = pytest.importorskip("openai")

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from typing import Iterator, Optional
 
 import mlx.core as mx
@@ -227,11 +228,12 @@ def speculative_generate_step(prompt: mx.array, model, cache: list, *, draft_mod
     prefill(model, prompt[:-1], cache, prefill_step_size)
     n, k, misses, cooldown = 0, k_max, 0, 0
     plain_left = 4 if MEASURE_SPEED else 0  # a few plain tokens first, to know their speed
-    speed = {"plain": None, "spec": None}  # seconds per token, moving averages
+    # Seconds per token of recent plain steps and speculative rounds; compared by their
+    # minimum, which a busy machine's stalls do not move.
+    speed = {"plain": deque(maxlen=16), "spec": deque(maxlen=4)}
 
     def timed(mode: str, seconds: float, tokens: int) -> None:
-        v = seconds / tokens
-        speed[mode] = v if speed[mode] is None else 0.6 * speed[mode] + 0.4 * v
+        speed[mode].append(seconds / tokens)
 
     try:
         while n < max_tokens:
@@ -300,7 +302,7 @@ def speculative_generate_step(prompt: mx.array, model, cache: list, *, draft_mod
             # or when the plain loop is faster.
             k = min(k + 1, MAX_DRAFT) if a == k_now else max(1, min(k, a + 1))
             misses = 0 if a else misses + 1
-            slower = MEASURE_SPEED and speed["plain"] is not None and speed["spec"] > speed["plain"]
+            slower = MEASURE_SPEED and speed["plain"] and min(speed["spec"]) > min(speed["plain"])
             if misses >= 2 or slower:
                 cooldown = min(max(8, 2 * cooldown), 256)
                 plain_left, misses = cooldown, 1  # after it, one more miss backs off again
