@@ -19,8 +19,8 @@ therefore emits between 1 and ``k + 1`` tokens for one target pass.
   more than one over a single token (GPUs; MLX's CPU quantized matmul costs grow with the
   rows), so the loop times both: when speculative rounds deliver tokens slower than the
   plain loop, or keep getting nothing accepted, or a lookup finds no n-gram, it falls back to
-  the plain pipelined decode loop (``mx.async_eval``) for 8, 16, ... 256 tokens, so a draft
-  that never agrees costs little.
+  the plain pipelined decode loop (``mx.async_eval``) for 8, 16, ... 256 tokens, and at least
+  20 times the failed round's cost in plain steps, so a draft that never agrees costs <~5%.
 """
 
 from __future__ import annotations
@@ -297,14 +297,17 @@ def speculative_generate_step(prompt: mx.array, model, cache: list, *, draft_mod
                 n += 1
                 hist.append(t)
                 yield t, rows[i], i < a
-            timed("spec", time.perf_counter() - round_start, a + 1)
+            round_s = time.perf_counter() - round_start
+            timed("spec", round_s, a + 1)
             # Adapt: grow after a full block, shrink to what was kept, back off after misses
             # or when the plain loop is faster.
             k = min(k + 1, MAX_DRAFT) if a == k_now else max(1, min(k, a + 1))
             misses = 0 if a else misses + 1
             slower = MEASURE_SPEED and speed["plain"] and min(speed["spec"]) > min(speed["plain"])
             if misses >= 2 or slower:
-                cooldown = min(max(8, 2 * cooldown), 256)
+                # Long enough that the next probe, if it fails like this one, costs < 5%.
+                pay = int(20 * round_s / min(speed["plain"])) if speed["plain"] else 0
+                cooldown = min(max(8, 2 * cooldown, pay), 256)
                 plain_left, misses = cooldown, 1  # after it, one more miss backs off again
             elif a:
                 cooldown = 0
