@@ -215,7 +215,8 @@ def _validate(model_cls, body: dict, vocab: int):
     try:
         return model_cls.model_validate(body, context={"vocab": vocab})
     except ValidationError as e:
-        err = e.errors()[0]
+        # Of a union's alternatives, report the one that got furthest into the value.
+        err = max(e.errors(), key=lambda err: len(err["loc"]))
         where = ".".join(str(p) for p in err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
         raise APIError(422, f"{where}: {msg}" if where else msg, param=where or None, code="invalid_value")
