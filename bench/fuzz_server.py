@@ -141,7 +141,7 @@ class Tally:
 
 def send(client: httpx.Client, base: str, port: int, rng: random.Random, tally: Tally) -> None:
     r = rng.random()
-    headers = {"content-type": "application/json"}
+    headers, kind = {"content-type": "application/json"}, "?"
     try:
         if r < 0.22:
             path, body = rng.choice([("/v1/chat/completions", valid_chat(rng)), ("/v1/completions", valid_completion(rng))])
@@ -184,9 +184,9 @@ def send(client: httpx.Client, base: str, port: int, rng: random.Random, tally: 
     except httpx.TimeoutException:
         with tally.lock:
             tally.timeouts += 1
-        tally.add("timeout", "timeout")
+        tally.add(kind, "timeout")
     except httpx.HTTPError as e:  # e.g. the server closed after a 413 while we were still sending
-        tally.add("transport", type(e).__name__)
+        tally.add(kind, type(e).__name__)
 
 
 def raw_request(port: int, body: dict) -> socket.socket:

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from conftest import tiny_config
-from test_server import free_port
+from test_server import free_port, scripted  # noqa: F401 (a fixture)
 
 CHAT = "/v1/chat/completions"
 USER = [{"role": "user", "content": "hi"}]
@@ -51,8 +51,9 @@ def server(folder):
     proc.wait(10)
 
 
-def post(base, body, path=CHAT, **kw):
-    return httpx.post(base + path, json=body, timeout=30, **kw)
+def post(base, body, path=CHAT, content_type="application/json"):
+    # json.dumps escapes to ASCII, so bodies may carry what httpx's encoder refuses ("\ud800")
+    return httpx.post(base + path, content=json.dumps(body), headers={"content-type": content_type}, timeout=30)
 
 
 def assert_error(r, status, *words):
@@ -112,6 +113,7 @@ BAD = [  # (name, path, body, status, words in the message)
     ("negative prompt id", "/v1/completions", {"prompt": [-3]}, 422, ["-3"]),
     ("too many logprobs", "/v1/completions", {"prompt": "x", "logprobs": 100000}, 422, ["logprobs"]),
     ("negative logprobs", "/v1/completions", {"prompt": "x", "logprobs": -2}, 422, ["logprobs"]),
+    ("lone surrogate", CHAT, {"messages": [{"role": "user", "content": "\ud800"}]}, 400, ["surrogate"]),
     ("logit_bias value", CHAT, {"messages": USER, "logit_bias": {"5": 1e9}}, 422, ["-100..100"]),
 ]
 
@@ -143,7 +145,7 @@ def test_only_json_bodies_are_accepted(server, ctype):
     r = httpx.post(base + CHAT, content=json.dumps({"messages": USER, "max_tokens": 2}), headers=headers)
     assert_error(r, 415, "application/json")
     assert httpx.get(base + "/health").json()["completed"] == before
-    r = post(base, {"messages": USER, "max_tokens": 2}, headers={"content-type": "application/json; charset=utf-8"})
+    r = post(base, {"messages": USER, "max_tokens": 2}, content_type="application/json; charset=utf-8")
     assert r.status_code == 200
 
 
@@ -283,3 +285,34 @@ def test_an_engine_value_error_before_the_first_token_is_a_400(chat_model):
     items = asyncio.run(run({"max_tokens": 2}))
     assert len(items) == 3 and items[-1][0].finish_reason == "length"  # 2 tokens, then the end
     engine.close()
+
+
+@pytest.mark.slow
+def test_sixty_fuzzed_requests_leave_the_server_up_without_5xx():
+    from conftest import ROOT, reference_dir
+
+    reference_dir()
+    p = subprocess.run([sys.executable, "bench/fuzz_server.py", "--requests", "60", "--seed", "1"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    report = json.loads(p.stdout.strip().splitlines()[-1])
+    assert report["requests"] == 60 and report["crashes"] == 0 and report["5xx"] == 0, report
+    assert report["stream_error_events"] == 0 and report["client_timeouts"] == 0, report
+    assert report["still_serving"] and report["worker_idle_after"] and p.returncode == 0, report
+
+
+def test_an_unexpected_fault_is_a_500_in_openai_shape_and_the_server_keeps_serving(scripted, monkeypatch):
+    import mlx_lfm2.serve.app as app
+
+    base, client, _ = scripted(" word" * 50)
+
+    def broken(*a, **k):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(app, "parse_tool_calls", broken)
+    monkeypatch.setattr(app.ToolCallStream, "feed", broken)
+    body = {"messages": USER, "max_tokens": 4, "tools": [deep_schema(1)]}
+    assert_error(post(base, body), 500, "RuntimeError")
+    with httpx.stream("POST", base + CHAT, json={**body, "stream": True}, timeout=30) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert r.status_code == 200 and events[-1]["error"]["type"] == "server_error", events
+    assert post(base, {"messages": USER, "max_tokens": 3}).json()["choices"][0]["message"]["content"] == " word" * 3
