@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import copy
 import json
 import random
 import signal
@@ -41,6 +42,10 @@ FIELDS = ["model", "max_tokens", "max_completion_tokens", "temperature", "top_p"
           "messages", "echo", "prompt"]
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+
+
+def junk(rng: random.Random):
+    return copy.deepcopy(rng.choice(JUNK))  # a copy: later mutations must not edit the pool
 
 
 def random_id(rng: random.Random):
@@ -77,19 +82,18 @@ def mutated(rng: random.Random) -> tuple[str, dict]:
     path, body = (("/v1/chat/completions", valid_chat(rng)) if rng.random() < 0.7
                   else ("/v1/completions", valid_completion(rng)))
     for _ in range(rng.randint(1, 3)):
-        where = rng.random()
+        where, messages = rng.random(), body.get("messages")
         if where < 0.6:
-            body[rng.choice(FIELDS)] = rng.choice(JUNK)
-        elif where < 0.8 and isinstance(body.get("messages"), list) and body["messages"]:
-            msg = body["messages"][-1]
-            msg[rng.choice(["role", "content", "tool_calls", "name", "tool_call_id"])] = rng.choice(JUNK)
+            body[rng.choice(FIELDS)] = junk(rng)
+        elif where < 0.8 and isinstance(messages, list) and messages and isinstance(messages[-1], dict):
+            messages[-1][rng.choice(["role", "content", "tool_calls", "name", "tool_call_id"])] = junk(rng)
         else:
             body.setdefault("messages", [{"role": "user", "content": "x"}])
             body["messages"] = [{"role": "user", "content": "x"}, {"role": "assistant", "content": None,
                                  "tool_calls": [{"id": "c", "type": "function", "function": {
                                      "name": rng.choice(["f", "", "a" * 300]),
                                      "arguments": rng.choice(['{"a": 1}', "[1]", "5", "null", '"s"', "{",
-                                                              "[" * 3000 + "]" * 3000, rng.choice(JUNK)])}}]},
+                                                              "[" * 3000 + "]" * 3000, junk(rng)])}}]},
                                 {"role": "tool", "tool_call_id": "c", "content": rng.choice(["{}", "ok", ""])}]
     return path, body
 
