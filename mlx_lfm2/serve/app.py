@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import json
 import queue
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -215,7 +216,8 @@ def _validate(model_cls, body: dict, vocab: int):
     try:
         return model_cls.model_validate(body, context={"vocab": vocab})
     except ValidationError as e:
-        err = e.errors()[0]
+        # Of a union's alternatives, report the one that got furthest into the value.
+        err = max(e.errors(), key=lambda err: len(err["loc"]))
         where = ".".join(str(p) for p in err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
         raise APIError(422, f"{where}: {msg}" if where else msg, param=where or None, code="invalid_value")
@@ -342,8 +344,8 @@ def create_app(engine: Engine, api_key: Optional[str] = None, body_timeout: floa
                 if new:
                     yield json.dumps(chat_chunk(cid, model_id, {"tool_calls": openai_tool_calls(new, n_calls)}))
                     n_calls += len(new)
-        if last is None:
-            return
+        if last is None:  # dropped at shutdown (or its client left): say so in the stream
+            raise _no_reply(engine)
         finish = "tool_calls" if n_calls else _finish(last.finish_reason)
         yield json.dumps(chat_chunk(cid, model_id, {}, finish=finish))
         if (req.stream_options or {}).get("include_usage"):
@@ -371,9 +373,10 @@ def create_app(engine: Engine, api_key: Optional[str] = None, body_timeout: floa
                     last = r
                     if r.text:
                         yield json.dumps(body(r.text, None))
-                if last is not None:
-                    yield json.dumps(body("", _finish(last.finish_reason)))
-                    yield "[DONE]"
+                if last is None:
+                    raise _no_reply(engine)
+                yield json.dumps(body("", _finish(last.finish_reason)))
+                yield "[DONE]"
             return EventSourceResponse(_sse(events()), ping=15)
         text, last, tokens, token_lps = (prompt if req.echo else ""), None, [], []
         async with _watch(request, job):
@@ -500,6 +503,9 @@ def main(argv=None) -> None:
     p.add_argument("--header-timeout", type=float, default=HEADER_TIMEOUT,
                    help=f"seconds to receive a request head (default {HEADER_TIMEOUT:g})")
     a = p.parse_args(argv)
+    if a.host not in ("127.0.0.1", "localhost", "::1") and not a.api_key:
+        print(f"warning: serving on {a.host} without --api-key: anyone who can reach this port can use the model",
+              file=sys.stderr)
     from ..weights.loader import load
 
     try:

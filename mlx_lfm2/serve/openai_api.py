@@ -42,31 +42,35 @@ def _reject_constant(name: str):
 
 
 def loads(text, what: str = "the body") -> Any:
-    """JSON from a client: strict (no NaN/Infinity), at most ``MAX_DEPTH`` deep, else a 400."""
+    """JSON from a client: strict (no NaN/Infinity), at most ``MAX_DEPTH`` deep, strings of
+    real characters (``"\\ud800"`` is valid JSON but no text the tokenizer can take), else a 400."""
     try:
         value = json.loads(text, parse_constant=_reject_constant)
     except RecursionError:
-        value = None
-        depth = MAX_DEPTH + 1
+        raise APIError(400, f"{what} nests deeper than {MAX_DEPTH} levels", code="invalid_json")
     except ValueError as e:
         raise APIError(400, f"{what} is not valid JSON: {e}", code="invalid_json")
-    else:
-        depth = _depth(value)
-    if depth > MAX_DEPTH:
-        raise APIError(400, f"{what} nests deeper than {MAX_DEPTH} levels", code="invalid_json")
+    _check_tree(value, what)
     return value
 
 
-def _depth(value) -> int:
-    """Nesting depth of parsed JSON, without recursion."""
-    deepest, todo = 0, [(value, 1)]
+def _check_tree(value, what: str) -> None:
+    """Depth and strings of parsed JSON, without recursion."""
+    todo = [(value, 1)]
     while todo:
-        v, d = todo.pop()
-        if isinstance(v, (dict, list)):
-            deepest = max(deepest, d)
-            if d <= MAX_DEPTH:
-                todo.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
-    return deepest
+        v, depth = todo.pop()
+        if isinstance(v, str):
+            if not v.isascii():
+                try:
+                    v.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise APIError(400, f"{what} holds a string with a lone surrogate escape ({v[:40]!r})",
+                                   code="invalid_json")
+        elif isinstance(v, (dict, list)):
+            if depth > MAX_DEPTH:
+                raise APIError(400, f"{what} nests deeper than {MAX_DEPTH} levels", code="invalid_json")
+            items = [*v.keys(), *v.values()] if isinstance(v, dict) else v
+            todo.extend((x, depth + 1) for x in items)
 
 
 def _vocab(info: ValidationInfo) -> Optional[int]:
