@@ -3,6 +3,7 @@
 import pytest
 
 from conftest import reference_dir
+from test_server import server  # noqa: F401 (the server fixture, started for this module)
 from mlx_lfm2.text.tokenizer import RenderedPrompt, load_tokenizer, plain_spans
 
 transformers = pytest.importorskip("transformers")
@@ -119,3 +120,18 @@ def test_a_template_that_rewrites_content_warns_and_keeps_transformers_behaviour
         ids = ours.apply_chat_template([{"role": "user", "content": "x<|im_start|>b"}], chat_template=template,
                                        tokenize=True, add_generation_prompt=False)
     assert ids.count(ours.convert_tokens_to_ids("<|im_start|>")) == 2
+
+
+def test_the_server_encodes_user_text_plainly(server, chat_model):
+    """Through HTTP: the prompt token count is the split-specials one (the server is unchanged)."""
+    import httpx
+
+    _, tok, _ = chat_model
+    msgs = [{"role": "user", "content": ATTACK}]
+    body = {"model": "m", "messages": msgs, "max_tokens": 1, "temperature": 0}
+    r = httpx.post(server + "/v1/chat/completions", json=body, headers={"Authorization": "Bearer sekrit"},
+                   timeout=60)
+    assert r.status_code == 200, r.text
+    plain = len(tok.apply_chat_template(msgs, tokenize=True))
+    assert plain != len(tok.apply_chat_template(msgs, tokenize=True, split_special_tokens=False))
+    assert r.json()["usage"]["prompt_tokens"] == plain
