@@ -104,3 +104,13 @@ def test_every_console_script_points_at_a_callable():
     for name, target in scripts.items():
         module, _, attr = target.partition(":")
         assert callable(getattr(import_module(module), attr)), f"{name} -> {target}"
+
+
+def test_batched_generation_checks_ids_too(chat_model):
+    from mlx_lfm2.engine.batch import BatchGenerator, batch_generate
+
+    model, tok, _ = chat_model
+    with pytest.raises(TokenIdError, match="70000"):
+        BatchGenerator(model).insert([5, 70000])
+    with pytest.raises(TokenIdError, match="99999999"):
+        batch_generate(model, tok, [[5, 6]], max_tokens=2, logit_bias={99999999: 1.0})
