@@ -23,6 +23,9 @@ def vocab_rows(model) -> int:
 
 def check_token_ids(ids: Iterable, vocab_size: int, what: str = "token id") -> list[int]:
     """``ids`` as a list of ints, or ``TokenIdError`` naming the first bad one and the valid range."""
+    ids = list(ids)
+    if all(type(i) is int for i in ids) and (not ids or (min(ids) >= 0 and max(ids) < vocab_size)):
+        return ids  # the common case, checked in bulk
     out = []
     for i in ids:
         # bool is an int subclass and numpy ints are not: accept integers only, by value.
