@@ -51,3 +51,18 @@ def check_logit_bias(bias: dict, vocab_size: Optional[int]) -> dict[int, float]:
             raise ValueError(f"logit_bias[{k}] = {v} is not finite")
         values.append(v)
     return dict(zip(ids, values))
+
+
+def check_number(name: str, value, low: float = -math.inf, high: float = math.inf) -> float:
+    """A finite real number in ``[low, high]`` (NaN and infinities are refused)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r:.40}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+    return value
+
+
+def check_seed(seed) -> int:
+    if isinstance(seed, bool) or not hasattr(seed, "__index__") or not 0 <= seed.__index__() < 1 << 64:
+        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r:.40}")
+    return seed.__index__()
