@@ -112,12 +112,16 @@ def read_message(console) -> str:
 
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# Also invisible or reordering format characters (zero-width, bidi overrides): shown in what
+# the user approves, though not in chat text, where joiners belong to emoji.
+_HIDDEN = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]")
 
 
-def visible(text: str) -> str:
-    """Control characters as ``\\xNN``: an escape sequence in model or tool text must not
-    move the cursor or conceal what follows on the user's terminal."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+def visible(text: str, strict: bool = False) -> str:
+    """Control characters as ``\\xNN`` (``\\uNNNN``): an escape sequence in model or tool text
+    must not move the cursor or conceal what follows on the user's terminal."""
+    return (_HIDDEN if strict else _CONTROL).sub(
+        lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 256 else f"\\u{ord(m.group()):04x}", text)
 
 
 def stats_line(r) -> str:
@@ -170,8 +174,9 @@ class Repl:
                 return
             for call in calls:
                 args = ", ".join(f"{k}={v!r}" for k, v in call["arguments"].items())
-                self.console.print(Text.assemble(("tool call", "yellow"), " ", (visible(call["name"]), "bold"),
-                                                 f"({visible(args)})"))
+                self.console.print(Text.assemble(("tool call", "yellow"), " ",
+                                                 (visible(call["name"], strict=True), "bold"),
+                                                 f"({visible(args, strict=True)})"))
                 answer = self.console.input("[yellow]run it? \\[y/N] [/]").strip().lower()
                 if answer in ("y", "yes"):
                     result = call_tool(self.tools, call)

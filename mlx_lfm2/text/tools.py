@@ -297,7 +297,10 @@ def _py_literal(value) -> str:
 
 def format_pythonic_call(name: str, arguments: dict) -> str:
     """``name(k=v, ...)`` as LFM2 writes calls; ``parse_call_block`` reads it back."""
-    return f"{name}(" + ", ".join(f"{k}={_py_literal(v)}" for k, v in arguments.items()) + ")"
+    try:
+        return f"{name}(" + ", ".join(f"{k}={_py_literal(v)}" for k, v in arguments.items()) + ")"
+    except RecursionError:
+        raise ToolCallError(f"{name}: arguments nested too deeply to write") from None
 
 
 def format_tool_result(result) -> str:
