@@ -17,6 +17,7 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
+from .batch_cache import BatchKVCache
 from .cache import ConvCache, KVCache
 from .config import ModelArgs
 from . import device
@@ -46,15 +47,15 @@ class Attention(nn.Module):
 
     def __call__(self, x: mx.array, cache: Optional[KVCache]) -> mx.array:
         B, L, _ = x.shape
-        offset = cache.offset if cache is not None else 0
+        offset = cache.offset if cache is not None else 0  # a BatchKVCache's: per row, [B]
+        # "causal" aligns the L queries with the last L of the T keys; a batch also hides padding.
+        mask = cache.make_mask(L) if isinstance(cache, BatchKVCache) else "causal" if L > 1 else None
         qkv = device.decode_compiled(self, "qkv", self.qkv, x)
-        if qkv is not self.qkv:
+        if qkv is not self.qkv and not isinstance(offset, mx.array):
             offset = mx.array(offset)  # an input, so the compiled step is not retraced per token
         q, k, v = qkv(x, offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)  # [B, H_kv, T, Dh]
-        # "causal" aligns the L queries with the last L of the T keys.
-        mask = "causal" if L > 1 else None
         o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)  # [B, H, L, Dh]
         return self.out_proj((o if L == 1 else o.transpose(0, 2, 1, 3)).reshape(B, L, -1))
 

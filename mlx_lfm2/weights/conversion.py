@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fnmatch
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -41,6 +43,75 @@ class ConversionError(RuntimeError):
     pass
 
 
+# What a folder written by this tool or by mlx-lm holds; --force replaces nothing else.
+MODEL_FOLDER_FILES = (
+    "config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer*", "special_tokens_map.json",
+    "added_tokens.json", "vocab.json", "merges.txt", "*.jinja", "generation_config.json", "README.md",
+    ".DS_Store",
+)
+
+
+PROGRESS = "progress.json"  # in a partial folder: what a killed run can resume from
+
+
+def check_replaceable(target: Path, source: Optional[Path] = None) -> None:
+    """Raise ConversionError unless ``--force`` may delete ``target``: an existing folder that
+    is recognisably a converted LFM2 model, and neither the source, an ancestor of it, the
+    working folder, the home folder nor one of their ancestors."""
+    target = target.resolve()
+    protected = [(Path.cwd().resolve(), "the current folder"), (Path.home().resolve(), "your home folder")]
+    if source is not None:
+        protected.insert(0, (source.resolve(), "the source checkpoint"))
+    for place, what in protected:
+        if target == place:
+            raise ConversionError(f"refusing to replace {target}: it is {what}")
+        if target in place.parents:
+            raise ConversionError(f"refusing to replace {target}: it contains {what} ({place})")
+    if not target.is_dir():
+        raise ConversionError(f"refusing to replace {target}: it is not a folder")
+    entries = list(target.iterdir())
+    unexpected = [p.name for p in entries
+                  if not p.is_file() or not any(fnmatch.fnmatch(p.name, pat) for pat in MODEL_FOLDER_FILES)]
+    if unexpected:
+        raise ConversionError(f"refusing to replace {target}: it holds files a converted model does not "
+                              f"({', '.join(sorted(unexpected)[:5])}); move them or pick another --mlx-path")
+    try:
+        model_type = json.loads((target / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        model_type = None
+    if model_type not in ("lfm2", "lfm2_moe") or not any(p.suffix == ".safetensors" for p in entries):
+        raise ConversionError(f"refusing to replace {target}: it is not an LFM2 model folder "
+                              "(config.json with model_type lfm2/lfm2_moe and *.safetensors)")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def clean_leftovers(target: Path) -> None:
+    """Folders a killed conversion left beside ``target`` (``.NAME.partial-PID``,
+    ``.NAME.old-PID``, PID no longer running): partial output is removed unless it can be
+    resumed (it has a ``PROGRESS`` file: ``convert`` resumes or removes it); an old target
+    that never got replaced is put back first if the target is missing."""
+    if not target.parent.is_dir():
+        return
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(partial|old)-(\d+)")
+    for p in sorted(target.parent.iterdir()):
+        m = pattern.fullmatch(p.name)
+        if not m or not p.is_dir() or _pid_alive(int(m.group(2))):
+            continue
+        if m.group(1) == "old" and not target.exists():
+            os.rename(p, target)
+        elif not (p / PROGRESS).exists():
+            shutil.rmtree(p, ignore_errors=True)
+
+
 def quant_predicate(bits: int, group_size: int, recipe: str = "uniform") -> Callable:
     """Our-path -> False | True | {"bits", "group_size"}: the per-path quantization choice."""
     if recipe not in RECIPES:
@@ -65,12 +136,12 @@ def quant_predicate(bits: int, group_size: int, recipe: str = "uniform") -> Call
 class ShardWriter:
     """Collects evaluated tensors and writes ``model-XXXXX.safetensors`` shards as they fill."""
 
-    def __init__(self, folder: Path, max_bytes: int):
-        self.folder, self.max_bytes = folder, max_bytes
+    def __init__(self, folder: Path, max_bytes: int, shards=(), total: int = 0, on_flush=None):
+        self.folder, self.max_bytes, self.on_flush = folder, max_bytes, on_flush
         self.pending: dict = {}
         self.pending_bytes = 0
-        self.shards: list[dict] = []
-        self.total = 0
+        self.shards: list[dict] = list(shards)  # from a resumed run, already on disk
+        self.total = total
 
     def add(self, tensors: dict) -> None:
         for k, v in tensors.items():
@@ -86,6 +157,8 @@ class ShardWriter:
             mx.save_safetensors(str(self.folder / name), self.pending, metadata={"format": "mlx"})
             self.shards.append({"file": name, "keys": list(self.pending)})
             self.pending, self.pending_bytes = {}, 0
+            if self.on_flush:
+                self.on_flush()
 
     def finish(self) -> None:
         self.flush()
@@ -152,11 +225,17 @@ def convert(hf_path: Union[str, Path], mlx_path: Union[str, Path], quantize: boo
         raise ValueError("q_bits must be 2, 3, 4, 5, 6 or 8")
     if quantize and q_group_size not in (32, 64, 128):
         raise ValueError("q_group_size must be 32, 64 or 128")
+    clean_leftovers(mlx_path)
     if mlx_path.exists() and not force:
         raise FileExistsError(f"{mlx_path} exists: pick another --mlx-path or pass --force to replace it")
+    if mlx_path.exists():  # early, before any download; a local source is known already
+        local = Path(hf_path).expanduser()
+        check_replaceable(mlx_path, local if local.is_dir() else None)
     predicate = quant_predicate(q_bits, q_group_size, quant_recipe) if quantize else None
 
     src = resolve(hf_path, revision)
+    if mlx_path.exists():
+        check_replaceable(mlx_path, src)  # before hours of work, and again before the swap
     config = load_config(src)
     args = ModelArgs.from_dict(config)
     if args.quantization:
@@ -169,16 +248,29 @@ def convert(hf_path: Union[str, Path], mlx_path: Union[str, Path], quantize: boo
     mlx_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = mlx_path.parent / f".{mlx_path.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    options = dict(source=str(src), files=[[f.name, f.stat().st_size] for f in files], dtype=dtype,
+                   quantize=quantize, q_bits=q_bits, q_group_size=q_group_size, recipe=quant_recipe,
+                   max_shard_gb=max_shard_gb)
+    state = _resume(mlx_path, tmp, options)
     try:
-        writer = ShardWriter(tmp, int(max_shard_gb * 1e9))
-        overrides: dict = {}
+        done, added = set(state["done"]), list(state["done"])
+        overrides: dict = state["overrides"]
+
+        def checkpoint():  # after each shard: everything added so far is on disk
+            _write_json(tmp / PROGRESS, dict(options=options, done=added, overrides=overrides,
+                                             shards=writer.shards, total=writer.total))
+
+        writer = ShardWriter(tmp, int(max_shard_gb * 1e9), state["shards"], state["total"], checkpoint)
         groups = _groups(list(source), args.num_hidden_layers)
         total = sum(source[k].nbytes for k in source)
         with _progress(progress, total) as advance:
             for prefix, keys in groups:
                 weights = {k: source.pop(k) for k in keys}
                 nbytes = sum(w.nbytes for w in weights.values())
+                if prefix in done:  # converted by the run we resume
+                    del weights
+                    advance(nbytes, prefix or "embeddings")
+                    continue
                 if prefix:
                     module = Block(args, int(prefix.split(".")[2]))
                 else:
@@ -189,19 +281,58 @@ def convert(hf_path: Union[str, Path], mlx_path: Union[str, Path], quantize: boo
                 except (RuntimeError, ValueError) as e:
                     raise ConversionError(f"converting {prefix or 'embeddings/head'} failed: {e}") from e
                 del weights, module
+                added.append(prefix)
                 writer.add(out)
                 del out
                 advance(nbytes, prefix or "embeddings")
         writer.finish()
+        (tmp / PROGRESS).unlink(missing_ok=True)
         _write_config(tmp, config, dtype, quantize, q_bits, q_group_size, overrides)
         for name in TOKENIZER_FILES:
             if (src / name).exists():
                 shutil.copyfile(src / name, tmp / name)
+        if mlx_path.exists():  # it may have appeared or changed while we converted
+            if not force:
+                raise FileExistsError(f"{mlx_path} appeared during the conversion: not replacing it")
+            check_replaceable(mlx_path, src)
         _replace(tmp, mlx_path)
+    except (KeyboardInterrupt, SystemExit):
+        if not (tmp / PROGRESS).exists():  # nothing worth resuming yet
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return mlx_path
+
+
+def _resume(target: Path, tmp: Path, options: dict) -> dict:
+    """Adopt a killed run's partial folder for ``target`` if it converted the same source with
+    the same options (it becomes ``tmp``); others are removed. Returns what it had done."""
+    fresh, adopted = dict(done=[], overrides={}, shards=[], total=0), False
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.partial-(\d+)")
+    for p in sorted(target.parent.iterdir()):
+        m = pattern.fullmatch(p.name)
+        if not m or p == tmp or not p.is_dir() or _pid_alive(int(m.group(1))):
+            continue
+        try:
+            state = json.loads((p / PROGRESS).read_text())
+            usable = state["options"] == options and all((p / s["file"]).exists() for s in state["shards"])
+        except (OSError, ValueError, KeyError, TypeError):
+            usable = False
+        if usable and not adopted:
+            os.rename(p, tmp)
+            fresh, adopted = {k: state[k] for k in fresh}, True
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+    tmp.mkdir(exist_ok=True)
+    return fresh
+
+
+def _write_json(path: Path, value) -> None:
+    part = path.with_suffix(".tmp")
+    part.write_text(json.dumps(value))
+    os.replace(part, path)
 
 
 def _write_config(folder: Path, config: dict, dtype: str, quantize: bool, bits: int, group: int,
