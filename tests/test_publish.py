@@ -21,6 +21,7 @@ def mlx_logits(model):
     return np.array(model(mx.array(IDS)).astype(mx.float32))
 
 
+@pytest.mark.slow
 def test_a_transformers_5_dense_checkpoint_converts_into_a_folder_mlx_lm_loads(tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")

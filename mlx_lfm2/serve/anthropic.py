@@ -191,7 +191,7 @@ def usage(job, output_tokens: int) -> dict:
 def stop_reason(last, n_calls: int) -> tuple[str, Optional[str]]:
     if n_calls:
         return "tool_use", None
-    if last.finish_reason == "stop" and getattr(last, "stop_sequence", None):
+    if last.finish_reason == "stop" and last.stop_sequence:
         return "stop_sequence", last.stop_sequence
     return STOP_REASONS.get(last.finish_reason, "end_turn"), None
 

@@ -32,6 +32,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from ..engine.generation import PromptTooLongError, default_sampling, stream_generate
+from . import anthropic
 from .openai_api import (APIError, ChatRequest, CompletionRequest, chat_chunk, logprob_entry, new_id,
                          openai_tool_calls, to_template_messages, usage)
 from ..engine.session import PromptCache
@@ -329,6 +330,7 @@ def create_app(engine: Engine, api_key: Optional[str] = None) -> Starlette:
             Route("/v1/completions", completions, methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
+            *anthropic.routes(engine, api_key, _body, _validate, prepare, results),
         ],
         exception_handlers={APIError: api_error, HTTPException: http_error, Exception: crash},
     )
