@@ -293,7 +293,7 @@ def main(argv=None) -> None:
             print(f"uploaded to {upload_to_hub(out, a.upload_repo, a.private)}")
         except Exception as e:  # auth, network, a repo of someone else's
             raise SystemExit(f"error: upload to {a.upload_repo} failed ({type(e).__name__}: {e}); the folder "
-                             f"is complete at {out}: retry with `huggingface-cli upload {a.upload_repo} {out}`")
+                             f"is complete at {out}: retry with `hf upload {a.upload_repo} {out}`")
 
 
 if __name__ == "__main__":
