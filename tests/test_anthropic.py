@@ -243,6 +243,12 @@ def test_malformed_requests_get_anthropic_errors_and_the_server_keeps_serving(re
         client.messages.create(model="m", max_tokens=3, messages=[{"role": "user", "content": "x"}],
                                extra_body={"temperature": 3})
     assert e.value.body["error"]["type"] == "invalid_request_error" and "temperature" in e.value.message
+    for method, path, status, kind in [("GET", "/v1/messages", 405, "invalid_request_error"),
+                                       ("POST", "/v1/messages/batches", 404, "not_found_error")]:
+        r = httpx.request(method, base + path, headers={"x-api-key": "sekrit"})
+        assert r.status_code == status and r.json()["error"]["type"] == kind, r.text
+    r = httpx.post(base + "/v1/messages", content=b"{}", headers={"x-api-key": "sekrit", "content-type": "text/plain"})
+    assert r.status_code == 415 and r.json()["type"] == "error"
     bearer = httpx.post(base + "/v1/messages", headers={"Authorization": "Bearer sekrit"},
                         json={"max_tokens": 3, "messages": [{"role": "user", "content": "still there?"}]})
     assert bearer.status_code == 200 and bearer.json()["content"][0]["type"] == "text"
@@ -264,3 +270,27 @@ def test_a_full_queue_answers_rate_limit_error(scripted):
     finally:
         for s in streams:
             s.__exit__(None, None, None)
+
+
+def test_bare_call_lists_are_calls_on_both_apis_only_when_tools_are_offered(scripted):
+    base, client = scripted('[get_weather(city="Paris")]')
+    msgs = [{"role": "user", "content": "Weather in Paris?"}]
+    r = client.messages.create(model="m", max_tokens=32, messages=msgs, tools=TOOLS)
+    assert [(b.type, b.name, b.input) for b in r.content] == [("tool_use", "get_weather", {"city": "Paris"})]
+    with client.messages.stream(model="m", max_tokens=32, messages=msgs, tools=TOOLS) as s:
+        final = s.get_final_message()
+    assert [(b.type, b.input) for b in final.content] == [("tool_use", {"city": "Paris"})]
+    assert final.stop_reason == "tool_use"
+    assert client.messages.create(model="m", max_tokens=32, messages=msgs).content[0].text == \
+        '[get_weather(city="Paris")]'  # no tools offered: text
+
+    oa = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0)
+    r = oa.chat.completions.create(model="m", messages=msgs, tools=OPENAI_TOOLS, max_tokens=32)
+    (call,) = r.choices[0].message.tool_calls
+    assert (call.function.name, json.loads(call.function.arguments)) == ("get_weather", {"city": "Paris"})
+    assert r.choices[0].finish_reason == "tool_calls" and not r.choices[0].message.content
+    chunks = list(oa.chat.completions.create(model="m", messages=msgs, tools=OPENAI_TOOLS, max_tokens=32,
+                                             stream=True))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert "".join(d.content or "" for d in deltas) == ""
+    assert [t.function.name for d in deltas for t in d.tool_calls or []] == ["get_weather"]

@@ -14,7 +14,10 @@ request, ``cache_read_input_tokens`` those reused from an earlier request's cach
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
+import secrets
 import uuid
 from typing import Literal, Optional, Union
 
@@ -30,6 +33,7 @@ from .openai_api import APIError, ChatRequest, to_template_messages
 # OpenAI-side error types (the engine's) -> Anthropic's.
 ERROR_TYPES = {"server_error": "api_error", "rate_limit_error": "rate_limit_error",
                "authentication_error": "authentication_error", "not_found_error": "not_found_error"}
+log = logging.getLogger(__name__)
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "cancelled": "end_turn"}
 
 
@@ -117,6 +121,10 @@ class MessagesRequest(_Lenient):
         return ""
 
     @property
+    def tool_names(self) -> frozenset:
+        return frozenset(t.name for t in self.tools or [])
+
+    @property
     def one_call(self) -> bool:
         return bool(self.tool_choice and self.tool_choice.disable_parallel_tool_use)
 
@@ -197,7 +205,10 @@ def stop_reason(last, n_calls: int) -> tuple[str, Optional[str]]:
 
 
 def error_response(e: APIError) -> JSONResponse:
-    return JSONResponse(error_body(e), status_code=400 if e.status == 422 else e.status)
+    response = JSONResponse(error_body(e), status_code=400 if e.status == 422 else e.status)
+    if e.status in (408, 413):  # the rest of the body is not read: end the connection (as app.py does)
+        response.headers["connection"] = "close"
+    return response
 
 
 def error_body(e: APIError) -> dict:
@@ -205,27 +216,43 @@ def error_body(e: APIError) -> dict:
     return {"type": "error", "error": {"type": kind, "message": e.message}}
 
 
-def routes(engine, api_key: Optional[str], read_body, validate, prepare, results) -> list[Route]:
-    """``/v1/messages`` and ``/v1/messages/count_tokens`` over the server's engine and job layer.
+def _answers_errors(handler):
+    """Every failure of ``handler`` as an Anthropic error body (the app's handlers speak OpenAI)."""
+    @functools.wraps(handler)
+    async def wrapped(request: Request):
+        try:
+            return await handler(request)
+        except APIError as e:
+            return error_response(e)
+        except Exception as e:  # logged like the app's catch-all, answered in this API's shape
+            log.exception("%s %s failed", request.method, request.url.path)
+            return error_response(APIError(500, f"internal error: {type(e).__name__}", type_="server_error"))
+    return wrapped
 
-    ``read_body(request)``, ``validate(model, body)``, ``prepare(req, prompt, top_logprobs) ->
-    Job`` and ``results(job, request)`` are the server's own (app.py), so size limits, context
-    checks, queueing and disconnects behave as on the OpenAI routes. The key comes as
-    ``x-api-key`` (the SDK's way) or ``Authorization: Bearer`` (Claude Code's auth token).
+
+def routes(engine, api_key: Optional[str], body_timeout: float, prepare, results) -> list[Route]:
+    """``/v1/messages`` and ``/v1/messages/count_tokens`` over the server's own layer.
+
+    Bodies are read and validated, prompts admitted (``prepare``: context check, queue) and
+    replies drained (``results``) by app.py's code, so limits, timeouts, queueing and
+    disconnects behave as on the OpenAI routes. The key comes as ``x-api-key`` (the SDK's
+    way) or ``Authorization: Bearer`` (Claude Code's auth token).
     """
+    from .app import _body, _no_reply, _validate, _watch  # app.py imports this module first
+
     tok = engine.tokenizer
 
     def check_key(request: Request) -> None:
-        if api_key and api_key not in (request.headers.get("x-api-key"),
-                                       request.headers.get("authorization", "").removeprefix("Bearer ")):
+        given = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ")
+        if api_key and not secrets.compare_digest(given.encode(), api_key.encode()):
             raise APIError(401, "missing or wrong API key (x-api-key header)", type_="authentication_error")
 
     async def parse(request: Request) -> tuple[MessagesRequest, str]:
         check_key(request)
-        body = await read_body(request)
-        if not isinstance(body.get("max_tokens"), int) and request.url.path.endswith("count_tokens"):
+        body = await _body(request, body_timeout)
+        if request.url.path.endswith("count_tokens"):
             body = {**body, "max_tokens": 1}  # count_tokens takes no max_tokens
-        req = validate(MessagesRequest, body)
+        req = _validate(MessagesRequest, body, engine.vocab)
         messages = template_messages(req, engine.template_renders_tool_calls)
         try:
             prompt = tok.apply_chat_template(messages, tools=req.offered_tools, add_generation_prompt=True)
@@ -233,30 +260,27 @@ def routes(engine, api_key: Optional[str], read_body, validate, prepare, results
             raise APIError(400, f"the chat template rejected these messages: {e}", param="messages")
         return req, prompt
 
+    @_answers_errors
     async def count_tokens(request: Request):
-        try:
-            _, prompt = await parse(request)
-        except APIError as e:
-            return error_response(e)
+        _, prompt = await parse(request)
         return JSONResponse({"input_tokens": len(tok.encode(prompt, add_special_tokens=False))})
 
+    @_answers_errors
     async def messages(request: Request):
-        try:
-            req, prompt = await parse(request)
-            forced = req.forced_opening()
-            job = prepare(req, prompt + forced, None)
-            mid = new_id("msg")
-            if req.stream:
-                return EventSourceResponse(_stream(job, request, req, forced, mid), ping=15)
-            text, last = forced, None
-            async for r, _ in results(job, request):
+        req, prompt = await parse(request)
+        forced = req.forced_opening()
+        job = prepare(req, prompt + forced, None)
+        mid = new_id("msg")
+        if req.stream:
+            return EventSourceResponse(_stream(job, req, forced, mid), ping=15)
+        text, last = forced, None
+        async with _watch(request, job):
+            async for r, _ in results(job):
                 text += r.text
                 last = r
-            if last is None:
-                raise APIError(499, "client closed the request")
-        except APIError as e:
-            return error_response(e)
-        content, calls = parse_tool_calls(text) if req.offered_tools else (text, [])
+        if last is None:
+            raise _no_reply(engine)
+        content, calls = parse_tool_calls(text, bare_names=req.tool_names) if req.offered_tools else (text, [])
         calls = calls[:1] if req.one_call else calls
         blocks = ([{"type": "text", "text": content}] if content or not calls else []) + [
             tool_use_block(c) for c in calls]
@@ -265,16 +289,16 @@ def routes(engine, api_key: Optional[str], read_body, validate, prepare, results
                              "content": blocks, "stop_reason": reason, "stop_sequence": sequence,
                              "usage": usage(job, last.generation_tokens)})
 
-    async def _stream(job, request, req: MessagesRequest, forced: str, mid: str):
+    async def _stream(job, req: MessagesRequest, forced: str, mid: str):
         def event(name: str, **data) -> dict:
             return {"event": name, "data": json.dumps({"type": name, **data}, ensure_ascii=False)}
 
-        calls = ToolCallStream() if req.offered_tools else None
+        calls = ToolCallStream(bare_names=req.tool_names) if req.offered_tools else None
         if calls:
             calls.feed(forced)  # held back like any call until it closes
         index, text_open, n_calls, last = 0, False, 0, None
         try:
-            async for r, _ in results(job, request):
+            async for r, _ in results(job):
                 if last is None:
                     message = {"id": mid, "type": "message", "role": "assistant", "content": [],
                                "model": req.model or engine.model_id, "stop_reason": None, "stop_sequence": None,
@@ -303,6 +327,11 @@ def routes(engine, api_key: Optional[str], read_body, validate, prepare, results
                     index, n_calls = index + 1, n_calls + 1
         except APIError as e:  # the stream has begun: the error travels as an event
             yield {"event": "error", "data": json.dumps(error_body(e))}
+            return
+        except Exception as e:
+            log.exception("streaming %s failed", mid)
+            yield {"event": "error", "data": json.dumps(error_body(APIError(500, f"internal error: {type(e).__name__}",
+                                                                            type_="server_error")))}
             return
         if last is None:
             return
