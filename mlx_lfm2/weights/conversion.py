@@ -54,6 +54,9 @@ MODEL_FOLDER_FILES = (
 )
 
 
+PROGRESS = "progress.json"  # in a partial folder: what a killed run can resume from
+
+
 def check_replaceable(target: Path, source: Optional[Path] = None) -> None:
     """Raise ConversionError unless ``--force`` may delete ``target``: an existing folder that
     is recognisably a converted LFM2 model, and neither the source, an ancestor of it, the
@@ -96,7 +99,8 @@ def _pid_alive(pid: int) -> bool:
 
 def clean_leftovers(target: Path) -> None:
     """Folders a killed conversion left beside ``target`` (``.NAME.partial-PID``,
-    ``.NAME.old-PID``, PID no longer running): partial output is removed; an old target
+    ``.NAME.old-PID``, PID no longer running): partial output is removed unless it can be
+    resumed (it has a ``PROGRESS`` file: ``convert`` resumes or removes it); an old target
     that never got replaced is put back first if the target is missing."""
     if not target.parent.is_dir():
         return
@@ -107,7 +111,7 @@ def clean_leftovers(target: Path) -> None:
             continue
         if m.group(1) == "old" and not target.exists():
             os.rename(p, target)
-        else:
+        elif not (p / PROGRESS).exists():
             shutil.rmtree(p, ignore_errors=True)
 
 
@@ -135,12 +139,12 @@ def quant_predicate(bits: int, group_size: int, recipe: str = "uniform") -> Call
 class ShardWriter:
     """Collects evaluated tensors and writes ``model-XXXXX.safetensors`` shards as they fill."""
 
-    def __init__(self, folder: Path, max_bytes: int):
-        self.folder, self.max_bytes = folder, max_bytes
+    def __init__(self, folder: Path, max_bytes: int, shards=(), total: int = 0, on_flush=None):
+        self.folder, self.max_bytes, self.on_flush = folder, max_bytes, on_flush
         self.pending: dict = {}
         self.pending_bytes = 0
-        self.shards: list[dict] = []
-        self.total = 0
+        self.shards: list[dict] = list(shards)  # from a resumed run, already on disk
+        self.total = total
 
     def add(self, tensors: dict) -> None:
         for k, v in tensors.items():
@@ -156,6 +160,8 @@ class ShardWriter:
             mx.save_safetensors(str(self.folder / name), self.pending, metadata={"format": "mlx"})
             self.shards.append({"file": name, "keys": list(self.pending)})
             self.pending, self.pending_bytes = {}, 0
+            if self.on_flush:
+                self.on_flush()
 
     def finish(self) -> None:
         self.flush()
@@ -249,16 +255,29 @@ def convert(hf_path: Union[str, Path], mlx_path: Union[str, Path], quantize: boo
     mlx_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = mlx_path.parent / f".{mlx_path.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    options = dict(source=str(src), files=[[f.name, f.stat().st_size] for f in files], dtype=dtype,
+                   quantize=quantize, q_bits=q_bits, q_group_size=q_group_size, recipe=quant_recipe,
+                   max_shard_gb=max_shard_gb)
+    state = _resume(mlx_path, tmp, options)
     try:
-        writer = ShardWriter(tmp, int(max_shard_gb * 1e9))
-        overrides: dict = {}
+        done, added = set(state["done"]), list(state["done"])
+        overrides: dict = state["overrides"]
+
+        def checkpoint():  # after each shard: everything added so far is on disk
+            _write_json(tmp / PROGRESS, dict(options=options, done=added, overrides=overrides,
+                                             shards=writer.shards, total=writer.total))
+
+        writer = ShardWriter(tmp, int(max_shard_gb * 1e9), state["shards"], state["total"], checkpoint)
         groups = _groups(list(source), args.num_hidden_layers)
         total = sum(source[k].nbytes for k in source)
         with _progress(progress, total) as advance:
             for prefix, keys in groups:
                 weights = {k: source.pop(k) for k in keys}
                 nbytes = sum(w.nbytes for w in weights.values())
+                if prefix in done:  # converted by the run we resume
+                    del weights
+                    advance(nbytes, prefix or "embeddings")
+                    continue
                 if prefix:
                     module = Block(args, int(prefix.split(".")[2]))
                 else:
@@ -269,10 +288,12 @@ def convert(hf_path: Union[str, Path], mlx_path: Union[str, Path], quantize: boo
                 except (RuntimeError, ValueError) as e:
                     raise ConversionError(f"converting {prefix or 'embeddings/head'} failed: {e}") from e
                 del weights, module
+                added.append(prefix)
                 writer.add(out)
                 del out
                 advance(nbytes, prefix or "embeddings")
         writer.finish()
+        (tmp / PROGRESS).unlink(missing_ok=True)
         _write_config(tmp, config, dtype, quantize, q_bits, q_group_size, overrides)
         _write_card(tmp, src, hf_path, mlx_path, quantize, q_bits, q_group_size, dtype, quant_recipe, revision,
                     command)
@@ -284,10 +305,43 @@ def convert(hf_path: Union[str, Path], mlx_path: Union[str, Path], quantize: boo
                 raise FileExistsError(f"{mlx_path} appeared during the conversion: not replacing it")
             check_replaceable(mlx_path, src)
         _replace(tmp, mlx_path)
+    except (KeyboardInterrupt, SystemExit):
+        if not (tmp / PROGRESS).exists():  # nothing worth resuming yet
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return mlx_path
+
+
+def _resume(target: Path, tmp: Path, options: dict) -> dict:
+    """Adopt a killed run's partial folder for ``target`` if it converted the same source with
+    the same options (it becomes ``tmp``); others are removed. Returns what it had done."""
+    fresh, adopted = dict(done=[], overrides={}, shards=[], total=0), False
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.partial-(\d+)")
+    for p in sorted(target.parent.iterdir()):
+        m = pattern.fullmatch(p.name)
+        if not m or p == tmp or not p.is_dir() or _pid_alive(int(m.group(1))):
+            continue
+        try:
+            state = json.loads((p / PROGRESS).read_text())
+            usable = state["options"] == options and all((p / s["file"]).exists() for s in state["shards"])
+        except (OSError, ValueError, KeyError, TypeError):
+            usable = False
+        if usable and not adopted:
+            os.rename(p, tmp)
+            fresh, adopted = {k: state[k] for k in fresh}, True
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+    tmp.mkdir(exist_ok=True)
+    return fresh
+
+
+def _write_json(path: Path, value) -> None:
+    part = path.with_suffix(".tmp")
+    part.write_text(json.dumps(value))
+    os.replace(part, path)
 
 
 def _write_config(folder: Path, config: dict, dtype: str, quantize: bool, bits: int, group: int,
