@@ -92,10 +92,10 @@ def test_the_folder_carries_a_hub_model_card(hub_source, tmp_path):
     assert meta["quantization"] == {"bits": 4, "group_size": 64, "mode": "affine", "recipe": "mixed_8"}
     cmd = f"python convert.py --hf-path {hub_source} --mlx-path {out} -q --q-bits 4 --q-group-size 64"
     assert meta["conversion_command"].startswith(cmd) and cmd in c.text
-    assert "experts at 4 bits, the rest at 8" in c.text
+    assert "experts at 4 bits, the rest at 8" in c.text and c.text.lstrip().startswith("# q4\n")
     # a local source is no hub repo: no base_model, and the folder says what it is
     local = card(convert(conversion.resolve(hub_source), tmp_path / "bf16", progress=False))
-    assert "base_model" not in local.data.to_dict() and "unquantized (bfloat16)" in local.text
+    assert "base_model" not in local.data.to_dict() and "unquantized bfloat16 weights" in local.text
 
 
 class StubHub:

@@ -359,7 +359,7 @@ def _write_card(folder: Path, src: Path, hf_path, mlx_path, quantize, bits, grou
                 command) -> None:
     config = json.loads((folder / "config.json").read_text())
     command = command or convert_command(hf_path, mlx_path, quantize, bits, group, dtype, recipe, revision)
-    write_model_card(folder, src, hf_path, config, config.get("quantization"), recipe, dtype, command)
+    write_model_card(folder, Path(mlx_path).name, src, hf_path, config, config.get("quantization"), recipe, dtype, command)
 
 
 def _replace(tmp: Path, target: Path) -> None:

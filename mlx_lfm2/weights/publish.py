@@ -70,9 +70,10 @@ def _is_repo_id(name: str) -> bool:
     return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not Path(name).exists()
 
 
-def write_model_card(folder: Path, source: Path, hf_path, config: dict, quantization: Optional[dict],
+def write_model_card(folder: Path, name: str, source: Path, hf_path, config: dict, quantization: Optional[dict],
                      recipe: str, dtype: str, command: str) -> None:
-    """``folder/README.md``: hub front matter, the quantization and how the folder was made."""
+    """``folder/README.md`` for the model ``name``: hub front matter, the quantization and how
+    the folder was made (``folder`` may be the conversion's temporary one)."""
     from huggingface_hub import ModelCard, ModelCardData
 
     meta = dict(library_name="mlx", pipeline_tag="text-generation",
@@ -92,23 +93,23 @@ def write_model_card(folder: Path, source: Path, hf_path, config: dict, quantiza
     meta["dtype"] = dtype
     meta["conversion_command"] = command
     data = ModelCardData(**meta)
-    ModelCard("---\n" + data.to_yaml() + "\n---\n" + _card_text(data.to_dict(), folder.name)).save(
+    ModelCard("---\n" + data.to_yaml() + "\n---\n" + _card_text(data.to_dict(), name)).save(
         folder / "README.md")
 
 
 def _card_text(meta: dict, name: str) -> str:
     base = meta.get("base_model")
     q = meta.get("quantization")
-    weights = (f"{q['bits']}-bit (group size {q['group_size']}, recipe `{q['recipe']}`: "
-               + ("every quantizable weight at that width" if q["recipe"] == "uniform" else
+    weights = (f"{q['bits']}-bit weights in groups of {q['group_size']} (recipe `{q['recipe']}`: "
+               + (f"every quantizable weight at {q['bits']} bits" if q["recipe"] == "uniform" else
                   f"experts at {q['bits']} bits, the rest at {q['recipe'].split('_')[1]}")
-               + "; the MoE router at 8 bits)") if q else f"unquantized ({meta.get('dtype', 'bfloat16')})"
-    origin = f"[{base}](https://huggingface.co/{base})" if base else "an LFM2 checkpoint"
+               + "; the MoE router at 8 bits)") if q else f"unquantized {meta.get('dtype', 'bfloat16')} weights"
+    origin = f"[{base}](https://huggingface.co/{base})" if base else "An LFM2 checkpoint"
     return f"""
 # {name}
 
-{origin} converted to MLX by mlx_lfm2 ({weights}). The folder has mlx-lm's
-layout: mlx-lm, LM Studio and mlx_lfm2 load it.
+{origin} converted to MLX by mlx_lfm2: {weights}. The folder has mlx-lm's layout:
+mlx-lm, LM Studio and mlx_lfm2 load it.
 
 Made with:
 
