@@ -143,7 +143,7 @@ class Repl:
 
         from ..text.tools import ToolCallStream
 
-        calls, shown = ToolCallStream(), ""
+        calls, shown = ToolCallStream(bare_names=self.tools), ""  # names: LFM2.5's unmarked calls
         render = (lambda s: Markdown(visible(s))) if self.markdown else (lambda s: Text(visible(s)))
         with Live(render(""), console=self.console, refresh_per_second=12,
                   vertical_overflow="visible") as live:
@@ -169,7 +169,7 @@ class Repl:
             from ..text.tools import call_tool, parse_tool_calls
 
             reply = self.chat.messages[-1]["content"]
-            calls = parse_tool_calls(reply).calls if self.tools else []
+            calls = parse_tool_calls(reply, bare_names=self.tools).calls if self.tools else []
             if not calls:
                 return
             for call in calls:

@@ -113,6 +113,7 @@ class GenerationResponse:
     prompt_tps: float
     generation_tps: float
     peak_memory: float  # GB
+    stop_sequence: Optional[str] = None  # on the last response: the stop string that ended it, if one did
 
 
 def encode_prompt(tokenizer, prompt: Prompt, tools=None) -> list[int]:
@@ -170,14 +171,14 @@ def stream_generate(model, tokenizer, prompt: Prompt, max_tokens: int = 256, *,
     mx.reset_peak_memory()
     tic = time.perf_counter()
     prompt_tps = gen_tps = 0.0
-    text, shown, n, stop_token = "", 0, 0, None
+    text, shown, n, stop_token, stop_string = "", 0, 0, None, None
     stepper = generate_step(mx.array(ids, dtype=mx.uint32), model, cache, max_tokens=max_tokens,
                             sampler=sampler, logits_processors=processors,
                             prefill_step_size=prefill_step_size, stop_event=stop_event)
 
-    def response(segment, token, logprobs, reason):
+    def response(segment, token, logprobs, reason, stop_string=None):
         return GenerationResponse(segment, token, logprobs, reason, len(ids), n, prompt_tps, gen_tps,
-                                  mx.get_peak_memory() / 1e9)
+                                  mx.get_peak_memory() / 1e9, stop_string)
 
     for token, logprobs in stepper:
         if n == 0:
@@ -191,9 +192,10 @@ def stream_generate(model, tokenizer, prompt: Prompt, max_tokens: int = 256, *,
             break
         text += detok.add_token(token)
         # A stop string can only begin in the unshown tail: any earlier start was held back.
-        hits = [i for i in (text.find(s, shown) for s in stops) if i >= 0]
+        hits = [(i, s) for i, s in ((text.find(s, shown), s) for s in stops) if i >= 0]
         if hits:
-            text, finish = text[: min(hits)], "stop"
+            cut, stop_string = min(hits)
+            text, finish = text[:cut], "stop"
             break
         visible = len(text) - _held_back(text, stops)
         yield response(text[shown:visible], token, logprobs, None)
@@ -202,7 +204,7 @@ def stream_generate(model, tokenizer, prompt: Prompt, max_tokens: int = 256, *,
         finish = "cancelled" if stop_event is not None and stop_event.is_set() else "length"
         text += detok.finalize()
     stepper.close()
-    yield response(text[shown:], stop_token, None, finish)
+    yield response(text[shown:], stop_token, None, finish, stop_string)
 
 
 def generate(model, tokenizer, prompt: Prompt, max_tokens: int = 256, verbose: bool = False, **kwargs) -> str:

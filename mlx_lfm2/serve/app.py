@@ -39,6 +39,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from ..engine.generation import PromptTooLongError, default_sampling, stream_generate
+from . import anthropic
 from .openai_api import (APIError, ChatRequest, CompletionRequest, chat_chunk, loads, logprob_entry, new_id,
                          openai_tool_calls, to_template_messages, usage)
 from ..engine.session import PromptCache
@@ -311,7 +312,7 @@ def create_app(engine: Engine, api_key: Optional[str] = None, body_timeout: floa
                     entries.append(entry)
         if last is None:
             raise _no_reply(engine)
-        content, calls = parse_tool_calls(text) if tools else (text, [])
+        content, calls = parse_tool_calls(text, bare_names=req.tool_names) if tools else (text, [])
         message = {"role": "assistant", "content": content if (content or not calls) else None}
         finish = last.finish_reason
         if calls:
@@ -326,7 +327,7 @@ def create_app(engine: Engine, api_key: Optional[str] = None, body_timeout: floa
                              "usage": usage(job.prompt_tokens, last.generation_tokens, job.cached_tokens)})
 
     async def _stream_chat(job, cid, model_id, req, forced):
-        tools = ToolCallStream() if req.tools and req.tool_choice != "none" else None
+        tools = ToolCallStream(bare_names=req.tool_names) if req.tools and req.tool_choice != "none" else None
         if tools:
             tools.feed(forced)  # held back like any call until it closes
         yield json.dumps(chat_chunk(cid, model_id, {"role": "assistant", "content": ""}))
@@ -410,7 +411,8 @@ def create_app(engine: Engine, api_key: Optional[str] = None, body_timeout: floa
 
     async def http_error(request, exc: HTTPException):
         kind = {404: "not_found_error", 405: "invalid_request_error"}.get(exc.status_code, "invalid_request_error")
-        return _error(APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", kind))
+        error = APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", kind)
+        return anthropic.error_response(error) if request.url.path.startswith("/v1/messages") else _error(error)
 
     async def crash(request, exc: Exception):  # the catch-all: logged by uvicorn, answered here
         return _error(APIError(500, f"internal error: {type(exc).__name__}", type_="server_error"))
@@ -421,6 +423,7 @@ def create_app(engine: Engine, api_key: Optional[str] = None, body_timeout: floa
             Route("/v1/completions", completions, methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
+            *anthropic.routes(engine, api_key, body_timeout, prepare, results),
         ],
         exception_handlers={APIError: api_error, HTTPException: http_error, Exception: crash},
     )

@@ -230,6 +230,11 @@ class ChatRequest(Sampling):
             raise ValueError(f"tool_choice names {name!r}, which is not one of the tools")
         return self
 
+    @property
+    def tool_names(self) -> frozenset:
+        """The offered tools' names: a bare ``[f(...)]`` reply naming only these is a call."""
+        return frozenset(t["function"]["name"] for t in self.tools or [])
+
     def forced_tool_call(self) -> str:
         """What the reply must start with for ``tool_choice``: appended to the prompt, so the
         model can only go on to write a call ('required': any tool; named: that one)."""
