@@ -19,6 +19,8 @@ from typing import Optional, Union
 import mlx.core as mx
 import numpy as np
 
+from .tools import CALL_END, CALL_START, _py_literal as py_literal
+
 Schema = Union[dict, bool, str]
 
 # One line, ", " / ": " separators (as json.dumps writes): no free whitespace, which a weak
@@ -137,3 +139,126 @@ def make_constraint(tokenizer, *, json_schema: Optional[Schema] = None, regex: O
         return None
     what = "json_schema" if json_schema is not None else "regex" if regex is not None else "grammar"
     return Constraint(tokenizer, source, prompt_tokens, what)
+
+
+# --- Forced tool calls: LFM2's Pythonic syntax, <|tool_call_start|>[f(a=1, b="x")]<|tool_call_end|>
+
+_PY_ANY = r"""
+py_any: py_str | py_num | "True" | "False" | "None" | "[" (py_any (", " py_any)*)? "]"
+      | "{" (py_str ": " py_any (", " py_str ": " py_any)*)? "}"
+py_str: %json{"type": "string", "x-guidance": {"json_allowed_escapes": "nrbtf\\\"", "whitespace_flexible": false}}
+py_num: %json{"type": "number"}
+PY_NAME: /[A-Za-z_][A-Za-z0-9_]{0,63}/
+"""
+# JSON strings and numbers are Python literals too (with the \/ and \u escapes excluded, they
+# mean the same); true/false/null are not, so those and the containers are spelled here.
+_STR_OPTIONS = {"json_allowed_escapes": 'nrbtf\\"', **JSON_DEFAULTS}
+
+
+def _lit(text: str) -> str:
+    """A Lark string literal."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+class _PythonicGrammar:
+    """JSON schemas of tool parameters -> Lark rules whose text ``ast.literal_eval`` reads."""
+
+    def __init__(self):
+        self.defs, self.rules, self.named = {}, [], {}
+
+    def rule(self, body: str) -> str:
+        name = f"r{len(self.rules)}"
+        self.rules.append(f"{name}: {body}")
+        return name
+
+    def value(self, s) -> str:
+        if not isinstance(s, dict) or not s:
+            return "py_any"
+        if "$ref" in s:
+            ref = s["$ref"]
+            for prefix in ("#/$defs/", "#/definitions/"):
+                if ref.startswith(prefix) and ref[len(prefix):] in self.defs:
+                    return self.ref(ref[len(prefix):])
+            raise ConstraintError(f"tool parameters: unsupported $ref {ref!r}")
+        if "const" in s or "enum" in s:
+            values = [s["const"]] if "const" in s else s["enum"]
+            return "(" + " | ".join(_lit(py_literal(v)) for v in values) + ")"
+        for key in ("anyOf", "oneOf"):
+            if key in s:
+                return "(" + " | ".join(self.value(sub) for sub in s[key]) + ")"
+        kind = s.get("type")
+        if isinstance(kind, list):
+            return "(" + " | ".join(self.value({**s, "type": k}) for k in kind) + ")"
+        if kind in ("string", "number", "integer"):
+            sub = {k: v for k, v in s.items() if k not in ("description", "title", "default", "examples")}
+            return "%json" + json.dumps({**sub, "x-guidance": _STR_OPTIONS}, ensure_ascii=False)
+        if kind == "boolean":
+            return '("True" | "False")'
+        if kind == "null":
+            return '"None"'
+        if kind == "array" and isinstance(s.get("items"), dict):
+            item, lo, hi = self.value(s["items"]), s.get("minItems", 0), s.get("maxItems")
+            more = f'(", " {item})' + (f"{{{max(lo - 1, 0)},{hi - 1}}}" if hi is not None else
+                                        f"{{{max(lo - 1, 0)},}}")
+            body = f"{item} {more}"
+            return self.rule(f'"[" {body} "]"' if lo > 0 else f'"[" ({body})? "]"' if hi != 0 else '"[" "]"')
+        if kind == "object" and isinstance(s.get("properties"), dict):
+            fields = [(_lit(_lit(k) + ": "), self.value(v), k in s.get("required", ()))
+                      for k, v in s["properties"].items()]
+            return self.rule(f'"{{" {self.fields(fields)} "}}"')
+        return "py_any"
+
+    def ref(self, name: str) -> str:
+        """A rule per definition, named before its body is built, so definitions may recurse."""
+        key = (id(self.defs), name)
+        if key not in self.named:
+            self.named[key] = f"d{len(self.named)}"
+            self.rules.append(f"{self.named[key]}: {self.value(self.defs[name])}")
+        return self.named[key]
+
+    def fields(self, fields: list) -> str:
+        """``k1=v1, k2=v2`` in order, optional ones may be left out: ``first_i`` is what may
+        follow when nothing is written yet, ``rest_i`` when something is (so it opens ", ")."""
+        first, rest = "", ""
+        for key, value, required in reversed(fields):
+            item = f"{key} {value}"
+            rest_next, first_next = rest, first
+            rest = self.rule(f'", " {item} {rest_next}' if required else f'(", " {item})? {rest_next}')
+            first = self.rule(f"{item} {rest_next}" if required else
+                              f"{item} {rest_next} | {first_next}" if first_next else f"({item} {rest_next})?")
+        return first
+
+
+def tool_call_grammar(tools: list, name: Optional[str] = None) -> str:
+    """A Lark grammar for one LFM2 tool-call block: ``name`` called once, or (None) one or more
+    calls of any of ``tools`` (OpenAI ``{"type": "function", "function": {...}}`` or bare
+    ``{"name", "parameters"}`` dicts). Arguments follow each tool's parameter schema."""
+
+    functions = [t.get("function", t) for t in tools]
+    if name is not None:
+        functions = [f for f in functions if f.get("name") == name]
+        if not functions:
+            raise ConstraintError(f"tool_choice names {name!r}, which is not one of the tools")
+    g = _PythonicGrammar()
+    calls = []
+    for f in functions:
+        if not isinstance(f.get("name"), str) or not f["name"].replace(".", "_").isidentifier():
+            raise ConstraintError(f"tool name {f.get('name')!r} is not a Python name, so LFM2's call "
+                                  "syntax cannot call it")
+        params = f.get("parameters") or {}
+        g.defs = {**params.get("$defs", {}), **params.get("definitions", {})}
+        props = params.get("properties")
+        for key in props or ():
+            if not str(key).isidentifier():
+                raise ConstraintError(f"tool {f['name']}: parameter {key!r} is not a Python name, "
+                                      "so LFM2's call syntax cannot pass it")
+        if isinstance(props, dict):
+            fields = [(_lit(f"{k}="), g.value(v), k in params.get("required", ())) for k, v in props.items()]
+            args = g.fields(fields)
+        else:  # no declared parameters: any keyword arguments
+            args = '(PY_NAME "=" py_any (", " PY_NAME "=" py_any)*)?'
+        calls.append(g.rule(f'{_lit(f["name"] + "(")} {args} ")"'))
+    call = "(" + " | ".join(calls) + ")"
+    repeat = "" if name is not None else f' (", " {call})*'
+    start = f'start: {CALL_START} "[" {call}{repeat} "]" {CALL_END}'
+    return "\n".join([start, *g.rules, _PY_ANY])

@@ -1,0 +1,162 @@
+"""Constrained decoding. A random-weight model is noise, so every reply that parses and
+validates is the constraint's doing: each case samples at temperature 1 over several seeds."""
+
+import json
+import re
+from pathlib import Path
+
+import jsonschema
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from conftest import ScriptedModel, reference_dir
+from mlx_lfm2 import parse_tool_calls, stream_generate
+from mlx_lfm2.text.constraints import ConstraintError, make_constraint, tool_call_grammar
+
+TRICKY = json.loads((Path(__file__).parent / "fixtures" / "tricky_schemas.json").read_text(encoding="utf-8"))
+SEEDS = (0, 1, 2)
+CHAT = [{"role": "user", "content": "Reply in JSON."}]
+
+
+def sample(chat_model, max_tokens=160, seed=0, prompt=CHAT, **constraint):
+    model, tok, _ = chat_model
+    rs = list(stream_generate(model, tok, prompt, max_tokens=max_tokens, temperature=1.0, seed=seed, **constraint))
+    return "".join(r.text for r in rs), rs[-1]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from mlx_lfm2.text.tokenizer import load_tokenizer
+
+    return load_tokenizer(reference_dir())
+
+
+@pytest.mark.parametrize("name", sorted(TRICKY))
+def test_every_random_reply_validates_against_the_schema(chat_model, name):
+    schema = TRICKY[name]
+    validator = jsonschema.Draft202012Validator(schema, format_checker=jsonschema.FormatChecker())
+    for seed in SEEDS:
+        text, last = sample(chat_model, seed=seed, json_schema=schema)
+        assert last.finish_reason == "stop", (seed, text)  # the value closed, then the stop token
+        validator.validate(json.loads(text))
+
+
+def test_unconstrained_random_replies_are_not_json(chat_model):
+    """The control: without the constraint the same model and seeds write noise."""
+    for seed in SEEDS:
+        text, _ = sample(chat_model, max_tokens=24, seed=seed)
+        with pytest.raises(ValueError):
+            json.loads(text)
+
+
+def test_regex_and_lark_grammar(chat_model):
+    pattern = r"[A-Z]{3}-[0-9]{2,4}( \(café\))?"
+    for seed in SEEDS:
+        text, last = sample(chat_model, seed=seed, regex=pattern)
+        assert re.fullmatch(pattern, text) and last.finish_reason == "stop", text
+    grammar = 'start: "The answer is " ANSWER "."\nANSWER: "yes" | "no" | /[0-9]{1,3}/'
+    for seed in SEEDS:
+        text, _ = sample(chat_model, seed=seed, grammar=grammar)
+        assert re.fullmatch(r"The answer is (yes|no|[0-9]{1,3})\.", text), text
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "required": ["city"],
+    "properties": {"city": {"type": "string", "maxLength": 12}, "unit": {"enum": ["c", "f"]},
+                   "days": {"type": "integer", "minimum": 1, "maximum": 7}, "hourly": {"type": "boolean"},
+                   "note": {"type": ["string", "null"], "maxLength": 4},
+                   "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 2},
+                   "at": {"type": "object", "required": ["lat"], "additionalProperties": False,
+                          "properties": {"lat": {"type": "number", "minimum": -90, "maximum": 90},
+                                         "lon": {"type": "integer", "minimum": 0, "maximum": 9}}}}}}}
+PING = {"type": "function", "function": {"name": "ping", "parameters": {"type": "object", "properties": {}}}}
+
+
+@pytest.mark.parametrize("name", [None, "get_weather"])
+def test_forced_tool_calls_parse_and_match_their_schemas(chat_model, name):
+    tools = [WEATHER, PING]
+    grammar = tool_call_grammar(tools, name)
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in tools}
+    for seed in SEEDS:
+        text, last = sample(chat_model, max_tokens=200, seed=seed, grammar=grammar)
+        parsed = parse_tool_calls(text)
+        assert last.finish_reason == "stop" and parsed.calls and not parsed.errors, text
+        assert parsed.content == ""
+        for call in parsed.calls:
+            assert name is None or call["name"] == name
+            jsonschema.validate(call["arguments"], schemas[call["name"]])
+
+
+def test_tool_grammar_rejects_what_the_call_syntax_cannot_carry():
+    with pytest.raises(ConstraintError, match="'first-name' is not a Python name"):
+        tool_call_grammar([{"name": "f", "parameters": {"properties": {"first-name": {"type": "string"}}}}])
+    with pytest.raises(ConstraintError, match="'nope', which is not one of the tools"):
+        tool_call_grammar([PING], "nope")
+
+
+def test_value_that_cannot_close_in_time_ends_with_length(chat_model):
+    schema = {"type": "object", "required": ["essay"], "properties": {"essay": {"type": "string", "minLength": 400}}}
+    text, last = sample(chat_model, max_tokens=12, json_schema=schema)
+    assert last.finish_reason == "length" and last.generation_tokens == 12
+    assert text.startswith('{"essay": "')
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(json_schema={"type": "array", "uniqueItems": True}), "uniqueItems"),
+    (dict(json_schema={"type": "strin"}), "Invalid type: strin"),
+    (dict(json_schema={"type": "integer", "minimum": 5, "maximum": 3}), "minimum"),
+    (dict(json_schema='{"type": '), "not valid JSON"),
+    (dict(json_schema={"$ref": "#/$defs/missing"}), "missing"),
+    (dict(regex="([a-z]"), "unclosed group"),
+    (dict(grammar="start: undefined_rule"), "undefined_rule"),
+    (dict(json_schema={"type": "object"}, regex="a"), "one constraint"),
+])
+def test_bad_constraints_are_clear_value_errors(chat_model, kwargs, message):
+    model, tok, _ = chat_model
+    with pytest.raises(ConstraintError, match=message) as e:
+        list(stream_generate(model, tok, "x", max_tokens=4, **kwargs))
+    assert isinstance(e.value, ValueError)
+
+
+def test_lenient_schema_ignores_unsupported_keywords(chat_model):
+    schema = {"type": "array", "items": {"enum": [1, 2]}, "maxItems": 2, "uniqueItems": True,
+              "x-guidance": {"lenient": True}}
+    text, last = sample(chat_model, json_schema=schema)
+    assert last.finish_reason == "stop" and set(json.loads(text)) <= {1, 2}
+
+
+def test_padding_rows_past_the_tokenizer_are_masked(tok):
+    """The embedding has more rows (65536) than the tokenizer has tokens (64400): a model that
+    prefers a padding row must still write what the regex allows."""
+    c = make_constraint(tok, regex="[ab]+")
+    assert not c.allowed(65536)[tok.vocab_size:].any()
+    model = ScriptedModel([65000], vocab=65536)
+    rs = list(stream_generate(model, tok, [1, 2], max_tokens=6, regex="[ab]+"))
+    assert all(r.token is None or r.token < tok.vocab_size for r in rs)
+    assert re.fullmatch("[ab]+", "".join(r.text for r in rs))
+
+
+def test_constraint_keeps_the_models_choice_when_it_is_allowed(tok):
+    """Greedy picks the scripted token whenever the grammar allows it, and stops once the
+    grammar closes, even though the script would go on."""
+    ids = tok.encode('{"a": 1}', add_special_tokens=False)
+    model = ScriptedModel(ids + ids)
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"], "additionalProperties": False}
+    rs = list(stream_generate(model, tok, [1, 2, 3], max_tokens=20, json_schema=schema))
+    assert "".join(r.text for r in rs) == '{"a": 1}'
+    assert rs[-1].finish_reason == "stop" and rs[-1].token in tok.eos_token_ids
+    assert rs[-1].generation_tokens == len(ids) + 1
+
+
+def test_mask_is_built_while_the_forward_runs(tok, monkeypatch):
+    """The processor starts the step's forward (async_eval) before computing its mask."""
+    events = []
+    c = make_constraint(tok, regex="[ab]+", prompt_tokens=2)
+    real_async_eval, real_allowed = mx.async_eval, c.allowed
+    monkeypatch.setattr(mx, "async_eval", lambda *a: (events.append("forward"), real_async_eval(*a))[1])
+    monkeypatch.setattr(c, "allowed", lambda v: (events.append("mask"), real_allowed(v))[1])
+    out = c(mx.array([1, 2]), mx.zeros((1, 65536)))
+    assert events == ["forward", "mask"]
+    allowed = np.flatnonzero(np.array(out[0] > -np.inf))
+    assert allowed.size and all(set(tok.decode([int(t)])) <= {"a", "b"} for t in allowed)
