@@ -5,9 +5,10 @@ tokenizer: see the README's "Structured output"). Each generation gets a fresh m
 processor masks disallowed tokens to -inf, advances the matcher with each sampled token, and
 once the value is closed allows only the stop tokens, so generation ends there.
 
-The mask is computed on the CPU while the device runs the step: the processor starts the
-forward (``mx.async_eval``) before it reads the previous token and asks llguidance for the
-next mask (which releases the GIL), so its cost hides behind the forward.
+The mask is computed on the CPU while the device runs the step: the processor reads the
+sampled token, starts the step's forward (``mx.async_eval``), then advances the matcher and
+asks llguidance for the next mask (which releases the GIL), so their cost hides behind the
+forward.
 """
 
 from __future__ import annotations
@@ -121,13 +122,19 @@ class Constraint:
         return mask
 
     def __call__(self, history: mx.array, logits: mx.array) -> mx.array:
-        mx.async_eval(logits)  # the forward runs while the matcher works below
         new = history.size - self.prompt_tokens - self.consumed
         assert new in (0, 1), "the constraint must see every generated token"
-        if new:
-            self.advance(history[-1].item())
-        mask = mx.array(self.allowed(logits.shape[-1]))
-        return mx.where(mask, logits, mx.array(-mx.inf, logits.dtype))
+        # Read the last token before starting this step's forward: read after, it would wait
+        # for the forward too. Then the matcher works while the forward runs.
+        token = history[-1].item() if new else None
+        mx.async_eval(logits)
+        if token is not None:
+            self.advance(token)
+        mask = self.allowed(logits.shape[-1])
+        if not mask.any():  # only when the model's rows do not cover the tokenizer's vocabulary
+            raise ConstraintError(f"no token the model can write ({logits.shape[-1]} rows) satisfies the "
+                                  "constraint here: does the tokenizer belong to this model?")
+        return mx.where(mx.array(mask), logits, mx.array(-mx.inf, logits.dtype))
 
 
 def make_constraint(tokenizer, *, json_schema: Optional[Schema] = None, regex: Optional[str] = None,
