@@ -150,31 +150,6 @@ def test_tool_calls_are_confirmed_run_and_fed_back(chat_model, monkeypatch):
     assert chat.messages[2]["content"] == "5"
 
 
-def test_default_model_is_converted_once_into_the_local_cache(tmp_path, monkeypatch):
-    from rich.console import Console
-
-    from mlx_lfm2.cli import chat as cli
-
-    from mlx_lfm2.weights import conversion
-
-    calls = []
-
-    def fake_convert(hf_path, mlx_path, quantize=False, force=False, quant_recipe="uniform", **kw):
-        calls.append((hf_path, quantize, quant_recipe))
-        mlx_path.mkdir(parents=True)
-        (mlx_path / "config.json").write_text("{}")
-        return mlx_path
-
-    monkeypatch.setattr(cli, "HOME", tmp_path)
-    monkeypatch.setattr(conversion, "convert", fake_convert)
-    console = Console(record=True)
-    first = cli.default_model(console)
-    second = cli.default_model(console)
-    assert first == second == tmp_path / "models" / "LFM2-24B-A2B-4bit-mixed8"
-    assert calls == [("LiquidAI/LFM2-24B-A2B", True, "mixed_8")]
-    assert "converting it to 4-bit" in console.export_text()
-
-
 def test_bad_model_path_is_a_clean_error(tmp_path):
     import subprocess
 

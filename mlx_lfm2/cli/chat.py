@@ -1,6 +1,7 @@
 """``python chat.py``: a streaming chat REPL (rich) over ``session.Chat``.
 
-With no ``--model`` it uses LFM2-24B-A2B, converted once to 4-bit into a local cache.
+With no ``--model`` it uses the largest LFM2 model that fits this machine (LFM2-24B-A2B where
+it does), fetched and converted once to 4-bit into a local cache.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ Ctrl-C stops a reply and keeps the conversation."""
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Chat with an LFM2 model.")
-    p.add_argument("--model", help=f"model folder or hub repo id (default: {DEFAULT_REPO}, 4-bit)")
+    p.add_argument("--model", help=f"model folder or hub repo id (default: {DEFAULT_REPO} at 4 bits where it fits this "
+                   "machine's memory, else LFM2-8B-A1B)")
     p.add_argument("--system", help="system prompt")
     p.add_argument("--max-tokens", type=int, default=2048)
     p.add_argument("--temperature", type=float)
@@ -47,15 +49,32 @@ def parse_args(argv=None):
 
 
 def default_model(console) -> Path:
-    """LFM2-24B-A2B converted on first use: experts at 4 bits, the rest (under 4% of the
-    weights, most of the quantization error) at 8 bits: ~0.4 GB over uniform 4-bit."""
-    target = HOME / "models" / "LFM2-24B-A2B-4bit-mixed8"
-    if not (target / "config.json").exists():
-        from ..weights.conversion import convert
+    """The largest LFM2 model that fits this machine (see ``weights/provision.py``), fetched
+    and converted on first use: experts at 4 bits, the rest at 8 (recipe mixed_8)."""
+    from ..weights import provision
 
-        console.print(f"First run: fetching [bold]{DEFAULT_REPO}[/] and converting it to 4-bit in {target}")
-        convert(DEFAULT_REPO, target, quantize=True, quant_recipe="mixed_8", force=True)
-    return target
+    entry, line = provision.choose_default(provision.machine())
+    console.print(line)
+    return provision.provision(entry, HOME, console, confirm=_confirm(console))
+
+
+def check_model(console, name: str) -> None:
+    """``--model``: the same memory check as the default, as a warning."""
+    from ..weights import provision
+
+    path = Path(name).expanduser()
+    size = provision.local_weights_gb(path) if path.is_dir() else provision.hub_weights_gb(name)
+    warning = size and provision.fit_warning(name, size, provision.machine())
+    if warning:
+        console.print(warning, style="yellow", markup=False)
+
+
+def _confirm(console):
+    import sys
+
+    if not sys.stdin.isatty():
+        return None  # never ask (or delete) without a person at the keyboard
+    return lambda question: console.input(question).strip().lower() in ("y", "yes")
 
 
 def load_tools(path: Path) -> dict:
@@ -228,8 +247,11 @@ def main(argv=None) -> None:
 
     t_load = time.perf_counter()
     try:
-        model, tokenizer = load(args.model) if args.model else load(default_model(console))
-    except (OSError, ValueError) as e:
+        if args.model:
+            check_model(console, args.model)
+        source = args.model or default_model(console)
+        model, tokenizer = load(source)
+    except (OSError, ValueError, RuntimeError) as e:
         raise SystemExit(f"error: {e}")
     load_s = time.perf_counter() - t_load
     sampling = {k: v for k, v in dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
@@ -239,7 +261,7 @@ def main(argv=None) -> None:
         sampling["json_schema"] = read_schema(args.json_schema, tokenizer)
     chat = Chat(model, tokenizer, system=args.system, tools=list(tools.values()) or None, **sampling)
     startup = time.perf_counter() - t0 - load_s
-    console.print(f"[bold]mlx_lfm2[/] · {args.model or DEFAULT_REPO} · weights {load_s:.1f}s · "
+    console.print(f"[bold]mlx_lfm2[/] · {args.model or Path(source).name} · weights {load_s:.1f}s · "
                   f"start-up {startup:.2f}s · /help for commands"
                   + (f" · tools: {', '.join(tools)}" if tools else "")
                   + (f" · replies follow {args.json_schema}" if args.json_schema else ""))
