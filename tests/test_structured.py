@@ -160,3 +160,35 @@ def test_mask_is_built_while_the_forward_runs(tok, monkeypatch):
     assert events == ["forward", "mask"]
     allowed = np.flatnonzero(np.array(out[0] > -np.inf))
     assert allowed.size and all(set(tok.decode([int(t)])) <= {"a", "b"} for t in allowed)
+
+
+@pytest.mark.slow  # a subprocess
+def test_chat_cli_json_schema_replies_validate(checkpoint, tmp_path):
+    pexpect = pytest.importorskip("pexpect")
+    import sys
+
+    from conftest import ROOT, tiny_config
+
+    schema = {"type": "object", "additionalProperties": False, "required": ["ok", "n"],
+              "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0, "maximum": 9}}}
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    (tmp_path / "bad.json").write_text(json.dumps({"type": "array", "uniqueItems": True}))
+    folder = checkpoint(tiny_config("tiny-moe"), tokenizer=True)
+    args = [str(ROOT / "chat.py"), "--model", str(folder), "--temperature", "1", "--seed", "3", "--no-markdown"]
+    env = {"TERM": "xterm", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    child = pexpect.spawn(sys.executable, args + ["--json-schema", "schema.json"], encoding="utf-8",
+                          timeout=60, dimensions=(50, 150), cwd=str(tmp_path), env=env)
+    try:
+        child.expect(">>> ")
+        for _ in range(2):
+            child.sendline("Give me a record.")
+            child.expect(r"prompt tokens @")
+            shown = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", child.before)  # the live view redraws
+            reply = re.findall(r"\{[^\r\n]*\}", shown)[-1]
+            jsonschema.validate(json.loads(reply), schema)
+            child.expect(">>> ")
+    finally:
+        child.close(force=True)
+    bad = pexpect.run(sys.executable, args=args + ["--json-schema", "bad.json"], cwd=str(tmp_path), env=env,
+                      encoding="utf-8", timeout=60, withexitstatus=True)
+    assert bad[1] != 0 and "bad.json is not a usable JSON schema" in bad[0] and "uniqueItems" in bad[0]
