@@ -88,6 +88,23 @@ def test_forced_tool_calls_parse_and_match_their_schemas(chat_model, name):
             jsonschema.validate(call["arguments"], schemas[call["name"]])
 
 
+@pytest.mark.parametrize("name", [None, "get_weather"])
+def test_opened_tool_grammar_continues_the_forced_opening(tok, name):
+    """The server writes the opening into the prompt; the grammar covers the rest, so the
+    opening plus any text the grammar accepts is a call that parses."""
+    from mlx_lfm2.text.constraints import forced_tool_opening
+
+    grammar = tool_call_grammar([WEATHER, PING], name, opened=True)
+    rest = ('city="Oslo", days=3)]' if name else 'ping(), get_weather(city="Oslo", hourly=True)]') + "<|tool_call_end|>"
+    c = make_constraint(tok, grammar=grammar)
+    for t in tok.encode(rest, add_special_tokens=False):
+        assert c.allowed(65536)[t], tok.decode([t])
+        c.advance(t)
+    assert c.done
+    calls = parse_tool_calls(forced_tool_opening(name) + rest).calls
+    assert calls[-1] == {"name": "get_weather", "arguments": {"city": "Oslo", **({"days": 3} if name else {"hourly": True})}}
+
+
 def test_tool_grammar_rejects_what_the_call_syntax_cannot_carry():
     with pytest.raises(ConstraintError, match="'first-name' is not a Python name"):
         tool_call_grammar([{"name": "f", "parameters": {"properties": {"first-name": {"type": "string"}}}}])

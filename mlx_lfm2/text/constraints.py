@@ -236,11 +236,14 @@ class _PythonicGrammar:
         return first
 
 
-def tool_call_grammar(tools: list, name: Optional[str] = None) -> str:
+def tool_call_grammar(tools: list, name: Optional[str] = None, opened: bool = False) -> str:
     """A Lark grammar for one LFM2 tool-call block: ``name`` called once, or (None) one or more
     calls of any of ``tools`` (OpenAI ``{"type": "function", "function": {...}}`` or bare
-    ``{"name", "parameters"}`` dicts). Arguments follow each tool's parameter schema."""
+    ``{"name", "parameters"}`` dicts). Arguments follow each tool's parameter schema.
 
+    ``opened``: the reply already holds the block's opening (``forced_tool_opening``), as the
+    server writes it at the end of the prompt; the grammar covers the rest.
+    """
     functions = [t.get("function", t) for t in tools]
     if name is not None:
         functions = [f for f in functions if f.get("name") == name]
@@ -264,8 +267,17 @@ def tool_call_grammar(tools: list, name: Optional[str] = None) -> str:
             args = g.fields(fields)
         else:  # no declared parameters: any keyword arguments
             args = '(PY_NAME "=" py_any (", " PY_NAME "=" py_any)*)?'
-        calls.append(g.rule(f'{_lit(f["name"] + "(")} {args} ")"'))
-    call = "(" + " | ".join(calls) + ")"
-    repeat = "" if name is not None else f' (", " {call})*'
-    start = f'start: {CALL_START} "[" {call}{repeat} "]" {CALL_END}'
+        calls.append((_lit(f["name"] + "("), f'{args} ")"'))
+    if name is not None:
+        ((head, rest),) = calls
+        body = rest if opened else f"{head} {rest}"
+    else:
+        call = "(" + " | ".join(g.rule(f"{head} {rest}") for head, rest in calls) + ")"
+        body = f'{call} (", " {call})*'
+    start = f'start: {body} "]" {CALL_END}' if opened else f'start: {CALL_START} "[" {body} "]" {CALL_END}'
     return "\n".join([start, *g.rules, _PY_ANY])
+
+
+def forced_tool_opening(name: Optional[str] = None) -> str:
+    """The reply's first characters when a call is forced (of ``name``, or of any tool)."""
+    return f"{CALL_START}[{name}(" if name is not None else f"{CALL_START}["
