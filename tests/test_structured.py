@@ -99,7 +99,7 @@ def test_opened_tool_grammar_continues_the_forced_opening(tok, name):
     c = make_constraint(tok, grammar=grammar)
     for t in tok.encode(rest, add_special_tokens=False):
         assert c.allowed(65536)[t], tok.decode([t])
-        c.advance(t)
+        c.advance([t])
     assert c.done
     calls = parse_tool_calls(forced_tool_opening(name) + rest).calls
     assert calls[-1] == {"name": "get_weather", "arguments": {"city": "Oslo", **({"days": 3} if name else {"hourly": True})}}
@@ -209,3 +209,16 @@ def test_chat_cli_json_schema_replies_validate(checkpoint, tmp_path):
     bad = pexpect.run(sys.executable, args=args + ["--json-schema", "bad.json"], cwd=str(tmp_path), env=env,
                       encoding="utf-8", timeout=60, withexitstatus=True)
     assert bad[1] != 0 and "bad.json is not a usable JSON schema" in bad[0] and "uniqueItems" in bad[0]
+
+
+def test_constraint_follows_history_forward_and_back(tok):
+    """Several new ids at once are all consumed; a shorter history (drafted tokens taken back)
+    rolls the matcher back, so the masks match a constraint that saw only the kept ids."""
+    ids = tok.encode('{"a": 12', add_special_tokens=False)
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    logits = mx.zeros((1, 65536))
+    c, fresh = make_constraint(tok, json_schema=schema, prompt_tokens=1), make_constraint(tok, json_schema=schema)
+    c(mx.array([0] + ids), logits)
+    out = c(mx.array([0] + ids[:2]), logits)
+    fresh.advance(ids[:2])
+    assert c.consumed == 2 and (np.array(out[0] > -np.inf) == fresh.allowed(65536)).all()

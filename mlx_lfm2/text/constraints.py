@@ -89,8 +89,9 @@ class Constraint:
     """A logits processor ``(history [T], logits [1, V]) -> logits`` enforcing one grammar.
 
     ``history`` is the prompt (``prompt_tokens`` ids) then the generated ids, as
-    ``generate_step`` passes it; each call consumes the newest generated id, if any, then
-    masks. Rows past the tokenizer's vocabulary (embedding padding) are always masked.
+    ``generate_step`` passes it; each call consumes the generated ids it has not seen (or
+    rolls back those that were taken back), then masks. Rows past the tokenizer's vocabulary
+    (embedding padding) are always masked.
     """
 
     def __init__(self, tokenizer, source: str, prompt_tokens: int = 0, what: str = "constraint"):
@@ -101,17 +102,22 @@ class Constraint:
         if self.matcher.is_error():
             raise ConstraintError(f"{what}: {self.matcher.get_error()}")
         self.prompt_tokens, self.consumed = prompt_tokens, 0
-        self.eos = sorted(tokenizer.eos_token_ids)
 
     @property
     def done(self) -> bool:
         """The value is closed: only a stop token may follow."""
         return self.matcher.is_stopped()
 
-    def advance(self, token: int) -> None:
-        if not self.matcher.consume_token(token):
-            raise RuntimeError(f"the constraint rejected token {token}: {self.matcher.get_error()}")
-        self.consumed += 1
+    def advance(self, tokens: list[int]) -> None:
+        for t in tokens:  # one at a time: consume_tokens refuses the stop token after the value
+            if not self.matcher.consume_token(t):
+                raise RuntimeError(f"the constraint rejected token {t}: {self.matcher.get_error()}")
+            self.consumed += 1
+
+    def rollback(self, n: int) -> None:
+        if not self.matcher.rollback(n):
+            raise RuntimeError(f"the constraint cannot take back {n} tokens: {self.matcher.get_error()}")
+        self.consumed -= n
 
     def allowed(self, vocab: int) -> np.ndarray:
         """The next token's mask ``[vocab]`` (bool) in the matcher's current state."""
@@ -123,13 +129,14 @@ class Constraint:
 
     def __call__(self, history: mx.array, logits: mx.array) -> mx.array:
         new = history.size - self.prompt_tokens - self.consumed
-        assert new in (0, 1), "the constraint must see every generated token"
-        # Read the last token before starting this step's forward: read after, it would wait
+        if new < 0:
+            self.rollback(-new)
+        # Read the new tokens before starting this step's forward: read after, it would wait
         # for the forward too. Then the matcher works while the forward runs.
-        token = history[-1].item() if new else None
+        tokens = history[-new:].tolist() if new > 0 else []
         mx.async_eval(logits)
-        if token is not None:
-            self.advance(token)
+        if tokens:
+            self.advance(tokens)
         mask = self.allowed(logits.shape[-1])
         if not mask.any():  # only when the model's rows do not cover the tokenizer's vocabulary
             raise ConstraintError(f"no token the model can write ({logits.shape[-1]} rows) satisfies the "
