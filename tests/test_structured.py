@@ -222,3 +222,106 @@ def test_constraint_follows_history_forward_and_back(tok):
     out = c(mx.array([0] + ids[:2]), logits)
     fresh.advance(ids[:2])
     assert c.consumed == 2 and (np.array(out[0] > -np.inf) == fresh.allowed(65536)).all()
+
+
+# --- The server: response_format and forced tool calls over HTTP, with the random model
+
+
+@pytest.fixture(scope="module")
+def served(chat_model):
+    import threading
+    import time
+
+    import uvicorn
+
+    openai = pytest.importorskip("openai")
+    from mlx_lfm2.serve.app import Engine, create_app
+    from test_server import free_port
+
+    model, tok, _ = chat_model
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(create_app(Engine(model, tok, "tiny")), host="127.0.0.1", port=port,
+                                        log_level="warning"))
+    threading.Thread(target=srv.run, daemon=True).start()
+    while not srv.started:
+        time.sleep(0.02)
+    base = f"http://127.0.0.1:{port}"
+    yield base, openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0)
+    srv.should_exit = True
+
+
+def strict(schema):
+    return {"type": "json_schema", "json_schema": {"name": "reply", "schema": schema, "strict": True}}
+
+
+def test_server_response_format_replies_validate_streamed_or_not(served):
+    _, client = served
+    schema = TRICKY["nested"]
+    msgs = [{"role": "user", "content": "Who is it?"}]
+    for seed in SEEDS:
+        kw = dict(model="m", messages=msgs, temperature=1.0, seed=seed, max_tokens=160, response_format=strict(schema))
+        r = client.chat.completions.create(**kw)
+        assert r.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+        chunks = [c for c in client.chat.completions.create(stream=True, **kw) if c.choices]
+        assert chunks[-1].choices[0].finish_reason == "stop"
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == r.choices[0].message.content
+    for seed in SEEDS:  # any object: the random model may not close its keys in time
+        r = client.chat.completions.create(model="m", messages=msgs, temperature=1.0, seed=seed, max_tokens=64,
+                                           response_format={"type": "json_object"})
+        text, finish = r.choices[0].message.content, r.choices[0].finish_reason
+        assert text.startswith("{") and (finish == "length" or isinstance(json.loads(text), dict)), text
+
+
+def test_server_completions_take_response_format_too(served):
+    _, client = served
+    schema = TRICKY["patterns"]
+    for stream in (False, True):
+        r = client.completions.create(model="m", prompt="Code:", temperature=1.0, seed=1, max_tokens=64,
+                                      stream=stream, extra_body={"response_format": strict(schema)})
+        text = "".join(c.choices[0].text for c in r) if stream else r.choices[0].text
+        jsonschema.validate(json.loads(text), schema)
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_server_forced_tool_calls_always_parse(served, choice):
+    _, client = served
+    params = WEATHER["function"]["parameters"]
+    for seed in SEEDS:
+        r = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Weather?"}],
+                                           tools=[WEATHER, PING], tool_choice=choice, temperature=1.0, seed=seed,
+                                           max_tokens=200)
+        c = r.choices[0]
+        assert c.finish_reason == "tool_calls" and c.message.tool_calls, c.message.content
+        for call in c.message.tool_calls:
+            assert choice == "required" or call.function.name == "get_weather"
+            if call.function.name == "get_weather":
+                jsonschema.validate(json.loads(call.function.arguments), params)
+
+
+def test_server_rejects_bad_schemas_with_a_400_naming_the_problem(served):
+    import httpx
+
+    base, client = served
+    body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 8}
+    bad = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9}, "uniqueItems": True}
+    for stream in (False, True):
+        r = httpx.post(base + "/v1/chat/completions", json={**body, "stream": stream, "response_format": strict(bad)})
+        err = r.json()["error"]
+        assert r.status_code == 400 and "uniqueItems" in err["message"] and err["param"] == "response_format"
+    r = httpx.post(base + "/v1/chat/completions", json={**body, "response_format": strict({"type": "intger"})})
+    assert r.status_code == 400 and "intger" in r.json()["error"]["message"]
+    r = httpx.post(base + "/v1/completions", json={"prompt": "x", "max_tokens": 8, "response_format": strict(
+        {"type": "string", "pattern": "(unclosed"})})
+    assert r.status_code == 400 and "unclosed group" in r.json()["error"]["message"]
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"properties": {"a-b": {}}}}}]
+    r = httpx.post(base + "/v1/chat/completions", json={**body, "tools": tools, "tool_choice": "required"})
+    assert r.status_code == 400 and "'a-b' is not a Python name" in r.json()["error"]["message"]
+    # Without strict, what cannot be enforced is skipped (best effort), not refused.
+    lenient = {"type": "json_schema", "json_schema": {"name": "r", "schema": {**bad, "maxItems": 3}}}
+    r = client.chat.completions.create(model="m", messages=body["messages"], max_tokens=40, response_format=lenient)
+    assert all(isinstance(v, int) for v in json.loads(r.choices[0].message.content))
+    # A value that cannot close within max_tokens ends with "length".
+    long = strict({"type": "object", "required": ["s"], "properties": {"s": {"type": "string", "minLength": 999}}})
+    r = client.chat.completions.create(model="m", messages=body["messages"], max_tokens=8, response_format=long)
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 8
