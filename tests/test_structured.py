@@ -212,16 +212,33 @@ def test_chat_cli_json_schema_replies_validate(checkpoint, tmp_path):
 
 
 def test_constraint_follows_history_forward_and_back(tok):
-    """Several new ids at once are all consumed; a shorter history (drafted tokens taken back)
-    rolls the matcher back, so the masks match a constraint that saw only the kept ids."""
-    ids = tok.encode('{"a": 12', add_special_tokens=False)
+    """As speculative decoding calls it: several new ids at once are consumed; drafts replaced
+    by other ids are rolled back; an id the grammar refuses is skipped. Each mask equals that
+    of a fresh constraint fed only the ids that stand."""
+    enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
     logits = mx.zeros((1, 65536))
-    c, fresh = make_constraint(tok, json_schema=schema, prompt_tokens=1), make_constraint(tok, json_schema=schema)
-    c(mx.array([0] + ids), logits)
-    out = c(mx.array([0] + ids[:2]), logits)
-    fresh.advance(ids[:2])
-    assert c.consumed == 2 and (np.array(out[0] > -np.inf) == fresh.allowed(65536)).all()
+    c = make_constraint(tok, json_schema=schema, prompt_tokens=1)
+
+    def check(generated, valid):
+        out = c(mx.array([0] + generated), logits)
+        fresh = make_constraint(tok, json_schema=schema)
+        assert fresh.advance(valid) == len(valid)
+        assert c.tokens == valid and (np.array(out[0] > -np.inf) == fresh.allowed(65536)).all()
+
+    head = enc('{"a": ')
+    check(head + enc("12"), head + enc("12"))
+    check(head + enc("7"), head + enc("7"))  # a different id in the same place
+    check(head, head)  # taken back
+    check(head + enc("7") + enc("x") + enc("1"), head + enc("7"))  # refused, and what follows it
+
+
+def test_finished_value_skips_the_stop_token(tok):
+    c = make_constraint(tok, regex="ab", prompt_tokens=0)
+    c(mx.array(tok.encode("ab", add_special_tokens=False)), mx.zeros((1, 65536)))
+    assert c.done
+    out = c(mx.array(tok.encode("ab", add_special_tokens=False) + [7]), mx.zeros((1, 65536)))
+    assert set(np.flatnonzero(np.array(out[0] > -np.inf)).tolist()) == set(tok.eos_token_ids)
 
 
 # --- The server: response_format and forced tool calls over HTTP, with the random model

@@ -88,11 +88,15 @@ def grammar_source(*, json_schema: Optional[Schema] = None, regex: Optional[str]
 class Constraint:
     """A logits processor ``(history [T], logits [1, V]) -> logits`` enforcing one grammar.
 
-    ``history`` is the prompt (``prompt_tokens`` ids) then the generated ids, as
-    ``generate_step`` passes it; each call consumes the generated ids it has not seen (or
-    rolls back those that were taken back), then masks. Rows past the tokenizer's vocabulary
-    (embedding padding) are always masked.
+    ``history`` is the prompt (``prompt_tokens`` ids) then the generated ids, as the decode
+    loops pass it. Each call brings the matcher in line with the generated ids (consuming new
+    ones; rolling back ones replaced since, as speculative decoding does with rejected drafts,
+    looking back at most ``LOOK_BACK`` ids), then masks. An id the grammar refuses (a draft
+    that will be rejected, or the stop token that ends generation) is not consumed. Rows past
+    the tokenizer's vocabulary (embedding padding) are always masked.
     """
+
+    LOOK_BACK = 32
 
     def __init__(self, tokenizer, source: str, prompt_tokens: int = 0, what: str = "constraint"):
         from llguidance import LLMatcher
@@ -101,23 +105,24 @@ class Constraint:
         self.matcher = LLMatcher(self.ll, source, log_level=0)
         if self.matcher.is_error():
             raise ConstraintError(f"{what}: {self.matcher.get_error()}")
-        self.prompt_tokens, self.consumed = prompt_tokens, 0
+        self.prompt_tokens = prompt_tokens
+        self.tokens: list[int] = []  # the generated ids the matcher has consumed
 
     @property
     def done(self) -> bool:
         """The value is closed: only a stop token may follow."""
         return self.matcher.is_stopped()
 
-    def advance(self, tokens: list[int]) -> None:
-        for t in tokens:  # one at a time: consume_tokens refuses the stop token after the value
-            if not self.matcher.consume_token(t):
-                raise RuntimeError(f"the constraint rejected token {t}: {self.matcher.get_error()}")
-            self.consumed += 1
+    def advance(self, tokens: list[int]) -> int:
+        """Consume ``tokens`` up to the first one the grammar refuses; how many were taken."""
+        n = self.matcher.try_consume_tokens(tokens)
+        self.tokens += tokens[:n]
+        return n
 
     def rollback(self, n: int) -> None:
-        if not self.matcher.rollback(n):
+        if n and not self.matcher.rollback(n):
             raise RuntimeError(f"the constraint cannot take back {n} tokens: {self.matcher.get_error()}")
-        self.consumed -= n
+        del self.tokens[len(self.tokens) - n:]
 
     def allowed(self, vocab: int) -> np.ndarray:
         """The next token's mask ``[vocab]`` (bool) in the matcher's current state."""
@@ -128,15 +133,17 @@ class Constraint:
         return mask
 
     def __call__(self, history: mx.array, logits: mx.array) -> mx.array:
-        new = history.size - self.prompt_tokens - self.consumed
-        if new < 0:
-            self.rollback(-new)
-        # Read the new tokens before starting this step's forward: read after, it would wait
-        # for the forward too. Then the matcher works while the forward runs.
-        tokens = history[-new:].tolist() if new > 0 else []
+        generated, held = history.size - self.prompt_tokens, len(self.tokens)
+        start = max(0, min(generated, held) - self.LOOK_BACK)
+        # Read the ids before starting this step's forward: read after, they would wait for
+        # the forward too. Then the matcher works while the forward runs.
+        recent = history[self.prompt_tokens + start:].tolist() if generated > start else []
         mx.async_eval(logits)
-        if tokens:
-            self.advance(tokens)
+        same = start
+        while same < min(generated, held) and recent[same - start] == self.tokens[same]:
+            same += 1
+        self.rollback(held - same)
+        self.advance(recent[same - start:])
         mask = self.allowed(logits.shape[-1])
         if not mask.any():  # only when the model's rows do not cover the tokenizer's vocabulary
             raise ConstraintError(f"no token the model can write ({logits.shape[-1]} rows) satisfies the "
