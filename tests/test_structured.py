@@ -342,3 +342,22 @@ def test_server_rejects_bad_schemas_with_a_400_naming_the_problem(served):
     long = strict({"type": "object", "required": ["s"], "properties": {"s": {"type": "string", "minLength": 999}}})
     r = client.chat.completions.create(model="m", messages=body["messages"], max_tokens=8, response_format=long)
     assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 8
+
+
+def test_tool_grammar_follows_refs_and_recursion(tok):
+    """$defs (recursive here) become rules; each tool's refs point into its own $defs."""
+    node = {"type": "object", "required": ["v"], "properties": {
+        "v": {"type": "integer", "minimum": 0, "maximum": 9},
+        "kids": {"type": "array", "maxItems": 2, "items": {"$ref": "#/$defs/node"}}}}
+    tree = {"name": "tree", "parameters": {"$defs": {"node": node}, "type": "object", "required": ["root"],
+                                           "properties": {"root": {"$ref": "#/$defs/node"}}}}
+    other = {"name": "flag", "parameters": {"$defs": {"node": {"type": "boolean"}}, "type": "object",
+                                            "required": ["on"], "properties": {"on": {"$ref": "#/$defs/node"}}}}
+    c = make_constraint(tok, grammar=tool_call_grammar([tree, other]))
+    text = '<|tool_call_start|>[tree(root={"v": 1, "kids": [{"v": 2}, {"v": 3, "kids": []}]}), flag(on=True)]<|tool_call_end|>'
+    ids = tok.encode(text, add_special_tokens=False)
+    assert c.advance(ids) == len(ids) and c.done
+    assert [x["name"] for x in parse_tool_calls(text).calls] == ["tree", "flag"]
+    bad = make_constraint(tok, grammar=tool_call_grammar([tree, other]))
+    wrong = tok.encode('<|tool_call_start|>[flag(on={"v": 1', add_special_tokens=False)
+    assert bad.advance(wrong) < len(wrong)

@@ -185,7 +185,12 @@ class _PythonicGrammar:
     """JSON schemas of tool parameters -> Lark rules whose text ``ast.literal_eval`` reads."""
 
     def __init__(self):
-        self.defs, self.rules, self.named = {}, [], {}
+        self.rules, self.defs, self.named = [], {}, {}
+
+    def use_defs(self, params: dict) -> None:
+        """One tool's ``$defs`` / ``definitions``, which its ``$ref``s point into."""
+        self.defs = {**params.get("$defs", {}), **params.get("definitions", {})}
+        self.named = {}
 
     def rule(self, body: str) -> str:
         name = f"r{len(self.rules)}"
@@ -231,11 +236,12 @@ class _PythonicGrammar:
 
     def ref(self, name: str) -> str:
         """A rule per definition, named before its body is built, so definitions may recurse."""
-        key = (id(self.defs), name)
-        if key not in self.named:
-            self.named[key] = f"d{len(self.named)}"
-            self.rules.append(f"{self.named[key]}: {self.value(self.defs[name])}")
-        return self.named[key]
+        if name not in self.named:
+            i = len(self.rules)
+            self.named[name] = f"d{i}"
+            self.rules.append("")  # its place, taken before the body adds rules of its own
+            self.rules[i] = f"d{i}: {self.value(self.defs[name])}"
+        return self.named[name]
 
     def fields(self, fields: list) -> str:
         """``k1=v1, k2=v2`` in order, optional ones may be left out: ``first_i`` is what may
@@ -270,7 +276,7 @@ def tool_call_grammar(tools: list, name: Optional[str] = None, opened: bool = Fa
             raise ConstraintError(f"tool name {f.get('name')!r} is not a Python name, so LFM2's call "
                                   "syntax cannot call it")
         params = f.get("parameters") or {}
-        g.defs = {**params.get("$defs", {}), **params.get("definitions", {})}
+        g.use_defs(params)
         props = params.get("properties")
         for key in props or ():
             if not str(key).isidentifier():
