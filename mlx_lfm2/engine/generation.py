@@ -21,6 +21,8 @@ from typing import Iterator, Optional, Sequence, Union
 import mlx.core as mx
 
 from ..model import device
+
+from ..text.constraints import make_constraint
 from .sample import make_logits_processors, make_sampler
 from .validate import TokenIdError, check_token_ids, vocab_rows  # noqa: F401 (TokenIdError: for importers)
 
@@ -143,11 +145,14 @@ def stream_generate(model, tokenizer, prompt: Prompt, max_tokens: int = 256, *,
                     frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
                     seed: Optional[int] = None, stop: Union[str, Sequence[str], None] = None,
                     cache: Optional[list] = None, stop_event: Optional[threading.Event] = None,
-                    prefill_step_size: Optional[int] = None, tools=None) -> Iterator[GenerationResponse]:
+                    prefill_step_size: Optional[int] = None, tools=None, json_schema=None,
+                    regex: Optional[str] = None, grammar: Optional[str] = None) -> Iterator[GenerationResponse]:
     """Stream a completion of ``prompt``; the last response carries ``finish_reason``.
 
     Sampling arguments left as None use greedy decoding (``temperature=0``) and no penalty;
-    front ends pass the model card defaults (``default_sampling``).
+    front ends pass the model card defaults (``default_sampling``). ``json_schema`` (a dict),
+    ``regex`` or ``grammar`` (llguidance Lark) constrain the reply, which ends ("stop") when
+    the value closes; an invalid one raises ``ConstraintError`` (see ``text.constraints``).
     """
     rows = vocab_rows(model)
     ids = check_token_ids(encode_prompt(tokenizer, prompt, tools), rows, "prompt token id")
@@ -165,6 +170,10 @@ def stream_generate(model, tokenizer, prompt: Prompt, max_tokens: int = 256, *,
     processors = make_logits_processors(repetition_penalty, repetition_context_size, logit_bias,
                                         frequency_penalty, presence_penalty, prompt_tokens=len(ids),
                                         vocab_size=rows)
+    constraint = make_constraint(tokenizer, json_schema=json_schema, regex=regex, grammar=grammar,
+                                 prompt_tokens=len(ids))
+    if constraint is not None:
+        processors.append(constraint)  # last: it masks what the others produced
     detok = tokenizer.detokenizer()
     eos = tokenizer.eos_token_ids
 
