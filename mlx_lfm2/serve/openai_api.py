@@ -18,7 +18,8 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from ..text.tools import CALL_START, format_pythonic_call
+from ..text.constraints import forced_tool_opening, tool_call_grammar
+from ..text.tools import format_pythonic_call
 
 
 class APIError(Exception):
@@ -137,6 +138,20 @@ class Sampling(_Lenient):
     stream_options: Optional[dict] = None
     logprobs: Optional[Union[bool, int]] = None
     logit_bias: Optional[dict[str, float]] = None
+    response_format: Optional[dict] = None
+
+    @field_validator("response_format")
+    @classmethod
+    def _format(cls, rf):
+        if rf is None:
+            return rf
+        kind = rf.get("type")
+        if kind not in ("text", "json_object", "json_schema"):
+            raise ValueError("response_format.type must be text, json_object or json_schema")
+        spec = rf.get("json_schema")
+        if kind == "json_schema" and not (isinstance(spec, dict) and isinstance(spec.get("schema"), dict)):
+            raise ValueError("response_format json_schema needs json_schema.schema (an object)")
+        return rf
 
     @field_validator("logprobs")
     @classmethod
@@ -184,27 +199,27 @@ class Sampling(_Lenient):
         kw["stop"] = self.stop or None
         return kw
 
+    def constraint(self) -> dict:
+        """``stream_generate``'s constraint for ``response_format`` (none for text). Without
+        ``strict`` a schema is best effort, as at OpenAI: keywords llguidance does not
+        implement are skipped instead of refused."""
+        rf = self.response_format or {}
+        if rf.get("type") == "json_object":
+            return {"json_schema": {"type": "object"}}
+        if rf.get("type") == "json_schema":
+            schema = rf["json_schema"]["schema"]
+            if not rf["json_schema"].get("strict"):
+                schema = {**schema, "x-guidance": {**(schema.get("x-guidance") or {}), "lenient": True}}
+            return {"json_schema": schema}
+        return {}
+
 
 class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     tools: Optional[list[dict]] = None
     tool_choice: Union[str, dict, None] = None
-    response_format: Optional[dict] = None
     top_logprobs: Optional[int] = Field(None, ge=0, le=20)
-
-    @field_validator("response_format")
-    @classmethod
-    def _format(cls, rf):
-        if rf is None:
-            return rf
-        kind = rf.get("type")
-        if kind not in ("text", "json_object", "json_schema"):
-            raise ValueError("response_format.type must be text, json_object or json_schema")
-        spec = rf.get("json_schema")
-        if kind == "json_schema" and not (isinstance(spec, dict) and isinstance(spec.get("schema"), dict)):
-            raise ValueError("response_format json_schema needs json_schema.schema (an object)")
-        return rf
 
     @field_validator("tools")
     @classmethod
@@ -233,14 +248,27 @@ class ChatRequest(Sampling):
             raise ValueError(f"tool_choice names {name!r}, which is not one of the tools")
         return self
 
+    @property
+    def tool_names(self) -> frozenset:
+        """The offered tools' names: a bare ``[f(...)]`` reply naming only these is a call."""
+        return frozenset(t["function"]["name"] for t in self.tools or [])
+
+    def _forced_name(self) -> Optional[str]:
+        return self.tool_choice["function"]["name"] if isinstance(self.tool_choice, dict) else None
+
     def forced_tool_call(self) -> str:
         """What the reply must start with for ``tool_choice``: appended to the prompt, so the
-        model can only go on to write a call ('required': any tool; named: that one)."""
-        if self.tool_choice == "required":
-            return CALL_START + "["
-        if isinstance(self.tool_choice, dict):
-            return f"{CALL_START}[{self.tool_choice['function']['name']}("
+        model goes on to write a call ('required': any tool; named: that one)."""
+        if self.tool_choice == "required" or isinstance(self.tool_choice, dict):
+            return forced_tool_opening(self._forced_name())
         return ""
+
+    def constraint(self) -> dict:
+        """A forced call is held to the tools' call syntax and parameter schemas by a grammar
+        over the rest of it, so it always parses; otherwise as ``response_format`` says."""
+        if self.forced_tool_call():
+            return {"grammar": tool_call_grammar(self.tools, self._forced_name(), opened=True)}
+        return super().constraint()
 
     @property
     def limit(self) -> Optional[int]:
