@@ -361,3 +361,31 @@ def test_tool_grammar_follows_refs_and_recursion(tok):
     bad = make_constraint(tok, grammar=tool_call_grammar([tree, other]))
     wrong = tok.encode('<|tool_call_start|>[flag(on={"v": 1', add_special_tokens=False)
     assert bad.advance(wrong) < len(wrong)
+
+
+def test_constraints_hold_per_row_in_a_batch(chat_model):
+    """BatchGenerator runs each row's processors on its own row: two schemas and one free row
+    decode together, each constrained row validates."""
+    from mlx_lfm2.engine.batch import BatchGenerator
+    from mlx_lfm2.engine.sample import make_sampler
+
+    model, tok, _ = chat_model
+    schemas = [TRICKY["patterns"], TRICKY["bounded_numbers"], None]
+    gen = BatchGenerator(model, max_batch=3)
+    uids = {}
+    for i, schema in enumerate(schemas):
+        ids = tok.apply_chat_template([{"role": "user", "content": f"Row {i}"}], tokenize=True)
+        procs = [make_constraint(tok, json_schema=schema, prompt_tokens=len(ids))] if schema else []
+        uid = gen.insert(ids, max_tokens=120, sampler=make_sampler(1.0, seed=i), logits_processors=procs,
+                         stop_tokens=tok.eos_token_ids)
+        uids[uid] = (schema, [], None)
+    while len(gen):
+        for t in gen.step():
+            schema, out, _ = uids[t.uid]
+            if t.finish_reason != "stop":
+                out.append(t.token)
+            uids[t.uid] = (schema, out, t.finish_reason)
+    for schema, out, finish in uids.values():
+        if schema is not None:
+            assert finish == "stop"
+            jsonschema.validate(json.loads(tok.decode(out)), schema)
