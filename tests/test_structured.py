@@ -10,7 +10,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from conftest import ScriptedModel, reference_dir
+from conftest import ScriptedModel
 from mlx_lfm2 import parse_tool_calls, stream_generate
 from mlx_lfm2.text.constraints import ConstraintError, make_constraint, tool_call_grammar
 
@@ -26,10 +26,8 @@ def sample(chat_model, max_tokens=160, seed=0, prompt=CHAT, **constraint):
 
 
 @pytest.fixture(scope="module")
-def tok():
-    from mlx_lfm2.text.tokenizer import load_tokenizer
-
-    return load_tokenizer(reference_dir())
+def tok(chat_model):
+    return chat_model[1]  # the real tokenizer; sharing it shares llguidance's view of it (~1 s to build)
 
 
 @pytest.mark.parametrize("name", sorted(TRICKY))
