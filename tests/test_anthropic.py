@@ -211,6 +211,9 @@ BAD = [  # (name, body or raw bytes, headers, status, Anthropic error type)
     ("image", {"max_tokens": 5, "messages": [{"role": "user", "content": [
         {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AA=="}}]}]}, None,
      400, "invalid_request_error"),
+    ("tool_result of an image", {"max_tokens": 5, "messages": [{"role": "user", "content": [
+        {"type": "tool_result", "tool_use_id": "t", "content": [{"type": "image", "source": {}}, "x"]}]}]}, None,
+     400, "invalid_request_error"),
     ("tool_use from the user", {"max_tokens": 5, "messages": [{"role": "user", "content": [
         {"type": "tool_use", "id": "t", "name": "f", "input": {}}]}]}, None, 400, "invalid_request_error"),
     ("server tool", {"max_tokens": 5, "tools": [{"type": "web_search_20250305", "name": "web_search"}],

@@ -21,7 +21,7 @@ import secrets
 import uuid
 from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from sse_starlette.sse import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -157,9 +157,10 @@ def _text(blocks, where: str) -> str:
         return blocks
     parts = []
     for b in blocks:
-        if b.get("type") != "text" or not isinstance(b.get("text"), str):
-            raise APIError(400, f"{where}: content block type {b.get('type')!r} is not supported here "
-                                "(text, tool_use and tool_result only)")
+        kind = b.get("type") if isinstance(b, dict) else type(b).__name__
+        if kind != "text" or not isinstance(b.get("text"), str):
+            raise APIError(400, f"{where}: content block type {kind!r} is not supported here "
+                                "(text blocks only)")
         parts.append(b["text"])
     return "\n\n".join(parts)
 
@@ -201,7 +202,12 @@ def to_chat_messages(req: MessagesRequest) -> list[dict]:
 
 
 def template_messages(req: MessagesRequest, template_renders_tool_calls: bool) -> list[dict]:
-    chat = ChatRequest.model_validate({"messages": to_chat_messages(req)})
+    """The chat template's messages, through the OpenAI route's own mapping (one LFM2 call format)."""
+    try:
+        chat = ChatRequest.model_validate({"messages": to_chat_messages(req)})
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise APIError(400, f"messages: {err['msg'].removeprefix('Value error, ')}", param="messages")
     return to_template_messages(chat, template_renders_tool_calls)
 
 
