@@ -443,7 +443,7 @@ def create_app(engine: Engine, api_key: Optional[str] = None, body_timeout: floa
             Route("/v1/completions", completions, methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
-            *anthropic.routes(engine, api_key, body_timeout, prepare, results),
+            *anthropic.routes(engine, api_key, body_timeout, constrained, prepare, results),
         ],
         exception_handlers={APIError: api_error, HTTPException: http_error, Exception: crash},
     )
