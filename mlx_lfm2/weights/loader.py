@@ -82,9 +82,9 @@ def load_model(folder: Union[str, Path], dtype: Optional[mx.Dtype] = None, lazy:
 _SAFETENSORS_DTYPES = {"F32": mx.float32, "F16": mx.float16, "BF16": mx.bfloat16}
 
 
-def load_stage(folder: Path, args: ModelArgs, dtype: Optional[mx.Dtype] = None) -> PipelineModel:
+def load_stage(folder: Path, args: ModelArgs, dtype: Optional[mx.Dtype] = None, group=None) -> PipelineModel:
     """This rank's pipeline stage: only the shards and tensors of its layers are opened."""
-    group = mx.distributed.init()
+    group = group or mx.distributed.init()
     files = safetensors_files(folder)
     headers = {f: read_header(f) for f in files}
     stages = plan_stages({k: h for hs in headers.values() for k, h in hs.items()}, args, group.size())
