@@ -16,6 +16,8 @@ _EXPORTS = {
     "GenerationResponse": "engine.generation", "convert": "weights.conversion",
     "parse_tool_calls": "text.tools", "get_json_schema": "text.chat_template", "Chat": "engine.session",
     "make_sampler": "engine.sample", "make_logits_processors": "engine.sample",
+    "TokenIdError": "engine.validate",
+    "batch_generate": "engine.batch", "BatchGenerator": "engine.batch",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -60,7 +60,8 @@ class ScriptedModel:
     def __init__(self, script, vocab=64400, context=4096, spread=None):
         self.script, self.vocab, self.spread, self.calls = list(script), vocab, spread, []
         self.steps = {}  # id(cache) -> sampling steps so far
-        self.args = SimpleNamespace(max_position_embeddings=context, num_experts=0, num_experts_per_tok=0)
+        self.args = SimpleNamespace(max_position_embeddings=context, num_experts=0, num_experts_per_tok=0,
+                                    vocab_size=vocab)
 
     def make_cache(self):
         from mlx_lfm2.model.cache import ConvCache

@@ -150,31 +150,6 @@ def test_tool_calls_are_confirmed_run_and_fed_back(chat_model, monkeypatch):
     assert chat.messages[2]["content"] == "5"
 
 
-def test_default_model_is_converted_once_into_the_local_cache(tmp_path, monkeypatch):
-    from rich.console import Console
-
-    from mlx_lfm2.cli import chat as cli
-
-    from mlx_lfm2.weights import conversion
-
-    calls = []
-
-    def fake_convert(hf_path, mlx_path, quantize=False, force=False, quant_recipe="uniform", **kw):
-        calls.append((hf_path, quantize, quant_recipe))
-        mlx_path.mkdir(parents=True)
-        (mlx_path / "config.json").write_text("{}")
-        return mlx_path
-
-    monkeypatch.setattr(cli, "HOME", tmp_path)
-    monkeypatch.setattr(conversion, "convert", fake_convert)
-    console = Console(record=True)
-    first = cli.default_model(console)
-    second = cli.default_model(console)
-    assert first == second == tmp_path / "models" / "LFM2-24B-A2B-4bit-mixed8"
-    assert calls == [("LiquidAI/LFM2-24B-A2B", True, "mixed_8")]
-    assert "converting it to 4-bit" in console.export_text()
-
-
 def test_bad_model_path_is_a_clean_error(tmp_path):
     import subprocess
 
@@ -182,3 +157,88 @@ def test_bad_model_path_is_a_clean_error(tmp_path):
                        capture_output=True, text=True, timeout=60)
     assert p.returncode != 0 and "neither a model folder nor a hub repo id" in p.stderr
     assert "Traceback" not in p.stderr
+
+
+def _scripted_chat(chat_model, monkeypatch, replies):
+    from mlx_lfm2.engine.generation import GenerationResponse
+    from mlx_lfm2.engine.session import Chat
+
+    model, tok, _ = chat_model
+    chat = Chat(model, tok, temperature=0.0)
+    replies = iter(replies)
+
+    def fake_reply(**kw):
+        text = next(replies)
+        chat.messages.append({"role": "assistant", "content": text})
+        yield GenerationResponse(text, None, None, "stop", 1, 1, 1.0, 1.0, 0.0)
+
+    monkeypatch.setattr(chat, "reply", fake_reply)
+    return chat
+
+
+def test_untrusted_text_is_shown_literally_never_as_markup(chat_model, monkeypatch):
+    from rich.console import Console
+
+    from mlx_lfm2.cli.chat import Repl
+
+    call = '<|tool_call_start|>[echo(text="[conceal]rm -rf ~[/conceal] [/x] \x1b[8mhidden")]<|tool_call_end|>'
+    chat = _scripted_chat(chat_model, monkeypatch, [call, "Model says [/script] and [bold]x[/bold]."])
+    console = Console(record=True, width=200, force_terminal=True, color_system="standard")
+    prompts = []
+    monkeypatch.setattr(console, "input", lambda prompt="": prompts.append(prompt) or "y")
+
+    def echo(text: str) -> str:
+        return f"tool result [/x] {text}"
+
+    Repl(chat, console, {"echo": echo}, markdown=False, max_tokens=10).turn("user text [/x] [conceal]")
+    plain = console.export_text()
+    assert "[conceal]rm -rf ~[/conceal] [/x] \\x1b[8mhidden" in plain  # what the user approves
+    assert "→ tool result [/x] [conceal]rm -rf ~[/conceal]" in plain
+    assert "Model says [/script] and [bold]x[/bold]." in plain
+    assert "\x1b[8m" not in console.export_text(styles=True)  # nothing concealed on the terminal
+    Repl(chat, console, {}, markdown=False, max_tokens=10).command("/nope[/x]")
+    assert "unknown command /nope[/x]" in console.export_text()
+    shown = Console(record=True, width=80)
+    shown.print(prompts[0])  # console.input renders its prompt as markup
+    assert "run it? [y/N]" in shown.export_text()
+
+
+def test_save_failures_keep_the_conversation(chat_model, monkeypatch, tmp_path):
+    from rich.console import Console
+
+    from mlx_lfm2.cli.chat import Repl
+
+    chat = _scripted_chat(chat_model, monkeypatch, ["Hello [/x]!"])
+    console = Console(record=True, width=200)
+    repl = Repl(chat, console, {}, markdown=False, max_tokens=10)
+    repl.turn("hi")
+    before = list(chat.messages)
+    (tmp_path / "dir").mkdir()
+    for target, reason in [(tmp_path / "missing" / "c.chat", "does not exist"), (tmp_path / "dir", "is a folder")]:
+        assert repl.command(f"/save {target}")
+        assert reason in console.export_text()
+        assert chat.messages == before
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["dir"]  # no temporary file left
+    assert repl.command(f"/save {tmp_path / 'ok.chat'}")
+    chat.reset()
+    assert repl.command(f"/load {tmp_path / 'ok.chat'}")
+    assert chat.messages == before
+
+
+def test_a_conversation_saved_with_another_model_is_refused(chat_model, checkpoint, tmp_path):
+    from mlx_lfm2 import load
+    from mlx_lfm2.engine.session import Chat
+
+    model, tok, _ = chat_model
+    chat = Chat(model, tok, temperature=0.0)
+    list(chat.send("hi", max_tokens=2))
+    chat.save(tmp_path / "a.chat")
+    # Same layer types, cache shapes and vocabulary; another expert count.
+    other_model, other_tok = load(checkpoint(tiny_config("tiny-moe", num_experts=4), tokenizer=True))
+    other = Chat(other_model, other_tok)
+    with pytest.raises(ValueError, match=r"saved with another model \(num_experts 8 there vs 4 here\)"):
+        other.load(tmp_path / "a.chat")
+    assert other.messages == []
+    reloaded = Chat(model, tok)
+    reloaded.load(tmp_path / "a.chat")
+    assert reloaded.messages == chat.messages

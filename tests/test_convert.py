@@ -88,14 +88,74 @@ def test_mixed_recipe_keeps_the_dense_path_at_higher_bits(source, tmp_path):
 
 def test_existing_target_is_refused_unless_forced(source, tmp_path):
     target = tmp_path / "out"
-    target.mkdir()
-    (target / "keep.txt").write_text("mine")
+    convert(source, target, progress=False)
+    (target / "config.json").write_text((target / "config.json").read_text() + " ")  # mark the old one
     with pytest.raises(FileExistsError, match="--force"):
         convert(source, target, progress=False)
-    assert (target / "keep.txt").read_text() == "mine"
-    convert(source, target, force=True, progress=False)
-    assert not (target / "keep.txt").exists() and (target / "config.json").exists()
+    assert (target / "config.json").read_text().endswith(" ")
+    convert(source, target, force=True, progress=False)  # a converted model folder: replaced
+    assert not (target / "config.json").read_text().endswith(" ")
     assert leftovers(tmp_path) == []
+
+
+def _user_folder(path):
+    path.mkdir(parents=True)
+    (path / "thesis.tex").write_text("four years of work")
+    return path
+
+
+def test_force_replaces_only_a_converted_model_folder(source, tmp_path, monkeypatch):
+    """--force pointed at anything else is refused with the reason; every file stays."""
+    from mlx_lfm2.weights.conversion import main
+
+    source = shutil.copytree(source, tmp_path / "checkpoints" / "src")
+    work = _user_folder(tmp_path / "work")
+    monkeypatch.chdir(work)
+    looks_like_a_model = _user_folder(tmp_path / "almost")
+    shutil.copy(source / "config.json", looks_like_a_model)
+    (looks_like_a_model / "model.safetensors").write_bytes(b"")
+    home = _user_folder(tmp_path / "home")
+    monkeypatch.setenv("HOME", str(home))
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    cases = [(".", "current folder"), (str(source), "source checkpoint"),
+             (str(source.parent), "contains the source checkpoint"), (str(looks_like_a_model), "thesis.tex"),
+             (str(work / ".." / "work"), "current folder"), (str(home), "home folder"), ("/", "contains"),
+             (str(work / "thesis.tex"), "not a folder")]
+    for target, reason in cases:
+        with pytest.raises(ConversionError, match=reason):
+            convert(source, target, force=True, progress=False)
+    with pytest.raises(SystemExit, match="error: refusing to replace .*current folder"):
+        main(["--hf-path", str(source), "--mlx-path", ".", "--force"])
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert leftovers(tmp_path) == [] and leftovers(source.parent) == []
+
+
+def test_leftovers_of_a_killed_run_are_cleaned_by_the_next(source, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    for name in (f".out.partial-{dead}", f".out.old-{dead}", f".out.partial-{os.getppid()}", f".other.partial-{dead}"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"x")
+    (tmp_path / "out").mkdir()  # the killed run's new folder had landed: the .old is garbage
+    shutil.copy(source / "config.json", tmp_path / "out")
+    (tmp_path / "out" / "model.safetensors").write_bytes(b"")
+    convert(source, tmp_path / "out", force=True, progress=False)
+    # the dead run's folders are gone; a running process's and another target's are not ours to touch
+    assert sorted(leftovers(tmp_path)) == [f".other.partial-{dead}", f".out.partial-{os.getppid()}"]
+
+
+def test_an_old_target_stranded_by_a_kill_is_put_back(source, tmp_path):
+    dead = 2 ** 22 + 12345  # above the default pid_max: no such process
+    first = convert(source, tmp_path / "first", progress=False)
+    os_rename = __import__("os").rename
+    os_rename(first, tmp_path / f".out.old-{dead}")  # killed between the two renames
+    with pytest.raises(FileExistsError):  # the old folder is back in place, so this needs --force
+        convert(source, tmp_path / "out", progress=False)
+    assert (tmp_path / "out" / "config.json").exists() and leftovers(tmp_path) == []
 
 
 def test_interrupted_conversion_leaves_nothing(source, tmp_path, monkeypatch):

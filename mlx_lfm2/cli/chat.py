@@ -1,6 +1,10 @@
 """``python chat.py``: a streaming chat REPL (rich) over ``session.Chat``.
 
-With no ``--model`` it uses LFM2-24B-A2B, converted once to 4-bit into a local cache.
+With no ``--model`` it uses the largest LFM2 model that fits this machine (LFM2-24B-A2B where
+it does), fetched and converted once to 4-bit into a local cache.
+Text we did not write (user input, paths, model replies, tool calls and results) is never
+read as rich markup: it is escaped or printed as ``Text``, so ``[/x]`` cannot crash the REPL
+and ``[conceal]`` cannot hide a tool call's arguments from the user asked to approve it.
 """
 
 from __future__ import annotations
@@ -9,8 +13,12 @@ import argparse
 import importlib.util
 import inspect
 import os
+import re
 import time
 from pathlib import Path
+
+from rich.markup import escape
+from rich.text import Text
 
 DEFAULT_REPO = "LiquidAI/LFM2-24B-A2B"
 HOME = Path(os.environ.get("MLX_LFM2_HOME", Path.home() / ".cache" / "mlx_lfm2"))
@@ -30,7 +38,8 @@ Ctrl-C stops a reply and keeps the conversation."""
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Chat with an LFM2 model.")
-    p.add_argument("--model", help=f"model folder or hub repo id (default: {DEFAULT_REPO}, 4-bit)")
+    p.add_argument("--model", help=f"model folder or hub repo id (default: {DEFAULT_REPO} at 4 bits where it fits this "
+                   "machine's memory, else LFM2-8B-A1B)")
     p.add_argument("--system", help="system prompt")
     p.add_argument("--max-tokens", type=int, default=2048)
     p.add_argument("--temperature", type=float)
@@ -45,15 +54,32 @@ def parse_args(argv=None):
 
 
 def default_model(console) -> Path:
-    """LFM2-24B-A2B converted on first use: experts at 4 bits, the rest (under 4% of the
-    weights, most of the quantization error) at 8 bits: ~0.4 GB over uniform 4-bit."""
-    target = HOME / "models" / "LFM2-24B-A2B-4bit-mixed8"
-    if not (target / "config.json").exists():
-        from ..weights.conversion import convert
+    """The largest LFM2 model that fits this machine (see ``weights/provision.py``), fetched
+    and converted on first use: experts at 4 bits, the rest at 8 (recipe mixed_8)."""
+    from ..weights import provision
 
-        console.print(f"First run: fetching [bold]{DEFAULT_REPO}[/] and converting it to 4-bit in {target}")
-        convert(DEFAULT_REPO, target, quantize=True, quant_recipe="mixed_8", force=True)
-    return target
+    entry, line = provision.choose_default(provision.machine())
+    console.print(line, markup=False)
+    return provision.provision(entry, HOME, console, confirm=_confirm(console))
+
+
+def check_model(console, name: str) -> None:
+    """``--model``: the same memory check as the default, as a warning."""
+    from ..weights import provision
+
+    path = Path(name).expanduser()
+    size = provision.local_weights_gb(path) if path.is_dir() else provision.hub_weights_gb(name)
+    warning = size and provision.fit_warning(name, size, provision.machine())
+    if warning:
+        console.print(warning, style="yellow", markup=False)
+
+
+def _confirm(console):
+    import sys
+
+    if not sys.stdin.isatty():
+        return None  # never ask (or delete) without a person at the keyboard
+    return lambda question: console.input(escape(question)).strip().lower() in ("y", "yes")
 
 
 def load_tools(path: Path) -> dict:
@@ -85,6 +111,15 @@ def read_message(console) -> str:
     return "\n".join(lines)
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def visible(text: str) -> str:
+    """Control characters as ``\\xNN``: an escape sequence in model or tool text must not
+    move the cursor or conceal what follows on the user's terminal."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 def stats_line(r) -> str:
     return (f"[dim]{r.prompt_tokens} prompt tokens @ {r.prompt_tps:.1f} tok/s · "
             f"{r.generation_tokens} tokens @ {r.generation_tps:.1f} tok/s · "
@@ -105,7 +140,7 @@ class Repl:
         from ..text.tools import ToolCallStream
 
         calls, shown = ToolCallStream(), ""
-        render = (lambda s: Markdown(s)) if self.markdown else (lambda s: Text(s))
+        render = (lambda s: Markdown(visible(s))) if self.markdown else (lambda s: Text(visible(s)))
         with Live(render(""), console=self.console, refresh_per_second=12,
                   vertical_overflow="visible") as live:
             try:
@@ -135,13 +170,14 @@ class Repl:
                 return
             for call in calls:
                 args = ", ".join(f"{k}={v!r}" for k, v in call["arguments"].items())
-                self.console.print(f"[yellow]tool call[/] [bold]{call['name']}[/]({args})")
-                answer = self.console.input("[yellow]run it? [y/N] [/]").strip().lower()
+                self.console.print(Text.assemble(("tool call", "yellow"), " ", (visible(call["name"]), "bold"),
+                                                 f"({visible(args)})"))
+                answer = self.console.input("[yellow]run it? \\[y/N] [/]").strip().lower()
                 if answer in ("y", "yes"):
                     result = call_tool(self.tools, call)
                 else:
                     result = '{"error": "the user declined to run this tool"}'
-                self.console.print(f"[dim]→ {result[:500]}[/]")
+                self.console.print(Text(f"→ {visible(result[:500])}", style="dim"))
                 self.chat.messages.append({"role": "tool", "content": result})
             self.stream(self.chat.reply(max_tokens=self.max_tokens))
 
@@ -162,21 +198,24 @@ class Repl:
         elif cmd in ("/save", "/load") and not arg:
             self.console.print(f"[red]usage: {cmd} PATH[/]")
         elif cmd == "/save":
-            self.chat.save(arg)
-            self.console.print(f"[dim]saved {len(self.chat.messages)} messages to {arg}[/]")
+            try:
+                self.chat.save(arg)
+                self.console.print(f"[dim]saved {len(self.chat.messages)} messages to {escape(arg)}[/]")
+            except (OSError, ValueError) as e:  # the conversation stays as it was
+                self.console.print(Text(f"could not save: {e}", style="red"))
         elif cmd == "/load":
             try:
                 self.chat.load(arg)
-                self.console.print(f"[dim]loaded {len(self.chat.messages)} messages from {arg}[/]")
+                self.console.print(f"[dim]loaded {len(self.chat.messages)} messages from {escape(arg)}[/]")
             except (OSError, ValueError) as e:
-                self.console.print(f"[red]{e}[/]")
+                self.console.print(Text(str(e), style="red"))
         elif cmd == "/stats":
             r = self.chat.last
             self.console.print(stats_line(r) if r else "[dim]no reply yet[/]")
             self.console.print(f"[dim]{self.chat.cached_tokens} tokens in the cache, "
                                f"{len(self.chat.messages)} messages[/]")
         else:
-            self.console.print(f"[red]unknown command {cmd}[/] (try /help)")
+            self.console.print(Text.assemble((f"unknown command {cmd}", "red"), " (try /help)"))
         return True
 
     def run(self) -> None:
@@ -210,8 +249,11 @@ def main(argv=None) -> None:
 
     t_load = time.perf_counter()
     try:
-        model, tokenizer = load(args.model) if args.model else load(default_model(console))
-    except (OSError, ValueError) as e:
+        if args.model:
+            check_model(console, args.model)
+        source = args.model or default_model(console)
+        model, tokenizer = load(source)
+    except (OSError, ValueError, RuntimeError) as e:
         raise SystemExit(f"error: {e}")
     load_s = time.perf_counter() - t_load
     sampling = {k: v for k, v in dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
@@ -219,9 +261,9 @@ def main(argv=None) -> None:
                                       seed=args.seed).items() if v is not None}
     chat = Chat(model, tokenizer, system=args.system, tools=list(tools.values()) or None, **sampling)
     startup = time.perf_counter() - t0 - load_s
-    console.print(f"[bold]mlx_lfm2[/] · {args.model or DEFAULT_REPO} · weights {load_s:.1f}s · "
+    console.print(f"[bold]mlx_lfm2[/] · {escape(args.model or Path(source).name)} · weights {load_s:.1f}s · "
                   f"start-up {startup:.2f}s · /help for commands"
-                  + (f" · tools: {', '.join(tools)}" if tools else ""))
+                  + (f" · tools: {escape(', '.join(tools))}" if tools else ""))
     Repl(chat, console, tools, markdown=not args.no_markdown, max_tokens=args.max_tokens).run()
 
 

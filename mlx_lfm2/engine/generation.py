@@ -22,6 +22,7 @@ import mlx.core as mx
 
 from ..model.pipeline import PipelineModel
 from .sample import make_logits_processors, make_sampler
+from .validate import TokenIdError, check_token_ids, vocab_rows  # noqa: F401 (TokenIdError: for importers)
 
 Prompt = Union[str, Sequence[int], Sequence[dict]]
 
@@ -76,6 +77,7 @@ def generate_step(prompt: mx.array, model, cache: list, *, max_tokens: int = 256
     sampler = sampler or make_sampler(0.0)
     if prompt.size == 0:
         raise ValueError("prompt is empty: nothing to continue from")
+    check_token_ids(prompt.tolist(), vocab_rows(model), "prompt token id")
     # Under mlx.launch every rank runs this loop; rank 0's prompt, tokens and stop decisions
     # are shared so the ranks stay in step (see model.pipeline). Stops then land one token late.
     shared = isinstance(model, PipelineModel)
@@ -136,9 +138,7 @@ def encode_prompt(tokenizer, prompt: Prompt, tools=None) -> list[int]:
     prompt = list(prompt)
     if prompt and isinstance(prompt[0], dict):
         return tokenizer.apply_chat_template(prompt, tools=tools, add_generation_prompt=True, tokenize=True)
-    if not all(isinstance(t, int) for t in prompt):
-        raise TypeError("prompt must be a string, a list of token ids or a list of chat messages")
-    return prompt
+    return prompt  # ids: checked by the caller (check_token_ids)
 
 
 def _held_back(text: str, stops: Sequence[str]) -> int:
@@ -165,7 +165,9 @@ def stream_generate(model, tokenizer, prompt: Prompt, max_tokens: int = 256, *,
     Sampling arguments left as None use greedy decoding (``temperature=0``) and no penalty;
     front ends pass the model card defaults (``default_sampling``).
     """
-    ids = encode_prompt(tokenizer, prompt, tools)
+    rows = vocab_rows(model)
+    ids = check_token_ids(encode_prompt(tokenizer, prompt, tools), rows, "prompt token id")
+    check_token_ids(tokenizer.eos_token_ids, rows, "stop token id")
     cache = model.make_cache() if cache is None else cache
     held = cache[0].offset if cache else 0
     if held + len(ids) + 1 > context_length(model):
@@ -177,7 +179,8 @@ def stream_generate(model, tokenizer, prompt: Prompt, max_tokens: int = 256, *,
     stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
     sampler = make_sampler(temperature or 0.0, top_p, top_k, min_p, seed)
     processors = make_logits_processors(repetition_penalty, repetition_context_size, logit_bias,
-                                        frequency_penalty, presence_penalty, prompt_tokens=len(ids))
+                                        frequency_penalty, presence_penalty, prompt_tokens=len(ids),
+                                        vocab_size=rows)
     detok = tokenizer.detokenizer()
     eos = tokenizer.eos_token_ids
 

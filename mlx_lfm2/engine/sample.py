@@ -11,6 +11,8 @@ from typing import Callable, Optional
 
 import mlx.core as mx
 
+from .validate import TokenIdError, check_logit_bias
+
 Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 
@@ -78,11 +80,18 @@ def repetition_penalty_processor(penalty: float, window: int = 64) -> LogitsProc
     return process
 
 
-def logit_bias_processor(bias: dict[int, float]) -> LogitsProcessor:
+def logit_bias_processor(bias: dict[int, float], vocab_size: Optional[int] = None) -> LogitsProcessor:
+    """Add ``bias[id]`` to each id's logit. Ids are checked here against ``vocab_size`` and,
+    before each use, against the logits' width: an unchecked scatter writes out of bounds."""
+    bias = check_logit_bias(bias, vocab_size)
+    top = max(bias)
     ids = mx.array(list(bias.keys()))
     values = mx.array(list(bias.values()), dtype=mx.float32)
 
     def process(history: mx.array, logits: mx.array) -> mx.array:
+        if top >= logits.shape[-1]:
+            raise TokenIdError(f"logit_bias key {top} is out of range: the logits have "
+                               f"{logits.shape[-1]} entries (ids 0..{logits.shape[-1] - 1})")
         logits[:, ids] = logits[:, ids] + values.astype(logits.dtype)
         return logits
 
@@ -105,11 +114,13 @@ def frequency_presence_processor(frequency: float, presence: float, skip: int) -
 
 def make_logits_processors(repetition_penalty: Optional[float] = None, repetition_context_size: int = 64,
                            logit_bias: Optional[dict[int, float]] = None, frequency_penalty: float = 0.0,
-                           presence_penalty: float = 0.0, prompt_tokens: int = 0) -> list[LogitsProcessor]:
-    """``prompt_tokens``: how much of the history is prompt, which the OpenAI penalties skip."""
+                           presence_penalty: float = 0.0, prompt_tokens: int = 0,
+                           vocab_size: Optional[int] = None) -> list[LogitsProcessor]:
+    """``prompt_tokens``: how much of the history is prompt, which the OpenAI penalties skip.
+    ``vocab_size``: the model's rows, to refuse out-of-range ``logit_bias`` ids up front."""
     out = []
     if logit_bias:
-        out.append(logit_bias_processor(logit_bias))
+        out.append(logit_bias_processor(logit_bias, vocab_size))
     if frequency_penalty or presence_penalty:
         out.append(frequency_presence_processor(frequency_penalty, presence_penalty, prompt_tokens))
     if repetition_penalty and repetition_penalty != 1.0:

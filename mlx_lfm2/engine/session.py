@@ -12,6 +12,8 @@ that copy, and the partial reply is kept in the transcript for the next turn to 
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -19,6 +21,27 @@ from typing import Iterator, Optional
 
 from ..model.cache import copy_cache, load_cache, save_cache
 from .generation import GenerationResponse, default_sampling, stream_generate
+
+FORMAT = "mlx_lfm2.chat/2"  # /2 records the model's identity
+
+
+def model_identity(model) -> dict:
+    """What a saved cache depends on: the architecture, and a hash of the whole config
+    (quantization aside: a 4-bit and a bf16 copy of one checkpoint share conversations)."""
+    args = model.args
+    config = dataclasses.asdict(args) if dataclasses.is_dataclass(args) else dict(vars(args))
+    config = {k: v for k, v in config.items() if k not in ("quantization", "extra")}
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return {"layer_types": config.get("layer_types"), "hidden_size": config.get("hidden_size"),
+            "vocab_size": config.get("vocab_size"), "num_experts": config.get("num_experts"),
+            "config_hash": digest}
+
+
+def _mismatch(saved: dict, ours: dict) -> str:
+    diffs = [k for k in ours if k != "config_hash" and saved.get(k) != ours[k]]
+    if diffs:
+        return "; ".join(f"{k} {saved.get(k)!r:.60} there vs {ours[k]!r:.60} here" for k in diffs)
+    return f"config hash {saved.get('config_hash')} there vs {ours['config_hash']} here"
 
 
 class PromptCache:
@@ -96,29 +119,47 @@ class Chat:
         return self.prompt_cache.offset
 
     def save(self, path) -> None:
-        """Transcript and cache in one safetensors file, written atomically."""
-        path = Path(path)
+        """Transcript, cache and model identity in one safetensors file, written atomically:
+        a failed save (missing folder, a directory in the way, a full disk) leaves nothing."""
+        path = Path(path).expanduser()
+        if path.is_dir():
+            raise IsADirectoryError(f"{path} is a folder: give a file name, e.g. {path / 'chat.safetensors'}")
+        if not path.parent.is_dir():
+            raise FileNotFoundError(f"folder {path.parent} does not exist: create it first")
         pc = self.prompt_cache
         meta = {"messages": json.dumps(self.messages, ensure_ascii=False), "text": pc.text,
-                "tokens": json.dumps(pc.tokens),
-                "system": self.system or "", "format": "mlx_lfm2.chat/1"}
-        tmp = path.with_name(path.name + ".tmp.safetensors")
-        save_cache(str(tmp), self.prompt_cache.cache, meta)
-        os.replace(tmp, path)
+                "tokens": json.dumps(pc.tokens), "model": json.dumps(model_identity(self.model)),
+                "system": self.system or "", "format": FORMAT}
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.safetensors")
+        try:
+            save_cache(str(tmp), self.prompt_cache.cache, meta)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def load(self, path) -> None:
-        path = Path(path)
-        if not path.exists():
+        """Replace the conversation by a saved one; refused (ValueError) if another model saved it."""
+        path = Path(path).expanduser()
+        if not path.is_file():
             raise FileNotFoundError(f"no saved chat at {path}")
         try:
             cache, meta = load_cache(str(path))
         except Exception as e:
             raise ValueError(f"{path} is not a saved mlx_lfm2 chat: {e}") from e
-        if meta.get("format") != "mlx_lfm2.chat/1":
-            raise ValueError(f"{path} is not a saved mlx_lfm2 chat")
-        kinds = [type(c) for c in self.model.make_cache()]
-        if [type(c) for c in cache] != kinds:
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{path} is not a saved mlx_lfm2 chat of this version "
+                             f"(format {meta.get('format')!r}, expected {FORMAT!r})")
+        try:
+            saved = json.loads(meta["model"])
+            messages, tokens = json.loads(meta["messages"]), json.loads(meta["tokens"])
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"{path} is a damaged saved chat: {e}") from e
+        ours = model_identity(self.model)
+        if saved != ours:
+            raise ValueError(f"{path} was saved with another model ({_mismatch(saved, ours)}): "
+                             "load it with the model that saved it")
+        if [type(c) for c in cache] != [type(c) for c in self.model.make_cache()]:
             raise ValueError(f"{path} was saved from a model with a different layer layout")
-        self.messages = json.loads(meta["messages"])
+        self.messages = messages
         self.system = meta.get("system") or None
-        self.prompt_cache = PromptCache(self.model, cache, meta["text"], json.loads(meta["tokens"]))
+        self.prompt_cache = PromptCache(self.model, cache, meta["text"], tokens)

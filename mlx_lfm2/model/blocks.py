@@ -17,6 +17,7 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
+from .batch_cache import BatchKVCache
 from .cache import ConvCache, KVCache
 from .config import ModelArgs
 from .experts import SwitchGLU, swiglu
@@ -48,12 +49,12 @@ class Attention(nn.Module):
         q = self.q_layernorm(self.q_proj(x).reshape(B, L, self.H, -1)).transpose(0, 2, 1, 3)
         k = self.k_layernorm(self.k_proj(x).reshape(B, L, self.H_kv, -1)).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(B, L, self.H_kv, -1).transpose(0, 2, 1, 3)
-        offset = cache.offset if cache is not None else 0
+        offset = cache.offset if cache is not None else 0  # a BatchKVCache's: per row, [B]
         q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)  # [B, H(_kv), L, Dh]
+        # "causal" aligns the L queries with the last L of the T keys; a batch also hides padding.
+        mask = cache.make_mask(L) if isinstance(cache, BatchKVCache) else "causal" if L > 1 else None
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)  # [B, H_kv, T, Dh]
-        # "causal" aligns the L queries with the last L of the T keys.
-        mask = "causal" if L > 1 else None
         o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         return self.out_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1))
 

@@ -15,6 +15,7 @@ from typing import Iterable, Optional
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers.decoders import DecodeStream
 
+from ..model.config import ConfigError
 from . import chat_template as templates
 
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
@@ -113,9 +114,40 @@ def _read_json(path: Path) -> dict:
     if not path.exists():
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
+        raise ConfigError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a JSON object, not {type(data).__name__}")
+    return data
+
+
+def _check_tokenizer_config(config: dict, path: Path) -> None:
+    """The keys we read, with the types transformers accepts; anything else is a ConfigError."""
+    for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        t = config.get(key)
+        if t is None or isinstance(t, str) or (isinstance(t, dict) and isinstance(t.get("content"), str)):
+            continue
+        raise ConfigError(f"{path}: {key!r} must be a string or {{\"content\": string}}, got {t!r:.80}")
+    if not isinstance(config.get("add_bos_token", True), bool):
+        raise ConfigError(f"{path}: 'add_bos_token' must be true or false")
+    template = config.get("chat_template")
+    if template is None or isinstance(template, str):
+        return
+    if not isinstance(template, list) or not all(
+            isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)
+            for t in template):
+        raise ConfigError(f"{path}: 'chat_template' must be a string or a list of "
+                          '{"name": string, "template": string}')
+
+
+def _eos_ids(value, path: Path) -> list[int]:
+    if value is None:
+        return []
+    ids = [value] if isinstance(value, int) else value
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise ConfigError(f"{path}: 'eos_token_id' must be an integer or a list of integers, got {value!r:.80}")
+    return ids
 
 
 def load_tokenizer(folder, model_args=None) -> Tokenizer:
@@ -123,8 +155,12 @@ def load_tokenizer(folder, model_args=None) -> Tokenizer:
     f = folder / "tokenizer.json"
     if not f.exists():
         raise FileNotFoundError(f"{folder} has no tokenizer.json (copy the tokenizer files from the hub repo)")
-    backend = _HFTokenizer.from_file(str(f))
+    try:
+        backend = _HFTokenizer.from_file(str(f))
+    except Exception as e:  # the Rust side reports any malformed file as a bare Exception
+        raise ConfigError(f"{f} is not a tokenizers file: {e}") from e
     config = _read_json(folder / "tokenizer_config.json")
+    _check_tokenizer_config(config, folder / "tokenizer_config.json")
     template = None
     if (folder / "chat_template.jinja").exists():
         template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
@@ -133,8 +169,8 @@ def load_tokenizer(folder, model_args=None) -> Tokenizer:
     elif isinstance(config.get("chat_template"), list):  # named templates: take "default"
         named = {t["name"]: t["template"] for t in config["chat_template"]}
         template = named.get("default")
-    eos = _read_json(folder / "generation_config.json").get("eos_token_id")
-    if eos is None and model_args is not None:
-        eos = model_args.eos_token_id
-    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    gen = folder / "generation_config.json"
+    eos = _eos_ids(_read_json(gen).get("eos_token_id"), gen)
+    if not eos and model_args is not None:
+        eos = _eos_ids(model_args.eos_token_id, folder / "config.json")
     return Tokenizer(backend, config, template, eos)

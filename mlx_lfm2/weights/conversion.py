@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fnmatch
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -39,6 +41,71 @@ RECIPES = {
 
 class ConversionError(RuntimeError):
     pass
+
+
+# What a folder written by this tool or by mlx-lm holds; --force replaces nothing else.
+MODEL_FOLDER_FILES = (
+    "config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer*", "special_tokens_map.json",
+    "added_tokens.json", "vocab.json", "merges.txt", "*.jinja", "generation_config.json", "README.md",
+    ".DS_Store",
+)
+
+
+def check_replaceable(target: Path, source: Optional[Path] = None) -> None:
+    """Raise ConversionError unless ``--force`` may delete ``target``: an existing folder that
+    is recognisably a converted LFM2 model, and neither the source, an ancestor of it, the
+    working folder, the home folder nor one of their ancestors."""
+    target = target.resolve()
+    protected = [(Path.cwd().resolve(), "the current folder"), (Path.home().resolve(), "your home folder")]
+    if source is not None:
+        protected.insert(0, (source.resolve(), "the source checkpoint"))
+    for place, what in protected:
+        if target == place:
+            raise ConversionError(f"refusing to replace {target}: it is {what}")
+        if target in place.parents:
+            raise ConversionError(f"refusing to replace {target}: it contains {what} ({place})")
+    if not target.is_dir():
+        raise ConversionError(f"refusing to replace {target}: it is not a folder")
+    entries = list(target.iterdir())
+    unexpected = [p.name for p in entries
+                  if not p.is_file() or not any(fnmatch.fnmatch(p.name, pat) for pat in MODEL_FOLDER_FILES)]
+    if unexpected:
+        raise ConversionError(f"refusing to replace {target}: it holds files a converted model does not "
+                              f"({', '.join(sorted(unexpected)[:5])}); move them or pick another --mlx-path")
+    try:
+        model_type = json.loads((target / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        model_type = None
+    if model_type not in ("lfm2", "lfm2_moe") or not any(p.suffix == ".safetensors" for p in entries):
+        raise ConversionError(f"refusing to replace {target}: it is not an LFM2 model folder "
+                              "(config.json with model_type lfm2/lfm2_moe and *.safetensors)")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def clean_leftovers(target: Path) -> None:
+    """Folders a killed conversion left beside ``target`` (``.NAME.partial-PID``,
+    ``.NAME.old-PID``, PID no longer running): partial output is removed; an old target
+    that never got replaced is put back first if the target is missing."""
+    if not target.parent.is_dir():
+        return
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(partial|old)-(\d+)")
+    for p in sorted(target.parent.iterdir()):
+        m = pattern.fullmatch(p.name)
+        if not m or not p.is_dir() or _pid_alive(int(m.group(2))):
+            continue
+        if m.group(1) == "old" and not target.exists():
+            os.rename(p, target)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def quant_predicate(bits: int, group_size: int, recipe: str = "uniform") -> Callable:
@@ -152,11 +219,17 @@ def convert(hf_path: Union[str, Path], mlx_path: Union[str, Path], quantize: boo
         raise ValueError("q_bits must be 2, 3, 4, 5, 6 or 8")
     if quantize and q_group_size not in (32, 64, 128):
         raise ValueError("q_group_size must be 32, 64 or 128")
+    clean_leftovers(mlx_path)
     if mlx_path.exists() and not force:
         raise FileExistsError(f"{mlx_path} exists: pick another --mlx-path or pass --force to replace it")
+    if mlx_path.exists():  # early, before any download; a local source is known already
+        local = Path(hf_path).expanduser()
+        check_replaceable(mlx_path, local if local.is_dir() else None)
     predicate = quant_predicate(q_bits, q_group_size, quant_recipe) if quantize else None
 
     src = resolve(hf_path, revision)
+    if mlx_path.exists():
+        check_replaceable(mlx_path, src)  # before hours of work, and again before the swap
     config = load_config(src)
     args = ModelArgs.from_dict(config)
     if args.quantization:
@@ -197,6 +270,10 @@ def convert(hf_path: Union[str, Path], mlx_path: Union[str, Path], quantize: boo
         for name in TOKENIZER_FILES:
             if (src / name).exists():
                 shutil.copyfile(src / name, tmp / name)
+        if mlx_path.exists():  # it may have appeared or changed while we converted
+            if not force:
+                raise FileExistsError(f"{mlx_path} appeared during the conversion: not replacing it")
+            check_replaceable(mlx_path, src)
         _replace(tmp, mlx_path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

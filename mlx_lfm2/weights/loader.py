@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Optional, Union
 
@@ -121,4 +122,19 @@ def load(path_or_repo: Union[str, Path], dtype: Optional[mx.Dtype] = None, lazy:
 
     folder = resolve(path_or_repo, revision)
     model = load_model(folder, dtype=dtype, lazy=lazy, compute_dtype=compute_dtype, pipeline=pipeline)
-    return model, load_tokenizer(folder, model.args)
+    tokenizer = load_tokenizer(folder, model.args)
+    check_vocab(tokenizer, model.args.vocab_size, folder)
+    return model, tokenizer
+
+
+def check_vocab(tokenizer, rows: int, folder: Path) -> None:
+    """The tokenizer's ids against the embedding's rows: stop ids must fit; a larger vocabulary
+    is allowed (the extra ids are refused per prompt, by ``check_token_ids``) but said once."""
+    bad = sorted(i for i in tokenizer.eos_token_ids if not 0 <= i < rows)
+    if bad:
+        raise ConfigError(f"{folder}: stop token ids {bad} are outside the model's {rows} embedding rows "
+                          "(check eos_token_id in generation_config.json / config.json)")
+    if tokenizer.vocab_size > rows:
+        warnings.warn(f"{folder}: the tokenizer has {tokenizer.vocab_size} ids but the model only "
+                      f"{rows} embedding rows; text that encodes to ids >= {rows} will be refused",
+                      stacklevel=3)
