@@ -6,7 +6,9 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
+from unittest.mock import ANY
 
 import mlx.core as mx
 import numpy as np
@@ -125,3 +127,89 @@ def test_two_ranks_decode_like_one_process(checkpoint, tmp_path):
         for r in (r0, r1):
             assert 0.35 * alone["weights"] < r["weights"] < 0.65 * alone["weights"]
             assert r["peak"] < 0.75 * alone["peak"], (r["peak"], alone["peak"])
+
+
+def hostfile_for(tmp_path) -> Path:
+    f = tmp_path / "hosts.json"
+    f.write_text(json.dumps([{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}] * 2))
+    return f
+
+
+def launcher(tmp_path, *args) -> list[str]:
+    if not LAUNCH.exists():
+        pytest.skip(f"{LAUNCH} not found")
+    return [str(LAUNCH), "--hostfile", str(hostfile_for(tmp_path)), "--backend", "ring",
+            "-p", str(free_port_pair()), "--", sys.executable, *args]
+
+
+@pytest.mark.slow
+def test_chat_repl_under_the_launcher_prints_one_reply_equal_to_one_process(checkpoint, tmp_path):
+    folder = checkpoint(tiny_config("tiny-moe"), tokenizer=True)
+    args = ["-m", "mlx_lfm2.cli.chat", "--model", str(folder), "--max-tokens", "6", "--no-markdown",
+            "--temperature", "0"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
+    script = "hello there\n/stats\n/quit\n"
+    two = subprocess.run(launcher(tmp_path, *args), input=script, env=env, capture_output=True, text=True,
+                         timeout=120)
+    one = subprocess.run([sys.executable, *args], input=script, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert two.returncode == 0 and one.returncode == 0, two.stdout + two.stderr + one.stderr
+
+    def reply(out):  # the line after the first prompt, up to the stats
+        return out.split(">>> ", 1)[1].split(" prompt tokens @")[0]
+
+    assert reply(two.stdout) == reply(one.stdout)
+    assert two.stdout.count("tokens in the cache") == 1  # only rank 0 prints
+
+
+@pytest.mark.slow
+def test_server_under_the_launcher_serves_cancels_and_reuses_prompts(checkpoint, tmp_path):
+    import httpx
+
+    from mlx_lfm2 import load
+    from mlx_lfm2.engine.generation import default_sampling, stream_generate
+
+    folder = checkpoint(tiny_config("tiny-moe"), tokenizer=True)
+    port = free_port_pair()
+    proc = subprocess.Popen(launcher(tmp_path, "-m", "mlx_lfm2.server", "--model", str(folder), "--port",
+                                     str(port)),
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}/v1"
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(base[:-3] + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        else:
+            pytest.fail("server did not start")
+
+        def complete(prompt, n=8):
+            r = httpx.post(base + "/completions", json=dict(prompt=prompt, max_tokens=n, temperature=0, logprobs=1),
+                           timeout=60)
+            assert r.status_code == 200, r.text
+            return r.json()
+
+        first = complete("hello")
+        model, tok = load(folder, pipeline=False)
+        ids = tok.encode("hello", add_special_tokens=False)
+        kw = {**default_sampling(model), "temperature": 0}
+        ref = list(stream_generate(model, tok, ids, 8, **kw))
+        assert first["choices"][0]["text"] == "".join(r.text for r in ref)
+        np.testing.assert_allclose(first["choices"][0]["logprobs"]["token_logprobs"],
+                                   [r.logprobs[r.token].item() for r in ref[:-1] if r.token is not None][:8],
+                                   atol=1e-4)
+        # A client that leaves mid-stream: every rank stops at the same token.
+        with httpx.stream("POST", base + "/completions", json=dict(prompt="tell me", max_tokens=500,
+                                                                  stream=True), timeout=60) as s:
+            for i, _ in enumerate(s.iter_lines()):
+                if i > 4:
+                    break
+        follow = complete("hello" + first["choices"][0]["text"] + " and")
+        assert follow["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+        assert complete("hello") == {**first, "id": ANY, "created": ANY}
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(20)
