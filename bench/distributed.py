@@ -123,6 +123,8 @@ def run(folder: Path, ranks: int, a) -> dict:
         launcher = Path(sys.executable).parent / "mlx.launch"
         cmd = [str(launcher), "-n", str(ranks), "--backend", "ring", "-p", str(free_port()), "--", *cmd]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if a.streams:
+        env["MLX_LFM2_CPU_STREAMS"] = str(a.streams)
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, cwd=ROOT, env=env)
     if p.returncode != 0:
         raise RuntimeError(f"{cmd} failed:\n{p.stdout[-2000:]}{p.stderr[-3000:]}")
@@ -149,6 +151,9 @@ def main():
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--chunk", type=int, default=128)
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--streams", type=int, help="CPU streams per process (MLX_LFM2_CPU_STREAMS): 1 keeps "
+                   "2 ranks on one 2-core box from competing for cores")
+    p.add_argument("--out", default="distributed.json", help="file name under bench/results")
     a = p.parse_args()
     if a.worker:
         print(json.dumps(worker(a.worker, a.prompt, a.tokens, a.chunk)), flush=True)
@@ -167,7 +172,7 @@ def main():
         wire_ms_per_chunk={k: 1e3 * two["bytes_per_chunk"] / bw for k, bw in LINKS.items()},
     )
     print(json.dumps(result, indent=1))
-    out = ROOT / "bench" / "results" / "distributed.json"
+    out = ROOT / "bench" / "results" / a.out
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"decode: {one['decode_ms']:.1f} ms/token alone, {two['decode_ms']:.1f} on 2 ranks "
           f"(+{added_ms:.2f} ms); rank 0 sends {two['bytes_per_token_rank0']:.0f} B/token, "
