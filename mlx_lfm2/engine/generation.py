@@ -79,7 +79,8 @@ def generate_step(prompt: mx.array, model, cache: list, *, max_tokens: int = 256
         raise ValueError("prompt is empty: nothing to continue from")
     check_token_ids(prompt.tolist(), vocab_rows(model), "prompt token id")
     # Under mlx.launch every rank runs this loop; rank 0's prompt, tokens and stop decisions
-    # are shared so the ranks stay in step (see model.pipeline). Stops then land one token late.
+    # are shared so the ranks stay in step (see model.pipeline); a stop_event then ends it a token
+    # or two later than in one process (the flag travels with a token).
     shared = isinstance(model, PipelineModel)
     if shared:
         prompt = model.share_prompt(prompt)

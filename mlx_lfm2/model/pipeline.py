@@ -190,6 +190,8 @@ class PipelineModel(Model):
 def _depend(c, sent: mx.array) -> None:
     if isinstance(c, KVCache):
         c.keys = mx.depends(c.keys, sent)
-    else:
+    elif isinstance(c, ConvCache):
         c.conv_state = mx.depends(c.conv_state, sent)
+    else:
+        raise TypeError(f"a pipeline stage cannot run on a {type(c).__name__} (only KVCache/ConvCache)")
 
