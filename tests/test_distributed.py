@@ -163,6 +163,22 @@ def test_chat_repl_under_the_launcher_prints_one_reply_equal_to_one_process(chec
 
 
 @pytest.mark.slow
+def test_generate_under_the_launcher_rank0_prints_the_completion_every_rank_its_stats(checkpoint, tmp_path, capsys):
+    from mlx_lfm2.cli.generate import main as generate_main
+
+    folder = checkpoint(tiny_config("tiny-moe"), tokenizer=True)
+    args = ["--model", str(folder), "--prompt", "Hello", "--max-tokens", "8"]
+    two = subprocess.run(launcher(tmp_path, "-m", "mlx_lfm2.generate", *args), capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert two.returncode == 0, two.stdout + two.stderr
+    generate_main(args)
+    one = capsys.readouterr().out
+    completion = one.split("==========\n")[1]
+    assert two.stdout.count(completion) == 1 and two.stdout.count("==========") == 2
+    assert two.stdout.count("Peak memory: ") == 2 and two.stdout.count("Generation: 8 tokens") == 2
+
+
+@pytest.mark.slow
 def test_server_under_the_launcher_serves_cancels_and_reuses_prompts(checkpoint, tmp_path):
     import httpx
 
