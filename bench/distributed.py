@@ -9,6 +9,7 @@ one token's activations) so the cost on a real link can be computed:
     added per token ~= hop latency + bytes/token / bandwidth   (Thunderbolt ~5 GB/s, 10 GbE ~1.2)
 
     python bench/distributed.py --preset 24b-a2b-narrow --layers 8 --bits 4 --runs 3
+    python bench/distributed.py --hops-only --runs 5      # bare hops: send+recv, all_sum
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ def worker(folder: str, prompt_len: int, tokens: int, chunk: int) -> dict:
             sent["bytes"] += x.nbytes
             return dist.all_sum(x, *a, **k)
 
+    if tokens == 0:  # --hops-only
+        model = load_model(folder)
+        return {**hops(model), "rank": model.rank, "peak_gb": 0, "bytes_per_token": 0, "bytes_per_chunk": 0}
     mx.distributed = Counting()  # on mlx.core itself for this run; restored below
     try:
         model = load_model(folder)
@@ -154,6 +158,7 @@ def main():
     p.add_argument("--streams", type=int, help="CPU streams per process (MLX_LFM2_CPU_STREAMS): 1 keeps "
                    "2 ranks on one 2-core box from competing for cores")
     p.add_argument("--out", default="distributed.json", help="file name under bench/results")
+    p.add_argument("--hops-only", action="store_true", help="only the bare hop latencies (2 ranks)")
     a = p.parse_args()
     if a.worker:
         print(json.dumps(worker(a.worker, a.prompt, a.tokens, a.chunk)), flush=True)
@@ -161,6 +166,16 @@ def main():
     folder = a.model or checkpoint(a.preset, a.layers)
     if a.bits and not a.model:
         folder = converted(folder, a.bits)
+    if a.hops_only:  # bare hop latencies only, several launches: on a busy box the best says most
+        a.tokens = 0
+        rows = [run(folder, 2, a) for _ in range(a.runs)]
+        keys = ("round_trip_us", "all_sum_token_us", "all_sum_hidden_us")
+        result = {k: {"per_run_median": [round(r[k]) for r in rows], "best": round(min(r[k] for r in rows))}
+                  for k in keys}
+        result |= dict(machine=f"{platform.machine()} {os.cpu_count()} cores, loopback", load_avg=os.getloadavg()[0])
+        print(json.dumps(result))
+        (ROOT / "bench" / "results" / "distributed_hops.json").write_text(json.dumps(result, indent=1) + "\n")
+        return
     med = alternating_medians({"1 process": lambda: run(folder, 1, a), "2 ranks": lambda: run(folder, 2, a)}, a.runs)
     one, two = med["1 process"], med["2 ranks"]
     added_ms = two["decode_ms"] - one["decode_ms"]
