@@ -34,9 +34,21 @@ def run(folder: str, max_tokens: int = 10, prefill_step: int = 4) -> dict:
                 layers=[owned.start, owned.stop])
 
 
+def mismatched_prompts(folder: str) -> str:
+    """Ranks fed prompts of different lengths: the error every rank raises (not a hang)."""
+    model = load_model(folder)
+    prompt = mx.array(PROMPT[: 3 + mx.distributed.init().rank()], mx.uint32)
+    try:
+        list(generate_step(prompt, model, model.make_cache(), max_tokens=2))
+    except RuntimeError as e:
+        return str(e)
+    return ""
+
+
 def main():
     out = Path(sys.argv[1])
     results = {f: run(f) for f in sys.argv[2:]}
+    results["mismatch"] = mismatched_prompts(sys.argv[2])
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{mx.distributed.init().rank()}.json").write_text(json.dumps(results))
 

@@ -273,6 +273,8 @@ def main(argv=None) -> None:
     from ..engine.session import Chat
 
     t_load = time.perf_counter()
+    if group() is not None and not args.model:
+        raise SystemExit("error: under mlx.launch pass --model (the same folder on every machine)")
     try:
         if args.model:
             check_model(console, args.model)
