@@ -3,6 +3,7 @@
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -175,9 +176,10 @@ def test_generate_under_the_launcher_rank0_prints_the_completion_every_rank_its_
     assert two.returncode == 0, two.stdout + two.stderr
     generate_main(args)
     one = capsys.readouterr().out
-    completion = one.split("==========\n")[1]
-    assert two.stdout.count(completion) == 1 and two.stdout.count("==========") == 2
-    assert two.stdout.count("Peak memory: ") == 2 and two.stdout.count("Generation: 8 tokens") == 2
+    # Each rank's stats lines arrive as one block, possibly between rank 0's streamed pieces.
+    stats = re.compile(r"Prompt: \d+ tokens, .*\nGeneration: 8 tokens, .*\nPeak memory: [\d.]+ GB\n")
+    assert len(stats.findall(two.stdout)) == 2 and len(stats.findall(one)) == 1
+    assert stats.sub("", two.stdout) == stats.sub("", one)  # the completion, once, as one process
 
 
 @pytest.mark.slow
