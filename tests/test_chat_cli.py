@@ -38,7 +38,9 @@ def stats(child):
 
 def test_start_stream_remember_reset_and_quit(chat):
     m = re.search(r"start-up ([0-9.]+)s", chat.banner)
-    assert m and float(m.group(1)) < 1.0, chat.banner  # excluding weight loading
+    # Reported, not timed here (a loaded CI machine is no clock): what keeps start-up fast is
+    # importing no torch/transformers/mlx-lm, checked in test_loading.
+    assert m, chat.banner
     chat.sendline("Hello there, who are you?")
     chat.expect(r"(\d+) prompt tokens @ .* (\d+) tokens @ .* tok/s")
     first_prompt = int(chat.match.group(1))
@@ -157,3 +159,112 @@ def test_bad_model_path_is_a_clean_error(tmp_path):
                        capture_output=True, text=True, timeout=60)
     assert p.returncode != 0 and "neither a model folder nor a hub repo id" in p.stderr
     assert "Traceback" not in p.stderr
+
+
+def _scripted_chat(chat_model, monkeypatch, replies):
+    from mlx_lfm2.engine.generation import GenerationResponse
+    from mlx_lfm2.engine.session import Chat
+
+    model, tok, _ = chat_model
+    chat = Chat(model, tok, temperature=0.0)
+    replies = iter(replies)
+
+    def fake_reply(**kw):
+        text = next(replies)
+        chat.messages.append({"role": "assistant", "content": text})
+        yield GenerationResponse(text, None, None, "stop", 1, 1, 1.0, 1.0, 0.0)
+
+    monkeypatch.setattr(chat, "reply", fake_reply)
+    return chat
+
+
+def test_untrusted_text_is_shown_literally_never_as_markup(chat_model, monkeypatch):
+    from rich.console import Console
+
+    from mlx_lfm2.cli.chat import Repl
+
+    call = '<|tool_call_start|>[echo(text="[conceal]rm -rf ~[/conceal] [/x] \x1b[8mhidden\u202e")]<|tool_call_end|>'
+    chat = _scripted_chat(chat_model, monkeypatch, [call, "Model says [/script] and [bold]x[/bold]."])
+    console = Console(record=True, width=200, force_terminal=True, color_system="standard")
+    prompts = []
+    monkeypatch.setattr(console, "input", lambda prompt="": prompts.append(prompt) or "y")
+
+    def echo(text: str) -> str:
+        return f"tool result [/x] {text}"
+
+    Repl(chat, console, {"echo": echo}, markdown=False, max_tokens=10).turn("user text [/x] [conceal]")
+    plain = console.export_text()
+    assert "[conceal]rm -rf ~[/conceal] [/x] \\x1b[8mhidden\\u202e" in plain  # what the user approves
+    assert "→ tool result [/x] [conceal]rm -rf ~[/conceal]" in plain
+    assert "Model says [/script] and [bold]x[/bold]." in plain
+    assert "\x1b[8m" not in console.export_text(styles=True)  # nothing concealed on the terminal
+    Repl(chat, console, {}, markdown=False, max_tokens=10).command("/nope[/x]")
+    assert "unknown command /nope[/x]" in console.export_text()
+    shown = Console(record=True, width=80)
+    shown.print(prompts[0])  # console.input renders its prompt as markup
+    assert "run it? [y/N]" in shown.export_text()
+
+
+def test_save_failures_keep_the_conversation(chat_model, monkeypatch, tmp_path):
+    from rich.console import Console
+
+    from mlx_lfm2.cli.chat import Repl
+
+    chat = _scripted_chat(chat_model, monkeypatch, ["Hello [/x]!"])
+    console = Console(record=True, width=200)
+    repl = Repl(chat, console, {}, markdown=False, max_tokens=10)
+    repl.turn("hi")
+    before = list(chat.messages)
+    (tmp_path / "dir").mkdir()
+    for target, reason in [(tmp_path / "missing" / "c.chat", "does not exist"), (tmp_path / "dir", "is a folder")]:
+        assert repl.command(f"/save {target}")
+        assert reason in console.export_text()
+        assert chat.messages == before
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["dir"]  # no temporary file left
+    assert repl.command(f"/save {tmp_path / 'ok.chat'}")
+    chat.reset()
+    assert repl.command(f"/load {tmp_path / 'ok.chat'}")
+    assert chat.messages == before
+
+
+def test_a_conversation_saved_with_another_model_is_refused(chat_model, checkpoint, tmp_path):
+    from mlx_lfm2 import load
+    from mlx_lfm2.engine.session import Chat
+
+    model, tok, _ = chat_model
+    chat = Chat(model, tok, temperature=0.0)
+    list(chat.send("hi", max_tokens=2))
+    chat.save(tmp_path / "a.chat")
+    # Same layer types, cache shapes and vocabulary; another expert count.
+    other_model, other_tok = load(checkpoint(tiny_config("tiny-moe", num_experts=4), tokenizer=True))
+    other = Chat(other_model, other_tok)
+    with pytest.raises(ValueError, match=r"saved with another model \(num_experts 8 there vs 4 here\)"):
+        other.load(tmp_path / "a.chat")
+    assert other.messages == []
+    reloaded = Chat(model, tok)
+    reloaded.load(tmp_path / "a.chat")
+    assert reloaded.messages == chat.messages
+
+
+def test_a_damaged_saved_cache_is_refused(chat_model, tmp_path):
+    import mlx.core as mx
+
+    from mlx_lfm2.engine.session import Chat
+    from mlx_lfm2.model.cache import load_cache, save_cache
+
+    model, tok, _ = chat_model
+    chat = Chat(model, tok, temperature=0.0)
+    list(chat.send("hi", max_tokens=2))
+    chat.save(tmp_path / "a.chat")
+    cache, meta = load_cache(str(tmp_path / "a.chat"))
+    kv = cache[1]  # an attention layer
+    kv.offset += 1000  # an offset past its arrays
+    save_cache(str(tmp_path / "b.safetensors"), cache, meta)
+    kv.offset -= 1000
+    kv.keys = mx.zeros((1, 2, kv.offset, 3))  # arrays of the wrong shape
+    save_cache(str(tmp_path / "c.safetensors"), cache, meta)
+    fresh = Chat(model, tok)
+    for name in ("b.safetensors", "c.safetensors"):
+        with pytest.raises(ValueError, match="damaged saved chat: layer 1"):
+            fresh.load(tmp_path / name)
+    assert fresh.messages == []

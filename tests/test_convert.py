@@ -88,14 +88,74 @@ def test_mixed_recipe_keeps_the_dense_path_at_higher_bits(source, tmp_path):
 
 def test_existing_target_is_refused_unless_forced(source, tmp_path):
     target = tmp_path / "out"
-    target.mkdir()
-    (target / "keep.txt").write_text("mine")
+    convert(source, target, progress=False)
+    (target / "config.json").write_text((target / "config.json").read_text() + " ")  # mark the old one
     with pytest.raises(FileExistsError, match="--force"):
         convert(source, target, progress=False)
-    assert (target / "keep.txt").read_text() == "mine"
-    convert(source, target, force=True, progress=False)
-    assert not (target / "keep.txt").exists() and (target / "config.json").exists()
+    assert (target / "config.json").read_text().endswith(" ")
+    convert(source, target, force=True, progress=False)  # a converted model folder: replaced
+    assert not (target / "config.json").read_text().endswith(" ")
     assert leftovers(tmp_path) == []
+
+
+def _user_folder(path):
+    path.mkdir(parents=True)
+    (path / "thesis.tex").write_text("four years of work")
+    return path
+
+
+def test_force_replaces_only_a_converted_model_folder(source, tmp_path, monkeypatch):
+    """--force pointed at anything else is refused with the reason; every file stays."""
+    from mlx_lfm2.weights.conversion import main
+
+    source = shutil.copytree(source, tmp_path / "checkpoints" / "src")
+    work = _user_folder(tmp_path / "work")
+    monkeypatch.chdir(work)
+    looks_like_a_model = _user_folder(tmp_path / "almost")
+    shutil.copy(source / "config.json", looks_like_a_model)
+    (looks_like_a_model / "model.safetensors").write_bytes(b"")
+    home = _user_folder(tmp_path / "home")
+    monkeypatch.setenv("HOME", str(home))
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    cases = [(".", "current folder"), (str(source), "source checkpoint"),
+             (str(source.parent), "contains the source checkpoint"), (str(looks_like_a_model), "thesis.tex"),
+             (str(work / ".." / "work"), "current folder"), (str(home), "home folder"), ("/", "contains"),
+             (str(work / "thesis.tex"), "not a folder")]
+    for target, reason in cases:
+        with pytest.raises(ConversionError, match=reason):
+            convert(source, target, force=True, progress=False)
+    with pytest.raises(SystemExit, match="error: refusing to replace .*current folder"):
+        main(["--hf-path", str(source), "--mlx-path", ".", "--force"])
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert leftovers(tmp_path) == [] and leftovers(source.parent) == []
+
+
+def test_leftovers_of_a_killed_run_are_cleaned_by_the_next(source, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    for name in (f".out.partial-{dead}", f".out.old-{dead}", f".out.partial-{os.getppid()}", f".other.partial-{dead}"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"x")
+    (tmp_path / "out").mkdir()  # the killed run's new folder had landed: the .old is garbage
+    shutil.copy(source / "config.json", tmp_path / "out")
+    (tmp_path / "out" / "model.safetensors").write_bytes(b"")
+    convert(source, tmp_path / "out", force=True, progress=False)
+    # the dead run's folders are gone; a running process's and another target's are not ours to touch
+    assert sorted(leftovers(tmp_path)) == [f".other.partial-{dead}", f".out.partial-{os.getppid()}"]
+
+
+def test_an_old_target_stranded_by_a_kill_is_put_back(source, tmp_path):
+    dead = 2 ** 22 + 12345  # above the default pid_max: no such process
+    first = convert(source, tmp_path / "first", progress=False)
+    os_rename = __import__("os").rename
+    os_rename(first, tmp_path / f".out.old-{dead}")  # killed between the two renames
+    with pytest.raises(FileExistsError):  # the old folder is back in place, so this needs --force
+        convert(source, tmp_path / "out", progress=False)
+    assert (tmp_path / "out" / "config.json").exists() and leftovers(tmp_path) == []
 
 
 def test_interrupted_conversion_leaves_nothing(source, tmp_path, monkeypatch):
@@ -206,3 +266,54 @@ def test_quantization_error_orders_by_bits_and_8_bit_stays_close(tmp_path):
     assert got[8]["top1_agreement"] >= 0.85 and got[8]["kl_mean"] < 0.05
     assert got[4]["top1_agreement"] < got[8]["top1_agreement"]
     assert got[8]["kl_mean"] * 10 < got[4]["kl_mean"] < 2.0
+
+
+def test_an_interrupted_conversion_resumes_where_it_stopped(source, tmp_path, monkeypatch):
+    from mlx_lfm2.weights import conversion
+
+    dead = 2 ** 22 + 4321  # above the default pid_max: no such process
+    whole = convert(source, tmp_path / "whole", quantize=True, progress=False, max_shard_gb=1e-9)
+    real, calls = conversion._convert_group, []
+
+    def interrupted(module, prefix, *a, **kw):
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # Ctrl-C (or a kill) in the third layer group
+        calls.append(prefix)
+        return real(module, prefix, *a, **kw)
+
+    monkeypatch.setattr(conversion, "_convert_group", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        convert(source, tmp_path / "out", quantize=True, progress=False, max_shard_gb=1e-9)
+    (partial,) = [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+    partial.rename(tmp_path / f".out.partial-{dead}")  # as a killed process leaves it
+    monkeypatch.setattr(conversion, "_convert_group", real)
+    # Different options: nothing to resume from, the stale folder is removed.
+    convert(source, tmp_path / "other", quantize=True, q_bits=8, progress=False, max_shard_gb=1e-9)
+    assert (tmp_path / f".out.partial-{dead}").exists()  # another target's: untouched
+
+    resumed = []
+    monkeypatch.setattr(conversion, "_convert_group",
+                        lambda module, prefix, *a, **kw: resumed.append(prefix) or real(module, prefix, *a, **kw))
+    out = convert(source, tmp_path / "out", quantize=True, progress=False, max_shard_gb=1e-9)
+    assert not set(resumed) & set(calls) and len(resumed) + len(calls) == len(conversion._groups(
+        [k for f in source.glob("*.safetensors") for k in mx.load(str(f))], QCFG["num_hidden_layers"]))
+    assert leftovers(tmp_path) == [] and not (out / "progress.json").exists()
+    assert json.loads((out / "config.json").read_text()) == json.loads((whole / "config.json").read_text())
+    assert (json.loads((out / "model.safetensors.index.json").read_text())
+            == json.loads((whole / "model.safetensors.index.json").read_text()))
+    np.testing.assert_array_equal(logits(load_model(out)), logits(load_model(whole)))
+
+
+def test_a_partial_folder_from_other_options_is_not_resumed(source, tmp_path, monkeypatch):
+    from mlx_lfm2.weights import conversion
+
+    dead = 2 ** 22 + 4322
+    stale = tmp_path / f".out.partial-{dead}"
+    stale.mkdir()
+    (stale / "progress.json").write_text(json.dumps(dict(options={"q_bits": 3}, done=["model.layers.0."],
+                                                         overrides={}, shards=[], total=0)))
+    convert(source, tmp_path / "out", quantize=True, progress=False)
+    assert leftovers(tmp_path) == []
+    np.testing.assert_array_equal(
+        logits(load_model(tmp_path / "out")),
+        logits(load_model(convert(source, tmp_path / "ref", quantize=True, progress=False))))

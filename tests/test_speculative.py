@@ -28,7 +28,7 @@ def model(request, checkpoint, tmp_path_factory):
     if form == "q4":
         from mlx_lfm2 import convert
 
-        out = tmp_path_factory.mktemp("q4")
+        out = tmp_path_factory.mktemp("q4") / "model"
         convert(folder, out, quantize=True, q_bits=4, force=True, progress=False)
         folder = out
     return load(folder)[0]
@@ -97,7 +97,7 @@ def pair(checkpoint, tmp_path_factory):
 
     folder = checkpoint(tiny_config("tiny-moe"), tokenizer=True)
     target, tok = load(folder)
-    q4 = tmp_path_factory.mktemp("draft-q4")
+    q4 = tmp_path_factory.mktemp("draft-q4") / "model"
     convert(folder, q4, quantize=True, q_bits=4, force=True, progress=False)
     close, _ = load(q4)
     other, _ = load(checkpoint(tiny_config("tiny-dense"), tokenizer=True, seed=1))

@@ -2,6 +2,9 @@
 
 With no ``--model`` it uses the largest LFM2 model that fits this machine (LFM2-24B-A2B where
 it does), fetched and converted once to 4-bit into a local cache.
+Text we did not write (user input, paths, model replies, tool calls and results) is never
+read as rich markup: it is escaped or printed as ``Text``, so ``[/x]`` cannot crash the REPL
+and ``[conceal]`` cannot hide a tool call's arguments from the user asked to approve it.
 """
 
 from __future__ import annotations
@@ -10,8 +13,12 @@ import argparse
 import importlib.util
 import inspect
 import os
+import re
 import time
 from pathlib import Path
+
+from rich.markup import escape
+from rich.text import Text
 
 DEFAULT_REPO = "LiquidAI/LFM2-24B-A2B"
 HOME = Path(os.environ.get("MLX_LFM2_HOME", Path.home() / ".cache" / "mlx_lfm2"))
@@ -45,6 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int)
     p.add_argument("--tools", type=Path, help="a Python file whose public functions the model may call")
     p.add_argument("--no-markdown", action="store_true", help="print replies as plain text")
+    p.add_argument("--json-schema", type=Path, metavar="FILE",
+                   help="a JSON schema file: every reply is JSON that validates against it")
     p.add_argument("--draft-model", help="a small LFM2 with the same tokenizer for speculative decoding")
     p.add_argument("--num-draft-tokens", type=int, help="tokens drafted per step (default: adaptive from 3)")
     p.add_argument("--prompt-lookup", action="store_true",
@@ -58,7 +67,7 @@ def default_model(console) -> Path:
     from ..weights import provision
 
     entry, line = provision.choose_default(provision.machine())
-    console.print(line)
+    console.print(line, markup=False)
     return provision.provision(entry, HOME, console, confirm=_confirm(console))
 
 
@@ -78,7 +87,7 @@ def _confirm(console):
 
     if not sys.stdin.isatty():
         return None  # never ask (or delete) without a person at the keyboard
-    return lambda question: console.input(question).strip().lower() in ("y", "yes")
+    return lambda question: console.input(escape(question)).strip().lower() in ("y", "yes")
 
 
 def load_tools(path: Path) -> dict:
@@ -90,6 +99,22 @@ def load_tools(path: Path) -> dict:
     spec.loader.exec_module(module)
     return {name: fn for name, fn in vars(module).items()
             if inspect.isfunction(fn) and fn.__module__ == module.__name__ and not name.startswith("_")}
+
+
+def read_schema(path: Path, tokenizer) -> dict:
+    """A JSON schema file, checked (compiled once) before the first turn."""
+    import json
+
+    from ..text.constraints import ConstraintError, make_constraint
+
+    try:
+        schema = json.loads(path.read_text(encoding="utf-8"))
+        make_constraint(tokenizer, json_schema=schema)
+    except OSError as e:
+        raise SystemExit(f"error: cannot read the schema: {e}")
+    except (ValueError, ConstraintError) as e:
+        raise SystemExit(f"error: {path} is not a usable JSON schema: {e}")
+    return schema
 
 
 def read_message(console) -> str:
@@ -108,6 +133,19 @@ def read_message(console) -> str:
         line = console.input("[dim]... [/]")
     lines.append(line)
     return "\n".join(lines)
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# Also invisible or reordering format characters (zero-width, bidi overrides): shown in what
+# the user approves, though not in chat text, where joiners belong to emoji.
+_HIDDEN = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]")
+
+
+def visible(text: str, strict: bool = False) -> str:
+    """Control characters as ``\\xNN`` (``\\uNNNN``): an escape sequence in model or tool text
+    must not move the cursor or conceal what follows on the user's terminal."""
+    return (_HIDDEN if strict else _CONTROL).sub(
+        lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 256 else f"\\u{ord(m.group()):04x}", text)
 
 
 def stats_line(r) -> str:
@@ -131,8 +169,8 @@ class Repl:
 
         from ..text.tools import ToolCallStream
 
-        calls, shown = ToolCallStream(), ""
-        render = (lambda s: Markdown(s)) if self.markdown else (lambda s: Text(s))
+        calls, shown = ToolCallStream(bare_names=self.tools), ""  # names: LFM2.5's unmarked calls
+        render = (lambda s: Markdown(visible(s))) if self.markdown else (lambda s: Text(visible(s)))
         with Live(render(""), console=self.console, refresh_per_second=12,
                   vertical_overflow="visible") as live:
             try:
@@ -154,21 +192,24 @@ class Repl:
     def turn(self, text: str) -> None:
         self.stream(self.chat.send(text, max_tokens=self.max_tokens))
         for _ in range(8):  # a few rounds of tool use per user turn at most
+            from ..engine.distributed import from_leader
             from ..text.tools import call_tool, parse_tool_calls
 
             reply = self.chat.messages[-1]["content"]
-            calls = parse_tool_calls(reply).calls if self.tools else []
+            calls = parse_tool_calls(reply, bare_names=self.tools).calls if self.tools else []
             if not calls:
                 return
             for call in calls:
                 args = ", ".join(f"{k}={v!r}" for k, v in call["arguments"].items())
-                self.console.print(f"[yellow]tool call[/] [bold]{call['name']}[/]({args})")
-                answer = self.console.input("[yellow]run it? [y/N] [/]").strip().lower()
-                if answer in ("y", "yes"):
-                    result = call_tool(self.tools, call)
+                self.console.print(Text.assemble(("tool call", "yellow"), " ",
+                                                 (visible(call["name"], strict=True), "bold"),
+                                                 f"({visible(args, strict=True)})"))
+                answer = self.console.input("[yellow]run it? \\[y/N] [/]").strip().lower()
+                if answer in ("y", "yes"):  # under mlx.launch: run once, on rank 0
+                    result = from_leader(call_tool, self.tools, call)
                 else:
                     result = '{"error": "the user declined to run this tool"}'
-                self.console.print(f"[dim]→ {result[:500]}[/]")
+                self.console.print(Text(f"→ {visible(result[:500])}", style="dim"))
                 self.chat.messages.append({"role": "tool", "content": result})
             self.stream(self.chat.reply(max_tokens=self.max_tokens))
 
@@ -189,14 +230,17 @@ class Repl:
         elif cmd in ("/save", "/load") and not arg:
             self.console.print(f"[red]usage: {cmd} PATH[/]")
         elif cmd == "/save":
-            self.chat.save(arg)
-            self.console.print(f"[dim]saved {len(self.chat.messages)} messages to {arg}[/]")
+            try:
+                self.chat.save(arg)
+                self.console.print(f"[dim]saved {len(self.chat.messages)} messages to {escape(arg)}[/]")
+            except (OSError, ValueError) as e:  # the conversation stays as it was
+                self.console.print(Text(f"could not save: {e}", style="red"))
         elif cmd == "/load":
             try:
                 self.chat.load(arg)
-                self.console.print(f"[dim]loaded {len(self.chat.messages)} messages from {arg}[/]")
+                self.console.print(f"[dim]loaded {len(self.chat.messages)} messages from {escape(arg)}[/]")
             except (OSError, ValueError) as e:
-                self.console.print(f"[red]{e}[/]")
+                self.console.print(Text(str(e), style="red"))
         elif cmd == "/retry":
             if not any(m["role"] == "user" for m in self.chat.messages):
                 self.console.print("[dim]nothing to retry[/]")
@@ -207,14 +251,14 @@ class Repl:
                 dropped = self.chat.undo()
                 self.console.print(f"[dim]dropped {len(dropped)} messages[/]")
             except ValueError as e:
-                self.console.print(f"[dim]{e}[/]")
+                self.console.print(Text(str(e), style="dim"))
         elif cmd == "/stats":
             r = self.chat.last
             self.console.print(stats_line(r) if r else "[dim]no reply yet[/]")
             self.console.print(f"[dim]{self.chat.cached_tokens} tokens in the cache, "
                                f"{len(self.chat.messages)} messages[/]")
         else:
-            self.console.print(f"[red]unknown command {cmd}[/] (try /help)")
+            self.console.print(Text.assemble((f"unknown command {cmd}", "red"), " (try /help)"))
         return True
 
     def run(self) -> None:
@@ -244,9 +288,12 @@ def main(argv=None) -> None:
     console = Console(highlight=False)
     tools = load_tools(args.tools) if args.tools else {}
     from ..weights.loader import load
+    from ..engine.distributed import from_leader, group, leader
     from ..engine.session import Chat
 
     t_load = time.perf_counter()
+    if group() is not None and not args.model:
+        raise SystemExit("error: under mlx.launch pass --model (the same folder on every machine)")
     try:
         if args.model:
             check_model(console, args.model)
@@ -255,9 +302,14 @@ def main(argv=None) -> None:
     except (OSError, ValueError, RuntimeError) as e:
         raise SystemExit(f"error: {e}")
     load_s = time.perf_counter() - t_load
+    if group() is not None:  # mlx.launch: rank 0 reads and prints, the others follow its input
+        console.input = lambda *a, **k: from_leader(Console.input, console, *a, **k)
+        console.quiet = not leader()
     sampling = {k: v for k, v in dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                                       min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                                       seed=args.seed).items() if v is not None}
+    if args.json_schema:
+        sampling["json_schema"] = read_schema(args.json_schema, tokenizer)
     draft = None
     if args.draft_model:
         try:
@@ -269,9 +321,10 @@ def main(argv=None) -> None:
     chat = Chat(model, tokenizer, system=args.system, tools=list(tools.values()) or None, draft_model=draft,
                 num_draft_tokens=args.num_draft_tokens, prompt_lookup=args.prompt_lookup, **sampling)
     startup = time.perf_counter() - t0 - load_s
-    console.print(f"[bold]mlx_lfm2[/] · {args.model or Path(source).name} · weights {load_s:.1f}s · "
+    console.print(f"[bold]mlx_lfm2[/] · {escape(args.model or Path(source).name)} · weights {load_s:.1f}s · "
                   f"start-up {startup:.2f}s · /help for commands"
-                  + (f" · tools: {', '.join(tools)}" if tools else ""))
+                  + (f" · tools: {escape(', '.join(tools))}" if tools else "")
+                  + (f" · replies follow {escape(str(args.json_schema))}" if args.json_schema else ""))
     Repl(chat, console, tools, markdown=not args.no_markdown, max_tokens=args.max_tokens).run()
 
 

@@ -20,8 +20,12 @@ from typing import Iterator, Optional, Sequence, Union
 
 import mlx.core as mx
 
+from ..model import device
+from ..model.pipeline import PipelineModel
+from ..text.constraints import make_constraint
 from ..model.cache import checkpoint
 from .sample import make_logits_processors, make_sampler
+from .validate import TokenIdError, check_token_ids, vocab_rows  # noqa: F401 (TokenIdError: for importers)
 
 Prompt = Union[str, Sequence[int], Sequence[dict]]
 
@@ -48,13 +52,8 @@ def context_length(model) -> int:
 
 
 def default_prefill_step() -> int:
-    """Prompt tokens per prefill chunk.
-
-    On the CPU, 128-token chunks prefill as fast as 512-token ones (measured at the real
-    24B-A2B layer shapes: 5.94 tok/s both) with a third less transient memory, which matters
-    because quantized models compute in float32 there. GPUs want large chunks (mlx-lm's 2048).
-    """
-    return 128 if mx.default_device().type == mx.cpu else 2048
+    """Prompt tokens per prefill chunk: 128 on the CPU, 2048 on GPUs (see ``device.prefill_step``)."""
+    return device.prefill_step()
 
 
 def prefill(model, tokens: mx.array, cache: list, step_size: Optional[int] = None) -> None:
@@ -77,7 +76,17 @@ def generate_step(prompt: mx.array, model, cache: list, *, max_tokens: int = 256
     sampler = sampler or make_sampler(0.0)
     if prompt.size == 0:
         raise ValueError("prompt is empty: nothing to continue from")
+    check_token_ids(prompt.tolist(), vocab_rows(model), "prompt token id")
+    # Under mlx.launch every rank runs this loop; rank 0's prompt, tokens and stop decisions
+    # are shared so the ranks stay in step (see model.pipeline); a stop_event then ends it a token
+    # or two later than in one process (the flag travels with a token).
+    shared = isinstance(model, PipelineModel)
+    if shared:
+        prompt = model.share_prompt(prompt)
     history = prompt
+
+    def stopped() -> bool:
+        return stop_event is not None and stop_event.is_set()
 
     def step(tokens: mx.array):
         nonlocal history
@@ -85,25 +94,29 @@ def generate_step(prompt: mx.array, model, cache: list, *, max_tokens: int = 256
         for proc in logits_processors:
             logits = proc(history, logits)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        y = sampler(logprobs)
+        y, stop = sampler(logprobs), None
+        if shared:
+            y, stop = model.share_token(y, stopped())
         if logits_processors:
             history = mx.concatenate([history, y.astype(history.dtype)])
-        return y, logprobs[0]
+        return y, logprobs[0], stop
 
     prefill(model, prompt[:-1], cache, prefill_step_size)
     if max_tokens <= 0:
         return
-    y, logprobs = step(prompt[-1:])
+    y, logprobs, stop = step(prompt[-1:])
     mx.async_eval(y, logprobs)
+    last_stop = None  # the shared stop flag of the token yielded last (already evaluated)
     for n in range(max_tokens):
-        if stop_event is not None and stop_event.is_set():
+        if (last_stop is not None and last_stop.item()) if shared else stopped():
             return
         if n + 1 < max_tokens:
-            next_y, next_logprobs = step(y)  # feeds y into the cache
+            next_y, next_logprobs, next_stop = step(y)  # feeds y into the cache
             mx.async_eval(next_y, next_logprobs)
         yield y.item(), logprobs
+        last_stop = stop
         if n + 1 < max_tokens:
-            y, logprobs = next_y, next_logprobs
+            y, logprobs, stop = next_y, next_logprobs, next_stop
 
 
 @dataclass
@@ -117,6 +130,7 @@ class GenerationResponse:
     prompt_tps: float
     generation_tps: float
     peak_memory: float  # GB
+    stop_sequence: Optional[str] = None  # on the last response: the stop string that ended it, if one did
     from_draft: bool = False  # speculative decoding: a draft token the target accepted
     draft_tokens: int = 0  # speculative decoding: drafted tokens verified so far...
     accepted_tokens: int = 0  # ...and how many of them the target kept
@@ -132,9 +146,7 @@ def encode_prompt(tokenizer, prompt: Prompt, tools=None) -> list[int]:
     prompt = list(prompt)
     if prompt and isinstance(prompt[0], dict):
         return tokenizer.apply_chat_template(prompt, tools=tools, add_generation_prompt=True, tokenize=True)
-    if not all(isinstance(t, int) for t in prompt):
-        raise TypeError("prompt must be a string, a list of token ids or a list of chat messages")
-    return prompt
+    return prompt  # ids: checked by the caller (check_token_ids)
 
 
 def _held_back(text: str, stops: Sequence[str]) -> int:
@@ -155,18 +167,24 @@ def stream_generate(model, tokenizer, prompt: Prompt, max_tokens: int = 256, *,
                     frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
                     seed: Optional[int] = None, stop: Union[str, Sequence[str], None] = None,
                     cache: Optional[list] = None, stop_event: Optional[threading.Event] = None,
-                    prefill_step_size: Optional[int] = None, tools=None, draft_model=None,
+                    prefill_step_size: Optional[int] = None, tools=None, json_schema=None,
+                    regex: Optional[str] = None, grammar: Optional[str] = None, draft_model=None,
                     draft_cache: Optional[list] = None, num_draft_tokens: Optional[int] = None,
                     prompt_lookup: bool = False) -> Iterator[GenerationResponse]:
     """Stream a completion of ``prompt``; the last response carries ``finish_reason``.
 
     Sampling arguments left as None use greedy decoding (``temperature=0``) and no penalty;
-    front ends pass the model card defaults (``default_sampling``). ``draft_model`` (an LFM2
-    sharing the tokenizer, with ``draft_cache`` holding what ``cache`` holds) or
-    ``prompt_lookup=True`` turn on speculative decoding (``speculative.py``): same greedy
-    output, same sampling distribution, fewer target passes.
+    front ends pass the model card defaults (``default_sampling``). ``json_schema`` (a dict),
+    ``regex`` or ``grammar`` (llguidance Lark) constrain the reply, which ends ("stop") when
+    the value closes; an invalid one raises ``ConstraintError`` (see ``text.constraints``).
+    ``draft_model`` (an LFM2 sharing the tokenizer, with ``draft_cache`` holding what ``cache``
+    holds) or ``prompt_lookup=True`` turn on speculative decoding (``speculative.py``): same
+    greedy output, same sampling distribution, fewer target passes where verifying is cheap.
+    Constrained replies and pipeline-parallel models decode plainly.
     """
-    ids = encode_prompt(tokenizer, prompt, tools)
+    rows = vocab_rows(model)
+    ids = check_token_ids(encode_prompt(tokenizer, prompt, tools), rows, "prompt token id")
+    check_token_ids(tokenizer.eos_token_ids, rows, "stop token id")
     cache = model.make_cache() if cache is None else cache
     held = cache[0].offset if cache else 0
     if held + len(ids) + 1 > context_length(model):
@@ -178,16 +196,23 @@ def stream_generate(model, tokenizer, prompt: Prompt, max_tokens: int = 256, *,
     stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
     sampler = make_sampler(temperature or 0.0, top_p, top_k, min_p, seed)
     processors = make_logits_processors(repetition_penalty, repetition_context_size, logit_bias,
-                                        frequency_penalty, presence_penalty, prompt_tokens=len(ids))
+                                        frequency_penalty, presence_penalty, prompt_tokens=len(ids),
+                                        vocab_size=rows)
+    constraint = make_constraint(tokenizer, json_schema=json_schema, regex=regex, grammar=grammar,
+                                 prompt_tokens=len(ids))
+    if constraint is not None:
+        processors.append(constraint)  # last: it masks what the others produced
     detok = tokenizer.detokenizer()
     eos = tokenizer.eos_token_ids
 
     mx.reset_peak_memory()
     tic = time.perf_counter()
     prompt_tps = gen_tps = 0.0
-    text, shown, n, stop_token = "", 0, 0, None
+    text, shown, n, stop_token, stop_string = "", 0, 0, None, None
     spec = {}
-    if draft_model is not None or prompt_lookup:
+    speculate = (draft_model is not None or prompt_lookup) and constraint is None \
+        and not isinstance(model, PipelineModel)
+    if speculate:
         from .sample import make_distribution
         from .speculative import speculative_generate_step
 
@@ -202,9 +227,9 @@ def stream_generate(model, tokenizer, prompt: Prompt, max_tokens: int = 256, *,
             mx.array(ids, dtype=mx.uint32), model, cache, max_tokens=max_tokens, sampler=sampler,
             logits_processors=processors, prefill_step_size=prefill_step_size, stop_event=stop_event))
 
-    def response(segment, token, logprobs, reason, from_draft=False):
+    def response(segment, token, logprobs, reason, stop_string=None, from_draft=False):
         return GenerationResponse(segment, token, logprobs, reason, len(ids), n, prompt_tps, gen_tps,
-                                  mx.get_peak_memory() / 1e9, from_draft, spec.get("drafted", 0),
+                                  mx.get_peak_memory() / 1e9, stop_string, from_draft, spec.get("drafted", 0),
                                   spec.get("accepted", 0))
 
     for token, logprobs, from_draft in stepper:
@@ -219,18 +244,19 @@ def stream_generate(model, tokenizer, prompt: Prompt, max_tokens: int = 256, *,
             break
         text += detok.add_token(token)
         # A stop string can only begin in the unshown tail: any earlier start was held back.
-        hits = [i for i in (text.find(s, shown) for s in stops) if i >= 0]
+        hits = [(i, s) for i, s in ((text.find(s, shown), s) for s in stops) if i >= 0]
         if hits:
-            text, finish = text[: min(hits)], "stop"
+            cut, stop_string = min(hits)
+            text, finish = text[:cut], "stop"
             break
         visible = len(text) - _held_back(text, stops)
-        yield response(text[shown:visible], token, logprobs, None, from_draft)
+        yield response(text[shown:visible], token, logprobs, None, from_draft=from_draft)
         shown = max(shown, visible)
     else:
         finish = "cancelled" if stop_event is not None and stop_event.is_set() else "length"
         text += detok.finalize()
     stepper.close()
-    yield response(text[shown:], stop_token, None, finish)
+    yield response(text[shown:], stop_token, None, finish, stop_string)
 
 
 def generate(model, tokenizer, prompt: Prompt, max_tokens: int = 256, verbose: bool = False, **kwargs) -> str:

@@ -16,6 +16,8 @@ the next prompt then rewinds instead of prefilling the conversation again.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -23,8 +25,49 @@ from typing import Iterator, Optional
 
 import mlx.core as mx
 
-from ..model.cache import checkpoint, copy_cache, load_cache, reachable, rewind, save_cache
+from ..model.cache import KVCache, checkpoint, copy_cache, load_cache, reachable, rewind, save_cache
+from ..text.tokenizer import RenderedPrompt, plain_spans
 from .generation import GenerationResponse, default_sampling, stream_generate
+
+FORMAT = "mlx_lfm2.chat/2"  # /2 records the model's identity
+
+
+def model_identity(model) -> dict:
+    """What a saved cache depends on: the architecture, and a hash of the whole config
+    (quantization aside: a 4-bit and a bf16 copy of one checkpoint share conversations)."""
+    args = model.args
+    config = dataclasses.asdict(args) if dataclasses.is_dataclass(args) else dict(vars(args))
+    config = {k: v for k, v in config.items() if k not in ("quantization", "extra")}
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return {"layer_types": config.get("layer_types"), "hidden_size": config.get("hidden_size"),
+            "vocab_size": config.get("vocab_size"), "num_experts": config.get("num_experts"),
+            "config_hash": digest}
+
+
+def _cache_problem(model, cache: list, n_tokens: int) -> Optional[str]:
+    """What is wrong with a loaded cache for ``model`` holding ``n_tokens`` tokens, or None."""
+    a = model.args
+    for i, c in enumerate(cache):
+        if c.offset != n_tokens:
+            return f"layer {i} holds {c.offset} positions, the transcript {n_tokens} tokens"
+        if not c.state:
+            if n_tokens:
+                return f"layer {i} has no state"
+            continue
+        if isinstance(c, KVCache):
+            want = [(1, a.num_key_value_heads, n_tokens, a.head_dim)] * 2
+        else:
+            want = [(1, a.conv_L_cache - 1, a.hidden_size)]
+        if [tuple(x.shape) for x in c.state] != want:
+            return f"layer {i} arrays are {[tuple(x.shape) for x in c.state]}, expected {want}"
+    return None
+
+
+def _mismatch(saved: dict, ours: dict) -> str:
+    diffs = [k for k in ours if k != "config_hash" and saved.get(k) != ours[k]]
+    if diffs:
+        return "; ".join(f"{k} {saved.get(k)!r:.60} there vs {ours[k]!r:.60} here" for k in diffs)
+    return f"config hash {saved.get('config_hash')} there vs {ours['config_hash']} here"
 
 
 class PromptCache:
@@ -56,17 +99,26 @@ class PromptCache:
         return self.cache + (self.draft_cache or [])
 
     def reusable(self, tokenizer, prompt_text: str) -> int:
-        """How many cached tokens ``prompt_text`` could reuse (what ``new_tokens`` keeps)."""
+        """How many cached tokens ``prompt_text`` could reuse (what ``new_tokens`` keeps).
+
+        A shared prefix must agree on the untrusted-content spans too: the same characters
+        typed by a user and written by the template are different tokens.
+        """
         if self.offset != len(self.tokens) or not self.tokens:
             return 0
-        if prompt_text.startswith(self.text) and len(prompt_text) > len(self.text):
+
+        def same(n: int) -> bool:  # the first n characters: same text, same untrusted spans
+            return prompt_text.startswith(self.text[:n]) and plain_spans(prompt_text[:n]) == plain_spans(self.text[:n])
+
+        if len(prompt_text) > len(self.text) and same(len(self.text)):
             return len(self.tokens)
+
+        def fits(p: int) -> bool:
+            prefix = tokenizer.decode(self.tokens[:p])
+            return len(prefix) < len(prompt_text) and self.text.startswith(prefix) and same(len(prefix))
+
         # The longest token prefix that spells a proper prefix of the prompt (binary search),
         # then the nearest offset below it that every layer can rewind to.
-        def fits(p):
-            return len(prompt_text) > len(tokenizer.decode(self.tokens[:p])) and \
-                prompt_text.startswith(tokenizer.decode(self.tokens[:p]))
-
         lo, hi = 0, len(self.tokens)
         while lo < hi:
             mid = (lo + hi + 1) // 2
@@ -89,7 +141,7 @@ class PromptCache:
             if self.draft_cache is not None:
                 rewind(self.draft_cache, self.draft_cache[0].offset - keep)
             self.tokens = self.tokens[:keep]
-            self.text = tokenizer.decode(self.tokens)
+            self.text = prompt_text[: len(tokenizer.decode(self.tokens))]  # keeps the spans
         return tokenizer.encode(prompt_text[len(self.text):], add_special_tokens=False)
 
     def commit(self, tokenizer, prompt_text: str, prompt_ids: list[int], generated: list[int]) -> None:
@@ -168,30 +220,52 @@ class Chat:
         return self.prompt_cache.offset
 
     def save(self, path) -> None:
-        """Transcript and cache in one safetensors file, written atomically."""
-        path = Path(path)
+        """Transcript, cache and model identity in one safetensors file, written atomically:
+        a failed save (missing folder, a directory in the way, a full disk) leaves nothing."""
+        path = Path(path).expanduser()
+        if path.is_dir():
+            raise IsADirectoryError(f"{path} is a folder: give a file name, e.g. {path / 'chat.safetensors'}")
+        if not path.parent.is_dir():
+            raise FileNotFoundError(f"folder {path.parent} does not exist: create it first")
         pc = self.prompt_cache
-        meta = {"messages": json.dumps(self.messages, ensure_ascii=False), "text": pc.text,
-                "tokens": json.dumps(pc.tokens),
-                "system": self.system or "", "format": "mlx_lfm2.chat/1"}
-        tmp = path.with_name(path.name + ".tmp.safetensors")
-        save_cache(str(tmp), self.prompt_cache.cache, meta)
-        os.replace(tmp, path)
+        meta = {"messages": json.dumps(self.messages, ensure_ascii=False), "text": str(pc.text),
+                "plain": json.dumps(plain_spans(pc.text)),
+                "tokens": json.dumps(pc.tokens), "model": json.dumps(model_identity(self.model)),
+                "system": self.system or "", "format": FORMAT}
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.safetensors")
+        try:
+            save_cache(str(tmp), self.prompt_cache.cache, meta)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def load(self, path) -> None:
-        path = Path(path)
-        if not path.exists():
+        """Replace the conversation by a saved one; refused (ValueError) if another model saved it."""
+        path = Path(path).expanduser()
+        if not path.is_file():
             raise FileNotFoundError(f"no saved chat at {path}")
         try:
             cache, meta = load_cache(str(path))
         except Exception as e:
             raise ValueError(f"{path} is not a saved mlx_lfm2 chat: {e}") from e
-        if meta.get("format") != "mlx_lfm2.chat/1":
-            raise ValueError(f"{path} is not a saved mlx_lfm2 chat")
-        kinds = [type(c) for c in self.model.make_cache()]
-        if [type(c) for c in cache] != kinds:
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{path} is not a saved mlx_lfm2 chat of this version "
+                             f"(format {meta.get('format')!r}, expected {FORMAT!r})")
+        try:
+            saved = json.loads(meta["model"])
+            messages, tokens = json.loads(meta["messages"]), json.loads(meta["tokens"])
+            text = RenderedPrompt(meta["text"], [(int(a), int(b)) for a, b in json.loads(meta.get("plain", "[]"))])
+        except (KeyError, ValueError, TypeError) as e:
+            raise ValueError(f"{path} is a damaged saved chat: {e}") from e
+        ours = model_identity(self.model)
+        if saved != ours:
+            raise ValueError(f"{path} was saved with another model ({_mismatch(saved, ours)}): "
+                             "load it with the model that saved it")
+        if [type(c) for c in cache] != [type(c) for c in self.model.make_cache()]:
             raise ValueError(f"{path} was saved from a model with a different layer layout")
-        self.messages = json.loads(meta["messages"])
+        problem = _cache_problem(self.model, cache, len(tokens))
+        if problem:  # the cache's offsets index its arrays: a damaged file must not reach them
+            raise ValueError(f"{path} is a damaged saved chat: {problem}")
+        self.messages = messages
         self.system = meta.get("system") or None
-        self.prompt_cache = PromptCache(self.model, cache, meta["text"], json.loads(meta["tokens"]),
-                                        draft_model=self.draft_model)
+        self.prompt_cache = PromptCache(self.model, cache, text, tokens, draft_model=self.draft_model)

@@ -3,6 +3,10 @@
 Requests are checked with pydantic models (unknown fields are tolerated, as OpenAI's
 server does); answers follow the Chat Completions and Completions schemas, including
 streamed ``chat.completion.chunk`` deltas and ``tool_calls``.
+
+This is the server's one validation layer: every value a request carries is checked here
+(numbers in range, token ids below the vocabulary given as ``context={"vocab": n}``, JSON
+depth), so nothing malformed reaches the engine, where MLX does not bounds-check ids.
 """
 
 from __future__ import annotations
@@ -12,9 +16,10 @@ import time
 import uuid
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from ..text.tools import CALL_START, format_pythonic_call
+from ..text.constraints import forced_tool_opening, tool_call_grammar
+from ..text.tools import format_pythonic_call
 
 
 class APIError(Exception):
@@ -27,6 +32,59 @@ class APIError(Exception):
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+MAX_DEPTH = 64  # JSON nesting: tool schemas in the wild stay far below; thousands exhaust the stack
+MAX_SEED = 2**64 - 1
+MAX_STOP = 1024
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def loads(text, what: str = "the body") -> Any:
+    """JSON from a client: strict (no NaN/Infinity), at most ``MAX_DEPTH`` deep, strings of
+    real characters (``"\\ud800"`` is valid JSON but no text the tokenizer can take), else a 400."""
+    try:
+        value = json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise APIError(400, f"{what} nests deeper than {MAX_DEPTH} levels", code="invalid_json")
+    except ValueError as e:
+        raise APIError(400, f"{what} is not valid JSON: {e}", code="invalid_json")
+    _check_tree(value, what)
+    return value
+
+
+def _check_tree(value, what: str) -> None:
+    """Depth and strings of parsed JSON, without recursion."""
+    todo = [(value, 1)]
+    while todo:
+        v, depth = todo.pop()
+        if isinstance(v, str):
+            if not v.isascii():
+                try:
+                    v.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise APIError(400, f"{what} holds a string with a lone surrogate escape ({v[:40]!r})",
+                                   code="invalid_json")
+        elif isinstance(v, (dict, list)):
+            if depth > MAX_DEPTH:
+                raise APIError(400, f"{what} nests deeper than {MAX_DEPTH} levels", code="invalid_json")
+            items = [*v.keys(), *v.values()] if isinstance(v, dict) else v
+            todo.extend((x, depth + 1) for x in items)
+
+
+def _vocab(info: ValidationInfo) -> Optional[int]:
+    return (info.context or {}).get("vocab")
+
+
+def check_ids(ids, vocab: Optional[int], what: str) -> None:
+    """Token ids from a request must index the vocabulary (MLX gathers are unchecked)."""
+    top = f"{vocab - 1}" if vocab else "the vocabulary size"
+    for i in ids:
+        if i < 0 or (vocab is not None and i >= vocab):
+            raise ValueError(f"{what} {i} is not a token id (0..{top})")
 
 
 class _Lenient(BaseModel):
@@ -44,9 +102,14 @@ class ToolCall(_Lenient):
     function: ToolCallFunction
 
 
+class ContentPart(_Lenient):
+    type: str
+    text: Optional[str] = None
+
+
 class Message(_Lenient):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Union[str, list[dict], None] = None
+    content: Union[str, list[ContentPart], None] = None
     tool_calls: Optional[list[ToolCall]] = None
     tool_call_id: Optional[str] = None
     name: Optional[str] = None
@@ -68,13 +131,45 @@ class Sampling(_Lenient):
     repetition_penalty: Optional[float] = Field(None, gt=0)
     frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
     presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=0, le=MAX_SEED)
     stop: Union[str, list[str], None] = None
     n: int = 1
     stream: bool = False
     stream_options: Optional[dict] = None
     logprobs: Optional[Union[bool, int]] = None
     logit_bias: Optional[dict[str, float]] = None
+    response_format: Optional[dict] = None
+
+    @field_validator("response_format")
+    @classmethod
+    def _format(cls, rf):
+        if rf is None:
+            return rf
+        kind = rf.get("type")
+        if kind not in ("text", "json_object", "json_schema"):
+            raise ValueError("response_format.type must be text, json_object or json_schema")
+        spec = rf.get("json_schema")
+        if kind == "json_schema" and not (isinstance(spec, dict) and isinstance(spec.get("schema"), dict)):
+            raise ValueError("response_format json_schema needs json_schema.schema (an object)")
+        return rf
+
+    @field_validator("logprobs")
+    @classmethod
+    def _logprobs(cls, lp):
+        if lp is not None and not isinstance(lp, bool) and not 0 <= lp <= 20:
+            raise ValueError("logprobs is true/false, or a count of alternatives from 0 to 20")
+        return lp
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, bias, info: ValidationInfo):
+        for key, value in (bias or {}).items():
+            if not (key.isascii() and key.isdigit()):
+                raise ValueError(f"logit_bias key {key!r} is not a token id")
+            check_ids([int(key)], _vocab(info), "logit_bias key")
+            if not -100 <= value <= 100:
+                raise ValueError(f"logit_bias[{key!r}] = {value} is outside -100..100")
+        return bias
 
     @field_validator("n")
     @classmethod
@@ -89,6 +184,8 @@ class Sampling(_Lenient):
         stops = [stop] if isinstance(stop, str) else (stop or [])
         if len(stops) > 4:
             raise ValueError("at most 4 stop sequences")
+        if any(len(x) > MAX_STOP for x in stops):  # each token rescans the reply's tail per stop
+            raise ValueError(f"a stop sequence is at most {MAX_STOP} characters")
         return stops
 
     def sampling_kwargs(self, defaults: dict) -> dict:
@@ -98,12 +195,23 @@ class Sampling(_Lenient):
             if getattr(self, name) is not None:
                 kw[name] = getattr(self, name)
         if self.logit_bias:
-            try:
-                kw["logit_bias"] = {int(k): float(v) for k, v in self.logit_bias.items()}
-            except ValueError:
-                raise APIError(400, "logit_bias keys must be token ids", param="logit_bias")
+            kw["logit_bias"] = {int(k): float(v) for k, v in self.logit_bias.items()}
         kw["stop"] = self.stop or None
         return kw
+
+    def constraint(self) -> dict:
+        """``stream_generate``'s constraint for ``response_format`` (none for text). Without
+        ``strict`` a schema is best effort, as at OpenAI: keywords llguidance does not
+        implement are skipped instead of refused."""
+        rf = self.response_format or {}
+        if rf.get("type") == "json_object":
+            return {"json_schema": {"type": "object"}}
+        if rf.get("type") == "json_schema":
+            schema = rf["json_schema"]["schema"]
+            if not rf["json_schema"].get("strict"):
+                schema = {**schema, "x-guidance": {**(schema.get("x-guidance") or {}), "lenient": True}}
+            return {"json_schema": schema}
+        return {}
 
 
 class ChatRequest(Sampling):
@@ -111,26 +219,14 @@ class ChatRequest(Sampling):
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     tools: Optional[list[dict]] = None
     tool_choice: Union[str, dict, None] = None
-    response_format: Optional[dict] = None
     top_logprobs: Optional[int] = Field(None, ge=0, le=20)
-
-    @field_validator("response_format")
-    @classmethod
-    def _format(cls, rf):
-        if rf is None:
-            return rf
-        kind = rf.get("type")
-        if kind not in ("text", "json_object", "json_schema"):
-            raise ValueError("response_format.type must be text, json_object or json_schema")
-        if kind == "json_schema" and not isinstance((rf.get("json_schema") or {}).get("schema"), dict):
-            raise ValueError("response_format json_schema needs json_schema.schema (an object)")
-        return rf
 
     @field_validator("tools")
     @classmethod
     def _tools(cls, tools):
         for t in tools or []:
-            if t.get("type") != "function" or not isinstance((t.get("function") or {}).get("name"), str):
+            fn = t.get("function")
+            if t.get("type") != "function" or not (isinstance(fn, dict) and isinstance(fn.get("name"), str)):
                 raise ValueError("each tool is {'type': 'function', 'function': {'name': ..., ...}}")
         return tools
 
@@ -143,7 +239,8 @@ class ChatRequest(Sampling):
             raise ValueError("tool_choice other than 'none' or 'auto' needs tools")
         if choice == "required":
             return self
-        name = (choice.get("function") or {}).get("name") if isinstance(choice, dict) else None
+        fn = choice.get("function") if isinstance(choice, dict) else None
+        name = fn.get("name") if isinstance(fn, dict) else None
         if not (isinstance(choice, dict) and choice.get("type") == "function" and isinstance(name, str)):
             raise ValueError("tool_choice is 'none', 'auto', 'required' or "
                              "{'type': 'function', 'function': {'name': ...}}")
@@ -151,14 +248,27 @@ class ChatRequest(Sampling):
             raise ValueError(f"tool_choice names {name!r}, which is not one of the tools")
         return self
 
+    @property
+    def tool_names(self) -> frozenset:
+        """The offered tools' names: a bare ``[f(...)]`` reply naming only these is a call."""
+        return frozenset(t["function"]["name"] for t in self.tools or [])
+
+    def _forced_name(self) -> Optional[str]:
+        return self.tool_choice["function"]["name"] if isinstance(self.tool_choice, dict) else None
+
     def forced_tool_call(self) -> str:
         """What the reply must start with for ``tool_choice``: appended to the prompt, so the
-        model can only go on to write a call ('required': any tool; named: that one)."""
-        if self.tool_choice == "required":
-            return CALL_START + "["
-        if isinstance(self.tool_choice, dict):
-            return f"{CALL_START}[{self.tool_choice['function']['name']}("
+        model goes on to write a call ('required': any tool; named: that one)."""
+        if self.tool_choice == "required" or isinstance(self.tool_choice, dict):
+            return forced_tool_opening(self._forced_name())
         return ""
+
+    def constraint(self) -> dict:
+        """A forced call is held to the tools' call syntax and parameter schemas by a grammar
+        over the rest of it, so it always parses; otherwise as ``response_format`` says."""
+        if self.forced_tool_call():
+            return {"grammar": tool_call_grammar(self.tools, self._forced_name(), opened=True)}
+        return super().constraint()
 
     @property
     def limit(self) -> Optional[int]:
@@ -168,6 +278,15 @@ class ChatRequest(Sampling):
 class CompletionRequest(Sampling):
     prompt: Union[str, list[int]]
     echo: bool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, prompt, info: ValidationInfo):
+        if not prompt:
+            raise ValueError("prompt is empty: give text or token ids to continue")
+        if isinstance(prompt, list):
+            check_ids(prompt, _vocab(info), "prompt id")
+        return prompt
 
     @property
     def limit(self) -> Optional[int]:
@@ -179,10 +298,10 @@ def _text_of(content) -> str:
         return content or ""
     parts = []
     for part in content:
-        if part.get("type") not in ("text", "input_text"):
-            raise APIError(400, f"content part type {part.get('type')!r} is not supported (text only)",
+        if part.type not in ("text", "input_text"):
+            raise APIError(400, f"content part type {part.type!r} is not supported (text only)",
                            param="messages")
-        parts.append(part.get("text", ""))
+        parts.append(part.text or "")
     return "".join(parts)
 
 
@@ -197,11 +316,10 @@ def to_template_messages(req: ChatRequest, template_renders_tool_calls: bool) ->
             for c in m.tool_calls:
                 args = c.function.arguments
                 if isinstance(args, str):
-                    try:
-                        args = json.loads(args or "{}")
-                    except ValueError:
-                        raise APIError(400, f"tool call arguments of {c.function.name} are not JSON",
-                                       param="messages")
+                    args = loads(args or "{}", f"the arguments of tool call {c.function.name}")
+                if not isinstance(args, dict):
+                    raise APIError(400, f"the arguments of tool call {c.function.name} must be a JSON "
+                                   f"object, not {type(args).__name__}", param="messages")
                 calls.append({"name": c.function.name, "arguments": args})
             if template_renders_tool_calls:
                 msg["tool_calls"] = [{"type": "function", "function": c} for c in calls]

@@ -3,14 +3,22 @@
 The model writes ``<|tool_call_start|>[f(a=1, b="x"), g()]<|tool_call_end|>`` (Pythonic) or
 the same markers around a JSON list of ``{"name", "arguments"}``. Pythonic calls are read
 with ``ast.parse`` and ``ast.literal_eval``: only names called with literal keyword
-arguments (strings, numbers, booleans, None, lists, dicts, tuples) are accepted, so text
-such as ``[__import__('os').system('x')]`` is rejected and nothing runs.
+arguments that JSON can carry (strings, finite numbers, booleans, None, lists, tuples,
+dicts with string keys) are accepted, so text such as ``[__import__('os').system('x')]``
+or ``f(x={1, 2})`` is rejected and nothing runs. Blocks nested deeper than ``MAX_DEPTH``
+are refused before parsing.
+
+LFM2.5 may also answer with an unmarked ``[f(x=1)]``. Given the offered tools' names
+(``bare_names``), a reply that is exactly such a list of those tools is read as calls, in
+``parse_tool_calls`` and ``ToolCallStream`` alike; any other bracketed text stays text.
 """
 
 from __future__ import annotations
 
 import ast
 import json
+import math
+import re
 from typing import Optional
 
 CALL_START, CALL_END = "<|tool_call_start|>", "<|tool_call_end|>"
@@ -29,42 +37,107 @@ class ParsedOutput(tuple):
         return self
 
 
+# Model text is untrusted: a block nested thousands deep would overflow the parser's stack.
+MAX_DEPTH = 64
+MAX_BLOCK_CHARS = 1_000_000
+_BRACKETS = re.compile(r"""[\[\](){}"'\\]""")
+
+
+def _check_shape(text: str) -> None:
+    """Refuse blocks too large or too deeply nested to parse safely (strings are skipped)."""
+    if len(text) > MAX_BLOCK_CHARS:
+        raise ToolCallError(f"tool call block of {len(text)} characters is over the {MAX_BLOCK_CHARS} limit")
+    depth, quote, skip = 0, None, -1
+    for m in _BRACKETS.finditer(text):
+        i, c = m.start(), m.group()
+        if i < skip:
+            continue
+        if quote:
+            if c == "\\":
+                skip = i + 2
+            elif c == quote:
+                quote = None
+        elif c in "\"'":
+            quote = c
+        elif c in "([{":
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise ToolCallError(f"tool call nested more than {MAX_DEPTH} levels deep")
+        elif c in ")]}":
+            depth -= 1
+
+
+def _json_value(value, where: str):
+    """``value`` if JSON can carry it (tuples become lists); else ToolCallError."""
+    if value is None or isinstance(value, (str, bool, int)):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ToolCallError(f"{where}: {value} is not a JSON number")
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v, where) for v in value]
+    if isinstance(value, dict):
+        if not all(isinstance(k, str) for k in value):
+            raise ToolCallError(f"{where}: object keys must be strings")
+        return {k: _json_value(v, where) for k, v in value.items()}
+    raise ToolCallError(f"{where}: {type(value).__name__} values are not JSON")
+
+
+def _snippet(node, source: str) -> str:
+    return (ast.get_source_segment(source, node) or type(node).__name__)[:80]
+
+
 def _dotted(node) -> str:
-    if isinstance(node, ast.Name):
-        return node.id
-    if isinstance(node, ast.Attribute):
-        return f"{_dotted(node.value)}.{node.attr}"
-    raise ToolCallError("a tool name must be a plain name")
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if not isinstance(node, ast.Name):
+        raise ToolCallError("a tool name must be a plain name")
+    return ".".join([node.id, *reversed(parts)])
 
 
-def _literal(node):
+def _literal(node, source: str, where: str):
     try:
-        return ast.literal_eval(node)
-    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError) as e:
-        raise ToolCallError(f"argument is not a literal: {ast.unparse(node)[:80]}") from e
+        value = ast.literal_eval(node)
+    except (ValueError, TypeError, SyntaxError) as e:
+        raise ToolCallError(f"{where}: not a literal: {_snippet(node, source)}") from e
+    return _json_value(value, where)
 
 
 def _pythonic(text: str) -> list[dict]:
     try:
-        tree = ast.parse(text.strip(), mode="eval").body
-    except (SyntaxError, ValueError, RecursionError) as e:
+        tree = ast.parse(text, mode="eval").body
+    except (SyntaxError, ValueError) as e:
         raise ToolCallError(f"not a Python list of calls: {e}") from e
     nodes = tree.elts if isinstance(tree, (ast.List, ast.Tuple)) else [tree]
     calls = []
     for node in nodes:
         if not isinstance(node, ast.Call):
-            raise ToolCallError(f"not a call: {ast.unparse(node)[:80]}")
+            raise ToolCallError(f"not a call: {_snippet(node, text)}")
         name = _dotted(node.func)
         if node.args:
             raise ToolCallError(f"{name}: positional arguments are not allowed, name them")
         if any(k.arg is None for k in node.keywords):
             raise ToolCallError(f"{name}: **kwargs is not allowed")
-        calls.append({"name": name, "arguments": {k.arg: _literal(k.value) for k in node.keywords}})
+        calls.append({"name": name, "arguments": {k.arg: _literal(k.value, text, f"{name}.{k.arg}")
+                                                  for k in node.keywords}})
     return calls
 
 
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _loads(text: str):
+    """``json.loads`` that refuses NaN / Infinity and numbers that overflow to them (1e999)."""
+    return json.loads(text, parse_constant=_no_constant,
+                      parse_float=lambda s: _json_value(float(s), "number"))
+
+
 def _json(text: str) -> list[dict]:
-    data = json.loads(text)
+    data = _loads(text)
     data = data if isinstance(data, list) else [data]
     calls = []
     for item in data:
@@ -72,7 +145,8 @@ def _json(text: str) -> list[dict]:
             raise ToolCallError("a JSON tool call is an object with a string 'name'")
         args = item.get("arguments", item.get("parameters", {}))
         if isinstance(args, str):
-            args = json.loads(args)
+            _check_shape(args)
+            args = _loads(args)
         if not isinstance(args, dict):
             raise ToolCallError(f"{item['name']}: arguments must be an object")
         calls.append({"name": item["name"], "arguments": args})
@@ -80,22 +154,39 @@ def _json(text: str) -> list[dict]:
 
 
 def parse_call_block(text: str) -> list[dict]:
-    """The calls inside one ``<|tool_call_start|>...<|tool_call_end|>`` block."""
+    """The calls inside one ``<|tool_call_start|>...<|tool_call_end|>`` block.
+
+    Raises ``ToolCallError`` (a ValueError) for anything but calls with JSON-representable
+    arguments, including blocks too large or too deep to parse.
+    """
     stripped = text.strip()
-    if stripped.startswith(("{", "[{")):
-        try:
-            return _json(stripped)
-        except ValueError:
-            pass  # a Pythonic list holding a dict literal, say: try that next
-    return _pythonic(stripped)
+    _check_shape(stripped)
+    try:
+        if stripped.startswith(("{", "[{")):
+            try:
+                return _json(stripped)
+            except ToolCallError:
+                raise
+            except ValueError as e:  # a Pythonic list holding a dict literal, say: try that next
+                try:
+                    return _pythonic(stripped)
+                except ToolCallError:
+                    raise ToolCallError(f"not a valid JSON tool call: {e}") from None
+        return _pythonic(stripped)
+    except (RecursionError, MemoryError) as e:  # what the depth check missed
+        raise ToolCallError(f"tool call too deeply nested to parse ({type(e).__name__})") from None
 
 
-def parse_tool_calls(text: str) -> ParsedOutput:
+def parse_tool_calls(text: str, bare_names=None) -> ParsedOutput:
     """Split model output into ``(content, calls)``; calls are ``{"name", "arguments"}`` dicts.
 
     Text around call blocks is kept in ``content``; a malformed block is kept there
-    verbatim and described in ``.errors``.
+    verbatim and described in ``.errors``. With ``bare_names`` (the offered tools' names), a
+    reply that is exactly an unmarked call list of those tools is read as calls too.
     """
+    bare = parse_bare_calls(text, bare_names) if bare_names else None
+    if bare:
+        return ParsedOutput("", bare)
     content, calls, errors, pos = [], [], [], 0
     while True:
         start = text.find(CALL_START, pos)
@@ -111,7 +202,7 @@ def parse_tool_calls(text: str) -> ParsedOutput:
         block = text[start + len(CALL_START):end]
         try:
             calls.extend(parse_call_block(block))
-        except (ToolCallError, ValueError) as e:
+        except ValueError as e:
             content.append(text[start:end + len(CALL_END)])
             errors.append(str(e))
         pos = end + len(CALL_END)
@@ -124,40 +215,84 @@ class ToolCallStream:
     ``feed(piece) -> str`` returns the text safe to show now; complete calls collect in
     ``calls`` (and ``new_calls()`` returns those not yet taken); ``finish() -> str``
     flushes the rest (an unterminated block comes back as text, with ``errors`` set).
+    Each piece is scanned once (plus a marker's length of overlap), so a long reply fed in
+    small pieces costs time linear in its length.
     """
 
-    def __init__(self):
-        self.buffer = ""
+    def __init__(self, bare_names=None):
+        # With ``bare_names`` a reply's opening is held while it may be an unmarked call list.
+        self.bare_names = frozenset(bare_names or ())
+        self._bare: Optional[list[str]] = [] if self.bare_names else None
+        self._bare_call = False  # the opening reads "[name(": only the reply's end decides
+        self._pending = ""  # outside a call: a tail that may begin CALL_START
+        self._parts: list[str] = []  # inside a call: the block so far, from CALL_START
+        self._tail = ""  # inside a call: the last characters, which may begin CALL_END
         self.calls: list[dict] = []
         self.errors: list[str] = []
         self._taken = 0
 
+    @property
+    def in_call(self) -> bool:
+        return bool(self._parts)
+
+    @property
+    def buffer(self) -> str:
+        """What is held back: a possible start of a marker, or an open call block."""
+        return "".join(self._parts) if self._parts else self._pending
+
     def feed(self, piece: str) -> str:
-        self.buffer += piece
+        if self._bare is not None:
+            self._bare.append(piece)
+            if self._bare_call:
+                return ""
+            held = "".join(self._bare)
+            opening = _bare_opening(held, self.bare_names)
+            if opening != "text":
+                self._bare_call = opening == "call"
+                return ""
+            self._bare, piece = None, held
         out = []
-        while True:
-            start = self.buffer.find(CALL_START)
-            if start < 0:
-                keep = _partial_suffix(self.buffer, CALL_START)
-                out.append(self.buffer[: len(self.buffer) - keep])
-                self.buffer = self.buffer[len(self.buffer) - keep:]
-                break
-            out.append(self.buffer[:start])
-            end = self.buffer.find(CALL_END, start)
+        while piece:
+            if not self._parts:
+                text, self._pending = self._pending + piece, ""
+                start = text.find(CALL_START)
+                if start < 0:
+                    keep = _partial_suffix(text, CALL_START)
+                    out.append(text[: len(text) - keep])
+                    self._pending = text[len(text) - keep:]
+                    break
+                out.append(text[:start])
+                self._parts, self._tail = [CALL_START], ""
+                piece = text[start + len(CALL_START):]
+                continue
+            window = self._tail + piece
+            end = window.find(CALL_END)
             if end < 0:
-                self.buffer = self.buffer[start:]
+                self._parts.append(piece)
+                self._tail = window[-(len(CALL_END) - 1):]
                 break
-            parsed = parse_tool_calls(self.buffer[start: end + len(CALL_END)])
+            cut = end + len(CALL_END) - len(self._tail)  # where the block ends in ``piece``
+            self._parts.append(piece[:cut])
+            parsed = parse_tool_calls("".join(self._parts))
+            self._parts, self._tail = [], ""
             self.calls += parsed.calls
             self.errors += parsed.errors
             out.append(parsed.content)
-            self.buffer = self.buffer[end + len(CALL_END):]
+            piece = piece[cut:]
         return "".join(out)
 
     def finish(self) -> str:
-        rest, self.buffer = self.buffer, ""
-        if rest.startswith(CALL_START):
+        if self._bare is not None:
+            held, self._bare = "".join(self._bare), None
+            bare = parse_bare_calls(held, self.bare_names)
+            if bare:
+                self.calls += bare
+                return ""
+            return self.feed(held) + self.finish()
+        rest = self.buffer
+        if self._parts:
             self.errors.append("unterminated tool call")
+        self._pending, self._parts, self._tail = "", [], ""
         return rest
 
     def new_calls(self) -> list[dict]:
@@ -165,16 +300,57 @@ class ToolCallStream:
         self._taken = len(self.calls)
         return new
 
-    @property
-    def in_call(self) -> bool:
-        return self.buffer.startswith(CALL_START)
+
+# LFM2.5 sometimes answers with a bare ``[f(x=1)]``, without the call markers. That text is
+# read as calls only where tools were offered (``bare_names``), only when the whole reply is
+# exactly a call list, and only when every name is an offered tool's; otherwise it stays text.
+_NAME = re.compile(r"[A-Za-z_][\w.]*")
+
+
+def parse_bare_calls(text: str, names) -> Optional[list[dict]]:
+    """The calls if ``text`` (stripped) is exactly ``[call, ...]`` of tools in ``names``, else None."""
+    stripped = text.strip()
+    if not (stripped.startswith("[") and stripped.endswith("]")) or CALL_START in stripped:
+        return None
+    try:
+        calls = parse_call_block(stripped)
+    except ValueError:
+        return None
+    return calls if calls and all(c["name"] in names for c in calls) else None
+
+
+def _bare_opening(text: str, names) -> str:
+    """How a reply's beginning reads: "text" (cannot be a bare call list), "maybe" (too short
+    to tell) or "call" (``[`` and an offered tool's name, then ``(`` or ``{``: the end decides)."""
+    s = text.lstrip()
+    if not s:
+        return "maybe"
+    if s[0] != "[":
+        return "text"
+    rest = s[1:].lstrip()
+    if not rest:
+        return "maybe"
+    if rest[0] == "{":  # the JSON form
+        return "call"
+    m = _NAME.match(rest)
+    if m is None:
+        return "text"
+    if m.end() == len(rest):
+        return "maybe" if any(n.startswith(m.group()) for n in names) else "text"
+    after = rest[m.end():].lstrip()
+    if m.group() not in names or after[:1] not in ("(", ""):
+        return "text"
+    return "call" if after else "maybe"
 
 
 def _partial_suffix(text: str, marker: str) -> int:
-    """Length of the longest end of ``text`` that begins ``marker``."""
-    for n in range(min(len(marker) - 1, len(text)), 0, -1):
-        if marker.startswith(text[-n:]):
-            return n
+    """Length of the longest end of ``text`` that begins ``marker`` (only its last
+    ``len(marker) - 1`` characters are looked at)."""
+    i = text.find(marker[0], max(0, len(text) - len(marker) + 1))
+    while i >= 0:
+        if marker.startswith(text[i:]):
+            return len(text) - i
+        i = text.find(marker[0], i + 1)
     return 0
 
 
@@ -192,7 +368,10 @@ def _py_literal(value) -> str:
 
 def format_pythonic_call(name: str, arguments: dict) -> str:
     """``name(k=v, ...)`` as LFM2 writes calls; ``parse_call_block`` reads it back."""
-    return f"{name}(" + ", ".join(f"{k}={_py_literal(v)}" for k, v in arguments.items()) + ")"
+    try:
+        return f"{name}(" + ", ".join(f"{k}={_py_literal(v)}" for k, v in arguments.items()) + ")"
+    except RecursionError:
+        raise ToolCallError(f"{name}: arguments nested too deeply to write") from None
 
 
 def format_tool_result(result) -> str:

@@ -190,13 +190,13 @@ def _try_prequantized(e: Entry, m: Machine, console, api, download) -> Optional[
             continue  # not published, or the hub is unreachable: fall back to converting
         problem = verify_prequantized(cfg, index, e)
         if problem:
-            console.print(f"Skipping {repo}: {problem}")
+            console.print(f"Skipping {repo}: {problem}", markup=False)
             continue
         size = sum(s.size or 0 for s in info.siblings) / GB
         if not m.fits(size):
             continue
         check_disk({_hub_cache(): size})
-        console.print(f"Downloading {repo} (~{size:.1f} GB, already 4-bit: no conversion)")
+        console.print(f"Downloading {repo} (~{size:.1f} GB, already 4-bit: no conversion)", markup=False)
         return Path(download(repo, allow_patterns=HUB_PATTERNS))
     return None
 
@@ -220,14 +220,14 @@ def provision(e: Entry, home: Path, console, m: Optional[Machine] = None, api=No
     check_disk({_hub_cache(): max(0.0, published - cached), target.parent: e.mlx_gb})
     console.print(f"First run: downloading {e.repo} (~{published:.1f} GB"
                   + (f", {cached:.1f} GB already here" if cached else "")
-                  + f") and converting it once to 4-bit (~{e.mlx_gb:.1f} GB) in {target}")
+                  + f") and converting it once to 4-bit (~{e.mlx_gb:.1f} GB) in {target}", markup=False)
     src = Path(download(e.repo, allow_patterns=HUB_PATTERNS))
     convert(src, target, quantize=True, quant_recipe="mixed_8", force=True)
     if not cached and confirm is not None and confirm(
             f"Remove the original download ({published:.1f} GB in {_hub_cache()})? The 4-bit folder "
             "is all chat.py needs. [y/N] "):
         _remove_from_cache(e.repo)
-        console.print(f"Removed {e.repo} from the Hugging Face cache.")
+        console.print(f"Removed {e.repo} from the Hugging Face cache.", markup=False)
     return target
 
 

@@ -1,0 +1,318 @@
+"""Continuous batching: many sequences decode in one forward; they join and leave at any step.
+
+* ``BatchGenerator`` (tokens only, the unit a server drives): ``insert`` a prompt with its own
+  sampler, logits processors, stop ids and limit -> uid; each ``step()`` runs one forward of
+  every decoding row (one token each) and then at most one prefill chunk of the oldest
+  waiting prompt, so a newcomer's prefill is interleaved with the others' decode steps
+  instead of stalling them. ``remove(uid)`` drops a row at any time.
+* ``batch_generate`` (text): many prompts to many completions, in prompt order, with stats.
+
+Each prompt is prefilled alone into an ordinary cache, exactly as ``generate_step`` does
+(chunks of ``prompt[:-1]``, then the last token), and only then joins the batched cache
+(model/batch_cache.py) as a row. So padding never reaches a conv state, and a sequence
+decodes the same tokens in a batch as alone. A prompt may come with a cache that already
+holds its prefix (prompt reuse); a finished row hands its cache back as an ordinary one.
+
+Decode is double-buffered as in ``generate_step``: ``step()`` queues the next forward on the
+tokens it is about to return, then reads them. A row that finishes has had its last token
+fed already; that forward's output for it is simply dropped.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence, Union
+
+import mlx.core as mx
+
+from ..model import batch_cache
+from .generation import (GenerationResponse, Prompt, PromptTooLongError, _held_back, context_length,
+                         default_prefill_step, encode_prompt)
+from .sample import make_logits_processors, make_sampler
+from .validate import check_token_ids, vocab_rows
+
+
+@dataclass
+class BatchToken:
+    uid: int
+    token: int
+    logprobs: mx.array  # [V]
+    finish_reason: Optional[str]  # "stop" (a stop id), "length", or None while generating
+    cache: Optional[list] = None  # on a row's last token: its own cache, ordinary (for reuse)
+
+
+@dataclass
+class _Seq:
+    uid: int
+    prompt: list[int]
+    max_tokens: int
+    sampler: Optional[Callable]  # None: greedy
+    processors: list
+    stop_tokens: frozenset
+    cache: Optional[list]  # the ordinary cache while prefilling
+    history: mx.array = None  # prompt + generated ids, for the logits processors
+    pos: int = 0  # prompt tokens prefilled
+    n: int = 0  # tokens returned
+
+
+class BatchGenerator:
+    """Token-level continuous batching over one model (see the module docstring)."""
+
+    def __init__(self, model, max_batch: int = 8, prefill_step_size: Optional[int] = None):
+        if max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
+        self.model, self.max_batch = model, max_batch
+        self.prefill_step_size = prefill_step_size or default_prefill_step()
+        self.waiting: deque[_Seq] = deque()
+        self.prefilling: Optional[_Seq] = None
+        self.rows: list[_Seq] = []
+        self.cache: Optional[list] = None  # batched, one row per entry of self.rows
+        self.y: Optional[mx.array] = None  # [B] sampled, not yet returned: the next forward's input
+        self.logprobs: Optional[mx.array] = None  # [B, V]
+        self._next_uid = 0
+
+    def insert(self, prompt: Sequence[int], *, max_tokens: int = 256, sampler=None, logits_processors=(),
+               stop_tokens=(), cache: Optional[list] = None) -> int:
+        """Queue a prompt (ids; with ``cache``, the ids that follow what it holds) -> uid."""
+        prompt = check_token_ids(prompt, vocab_rows(self.model), "prompt token id")
+        if not prompt:
+            raise ValueError("prompt is empty: nothing to continue from")
+        if max_tokens < 1:
+            raise ValueError("max_tokens must be >= 1")
+        uid, self._next_uid = self._next_uid, self._next_uid + 1
+        self.waiting.append(_Seq(uid, prompt, max_tokens, sampler, list(logits_processors), frozenset(stop_tokens),
+                                 cache if cache is not None else self.model.make_cache(),
+                                 history=mx.array(prompt, dtype=mx.uint32)))
+        return uid
+
+    def remove(self, uid: int) -> Optional[list]:
+        """Stop ``uid`` wherever it is; a decoding row returns its cache (ordinary), else None."""
+        for i, s in enumerate(self.rows):
+            if s.uid == uid:
+                cache = batch_cache.extract(self.cache, i)
+                self._keep([j for j in range(len(self.rows)) if j != i])
+                return cache
+        if self.prefilling is not None and self.prefilling.uid == uid:
+            self.prefilling = None  # its cache may be mid-chunk: not reusable
+        self.waiting = deque(s for s in self.waiting if s.uid != uid)
+        return None
+
+    @property
+    def status(self) -> dict:
+        return {"decoding": len(self.rows), "prefilling": int(self.prefilling is not None),
+                "waiting": len(self.waiting), "max_batch": self.max_batch}
+
+    def __len__(self) -> int:
+        return len(self.rows) + (self.prefilling is not None) + len(self.waiting)
+
+    def step(self) -> list[BatchToken]:
+        """One token for every decoding row (in join order), then one prefill chunk."""
+        out = []
+        if self.rows:
+            y, logprobs = self.y, self.logprobs
+            logits = self.model(y[:, None], cache=self.cache)[:, -1, :]
+            self.y, self.logprobs = self._sample(self.rows, logits)
+            mx.async_eval(self.y, self.logprobs)
+            keep = []
+            for i, (s, t) in enumerate(zip(self.rows, y.tolist())):
+                s.n += 1
+                finish = "stop" if t in s.stop_tokens else "length" if s.n >= s.max_tokens else None
+                out.append(BatchToken(s.uid, t, logprobs[i], finish))
+                if finish is None:
+                    keep.append(i)
+                else:
+                    out[-1].cache = batch_cache.extract(self.cache, i)
+            if len(keep) < len(self.rows):
+                self._keep(keep)
+        self._prefill()
+        return out
+
+    def _keep(self, keep: list[int]) -> None:
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            self.cache = self.y = self.logprobs = None
+            return
+        batch_cache.leave(self.cache, keep)
+        rows = mx.array(keep)
+        self.y, self.logprobs = self.y[rows], self.logprobs[rows]
+
+    def _prefill(self) -> None:
+        if self.prefilling is None:
+            if not self.waiting or len(self.rows) >= self.max_batch:
+                return
+            self.prefilling = self.waiting.popleft()
+        s = self.prefilling
+        body = len(s.prompt) - 1
+        if s.pos < body:
+            end = min(s.pos + self.prefill_step_size, body)
+            self.model(mx.array(s.prompt[s.pos : end], dtype=mx.uint32)[None], cache=s.cache)
+            mx.eval([c.state for c in s.cache])
+            s.pos = end
+            if s.pos < body:
+                return  # the next chunk waits for the next step
+        logits = self.model(mx.array(s.prompt[-1:], dtype=mx.uint32)[None], cache=s.cache)[:, -1, :]
+        y, logprobs = self._sample([s], logits)
+        if self.cache is None:
+            self.cache = batch_cache.make_batch_cache(s.cache)
+        batch_cache.join(self.cache, s.cache)
+        self.rows.append(s)
+        self.y = y if self.y is None else mx.concatenate([self.y, y])
+        self.logprobs = logprobs if self.logprobs is None else mx.concatenate([self.logprobs, logprobs])
+        mx.async_eval(self.y, self.logprobs)
+        s.cache, self.prefilling = None, None
+
+    @staticmethod
+    def _sample(rows: list[_Seq], logits: mx.array):
+        """Each row's processors and sampler on its own row of ``logits`` ``[B, V]``."""
+        if all(s.sampler is None and not s.processors for s in rows):
+            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+            return mx.argmax(logprobs, axis=-1), logprobs
+        parts = []
+        for i, s in enumerate(rows):
+            row = logits[i : i + 1]
+            for proc in s.processors:
+                row = proc(s.history, row)
+            parts.append(row)
+        logits = mx.concatenate(parts)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        ys = []
+        for i, s in enumerate(rows):
+            y = s.sampler(logprobs[i : i + 1]) if s.sampler else mx.argmax(logprobs[i : i + 1], axis=-1)
+            if s.processors:
+                s.history = mx.concatenate([s.history, y.astype(s.history.dtype)])
+            ys.append(y)
+        return mx.concatenate(ys), logprobs
+
+
+def sampling_for(prompt_tokens: int, temperature: Optional[float] = None, top_p: float = 1.0, top_k: int = 0,
+                 min_p: float = 0.0, repetition_penalty: Optional[float] = None, repetition_context_size: int = 64,
+                 logit_bias: Optional[dict] = None, frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
+                 seed: Optional[int] = None, vocab_size: Optional[int] = None) -> dict:
+    """``stream_generate``'s sampling arguments as ``BatchGenerator.insert`` keywords."""
+    sampler = make_sampler(temperature, top_p, top_k, min_p, seed) if temperature else None
+    processors = make_logits_processors(repetition_penalty, repetition_context_size, logit_bias,
+                                        frequency_penalty, presence_penalty, prompt_tokens=prompt_tokens,
+                                        vocab_size=vocab_size)
+    return {"sampler": sampler, "logits_processors": processors}
+
+
+@dataclass
+class TextStream:
+    """One request's text over ``BatchToken``s, by ``stream_generate``'s rules: the streaming
+    detokenizer, stop ids and stop strings (never shown, a possible stop's start held back)."""
+
+    tokenizer: object
+    stops: list
+    prompt_tokens: int
+    start: float = field(default_factory=time.perf_counter)
+    text: str = ""
+    shown: int = 0
+    n: int = 0
+    first: Optional[float] = None  # when the first token arrived
+    last: Optional[float] = None  # when the latest one did
+    finish_reason: Optional[str] = None
+
+    def __post_init__(self):
+        self.detok = self.tokenizer.detokenizer()
+        self.eos = set(self.tokenizer.eos_token_ids)
+        self.stops = [self.stops] if isinstance(self.stops, str) else [s for s in (self.stops or []) if s]
+
+    @property
+    def ttft(self) -> Optional[float]:
+        return None if self.first is None else self.first - self.start
+
+    def _response(self, segment, token, logprobs, reason) -> GenerationResponse:
+        prompt_tps = self.prompt_tokens / max(self.ttft, 1e-9) if self.first else 0.0
+        if reason:
+            self.finish_reason = reason
+        return GenerationResponse(segment, token, logprobs, reason, self.prompt_tokens, self.n, prompt_tps,
+                                  self.generation_tps, mx.get_peak_memory() / 1e9)
+
+    @property
+    def generation_tps(self) -> float:
+        return (self.n - 1) / max(self.last - self.first, 1e-9) if self.first else 0.0
+
+    def feed(self, token: int, logprobs, finish: Optional[str]) -> list[GenerationResponse]:
+        """The responses for one generated token (the last one carries ``finish_reason``)."""
+        self.last = time.perf_counter()
+        self.first = self.first or self.last
+        self.n += 1
+        if token in self.eos or finish == "stop":
+            self.text += self.detok.finalize()
+            return [self._response(self.text[self.shown :], token, None, "stop")]
+        self.text += self.detok.add_token(token)
+        hits = [i for i in (self.text.find(s, self.shown) for s in self.stops) if i >= 0]
+        if hits:
+            self.text = self.text[: min(hits)]
+            return [self._response(self.text[self.shown :], None, None, "stop")]
+        visible = len(self.text) - _held_back(self.text, self.stops)
+        out = [self._response(self.text[self.shown : visible], token, logprobs, None)]
+        self.shown = max(self.shown, visible)
+        if finish == "length":
+            out.append(self.end("length"))
+        return out
+
+    def end(self, reason: str) -> GenerationResponse:
+        """The last response when generation ends without a token (length, cancelled)."""
+        self.text += self.detok.finalize()
+        r = self._response(self.text[self.shown :], None, None, reason)
+        self.shown = len(self.text)
+        return r
+
+
+@dataclass
+class BatchResponse:
+    texts: list[str]  # in prompt order
+    finish_reasons: list[str]
+    stats: list[dict]  # per prompt: prompt_tokens, generation_tokens, ttft_s, generation_tps
+    generation_tokens: int  # all prompts together
+    generation_tps: float  # all prompts' tokens over the whole run's wall time
+    peak_memory: float  # GB
+
+
+def batch_generate(model, tokenizer, prompts: Sequence[Prompt], max_tokens: Union[int, Sequence[int]] = 256, *,
+                   max_batch: Optional[int] = None, stop: Union[str, Sequence[str], None] = None,
+                   prefill_step_size: Optional[int] = None, tools=None, verbose: bool = False,
+                   **sampling) -> BatchResponse:
+    """Complete every prompt (text, ids or chat messages), decoding them together in batches
+    of up to ``max_batch`` (default: all). ``sampling``: ``stream_generate``'s arguments, the
+    same for every prompt (each prompt gets its own sampler: a ``seed`` gives each the same
+    draws as alone). Greedy when ``temperature`` is left out."""
+    ids = [encode_prompt(tokenizer, p, tools) for p in prompts]
+    limits = [max_tokens] * len(ids) if isinstance(max_tokens, int) else list(max_tokens)
+    ctx = context_length(model)
+    gen = BatchGenerator(model, max_batch or max(1, len(ids)), prefill_step_size)
+    streams, by_uid = [], {}
+    mx.reset_peak_memory()
+    tic = time.perf_counter()
+    for p, limit in zip(ids, limits):
+        if len(p) + 1 > ctx:
+            raise PromptTooLongError(f"a prompt of {len(p)} tokens does not fit the model's context of {ctx} tokens")
+        stream = TextStream(tokenizer, stop, len(p))
+        streams.append(stream)
+        limit = max(0, min(limit, ctx - len(p)))
+        if limit == 0:
+            stream.end("length")
+            continue
+        uid = gen.insert(p, max_tokens=limit, stop_tokens=tokenizer.eos_token_ids, **sampling_for(len(p), vocab_size=vocab_rows(model), **sampling))
+        by_uid[uid] = stream
+    while by_uid:
+        for t in gen.step():
+            stream = by_uid[t.uid]
+            for r in stream.feed(t.token, t.logprobs, t.finish_reason):
+                if r.finish_reason:
+                    if t.finish_reason is None:
+                        gen.remove(t.uid)  # a stop string ended it
+                    del by_uid[t.uid]
+    wall = time.perf_counter() - tic
+    total = sum(s.n for s in streams)
+    stats = [{"prompt_tokens": s.prompt_tokens, "generation_tokens": s.n, "ttft_s": s.ttft,
+              "generation_tps": s.generation_tps} for s in streams]
+    out = BatchResponse([s.text for s in streams], [s.finish_reason for s in streams], stats, total,
+                        total / max(wall, 1e-9), mx.get_peak_memory() / 1e9)
+    if verbose:
+        print(f"{len(streams)} prompts, {total} tokens, {out.generation_tps:.1f} tok/s together, "
+              f"peak memory {out.peak_memory:.2f} GB")
+    return out
