@@ -113,6 +113,7 @@ BAD = [  # (name, path, body, status, words in the message)
     ("negative prompt id", "/v1/completions", {"prompt": [-3]}, 422, ["-3"]),
     ("too many logprobs", "/v1/completions", {"prompt": "x", "logprobs": 100000}, 422, ["logprobs"]),
     ("negative logprobs", "/v1/completions", {"prompt": "x", "logprobs": -2}, 422, ["logprobs"]),
+    ("stop string of 100k", CHAT, {"messages": USER, "stop": ["x" * 100000]}, 422, ["stop"]),
     ("lone surrogate", CHAT, {"messages": [{"role": "user", "content": "\ud800"}]}, 400, ["surrogate"]),
     ("logit_bias value", CHAT, {"messages": USER, "logit_bias": {"5": 1e9}}, 422, ["-100..100"]),
 ]

@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Iterator, Optional
 
-from ..model.cache import copy_cache, load_cache, save_cache
+from ..model.cache import KVCache, copy_cache, load_cache, save_cache
 from ..text.tokenizer import RenderedPrompt, plain_spans
 from .generation import GenerationResponse, default_sampling, stream_generate
 
@@ -36,6 +36,25 @@ def model_identity(model) -> dict:
     return {"layer_types": config.get("layer_types"), "hidden_size": config.get("hidden_size"),
             "vocab_size": config.get("vocab_size"), "num_experts": config.get("num_experts"),
             "config_hash": digest}
+
+
+def _cache_problem(model, cache: list, n_tokens: int) -> Optional[str]:
+    """What is wrong with a loaded cache for ``model`` holding ``n_tokens`` tokens, or None."""
+    a = model.args
+    for i, c in enumerate(cache):
+        if c.offset != n_tokens:
+            return f"layer {i} holds {c.offset} positions, the transcript {n_tokens} tokens"
+        if not c.state:
+            if n_tokens:
+                return f"layer {i} has no state"
+            continue
+        if isinstance(c, KVCache):
+            want = [(1, a.num_key_value_heads, n_tokens, a.head_dim)] * 2
+        else:
+            want = [(1, a.conv_L_cache - 1, a.hidden_size)]
+        if [tuple(x.shape) for x in c.state] != want:
+            return f"layer {i} arrays are {[tuple(x.shape) for x in c.state]}, expected {want}"
+    return None
 
 
 def _mismatch(saved: dict, ours: dict) -> str:
@@ -168,6 +187,9 @@ class Chat:
                              "load it with the model that saved it")
         if [type(c) for c in cache] != [type(c) for c in self.model.make_cache()]:
             raise ValueError(f"{path} was saved from a model with a different layer layout")
+        problem = _cache_problem(self.model, cache, len(tokens))
+        if problem:  # the cache's offsets index its arrays: a damaged file must not reach them
+            raise ValueError(f"{path} is a damaged saved chat: {problem}")
         self.messages = messages
         self.system = meta.get("system") or None
         self.prompt_cache = PromptCache(self.model, cache, text, tokens)

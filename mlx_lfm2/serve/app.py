@@ -434,8 +434,12 @@ def create_app(engine: Engine, api_key: Optional[str] = None, body_timeout: floa
             {"id": engine.model_id, "object": "model", "created": 0, "owned_by": "mlx_lfm2"}]})
 
     async def health(request: Request):
+        import mlx.core as mx
+
         return JSONResponse({"status": "ok", "queued": engine.jobs.qsize(), **engine.stats,
-                             "cached_prompts": len(engine.caches)})
+                             "cached_prompts": len(engine.caches),
+                             "mlx_active_mb": round(mx.get_active_memory() / 2**20, 1),
+                             "mlx_cache_mb": round(mx.get_cache_memory() / 2**20, 1)})
 
     async def api_error(request, exc: APIError):
         response = _error(exc)
@@ -457,7 +461,7 @@ def create_app(engine: Engine, api_key: Optional[str] = None, body_timeout: floa
             Route("/v1/completions", completions, methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
-            *anthropic.routes(engine, api_key, body_timeout, prepare, results),
+            *anthropic.routes(engine, api_key, body_timeout, constrained, prepare, results),
         ],
         exception_handlers={APIError: api_error, HTTPException: http_error, Exception: crash},
     )

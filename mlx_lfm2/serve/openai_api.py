@@ -36,6 +36,7 @@ class APIError(Exception):
 
 MAX_DEPTH = 64  # JSON nesting: tool schemas in the wild stay far below; thousands exhaust the stack
 MAX_SEED = 2**64 - 1
+MAX_STOP = 1024
 
 
 def _reject_constant(name: str):
@@ -183,6 +184,8 @@ class Sampling(_Lenient):
         stops = [stop] if isinstance(stop, str) else (stop or [])
         if len(stops) > 4:
             raise ValueError("at most 4 stop sequences")
+        if any(len(x) > MAX_STOP for x in stops):  # each token rescans the reply's tail per stop
+            raise ValueError(f"a stop sequence is at most {MAX_STOP} characters")
         return stops
 
     def sampling_kwargs(self, defaults: dict) -> dict:
