@@ -6,7 +6,7 @@ Starts ``python -m mlx_lfm2.server`` on loopback with a random tiny checkpoint a
 LFM2 tokenizer, then sends a seeded mix of valid requests and abuse: malformed and truncated
 bodies, wrong content types, random fields replaced by junk (huge, negative, NaN-like,
 wrongly typed), out-of-range token ids, deep nesting, oversized bodies, clients that hang up
-mid-stream or before a plain reply, stalled request heads. Reports (last stdout line, JSON):
+mid-stream or before a plain reply, stalled request heads, Anthropic-shaped ``/v1/messages``. Reports (last stdout line, JSON):
 requests sent, status counts, crashes (the server process died), 5xx answers, error events
 inside streams, client timeouts, the server's VmRSS growth and the elapsed time. Exit status
 1 if anything crashed, answered 5xx or hung.
@@ -98,6 +98,18 @@ def mutated(rng: random.Random) -> tuple[str, dict]:
     return path, body
 
 
+def anthropic_request(rng: random.Random) -> tuple[str, dict]:
+    """``/v1/messages`` (Anthropic's shape), valid or with a junk field."""
+    body = {"max_tokens": rng.randint(1, 12), "messages": [{"role": "user", "content": "hi"}],
+            "stream": rng.random() < 0.3}
+    if rng.random() < 0.3:
+        body["tools"] = [{"name": "get_weather", "input_schema": {"type": "object"}}]
+    if rng.random() < 0.6:
+        body[rng.choice(["max_tokens", "messages", "system", "tools", "tool_choice", "temperature",
+                         "stop_sequences", "top_k"])] = junk(rng)
+    return rng.choice(["/v1/messages", "/v1/messages/count_tokens"]), body
+
+
 def ids_request(rng: random.Random) -> tuple[str, dict]:
     if rng.random() < 0.5:
         body = valid_chat(rng)
@@ -153,8 +165,11 @@ def send(client: httpx.Client, base: str, port: int, rng: random.Random, tally: 
         elif r < 0.47:
             (path, body), kind = mutated(rng), "junk-field"
             content = json.dumps(body).encode()
-        elif r < 0.60:
+        elif r < 0.57:
             (path, body), kind = ids_request(rng), "random-ids"
+            content = json.dumps(body).encode()
+        elif r < 0.60:
+            (path, body), kind = anthropic_request(rng), "anthropic"
             content = json.dumps(body).encode()
         elif r < 0.70:
             path, kind, content = rng.choice(["/v1/chat/completions", "/v1/completions"]), "malformed", malformed_bytes(rng)
