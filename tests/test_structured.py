@@ -10,7 +10,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from conftest import ScriptedModel, reference_dir
+from conftest import ScriptedModel
 from mlx_lfm2 import parse_tool_calls, stream_generate
 from mlx_lfm2.text.constraints import ConstraintError, make_constraint, tool_call_grammar
 
@@ -26,10 +26,8 @@ def sample(chat_model, max_tokens=160, seed=0, prompt=CHAT, **constraint):
 
 
 @pytest.fixture(scope="module")
-def tok():
-    from mlx_lfm2.text.tokenizer import load_tokenizer
-
-    return load_tokenizer(reference_dir())
+def tok(chat_model):
+    return chat_model[1]  # the real tokenizer; sharing it shares llguidance's view of it (~1 s to build)
 
 
 @pytest.mark.parametrize("name", sorted(TRICKY))
@@ -361,3 +359,31 @@ def test_tool_grammar_follows_refs_and_recursion(tok):
     bad = make_constraint(tok, grammar=tool_call_grammar([tree, other]))
     wrong = tok.encode('<|tool_call_start|>[flag(on={"v": 1', add_special_tokens=False)
     assert bad.advance(wrong) < len(wrong)
+
+
+def test_constraints_hold_per_row_in_a_batch(chat_model):
+    """BatchGenerator runs each row's processors on its own row: two schemas and one free row
+    decode together, each constrained row validates."""
+    from mlx_lfm2.engine.batch import BatchGenerator
+    from mlx_lfm2.engine.sample import make_sampler
+
+    model, tok, _ = chat_model
+    schemas = [TRICKY["patterns"], TRICKY["bounded_numbers"], None]
+    gen = BatchGenerator(model, max_batch=3)
+    uids = {}
+    for i, schema in enumerate(schemas):
+        ids = tok.apply_chat_template([{"role": "user", "content": f"Row {i}"}], tokenize=True)
+        procs = [make_constraint(tok, json_schema=schema, prompt_tokens=len(ids))] if schema else []
+        uid = gen.insert(ids, max_tokens=120, sampler=make_sampler(1.0, seed=i), logits_processors=procs,
+                         stop_tokens=tok.eos_token_ids)
+        uids[uid] = (schema, [], None)
+    while len(gen):
+        for t in gen.step():
+            schema, out, _ = uids[t.uid]
+            if t.finish_reason != "stop":
+                out.append(t.token)
+            uids[t.uid] = (schema, out, t.finish_reason)
+    for schema, out, finish in uids.values():
+        if schema is not None:
+            assert finish == "stop"
+            jsonschema.validate(json.loads(tok.decode(out)), schema)

@@ -184,6 +184,7 @@ class Repl:
     def turn(self, text: str) -> None:
         self.stream(self.chat.send(text, max_tokens=self.max_tokens))
         for _ in range(8):  # a few rounds of tool use per user turn at most
+            from ..engine.distributed import from_leader
             from ..text.tools import call_tool, parse_tool_calls
 
             reply = self.chat.messages[-1]["content"]
@@ -196,8 +197,8 @@ class Repl:
                                                  (visible(call["name"], strict=True), "bold"),
                                                  f"({visible(args, strict=True)})"))
                 answer = self.console.input("[yellow]run it? \\[y/N] [/]").strip().lower()
-                if answer in ("y", "yes"):
-                    result = call_tool(self.tools, call)
+                if answer in ("y", "yes"):  # under mlx.launch: run once, on rank 0
+                    result = from_leader(call_tool, self.tools, call)
                 else:
                     result = '{"error": "the user declined to run this tool"}'
                 self.console.print(Text(f"→ {visible(result[:500])}", style="dim"))
@@ -268,9 +269,12 @@ def main(argv=None) -> None:
     console = Console(highlight=False)
     tools = load_tools(args.tools) if args.tools else {}
     from ..weights.loader import load
+    from ..engine.distributed import from_leader, group, leader
     from ..engine.session import Chat
 
     t_load = time.perf_counter()
+    if group() is not None and not args.model:
+        raise SystemExit("error: under mlx.launch pass --model (the same folder on every machine)")
     try:
         if args.model:
             check_model(console, args.model)
@@ -279,6 +283,9 @@ def main(argv=None) -> None:
     except (OSError, ValueError, RuntimeError) as e:
         raise SystemExit(f"error: {e}")
     load_s = time.perf_counter() - t_load
+    if group() is not None:  # mlx.launch: rank 0 reads and prints, the others follow its input
+        console.input = lambda *a, **k: from_leader(Console.input, console, *a, **k)
+        console.quiet = not leader()
     sampling = {k: v for k, v in dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                                       min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                                       seed=args.seed).items() if v is not None}

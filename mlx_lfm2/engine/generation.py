@@ -21,7 +21,7 @@ from typing import Iterator, Optional, Sequence, Union
 import mlx.core as mx
 
 from ..model import device
-
+from ..model.pipeline import PipelineModel
 from ..text.constraints import make_constraint
 from .sample import make_logits_processors, make_sampler
 from .validate import TokenIdError, check_token_ids, vocab_rows  # noqa: F401 (TokenIdError: for importers)
@@ -75,7 +75,16 @@ def generate_step(prompt: mx.array, model, cache: list, *, max_tokens: int = 256
     if prompt.size == 0:
         raise ValueError("prompt is empty: nothing to continue from")
     check_token_ids(prompt.tolist(), vocab_rows(model), "prompt token id")
+    # Under mlx.launch every rank runs this loop; rank 0's prompt, tokens and stop decisions
+    # are shared so the ranks stay in step (see model.pipeline); a stop_event then ends it a token
+    # or two later than in one process (the flag travels with a token).
+    shared = isinstance(model, PipelineModel)
+    if shared:
+        prompt = model.share_prompt(prompt)
     history = prompt
+
+    def stopped() -> bool:
+        return stop_event is not None and stop_event.is_set()
 
     def step(tokens: mx.array):
         nonlocal history
@@ -83,25 +92,29 @@ def generate_step(prompt: mx.array, model, cache: list, *, max_tokens: int = 256
         for proc in logits_processors:
             logits = proc(history, logits)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        y = sampler(logprobs)
+        y, stop = sampler(logprobs), None
+        if shared:
+            y, stop = model.share_token(y, stopped())
         if logits_processors:
             history = mx.concatenate([history, y.astype(history.dtype)])
-        return y, logprobs[0]
+        return y, logprobs[0], stop
 
     prefill(model, prompt[:-1], cache, prefill_step_size)
     if max_tokens <= 0:
         return
-    y, logprobs = step(prompt[-1:])
+    y, logprobs, stop = step(prompt[-1:])
     mx.async_eval(y, logprobs)
+    last_stop = None  # the shared stop flag of the token yielded last (already evaluated)
     for n in range(max_tokens):
-        if stop_event is not None and stop_event.is_set():
+        if (last_stop is not None and last_stop.item()) if shared else stopped():
             return
         if n + 1 < max_tokens:
-            next_y, next_logprobs = step(y)  # feeds y into the cache
+            next_y, next_logprobs, next_stop = step(y)  # feeds y into the cache
             mx.async_eval(next_y, next_logprobs)
         yield y.item(), logprobs
+        last_stop = stop
         if n + 1 < max_tokens:
-            y, logprobs = next_y, next_logprobs
+            y, logprobs, stop = next_y, next_logprobs, next_stop
 
 
 @dataclass

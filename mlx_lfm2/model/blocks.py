@@ -50,10 +50,9 @@ class Attention(nn.Module):
         offset = cache.offset if cache is not None else 0  # a BatchKVCache's: per row, [B]
         # "causal" aligns the L queries with the last L of the T keys; a batch also hides padding.
         mask = cache.make_mask(L) if isinstance(cache, BatchKVCache) else "causal" if L > 1 else None
-        qkv = device.decode_compiled(self, "qkv", self.qkv, x)
-        if qkv is not self.qkv and not isinstance(offset, mx.array):
-            offset = mx.array(offset)  # an input, so the compiled step is not retraced per token
-        q, k, v = qkv(x, offset)
+        if L == 1 and not isinstance(offset, mx.array):
+            offset = mx.array(offset)  # an input, so a compiled step is not retraced per token
+        q, k, v = device.decode_compiled(self, "qkv", self.qkv, x)(x, offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)  # [B, H_kv, T, Dh]
         o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)  # [B, H, L, Dh]
@@ -118,7 +117,8 @@ class ShortConv(nn.Module):
 
     def __call__(self, x: mx.array, cache: Optional[ConvCache]) -> mx.array:
         state = cache.conv_state if cache is not None else None
-        y, new_state = self.mix(x, state) if state is None else device.decode_compiled(self, "mix", self.mix, x)(x, state)
+        mix = self.mix if state is None else device.decode_compiled(self, "mix", self.mix, x)
+        y, new_state = mix(x, state)
         if cache is not None:
             cache.conv_state = new_state
             cache.offset += x.shape[1]

@@ -43,6 +43,7 @@ from ..engine.generation import PromptTooLongError, default_sampling, stream_gen
 from . import anthropic
 from .openai_api import (APIError, ChatRequest, CompletionRequest, chat_chunk, loads, logprob_entry, new_id,
                          openai_tool_calls, to_template_messages, usage)
+from ..engine.distributed import broadcast, group, leader
 from ..engine.session import PromptCache
 from ..text.constraints import ConstraintError, make_constraint
 from ..text.tools import ToolCallStream, parse_tool_calls
@@ -139,6 +140,8 @@ class Engine:
                 continue
             self.stats["active"], self.current = 1, job
             try:
+                if group() is not None:  # mlx.launch: the other ranks run it with us (follow())
+                    broadcast({"prompt_text": job.prompt_text, "kwargs": job.kwargs})
                 self._run(job)
             except ValueError as e:
                 # The engine checks its inputs before the first token: a ValueError then is
@@ -179,6 +182,21 @@ class Engine:
         if finished:
             pc.commit(tok, job.prompt_text, ids, generated)
             self._keep_cache(pc)
+
+
+    def follow(self) -> None:
+        """Ranks other than 0 under mlx.launch: run each job rank 0 runs, with no client."""
+        while True:
+            spec = broadcast()
+            kwargs = spec["kwargs"]
+            if kwargs.get("logit_bias"):  # JSON made its token ids strings
+                kwargs["logit_bias"] = {int(k): v for k, v in kwargs["logit_bias"].items()}
+            job = Job(spec["prompt_text"], kwargs, None, loop=None)
+            job.emit = lambda item: None
+            try:
+                self._run(job)
+            except Exception:  # rank 0 met the same error and reports it to its client
+                pass
 
 
 def _error(e: APIError) -> JSONResponse:
@@ -443,7 +461,7 @@ def create_app(engine: Engine, api_key: Optional[str] = None, body_timeout: floa
             Route("/v1/completions", completions, methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
-            *anthropic.routes(engine, api_key, body_timeout, prepare, results),
+            *anthropic.routes(engine, api_key, body_timeout, constrained, prepare, results),
         ],
         exception_handlers={APIError: api_error, HTTPException: http_error, Exception: crash},
     )
@@ -537,6 +555,8 @@ def main(argv=None) -> None:
         raise SystemExit(f"error: {e}")
     engine = Engine(model, tokenizer, a.model, a.queue_size, a.cache_entries, a.max_context,
                     a.default_max_tokens)
+    if not leader():  # mlx.launch: rank 0 serves HTTP, the others serve their layers
+        return engine.follow()
     app = create_app(engine, a.api_key, a.body_timeout)
     make_server(engine, app, a.host, a.port, a.header_timeout).run()
 
