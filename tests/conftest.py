@@ -59,7 +59,6 @@ class ScriptedModel:
 
     def __init__(self, script, vocab=64400, context=4096, spread=None):
         self.script, self.vocab, self.spread, self.calls = list(script), vocab, spread, []
-        self.steps = {}  # id(cache) -> sampling steps so far
         self.args = SimpleNamespace(max_position_embeddings=context, num_experts=0, num_experts_per_tok=0,
                                     vocab_size=vocab)
 
@@ -76,9 +75,10 @@ class ScriptedModel:
         if self.spread is not None:
             row = np.asarray(self.spread, np.float32)
         else:
-            n = self.steps.get(id(cache), 0)
+            # Counted on the cache object itself: an id() of a freed cache gets reused.
+            n = getattr(cache[0], "scripted_steps", 0)
             if L == 1:
-                self.steps[id(cache)] = n + 1
+                cache[0].scripted_steps = n + 1
             row = np.full(self.vocab, -10.0, np.float32)
             row[self.script[min(n, len(self.script) - 1)]] = 10.0
         return mx.array(np.broadcast_to(row, (L, self.vocab)))[None]

@@ -38,7 +38,9 @@ def stats(child):
 
 def test_start_stream_remember_reset_and_quit(chat):
     m = re.search(r"start-up ([0-9.]+)s", chat.banner)
-    assert m and float(m.group(1)) < 1.0, chat.banner  # excluding weight loading
+    # Reported, not timed here (a loaded CI machine is no clock): what keeps start-up fast is
+    # importing no torch/transformers/mlx-lm, checked in test_loading.
+    assert m, chat.banner
     chat.sendline("Hello there, who are you?")
     chat.expect(r"(\d+) prompt tokens @ .* (\d+) tokens @ .* tok/s")
     first_prompt = int(chat.match.group(1))
@@ -181,7 +183,7 @@ def test_untrusted_text_is_shown_literally_never_as_markup(chat_model, monkeypat
 
     from mlx_lfm2.cli.chat import Repl
 
-    call = '<|tool_call_start|>[echo(text="[conceal]rm -rf ~[/conceal] [/x] \x1b[8mhidden")]<|tool_call_end|>'
+    call = '<|tool_call_start|>[echo(text="[conceal]rm -rf ~[/conceal] [/x] \x1b[8mhidden\u202e")]<|tool_call_end|>'
     chat = _scripted_chat(chat_model, monkeypatch, [call, "Model says [/script] and [bold]x[/bold]."])
     console = Console(record=True, width=200, force_terminal=True, color_system="standard")
     prompts = []
@@ -192,7 +194,7 @@ def test_untrusted_text_is_shown_literally_never_as_markup(chat_model, monkeypat
 
     Repl(chat, console, {"echo": echo}, markdown=False, max_tokens=10).turn("user text [/x] [conceal]")
     plain = console.export_text()
-    assert "[conceal]rm -rf ~[/conceal] [/x] \\x1b[8mhidden" in plain  # what the user approves
+    assert "[conceal]rm -rf ~[/conceal] [/x] \\x1b[8mhidden\\u202e" in plain  # what the user approves
     assert "→ tool result [/x] [conceal]rm -rf ~[/conceal]" in plain
     assert "Model says [/script] and [bold]x[/bold]." in plain
     assert "\x1b[8m" not in console.export_text(styles=True)  # nothing concealed on the terminal
@@ -242,3 +244,27 @@ def test_a_conversation_saved_with_another_model_is_refused(chat_model, checkpoi
     reloaded = Chat(model, tok)
     reloaded.load(tmp_path / "a.chat")
     assert reloaded.messages == chat.messages
+
+
+def test_a_damaged_saved_cache_is_refused(chat_model, tmp_path):
+    import mlx.core as mx
+
+    from mlx_lfm2.engine.session import Chat
+    from mlx_lfm2.model.cache import load_cache, save_cache
+
+    model, tok, _ = chat_model
+    chat = Chat(model, tok, temperature=0.0)
+    list(chat.send("hi", max_tokens=2))
+    chat.save(tmp_path / "a.chat")
+    cache, meta = load_cache(str(tmp_path / "a.chat"))
+    kv = cache[1]  # an attention layer
+    kv.offset += 1000  # an offset past its arrays
+    save_cache(str(tmp_path / "b.safetensors"), cache, meta)
+    kv.offset -= 1000
+    kv.keys = mx.zeros((1, 2, kv.offset, 3))  # arrays of the wrong shape
+    save_cache(str(tmp_path / "c.safetensors"), cache, meta)
+    fresh = Chat(model, tok)
+    for name in ("b.safetensors", "c.safetensors"):
+        with pytest.raises(ValueError, match="damaged saved chat: layer 1"):
+            fresh.load(tmp_path / name)
+    assert fresh.messages == []

@@ -266,3 +266,54 @@ def test_quantization_error_orders_by_bits_and_8_bit_stays_close(tmp_path):
     assert got[8]["top1_agreement"] >= 0.85 and got[8]["kl_mean"] < 0.05
     assert got[4]["top1_agreement"] < got[8]["top1_agreement"]
     assert got[8]["kl_mean"] * 10 < got[4]["kl_mean"] < 2.0
+
+
+def test_an_interrupted_conversion_resumes_where_it_stopped(source, tmp_path, monkeypatch):
+    from mlx_lfm2.weights import conversion
+
+    dead = 2 ** 22 + 4321  # above the default pid_max: no such process
+    whole = convert(source, tmp_path / "whole", quantize=True, progress=False, max_shard_gb=1e-9)
+    real, calls = conversion._convert_group, []
+
+    def interrupted(module, prefix, *a, **kw):
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # Ctrl-C (or a kill) in the third layer group
+        calls.append(prefix)
+        return real(module, prefix, *a, **kw)
+
+    monkeypatch.setattr(conversion, "_convert_group", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        convert(source, tmp_path / "out", quantize=True, progress=False, max_shard_gb=1e-9)
+    (partial,) = [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+    partial.rename(tmp_path / f".out.partial-{dead}")  # as a killed process leaves it
+    monkeypatch.setattr(conversion, "_convert_group", real)
+    # Different options: nothing to resume from, the stale folder is removed.
+    convert(source, tmp_path / "other", quantize=True, q_bits=8, progress=False, max_shard_gb=1e-9)
+    assert (tmp_path / f".out.partial-{dead}").exists()  # another target's: untouched
+
+    resumed = []
+    monkeypatch.setattr(conversion, "_convert_group",
+                        lambda module, prefix, *a, **kw: resumed.append(prefix) or real(module, prefix, *a, **kw))
+    out = convert(source, tmp_path / "out", quantize=True, progress=False, max_shard_gb=1e-9)
+    assert not set(resumed) & set(calls) and len(resumed) + len(calls) == len(conversion._groups(
+        [k for f in source.glob("*.safetensors") for k in mx.load(str(f))], QCFG["num_hidden_layers"]))
+    assert leftovers(tmp_path) == [] and not (out / "progress.json").exists()
+    assert json.loads((out / "config.json").read_text()) == json.loads((whole / "config.json").read_text())
+    assert (json.loads((out / "model.safetensors.index.json").read_text())
+            == json.loads((whole / "model.safetensors.index.json").read_text()))
+    np.testing.assert_array_equal(logits(load_model(out)), logits(load_model(whole)))
+
+
+def test_a_partial_folder_from_other_options_is_not_resumed(source, tmp_path, monkeypatch):
+    from mlx_lfm2.weights import conversion
+
+    dead = 2 ** 22 + 4322
+    stale = tmp_path / f".out.partial-{dead}"
+    stale.mkdir()
+    (stale / "progress.json").write_text(json.dumps(dict(options={"q_bits": 3}, done=["model.layers.0."],
+                                                         overrides={}, shards=[], total=0)))
+    convert(source, tmp_path / "out", quantize=True, progress=False)
+    assert leftovers(tmp_path) == []
+    np.testing.assert_array_equal(
+        logits(load_model(tmp_path / "out")),
+        logits(load_model(convert(source, tmp_path / "ref", quantize=True, progress=False))))

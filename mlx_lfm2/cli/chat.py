@@ -130,12 +130,16 @@ def read_message(console) -> str:
 
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# Also invisible or reordering format characters (zero-width, bidi overrides): shown in what
+# the user approves, though not in chat text, where joiners belong to emoji.
+_HIDDEN = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]")
 
 
-def visible(text: str) -> str:
-    """Control characters as ``\\xNN``: an escape sequence in model or tool text must not
-    move the cursor or conceal what follows on the user's terminal."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+def visible(text: str, strict: bool = False) -> str:
+    """Control characters as ``\\xNN`` (``\\uNNNN``): an escape sequence in model or tool text
+    must not move the cursor or conceal what follows on the user's terminal."""
+    return (_HIDDEN if strict else _CONTROL).sub(
+        lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 256 else f"\\u{ord(m.group()):04x}", text)
 
 
 def stats_line(r) -> str:
@@ -157,7 +161,7 @@ class Repl:
 
         from ..text.tools import ToolCallStream
 
-        calls, shown = ToolCallStream(), ""
+        calls, shown = ToolCallStream(bare_names=self.tools), ""  # names: LFM2.5's unmarked calls
         render = (lambda s: Markdown(visible(s))) if self.markdown else (lambda s: Text(visible(s)))
         with Live(render(""), console=self.console, refresh_per_second=12,
                   vertical_overflow="visible") as live:
@@ -180,19 +184,21 @@ class Repl:
     def turn(self, text: str) -> None:
         self.stream(self.chat.send(text, max_tokens=self.max_tokens))
         for _ in range(8):  # a few rounds of tool use per user turn at most
+            from ..engine.distributed import from_leader
             from ..text.tools import call_tool, parse_tool_calls
 
             reply = self.chat.messages[-1]["content"]
-            calls = parse_tool_calls(reply).calls if self.tools else []
+            calls = parse_tool_calls(reply, bare_names=self.tools).calls if self.tools else []
             if not calls:
                 return
             for call in calls:
                 args = ", ".join(f"{k}={v!r}" for k, v in call["arguments"].items())
-                self.console.print(Text.assemble(("tool call", "yellow"), " ", (visible(call["name"]), "bold"),
-                                                 f"({visible(args)})"))
+                self.console.print(Text.assemble(("tool call", "yellow"), " ",
+                                                 (visible(call["name"], strict=True), "bold"),
+                                                 f"({visible(args, strict=True)})"))
                 answer = self.console.input("[yellow]run it? \\[y/N] [/]").strip().lower()
-                if answer in ("y", "yes"):
-                    result = call_tool(self.tools, call)
+                if answer in ("y", "yes"):  # under mlx.launch: run once, on rank 0
+                    result = from_leader(call_tool, self.tools, call)
                 else:
                     result = '{"error": "the user declined to run this tool"}'
                 self.console.print(Text(f"→ {visible(result[:500])}", style="dim"))
@@ -263,9 +269,12 @@ def main(argv=None) -> None:
     console = Console(highlight=False)
     tools = load_tools(args.tools) if args.tools else {}
     from ..weights.loader import load
+    from ..engine.distributed import from_leader, group, leader
     from ..engine.session import Chat
 
     t_load = time.perf_counter()
+    if group() is not None and not args.model:
+        raise SystemExit("error: under mlx.launch pass --model (the same folder on every machine)")
     try:
         if args.model:
             check_model(console, args.model)
@@ -274,6 +283,9 @@ def main(argv=None) -> None:
     except (OSError, ValueError, RuntimeError) as e:
         raise SystemExit(f"error: {e}")
     load_s = time.perf_counter() - t_load
+    if group() is not None:  # mlx.launch: rank 0 reads and prints, the others follow its input
+        console.input = lambda *a, **k: from_leader(Console.input, console, *a, **k)
+        console.quiet = not leader()
     sampling = {k: v for k, v in dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                                       min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                                       seed=args.seed).items() if v is not None}

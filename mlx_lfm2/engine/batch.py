@@ -31,6 +31,7 @@ from ..model import batch_cache
 from .generation import (GenerationResponse, Prompt, PromptTooLongError, _held_back, context_length,
                          default_prefill_step, encode_prompt)
 from .sample import make_logits_processors, make_sampler
+from .validate import check_token_ids, vocab_rows
 
 
 @dataclass
@@ -75,7 +76,7 @@ class BatchGenerator:
     def insert(self, prompt: Sequence[int], *, max_tokens: int = 256, sampler=None, logits_processors=(),
                stop_tokens=(), cache: Optional[list] = None) -> int:
         """Queue a prompt (ids; with ``cache``, the ids that follow what it holds) -> uid."""
-        prompt = list(prompt)
+        prompt = check_token_ids(prompt, vocab_rows(self.model), "prompt token id")
         if not prompt:
             raise ValueError("prompt is empty: nothing to continue from")
         if max_tokens < 1:
@@ -188,11 +189,12 @@ class BatchGenerator:
 def sampling_for(prompt_tokens: int, temperature: Optional[float] = None, top_p: float = 1.0, top_k: int = 0,
                  min_p: float = 0.0, repetition_penalty: Optional[float] = None, repetition_context_size: int = 64,
                  logit_bias: Optional[dict] = None, frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
-                 seed: Optional[int] = None) -> dict:
+                 seed: Optional[int] = None, vocab_size: Optional[int] = None) -> dict:
     """``stream_generate``'s sampling arguments as ``BatchGenerator.insert`` keywords."""
     sampler = make_sampler(temperature, top_p, top_k, min_p, seed) if temperature else None
     processors = make_logits_processors(repetition_penalty, repetition_context_size, logit_bias,
-                                        frequency_penalty, presence_penalty, prompt_tokens=prompt_tokens)
+                                        frequency_penalty, presence_penalty, prompt_tokens=prompt_tokens,
+                                        vocab_size=vocab_size)
     return {"sampler": sampler, "logits_processors": processors}
 
 
@@ -294,7 +296,7 @@ def batch_generate(model, tokenizer, prompts: Sequence[Prompt], max_tokens: Unio
         if limit == 0:
             stream.end("length")
             continue
-        uid = gen.insert(p, max_tokens=limit, stop_tokens=tokenizer.eos_token_ids, **sampling_for(len(p), **sampling))
+        uid = gen.insert(p, max_tokens=limit, stop_tokens=tokenizer.eos_token_ids, **sampling_for(len(p), vocab_size=vocab_rows(model), **sampling))
         by_uid[uid] = stream
     while by_uid:
         for t in gen.step():

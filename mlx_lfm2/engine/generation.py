@@ -20,6 +20,8 @@ from typing import Iterator, Optional, Sequence, Union
 
 import mlx.core as mx
 
+from ..model import device
+from ..model.pipeline import PipelineModel
 from ..text.constraints import make_constraint
 from .sample import make_logits_processors, make_sampler
 from .validate import TokenIdError, check_token_ids, vocab_rows  # noqa: F401 (TokenIdError: for importers)
@@ -49,13 +51,8 @@ def context_length(model) -> int:
 
 
 def default_prefill_step() -> int:
-    """Prompt tokens per prefill chunk.
-
-    On the CPU, 128-token chunks prefill as fast as 512-token ones (measured at the real
-    24B-A2B layer shapes: 5.94 tok/s both) with a third less transient memory, which matters
-    because quantized models compute in float32 there. GPUs want large chunks (mlx-lm's 2048).
-    """
-    return 128 if mx.default_device().type == mx.cpu else 2048
+    """Prompt tokens per prefill chunk: 128 on the CPU, 2048 on GPUs (see ``device.prefill_step``)."""
+    return device.prefill_step()
 
 
 def prefill(model, tokens: mx.array, cache: list, step_size: Optional[int] = None) -> None:
@@ -78,7 +75,16 @@ def generate_step(prompt: mx.array, model, cache: list, *, max_tokens: int = 256
     if prompt.size == 0:
         raise ValueError("prompt is empty: nothing to continue from")
     check_token_ids(prompt.tolist(), vocab_rows(model), "prompt token id")
+    # Under mlx.launch every rank runs this loop; rank 0's prompt, tokens and stop decisions
+    # are shared so the ranks stay in step (see model.pipeline); a stop_event then ends it a token
+    # or two later than in one process (the flag travels with a token).
+    shared = isinstance(model, PipelineModel)
+    if shared:
+        prompt = model.share_prompt(prompt)
     history = prompt
+
+    def stopped() -> bool:
+        return stop_event is not None and stop_event.is_set()
 
     def step(tokens: mx.array):
         nonlocal history
@@ -86,25 +92,29 @@ def generate_step(prompt: mx.array, model, cache: list, *, max_tokens: int = 256
         for proc in logits_processors:
             logits = proc(history, logits)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        y = sampler(logprobs)
+        y, stop = sampler(logprobs), None
+        if shared:
+            y, stop = model.share_token(y, stopped())
         if logits_processors:
             history = mx.concatenate([history, y.astype(history.dtype)])
-        return y, logprobs[0]
+        return y, logprobs[0], stop
 
     prefill(model, prompt[:-1], cache, prefill_step_size)
     if max_tokens <= 0:
         return
-    y, logprobs = step(prompt[-1:])
+    y, logprobs, stop = step(prompt[-1:])
     mx.async_eval(y, logprobs)
+    last_stop = None  # the shared stop flag of the token yielded last (already evaluated)
     for n in range(max_tokens):
-        if stop_event is not None and stop_event.is_set():
+        if (last_stop is not None and last_stop.item()) if shared else stopped():
             return
         if n + 1 < max_tokens:
-            next_y, next_logprobs = step(y)  # feeds y into the cache
+            next_y, next_logprobs, next_stop = step(y)  # feeds y into the cache
             mx.async_eval(next_y, next_logprobs)
         yield y.item(), logprobs
+        last_stop = stop
         if n + 1 < max_tokens:
-            y, logprobs = next_y, next_logprobs
+            y, logprobs, stop = next_y, next_logprobs, next_stop
 
 
 @dataclass
@@ -118,6 +128,7 @@ class GenerationResponse:
     prompt_tps: float
     generation_tps: float
     peak_memory: float  # GB
+    stop_sequence: Optional[str] = None  # on the last response: the stop string that ended it, if one did
 
 
 def encode_prompt(tokenizer, prompt: Prompt, tools=None) -> list[int]:
@@ -182,14 +193,14 @@ def stream_generate(model, tokenizer, prompt: Prompt, max_tokens: int = 256, *,
     mx.reset_peak_memory()
     tic = time.perf_counter()
     prompt_tps = gen_tps = 0.0
-    text, shown, n, stop_token = "", 0, 0, None
+    text, shown, n, stop_token, stop_string = "", 0, 0, None, None
     stepper = generate_step(mx.array(ids, dtype=mx.uint32), model, cache, max_tokens=max_tokens,
                             sampler=sampler, logits_processors=processors,
                             prefill_step_size=prefill_step_size, stop_event=stop_event)
 
-    def response(segment, token, logprobs, reason):
+    def response(segment, token, logprobs, reason, stop_string=None):
         return GenerationResponse(segment, token, logprobs, reason, len(ids), n, prompt_tps, gen_tps,
-                                  mx.get_peak_memory() / 1e9)
+                                  mx.get_peak_memory() / 1e9, stop_string)
 
     for token, logprobs in stepper:
         if n == 0:
@@ -203,9 +214,10 @@ def stream_generate(model, tokenizer, prompt: Prompt, max_tokens: int = 256, *,
             break
         text += detok.add_token(token)
         # A stop string can only begin in the unshown tail: any earlier start was held back.
-        hits = [i for i in (text.find(s, shown) for s in stops) if i >= 0]
+        hits = [(i, s) for i, s in ((text.find(s, shown), s) for s in stops) if i >= 0]
         if hits:
-            text, finish = text[: min(hits)], "stop"
+            cut, stop_string = min(hits)
+            text, finish = text[:cut], "stop"
             break
         visible = len(text) - _held_back(text, stops)
         yield response(text[shown:visible], token, logprobs, None)
@@ -214,7 +226,7 @@ def stream_generate(model, tokenizer, prompt: Prompt, max_tokens: int = 256, *,
         finish = "cancelled" if stop_event is not None and stop_event.is_set() else "length"
         text += detok.finalize()
     stepper.close()
-    yield response(text[shown:], stop_token, None, finish)
+    yield response(text[shown:], stop_token, None, finish, stop_string)
 
 
 def generate(model, tokenizer, prompt: Prompt, max_tokens: int = 256, verbose: bool = False, **kwargs) -> str:

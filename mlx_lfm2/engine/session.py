@@ -19,7 +19,8 @@ import os
 from pathlib import Path
 from typing import Iterator, Optional
 
-from ..model.cache import copy_cache, load_cache, save_cache
+from ..model.cache import KVCache, copy_cache, load_cache, save_cache
+from ..text.tokenizer import RenderedPrompt, plain_spans
 from .generation import GenerationResponse, default_sampling, stream_generate
 
 FORMAT = "mlx_lfm2.chat/2"  # /2 records the model's identity
@@ -35,6 +36,25 @@ def model_identity(model) -> dict:
     return {"layer_types": config.get("layer_types"), "hidden_size": config.get("hidden_size"),
             "vocab_size": config.get("vocab_size"), "num_experts": config.get("num_experts"),
             "config_hash": digest}
+
+
+def _cache_problem(model, cache: list, n_tokens: int) -> Optional[str]:
+    """What is wrong with a loaded cache for ``model`` holding ``n_tokens`` tokens, or None."""
+    a = model.args
+    for i, c in enumerate(cache):
+        if c.offset != n_tokens:
+            return f"layer {i} holds {c.offset} positions, the transcript {n_tokens} tokens"
+        if not c.state:
+            if n_tokens:
+                return f"layer {i} has no state"
+            continue
+        if isinstance(c, KVCache):
+            want = [(1, a.num_key_value_heads, n_tokens, a.head_dim)] * 2
+        else:
+            want = [(1, a.conv_L_cache - 1, a.hidden_size)]
+        if [tuple(x.shape) for x in c.state] != want:
+            return f"layer {i} arrays are {[tuple(x.shape) for x in c.state]}, expected {want}"
+    return None
 
 
 def _mismatch(saved: dict, ours: dict) -> str:
@@ -60,8 +80,13 @@ class PromptCache:
         return PromptCache(self.model, copy_cache(self.cache), self.text, self.tokens)
 
     def new_tokens(self, tokenizer, prompt_text: str) -> list[int]:
-        """Ids of the part of ``prompt_text`` not yet in the cache (resets it if not a prefix)."""
-        if not prompt_text.startswith(self.text) or self.offset != len(self.tokens):
+        """Ids of the part of ``prompt_text`` not yet in the cache (resets it if not a prefix).
+
+        A prefix must agree on the untrusted-content spans too: the same characters typed by
+        a user and written by the template are different tokens.
+        """
+        if (not prompt_text.startswith(self.text) or self.offset != len(self.tokens)
+                or plain_spans(prompt_text[: len(self.text)]) != plain_spans(self.text)):
             self.cache, self.text, self.tokens = self.model.make_cache(), "", []
         return tokenizer.encode(prompt_text[len(self.text):], add_special_tokens=False)
 
@@ -127,7 +152,8 @@ class Chat:
         if not path.parent.is_dir():
             raise FileNotFoundError(f"folder {path.parent} does not exist: create it first")
         pc = self.prompt_cache
-        meta = {"messages": json.dumps(self.messages, ensure_ascii=False), "text": pc.text,
+        meta = {"messages": json.dumps(self.messages, ensure_ascii=False), "text": str(pc.text),
+                "plain": json.dumps(plain_spans(pc.text)),
                 "tokens": json.dumps(pc.tokens), "model": json.dumps(model_identity(self.model)),
                 "system": self.system or "", "format": FORMAT}
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.safetensors")
@@ -152,7 +178,8 @@ class Chat:
         try:
             saved = json.loads(meta["model"])
             messages, tokens = json.loads(meta["messages"]), json.loads(meta["tokens"])
-        except (KeyError, ValueError) as e:
+            text = RenderedPrompt(meta["text"], [(int(a), int(b)) for a, b in json.loads(meta.get("plain", "[]"))])
+        except (KeyError, ValueError, TypeError) as e:
             raise ValueError(f"{path} is a damaged saved chat: {e}") from e
         ours = model_identity(self.model)
         if saved != ours:
@@ -160,6 +187,9 @@ class Chat:
                              "load it with the model that saved it")
         if [type(c) for c in cache] != [type(c) for c in self.model.make_cache()]:
             raise ValueError(f"{path} was saved from a model with a different layer layout")
+        problem = _cache_problem(self.model, cache, len(tokens))
+        if problem:  # the cache's offsets index its arrays: a damaged file must not reach them
+            raise ValueError(f"{path} is a damaged saved chat: {problem}")
         self.messages = messages
         self.system = meta.get("system") or None
-        self.prompt_cache = PromptCache(self.model, cache, meta["text"], tokens)
+        self.prompt_cache = PromptCache(self.model, cache, text, tokens)

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import json
 import queue
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -39,8 +40,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.routing import Route
 
 from ..engine.generation import PromptTooLongError, default_sampling, stream_generate
+from . import anthropic
 from .openai_api import (APIError, ChatRequest, CompletionRequest, chat_chunk, loads, logprob_entry, new_id,
                          openai_tool_calls, to_template_messages, usage)
+from ..engine.distributed import broadcast, group, leader
 from ..engine.session import PromptCache
 from ..text.constraints import ConstraintError, make_constraint
 from ..text.tools import ToolCallStream, parse_tool_calls
@@ -137,6 +140,8 @@ class Engine:
                 continue
             self.stats["active"], self.current = 1, job
             try:
+                if group() is not None:  # mlx.launch: the other ranks run it with us (follow())
+                    broadcast({"prompt_text": job.prompt_text, "kwargs": job.kwargs})
                 self._run(job)
             except ValueError as e:
                 # The engine checks its inputs before the first token: a ValueError then is
@@ -179,6 +184,21 @@ class Engine:
             self._keep_cache(pc)
 
 
+    def follow(self) -> None:
+        """Ranks other than 0 under mlx.launch: run each job rank 0 runs, with no client."""
+        while True:
+            spec = broadcast()
+            kwargs = spec["kwargs"]
+            if kwargs.get("logit_bias"):  # JSON made its token ids strings
+                kwargs["logit_bias"] = {int(k): v for k, v in kwargs["logit_bias"].items()}
+            job = Job(spec["prompt_text"], kwargs, None, loop=None)
+            job.emit = lambda item: None
+            try:
+                self._run(job)
+            except Exception:  # rank 0 met the same error and reports it to its client
+                pass
+
+
 def _error(e: APIError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status)
 
@@ -217,7 +237,8 @@ def _validate(model_cls, body: dict, vocab: int):
     try:
         return model_cls.model_validate(body, context={"vocab": vocab})
     except ValidationError as e:
-        err = e.errors()[0]
+        # Of a union's alternatives, report the one that got furthest into the value.
+        err = max(e.errors(), key=lambda err: len(err["loc"]))
         where = ".".join(str(p) for p in err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
         raise APIError(422, f"{where}: {msg}" if where else msg, param=where or None, code="invalid_value")
@@ -325,7 +346,7 @@ def create_app(engine: Engine, api_key: Optional[str] = None, body_timeout: floa
                     entries.append(entry)
         if last is None:
             raise _no_reply(engine)
-        content, calls = parse_tool_calls(text) if tools else (text, [])
+        content, calls = parse_tool_calls(text, bare_names=req.tool_names) if tools else (text, [])
         message = {"role": "assistant", "content": content if (content or not calls) else None}
         finish = last.finish_reason
         if calls:
@@ -340,7 +361,7 @@ def create_app(engine: Engine, api_key: Optional[str] = None, body_timeout: floa
                              "usage": usage(job.prompt_tokens, last.generation_tokens, job.cached_tokens)})
 
     async def _stream_chat(job, cid, model_id, req, forced):
-        tools = ToolCallStream() if req.tools and req.tool_choice != "none" else None
+        tools = ToolCallStream(bare_names=req.tool_names) if req.tools and req.tool_choice != "none" else None
         if tools:
             tools.feed(forced)  # held back like any call until it closes
         yield json.dumps(chat_chunk(cid, model_id, {"role": "assistant", "content": ""}))
@@ -358,8 +379,8 @@ def create_app(engine: Engine, api_key: Optional[str] = None, body_timeout: floa
                 if new:
                     yield json.dumps(chat_chunk(cid, model_id, {"tool_calls": openai_tool_calls(new, n_calls)}))
                     n_calls += len(new)
-        if last is None:
-            return
+        if last is None:  # dropped at shutdown (or its client left): say so in the stream
+            raise _no_reply(engine)
         finish = "tool_calls" if n_calls else _finish(last.finish_reason)
         yield json.dumps(chat_chunk(cid, model_id, {}, finish=finish))
         if (req.stream_options or {}).get("include_usage"):
@@ -387,9 +408,10 @@ def create_app(engine: Engine, api_key: Optional[str] = None, body_timeout: floa
                     last = r
                     if r.text:
                         yield json.dumps(body(r.text, None))
-                if last is not None:
-                    yield json.dumps(body("", _finish(last.finish_reason)))
-                    yield "[DONE]"
+                if last is None:
+                    raise _no_reply(engine)
+                yield json.dumps(body("", _finish(last.finish_reason)))
+                yield "[DONE]"
             return EventSourceResponse(_sse(events()), ping=15)
         text, last, tokens, token_lps = (prompt if req.echo else ""), None, [], []
         async with _watch(request, job):
@@ -412,8 +434,12 @@ def create_app(engine: Engine, api_key: Optional[str] = None, body_timeout: floa
             {"id": engine.model_id, "object": "model", "created": 0, "owned_by": "mlx_lfm2"}]})
 
     async def health(request: Request):
+        import mlx.core as mx
+
         return JSONResponse({"status": "ok", "queued": engine.jobs.qsize(), **engine.stats,
-                             "cached_prompts": len(engine.caches)})
+                             "cached_prompts": len(engine.caches),
+                             "mlx_active_mb": round(mx.get_active_memory() / 2**20, 1),
+                             "mlx_cache_mb": round(mx.get_cache_memory() / 2**20, 1)})
 
     async def api_error(request, exc: APIError):
         response = _error(exc)
@@ -423,7 +449,8 @@ def create_app(engine: Engine, api_key: Optional[str] = None, body_timeout: floa
 
     async def http_error(request, exc: HTTPException):
         kind = {404: "not_found_error", 405: "invalid_request_error"}.get(exc.status_code, "invalid_request_error")
-        return _error(APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", kind))
+        error = APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", kind)
+        return anthropic.error_response(error) if request.url.path.startswith("/v1/messages") else _error(error)
 
     async def crash(request, exc: Exception):  # the catch-all: logged by uvicorn, answered here
         return _error(APIError(500, f"internal error: {type(exc).__name__}", type_="server_error"))
@@ -434,6 +461,7 @@ def create_app(engine: Engine, api_key: Optional[str] = None, body_timeout: floa
             Route("/v1/completions", completions, methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
+            *anthropic.routes(engine, api_key, body_timeout, constrained, prepare, results),
         ],
         exception_handlers={APIError: api_error, HTTPException: http_error, Exception: crash},
     )
@@ -516,6 +544,9 @@ def main(argv=None) -> None:
     p.add_argument("--header-timeout", type=float, default=HEADER_TIMEOUT,
                    help=f"seconds to receive a request head (default {HEADER_TIMEOUT:g})")
     a = p.parse_args(argv)
+    if a.host not in ("127.0.0.1", "localhost", "::1") and not a.api_key:
+        print(f"warning: serving on {a.host} without --api-key: anyone who can reach this port can use the model",
+              file=sys.stderr)
     from ..weights.loader import load
 
     try:
@@ -524,6 +555,8 @@ def main(argv=None) -> None:
         raise SystemExit(f"error: {e}")
     engine = Engine(model, tokenizer, a.model, a.queue_size, a.cache_entries, a.max_context,
                     a.default_max_tokens)
+    if not leader():  # mlx.launch: rank 0 serves HTTP, the others serve their layers
+        return engine.follow()
     app = create_app(engine, a.api_key, a.body_timeout)
     make_server(engine, app, a.host, a.port, a.header_timeout).run()
 

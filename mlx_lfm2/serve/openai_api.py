@@ -36,6 +36,7 @@ class APIError(Exception):
 
 MAX_DEPTH = 64  # JSON nesting: tool schemas in the wild stay far below; thousands exhaust the stack
 MAX_SEED = 2**64 - 1
+MAX_STOP = 1024
 
 
 def _reject_constant(name: str):
@@ -43,31 +44,35 @@ def _reject_constant(name: str):
 
 
 def loads(text, what: str = "the body") -> Any:
-    """JSON from a client: strict (no NaN/Infinity), at most ``MAX_DEPTH`` deep, else a 400."""
+    """JSON from a client: strict (no NaN/Infinity), at most ``MAX_DEPTH`` deep, strings of
+    real characters (``"\\ud800"`` is valid JSON but no text the tokenizer can take), else a 400."""
     try:
         value = json.loads(text, parse_constant=_reject_constant)
     except RecursionError:
-        value = None
-        depth = MAX_DEPTH + 1
+        raise APIError(400, f"{what} nests deeper than {MAX_DEPTH} levels", code="invalid_json")
     except ValueError as e:
         raise APIError(400, f"{what} is not valid JSON: {e}", code="invalid_json")
-    else:
-        depth = _depth(value)
-    if depth > MAX_DEPTH:
-        raise APIError(400, f"{what} nests deeper than {MAX_DEPTH} levels", code="invalid_json")
+    _check_tree(value, what)
     return value
 
 
-def _depth(value) -> int:
-    """Nesting depth of parsed JSON, without recursion."""
-    deepest, todo = 0, [(value, 1)]
+def _check_tree(value, what: str) -> None:
+    """Depth and strings of parsed JSON, without recursion."""
+    todo = [(value, 1)]
     while todo:
-        v, d = todo.pop()
-        if isinstance(v, (dict, list)):
-            deepest = max(deepest, d)
-            if d <= MAX_DEPTH:
-                todo.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
-    return deepest
+        v, depth = todo.pop()
+        if isinstance(v, str):
+            if not v.isascii():
+                try:
+                    v.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise APIError(400, f"{what} holds a string with a lone surrogate escape ({v[:40]!r})",
+                                   code="invalid_json")
+        elif isinstance(v, (dict, list)):
+            if depth > MAX_DEPTH:
+                raise APIError(400, f"{what} nests deeper than {MAX_DEPTH} levels", code="invalid_json")
+            items = [*v.keys(), *v.values()] if isinstance(v, dict) else v
+            todo.extend((x, depth + 1) for x in items)
 
 
 def _vocab(info: ValidationInfo) -> Optional[int]:
@@ -179,6 +184,8 @@ class Sampling(_Lenient):
         stops = [stop] if isinstance(stop, str) else (stop or [])
         if len(stops) > 4:
             raise ValueError("at most 4 stop sequences")
+        if any(len(x) > MAX_STOP for x in stops):  # each token rescans the reply's tail per stop
+            raise ValueError(f"a stop sequence is at most {MAX_STOP} characters")
         return stops
 
     def sampling_kwargs(self, defaults: dict) -> dict:
@@ -240,6 +247,11 @@ class ChatRequest(Sampling):
         if name not in {t["function"]["name"] for t in self.tools}:
             raise ValueError(f"tool_choice names {name!r}, which is not one of the tools")
         return self
+
+    @property
+    def tool_names(self) -> frozenset:
+        """The offered tools' names: a bare ``[f(...)]`` reply naming only these is a call."""
+        return frozenset(t["function"]["name"] for t in self.tools or [])
 
     def _forced_name(self) -> Optional[str]:
         return self.tool_choice["function"]["name"] if isinstance(self.tool_choice, dict) else None

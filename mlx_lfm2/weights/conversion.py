@@ -17,7 +17,9 @@ import fnmatch
 import json
 import os
 import re
+import shlex
 import shutil
+import sys
 from pathlib import Path
 from typing import Callable, Optional, Union
 
@@ -28,6 +30,7 @@ from mlx.utils import tree_flatten
 from ..model.config import ModelArgs
 from .loader import TOKENIZER_FILES, load_config, resolve
 from ..model.blocks import Block, Model
+from .publish import compatible_config, convert_command, upload_to_hub, write_model_card
 from .layouts import cast, check_weights, load_safetensors, safetensors_files, sanitize, to_mlx_lm_name
 
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
@@ -49,6 +52,9 @@ MODEL_FOLDER_FILES = (
     "added_tokens.json", "vocab.json", "merges.txt", "*.jinja", "generation_config.json", "README.md",
     ".DS_Store",
 )
+
+
+PROGRESS = "progress.json"  # in a partial folder: what a killed run can resume from
 
 
 def check_replaceable(target: Path, source: Optional[Path] = None) -> None:
@@ -93,7 +99,8 @@ def _pid_alive(pid: int) -> bool:
 
 def clean_leftovers(target: Path) -> None:
     """Folders a killed conversion left beside ``target`` (``.NAME.partial-PID``,
-    ``.NAME.old-PID``, PID no longer running): partial output is removed; an old target
+    ``.NAME.old-PID``, PID no longer running): partial output is removed unless it can be
+    resumed (it has a ``PROGRESS`` file: ``convert`` resumes or removes it); an old target
     that never got replaced is put back first if the target is missing."""
     if not target.parent.is_dir():
         return
@@ -104,7 +111,7 @@ def clean_leftovers(target: Path) -> None:
             continue
         if m.group(1) == "old" and not target.exists():
             os.rename(p, target)
-        else:
+        elif not (p / PROGRESS).exists():
             shutil.rmtree(p, ignore_errors=True)
 
 
@@ -132,12 +139,12 @@ def quant_predicate(bits: int, group_size: int, recipe: str = "uniform") -> Call
 class ShardWriter:
     """Collects evaluated tensors and writes ``model-XXXXX.safetensors`` shards as they fill."""
 
-    def __init__(self, folder: Path, max_bytes: int):
-        self.folder, self.max_bytes = folder, max_bytes
+    def __init__(self, folder: Path, max_bytes: int, shards=(), total: int = 0, on_flush=None):
+        self.folder, self.max_bytes, self.on_flush = folder, max_bytes, on_flush
         self.pending: dict = {}
         self.pending_bytes = 0
-        self.shards: list[dict] = []
-        self.total = 0
+        self.shards: list[dict] = list(shards)  # from a resumed run, already on disk
+        self.total = total
 
     def add(self, tensors: dict) -> None:
         for k, v in tensors.items():
@@ -153,6 +160,8 @@ class ShardWriter:
             mx.save_safetensors(str(self.folder / name), self.pending, metadata={"format": "mlx"})
             self.shards.append({"file": name, "keys": list(self.pending)})
             self.pending, self.pending_bytes = {}, 0
+            if self.on_flush:
+                self.on_flush()
 
     def finish(self) -> None:
         self.flush()
@@ -210,8 +219,12 @@ def _convert_group(module: nn.Module, prefix: str, weights: dict, args: ModelArg
 def convert(hf_path: Union[str, Path], mlx_path: Union[str, Path], quantize: bool = False, q_bits: int = 4,
             q_group_size: int = 64, dtype: str = "bfloat16", quant_recipe: str = "uniform",
             force: bool = False, revision: Optional[str] = None, max_shard_gb: float = 1.0,
-            progress: bool = True) -> Path:
-    """Convert a hub checkpoint (repo id or folder) into an MLX folder; returns its path."""
+            progress: bool = True, command: Optional[str] = None) -> Path:
+    """Convert a hub checkpoint (repo id or folder) into an MLX folder; returns its path.
+
+    The folder's README.md names ``command`` as how it was made (default: the equivalent
+    ``convert.py`` command line).
+    """
     mlx_path = Path(mlx_path).expanduser().resolve()
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}")
@@ -242,16 +255,29 @@ def convert(hf_path: Union[str, Path], mlx_path: Union[str, Path], quantize: boo
     mlx_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = mlx_path.parent / f".{mlx_path.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    options = dict(source=str(src), files=[[f.name, f.stat().st_size] for f in files], dtype=dtype,
+                   quantize=quantize, q_bits=q_bits, q_group_size=q_group_size, recipe=quant_recipe,
+                   max_shard_gb=max_shard_gb)
+    state = _resume(mlx_path, tmp, options)
     try:
-        writer = ShardWriter(tmp, int(max_shard_gb * 1e9))
-        overrides: dict = {}
+        done, added = set(state["done"]), list(state["done"])
+        overrides: dict = state["overrides"]
+
+        def checkpoint():  # after each shard: everything added so far is on disk
+            _write_json(tmp / PROGRESS, dict(options=options, done=added, overrides=overrides,
+                                             shards=writer.shards, total=writer.total))
+
+        writer = ShardWriter(tmp, int(max_shard_gb * 1e9), state["shards"], state["total"], checkpoint)
         groups = _groups(list(source), args.num_hidden_layers)
         total = sum(source[k].nbytes for k in source)
         with _progress(progress, total) as advance:
             for prefix, keys in groups:
                 weights = {k: source.pop(k) for k in keys}
                 nbytes = sum(w.nbytes for w in weights.values())
+                if prefix in done:  # converted by the run we resume
+                    del weights
+                    advance(nbytes, prefix or "embeddings")
+                    continue
                 if prefix:
                     module = Block(args, int(prefix.split(".")[2]))
                 else:
@@ -262,11 +288,15 @@ def convert(hf_path: Union[str, Path], mlx_path: Union[str, Path], quantize: boo
                 except (RuntimeError, ValueError) as e:
                     raise ConversionError(f"converting {prefix or 'embeddings/head'} failed: {e}") from e
                 del weights, module
+                added.append(prefix)
                 writer.add(out)
                 del out
                 advance(nbytes, prefix or "embeddings")
         writer.finish()
+        (tmp / PROGRESS).unlink(missing_ok=True)
         _write_config(tmp, config, dtype, quantize, q_bits, q_group_size, overrides)
+        _write_card(tmp, src, hf_path, mlx_path, quantize, q_bits, q_group_size, dtype, quant_recipe, revision,
+                    command)
         for name in TOKENIZER_FILES:
             if (src / name).exists():
                 shutil.copyfile(src / name, tmp / name)
@@ -275,21 +305,61 @@ def convert(hf_path: Union[str, Path], mlx_path: Union[str, Path], quantize: boo
                 raise FileExistsError(f"{mlx_path} appeared during the conversion: not replacing it")
             check_replaceable(mlx_path, src)
         _replace(tmp, mlx_path)
+    except (KeyboardInterrupt, SystemExit):
+        if not (tmp / PROGRESS).exists():  # nothing worth resuming yet
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return mlx_path
 
 
+def _resume(target: Path, tmp: Path, options: dict) -> dict:
+    """Adopt a killed run's partial folder for ``target`` if it converted the same source with
+    the same options (it becomes ``tmp``); others are removed. Returns what it had done."""
+    fresh, adopted = dict(done=[], overrides={}, shards=[], total=0), False
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.partial-(\d+)")
+    for p in sorted(target.parent.iterdir()):
+        m = pattern.fullmatch(p.name)
+        if not m or p == tmp or not p.is_dir() or _pid_alive(int(m.group(1))):
+            continue
+        try:
+            state = json.loads((p / PROGRESS).read_text())
+            usable = state["options"] == options and all((p / s["file"]).exists() for s in state["shards"])
+        except (OSError, ValueError, KeyError, TypeError):
+            usable = False
+        if usable and not adopted:
+            os.rename(p, tmp)
+            fresh, adopted = {k: state[k] for k in fresh}, True
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+    tmp.mkdir(exist_ok=True)
+    return fresh
+
+
+def _write_json(path: Path, value) -> None:
+    part = path.with_suffix(".tmp")
+    part.write_text(json.dumps(value))
+    os.replace(part, path)
+
+
 def _write_config(folder: Path, config: dict, dtype: str, quantize: bool, bits: int, group: int,
                   overrides: dict) -> None:
-    config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
+    config = {k: v for k, v in compatible_config(config).items() if k not in ("quantization", "quantization_config")}
     config["torch_dtype"] = dtype
     if quantize:
         q = {"group_size": group, "bits": bits, "mode": "affine", **dict(sorted(overrides.items()))}
         config["quantization"] = q
         config["quantization_config"] = q
     (folder / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def _write_card(folder: Path, src: Path, hf_path, mlx_path, quantize, bits, group, dtype, recipe, revision,
+                command) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    command = command or convert_command(hf_path, mlx_path, quantize, bits, group, dtype, recipe, revision)
+    write_model_card(folder, Path(mlx_path).name, src, hf_path, config, config.get("quantization"), recipe, dtype, command)
 
 
 def _replace(tmp: Path, target: Path) -> None:
@@ -339,13 +409,22 @@ def main(argv=None) -> None:
     p.add_argument("--max-shard-gb", type=float, default=1.0,
                    help="output shard size; conversion holds at most one shard in memory")
     p.add_argument("--force", action="store_true", help="replace an existing --mlx-path")
+    p.add_argument("--upload-repo", help="then upload the folder to this hub repo (created if needed)")
+    p.add_argument("--private", action="store_true", help="with --upload-repo: create the repo private")
     a = p.parse_args(argv)
+    command = shlex.join(["python", "convert.py", *(sys.argv[1:] if argv is None else argv)])
     try:
         out = convert(a.hf_path, a.mlx_path, a.quantize, a.q_bits, a.q_group_size, a.dtype, a.quant_recipe,
-                      a.force, a.revision, a.max_shard_gb)
+                      a.force, a.revision, a.max_shard_gb, command=command)
     except (FileNotFoundError, FileExistsError, ValueError, ConversionError) as e:
         raise SystemExit(f"error: {e}")
     print(f"wrote {out}")
+    if a.upload_repo:
+        try:
+            print(f"uploaded to {upload_to_hub(out, a.upload_repo, a.private)}")
+        except Exception as e:  # auth, network, a repo of someone else's
+            raise SystemExit(f"error: upload to {a.upload_repo} failed ({type(e).__name__}: {e}); the folder "
+                             f"is complete at {out}: retry with `hf upload {a.upload_repo} {out}`")
 
 
 if __name__ == "__main__":
