@@ -29,6 +29,8 @@ HELP = """\
   /system TEXT    set the system prompt and reset
   /save PATH      save the conversation (transcript and cache)
   /load PATH      load a saved conversation
+  /retry          regenerate the last reply (rewinds the cache, no re-prefill)
+  /undo           drop the last exchange (your message and the reply)
   /stats          speed and memory of the last reply
   /help           this help
   /quit           leave (or Ctrl-D)
@@ -52,6 +54,10 @@ def parse_args(argv=None):
     p.add_argument("--no-markdown", action="store_true", help="print replies as plain text")
     p.add_argument("--json-schema", type=Path, metavar="FILE",
                    help="a JSON schema file: every reply is JSON that validates against it")
+    p.add_argument("--draft-model", help="a small LFM2 with the same tokenizer for speculative decoding")
+    p.add_argument("--num-draft-tokens", type=int, help="tokens drafted per step (default: adaptive from 3)")
+    p.add_argument("--prompt-lookup", action="store_true",
+                   help="speculative decoding with drafts from n-grams of the conversation (no draft model)")
     return p.parse_args(argv)
 
 
@@ -145,7 +151,9 @@ def visible(text: str, strict: bool = False) -> str:
 def stats_line(r) -> str:
     return (f"[dim]{r.prompt_tokens} prompt tokens @ {r.prompt_tps:.1f} tok/s · "
             f"{r.generation_tokens} tokens @ {r.generation_tps:.1f} tok/s · "
-            f"peak {r.peak_memory:.2f} GB · {r.finish_reason}[/]")
+            f"peak {r.peak_memory:.2f} GB · {r.finish_reason}"
+            + (f" · {r.accepted_tokens}/{r.draft_tokens} drafted tokens accepted" if r.draft_tokens else "")
+            + "[/]")
 
 
 class Repl:
@@ -239,6 +247,17 @@ class Repl:
                 self.console.print(f"[dim]loaded {len(self.chat.messages)} messages from {escape(arg)}[/]")
             except (OSError, ValueError) as e:
                 self.console.print(Text(str(e), style="red"))
+        elif cmd == "/retry":
+            if not any(m["role"] == "user" for m in self.chat.messages):
+                self.console.print("[dim]nothing to retry[/]")
+            else:
+                self.stream(self.chat.retry(max_tokens=self.max_tokens))
+        elif cmd == "/undo":
+            try:
+                dropped = self.chat.undo()
+                self.console.print(f"[dim]dropped {len(dropped)} messages[/]")
+            except ValueError as e:
+                self.console.print(Text(str(e), style="dim"))
         elif cmd == "/stats":
             r = self.chat.last
             self.console.print(stats_line(r) if r else "[dim]no reply yet[/]")
@@ -297,7 +316,16 @@ def main(argv=None) -> None:
                                       seed=args.seed).items() if v is not None}
     if args.json_schema:
         sampling["json_schema"] = read_schema(args.json_schema, tokenizer)
-    chat = Chat(model, tokenizer, system=args.system, tools=list(tools.values()) or None, **sampling)
+    draft = None
+    if args.draft_model:
+        try:
+            draft, _ = load(args.draft_model)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: draft model: {e}")
+        if draft.args.vocab_size != model.args.vocab_size or args.prompt_lookup:
+            raise SystemExit("error: --draft-model needs the target's tokenizer, and excludes --prompt-lookup")
+    chat = Chat(model, tokenizer, system=args.system, tools=list(tools.values()) or None, draft_model=draft,
+                num_draft_tokens=args.num_draft_tokens, prompt_lookup=args.prompt_lookup, **sampling)
     startup = time.perf_counter() - t0 - load_s
     console.print(f"[bold]mlx_lfm2[/] · {escape(args.model or Path(source).name)} · weights {load_s:.1f}s · "
                   f"start-up {startup:.2f}s · /help for commands"

@@ -118,17 +118,18 @@ class ShortConv(nn.Module):
     def __call__(self, x: mx.array, cache: Optional[ConvCache]) -> mx.array:
         state = cache.conv_state if cache is not None else None
         mix = self.mix if state is None else device.decode_compiled(self, "mix", self.mix, x)
-        y, new_state = mix(x, state)
+        y, new_state, inputs = mix(x, state)
         if cache is not None:
-            cache.conv_state = new_state
-            cache.offset += x.shape[1]
+            cache.update(inputs, new_state)  # keeps the conv inputs for exact rewinds (see cache.py)
         return y
 
     def mix(self, x: mx.array, state: Optional[mx.array]):
-        """``(out_proj(C * conv(B * x)), new conv state)``; the cache stays with the caller."""
+        """``(out_proj(C * conv(B * x)), new conv state, conv inputs B * x)``; the cache stays
+        with the caller."""
         b, c, h = mx.split(self.in_proj(x), 3, axis=-1)  # 3 x [B, L, D]
-        y, new_state = self.conv(b * h, state)
-        return self.out_proj(c * y), new_state
+        bx = b * h
+        y, new_state = self.conv(bx, state)
+        return self.out_proj(c * y), new_state, bx
 
 
 class DenseFFN(nn.Module):

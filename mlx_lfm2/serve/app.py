@@ -6,9 +6,10 @@ coroutine through an asyncio queue; a client that disconnects sets its job's sto
 which ends its generation at the next token and frees the worker.
 
 Prompt reuse: after each request the worker keeps its ``PromptCache`` (cache plus the text
-it consumed); a later prompt that extends one of those texts copies it and prefills only the
-new part. Copies are cheap (MLX arrays are immutable) and necessary: the conv state cannot
-be rewound, so a cache is never trimmed back, only extended.
+it consumed); a later prompt copies the one that shares the longest prefix with it, which
+extends, or rewinds to the longest common prefix it can reach (a regenerated reply or an
+edited last message), and prefills only the rest. Copies are cheap (MLX arrays are immutable).
+With ``--draft-model`` or ``--prompt-lookup`` replies are decoded speculatively.
 
 Limits (see README, "Security model", and ``boundary``): bodies are JSON of bounded size read
 within a deadline, every value is validated by ``openai_api`` before it reaches the worker, a
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import queue
 import sys
 import threading
@@ -72,8 +74,11 @@ class Engine:
     """The model, its worker thread, the request queue and the prompt caches."""
 
     def __init__(self, model, tokenizer, model_id: str, queue_size: int = 16, cache_entries: int = 8,
-                 max_context: Optional[int] = None, default_max_tokens: int = DEFAULT_MAX_TOKENS):
+                 max_context: Optional[int] = None, default_max_tokens: int = DEFAULT_MAX_TOKENS,
+                 draft_model=None, prompt_lookup: bool = False, num_draft_tokens: Optional[int] = None):
         self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
+        self.draft_model = draft_model
+        self.speculative = dict(prompt_lookup=prompt_lookup, num_draft_tokens=num_draft_tokens)
         self.max_context = min(max_context or 1 << 62, model.args.max_position_embeddings)
         self.default_max_tokens = default_max_tokens
         # Ids from requests must index both the tokenizer and the embedding rows.
@@ -99,10 +104,12 @@ class Engine:
                            type_="rate_limit_error", code="queue_full")
 
     def _take_cache(self, text: str) -> PromptCache:
-        """A copy of the cached prompt that is the longest prefix of ``text`` (or a fresh one)."""
-        best = max((k for k in self.caches if text.startswith(k)), key=len, default=None)
-        if best is None:
-            return PromptCache(self.model)
+        """A copy of the cached prompt sharing the longest prefix with ``text`` (or a fresh one);
+        ``PromptCache.new_tokens`` then extends it or rewinds it to what it can reuse."""
+        shared = {k: len(os.path.commonprefix([k, text])) for k in self.caches}
+        best = max(shared, key=shared.get, default=None)
+        if best is None or shared[best] == 0:
+            return PromptCache(self.model, draft_model=self.draft_model)
         self.caches.move_to_end(best)
         return self.caches[best].copy()
 
@@ -158,12 +165,13 @@ class Engine:
         pc = self._take_cache(job.prompt_text)
         ids = pc.new_tokens(tok, job.prompt_text)
         if not ids:  # a cache that consumed this whole prompt leaves nothing to sample from
-            pc = PromptCache(self.model)
+            pc = PromptCache(self.model, draft_model=self.draft_model)
             ids = pc.new_tokens(tok, job.prompt_text)
         job.cached_tokens = pc.offset
         job.prompt_tokens = pc.offset + len(ids)
         generated, finished = [], False
-        for r in stream_generate(self.model, tok, ids, cache=pc.cache, stop_event=job.stop, **job.kwargs):
+        spec = dict(self.speculative, draft_model=self.draft_model, draft_cache=pc.draft_cache)
+        for r in stream_generate(self.model, tok, ids, cache=pc.cache, stop_event=job.stop, **spec, **job.kwargs):
             job.started = True
             if r.token is not None:
                 generated.append(r.token)
@@ -415,6 +423,9 @@ def main(argv=None) -> None:
                    help=f"seconds to receive a request body (default {BODY_TIMEOUT:g})")
     p.add_argument("--header-timeout", type=float, default=HEADER_TIMEOUT,
                    help=f"seconds to receive a request head (default {HEADER_TIMEOUT:g})")
+    p.add_argument("--draft-model", help="a small LFM2 with the same tokenizer for speculative decoding")
+    p.add_argument("--num-draft-tokens", type=int, help="tokens drafted per step (default: adaptive)")
+    p.add_argument("--prompt-lookup", action="store_true", help="speculative decoding from n-grams of the prompt")
     a = p.parse_args(argv)
     if a.host not in ("127.0.0.1", "localhost", "::1") and not a.api_key:
         print(f"warning: serving on {a.host} without --api-key: anyone who can reach this port can use the model",
@@ -425,8 +436,16 @@ def main(argv=None) -> None:
         model, tokenizer = load(a.model)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}")
+    draft = None
+    if a.draft_model:
+        try:
+            draft, _ = load(a.draft_model)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: draft model: {e}")
+        if draft.args.vocab_size != model.args.vocab_size or a.prompt_lookup:
+            raise SystemExit("error: --draft-model needs the target's tokenizer, and excludes --prompt-lookup")
     engine = Engine(model, tokenizer, a.model, a.queue_size, a.cache_entries, a.max_context,
-                    a.default_max_tokens)
+                    a.default_max_tokens, draft, a.prompt_lookup, a.num_draft_tokens)
     if not leader():  # mlx.launch: rank 0 serves HTTP, the others serve their layers
         return engine.follow()
     app = create_app(engine, a.api_key, a.body_timeout)
