@@ -16,7 +16,7 @@ decode experts (few pairs)         take the K chosen experts'      ``gather_qmm`
                                    (its per-call scale handling
                                    then covers K experts, not E)
 ``gather_mm`` (unquantized)        float32 inputs                  any float
-gate + up (experts, dense FFN),     separate matmuls (fusing        one matmul each, weights
+gate + up (experts, dense FFN);    separate matmuls (fusing        one matmul each, weights
 attention q + k + v                gained nothing here)            concatenated at load time
 one-token decode                   plain ops                       ``mx.compile``d pieces:
                                                                    fewer launches
