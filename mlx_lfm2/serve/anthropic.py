@@ -262,10 +262,11 @@ def _answers_errors(handler):
 def routes(engine, api_key: Optional[str], body_timeout: float, constrained, prepare, results) -> list[Route]:
     """``/v1/messages`` and ``/v1/messages/count_tokens`` over the server's own layer.
 
-    Bodies are read and validated, constraints compiled (``constrained``), prompts admitted
-    (``prepare``: context check, queue) and replies drained (``results``) by app.py's code, so limits, timeouts, queueing and
-    disconnects behave as on the OpenAI routes. The key comes as ``x-api-key`` (the SDK's
-    way) or ``Authorization: Bearer`` (Claude Code's auth token).
+    Bodies are read and validated by ``boundary``; constraints compiled (``constrained``),
+    prompts admitted (``prepare``: context check, queue) and replies drained (``results``) by
+    app.py's closures, so limits, timeouts, queueing and disconnects behave as on the OpenAI
+    routes. The key comes as ``x-api-key`` (the SDK's way) or ``Authorization: Bearer``
+    (Claude Code's auth token).
     """
     tok = engine.tokenizer
 
