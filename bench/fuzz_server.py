@@ -6,7 +6,7 @@ Starts ``python -m mlx_lfm2.server`` on loopback with a random tiny checkpoint a
 LFM2 tokenizer, then sends a seeded mix of valid requests and abuse: malformed and truncated
 bodies, wrong content types, random fields replaced by junk (huge, negative, NaN-like,
 wrongly typed), out-of-range token ids, deep nesting, oversized bodies, clients that hang up
-mid-stream or before a plain reply, stalled request heads. Reports (last stdout line, JSON):
+mid-stream or before a plain reply, stalled request heads, Anthropic-shaped ``/v1/messages``. Reports (last stdout line, JSON):
 requests sent, status counts, crashes (the server process died), 5xx answers, error events
 inside streams, client timeouts, the server's VmRSS growth and the elapsed time. Exit status
 1 if anything crashed, answered 5xx or hung.
@@ -98,6 +98,18 @@ def mutated(rng: random.Random) -> tuple[str, dict]:
     return path, body
 
 
+def anthropic_request(rng: random.Random) -> tuple[str, dict]:
+    """``/v1/messages`` (Anthropic's shape), valid or with a junk field."""
+    body = {"max_tokens": rng.randint(1, 12), "messages": [{"role": "user", "content": "hi"}],
+            "stream": rng.random() < 0.3}
+    if rng.random() < 0.3:
+        body["tools"] = [{"name": "get_weather", "input_schema": {"type": "object"}}]
+    if rng.random() < 0.6:
+        body[rng.choice(["max_tokens", "messages", "system", "tools", "tool_choice", "temperature",
+                         "stop_sequences", "top_k"])] = junk(rng)
+    return rng.choice(["/v1/messages", "/v1/messages/count_tokens"]), body
+
+
 def ids_request(rng: random.Random) -> tuple[str, dict]:
     if rng.random() < 0.5:
         body = valid_chat(rng)
@@ -153,8 +165,11 @@ def send(client: httpx.Client, base: str, port: int, rng: random.Random, tally: 
         elif r < 0.47:
             (path, body), kind = mutated(rng), "junk-field"
             content = json.dumps(body).encode()
-        elif r < 0.60:
+        elif r < 0.57:
             (path, body), kind = ids_request(rng), "random-ids"
+            content = json.dumps(body).encode()
+        elif r < 0.60:
+            (path, body), kind = anthropic_request(rng), "anthropic"
             content = json.dumps(body).encode()
         elif r < 0.70:
             path, kind, content = rng.choice(["/v1/chat/completions", "/v1/completions"]), "malformed", malformed_bytes(rng)
@@ -270,10 +285,15 @@ def main(argv=None) -> int:
                 time.sleep(0.1)
         else:
             raise SystemExit("the server did not start: " + log_path.read_text()[-2000:])
-        with httpx.Client(timeout=60) as c:  # warm-up before the memory baseline
+        cold = rss_mb(server.pid)
+        # Warm-up before the memory baseline, one-time setup included: the first constrained
+        # request (forced tool call, JSON mode) builds llguidance's view of the vocabulary.
+        with httpx.Client(timeout=60) as c:
             for i in range(20):
+                extra = [{}, {"response_format": {"type": "json_object"}},
+                         {"tools": TOOLS, "tool_choice": "required"}][i % 3]
                 c.post(base + "/v1/chat/completions", json={"messages": [{"role": "user", "content": f"warm {i}"}],
-                                                            "max_tokens": 8})
+                                                            "max_tokens": 8, **extra})
         baseline = peak = rss_mb(server.pid)
         tally, stop = Tally(), threading.Event()
         tic = time.perf_counter()
@@ -321,7 +341,7 @@ def main(argv=None) -> int:
             "requests": tally.sent, "crashes": int(not alive), "5xx": five_xx, "stream_error_events": tally.stream_errors,
             "client_timeouts": tally.timeouts, "still_serving": still_serving,
             "worker_idle_after": bool(health and health["active"] == 0 and health["queued"] == 0),
-            "rss_baseline_mb": round(baseline, 1), "rss_max_mb": round(peak, 1),
+            "rss_cold_mb": round(cold, 1), "rss_baseline_mb": round(baseline, 1), "rss_max_mb": round(peak, 1),
             "rss_growth_mb": round(peak - baseline, 1), "elapsed_s": round(elapsed, 1),
             "rss_mb_at_quarters": [round(([r for n, r in trace if n <= q * tally.sent] or [baseline])[-1], 1)
                                    for q in (0.25, 0.5, 0.75, 1.0)],

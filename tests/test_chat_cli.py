@@ -72,7 +72,8 @@ def test_ctrl_c_stops_a_reply_and_keeps_the_session(checkpoint, tmp_path):
     try:
         child.expect(PROMPT)
         child.sendline("Write a very long story")
-        time.sleep(1.5)  # let it stream for a while
+        child.expect_exact("\x1b[?25l")  # the reply's live view has started (a fixed sleep was
+        time.sleep(0.3)                    # too short on a loaded machine)
         child.sendintr()
         child.expect(r"\[interrupted\]")
         child.expect(PROMPT)
@@ -81,7 +82,8 @@ def test_ctrl_c_stops_a_reply_and_keeps_the_session(checkpoint, tmp_path):
         assert int(child.match.group(2)) == 2  # the partial reply is kept
         child.expect(PROMPT)
         child.sendline("Shorter please")  # the session still works after the interrupt
-        time.sleep(1.0)
+        child.expect_exact("\x1b[?25l")
+        time.sleep(0.3)
         child.sendintr()
         child.expect(r"\[interrupted\]")
         child.expect(PROMPT)

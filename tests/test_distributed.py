@@ -17,7 +17,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from conftest import ROOT, tiny_config
-from mlx_lfm2.model.pipeline import plan_stages, read_header, split_layers
+from mlx_lfm2.model.pipeline import read_header, split_layers
 from mlx_lfm2.model.config import ModelArgs
 from mlx_lfm2.weights import layouts
 from mlx_lfm2.weights.conversion import convert
@@ -98,26 +98,28 @@ def free_port_pair() -> int:
     raise RuntimeError("no two consecutive free ports")
 
 
-def launch(out: Path, folders, hostfile: Path) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [str(LAUNCH), "--hostfile", str(hostfile), "--backend", "ring", "-p", str(free_port_pair()),
-           "--", sys.executable, str(Path(__file__).parent / "distributed_worker.py"), str(out), *map(str, folders)]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0, p.stdout + p.stderr
-    return {r: json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)}
+def launcher(tmp_path, *args) -> list[str]:
+    """``mlx.launch`` of ``python *args`` on two ring ranks, from a hostfile naming 127.0.0.1 twice."""
+    if not LAUNCH.exists():
+        pytest.skip(f"{LAUNCH} not found")
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(json.dumps([{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}] * 2))
+    return [str(LAUNCH), "--hostfile", str(hostfile), "--backend", "ring", "-p", str(free_port_pair()),
+            "--", sys.executable, *args]
 
 
 @pytest.mark.slow
 def test_two_ranks_decode_like_one_process(checkpoint, tmp_path):
-    if not LAUNCH.exists():
-        pytest.skip(f"{LAUNCH} not found")
     folders = []
     for kind in ("tiny-dense", "tiny-moe"):
         src = checkpoint(small(kind))
         folders += [src, convert(src, tmp_path / f"{kind}-q4", quantize=True, dtype="float32", progress=False)]
-    hostfile = tmp_path / "hosts.json"  # the launcher's hostfile format, 127.0.0.1 twice
-    hostfile.write_text(json.dumps([{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}] * 2))
-    ranks = launch(tmp_path / "out", folders, hostfile)
+    out = tmp_path / "out"
+    p = subprocess.run(launcher(tmp_path, str(Path(__file__).parent / "distributed_worker.py"), str(out),
+                                *map(str, folders)),
+                       env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    ranks = {r: json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)}
     for r in (0, 1):
         assert "prompts of different lengths" in ranks[r].pop("mismatch")
     for f in folders:
@@ -130,19 +132,6 @@ def test_two_ranks_decode_like_one_process(checkpoint, tmp_path):
         for r in (r0, r1):
             assert 0.35 * alone["weights"] < r["weights"] < 0.65 * alone["weights"]
             assert r["peak"] < 0.75 * alone["peak"], (r["peak"], alone["peak"])
-
-
-def hostfile_for(tmp_path) -> Path:
-    f = tmp_path / "hosts.json"
-    f.write_text(json.dumps([{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}] * 2))
-    return f
-
-
-def launcher(tmp_path, *args) -> list[str]:
-    if not LAUNCH.exists():
-        pytest.skip(f"{LAUNCH} not found")
-    return [str(LAUNCH), "--hostfile", str(hostfile_for(tmp_path)), "--backend", "ring",
-            "-p", str(free_port_pair()), "--", sys.executable, *args]
 
 
 @pytest.mark.slow
@@ -166,20 +155,17 @@ def test_chat_repl_under_the_launcher_prints_one_reply_equal_to_one_process(chec
 
 
 @pytest.mark.slow
-def test_generate_under_the_launcher_rank0_prints_the_completion_every_rank_its_stats(checkpoint, tmp_path, capsys):
-    from mlx_lfm2.cli.generate import main as generate_main
-
+def test_generate_under_the_launcher_rank0_prints_the_completion_every_rank_its_stats(checkpoint, tmp_path):
     folder = checkpoint(tiny_config("tiny-moe"), tokenizer=True)
-    args = ["--model", str(folder), "--prompt", "Hello", "--max-tokens", "8"]
-    two = subprocess.run(launcher(tmp_path, "-m", "mlx_lfm2.generate", *args), capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    args = ["-m", "mlx_lfm2.generate", "--model", str(folder), "--prompt", "Hello", "--max-tokens", "8"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    two = subprocess.run(launcher(tmp_path, *args), capture_output=True, text=True, env=env, timeout=120)
     assert two.returncode == 0, two.stdout + two.stderr
-    generate_main(args)
-    one = capsys.readouterr().out
+    one = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=120).stdout
     # Each rank's stats lines arrive as one block, possibly between rank 0's streamed pieces.
     stats = re.compile(r"Prompt: \d+ tokens, .*\nGeneration: 8 tokens, .*\nPeak memory: [\d.]+ GB\n")
     assert len(stats.findall(two.stdout)) == 2 and len(stats.findall(one)) == 1
-    assert stats.sub("", two.stdout) == stats.sub("", one)  # the completion, once, as one process
+    assert stats.sub("", two.stdout) == stats.sub("", one), (two.stdout, one)  # the completion, once
 
 
 @pytest.mark.slow

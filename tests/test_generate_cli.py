@@ -54,6 +54,27 @@ def test_completion_and_stats_lines_in_mlx_lm_shape(chat_model):
     assert raw == generate(model, tok, "Once upon", max_tokens=6) + "\n"
 
 
+def test_speculative_flags_reach_the_engine_and_keep_the_greedy_text(chat_model, monkeypatch, capsys):
+    from mlx_lfm2.cli import generate as cli
+    from mlx_lfm2.engine import generation
+
+    folder = chat_model[2]
+    args = ["--model", str(folder), "-p", "Tell me a story", "-m", "16", "--verbose", "F"]
+    plain = run("mlx_lfm2.generate", *args)
+    seen, real = [], generation.stream_generate
+
+    def spy(*a, **kw):
+        seen.append(kw)
+        yield from real(*a, **kw)
+
+    monkeypatch.setattr(generation, "stream_generate", spy)
+    for extra in (["--draft-model", str(folder), "--num-draft-tokens", "2"], ["--prompt-lookup"]):
+        cli.main(args + extra)
+        assert capsys.readouterr().out == plain
+    assert seen[0]["draft_model"] is not None and seen[0]["num_draft_tokens"] == 2 and not seen[0]["prompt_lookup"]
+    assert seen[1]["draft_model"] is None and seen[1]["prompt_lookup"]
+
+
 @pytest.mark.slow
 def test_same_command_same_text_and_same_lines_as_mlx_lm(checkpoint, tmp_path):
     pytest.importorskip("mlx_lm")

@@ -164,6 +164,16 @@ def test_repeating_a_prompt_with_max_tokens_1_does_not_poison_the_cache(server, 
     assert longer.json()["usage"]["completion_tokens"] >= 1
 
 
+def test_logprobs_of_masked_tokens_are_finite_json(server):
+    # A forced tool call constrains the reply by a grammar: most tokens' logprobs are -inf.
+    base, _, _ = server
+    r = post(base, {"messages": USER, "max_tokens": 3, "tools": [deep_schema(1)], "tool_choice": "required",
+                    "logprobs": True, "top_logprobs": 20})
+    assert r.status_code == 200, r.text
+    tops = [t["logprob"] for c in r.json()["choices"][0]["logprobs"]["content"] for t in c["top_logprobs"]]
+    assert tops and -9999.0 in tops and all(-9999.0 <= lp <= 0 for lp in tops)
+
+
 def test_a_missing_max_tokens_is_bounded_by_the_default(server):
     base, _, _ = server
     r = post(base, {"messages": USER, "temperature": 0, "logit_bias": {"7": -100}})  # 7 = <|im_end|>

@@ -165,16 +165,22 @@ def test_constraint_keeps_the_models_choice_when_it_is_allowed(tok):
 
 
 def test_mask_is_built_while_the_forward_runs(tok, monkeypatch):
-    """The processor starts the step's forward (async_eval) before computing its mask."""
+    """The processor queues the read of the new token, then the step's forward, and only then
+    advances the matcher and computes the mask (the device never waits on the matcher)."""
     events = []
+    logits = mx.zeros((1, 65536))
     c = make_constraint(tok, regex="[ab]+", prompt_tokens=2)
-    real_async_eval, real_allowed = mx.async_eval, c.allowed
-    monkeypatch.setattr(mx, "async_eval", lambda *a: (events.append("forward"), real_async_eval(*a))[1])
+    real_async_eval, real_allowed, real_advance = mx.async_eval, c.allowed, c.advance
+    monkeypatch.setattr(mx, "async_eval", lambda *a: (
+        events.append("forward" if any(x is logits for x in a) else "read"), real_async_eval(*a))[1])
     monkeypatch.setattr(c, "allowed", lambda v: (events.append("mask"), real_allowed(v))[1])
-    out = c(mx.array([1, 2]), mx.zeros((1, 65536)))
-    assert events == ["forward", "mask"]
-    allowed = np.flatnonzero(np.array(out[0] > -np.inf))
-    assert allowed.size and all(set(tok.decode([int(t)])) <= {"a", "b"} for t in allowed)
+    monkeypatch.setattr(c, "advance", lambda t: (events.append("advance"), real_advance(t))[1])
+    a = tok.encode("a", add_special_tokens=False)
+    out = c(mx.array([1, 2] + a), logits)
+    assert events == ["read", "forward", "advance", "mask"] and c.tokens == a
+    allowed = set(np.flatnonzero(np.array(out[0] > -np.inf)).tolist())
+    assert tok.eos_token_ids <= allowed  # "a" already matches
+    assert all(set(tok.decode([t])) <= {"a", "b"} for t in allowed - tok.eos_token_ids)
 
 
 @pytest.mark.slow  # a subprocess

@@ -171,20 +171,26 @@ class Repl:
 
         calls, shown = ToolCallStream(bare_names=self.tools), ""  # names: LFM2.5's unmarked calls
         render = (lambda s: Markdown(visible(s))) if self.markdown else (lambda s: Text(visible(s)))
-        with Live(render(""), console=self.console, refresh_per_second=12,
-                  vertical_overflow="visible") as live:
-            try:
-                for r in responses:
-                    piece = calls.feed(r.text)
-                    if r.finish_reason:
-                        piece += calls.finish()
-                    if piece:
-                        shown += piece
-                        live.update(render(shown))
-            except KeyboardInterrupt:
-                responses.close()
-                live.update(render(shown + "\n\n*[interrupted]*" if self.markdown else shown + " [interrupted]"))
-                return shown
+        interrupted = (lambda s: s + "\n\n*[interrupted]*") if self.markdown else (lambda s: s + " [interrupted]")
+        try:
+            with Live(render(""), console=self.console, refresh_per_second=12,
+                      vertical_overflow="visible") as live:
+                try:
+                    for r in responses:
+                        piece = calls.feed(r.text)
+                        if r.finish_reason:
+                            piece += calls.finish()
+                        if piece:
+                            shown += piece
+                            live.update(render(shown))
+                except KeyboardInterrupt:
+                    responses.close()
+                    live.update(render(interrupted(shown)))
+                    return shown
+        except KeyboardInterrupt:  # in Live's start or stop, outside the loop: same outcome
+            responses.close()
+            self.console.print(render(interrupted(shown)))
+            return shown
         if self.chat.last is not None:
             self.console.print(stats_line(self.chat.last))
         return shown

@@ -34,6 +34,10 @@ def parse_args(argv=None):
                    help="use the raw prompt without the tokenizer's chat template")
     p.add_argument("--extra-eos-token", nargs="+", default=(), help="more tokens that end generation")
     p.add_argument("--prefill-step-size", type=int, help="prompt tokens per prefill chunk")
+    p.add_argument("--draft-model", help="a small LFM2 with the same tokenizer for speculative decoding")
+    p.add_argument("--num-draft-tokens", type=int, help="tokens drafted per step (default: adaptive from 3)")
+    p.add_argument("--prompt-lookup", action="store_true",
+                   help="speculative decoding with drafts from n-grams of the prompt (no draft model)")
     p.add_argument("--verbose", type=str2bool, default=True,
                    help="'False'/'F': print only the completion, no separators or stats")
     return p.parse_args(argv)
@@ -72,10 +76,19 @@ def main(argv=None) -> None:
         if tid is None:
             raise SystemExit(f"error: --extra-eos-token {token!r} is not a token of this tokenizer")
         tokenizer.eos_token_ids = tokenizer.eos_token_ids | {tid}
+    draft = None
+    if args.draft_model:
+        try:
+            draft, _ = load(args.draft_model)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: draft model: {e}")
+        if draft.args.vocab_size != model.args.vocab_size or args.prompt_lookup:
+            raise SystemExit("error: --draft-model needs the target's tokenizer, and excludes --prompt-lookup")
     ids = build_prompt(tokenizer, prompt, args.system, args.ignore_chat_template)
     sampling = dict(temperature=args.temp, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                     repetition_penalty=args.repetition_penalty, seed=args.seed,
-                    prefill_step_size=args.prefill_step_size)
+                    prefill_step_size=args.prefill_step_size, draft_model=draft,
+                    num_draft_tokens=args.num_draft_tokens, prompt_lookup=args.prompt_lookup)
 
     show = leader()  # under mlx.launch rank 0 alone prints the completion; every rank its stats
     if args.verbose and show:

@@ -179,7 +179,7 @@ class PipelineModel(Model):
         if n != prompt.size * self.size:
             raise RuntimeError(
                 "the ranks were given prompts of different lengths: under mlx.launch every rank must "
-                "run the same front end on the same input (see engine.distributed.shared_input)"
+                "run the same front end on the same input (see engine.distributed.from_leader)"
             )
         ids = prompt.astype(mx.int32) if self.rank == 0 else mx.zeros(prompt.shape, mx.int32)
         ids = mx.distributed.all_sum(ids, group=self.group, stream=mx.cpu).astype(prompt.dtype)

@@ -29,6 +29,7 @@ from starlette.routing import Route
 
 from ..text.constraints import forced_tool_opening, tool_call_grammar
 from ..text.tools import ToolCallStream, parse_tool_calls
+from .boundary import no_reply, read_body, validate, watch
 from .openai_api import APIError, ChatRequest, to_template_messages
 
 # OpenAI-side error types (the engine's) -> Anthropic's.
@@ -261,13 +262,12 @@ def _answers_errors(handler):
 def routes(engine, api_key: Optional[str], body_timeout: float, constrained, prepare, results) -> list[Route]:
     """``/v1/messages`` and ``/v1/messages/count_tokens`` over the server's own layer.
 
-    Bodies are read and validated, constraints compiled (``constrained``), prompts admitted
-    (``prepare``: context check, queue) and replies drained (``results``) by app.py's code, so limits, timeouts, queueing and
-    disconnects behave as on the OpenAI routes. The key comes as ``x-api-key`` (the SDK's
-    way) or ``Authorization: Bearer`` (Claude Code's auth token).
+    Bodies are read and validated by ``boundary``; constraints compiled (``constrained``),
+    prompts admitted (``prepare``: context check, queue) and replies drained (``results``) by
+    app.py's closures, so limits, timeouts, queueing and disconnects behave as on the OpenAI
+    routes. The key comes as ``x-api-key`` (the SDK's way) or ``Authorization: Bearer``
+    (Claude Code's auth token).
     """
-    from .app import _body, _no_reply, _validate, _watch  # app.py imports this module first
-
     tok = engine.tokenizer
 
     def check_key(request: Request) -> None:
@@ -277,10 +277,10 @@ def routes(engine, api_key: Optional[str], body_timeout: float, constrained, pre
 
     async def parse(request: Request) -> tuple[MessagesRequest, str]:
         check_key(request)
-        body = await _body(request, body_timeout)
+        body = await read_body(request, body_timeout)
         if request.url.path.endswith("count_tokens"):
             body = {**body, "max_tokens": 1}  # count_tokens takes no max_tokens
-        req = _validate(MessagesRequest, body, engine.vocab)
+        req = validate(MessagesRequest, body, engine.vocab)
         messages = template_messages(req, engine.template_renders_tool_calls)
         try:
             prompt = tok.apply_chat_template(messages, tools=req.offered_tools, add_generation_prompt=True)
@@ -302,12 +302,12 @@ def routes(engine, api_key: Optional[str], body_timeout: float, constrained, pre
         if req.stream:
             return EventSourceResponse(_stream(job, req, forced, mid), ping=15)
         text, last = forced, None
-        async with _watch(request, job):
+        async with watch(request, job):
             async for r, _ in results(job):
                 text += r.text
                 last = r
         if last is None:
-            raise _no_reply(engine)
+            raise no_reply(engine)
         content, calls = parse_tool_calls(text, bare_names=req.tool_names) if req.offered_tools else (text, [])
         calls = calls[:1] if req.one_call else calls
         blocks = ([{"type": "text", "text": content}] if content or not calls else []) + [

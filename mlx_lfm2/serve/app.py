@@ -11,17 +11,16 @@ extends, or rewinds to the longest common prefix it can reach (a regenerated rep
 edited last message), and prefills only the rest. Copies are cheap (MLX arrays are immutable).
 With ``--draft-model`` or ``--prompt-lookup`` replies are decoded speculatively.
 
-Limits (see README, "Security model"): bodies must be JSON, at most ``MAX_BODY`` bytes,
-counted while they arrive and read within ``body_timeout``; every value is validated by
-``openai_api`` before it reaches the worker; a reply is at most ``default_max_tokens`` unless
-the request asks for more (never past the context); a client that leaves stops its job.
+Limits (see README, "Security model", and ``boundary``): bodies are JSON of bounded size read
+within a deadline, every value is validated by ``openai_api`` before it reaches the worker, a
+reply is at most ``default_max_tokens`` unless the request asks for more (never past the
+context), and a client that leaves stops its job.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import queue
@@ -32,7 +31,6 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Optional
 
-from pydantic import ValidationError
 from sse_starlette.sse import EventSourceResponse
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -43,16 +41,15 @@ from starlette.routing import Route
 
 from ..engine.generation import PromptTooLongError, default_sampling, stream_generate
 from . import anthropic
-from .openai_api import (APIError, ChatRequest, CompletionRequest, chat_chunk, loads, logprob_entry, new_id,
+from .boundary import (BODY_TIMEOUT, HEADER_TIMEOUT, error_response, make_server, no_reply, read_body,
+                       sse_events, validate, watch)
+from .openai_api import (APIError, ChatRequest, CompletionRequest, chat_chunk, logprob_entry, new_id,
                          openai_tool_calls, to_template_messages, usage)
 from ..engine.distributed import broadcast, group, leader
 from ..engine.session import PromptCache
 from ..text.constraints import ConstraintError, make_constraint
 from ..text.tools import ToolCallStream, parse_tool_calls
 
-MAX_BODY = 4 * 1024 * 1024
-BODY_TIMEOUT = 30.0  # seconds to receive a whole body: a stalled upload must not hold a slot
-HEADER_TIMEOUT = 30.0  # seconds from connecting (or the last response) to a complete request head
 DEFAULT_MAX_TOKENS = 2048
 DONE = object()
 
@@ -207,82 +204,6 @@ class Engine:
                 pass
 
 
-def _error(e: APIError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status)
-
-
-async def _body(request: Request, timeout: float = BODY_TIMEOUT) -> dict:
-    """The JSON object a POST carries. Only ``application/json``: a web page can send a
-    ``text/plain`` POST to a loopback server without a CORS preflight, never a JSON one."""
-    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if kind != "application/json":
-        raise APIError(415, f"the body must be sent as Content-Type: application/json (got {kind or 'none'!r})",
-                       code="unsupported_media_type")
-    size = request.headers.get("content-length")
-    if size and size.isdigit() and int(size) > MAX_BODY:
-        raise APIError(413, f"request body over {MAX_BODY} bytes", code="body_too_large")
-
-    async def read() -> bytes:  # counted as it arrives: a chunked body has no length to check
-        chunks, n = [], 0
-        async for chunk in request.stream():
-            n += len(chunk)
-            if n > MAX_BODY:
-                raise APIError(413, f"request body over {MAX_BODY} bytes", code="body_too_large")
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-    try:
-        raw = await asyncio.wait_for(read(), timeout)
-    except asyncio.TimeoutError:
-        raise APIError(408, f"the body did not arrive within {timeout:g} s", code="request_timeout")
-    body = loads(raw)
-    if not isinstance(body, dict):
-        raise APIError(400, "the body must be a JSON object", code="invalid_json")
-    return body
-
-
-def _validate(model_cls, body: dict, vocab: int):
-    try:
-        return model_cls.model_validate(body, context={"vocab": vocab})
-    except ValidationError as e:
-        # Of a union's alternatives, report the one that got furthest into the value.
-        err = max(e.errors(), key=lambda err: len(err["loc"]))
-        where = ".".join(str(p) for p in err["loc"])
-        msg = err["msg"].removeprefix("Value error, ")
-        raise APIError(422, f"{where}: {msg}" if where else msg, param=where or None, code="invalid_value")
-
-
-@contextlib.asynccontextmanager
-async def _watch(request: Request, job: "Job", every: float = 0.2):
-    """While the handler waits on ``job``, poll the client: one that hangs up stops the job
-    even while tokens keep arriving (a non-streaming reply would otherwise run to its end)."""
-
-    async def poll():
-        while not job.stop.is_set():
-            if await request.is_disconnected():
-                job.stop.set()
-                return
-            await asyncio.sleep(every)
-
-    task = asyncio.ensure_future(poll())
-    try:
-        yield
-    finally:
-        task.cancel()
-
-
-async def _sse(events):
-    """Server-sent events; a failure after the 200 was sent becomes an error event (the
-    shape OpenAI streams), so a client always learns why its stream ended."""
-    try:
-        async for event in events:
-            yield event
-    except APIError as e:
-        yield json.dumps(e.body())
-    except Exception as e:
-        yield json.dumps(APIError(500, f"internal error: {type(e).__name__}", type_="server_error").body())
-
-
 def create_app(engine: Engine, api_key: Optional[str] = None, body_timeout: float = BODY_TIMEOUT) -> Starlette:
     tok = engine.tokenizer
 
@@ -318,7 +239,7 @@ def create_app(engine: Engine, api_key: Optional[str] = None, body_timeout: floa
 
     async def results(job: Job):
         """(response, logprob entry) pairs until done. Whoever drives this stops the job when
-        the client leaves: ``_watch`` for a plain reply, sse-starlette for a stream."""
+        the client leaves: ``watch`` for a plain reply, sse-starlette for a stream."""
         try:
             while True:
                 item = await job.out.get()
@@ -332,7 +253,7 @@ def create_app(engine: Engine, api_key: Optional[str] = None, body_timeout: floa
 
     async def chat_completions(request: Request):
         check_auth(request)
-        req = _validate(ChatRequest, await _body(request, body_timeout), engine.vocab)
+        req = validate(ChatRequest, await read_body(request, body_timeout), engine.vocab)
         messages = to_template_messages(req, engine.template_renders_tool_calls)
         tools = req.tools if req.tool_choice != "none" else None
         try:
@@ -344,16 +265,16 @@ def create_app(engine: Engine, api_key: Optional[str] = None, body_timeout: floa
         job = prepare(req, prompt + forced, top, await constrained(req))
         cid, model_id = new_id("chatcmpl"), engine.model_id
         if req.stream:
-            return EventSourceResponse(_sse(_stream_chat(job, cid, model_id, req, forced)), ping=15)
+            return EventSourceResponse(sse_events(_stream_chat(job, cid, model_id, req, forced)), ping=15)
         text, entries, last = forced, [], None
-        async with _watch(request, job):
+        async with watch(request, job):
             async for r, entry in results(job):
                 text += r.text
                 last = r
                 if entry:
                     entries.append(entry)
         if last is None:
-            raise _no_reply(engine)
+            raise no_reply(engine)
         content, calls = parse_tool_calls(text, bare_names=req.tool_names) if tools else (text, [])
         message = {"role": "assistant", "content": content if (content or not calls) else None}
         finish = last.finish_reason
@@ -388,7 +309,7 @@ def create_app(engine: Engine, api_key: Optional[str] = None, body_timeout: floa
                     yield json.dumps(chat_chunk(cid, model_id, {"tool_calls": openai_tool_calls(new, n_calls)}))
                     n_calls += len(new)
         if last is None:  # dropped at shutdown (or its client left): say so in the stream
-            raise _no_reply(engine)
+            raise no_reply(engine)
         finish = "tool_calls" if n_calls else _finish(last.finish_reason)
         yield json.dumps(chat_chunk(cid, model_id, {}, finish=finish))
         if (req.stream_options or {}).get("include_usage"):
@@ -400,7 +321,7 @@ def create_app(engine: Engine, api_key: Optional[str] = None, body_timeout: floa
 
     async def completions(request: Request):
         check_auth(request)
-        req = _validate(CompletionRequest, await _body(request, body_timeout), engine.vocab)
+        req = validate(CompletionRequest, await read_body(request, body_timeout), engine.vocab)
         prompt = req.prompt if isinstance(req.prompt, str) else tok.decode(req.prompt)
         job = prepare(req, prompt, (req.logprobs or 0) if req.logprobs else None, await constrained(req))
         cid, model_id = new_id("cmpl"), engine.model_id
@@ -417,12 +338,12 @@ def create_app(engine: Engine, api_key: Optional[str] = None, body_timeout: floa
                     if r.text:
                         yield json.dumps(body(r.text, None))
                 if last is None:
-                    raise _no_reply(engine)
+                    raise no_reply(engine)
                 yield json.dumps(body("", _finish(last.finish_reason)))
                 yield "[DONE]"
-            return EventSourceResponse(_sse(events()), ping=15)
+            return EventSourceResponse(sse_events(events()), ping=15)
         text, last, tokens, token_lps = (prompt if req.echo else ""), None, [], []
-        async with _watch(request, job):
+        async with watch(request, job):
             async for r, entry in results(job):
                 text += r.text
                 last = r
@@ -430,7 +351,7 @@ def create_app(engine: Engine, api_key: Optional[str] = None, body_timeout: floa
                     tokens.append(entry["token"])
                     token_lps.append(entry["logprob"])
         if last is None:
-            raise _no_reply(engine)
+            raise no_reply(engine)
         out = body(text, _finish(last.finish_reason),
                    {"tokens": tokens, "token_logprobs": token_lps} if req.logprobs else None)
         out["usage"] = usage(job.prompt_tokens, last.generation_tokens, job.cached_tokens)
@@ -450,7 +371,7 @@ def create_app(engine: Engine, api_key: Optional[str] = None, body_timeout: floa
                              "mlx_cache_mb": round(mx.get_cache_memory() / 2**20, 1)})
 
     async def api_error(request, exc: APIError):
-        response = _error(exc)
+        response = error_response(exc)
         if exc.status in (408, 413):  # the rest of the body is not read: end the connection
             response.headers["connection"] = "close"
         return response
@@ -458,10 +379,10 @@ def create_app(engine: Engine, api_key: Optional[str] = None, body_timeout: floa
     async def http_error(request, exc: HTTPException):
         kind = {404: "not_found_error", 405: "invalid_request_error"}.get(exc.status_code, "invalid_request_error")
         error = APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", kind)
-        return anthropic.error_response(error) if request.url.path.startswith("/v1/messages") else _error(error)
+        return anthropic.error_response(error) if request.url.path.startswith("/v1/messages") else error_response(error)
 
     async def crash(request, exc: Exception):  # the catch-all: logged by uvicorn, answered here
-        return _error(APIError(500, f"internal error: {type(exc).__name__}", type_="server_error"))
+        return error_response(APIError(500, f"internal error: {type(exc).__name__}", type_="server_error"))
 
     return Starlette(
         routes=[
@@ -475,12 +396,6 @@ def create_app(engine: Engine, api_key: Optional[str] = None, body_timeout: floa
     )
 
 
-def _no_reply(engine: Engine) -> APIError:
-    if engine.closed:
-        return APIError(503, "the server is shutting down", type_="server_error", code="shutting_down")
-    return APIError(499, "client closed the request")
-
-
 def _finish(reason: Optional[str]) -> Optional[str]:
     return {"cancelled": "stop"}.get(reason, reason)
 
@@ -491,49 +406,6 @@ def _is_json(text: str) -> bool:
         return True
     except ValueError:
         return False
-
-
-def _h11_with_header_deadline(timeout: float):
-    """uvicorn's h11 protocol, plus a deadline for each request head: uvicorn closes idle
-    keep-alive connections, but not one that sends half a request line and stalls."""
-    from uvicorn.protocols.http.h11_impl import H11Protocol
-
-    class Protocol(H11Protocol):
-        def connection_made(self, transport) -> None:
-            super().connection_made(transport)
-            self._arm(None)
-
-        def on_response_complete(self) -> None:
-            done = self.cycle
-            super().on_response_complete()
-            if self.cycle is done:  # no pipelined request started: the next head is awaited
-                self._arm(done)
-
-        def _arm(self, cycle) -> None:
-            def expire():
-                if self.cycle is cycle and not self.transport.is_closing():
-                    self.transport.close()
-
-            self.loop.call_later(timeout, expire)
-
-    return Protocol
-
-
-def make_server(engine: Engine, app: Starlette, host: str = "127.0.0.1", port: int = 8080,
-                header_timeout: float = HEADER_TIMEOUT, keep_alive: int = 5, graceful: int = 5):
-    """A uvicorn server whose SIGTERM/SIGINT also stop the engine's jobs; requests still
-    open ``graceful`` seconds later are cancelled, so a signal always ends the process."""
-    import uvicorn
-
-    class Server(uvicorn.Server):
-        def handle_exit(self, sig, frame) -> None:
-            # Not inline: the signal may interrupt the event loop while it holds the queue's lock.
-            threading.Thread(target=engine.close, daemon=True).start()
-            super().handle_exit(sig, frame)
-
-    return Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                 http=_h11_with_header_deadline(header_timeout),
-                                 timeout_keep_alive=keep_alive, timeout_graceful_shutdown=graceful))
 
 
 def main(argv=None) -> None:

@@ -12,6 +12,7 @@ depth), so nothing malformed reaches the engine, where MLX does not bounds-check
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from typing import Any, Literal, Optional, Union
@@ -37,6 +38,7 @@ class APIError(Exception):
 MAX_DEPTH = 64  # JSON nesting: tool schemas in the wild stay far below; thousands exhaust the stack
 MAX_SEED = 2**64 - 1
 MAX_STOP = 1024
+IMPOSSIBLE = -9999.0  # the logprob OpenAI reports for a token that cannot be sampled
 
 
 def _reject_constant(name: str):
@@ -359,6 +361,9 @@ def logprob_entry(tokenizer, token: int, logprobs, top: int) -> dict:
 
     def item(t, lp):
         text = tokenizer.decode([t])
+        # A masked token (a grammar, a -inf bias) has logprob -inf, which JSON cannot carry:
+        # OpenAI reports such tokens as -9999.0.
+        lp = lp if math.isfinite(lp) else IMPOSSIBLE
         return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
 
     entry = item(token, logprobs[token].item())

@@ -73,8 +73,8 @@ def load_model(folder: Union[str, Path], dtype: Optional[mx.Dtype] = None, lazy:
         model = Model(args)
         load_into(model, safetensors_files(folder), args, dtype=dtype)
     model.compute_dtype = default_compute_dtype(args) if compute_dtype == "auto" else compute_dtype
-    if device.fuse_gate_up():
-        model.fuse_gate_up(evaluate=not lazy)
+    if device.fuse_matmuls():
+        model.fuse_matmuls(evaluate=not lazy)
     if not lazy:
         mx.eval(model.parameters())
     if isinstance(model, PipelineModel):  # wait for the slowest rank's load before any recv
