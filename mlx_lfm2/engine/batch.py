@@ -31,6 +31,7 @@ from ..model import batch_cache
 from .generation import (GenerationResponse, Prompt, PromptTooLongError, _held_back, context_length,
                          default_prefill_step, encode_prompt)
 from .sample import make_logits_processors, make_sampler
+from .validate import check_token_ids, vocab_rows
 
 
 @dataclass
@@ -75,7 +76,7 @@ class BatchGenerator:
     def insert(self, prompt: Sequence[int], *, max_tokens: int = 256, sampler=None, logits_processors=(),
                stop_tokens=(), cache: Optional[list] = None) -> int:
         """Queue a prompt (ids; with ``cache``, the ids that follow what it holds) -> uid."""
-        prompt = list(prompt)
+        prompt = check_token_ids(prompt, vocab_rows(self.model), "prompt token id")
         if not prompt:
             raise ValueError("prompt is empty: nothing to continue from")
         if max_tokens < 1:
@@ -188,12 +189,26 @@ class BatchGenerator:
 def sampling_for(prompt_tokens: int, temperature: Optional[float] = None, top_p: float = 1.0, top_k: int = 0,
                  min_p: float = 0.0, repetition_penalty: Optional[float] = None, repetition_context_size: int = 64,
                  logit_bias: Optional[dict] = None, frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
-                 seed: Optional[int] = None) -> dict:
+                 seed: Optional[int] = None, vocab_size: Optional[int] = None) -> dict:
     """``stream_generate``'s sampling arguments as ``BatchGenerator.insert`` keywords."""
     sampler = make_sampler(temperature, top_p, top_k, min_p, seed) if temperature else None
-    processors = make_logits_processors(repetition_penalty, repetition_context_size, logit_bias,
-                                        frequency_penalty, presence_penalty, prompt_tokens=prompt_tokens)
+    processors = make_logits_processors(repetition_penalty, repetition_context_size, logit_bias, frequency_penalty,
+                                        presence_penalty, prompt_tokens=prompt_tokens, vocab_size=vocab_size)
     return {"sampler": sampler, "logits_processors": processors}
+
+
+def request_for(model, tokenizer, ids: Sequence[int], held: int = 0, max_tokens: int = 256, **sampling) -> dict:
+    """``BatchGenerator.insert`` keywords for ``ids`` after ``held`` cached tokens, checked as
+    ``stream_generate`` checks them (ids in range, the context, the limit clamped to it)."""
+    rows = vocab_rows(model)
+    ids = check_token_ids(ids, rows, "prompt token id")
+    if held + len(ids) + 1 > context_length(model):
+        raise PromptTooLongError(
+            f"prompt of {len(ids)} tokens (+{held} cached) does not fit the model's context of "
+            f"{context_length(model)} tokens: shorten it or start a new conversation")
+    return {"prompt": ids, "max_tokens": max(0, min(max_tokens, context_length(model) - held - len(ids))),
+            "stop_tokens": check_token_ids(tokenizer.eos_token_ids, rows, "stop token id"),
+            **sampling_for(len(ids), vocab_size=rows, **sampling)}
 
 
 @dataclass
@@ -280,22 +295,20 @@ def batch_generate(model, tokenizer, prompts: Sequence[Prompt], max_tokens: Unio
     draws as alone). Greedy when ``temperature`` is left out."""
     ids = [encode_prompt(tokenizer, p, tools) for p in prompts]
     limits = [max_tokens] * len(ids) if isinstance(max_tokens, int) else list(max_tokens)
-    ctx = context_length(model)
+    if len(limits) != len(ids):
+        raise ValueError(f"{len(limits)} max_tokens for {len(ids)} prompts")
+    requests = [request_for(model, tokenizer, p, max_tokens=n, **sampling) for p, n in zip(ids, limits)]
     gen = BatchGenerator(model, max_batch or max(1, len(ids)), prefill_step_size)
     streams, by_uid = [], {}
     mx.reset_peak_memory()
     tic = time.perf_counter()
-    for p, limit in zip(ids, limits):
-        if len(p) + 1 > ctx:
-            raise PromptTooLongError(f"a prompt of {len(p)} tokens does not fit the model's context of {ctx} tokens")
-        stream = TextStream(tokenizer, stop, len(p))
+    for req in requests:
+        stream = TextStream(tokenizer, stop, len(req["prompt"]))
         streams.append(stream)
-        limit = max(0, min(limit, ctx - len(p)))
-        if limit == 0:
+        if req["max_tokens"] == 0:
             stream.end("length")
-            continue
-        uid = gen.insert(p, max_tokens=limit, stop_tokens=tokenizer.eos_token_ids, **sampling_for(len(p), **sampling))
-        by_uid[uid] = stream
+        else:
+            by_uid[gen.insert(**req)] = stream
     while by_uid:
         for t in gen.step():
             stream = by_uid[t.uid]
