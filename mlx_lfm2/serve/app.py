@@ -1,9 +1,12 @@
 """An OpenAI-compatible server: ``python -m mlx_lfm2.server --model PATH_OR_REPO``.
 
-One worker thread owns the model and runs requests in arrival order from a bounded queue
-(full: 429), so the event loop never blocks on MLX. Tokens travel back to each request's
-coroutine through an asyncio queue; a client that disconnects sets its job's stop event,
-which ends its generation at the next token and frees the worker.
+One worker thread owns the model, so the event loop never blocks on MLX. It takes requests
+in arrival order from a bounded queue (full: 429) into a continuous batch of up to
+``max_batch`` (engine/batch.py): every active request decodes in the same forward, each with
+its own sampling, stops and limit, and a newcomer's prefill is interleaved with the others'
+decode steps. Tokens travel back to each request's coroutine through an asyncio queue; a
+client that disconnects sets its job's stop event, which takes its row out of the batch at
+the next step.
 
 Prompt reuse: after each request the worker keeps its ``PromptCache`` (cache plus the text
 it consumed); a later prompt that extends one of those texts copies it and prefills only the
@@ -37,7 +40,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from ..engine.generation import PromptTooLongError, default_sampling, stream_generate
+from ..engine.batch import BatchGenerator, TextStream, request_for
+from ..engine.generation import default_sampling
 from .openai_api import (APIError, ChatRequest, CompletionRequest, chat_chunk, loads, logprob_entry, new_id,
                          openai_tool_calls, to_template_messages, usage)
 from ..engine.session import PromptCache
@@ -70,20 +74,22 @@ class Engine:
     """The model, its worker thread, the request queue and the prompt caches."""
 
     def __init__(self, model, tokenizer, model_id: str, queue_size: int = 16, cache_entries: int = 8,
-                 max_context: Optional[int] = None, default_max_tokens: int = DEFAULT_MAX_TOKENS):
+                 max_context: Optional[int] = None, default_max_tokens: int = DEFAULT_MAX_TOKENS,
+                 max_batch: int = 8):
         self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
         self.max_context = min(max_context or 1 << 62, model.args.max_position_embeddings)
         self.default_max_tokens = default_max_tokens
         # Ids from requests must index both the tokenizer and the embedding rows.
         rows = getattr(model.args, "vocab_size", None)
         self.vocab = min(tokenizer.vocab_size, rows) if rows else tokenizer.vocab_size
-        self.current: Optional[Job] = None
+        self.live: dict = {}  # uid -> _Live: the requests in the batch
+        self.batch = BatchGenerator(model, max_batch)
         self.closed = False
         self.defaults = default_sampling(model)
         self.jobs: queue.Queue = queue.Queue(maxsize=queue_size)
         self.caches: OrderedDict[str, PromptCache] = OrderedDict()
         self.cache_entries = cache_entries
-        self.stats = {"completed": 0, "cancelled": 0, "active": 0}
+        self.stats = {"completed": 0, "cancelled": 0, "active": 0, "peak_batch": 0}
         self.template_renders_tool_calls = "tool_calls" in (tokenizer.chat_template or "")
         threading.Thread(target=self._work, daemon=True, name="mlx_lfm2-worker").start()
 
@@ -115,9 +121,8 @@ class Engine:
                 break
             job.stop.set()
             job.emit(DONE)
-        job = self.current
-        if job is not None:
-            job.stop.set()
+        for live in self.live.copy().values():  # copy(): atomic while the worker changes it
+            live.job.stop.set()
 
     def _keep_cache(self, pc: PromptCache) -> None:
         if pc.offset == len(pc.tokens) and pc.text:
@@ -128,53 +133,104 @@ class Engine:
 
     def _work(self) -> None:
         while True:
-            job = self.jobs.get()
+            self._admit()
+            for uid, live in list(self.live.items()):
+                if live.job.stop.is_set():  # its client left: out of the batch now
+                    self._end(uid, self.batch.remove(uid), [live.text.end("cancelled")])
+            if not self.live:
+                continue
+            try:
+                tokens = self.batch.step()
+                self.stats["peak_batch"] = max(self.stats["peak_batch"], len(tokens))
+            except Exception as e:  # report it to every request in the batch; the worker lives on
+                for uid, live in self.live.items():
+                    live.job.emit(APIError(500, f"generation failed: {type(e).__name__}: {e}", type_="server_error"))
+                    live.job.emit(DONE)
+                self.live.clear()
+                self.batch = BatchGenerator(self.model, self.batch.max_batch)
+                self.stats["active"] = 0
+                continue
+            for t in tokens:
+                live = self.live[t.uid]
+                out = live.text.feed(t.token, t.logprobs, t.finish_reason)
+                if out[-1].finish_reason:
+                    cache = t.cache if t.finish_reason else self.batch.remove(t.uid)  # a stop string
+                    self._end(t.uid, cache, out)
+                else:
+                    self._emit(live, out)
+
+    def _admit(self) -> None:
+        """Move queued requests into the batch while it has room; wait for one when idle."""
+        while len(self.live) < self.batch.max_batch:
+            try:
+                job = self.jobs.get(block=not self.live)
+            except queue.Empty:
+                return
             if job.stop.is_set():  # its client left while it waited
                 self.stats["cancelled"] += 1
                 job.emit(DONE)
                 continue
-            self.stats["active"], self.current = 1, job
             try:
-                self._run(job)
-            except ValueError as e:
-                # The engine checks its inputs before the first token: a ValueError then is
-                # the request's fault (a 400); one later is a fault of ours.
-                if job.started:
-                    job.emit(APIError(500, f"generation failed: {e}", type_="server_error"))
-                else:
-                    job.emit(APIError(400, str(e), code="invalid_value"))
-            except Exception as e:  # report it to that request; the worker lives on
+                self._insert(job)
+            except ValueError as e:  # the request's fault, found before its first token: a 400
+                job.emit(APIError(400, str(e), code="invalid_value"))
+                job.emit(DONE)
+            except Exception as e:
                 job.emit(APIError(500, f"generation failed: {type(e).__name__}: {e}", type_="server_error"))
-            finally:
-                self.stats["active"], self.current = 0, None
                 job.emit(DONE)
 
-    def _run(self, job: Job) -> None:
+    def _insert(self, job: Job) -> None:
         tok = self.tokenizer
         pc = self._take_cache(job.prompt_text)
         ids = pc.new_tokens(tok, job.prompt_text)
         if not ids:  # a cache that consumed this whole prompt leaves nothing to sample from
             pc = PromptCache(self.model)
             ids = pc.new_tokens(tok, job.prompt_text)
+        kwargs = dict(job.kwargs)
+        stop = kwargs.pop("stop", None)
+        request = request_for(self.model, tok, ids, held=pc.offset, **kwargs)
         job.cached_tokens = pc.offset
         job.prompt_tokens = pc.offset + len(ids)
-        generated, finished = [], False
-        for r in stream_generate(self.model, tok, ids, cache=pc.cache, stop_event=job.stop, **job.kwargs):
-            job.started = True
-            if r.token is not None:
-                generated.append(r.token)
-            entry = None
-            if job.top_logprobs is not None and r.logprobs is not None and not r.finish_reason:
-                entry = logprob_entry(tok, r.token, r.logprobs, job.top_logprobs)
-            job.emit((r, entry))
-            finished = r.finish_reason is not None
-        if job.stop.is_set():
-            self.stats["cancelled"] += 1
-        else:
+        live = _Live(job, pc, ids, TextStream(tok, stop, len(ids)))
+        if request["max_tokens"] == 0:
+            job.emit((live.text.end("length"), None))
             self.stats["completed"] += 1
-        if finished:
-            pc.commit(tok, job.prompt_text, ids, generated)
-            self._keep_cache(pc)
+            job.emit(DONE)
+            return
+        uid = self.batch.insert(**request, cache=pc.cache)
+        self.live[uid] = live
+        self.stats["active"] = len(self.live)
+
+    def _emit(self, live: "_Live", responses) -> None:
+        for r in responses:
+            live.job.started = True
+            if r.token is not None:
+                live.generated.append(r.token)
+            entry = None
+            if live.job.top_logprobs is not None and r.logprobs is not None and not r.finish_reason:
+                entry = logprob_entry(self.tokenizer, r.token, r.logprobs, live.job.top_logprobs)
+            live.job.emit((r, entry))
+
+    def _end(self, uid: int, cache: Optional[list], responses) -> None:
+        """A request leaves the batch: its last responses, the stats, its cache kept for reuse."""
+        live = self.live.pop(uid)
+        self._emit(live, responses)
+        self.stats["cancelled" if live.job.stop.is_set() else "completed"] += 1
+        self.stats["active"] = len(self.live)
+        if cache is not None:  # None: it left before its prefill finished
+            live.pc.cache = cache
+            live.pc.commit(self.tokenizer, live.job.prompt_text, live.ids, live.generated)
+            self._keep_cache(live.pc)
+        live.job.emit(DONE)
+
+
+@dataclass
+class _Live:
+    job: Job
+    pc: PromptCache
+    ids: list  # the prompt ids prefilled (those after the cached prefix)
+    text: TextStream
+    generated: list = field(default_factory=list)
 
 
 def _error(e: APIError) -> JSONResponse:
@@ -397,7 +453,7 @@ def create_app(engine: Engine, api_key: Optional[str] = None, body_timeout: floa
 
     async def health(request: Request):
         return JSONResponse({"status": "ok", "queued": engine.jobs.qsize(), **engine.stats,
-                             "cached_prompts": len(engine.caches)})
+                             "batch": engine.batch.status, "cached_prompts": len(engine.caches)})
 
     async def api_error(request, exc: APIError):
         response = _error(exc)
@@ -493,6 +549,8 @@ def main(argv=None) -> None:
     p.add_argument("--queue-size", type=int, default=16, help="requests waiting before 429")
     p.add_argument("--max-context", type=int, help="context limit in tokens (default: the model's)")
     p.add_argument("--cache-entries", type=int, default=8, help="prompt caches kept for reuse")
+    p.add_argument("--max-batch", type=int, default=8,
+                   help="requests decoded together in one batch (default 8; 1: one at a time)")
     p.add_argument("--default-max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
                    help=f"reply limit when a request gives no max_tokens (default {DEFAULT_MAX_TOKENS})")
     p.add_argument("--body-timeout", type=float, default=BODY_TIMEOUT,
@@ -506,8 +564,10 @@ def main(argv=None) -> None:
         model, tokenizer = load(a.model)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}")
+    if a.max_batch < 1:
+        raise SystemExit("error: --max-batch must be at least 1")
     engine = Engine(model, tokenizer, a.model, a.queue_size, a.cache_entries, a.max_context,
-                    a.default_max_tokens)
+                    a.default_max_tokens, a.max_batch)
     app = create_app(engine, a.api_key, a.body_timeout)
     make_server(engine, app, a.host, a.port, a.header_timeout).run()
 
