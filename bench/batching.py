@@ -1,0 +1,235 @@
+"""Continuous batching: aggregate decode tok/s, time to first token and inter-token latency at
+1, 2, 4, 8, 16 concurrent streams, through our server and vs mlx-lm's BatchGenerator.
+
+Three engines, each in a fresh process per round, rounds alternating (medians, ratios):
+* ``server``: ``python -m mlx_lfm2.server --max-batch 16``, N streaming clients at once
+  (/v1/completions over HTTP, SSE), plus the join test: a request's TTFT alone, then while
+  7 others decode.
+* ``mlx_lfm2``: our ``BatchGenerator`` in-process (no HTTP), N prompts inserted together.
+* ``mlx_lm``: mlx-lm's ``BatchGenerator``, the same prompts (token ids) and limits.
+
+Every engine gets greedy decoding with EOS suppressed, so each stream makes exactly
+``--tokens`` tokens. Decode tok/s = tokens after each stream's first / (last token of any
+stream - first token of any stream); TTFT from request (or insert) to first token.
+
+    python bench/batching.py --preset 24b-a2b-narrow --layers 8 --bits 4 --runs 3
+"""
+
+import argparse
+import json
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+from common import ROOT, alternating_medians, checkpoint, converted, ratios, run_json
+
+_words: list = []
+
+
+def prompt_text(i: int, words: int, nonce: str) -> str:
+    """Distinct per (nonce, i), so no prompt extends another one the server has cached."""
+    rng = random.Random(f"{nonce}-{i}")
+    return "".join(rng.choice(_words) for _ in range(words))
+
+
+def load_words(tok, rows: int) -> None:
+    """Whole-word pieces whose ids fit the random model's smaller embedding (``rows``), so the
+    text round-trips to ids it accepts."""
+    for t in range(300, rows):
+        w = tok.decode([t])
+        if w.startswith(" ") and w[1:].isalpha() and tok.encode(w, add_special_tokens=False) == [t]:
+            _words.append(w)
+
+
+def summarize(first: list, last: list, starts: list, counts: list, gaps: list) -> dict:
+    span = max(last) - min(first)
+    return {"decode_tps": sum(c - 1 for c in counts) / span if span > 0 else 0.0,
+            "ttft_s": statistics.median(f - s for f, s in zip(first, starts)),
+            "itl_ms": 1000 * statistics.median(gaps) if gaps else 0.0}
+
+
+# --- in-process engines (run as: batching.py --worker ENGINE FOLDER ...) ----------------------
+
+def worker(engine: str, folder: str, levels: list, tokens: int, words: int, nonce: str) -> dict:
+    sys.path.insert(0, str(ROOT))
+    if engine == "mlx_lfm2":
+        from mlx_lfm2 import load
+        from mlx_lfm2.engine.batch import BatchGenerator, sampling_for
+
+        model, tok = load(folder)
+        bias = sampling_for(0, logit_bias={t: -1e9 for t in tok.eos_token_ids})
+
+        def run(prompts):
+            gen = BatchGenerator(model, max_batch=len(prompts))
+            uids = [gen.insert(p, max_tokens=tokens, **bias) for p in prompts]
+            while len(gen):
+                for t in gen.step():
+                    yield t.uid, uids.index(t.uid)
+    else:
+        from mlx_lm import load
+        from mlx_lm.generate import BatchGenerator
+        from mlx_lm.sample_utils import make_logits_processors
+
+        model, tok = load(folder)
+        procs = make_logits_processors({t: -1e9 for t in tok.eos_token_ids})
+
+        def run(prompts):
+            gen = BatchGenerator(model, max_tokens=tokens, stop_tokens=[[t] for t in tok.eos_token_ids],
+                                 logits_processors=procs, completion_batch_size=len(prompts),
+                                 prefill_batch_size=len(prompts))
+            uids = gen.insert(prompts, [tokens] * len(prompts))
+            while responses := gen.next_generated():
+                for r in responses:
+                    yield r.uid, uids.index(r.uid)
+            gen.close()
+
+    load_words(tok, model.args.vocab_size)
+    out = {}
+    for n in [1] + levels:  # the first is a warm-up
+        prompts = [tok.encode(prompt_text(i, words, f"{nonce}{n}")) for i in range(n)]
+        first, last, counts, gaps = [None] * n, [None] * n, [0] * n, []
+        start = time.perf_counter()
+        for _, i in run(prompts):
+            now = time.perf_counter()
+            if first[i] is None:
+                first[i] = now
+            else:
+                gaps.append(now - last[i])
+            last[i], counts[i] = now, counts[i] + 1
+        for k, v in summarize(first, last, [start] * n, counts, gaps).items():
+            out[f"{k}@{n}"] = v
+    return out
+
+
+# --- the server -----------------------------------------------------------------------------
+
+def stream(base: str, prompt: str, tokens: int, eos: list, rec: dict, stop: threading.Event = None):
+    import httpx
+
+    body = {"prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True,
+            "logit_bias": {str(t): -100 for t in eos}}
+    rec.update(start=time.perf_counter(), times=[])
+    with httpx.stream("POST", base + "/v1/completions", json=body, timeout=600) as r:
+        for line in r.iter_lines():
+            if stop is not None and stop.is_set():
+                return
+            if line.startswith("data: ") and '"text":""' not in line.replace(" ", "") and line != "data: [DONE]":
+                rec["times"].append(time.perf_counter())
+
+
+def concurrent(base: str, prompts: list, tokens: int, eos: list) -> dict:
+    recs = [{} for _ in prompts]
+    threads = [threading.Thread(target=stream, args=(base, p, tokens, eos, r)) for p, r in zip(prompts, recs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    gaps = [b - a for r in recs for a, b in zip(r["times"], r["times"][1:])]
+    # EOS is suppressed, so every stream makes exactly `tokens` (a chunk may carry two, when the
+    # detokenizer holds part of a character back: chunk gaps are the inter-token latency).
+    return summarize([r["times"][0] for r in recs], [r["times"][-1] for r in recs], [r["start"] for r in recs],
+                     [tokens] * len(recs), gaps)
+
+
+def join_ttft(base: str, words: int, eos: list, nonce: str, others: int = 7) -> float:
+    """TTFT of a request sent while ``others`` streams decode (0: alone)."""
+    stop, recs = threading.Event(), [{} for _ in range(others)]
+    threads = [threading.Thread(target=stream, args=(base, prompt_text(100 + i, words, nonce), 100000, eos, r, stop),
+                                daemon=True) for i, r in enumerate(recs)]
+    for t in threads:
+        t.start()
+    while not all(len(r.get("times", ())) >= 2 for r in recs):
+        time.sleep(0.01)
+    rec = {}
+    stream(base, prompt_text(999, words, nonce), 2, eos, rec)
+    stop.set()
+    for t in threads:
+        t.join()
+    return rec["times"][0] - rec["start"]
+
+
+def server_round(folder, levels, tokens, words, nonce) -> dict:
+    import httpx
+
+    from mlx_lfm2.text.tokenizer import load_tokenizer
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_server import free_port
+
+    tok = load_tokenizer(folder)
+    eos = list(tok.eos_token_ids)
+    load_words(tok, json.loads((folder / "config.json").read_text())["vocab_size"])
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "mlx_lfm2.server", "--model", str(folder), "--port", str(port),
+                             "--max-batch", "16", "--queue-size", "64"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        while True:
+            try:
+                if httpx.get(base + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        out = {}
+        for n in [1] + levels:  # the first is a warm-up
+            m = concurrent(base, [prompt_text(i, words, f"{nonce}{n}") for i in range(n)], tokens, eos)
+            out.update({f"{k}@{n}": v for k, v in m.items()})
+        out["join_ttft_alone_s"] = join_ttft(base, words, eos, nonce + "a", others=0)
+        out["join_ttft_with_7_s"] = join_ttft(base, words, eos, nonce + "b", others=7)
+        return out
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="24b-a2b-narrow")
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--tokens", type=int, default=48, help="tokens per stream")
+    p.add_argument("--words", type=int, default=40, help="prompt length in words (~1.3 tokens each)")
+    p.add_argument("--levels", type=int, nargs="*", default=[1, 2, 4, 8, 16])
+    p.add_argument("--engines", nargs="*", default=["server", "mlx_lfm2", "mlx_lm"])
+    p.add_argument("--worker", nargs=2, metavar=("ENGINE", "FOLDER"), help=argparse.SUPPRESS)
+    p.add_argument("--nonce", default="r", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.worker:
+        print(json.dumps(worker(a.worker[0], a.worker[1], a.levels, a.tokens, a.words, a.nonce)))
+        return
+    folder = converted(checkpoint(a.preset, a.layers), a.bits)
+    common = ["--levels", *map(str, a.levels), "--tokens", str(a.tokens), "--words", str(a.words)]
+    rounds = iter(range(1000))
+
+    def runner(engine):
+        def run():
+            nonce = f"r{next(rounds)}"
+            if engine == "server":
+                return server_round(folder, a.levels, a.tokens, a.words, nonce)
+            return run_json(["bench/batching.py", "--worker", engine, str(folder), "--nonce", nonce, *common])
+        return run
+
+    med = alternating_medians({e: runner(e) for e in a.engines}, a.runs)
+    derived = {}
+    for e, m in med.items():
+        one = m.get("decode_tps@1")
+        derived[e] = {f"scaling@{n}": m[f"decode_tps@{n}"] / one for n in a.levels if one and f"decode_tps@{n}" in m}
+    if "server" in med:
+        s = med["server"]
+        derived["server"]["join_ttft_ratio"] = s["join_ttft_with_7_s"] / s["join_ttft_alone_s"]
+        if "mlx_lm" in med:
+            derived["server"]["over_mlx_lm@8"] = s["decode_tps@8"] / med["mlx_lm"]["decode_tps@8"]
+    print(json.dumps({"bench": "batching", "preset": a.preset, "layers": a.layers, "bits": a.bits, "runs": a.runs,
+                      "tokens": a.tokens, "machine": f"{platform.machine()} {platform.system()}", "median": med,
+                      "derived": derived,
+                      "ratio_over_mlx_lm": ratios(med, "mlx_lm") if "mlx_lm" in med else None}))
+
+
+if __name__ == "__main__":
+    main()
