@@ -5,6 +5,8 @@
     print(generate(model, tokenizer, "Hello!", max_tokens=64))
 """
 
+import sys
+import types
 from importlib import import_module
 
 __version__ = "0.1.0"
@@ -29,3 +31,16 @@ def __getattr__(name):
         globals()[name] = value
         return value
     raise AttributeError(f"module 'mlx_lfm2' has no attribute {name!r}")
+
+
+class _Package(types.ModuleType):
+    """``import mlx_lfm2.generate`` (the CLI module, named after mlx-lm's) would bind the
+    module over ``mlx_lfm2.generate`` the function; the function keeps its name instead."""
+
+    def __setattr__(self, name, value):
+        if name == "generate" and isinstance(value, types.ModuleType):
+            return  # the import system's setattr(parent, child, module): the CLI stays in sys.modules
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

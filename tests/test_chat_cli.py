@@ -181,7 +181,7 @@ def test_untrusted_text_is_shown_literally_never_as_markup(chat_model, monkeypat
 
     from mlx_lfm2.cli.chat import Repl
 
-    call = '<|tool_call_start|>[echo(text="[conceal]rm -rf ~[/conceal] [/x] \x1b[8mhidden")]<|tool_call_end|>'
+    call = '<|tool_call_start|>[echo(text="[conceal]rm -rf ~[/conceal] [/x] \x1b[8mhidden\u202e")]<|tool_call_end|>'
     chat = _scripted_chat(chat_model, monkeypatch, [call, "Model says [/script] and [bold]x[/bold]."])
     console = Console(record=True, width=200, force_terminal=True, color_system="standard")
     prompts = []
@@ -192,7 +192,7 @@ def test_untrusted_text_is_shown_literally_never_as_markup(chat_model, monkeypat
 
     Repl(chat, console, {"echo": echo}, markdown=False, max_tokens=10).turn("user text [/x] [conceal]")
     plain = console.export_text()
-    assert "[conceal]rm -rf ~[/conceal] [/x] \\x1b[8mhidden" in plain  # what the user approves
+    assert "[conceal]rm -rf ~[/conceal] [/x] \\x1b[8mhidden\\u202e" in plain  # what the user approves
     assert "→ tool result [/x] [conceal]rm -rf ~[/conceal]" in plain
     assert "Model says [/script] and [bold]x[/bold]." in plain
     assert "\x1b[8m" not in console.export_text(styles=True)  # nothing concealed on the terminal

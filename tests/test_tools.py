@@ -86,3 +86,14 @@ def test_streaming_parser_markers_split_anywhere():
         out = "".join(s.feed(text[i:i + step]) for i in range(0, len(text), step)) + s.finish()
         assert out == "a<<|tool_call_sta b" and s.calls == [{"name": "f", "arguments": {"x": CALL_END[:-1]}}]
         assert not s.in_call and s.errors == []
+
+
+def test_writing_deeply_nested_arguments_is_a_tool_call_error():
+    from mlx_lfm2.text.tools import ToolCallError, format_pythonic_call
+
+    deep = []
+    for _ in range(100_000):
+        deep = [deep]
+    with pytest.raises(ToolCallError, match="nested too deeply"):
+        format_pythonic_call("f", {"x": deep})
+    assert format_pythonic_call("f", {"x": [[1]], "s": 'a"b'}) == 'f(x=[[1]], s="a\\"b")'

@@ -104,3 +104,28 @@ def test_every_console_script_points_at_a_callable():
     for name, target in scripts.items():
         module, _, attr = target.partition(":")
         assert callable(getattr(import_module(module), attr)), f"{name} -> {target}"
+
+
+def test_batched_generation_checks_ids_too(chat_model):
+    from mlx_lfm2.engine.batch import BatchGenerator, batch_generate
+
+    model, tok, _ = chat_model
+    with pytest.raises(TokenIdError, match="70000"):
+        BatchGenerator(model).insert([5, 70000])
+    with pytest.raises(TokenIdError, match="99999999"):
+        batch_generate(model, tok, [[5, 6]], max_tokens=2, logit_bias={99999999: 1.0})
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(temperature=float("nan")), "temperature"), (dict(temperature=-1), "temperature"),
+    (dict(temperature=0.5, seed=-1), "seed"), (dict(temperature=0.5, seed=1 << 64), "seed"),
+    (dict(temperature=0.5, seed=1.5), "seed"), (dict(top_p=float("inf")), "top_p"), (dict(min_p=2), "min_p"),
+    (dict(top_k=-3), "top_k"), (dict(repetition_penalty=float("nan")), "repetition_penalty"),
+    (dict(frequency_penalty=float("inf")), "frequency_penalty"),
+])
+def test_sampling_arguments_are_checked_by_the_engine(kwargs, message, tok):
+    model = ScriptedModel([3], vocab=64400)
+    with pytest.raises(ValueError, match=message):
+        next(stream_generate(model, tok, [1, 2], **kwargs))
+    seeded = list(stream_generate(model, tok, [1, 2], max_tokens=2, temperature=0.5, seed=(1 << 64) - 1))
+    assert seeded[-1].finish_reason == "length"

@@ -50,6 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int)
     p.add_argument("--tools", type=Path, help="a Python file whose public functions the model may call")
     p.add_argument("--no-markdown", action="store_true", help="print replies as plain text")
+    p.add_argument("--json-schema", type=Path, metavar="FILE",
+                   help="a JSON schema file: every reply is JSON that validates against it")
     return p.parse_args(argv)
 
 
@@ -93,6 +95,22 @@ def load_tools(path: Path) -> dict:
             if inspect.isfunction(fn) and fn.__module__ == module.__name__ and not name.startswith("_")}
 
 
+def read_schema(path: Path, tokenizer) -> dict:
+    """A JSON schema file, checked (compiled once) before the first turn."""
+    import json
+
+    from ..text.constraints import ConstraintError, make_constraint
+
+    try:
+        schema = json.loads(path.read_text(encoding="utf-8"))
+        make_constraint(tokenizer, json_schema=schema)
+    except OSError as e:
+        raise SystemExit(f"error: cannot read the schema: {e}")
+    except (ValueError, ConstraintError) as e:
+        raise SystemExit(f"error: {path} is not a usable JSON schema: {e}")
+    return schema
+
+
 def read_message(console) -> str:
     """One user message; ``\\`` continues a line, triple quotes open a block."""
     lines = []
@@ -112,12 +130,16 @@ def read_message(console) -> str:
 
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# Also invisible or reordering format characters (zero-width, bidi overrides): shown in what
+# the user approves, though not in chat text, where joiners belong to emoji.
+_HIDDEN = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]")
 
 
-def visible(text: str) -> str:
-    """Control characters as ``\\xNN``: an escape sequence in model or tool text must not
-    move the cursor or conceal what follows on the user's terminal."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+def visible(text: str, strict: bool = False) -> str:
+    """Control characters as ``\\xNN`` (``\\uNNNN``): an escape sequence in model or tool text
+    must not move the cursor or conceal what follows on the user's terminal."""
+    return (_HIDDEN if strict else _CONTROL).sub(
+        lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 256 else f"\\u{ord(m.group()):04x}", text)
 
 
 def stats_line(r) -> str:
@@ -139,7 +161,7 @@ class Repl:
 
         from ..text.tools import ToolCallStream
 
-        calls, shown = ToolCallStream(), ""
+        calls, shown = ToolCallStream(bare_names=self.tools), ""  # names: LFM2.5's unmarked calls
         render = (lambda s: Markdown(visible(s))) if self.markdown else (lambda s: Text(visible(s)))
         with Live(render(""), console=self.console, refresh_per_second=12,
                   vertical_overflow="visible") as live:
@@ -165,13 +187,14 @@ class Repl:
             from ..text.tools import call_tool, parse_tool_calls
 
             reply = self.chat.messages[-1]["content"]
-            calls = parse_tool_calls(reply).calls if self.tools else []
+            calls = parse_tool_calls(reply, bare_names=self.tools).calls if self.tools else []
             if not calls:
                 return
             for call in calls:
                 args = ", ".join(f"{k}={v!r}" for k, v in call["arguments"].items())
-                self.console.print(Text.assemble(("tool call", "yellow"), " ", (visible(call["name"]), "bold"),
-                                                 f"({visible(args)})"))
+                self.console.print(Text.assemble(("tool call", "yellow"), " ",
+                                                 (visible(call["name"], strict=True), "bold"),
+                                                 f"({visible(args, strict=True)})"))
                 answer = self.console.input("[yellow]run it? \\[y/N] [/]").strip().lower()
                 if answer in ("y", "yes"):
                     result = call_tool(self.tools, call)
@@ -259,11 +282,14 @@ def main(argv=None) -> None:
     sampling = {k: v for k, v in dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                                       min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                                       seed=args.seed).items() if v is not None}
+    if args.json_schema:
+        sampling["json_schema"] = read_schema(args.json_schema, tokenizer)
     chat = Chat(model, tokenizer, system=args.system, tools=list(tools.values()) or None, **sampling)
     startup = time.perf_counter() - t0 - load_s
     console.print(f"[bold]mlx_lfm2[/] · {escape(args.model or Path(source).name)} · weights {load_s:.1f}s · "
                   f"start-up {startup:.2f}s · /help for commands"
-                  + (f" · tools: {escape(', '.join(tools))}" if tools else ""))
+                  + (f" · tools: {escape(', '.join(tools))}" if tools else "")
+                  + (f" · replies follow {escape(str(args.json_schema))}" if args.json_schema else ""))
     Repl(chat, console, tools, markdown=not args.no_markdown, max_tokens=args.max_tokens).run()
 
 

@@ -28,6 +28,7 @@ from typing import Callable, Optional, Sequence, Union
 import mlx.core as mx
 
 from ..model import batch_cache
+from ..text.constraints import make_constraint
 from .generation import (GenerationResponse, Prompt, PromptTooLongError, _held_back, context_length,
                          default_prefill_step, encode_prompt)
 from .sample import make_logits_processors, make_sampler
@@ -197,18 +198,24 @@ def sampling_for(prompt_tokens: int, temperature: Optional[float] = None, top_p:
     return {"sampler": sampler, "logits_processors": processors}
 
 
-def request_for(model, tokenizer, ids: Sequence[int], held: int = 0, max_tokens: int = 256, **sampling) -> dict:
-    """``BatchGenerator.insert`` keywords for ``ids`` after ``held`` cached tokens, checked as
-    ``stream_generate`` checks them (ids in range, the context, the limit clamped to it)."""
+def request_for(model, tokenizer, ids: Sequence[int], held: int = 0, max_tokens: int = 256, *, json_schema=None,
+                regex: Optional[str] = None, grammar: Optional[str] = None, **sampling) -> dict:
+    """``BatchGenerator.insert`` keywords for ``ids`` after ``held`` cached tokens, checked and
+    built as ``stream_generate`` does (ids in range, the context, the limit clamped to it, the
+    sampling arguments, a constraint from ``json_schema`` / ``regex`` / ``grammar``)."""
     rows = vocab_rows(model)
     ids = check_token_ids(ids, rows, "prompt token id")
     if held + len(ids) + 1 > context_length(model):
         raise PromptTooLongError(
             f"prompt of {len(ids)} tokens (+{held} cached) does not fit the model's context of "
             f"{context_length(model)} tokens: shorten it or start a new conversation")
+    kwargs = sampling_for(len(ids), vocab_size=rows, **sampling)
+    constraint = make_constraint(tokenizer, json_schema=json_schema, regex=regex, grammar=grammar,
+                                 prompt_tokens=len(ids))
+    if constraint is not None:
+        kwargs["logits_processors"].append(constraint)  # last: it masks what the others produced
     return {"prompt": ids, "max_tokens": max(0, min(max_tokens, context_length(model) - held - len(ids))),
-            "stop_tokens": check_token_ids(tokenizer.eos_token_ids, rows, "stop token id"),
-            **sampling_for(len(ids), vocab_size=rows, **sampling)}
+            "stop_tokens": check_token_ids(tokenizer.eos_token_ids, rows, "stop token id"), **kwargs}
 
 
 @dataclass
@@ -236,12 +243,12 @@ class TextStream:
     def ttft(self) -> Optional[float]:
         return None if self.first is None else self.first - self.start
 
-    def _response(self, segment, token, logprobs, reason) -> GenerationResponse:
+    def _response(self, segment, token, logprobs, reason, stop_sequence=None) -> GenerationResponse:
         prompt_tps = self.prompt_tokens / max(self.ttft, 1e-9) if self.first else 0.0
         if reason:
             self.finish_reason = reason
         return GenerationResponse(segment, token, logprobs, reason, self.prompt_tokens, self.n, prompt_tps,
-                                  self.generation_tps, mx.get_peak_memory() / 1e9)
+                                  self.generation_tps, mx.get_peak_memory() / 1e9, stop_sequence)
 
     @property
     def generation_tps(self) -> float:
@@ -256,10 +263,11 @@ class TextStream:
             self.text += self.detok.finalize()
             return [self._response(self.text[self.shown :], token, None, "stop")]
         self.text += self.detok.add_token(token)
-        hits = [i for i in (self.text.find(s, self.shown) for s in self.stops) if i >= 0]
+        hits = [(i, s) for i, s in ((self.text.find(s, self.shown), s) for s in self.stops) if i >= 0]
         if hits:
-            self.text = self.text[: min(hits)]
-            return [self._response(self.text[self.shown :], None, None, "stop")]
+            cut, stop = min(hits)
+            self.text = self.text[:cut]
+            return [self._response(self.text[self.shown :], None, None, "stop", stop)]
         visible = len(self.text) - _held_back(self.text, self.stops)
         out = [self._response(self.text[self.shown : visible], token, logprobs, None)]
         self.shown = max(self.shown, visible)

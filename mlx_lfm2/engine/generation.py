@@ -20,6 +20,9 @@ from typing import Iterator, Optional, Sequence, Union
 
 import mlx.core as mx
 
+from ..model import device
+
+from ..text.constraints import make_constraint
 from .sample import make_logits_processors, make_sampler
 from .validate import TokenIdError, check_token_ids, vocab_rows  # noqa: F401 (TokenIdError: for importers)
 
@@ -48,13 +51,8 @@ def context_length(model) -> int:
 
 
 def default_prefill_step() -> int:
-    """Prompt tokens per prefill chunk.
-
-    On the CPU, 128-token chunks prefill as fast as 512-token ones (measured at the real
-    24B-A2B layer shapes: 5.94 tok/s both) with a third less transient memory, which matters
-    because quantized models compute in float32 there. GPUs want large chunks (mlx-lm's 2048).
-    """
-    return 128 if mx.default_device().type == mx.cpu else 2048
+    """Prompt tokens per prefill chunk: 128 on the CPU, 2048 on GPUs (see ``device.prefill_step``)."""
+    return device.prefill_step()
 
 
 def prefill(model, tokens: mx.array, cache: list, step_size: Optional[int] = None) -> None:
@@ -117,6 +115,7 @@ class GenerationResponse:
     prompt_tps: float
     generation_tps: float
     peak_memory: float  # GB
+    stop_sequence: Optional[str] = None  # on the last response: the stop string that ended it, if one did
 
 
 def encode_prompt(tokenizer, prompt: Prompt, tools=None) -> list[int]:
@@ -146,11 +145,14 @@ def stream_generate(model, tokenizer, prompt: Prompt, max_tokens: int = 256, *,
                     frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
                     seed: Optional[int] = None, stop: Union[str, Sequence[str], None] = None,
                     cache: Optional[list] = None, stop_event: Optional[threading.Event] = None,
-                    prefill_step_size: Optional[int] = None, tools=None) -> Iterator[GenerationResponse]:
+                    prefill_step_size: Optional[int] = None, tools=None, json_schema=None,
+                    regex: Optional[str] = None, grammar: Optional[str] = None) -> Iterator[GenerationResponse]:
     """Stream a completion of ``prompt``; the last response carries ``finish_reason``.
 
     Sampling arguments left as None use greedy decoding (``temperature=0``) and no penalty;
-    front ends pass the model card defaults (``default_sampling``).
+    front ends pass the model card defaults (``default_sampling``). ``json_schema`` (a dict),
+    ``regex`` or ``grammar`` (llguidance Lark) constrain the reply, which ends ("stop") when
+    the value closes; an invalid one raises ``ConstraintError`` (see ``text.constraints``).
     """
     rows = vocab_rows(model)
     ids = check_token_ids(encode_prompt(tokenizer, prompt, tools), rows, "prompt token id")
@@ -168,20 +170,24 @@ def stream_generate(model, tokenizer, prompt: Prompt, max_tokens: int = 256, *,
     processors = make_logits_processors(repetition_penalty, repetition_context_size, logit_bias,
                                         frequency_penalty, presence_penalty, prompt_tokens=len(ids),
                                         vocab_size=rows)
+    constraint = make_constraint(tokenizer, json_schema=json_schema, regex=regex, grammar=grammar,
+                                 prompt_tokens=len(ids))
+    if constraint is not None:
+        processors.append(constraint)  # last: it masks what the others produced
     detok = tokenizer.detokenizer()
     eos = tokenizer.eos_token_ids
 
     mx.reset_peak_memory()
     tic = time.perf_counter()
     prompt_tps = gen_tps = 0.0
-    text, shown, n, stop_token = "", 0, 0, None
+    text, shown, n, stop_token, stop_string = "", 0, 0, None, None
     stepper = generate_step(mx.array(ids, dtype=mx.uint32), model, cache, max_tokens=max_tokens,
                             sampler=sampler, logits_processors=processors,
                             prefill_step_size=prefill_step_size, stop_event=stop_event)
 
-    def response(segment, token, logprobs, reason):
+    def response(segment, token, logprobs, reason, stop_string=None):
         return GenerationResponse(segment, token, logprobs, reason, len(ids), n, prompt_tps, gen_tps,
-                                  mx.get_peak_memory() / 1e9)
+                                  mx.get_peak_memory() / 1e9, stop_string)
 
     for token, logprobs in stepper:
         if n == 0:
@@ -195,9 +201,10 @@ def stream_generate(model, tokenizer, prompt: Prompt, max_tokens: int = 256, *,
             break
         text += detok.add_token(token)
         # A stop string can only begin in the unshown tail: any earlier start was held back.
-        hits = [i for i in (text.find(s, shown) for s in stops) if i >= 0]
+        hits = [(i, s) for i, s in ((text.find(s, shown), s) for s in stops) if i >= 0]
         if hits:
-            text, finish = text[: min(hits)], "stop"
+            cut, stop_string = min(hits)
+            text, finish = text[:cut], "stop"
             break
         visible = len(text) - _held_back(text, stops)
         yield response(text[shown:visible], token, logprobs, None)
@@ -206,7 +213,7 @@ def stream_generate(model, tokenizer, prompt: Prompt, max_tokens: int = 256, *,
         finish = "cancelled" if stop_event is not None and stop_event.is_set() else "length"
         text += detok.finalize()
     stepper.close()
-    yield response(text[shown:], stop_token, None, finish)
+    yield response(text[shown:], stop_token, None, finish, stop_string)
 
 
 def generate(model, tokenizer, prompt: Prompt, max_tokens: int = 256, verbose: bool = False, **kwargs) -> str:

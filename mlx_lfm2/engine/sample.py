@@ -11,7 +11,7 @@ from typing import Callable, Optional
 
 import mlx.core as mx
 
-from .validate import TokenIdError, check_logit_bias
+from .validate import TokenIdError, check_logit_bias, check_number, check_seed
 
 Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
@@ -47,8 +47,12 @@ def _min_p(logprobs: mx.array, min_p: float) -> mx.array:
 def make_sampler(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
                  seed: Optional[int] = None) -> Sampler:
     """Greedy at temperature 0; otherwise filter (top_k, top_p, min_p) then sample."""
-    if temperature < 0:
-        raise ValueError("temperature must be >= 0")
+    check_number("temperature", temperature, 0)
+    check_number("top_p", top_p, 0, 1)
+    check_number("min_p", min_p, 0, 1)
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k must be an integer >= 0, got {top_k!r:.40}")
+    seed = check_seed(seed) if seed is not None else None
     if temperature == 0:
         return lambda logprobs: mx.argmax(logprobs, axis=-1)
     state = {"key": mx.random.key(seed) if seed is not None else None}
@@ -65,7 +69,7 @@ def make_sampler(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, m
 
 def repetition_penalty_processor(penalty: float, window: int = 64) -> LogitsProcessor:
     """Divide positive / multiply negative logits of tokens seen in the last ``window``."""
-    if penalty <= 0:
+    if check_number("repetition_penalty", penalty) <= 0:
         raise ValueError("repetition_penalty must be > 0")
 
     def process(history: mx.array, logits: mx.array) -> mx.array:
@@ -118,6 +122,8 @@ def make_logits_processors(repetition_penalty: Optional[float] = None, repetitio
                            vocab_size: Optional[int] = None) -> list[LogitsProcessor]:
     """``prompt_tokens``: how much of the history is prompt, which the OpenAI penalties skip.
     ``vocab_size``: the model's rows, to refuse out-of-range ``logit_bias`` ids up front."""
+    check_number("frequency_penalty", frequency_penalty)
+    check_number("presence_penalty", presence_penalty)
     out = []
     if logit_bias:
         out.append(logit_bias_processor(logit_bias, vocab_size))

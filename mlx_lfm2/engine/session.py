@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from ..model.cache import copy_cache, load_cache, save_cache
+from ..text.tokenizer import RenderedPrompt, plain_spans
 from .generation import GenerationResponse, default_sampling, stream_generate
 
 FORMAT = "mlx_lfm2.chat/2"  # /2 records the model's identity
@@ -60,8 +61,13 @@ class PromptCache:
         return PromptCache(self.model, copy_cache(self.cache), self.text, self.tokens)
 
     def new_tokens(self, tokenizer, prompt_text: str) -> list[int]:
-        """Ids of the part of ``prompt_text`` not yet in the cache (resets it if not a prefix)."""
-        if not prompt_text.startswith(self.text) or self.offset != len(self.tokens):
+        """Ids of the part of ``prompt_text`` not yet in the cache (resets it if not a prefix).
+
+        A prefix must agree on the untrusted-content spans too: the same characters typed by
+        a user and written by the template are different tokens.
+        """
+        if (not prompt_text.startswith(self.text) or self.offset != len(self.tokens)
+                or plain_spans(prompt_text[: len(self.text)]) != plain_spans(self.text)):
             self.cache, self.text, self.tokens = self.model.make_cache(), "", []
         return tokenizer.encode(prompt_text[len(self.text):], add_special_tokens=False)
 
@@ -127,7 +133,8 @@ class Chat:
         if not path.parent.is_dir():
             raise FileNotFoundError(f"folder {path.parent} does not exist: create it first")
         pc = self.prompt_cache
-        meta = {"messages": json.dumps(self.messages, ensure_ascii=False), "text": pc.text,
+        meta = {"messages": json.dumps(self.messages, ensure_ascii=False), "text": str(pc.text),
+                "plain": json.dumps(plain_spans(pc.text)),
                 "tokens": json.dumps(pc.tokens), "model": json.dumps(model_identity(self.model)),
                 "system": self.system or "", "format": FORMAT}
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.safetensors")
@@ -152,7 +159,8 @@ class Chat:
         try:
             saved = json.loads(meta["model"])
             messages, tokens = json.loads(meta["messages"]), json.loads(meta["tokens"])
-        except (KeyError, ValueError) as e:
+            text = RenderedPrompt(meta["text"], [(int(a), int(b)) for a, b in json.loads(meta.get("plain", "[]"))])
+        except (KeyError, ValueError, TypeError) as e:
             raise ValueError(f"{path} is a damaged saved chat: {e}") from e
         ours = model_identity(self.model)
         if saved != ours:
@@ -162,4 +170,4 @@ class Chat:
             raise ValueError(f"{path} was saved from a model with a different layer layout")
         self.messages = messages
         self.system = meta.get("system") or None
-        self.prompt_cache = PromptCache(self.model, cache, meta["text"], tokens)
+        self.prompt_cache = PromptCache(self.model, cache, text, tokens)

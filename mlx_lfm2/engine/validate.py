@@ -23,6 +23,9 @@ def vocab_rows(model) -> int:
 
 def check_token_ids(ids: Iterable, vocab_size: int, what: str = "token id") -> list[int]:
     """``ids`` as a list of ints, or ``TokenIdError`` naming the first bad one and the valid range."""
+    ids = list(ids)
+    if all(type(i) is int for i in ids) and (not ids or (min(ids) >= 0 and max(ids) < vocab_size)):
+        return ids  # the common case, checked in bulk
     out = []
     for i in ids:
         # bool is an int subclass and numpy ints are not: accept integers only, by value.
@@ -48,3 +51,18 @@ def check_logit_bias(bias: dict, vocab_size: Optional[int]) -> dict[int, float]:
             raise ValueError(f"logit_bias[{k}] = {v} is not finite")
         values.append(v)
     return dict(zip(ids, values))
+
+
+def check_number(name: str, value, low: float = -math.inf, high: float = math.inf) -> float:
+    """A finite real number in ``[low, high]`` (NaN and infinities are refused)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r:.40}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+    return value
+
+
+def check_seed(seed) -> int:
+    if isinstance(seed, bool) or not hasattr(seed, "__index__") or not 0 <= seed.__index__() < 1 << 64:
+        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r:.40}")
+    return seed.__index__()

@@ -20,8 +20,9 @@ import mlx.nn as nn
 from .batch_cache import BatchKVCache
 from .cache import ConvCache, KVCache
 from .config import ModelArgs
-from .experts import SwitchGLU, swiglu
+from . import device
 from .device import Embedding, Linear
+from .experts import SwitchGLU, swiglu
 
 
 class Attention(nn.Module):
@@ -46,17 +47,29 @@ class Attention(nn.Module):
 
     def __call__(self, x: mx.array, cache: Optional[KVCache]) -> mx.array:
         B, L, _ = x.shape
-        q = self.q_layernorm(self.q_proj(x).reshape(B, L, self.H, -1)).transpose(0, 2, 1, 3)
-        k = self.k_layernorm(self.k_proj(x).reshape(B, L, self.H_kv, -1)).transpose(0, 2, 1, 3)
-        v = self.v_proj(x).reshape(B, L, self.H_kv, -1).transpose(0, 2, 1, 3)
         offset = cache.offset if cache is not None else 0  # a BatchKVCache's: per row, [B]
-        q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)  # [B, H(_kv), L, Dh]
         # "causal" aligns the L queries with the last L of the T keys; a batch also hides padding.
         mask = cache.make_mask(L) if isinstance(cache, BatchKVCache) else "causal" if L > 1 else None
+        qkv = device.decode_compiled(self, "qkv", self.qkv, x)
+        if qkv is not self.qkv and not isinstance(offset, mx.array):
+            offset = mx.array(offset)  # an input, so the compiled step is not retraced per token
+        q, k, v = qkv(x, offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)  # [B, H_kv, T, Dh]
-        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
-        return self.out_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)  # [B, H, L, Dh]
+        return self.out_proj((o if L == 1 else o.transpose(0, 2, 1, 3)).reshape(B, L, -1))
+
+    def qkv(self, x: mx.array, offset):
+        """Projections, q/k norms and RoPE: ``[B, H(_kv), L, Dh]`` each."""
+        B, L, _ = x.shape
+
+        def heads(t, n):  # [B, L, n * Dh] -> [B, n, L, Dh]; for one token a reshape is enough
+            return t.reshape(B, n, 1, -1) if L == 1 else t.reshape(B, L, n, -1).transpose(0, 2, 1, 3)
+
+        q = self.q_layernorm(heads(self.q_proj(x), self.H))
+        k = self.k_layernorm(heads(self.k_proj(x), self.H_kv))
+        v = heads(self.v_proj(x), self.H_kv)
+        return self.rope(q, offset=offset), self.rope(k, offset=offset), v
 
 
 class DepthwiseConv(nn.Module):
@@ -72,20 +85,25 @@ class DepthwiseConv(nn.Module):
         """x ``[B, L, D]``, state ``[B, K-1, D]`` (None: zeros) -> (y ``[B, L, D]``, new state)."""
         B, L, D = x.shape
         K = self.weight.shape[1]
-        w = self.weight[:, :, 0].T  # [K, D]
-        if L == 1 and state is not None:  # decode: no padding, no concat of the whole input
-            window = mx.concatenate([state, x], axis=1)  # [B, K, D]
-            y = (window * w).sum(axis=1, keepdims=True)
+        if state is None:
+            state = mx.zeros((B, K - 1, D), dtype=x.dtype)
+        if L == 1:  # decode: the K taps as one elementwise expression, no [B, K, D] window
+            taps = [*mx.split(state, K - 1, axis=1), x]  # K x [B, 1, D], oldest first
+            w = mx.split(self.weight.T, K, axis=1)  # K x [1, 1, D]
+            y = taps[0] * w[0]
+            for t, wk in zip(taps[1:], w[1:]):
+                y = y + t * wk
+            new_state = mx.concatenate(taps[1:], axis=1)
         else:
-            if state is None:
-                state = mx.zeros((B, K - 1, D), dtype=x.dtype)
+            w = self.weight[:, :, 0].T  # [K, D]
             window = mx.concatenate([state, x], axis=1)  # [B, L+K-1, D]
             y = window[:, 0:L] * w[0]
             for k in range(1, K):  # K = 3 taps, not a loop over tokens
                 y = y + window[:, k : k + L] * w[k]
+            new_state = window[:, -(K - 1) :]
         if "bias" in self:
             y = y + self.bias
-        return y, window[:, -(K - 1) :]
+        return y, new_state
 
 
 class ShortConv(nn.Module):
@@ -99,13 +117,18 @@ class ShortConv(nn.Module):
         self.out_proj = Linear(D, D, bias=args.conv_bias)
 
     def __call__(self, x: mx.array, cache: Optional[ConvCache]) -> mx.array:
-        b, c, h = mx.split(self.in_proj(x), 3, axis=-1)  # 3 x [B, L, D]
         state = cache.conv_state if cache is not None else None
-        y, new_state = self.conv(b * h, state)
+        y, new_state = self.mix(x, state) if state is None else device.decode_compiled(self, "mix", self.mix, x)(x, state)
         if cache is not None:
             cache.conv_state = new_state
             cache.offset += x.shape[1]
-        return self.out_proj(c * y)
+        return y
+
+    def mix(self, x: mx.array, state: Optional[mx.array]):
+        """``(out_proj(C * conv(B * x)), new conv state)``; the cache stays with the caller."""
+        b, c, h = mx.split(self.in_proj(x), 3, axis=-1)  # 3 x [B, L, D]
+        y, new_state = self.conv(b * h, state)
+        return self.out_proj(c * y), new_state
 
 
 class DenseFFN(nn.Module):
@@ -117,8 +140,10 @@ class DenseFFN(nn.Module):
         self.w3 = Linear(dims, hidden, bias=False)
         self.w2 = Linear(hidden, dims, bias=False)
 
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.w2(swiglu(self.w1(x), self.w3(x)))
+    def __call__(self, x: mx.array, residual: Optional[mx.array] = None) -> mx.array:
+        """``residual + FFN(x)`` (``residual`` None: zero)."""
+        y = self.w2(swiglu(self.w1(x), self.w3(x)))
+        return y if residual is None else residual + y
 
 
 class SparseMoE(nn.Module):
@@ -135,17 +160,22 @@ class SparseMoE(nn.Module):
             self.expert_bias = mx.zeros((E,), dtype=mx.float32)
         self.experts = SwitchGLU(args.hidden_size, args.moe_intermediate_size, E)
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, residual: Optional[mx.array] = None) -> mx.array:
+        """``residual + MoE(x)`` (``residual`` None: zero)."""
         K = self.top_k
         probs = mx.sigmoid(self.gate(x).astype(mx.float32))  # [B, L, E]
         choice = probs + self.expert_bias if "expert_bias" in self else probs
-        inds = mx.stop_gradient(mx.argpartition(-choice, kth=K - 1, axis=-1)[..., :K])  # [B, L, K]
+        inds = mx.argpartition(choice, kth=-K, axis=-1)[..., -K:]  # [B, L, K]
         w = mx.take_along_axis(probs, inds, axis=-1)
         if self.norm_topk_prob:
             w = w / (w.sum(axis=-1, keepdims=True) + 1e-6)
         w = (w * self.routed_scaling_factor).astype(x.dtype)
         y = self.experts(x, inds)  # [B, L, K, D]
-        return (y * w[..., None]).sum(axis=-2)
+        if x.shape[-2] == 1:  # one token: weighted sum and residual as one op
+            r = mx.zeros_like(x) if residual is None else residual
+            return mx.addmm(r[..., None, :], w[..., None, :], y).squeeze(-2)  # [B, 1, 1, D] -> [B, 1, D]
+        y = (y * w[..., None]).sum(axis=-2)
+        return y if residual is None else residual + y
 
 
 class Block(nn.Module):
@@ -165,8 +195,13 @@ class Block(nn.Module):
 
     def __call__(self, x: mx.array, cache=None) -> mx.array:
         op = self.self_attn if self.is_attention else self.conv
-        h = x + op(self.operator_norm(x), cache)
-        return h + self.feed_forward(self.ffn_norm(h))
+        r = op(self.operator_norm(x), cache)
+        ffn = device.decode_compiled(self, "ffn", self.residual_ffn, x, [self.ffn_norm, self.feed_forward])
+        return ffn(x, r)
+
+    def residual_ffn(self, x: mx.array, r: mx.array) -> mx.array:
+        h = x + r
+        return self.feed_forward(self.ffn_norm(h), h)
 
 
 class Backbone(nn.Module):
@@ -218,6 +253,15 @@ class Model(nn.Module):
     @compute_dtype.setter
     def compute_dtype(self, dtype: Optional[mx.Dtype]) -> None:
         self.model.compute_dtype = dtype
+
+    def fuse_gate_up(self, evaluate: bool = True) -> None:
+        """Give each MoE layer one gate+up expert matmul (``SwitchGLU.fuse_gate_up``), layer
+        by layer so only one layer's old and new arrays coexist when ``evaluate``."""
+        for layer in self.layers:
+            if isinstance(layer.feed_forward, SparseMoE):
+                layer.feed_forward.experts.fuse_gate_up()
+                if evaluate:
+                    mx.eval(layer.feed_forward.experts.parameters())
 
     def make_cache(self) -> list:
         """A fresh cache: a KVCache per attention layer, a ConvCache per conv layer."""

@@ -4,6 +4,8 @@ Every expert's weight lives in one ``[E, out, in]`` array (quantized: packed ``u
 plus scales/biases), so routing is an index, not a Python loop. For long inputs the
 (token, expert) pairs are sorted by expert first, so each expert's weights are read once
 as a contiguous run (``sorted_indices=True``); a single decode token skips the sort.
+Device-specific variants (CPU decode copying the chosen experts first, a fused gate+up
+matmul on GPUs) are chosen in ``device``.
 
 Dimensions: N tokens (flattened), K experts per token, E experts, D in, F out.
 """
@@ -11,11 +13,13 @@ Dimensions: N tokens (flattened), K experts per token, E experts, D in, F out.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
-from .device import split
+from . import device
 
 SORT_THRESHOLD = 64  # (token, expert) pairs above which sorting pays for itself
 
@@ -23,6 +27,19 @@ SORT_THRESHOLD = 64  # (token, expert) pairs above which sorting pays for itself
 @mx.compile
 def swiglu(gate: mx.array, up: mx.array) -> mx.array:
     return nn.silu(gate) * up
+
+
+@lru_cache(maxsize=32)
+def _lhs_indices(x_batch: tuple, idx_shape: tuple) -> mx.array:
+    """Which row of x each (token, expert) pair reads. Given as a constant, because without
+    it gather_(q)mm builds this arange (plus a reshape and a broadcast) on every call."""
+    rows = np.arange(math.prod(x_batch), dtype=np.uint32).reshape(x_batch)
+    return mx.array(np.broadcast_to(rows, np.broadcast_shapes(x_batch, idx_shape)))
+
+
+def lhs_indices(x: mx.array, indices: mx.array):
+    """``_lhs_indices`` for unsorted calls with few pairs (decode); None (MLX's default) else."""
+    return _lhs_indices(x.shape[:-2], indices.shape) if indices.size <= SORT_THRESHOLD else None
 
 
 class SwitchLinear(nn.Module):
@@ -33,12 +50,12 @@ class SwitchLinear(nn.Module):
 
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
         w = self["weight"].swapaxes(-1, -2)
-        if x.dtype != mx.float32 and mx.default_device().type == mx.cpu:
-            # MLX's CPU gather_mm is float32-only past a few rows; GPUs take any float.
+        if device.float32_gather_mm(x.dtype):
             y = mx.gather_mm(x.astype(mx.float32), w.astype(mx.float32), rhs_indices=indices,
                              sorted_indices=sorted_indices)
             return y.astype(x.dtype)
-        return mx.gather_mm(x, w, rhs_indices=indices, sorted_indices=sorted_indices)
+        lhs = None if sorted_indices else lhs_indices(x, indices)
+        return mx.gather_mm(x, w, lhs, indices, sorted_indices=sorted_indices)
 
     def to_quantized(self, group_size: int = 64, bits: int = 4, mode: str = "affine", **_):
         return QuantizedSwitchLinear(self.weight, group_size, bits, mode)
@@ -61,9 +78,7 @@ class QuantizedSwitchLinear(nn.Module):
         K = indices.shape[-1]
         E, F, _ = self["weight"].shape
         x_per_pair = x.shape[-3] == K
-        # Few pairs (decode): take the chosen experts first, so the kernel's per-call work on
-        # scales and biases (a float32 copy, with float32 inputs) covers K experts, not all E.
-        take_first = not sorted_indices and indices.size <= E // 4
+        take_first = not sorted_indices and device.take_experts_first(indices.size, E)
         w, s, b = self["weight"], self["scales"], self.get("biases")
         if not take_first and x.dtype == mx.float32 and s.dtype != mx.float32:
             # The kernel would copy all E experts' scales to float32 once per stream; do it
@@ -71,27 +86,52 @@ class QuantizedSwitchLinear(nn.Module):
             s, b = s.astype(x.dtype), None if b is None else b.astype(x.dtype)
 
         def part(lo, hi):
-            idx, pw, ps, pb = indices[..., lo:hi], w, s, b
+            whole = (lo, hi) == (0, K)
+            idx, pw, ps, pb = indices if whole else indices[..., lo:hi], w, s, b
             if take_first:
                 flat = idx.flatten()
                 pw, ps, pb = w[flat], s[flat], None if b is None else b[flat]
                 idx = mx.arange(flat.size).reshape(idx.shape)
+            px = x[..., lo:hi, :, :] if x_per_pair and not whole else x
+            lhs = None if sorted_indices or take_first else lhs_indices(px, idx)
             return mx.gather_qmm(
-                x[..., lo:hi, :, :] if x_per_pair else x, pw, ps, pb, rhs_indices=idx, transpose=True,
-                group_size=self.group_size, bits=self.bits, mode=self.mode, sorted_indices=sorted_indices,
+                px, pw, ps, pb, lhs_indices=lhs, rhs_indices=idx, transpose=True, group_size=self.group_size,
+                bits=self.bits, mode=self.mode, sorted_indices=sorted_indices,
             )
 
-        return split(part, K, K * F * self["scales"].shape[-1] * self.group_size, axis=-3)
+        return device.split(part, K, K * F * self["scales"].shape[-1] * self.group_size, axis=-3)
+
+
+def concat_outputs(a: nn.Module, b: nn.Module) -> nn.Module:
+    """One (Quantized)SwitchLinear computing ``a``'s outputs then ``b``'s: every array
+    (weight ``[E, F, D]``, scales and biases ``[E, F, G]``) concatenated along F."""
+    fused = type(a).__new__(type(a))
+    nn.Module.__init__(fused)
+    fused.__dict__.update({k: v for k, v in a.__dict__.items() if not k.startswith("_")})
+    for k, v in a.items():
+        fused[k] = mx.concatenate([v, b[k]], axis=1)
+    if isinstance(a, QuantizedSwitchLinear):
+        fused.freeze()
+    return fused
 
 
 class SwitchGLU(nn.Module):
-    """``E`` SwiGLU experts: ``w2[e](silu(w1[e] x) * w3[e] x)`` for the chosen ``e``."""
+    """``E`` SwiGLU experts: ``w2[e](silu(w1[e] x) * w3[e] x)`` for the chosen ``e``.
+
+    ``fuse_gate_up()`` replaces ``w1`` and ``w3`` by one ``w13`` (outputs ``[gate | up]``),
+    a runtime layout for GPUs (see ``device.fuse_gate_up``); checkpoints keep w1/w3.
+    """
 
     def __init__(self, dims: int, hidden: int, num_experts: int):
         super().__init__()
         self.w1 = SwitchLinear(dims, hidden, num_experts)
         self.w3 = SwitchLinear(dims, hidden, num_experts)
         self.w2 = SwitchLinear(hidden, dims, num_experts)
+
+    def fuse_gate_up(self) -> None:
+        if "w13" not in self:
+            self.w13 = concat_outputs(self.w1, self.w3)
+            del self["w1"], self["w3"]
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         """x ``[..., D]``, indices ``[..., K]`` -> ``[..., K, D]``."""
@@ -105,7 +145,11 @@ class SwitchGLU(nn.Module):
             inv_order = mx.argsort(order)
             x = x.flatten(0, -3)[order // K]  # [N*K, 1, D], grouped by expert
             idx = flat[order]
-        h = swiglu(self.w1(x, idx, do_sort), self.w3(x, idx, do_sort))
+        if "w13" in self:
+            gate, up = mx.split(self.w13(x, idx, do_sort), 2, axis=-1)
+            h = swiglu(gate, up)
+        else:
+            h = swiglu(self.w1(x, idx, do_sort), self.w3(x, idx, do_sort))
         y = self.w2(h, idx, do_sort)  # [..., 1, D]
         if do_sort:
             y = y[inv_order].reshape(*lead, K, 1, -1)

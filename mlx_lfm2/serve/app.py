@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import json
 import queue
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -38,13 +39,16 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.routing import Route
 
 from ..engine.batch import BatchGenerator, TextStream, request_for
 from ..engine.generation import default_sampling
+from . import anthropic
 from .openai_api import (APIError, ChatRequest, CompletionRequest, chat_chunk, loads, logprob_entry, new_id,
                          openai_tool_calls, to_template_messages, usage)
 from ..engine.session import PromptCache
+from ..text.constraints import ConstraintError, make_constraint
 from ..text.tools import ToolCallStream, parse_tool_calls
 
 MAX_BODY = 4 * 1024 * 1024
@@ -271,7 +275,8 @@ def _validate(model_cls, body: dict, vocab: int):
     try:
         return model_cls.model_validate(body, context={"vocab": vocab})
     except ValidationError as e:
-        err = e.errors()[0]
+        # Of a union's alternatives, report the one that got furthest into the value.
+        err = max(e.errors(), key=lambda err: len(err["loc"]))
         where = ".".join(str(p) for p in err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
         raise APIError(422, f"{where}: {msg}" if where else msg, param=where or None, code="invalid_value")
@@ -316,13 +321,27 @@ def create_app(engine: Engine, api_key: Optional[str] = None, body_timeout: floa
             raise APIError(401, "missing or wrong API key (Authorization: Bearer ...)",
                            type_="authentication_error", code="invalid_api_key")
 
-    def prepare(req, prompt_text: str, top_logprobs) -> Job:
+    async def constrained(req) -> dict:
+        """The request's constraint (``response_format``, forced tool call), compiled once here,
+        off the event loop (the first builds llguidance's view of the vocabulary, ~1 s), so a
+        bad schema is a 400 naming the problem before any streaming starts."""
+        param = "tools" if isinstance(req, ChatRequest) and req.forced_tool_call() else "response_format"
+        try:
+            constraint = req.constraint()
+            if constraint:
+                await run_in_threadpool(lambda: make_constraint(tok, **constraint))
+        except ConstraintError as e:
+            raise APIError(400, f"{param}: {e}", param=param, code="invalid_schema")
+        return constraint
+
+    def prepare(req, prompt_text: str, top_logprobs, constraint: Optional[dict] = None) -> Job:
         n_prompt = len(tok.encode(prompt_text, add_special_tokens=False))
         if n_prompt + 1 > engine.max_context:
             raise APIError(400, f"this prompt has {n_prompt} tokens, over the model's context of "
                            f"{engine.max_context}", param="messages", code="context_length_exceeded")
         kwargs = req.sampling_kwargs(engine.defaults)
         kwargs["max_tokens"] = min(req.limit or engine.default_max_tokens, engine.max_context - n_prompt)
+        kwargs.update(constraint or {})
         job = Job(prompt_text, kwargs, top_logprobs, asyncio.get_running_loop())
         engine.submit(job)
         return job
@@ -352,7 +371,7 @@ def create_app(engine: Engine, api_key: Optional[str] = None, body_timeout: floa
             raise APIError(400, f"the chat template rejected these messages: {e}", param="messages")
         top = (req.top_logprobs or 0) if req.logprobs else None
         forced = req.forced_tool_call()  # the reply's opening, written for the model
-        job = prepare(req, prompt + forced, top)
+        job = prepare(req, prompt + forced, top, await constrained(req))
         cid, model_id = new_id("chatcmpl"), engine.model_id
         if req.stream:
             return EventSourceResponse(_sse(_stream_chat(job, cid, model_id, req, forced)), ping=15)
@@ -365,7 +384,7 @@ def create_app(engine: Engine, api_key: Optional[str] = None, body_timeout: floa
                     entries.append(entry)
         if last is None:
             raise _no_reply(engine)
-        content, calls = parse_tool_calls(text) if tools else (text, [])
+        content, calls = parse_tool_calls(text, bare_names=req.tool_names) if tools else (text, [])
         message = {"role": "assistant", "content": content if (content or not calls) else None}
         finish = last.finish_reason
         if calls:
@@ -380,7 +399,7 @@ def create_app(engine: Engine, api_key: Optional[str] = None, body_timeout: floa
                              "usage": usage(job.prompt_tokens, last.generation_tokens, job.cached_tokens)})
 
     async def _stream_chat(job, cid, model_id, req, forced):
-        tools = ToolCallStream() if req.tools and req.tool_choice != "none" else None
+        tools = ToolCallStream(bare_names=req.tool_names) if req.tools and req.tool_choice != "none" else None
         if tools:
             tools.feed(forced)  # held back like any call until it closes
         yield json.dumps(chat_chunk(cid, model_id, {"role": "assistant", "content": ""}))
@@ -398,8 +417,8 @@ def create_app(engine: Engine, api_key: Optional[str] = None, body_timeout: floa
                 if new:
                     yield json.dumps(chat_chunk(cid, model_id, {"tool_calls": openai_tool_calls(new, n_calls)}))
                     n_calls += len(new)
-        if last is None:
-            return
+        if last is None:  # dropped at shutdown (or its client left): say so in the stream
+            raise _no_reply(engine)
         finish = "tool_calls" if n_calls else _finish(last.finish_reason)
         yield json.dumps(chat_chunk(cid, model_id, {}, finish=finish))
         if (req.stream_options or {}).get("include_usage"):
@@ -413,7 +432,7 @@ def create_app(engine: Engine, api_key: Optional[str] = None, body_timeout: floa
         check_auth(request)
         req = _validate(CompletionRequest, await _body(request, body_timeout), engine.vocab)
         prompt = req.prompt if isinstance(req.prompt, str) else tok.decode(req.prompt)
-        job = prepare(req, prompt, (req.logprobs or 0) if req.logprobs else None)
+        job = prepare(req, prompt, (req.logprobs or 0) if req.logprobs else None, await constrained(req))
         cid, model_id = new_id("cmpl"), engine.model_id
 
         def body(text, finish, lps=None):
@@ -427,9 +446,10 @@ def create_app(engine: Engine, api_key: Optional[str] = None, body_timeout: floa
                     last = r
                     if r.text:
                         yield json.dumps(body(r.text, None))
-                if last is not None:
-                    yield json.dumps(body("", _finish(last.finish_reason)))
-                    yield "[DONE]"
+                if last is None:
+                    raise _no_reply(engine)
+                yield json.dumps(body("", _finish(last.finish_reason)))
+                yield "[DONE]"
             return EventSourceResponse(_sse(events()), ping=15)
         text, last, tokens, token_lps = (prompt if req.echo else ""), None, [], []
         async with _watch(request, job):
@@ -463,7 +483,8 @@ def create_app(engine: Engine, api_key: Optional[str] = None, body_timeout: floa
 
     async def http_error(request, exc: HTTPException):
         kind = {404: "not_found_error", 405: "invalid_request_error"}.get(exc.status_code, "invalid_request_error")
-        return _error(APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", kind))
+        error = APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", kind)
+        return anthropic.error_response(error) if request.url.path.startswith("/v1/messages") else _error(error)
 
     async def crash(request, exc: Exception):  # the catch-all: logged by uvicorn, answered here
         return _error(APIError(500, f"internal error: {type(exc).__name__}", type_="server_error"))
@@ -474,6 +495,7 @@ def create_app(engine: Engine, api_key: Optional[str] = None, body_timeout: floa
             Route("/v1/completions", completions, methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
+            *anthropic.routes(engine, api_key, body_timeout, prepare, results),
         ],
         exception_handlers={APIError: api_error, HTTPException: http_error, Exception: crash},
     )
@@ -558,6 +580,9 @@ def main(argv=None) -> None:
     p.add_argument("--header-timeout", type=float, default=HEADER_TIMEOUT,
                    help=f"seconds to receive a request head (default {HEADER_TIMEOUT:g})")
     a = p.parse_args(argv)
+    if a.host not in ("127.0.0.1", "localhost", "::1") and not a.api_key:
+        print(f"warning: serving on {a.host} without --api-key: anyone who can reach this port can use the model",
+              file=sys.stderr)
     from ..weights.loader import load
 
     try:

@@ -18,7 +18,8 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from ..text.tools import CALL_START, format_pythonic_call
+from ..text.constraints import forced_tool_opening, tool_call_grammar
+from ..text.tools import format_pythonic_call
 
 
 class APIError(Exception):
@@ -42,31 +43,35 @@ def _reject_constant(name: str):
 
 
 def loads(text, what: str = "the body") -> Any:
-    """JSON from a client: strict (no NaN/Infinity), at most ``MAX_DEPTH`` deep, else a 400."""
+    """JSON from a client: strict (no NaN/Infinity), at most ``MAX_DEPTH`` deep, strings of
+    real characters (``"\\ud800"`` is valid JSON but no text the tokenizer can take), else a 400."""
     try:
         value = json.loads(text, parse_constant=_reject_constant)
     except RecursionError:
-        value = None
-        depth = MAX_DEPTH + 1
+        raise APIError(400, f"{what} nests deeper than {MAX_DEPTH} levels", code="invalid_json")
     except ValueError as e:
         raise APIError(400, f"{what} is not valid JSON: {e}", code="invalid_json")
-    else:
-        depth = _depth(value)
-    if depth > MAX_DEPTH:
-        raise APIError(400, f"{what} nests deeper than {MAX_DEPTH} levels", code="invalid_json")
+    _check_tree(value, what)
     return value
 
 
-def _depth(value) -> int:
-    """Nesting depth of parsed JSON, without recursion."""
-    deepest, todo = 0, [(value, 1)]
+def _check_tree(value, what: str) -> None:
+    """Depth and strings of parsed JSON, without recursion."""
+    todo = [(value, 1)]
     while todo:
-        v, d = todo.pop()
-        if isinstance(v, (dict, list)):
-            deepest = max(deepest, d)
-            if d <= MAX_DEPTH:
-                todo.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
-    return deepest
+        v, depth = todo.pop()
+        if isinstance(v, str):
+            if not v.isascii():
+                try:
+                    v.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise APIError(400, f"{what} holds a string with a lone surrogate escape ({v[:40]!r})",
+                                   code="invalid_json")
+        elif isinstance(v, (dict, list)):
+            if depth > MAX_DEPTH:
+                raise APIError(400, f"{what} nests deeper than {MAX_DEPTH} levels", code="invalid_json")
+            items = [*v.keys(), *v.values()] if isinstance(v, dict) else v
+            todo.extend((x, depth + 1) for x in items)
 
 
 def _vocab(info: ValidationInfo) -> Optional[int]:
@@ -132,6 +137,20 @@ class Sampling(_Lenient):
     stream_options: Optional[dict] = None
     logprobs: Optional[Union[bool, int]] = None
     logit_bias: Optional[dict[str, float]] = None
+    response_format: Optional[dict] = None
+
+    @field_validator("response_format")
+    @classmethod
+    def _format(cls, rf):
+        if rf is None:
+            return rf
+        kind = rf.get("type")
+        if kind not in ("text", "json_object", "json_schema"):
+            raise ValueError("response_format.type must be text, json_object or json_schema")
+        spec = rf.get("json_schema")
+        if kind == "json_schema" and not (isinstance(spec, dict) and isinstance(spec.get("schema"), dict)):
+            raise ValueError("response_format json_schema needs json_schema.schema (an object)")
+        return rf
 
     @field_validator("logprobs")
     @classmethod
@@ -177,27 +196,27 @@ class Sampling(_Lenient):
         kw["stop"] = self.stop or None
         return kw
 
+    def constraint(self) -> dict:
+        """``stream_generate``'s constraint for ``response_format`` (none for text). Without
+        ``strict`` a schema is best effort, as at OpenAI: keywords llguidance does not
+        implement are skipped instead of refused."""
+        rf = self.response_format or {}
+        if rf.get("type") == "json_object":
+            return {"json_schema": {"type": "object"}}
+        if rf.get("type") == "json_schema":
+            schema = rf["json_schema"]["schema"]
+            if not rf["json_schema"].get("strict"):
+                schema = {**schema, "x-guidance": {**(schema.get("x-guidance") or {}), "lenient": True}}
+            return {"json_schema": schema}
+        return {}
+
 
 class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     tools: Optional[list[dict]] = None
     tool_choice: Union[str, dict, None] = None
-    response_format: Optional[dict] = None
     top_logprobs: Optional[int] = Field(None, ge=0, le=20)
-
-    @field_validator("response_format")
-    @classmethod
-    def _format(cls, rf):
-        if rf is None:
-            return rf
-        kind = rf.get("type")
-        if kind not in ("text", "json_object", "json_schema"):
-            raise ValueError("response_format.type must be text, json_object or json_schema")
-        spec = rf.get("json_schema")
-        if kind == "json_schema" and not (isinstance(spec, dict) and isinstance(spec.get("schema"), dict)):
-            raise ValueError("response_format json_schema needs json_schema.schema (an object)")
-        return rf
 
     @field_validator("tools")
     @classmethod
@@ -226,14 +245,27 @@ class ChatRequest(Sampling):
             raise ValueError(f"tool_choice names {name!r}, which is not one of the tools")
         return self
 
+    @property
+    def tool_names(self) -> frozenset:
+        """The offered tools' names: a bare ``[f(...)]`` reply naming only these is a call."""
+        return frozenset(t["function"]["name"] for t in self.tools or [])
+
+    def _forced_name(self) -> Optional[str]:
+        return self.tool_choice["function"]["name"] if isinstance(self.tool_choice, dict) else None
+
     def forced_tool_call(self) -> str:
         """What the reply must start with for ``tool_choice``: appended to the prompt, so the
-        model can only go on to write a call ('required': any tool; named: that one)."""
-        if self.tool_choice == "required":
-            return CALL_START + "["
-        if isinstance(self.tool_choice, dict):
-            return f"{CALL_START}[{self.tool_choice['function']['name']}("
+        model goes on to write a call ('required': any tool; named: that one)."""
+        if self.tool_choice == "required" or isinstance(self.tool_choice, dict):
+            return forced_tool_opening(self._forced_name())
         return ""
+
+    def constraint(self) -> dict:
+        """A forced call is held to the tools' call syntax and parameter schemas by a grammar
+        over the rest of it, so it always parses; otherwise as ``response_format`` says."""
+        if self.forced_tool_call():
+            return {"grammar": tool_call_grammar(self.tools, self._forced_name(), opened=True)}
+        return super().constraint()
 
     @property
     def limit(self) -> Optional[int]:

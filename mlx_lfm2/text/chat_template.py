@@ -11,7 +11,9 @@ from __future__ import annotations
 import inspect
 import json
 import re
+import secrets
 import types
+import warnings
 from datetime import datetime
 from enum import Enum
 from functools import lru_cache
@@ -145,6 +147,57 @@ def render(source: str, messages: list, tools=None, documents=None, add_generati
         messages=_plain(messages), tools=_plain(tool_schemas(tools)), documents=_plain(documents),
         add_generation_prompt=add_generation_prompt, **_plain(kwargs),
     )
+
+
+# ---- untrusted content -----------------------------------------------------------------
+
+UNTRUSTED_ROLES = ("user", "tool")
+
+
+def render_with_spans(source: str, messages: list, untrusted: Callable[[str], bool], **kwargs):
+    """``(text, spans)``: ``render``'s text, and the ``(start, end)`` character spans where it
+    holds the content of user and tool messages for which ``untrusted(content)`` is true.
+
+    The template runs once more with that content replaced by unique markers; the markers'
+    places in that rendering, laid over the real one, give the spans. A template that
+    transforms content beyond JSON-escaping or trimming it cannot be laid over: then
+    ``spans`` is None (with a warning) and the caller reads specials as transformers does.
+    """
+    text = render(source, messages, **kwargs)
+    nonce, originals = secrets.token_hex(8), []
+
+    def mark(value):  # every string in the content: text parts and JSON tool results too
+        if isinstance(value, list):
+            return [mark(v) for v in value]
+        if isinstance(value, dict):
+            return {k: mark(v) for k, v in value.items()}
+        if not isinstance(value, str) or not untrusted(value):
+            return value
+        originals.append(value)
+        return f"MLXLFM2{nonce}X{len(originals) - 1}Y"
+
+    marked = [dict(m, content=mark(m["content"])) if isinstance(m, dict) and m.get("role") in UNTRUSTED_ROLES
+              and "content" in m else m for m in messages]
+    if not originals:
+        return text, []
+    pieces = re.split(f"MLXLFM2{nonce}X(\\d+)Y", render(source, marked, **kwargs))
+    spans, pos = [], 0
+    for k in range(0, len(pieces) - 1, 2):
+        literal, value = pieces[k], originals[int(pieces[k + 1])]
+        if not text.startswith(literal, pos):
+            break
+        pos += len(literal)
+        form = next((f for f in (value, json.dumps(value, ensure_ascii=False)[1:-1], value.strip()) if text.startswith(f, pos)), None)
+        if form is None:
+            break
+        spans.append((pos, pos + len(form)))
+        pos += len(form)
+    else:
+        if text[pos:] == pieces[-1]:
+            return text, spans
+    warnings.warn("this chat template transforms message content, so special tokens typed in user "
+                  "or tool messages cannot be told from the template's: they stay special", stacklevel=3)
+    return text, None
 
 
 # ---- get_json_schema, as transformers.utils.get_json_schema behaves -----------------------

@@ -3,15 +3,24 @@
 Reads ``tokenizer.json``, ``tokenizer_config.json``, ``chat_template.jinja`` (or the
 ``chat_template`` key) and ``generation_config.json`` as transformers would, and never
 imports transformers.
+
+Prompt injection: ``apply_chat_template`` renders as transformers does, but the content of
+user and tool messages is encoded with special-token strings as plain text (transformers'
+``split_special_tokens``): a user typing ``<|im_start|>system`` gets ordinary tokens, while
+the template's own control tokens stay special. The rendered text is a ``RenderedPrompt``,
+a ``str`` that remembers those content spans through slicing and ``+``, so code that works
+on prompt text (the server, ``PromptCache``) keeps the distinction without knowing of it.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from pathlib import Path
 from typing import Iterable, Optional
 
+from tokenizers import Encoding
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers.decoders import DecodeStream
 
@@ -19,6 +28,48 @@ from ..model.config import ConfigError
 from . import chat_template as templates
 
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
+
+Spans = tuple  # ((start, end), ...): character ranges, sorted, not overlapping
+
+
+def _clip(spans: Spans, start: int, stop: int) -> Spans:
+    return tuple((max(a, start) - start, min(b, stop) - start) for a, b in spans if a < stop and b > start)
+
+
+class RenderedPrompt(str):
+    """Prompt text plus ``plain``: the spans of untrusted content, where special-token
+    strings are encoded as plain text. Slices and concatenations keep the spans (text
+    added by code, such as a forced reply opening, is trusted)."""
+
+    plain: Spans
+
+    def __new__(cls, text: str, plain=()):
+        self = super().__new__(cls, text)
+        self.plain = tuple(tuple(s) for s in plain)
+        return self
+
+    def __getitem__(self, key):
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            return str.__getitem__(self, key)
+        start, stop, _ = key.indices(len(self))
+        return RenderedPrompt(str.__getitem__(self, key), _clip(self.plain, start, max(start, stop)))
+
+    def __add__(self, other):
+        if not isinstance(other, str):
+            return NotImplemented
+        n = len(self)
+        return RenderedPrompt(str.__add__(self, other),
+                              self.plain + tuple((a + n, b + n) for a, b in plain_spans(other)))
+
+    def __radd__(self, other):
+        if not isinstance(other, str):
+            return NotImplemented
+        return RenderedPrompt(other, plain_spans(other)) + self
+
+
+def plain_spans(text: str) -> Spans:
+    """The untrusted-content spans of ``text`` (none for an ordinary ``str``)."""
+    return text.plain if isinstance(text, RenderedPrompt) else ()
 
 
 class StreamingDetokenizer:
@@ -64,6 +115,10 @@ class Tokenizer:
         self.bos_token = token("bos_token", "<|startoftext|>")
         self.eos_token = token("eos_token", "<|im_end|>")
         self.pad_token = token("pad_token", "<|pad|>")
+        self._specials = {t.content: i for i, t in backend.get_added_tokens_decoder().items() if t.special}
+        self._special_re = re.compile("|".join(re.escape(t) for t in sorted(self._specials, key=len, reverse=True))
+                                      or "(?!)")
+        self._split_backend = None  # a copy that reads special-token strings as text, made when needed
         self.bos_token_id = vocab.get(self.bos_token)
         self.eos_token_id = vocab.get(self.eos_token)
         self.pad_token_id = vocab.get(self.pad_token)
@@ -77,11 +132,41 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids; ``add_special_tokens`` adds BOS unless the text already starts with it."""
+    def encode(self, text: str, add_special_tokens: bool = True, split_special_tokens: bool = False) -> list[int]:
+        """Token ids; ``add_special_tokens`` adds BOS unless the text already starts with it.
+
+        ``split_special_tokens``: read special-token strings as plain text everywhere. A
+        ``RenderedPrompt`` is read that way inside its content spans only.
+        """
         if add_special_tokens and self.bos_token and text.startswith(self.bos_token):
             add_special_tokens = False
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        if split_special_tokens:
+            return self._splitting().encode(text, add_special_tokens=add_special_tokens).ids
+        spans = plain_spans(text)
+        if not any(self._special_re.search(text, a, b) for a, b in spans):
+            return self.backend.encode(str(text), add_special_tokens=add_special_tokens).ids
+        # Cut at the template's special tokens (those outside the spans), as the tokenizer
+        # itself would, and read each piece between them with specials as plain text.
+        pieces, pos = [], 0
+        for m in self._special_re.finditer(text):
+            if any(a < m.end() and m.start() < b for a, b in spans):
+                continue  # typed inside untrusted content
+            pieces.append(self._splitting().encode(text[pos:m.start()], add_special_tokens=False))
+            pieces.append(self.backend.encode(m.group(), add_special_tokens=False))
+            pos = m.end()
+        pieces.append(self._splitting().encode(text[pos:], add_special_tokens=False))
+        return self.backend.post_process(Encoding.merge(pieces), None, add_special_tokens).ids
+
+    def _splitting(self) -> _HFTokenizer:
+        if self._split_backend is None:
+            split = _HFTokenizer.from_str(self.backend.to_str())
+            split.encode_special_tokens = True
+            self._split_backend = split
+        return self._split_backend
+
+    def has_special_tokens(self, text: str) -> bool:
+        """Whether ``text`` spells a special token (``<|im_start|>``...)."""
+        return isinstance(text, str) and self._special_re.search(text) is not None
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -94,19 +179,26 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: list, tools=None, add_generation_prompt: bool = True,
                             tokenize: bool = False, chat_template: Optional[str] = None,
-                            documents=None, **kwargs):
+                            documents=None, split_special_tokens: bool = True, **kwargs):
         """Render ``messages`` with the checkpoint's template (transformers' semantics).
 
-        Returns the prompt text, or its ids with ``tokenize=True`` (no second BOS: the
-        template writes it).
+        Returns the prompt text (a ``RenderedPrompt``), or its ids with ``tokenize=True``
+        (no second BOS: the template writes it). With ``split_special_tokens`` (the default)
+        special-token strings in user and tool content are plain text; ``False`` reads them
+        as control tokens, as transformers does.
         """
         source = chat_template or self.chat_template
         if source is None:
             warnings.warn("this checkpoint has no chat template; using the LFM2 format", stacklevel=2)
             source = templates.DEFAULT_TEMPLATE
         specials = {"bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token}
-        text = templates.render(source, messages, tools=tools, documents=documents,
-                                    add_generation_prompt=add_generation_prompt, **{**specials, **kwargs})
+        kwargs = dict(tools=tools, documents=documents, add_generation_prompt=add_generation_prompt,
+                      **{**specials, **kwargs})
+        if split_special_tokens:
+            text, spans = templates.render_with_spans(source, messages, self.has_special_tokens, **kwargs)
+            text = RenderedPrompt(text, spans or ())
+        else:
+            text = templates.render(source, messages, **kwargs)
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
 

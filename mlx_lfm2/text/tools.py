@@ -7,6 +7,10 @@ arguments that JSON can carry (strings, finite numbers, booleans, None, lists, t
 dicts with string keys) are accepted, so text such as ``[__import__('os').system('x')]``
 or ``f(x={1, 2})`` is rejected and nothing runs. Blocks nested deeper than ``MAX_DEPTH``
 are refused before parsing.
+
+LFM2.5 may also answer with an unmarked ``[f(x=1)]``. Given the offered tools' names
+(``bare_names``), a reply that is exactly such a list of those tools is read as calls, in
+``parse_tool_calls`` and ``ToolCallStream`` alike; any other bracketed text stays text.
 """
 
 from __future__ import annotations
@@ -173,12 +177,16 @@ def parse_call_block(text: str) -> list[dict]:
         raise ToolCallError(f"tool call too deeply nested to parse ({type(e).__name__})") from None
 
 
-def parse_tool_calls(text: str) -> ParsedOutput:
+def parse_tool_calls(text: str, bare_names=None) -> ParsedOutput:
     """Split model output into ``(content, calls)``; calls are ``{"name", "arguments"}`` dicts.
 
     Text around call blocks is kept in ``content``; a malformed block is kept there
-    verbatim and described in ``.errors``.
+    verbatim and described in ``.errors``. With ``bare_names`` (the offered tools' names), a
+    reply that is exactly an unmarked call list of those tools is read as calls too.
     """
+    bare = parse_bare_calls(text, bare_names) if bare_names else None
+    if bare:
+        return ParsedOutput("", bare)
     content, calls, errors, pos = [], [], [], 0
     while True:
         start = text.find(CALL_START, pos)
@@ -211,7 +219,11 @@ class ToolCallStream:
     small pieces costs time linear in its length.
     """
 
-    def __init__(self):
+    def __init__(self, bare_names=None):
+        # With ``bare_names`` a reply's opening is held while it may be an unmarked call list.
+        self.bare_names = frozenset(bare_names or ())
+        self._bare: Optional[list[str]] = [] if self.bare_names else None
+        self._bare_call = False  # the opening reads "[name(": only the reply's end decides
         self._pending = ""  # outside a call: a tail that may begin CALL_START
         self._parts: list[str] = []  # inside a call: the block so far, from CALL_START
         self._tail = ""  # inside a call: the last characters, which may begin CALL_END
@@ -229,6 +241,16 @@ class ToolCallStream:
         return "".join(self._parts) if self._parts else self._pending
 
     def feed(self, piece: str) -> str:
+        if self._bare is not None:
+            self._bare.append(piece)
+            if self._bare_call:
+                return ""
+            held = "".join(self._bare)
+            opening = _bare_opening(held, self.bare_names)
+            if opening != "text":
+                self._bare_call = opening == "call"
+                return ""
+            self._bare, piece = None, held
         out = []
         while piece:
             if not self._parts:
@@ -260,6 +282,13 @@ class ToolCallStream:
         return "".join(out)
 
     def finish(self) -> str:
+        if self._bare is not None:
+            held, self._bare = "".join(self._bare), None
+            bare = parse_bare_calls(held, self.bare_names)
+            if bare:
+                self.calls += bare
+                return ""
+            return self.feed(held) + self.finish()
         rest = self.buffer
         if self._parts:
             self.errors.append("unterminated tool call")
@@ -270,6 +299,48 @@ class ToolCallStream:
         new = self.calls[self._taken:]
         self._taken = len(self.calls)
         return new
+
+
+# LFM2.5 sometimes answers with a bare ``[f(x=1)]``, without the call markers. That text is
+# read as calls only where tools were offered (``bare_names``), only when the whole reply is
+# exactly a call list, and only when every name is an offered tool's; otherwise it stays text.
+_NAME = re.compile(r"[A-Za-z_][\w.]*")
+
+
+def parse_bare_calls(text: str, names) -> Optional[list[dict]]:
+    """The calls if ``text`` (stripped) is exactly ``[call, ...]`` of tools in ``names``, else None."""
+    stripped = text.strip()
+    if not (stripped.startswith("[") and stripped.endswith("]")) or CALL_START in stripped:
+        return None
+    try:
+        calls = parse_call_block(stripped)
+    except ValueError:
+        return None
+    return calls if calls and all(c["name"] in names for c in calls) else None
+
+
+def _bare_opening(text: str, names) -> str:
+    """How a reply's beginning reads: "text" (cannot be a bare call list), "maybe" (too short
+    to tell) or "call" (``[`` and an offered tool's name, then ``(`` or ``{``: the end decides)."""
+    s = text.lstrip()
+    if not s:
+        return "maybe"
+    if s[0] != "[":
+        return "text"
+    rest = s[1:].lstrip()
+    if not rest:
+        return "maybe"
+    if rest[0] == "{":  # the JSON form
+        return "call"
+    m = _NAME.match(rest)
+    if m is None:
+        return "text"
+    if m.end() == len(rest):
+        return "maybe" if any(n.startswith(m.group()) for n in names) else "text"
+    after = rest[m.end():].lstrip()
+    if m.group() not in names or after[:1] not in ("(", ""):
+        return "text"
+    return "call" if after else "maybe"
 
 
 def _partial_suffix(text: str, marker: str) -> int:
@@ -297,7 +368,10 @@ def _py_literal(value) -> str:
 
 def format_pythonic_call(name: str, arguments: dict) -> str:
     """``name(k=v, ...)`` as LFM2 writes calls; ``parse_call_block`` reads it back."""
-    return f"{name}(" + ", ".join(f"{k}={_py_literal(v)}" for k, v in arguments.items()) + ")"
+    try:
+        return f"{name}(" + ", ".join(f"{k}={_py_literal(v)}" for k, v in arguments.items()) + ")"
+    except RecursionError:
+        raise ToolCallError(f"{name}: arguments nested too deeply to write") from None
 
 
 def format_tool_result(result) -> str:

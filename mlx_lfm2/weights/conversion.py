@@ -17,7 +17,9 @@ import fnmatch
 import json
 import os
 import re
+import shlex
 import shutil
+import sys
 from pathlib import Path
 from typing import Callable, Optional, Union
 
@@ -28,6 +30,7 @@ from mlx.utils import tree_flatten
 from ..model.config import ModelArgs
 from .loader import TOKENIZER_FILES, load_config, resolve
 from ..model.blocks import Block, Model
+from .publish import compatible_config, convert_command, upload_to_hub, write_model_card
 from .layouts import cast, check_weights, load_safetensors, safetensors_files, sanitize, to_mlx_lm_name
 
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
@@ -216,8 +219,12 @@ def _convert_group(module: nn.Module, prefix: str, weights: dict, args: ModelArg
 def convert(hf_path: Union[str, Path], mlx_path: Union[str, Path], quantize: bool = False, q_bits: int = 4,
             q_group_size: int = 64, dtype: str = "bfloat16", quant_recipe: str = "uniform",
             force: bool = False, revision: Optional[str] = None, max_shard_gb: float = 1.0,
-            progress: bool = True) -> Path:
-    """Convert a hub checkpoint (repo id or folder) into an MLX folder; returns its path."""
+            progress: bool = True, command: Optional[str] = None) -> Path:
+    """Convert a hub checkpoint (repo id or folder) into an MLX folder; returns its path.
+
+    The folder's README.md names ``command`` as how it was made (default: the equivalent
+    ``convert.py`` command line).
+    """
     mlx_path = Path(mlx_path).expanduser().resolve()
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}")
@@ -288,6 +295,8 @@ def convert(hf_path: Union[str, Path], mlx_path: Union[str, Path], quantize: boo
         writer.finish()
         (tmp / PROGRESS).unlink(missing_ok=True)
         _write_config(tmp, config, dtype, quantize, q_bits, q_group_size, overrides)
+        _write_card(tmp, src, hf_path, mlx_path, quantize, q_bits, q_group_size, dtype, quant_recipe, revision,
+                    command)
         for name in TOKENIZER_FILES:
             if (src / name).exists():
                 shutil.copyfile(src / name, tmp / name)
@@ -337,13 +346,20 @@ def _write_json(path: Path, value) -> None:
 
 def _write_config(folder: Path, config: dict, dtype: str, quantize: bool, bits: int, group: int,
                   overrides: dict) -> None:
-    config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
+    config = {k: v for k, v in compatible_config(config).items() if k not in ("quantization", "quantization_config")}
     config["torch_dtype"] = dtype
     if quantize:
         q = {"group_size": group, "bits": bits, "mode": "affine", **dict(sorted(overrides.items()))}
         config["quantization"] = q
         config["quantization_config"] = q
     (folder / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def _write_card(folder: Path, src: Path, hf_path, mlx_path, quantize, bits, group, dtype, recipe, revision,
+                command) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    command = command or convert_command(hf_path, mlx_path, quantize, bits, group, dtype, recipe, revision)
+    write_model_card(folder, Path(mlx_path).name, src, hf_path, config, config.get("quantization"), recipe, dtype, command)
 
 
 def _replace(tmp: Path, target: Path) -> None:
@@ -393,13 +409,22 @@ def main(argv=None) -> None:
     p.add_argument("--max-shard-gb", type=float, default=1.0,
                    help="output shard size; conversion holds at most one shard in memory")
     p.add_argument("--force", action="store_true", help="replace an existing --mlx-path")
+    p.add_argument("--upload-repo", help="then upload the folder to this hub repo (created if needed)")
+    p.add_argument("--private", action="store_true", help="with --upload-repo: create the repo private")
     a = p.parse_args(argv)
+    command = shlex.join(["python", "convert.py", *(sys.argv[1:] if argv is None else argv)])
     try:
         out = convert(a.hf_path, a.mlx_path, a.quantize, a.q_bits, a.q_group_size, a.dtype, a.quant_recipe,
-                      a.force, a.revision, a.max_shard_gb)
+                      a.force, a.revision, a.max_shard_gb, command=command)
     except (FileNotFoundError, FileExistsError, ValueError, ConversionError) as e:
         raise SystemExit(f"error: {e}")
     print(f"wrote {out}")
+    if a.upload_repo:
+        try:
+            print(f"uploaded to {upload_to_hub(out, a.upload_repo, a.private)}")
+        except Exception as e:  # auth, network, a repo of someone else's
+            raise SystemExit(f"error: upload to {a.upload_repo} failed ({type(e).__name__}: {e}); the folder "
+                             f"is complete at {out}: retry with `hf upload {a.upload_repo} {out}`")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from typing import Optional, Union
 
 import mlx.core as mx
 
+from ..model import device
 from ..model.config import ConfigError, ModelArgs
 from ..model.blocks import Model
 from .layouts import load_into, safetensors_files
@@ -55,7 +56,7 @@ def load_config(folder: Path) -> dict:
 
 def default_compute_dtype(args: ModelArgs) -> Optional[mx.Dtype]:
     """float32 activations for quantized models on the CPU backend; the weights' dtype elsewhere."""
-    return mx.float32 if args.quantization and mx.default_device().type == mx.cpu else None
+    return device.compute_dtype(bool(args.quantization))
 
 
 def load_model(folder: Union[str, Path], dtype: Optional[mx.Dtype] = None, lazy: bool = False,
@@ -65,6 +66,8 @@ def load_model(folder: Union[str, Path], dtype: Optional[mx.Dtype] = None, lazy:
     model = Model(args)
     load_into(model, safetensors_files(folder), args, dtype=dtype)
     model.compute_dtype = default_compute_dtype(args) if compute_dtype == "auto" else compute_dtype
+    if device.fuse_gate_up():
+        model.fuse_gate_up(evaluate=not lazy)
     if not lazy:
         mx.eval(model.parameters())
     model.eval()

@@ -1,0 +1,126 @@
+"""Structured output: per-token overhead of a JSON-schema constraint, and schema compile time.
+
+Decode runs alternate in one process between: no constraint, the 30-field schema, a
+long-string schema, and the 30-field schema with the mask computed before the forward is
+started ("serial": what the overlap saves). Medians, and each constrained variant's
+per-token time over the unconstrained one.
+
+    python bench/structured.py --preset 24b-a2b --layers 4 --bits 4 --tokens 48 --runs 5
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+from common import alternating_medians, checkpoint, converted
+
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = Path(os.environ.get("LFM2_REFERENCE", ROOT.parent / "shared" / "lfm2-reference" / "LFM2-350M"))
+TRICKY = json.loads((ROOT / "tests" / "fixtures" / "tricky_schemas.json").read_text(encoding="utf-8"))
+PROMPT = [{"role": "user", "content": "Extract the order details from the email below as JSON."}]
+
+
+def wide_schema(fields: int = 30) -> dict:
+    """An extraction-style object of ``fields`` required fields of mixed kinds."""
+    kinds = [{"type": "string", "maxLength": 40}, {"type": "integer", "minimum": 0},
+             {"type": "number"}, {"type": "boolean"}, {"enum": ["low", "medium", "high"]},
+             {"type": "array", "items": {"type": "string"}, "maxItems": 5},
+             {"anyOf": [{"type": "string"}, {"type": "null"}]}]
+    props = {f"field_{i}": kinds[i % len(kinds)] for i in range(fields)}
+    return {"type": "object", "properties": props, "required": list(props), "additionalProperties": False}
+
+
+def compile_ms(tok, schema, runs: int = 20) -> dict:
+    """Schema -> matcher -> first mask, median of ``runs`` (llguidance's tokenizer view is
+    built once per tokenizer and timed apart)."""
+    from mlx_lfm2.text import constraints
+
+    t = time.perf_counter()
+    constraints.grammar_tokenizer(tok)
+    setup = time.perf_counter() - t
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        c = constraints.make_constraint(tok, json_schema=schema)
+        c.allowed(65536)
+        times.append(time.perf_counter() - t)
+    return {"compile_ms": statistics.median(times) * 1e3, "tokenizer_setup_s": setup}
+
+
+class _NoOverlap:
+    """mlx.core, but ``async_eval`` does nothing: the constraint computes its mask before the
+    forward starts, as a processor that did not start it would."""
+
+    def __init__(self, mx):
+        self._mx = mx
+
+    def __getattr__(self, name):
+        return (lambda *a: None) if name == "async_eval" else getattr(self._mx, name)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="24b-a2b")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--tokens", type=int, default=48)
+    p.add_argument("--runs", type=int, default=5)
+    a = p.parse_args()
+    import mlx.core as mx
+
+    from mlx_lfm2 import stream_generate
+    from mlx_lfm2.text import constraints
+    from mlx_lfm2.text.tokenizer import load_tokenizer
+    from mlx_lfm2.weights.loader import load_model
+
+    tok = load_tokenizer(REFERENCE)
+    compiled = {"wide30": compile_ms(tok, wide_schema(30)),
+                **{k: compile_ms(tok, s) for k, s in TRICKY.items()}}
+    model = load_model(converted(checkpoint(a.preset, a.layers), a.bits))
+    no_eos = {t: -1e9 for t in tok.eos_token_ids}  # the unconstrained run goes the full length
+    long_string = {"type": "object", "required": ["text"], "properties": {"text": {"type": "string", "minLength": 10_000}}}
+    mask_s = []  # seconds in the matcher (advance + mask) per token
+
+    def timed(method):
+        def call(self, *args):
+            t = time.perf_counter()
+            out = method(self, *args)
+            mask_s.append(time.perf_counter() - t)
+            return out
+        return call
+
+    constraints.Constraint.advance = timed(constraints.Constraint.advance)
+    constraints.Constraint.allowed = timed(constraints.Constraint.allowed)
+
+    def runner(serial=False, **constraint):
+        def run():
+            mask_s.clear()
+            constraints.mx = _NoOverlap(mx) if serial else mx
+            *_, last = stream_generate(model, tok, PROMPT, max_tokens=a.tokens, temperature=0.0,
+                                       logit_bias=None if constraint else no_eos, **constraint)
+            constraints.mx = mx
+            return {"ms_per_token": 1e3 / last.generation_tps, "tokens": last.generation_tokens,
+                    "matcher_ms_per_token": sum(mask_s) * 1e3 / last.generation_tokens}
+        return run
+
+    runners = {"plain": runner(), "wide30": runner(json_schema=wide_schema(30)),
+               "long_string": runner(json_schema=long_string),
+               "wide30_serial": runner(serial=True, json_schema=wide_schema(30))}
+    for r in runners.values():  # warm-up
+        r()
+    med = alternating_medians(runners, a.runs)
+    base = med["plain"]["ms_per_token"]
+    print(json.dumps({
+        "bench": "structured", "preset": a.preset, "layers": a.layers, "bits": a.bits, "tokens": a.tokens,
+        "runs": a.runs, "machine": f"{platform.machine()} {platform.system()} {os.cpu_count()} cores",
+        "load_avg": os.getloadavg()[0], "compile": compiled, "median": med,
+        "overhead_vs_plain": {k: m["ms_per_token"] / base - 1 for k, m in med.items() if k != "plain"},
+    }))
+
+
+if __name__ == "__main__":
+    main()

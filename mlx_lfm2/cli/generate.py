@@ -1,0 +1,101 @@
+"""``python -m mlx_lfm2.generate``: one completion from the command line, in mlx-lm's shape.
+
+Same flags and output as ``mlx_lm.generate`` (the completion between ``==========`` lines,
+then ``Prompt: N tokens, X tokens-per-sec``, ``Generation: ...``, ``Peak memory: X GB``),
+so scripts written for it work here. Defaults are mlx-lm's too (greedy, 100 tokens), so the
+same command gives directly comparable output; the model-card sampling is in ``chat.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+SEPARATOR = "=" * 10
+
+
+def str2bool(text: str) -> bool:
+    return text.lower() not in ("false", "f")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Generate text with an LFM2 model (mlx_lm.generate's flags).")
+    p.add_argument("--model", required=True, help="model folder or hub repo id")
+    p.add_argument("--prompt", "-p", default="hello", help="message for the model ('-' reads stdin)")
+    p.add_argument("--system", "--system-prompt", dest="system", help="system prompt for the chat template")
+    p.add_argument("--max-tokens", "-m", type=int, default=100, help="maximum number of tokens to generate")
+    p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float)
+    p.add_argument("--seed", type=int, help="PRNG seed")
+    p.add_argument("--ignore-chat-template", action="store_true",
+                   help="use the raw prompt without the tokenizer's chat template")
+    p.add_argument("--extra-eos-token", nargs="+", default=(), help="more tokens that end generation")
+    p.add_argument("--prefill-step-size", type=int, help="prompt tokens per prefill chunk")
+    p.add_argument("--verbose", type=str2bool, default=True,
+                   help="'False'/'F': print only the completion, no separators or stats")
+    return p.parse_args(argv)
+
+
+def build_prompt(tokenizer, prompt: str, system, ignore_chat_template: bool) -> list[int]:
+    """Token ids as mlx-lm builds them: the chat template unless asked not to (or absent)."""
+    if ignore_chat_template or not tokenizer.chat_template:
+        return tokenizer.encode(prompt, add_special_tokens=True)
+    messages = ([{"role": "system", "content": system}] if system is not None else [])
+    messages.append({"role": "user", "content": prompt})
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    return tokenizer.encode(text, add_special_tokens=False)  # the template writes BOS itself
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.max_tokens < 1:
+        raise SystemExit("error: --max-tokens must be at least 1")
+    prompt = args.prompt.replace("\\n", "\n").replace("\\t", "\t")
+    prompt = sys.stdin.read() if prompt == "-" else prompt
+
+    from ..engine.generation import stream_generate
+    from ..weights.loader import load
+
+    try:
+        model, tokenizer = load(args.model)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+    for token in args.extra_eos_token:
+        tid = tokenizer.convert_tokens_to_ids(token)
+        if tid is None:
+            raise SystemExit(f"error: --extra-eos-token {token!r} is not a token of this tokenizer")
+        tokenizer.eos_token_ids = tokenizer.eos_token_ids | {tid}
+    ids = build_prompt(tokenizer, prompt, args.system, args.ignore_chat_template)
+    sampling = dict(temperature=args.temp, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                    repetition_penalty=args.repetition_penalty, seed=args.seed,
+                    prefill_step_size=args.prefill_step_size)
+
+    if args.verbose:
+        print(SEPARATOR)
+    text, last = "", None
+    try:
+        for r in stream_generate(model, tokenizer, ids, args.max_tokens, **sampling):
+            if args.verbose:
+                print(r.text, end="", flush=True)
+            text += r.text
+            last = r
+    except ValueError as e:  # a prompt over the context, say
+        raise SystemExit(f"error: {e}")
+    if not args.verbose:
+        print(text)
+        return
+    print()
+    print(SEPARATOR)
+    if not text:
+        print("No text generated for this prompt")
+        return
+    print(f"Prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.3f} tokens-per-sec")
+    print(f"Generation: {last.generation_tokens} tokens, {last.generation_tps:.3f} tokens-per-sec")
+    print(f"Peak memory: {last.peak_memory:.3f} GB")
+
+
+if __name__ == "__main__":
+    main()

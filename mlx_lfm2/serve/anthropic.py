@@ -1,0 +1,346 @@
+"""Anthropic's Messages API (``POST /v1/messages``) over the same engine as the OpenAI routes.
+
+Agents written for Claude (the ``anthropic`` SDK, Claude Code) can point at a local LFM2
+model. Requests are validated here and mapped onto the chat template's messages: ``system``
+(a string or text blocks) becomes the system message, ``tool_use`` blocks become LFM2's
+Pythonic call text in the assistant turn and ``tool_result`` blocks become ``tool`` messages.
+Replies come back as ``text`` and ``tool_use`` blocks, whole or as the streamed events
+``message_start``, ``content_block_start/delta/stop``, ``message_delta`` (stop reason, usage)
+and ``message_stop``. Errors have Anthropic's shape: ``{"type": "error", "error": {...}}``.
+
+Usage follows Anthropic's split: ``input_tokens`` are the prompt tokens prefilled for this
+request, ``cache_read_input_tokens`` those reused from an earlier request's cache.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import secrets
+import uuid
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from sse_starlette.sse import EventSourceResponse
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from ..text.tools import CALL_START, ToolCallStream, parse_tool_calls
+from .openai_api import APIError, ChatRequest, to_template_messages
+
+# OpenAI-side error types (the engine's) -> Anthropic's.
+ERROR_TYPES = {"server_error": "api_error", "rate_limit_error": "rate_limit_error",
+               "authentication_error": "authentication_error", "not_found_error": "not_found_error"}
+log = logging.getLogger(__name__)
+STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "cancelled": "end_turn"}
+
+
+class _Lenient(BaseModel):
+    model_config = ConfigDict(extra="allow")  # cache_control, metadata, citations...: accepted, unused
+
+
+class Tool(_Lenient):
+    name: str = Field(min_length=1, max_length=128, pattern=r"^[a-zA-Z0-9_.-]+$")
+    description: Optional[str] = None
+    input_schema: dict = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    type: Optional[str] = None
+
+    @field_validator("type")
+    @classmethod
+    def _custom(cls, kind):
+        if kind not in (None, "custom"):
+            raise ValueError(f"tool type {kind!r} is not supported here: only custom tools (name, input_schema)")
+        return kind
+
+
+class ToolChoice(_Lenient):
+    type: Literal["auto", "any", "tool", "none"]
+    name: Optional[str] = None
+    disable_parallel_tool_use: bool = False
+
+
+class Message(_Lenient):
+    role: Literal["user", "assistant"]
+    content: Union[str, list[dict]]
+
+
+class MessagesRequest(_Lenient):
+    model: Optional[str] = None
+    max_tokens: int = Field(ge=1)
+    messages: list[Message] = Field(min_length=1)
+    system: Union[str, list[dict], None] = None
+    stop_sequences: Optional[list[str]] = Field(None, max_length=32)
+    stream: bool = False
+    temperature: Optional[float] = Field(None, ge=0, le=1)
+    top_p: Optional[float] = Field(None, gt=0, le=1)
+    top_k: Optional[int] = Field(None, ge=0)
+    tools: Optional[list[Tool]] = None
+    tool_choice: Optional[ToolChoice] = None
+
+    @model_validator(mode="after")
+    def _tool_choice(self):
+        choice = self.tool_choice
+        if choice is None or choice.type in ("auto", "none"):
+            return self
+        if not self.tools:
+            raise ValueError(f"tool_choice {choice.type!r} needs tools")
+        if choice.type == "tool" and choice.name not in {t.name for t in self.tools}:
+            raise ValueError(f"tool_choice names {choice.name!r}, which is not one of the tools")
+        return self
+
+    # The engine's request interface (``prepare`` in app.py reads these two).
+    @property
+    def limit(self) -> int:
+        return self.max_tokens
+
+    def sampling_kwargs(self, defaults: dict) -> dict:
+        kw = dict(defaults)
+        kw.update({k: getattr(self, k) for k in ("top_p", "top_k") if getattr(self, k) is not None})
+        if self.temperature is not None:
+            kw["temperature"] = self.temperature
+        kw["stop"] = [s for s in self.stop_sequences or [] if s] or None
+        return kw
+
+    @property
+    def offered_tools(self) -> Optional[list[dict]]:
+        """The tools as the chat template reads them (None when the model may not call any)."""
+        if not self.tools or (self.tool_choice and self.tool_choice.type == "none"):
+            return None
+        return [{"type": "function", "function": {"name": t.name, "description": t.description or "",
+                                                  "parameters": t.input_schema}} for t in self.tools]
+
+    def forced_opening(self) -> str:
+        """The reply's opening for ``any`` / ``tool``, written for the model (see ChatRequest)."""
+        choice = self.tool_choice
+        if choice is not None and choice.type == "any":
+            return CALL_START + "["
+        if choice is not None and choice.type == "tool":
+            return f"{CALL_START}[{choice.name}("
+        return ""
+
+    @property
+    def tool_names(self) -> frozenset:
+        return frozenset(t.name for t in self.tools or [])
+
+    @property
+    def one_call(self) -> bool:
+        return bool(self.tool_choice and self.tool_choice.disable_parallel_tool_use)
+
+
+def _text(blocks, where: str) -> str:
+    """Text blocks (or a string) as one string; anything else is refused."""
+    if isinstance(blocks, str):
+        return blocks
+    parts = []
+    for b in blocks:
+        if b.get("type") != "text" or not isinstance(b.get("text"), str):
+            raise APIError(400, f"{where}: content block type {b.get('type')!r} is not supported here "
+                                "(text, tool_use and tool_result only)")
+        parts.append(b["text"])
+    return "\n\n".join(parts)
+
+
+def to_chat_messages(req: MessagesRequest) -> list[dict]:
+    """Anthropic messages -> OpenAI-shaped messages (tool calls and results included)."""
+    out = [{"role": "system", "content": _text(req.system, "system")}] if req.system else []
+    for i, m in enumerate(req.messages):
+        where = f"messages.{i}"
+        if isinstance(m.content, str):
+            out.append({"role": m.role, "content": m.content})
+            continue
+        texts, calls = [], []
+        for j, b in enumerate(m.content):
+            kind = b.get("type")
+            if kind == "text":
+                texts.append(b)
+            elif kind in ("thinking", "redacted_thinking"):
+                continue  # another model's reasoning: LFM2's template has no place for it
+            elif kind == "tool_use" and m.role == "assistant":
+                if not isinstance(b.get("name"), str) or not isinstance(b.get("input", {}), dict):
+                    raise APIError(400, f"{where}.content.{j}: tool_use needs a name and an input object")
+                calls.append({"id": b.get("id"), "type": "function",
+                              "function": {"name": b["name"], "arguments": b.get("input", {})}})
+            elif kind == "tool_result" and m.role == "user":
+                content = b.get("content", "")
+                result = _text(content, f"{where}.content.{j}") if content else ""
+                out.append({"role": "tool", "tool_call_id": b.get("tool_use_id"),
+                            "content": ("Error: " + result) if b.get("is_error") else result})
+            else:
+                raise APIError(400, f"{where}.content.{j}: a {m.role} message cannot hold a {kind!r} block "
+                                    "(text, tool_use in assistant turns, tool_result in user turns)")
+        if texts or calls:
+            msg = {"role": m.role, "content": _text(texts, where)}
+            if calls:
+                msg["tool_calls"] = calls
+            out.append(msg)
+    return out
+
+
+def template_messages(req: MessagesRequest, template_renders_tool_calls: bool) -> list[dict]:
+    chat = ChatRequest.model_validate({"messages": to_chat_messages(req)})
+    return to_template_messages(chat, template_renders_tool_calls)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:24]}"
+
+
+def tool_use_block(call: dict) -> dict:
+    return {"type": "tool_use", "id": new_id("toolu"), "name": call["name"], "input": call["arguments"]}
+
+
+def usage(job, output_tokens: int) -> dict:
+    return {"input_tokens": job.prompt_tokens - job.cached_tokens, "output_tokens": output_tokens,
+            "cache_read_input_tokens": job.cached_tokens, "cache_creation_input_tokens": 0}
+
+
+def stop_reason(last, n_calls: int) -> tuple[str, Optional[str]]:
+    if n_calls:
+        return "tool_use", None
+    if last.finish_reason == "stop" and last.stop_sequence:
+        return "stop_sequence", last.stop_sequence
+    return STOP_REASONS.get(last.finish_reason, "end_turn"), None
+
+
+def error_response(e: APIError) -> JSONResponse:
+    response = JSONResponse(error_body(e), status_code=400 if e.status == 422 else e.status)
+    if e.status in (408, 413):  # the rest of the body is not read: end the connection (as app.py does)
+        response.headers["connection"] = "close"
+    return response
+
+
+def error_body(e: APIError) -> dict:
+    kind = "request_too_large" if e.status == 413 else ERROR_TYPES.get(e.type, "invalid_request_error")
+    return {"type": "error", "error": {"type": kind, "message": e.message}}
+
+
+def _answers_errors(handler):
+    """Every failure of ``handler`` as an Anthropic error body (the app's handlers speak OpenAI)."""
+    @functools.wraps(handler)
+    async def wrapped(request: Request):
+        try:
+            return await handler(request)
+        except APIError as e:
+            return error_response(e)
+        except Exception as e:  # logged like the app's catch-all, answered in this API's shape
+            log.exception("%s %s failed", request.method, request.url.path)
+            return error_response(APIError(500, f"internal error: {type(e).__name__}", type_="server_error"))
+    return wrapped
+
+
+def routes(engine, api_key: Optional[str], body_timeout: float, prepare, results) -> list[Route]:
+    """``/v1/messages`` and ``/v1/messages/count_tokens`` over the server's own layer.
+
+    Bodies are read and validated, prompts admitted (``prepare``: context check, queue) and
+    replies drained (``results``) by app.py's code, so limits, timeouts, queueing and
+    disconnects behave as on the OpenAI routes. The key comes as ``x-api-key`` (the SDK's
+    way) or ``Authorization: Bearer`` (Claude Code's auth token).
+    """
+    from .app import _body, _no_reply, _validate, _watch  # app.py imports this module first
+
+    tok = engine.tokenizer
+
+    def check_key(request: Request) -> None:
+        given = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ")
+        if api_key and not secrets.compare_digest(given.encode(), api_key.encode()):
+            raise APIError(401, "missing or wrong API key (x-api-key header)", type_="authentication_error")
+
+    async def parse(request: Request) -> tuple[MessagesRequest, str]:
+        check_key(request)
+        body = await _body(request, body_timeout)
+        if request.url.path.endswith("count_tokens"):
+            body = {**body, "max_tokens": 1}  # count_tokens takes no max_tokens
+        req = _validate(MessagesRequest, body, engine.vocab)
+        messages = template_messages(req, engine.template_renders_tool_calls)
+        try:
+            prompt = tok.apply_chat_template(messages, tools=req.offered_tools, add_generation_prompt=True)
+        except Exception as e:
+            raise APIError(400, f"the chat template rejected these messages: {e}", param="messages")
+        return req, prompt
+
+    @_answers_errors
+    async def count_tokens(request: Request):
+        _, prompt = await parse(request)
+        return JSONResponse({"input_tokens": len(tok.encode(prompt, add_special_tokens=False))})
+
+    @_answers_errors
+    async def messages(request: Request):
+        req, prompt = await parse(request)
+        forced = req.forced_opening()
+        job = prepare(req, prompt + forced, None)
+        mid = new_id("msg")
+        if req.stream:
+            return EventSourceResponse(_stream(job, req, forced, mid), ping=15)
+        text, last = forced, None
+        async with _watch(request, job):
+            async for r, _ in results(job):
+                text += r.text
+                last = r
+        if last is None:
+            raise _no_reply(engine)
+        content, calls = parse_tool_calls(text, bare_names=req.tool_names) if req.offered_tools else (text, [])
+        calls = calls[:1] if req.one_call else calls
+        blocks = ([{"type": "text", "text": content}] if content or not calls else []) + [
+            tool_use_block(c) for c in calls]
+        reason, sequence = stop_reason(last, len(calls))
+        return JSONResponse({"id": mid, "type": "message", "role": "assistant", "model": req.model or engine.model_id,
+                             "content": blocks, "stop_reason": reason, "stop_sequence": sequence,
+                             "usage": usage(job, last.generation_tokens)})
+
+    async def _stream(job, req: MessagesRequest, forced: str, mid: str):
+        def event(name: str, **data) -> dict:
+            return {"event": name, "data": json.dumps({"type": name, **data}, ensure_ascii=False)}
+
+        calls = ToolCallStream(bare_names=req.tool_names) if req.offered_tools else None
+        if calls:
+            calls.feed(forced)  # held back like any call until it closes
+        index, text_open, n_calls, last = 0, False, 0, None
+        try:
+            async for r, _ in results(job):
+                if last is None:
+                    message = {"id": mid, "type": "message", "role": "assistant", "content": [],
+                               "model": req.model or engine.model_id, "stop_reason": None, "stop_sequence": None,
+                               "usage": usage(job, 0)}
+                    yield event("message_start", message=message)
+                last = r
+                piece = calls.feed(r.text) if calls else r.text
+                if calls and r.finish_reason:
+                    piece += calls.finish()
+                if piece:
+                    if not text_open:
+                        yield event("content_block_start", index=index, content_block={"type": "text", "text": ""})
+                        text_open = True
+                    yield event("content_block_delta", index=index, delta={"type": "text_delta", "text": piece})
+                for call in calls.new_calls() if calls else []:
+                    if req.one_call and n_calls:
+                        continue
+                    if text_open:
+                        yield event("content_block_stop", index=index)
+                        index, text_open = index + 1, False
+                    block = tool_use_block(call)
+                    yield event("content_block_start", index=index, content_block={**block, "input": {}})
+                    yield event("content_block_delta", index=index, delta={
+                        "type": "input_json_delta", "partial_json": json.dumps(block["input"], ensure_ascii=False)})
+                    yield event("content_block_stop", index=index)
+                    index, n_calls = index + 1, n_calls + 1
+        except APIError as e:  # the stream has begun: the error travels as an event
+            yield {"event": "error", "data": json.dumps(error_body(e))}
+            return
+        except Exception as e:
+            log.exception("streaming %s failed", mid)
+            yield {"event": "error", "data": json.dumps(error_body(APIError(500, f"internal error: {type(e).__name__}",
+                                                                            type_="server_error")))}
+            return
+        if last is None:
+            return
+        if text_open:
+            yield event("content_block_stop", index=index)
+        reason, sequence = stop_reason(last, n_calls)
+        yield event("message_delta", delta={"stop_reason": reason, "stop_sequence": sequence},
+                    usage={"output_tokens": last.generation_tokens})
+        yield event("message_stop")
+
+    return [Route("/v1/messages", messages, methods=["POST"]),
+            Route("/v1/messages/count_tokens", count_tokens, methods=["POST"])]
