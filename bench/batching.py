@@ -12,7 +12,7 @@ Every engine gets greedy decoding with EOS suppressed, so each stream makes exac
 ``--tokens`` tokens. Decode tok/s = tokens after each stream's first / (last token of any
 stream - first token of any stream); TTFT from request (or insert) to first token.
 
-    python bench/batching.py --preset 24b-a2b-narrow --layers 8 --bits 4 --runs 3
+    python bench/batching.py --preset 24b-a2b-narrow --layers 8 --bits 4 --runs 2
 """
 
 import argparse
@@ -145,14 +145,14 @@ def join_ttft(base: str, words: int, eos: list, nonce: str, others: int = 7) -> 
     while not all(len(r.get("times", ())) >= 2 for r in recs):
         time.sleep(0.01)
     rec = {}
-    stream(base, prompt_text(999, words, nonce), 2, eos, rec)
+    stream(base, prompt_text(999, words, nonce), 2, eos, rec)  # 7 others' prompts: as long
     stop.set()
     for t in threads:
         t.join()
     return rec["times"][0] - rec["start"]
 
 
-def server_round(folder, levels, tokens, words, nonce) -> dict:
+def server_round(folder, levels, tokens, words, join_words, nonce) -> dict:
     import httpx
 
     from mlx_lfm2.text.tokenizer import load_tokenizer
@@ -179,8 +179,8 @@ def server_round(folder, levels, tokens, words, nonce) -> dict:
         for n in [1] + levels:  # the first is a warm-up
             m = concurrent(base, [prompt_text(i, words, f"{nonce}{n}") for i in range(n)], tokens, eos)
             out.update({f"{k}@{n}": v for k, v in m.items()})
-        out["join_ttft_alone_s"] = join_ttft(base, words, eos, nonce + "a", others=0)
-        out["join_ttft_with_7_s"] = join_ttft(base, words, eos, nonce + "b", others=7)
+        out["join_ttft_alone_s"] = join_ttft(base, join_words, eos, nonce + "a", others=0)
+        out["join_ttft_with_7_s"] = join_ttft(base, join_words, eos, nonce + "b", others=7)
         return out
     finally:
         proc.terminate()
@@ -193,9 +193,12 @@ def main():
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--tokens", type=int, default=48, help="tokens per stream")
-    p.add_argument("--words", type=int, default=40, help="prompt length in words (~1.3 tokens each)")
+    p.add_argument("--tokens", type=int, default=24, help="tokens per stream")
+    p.add_argument("--words", type=int, default=12, help="prompt length in words (one token each)")
     p.add_argument("--levels", type=int, nargs="*", default=[1, 2, 4, 8, 16])
+    p.add_argument("--peer-levels", type=int, nargs="*", default=[1, 8],
+                   help="mlx-lm's levels (its bfloat16 CPU decode is ~10x slower: keep them few)")
+    p.add_argument("--join-words", type=int, default=60, help="prompt of the request that joins a batch")
     p.add_argument("--engines", nargs="*", default=["server", "mlx_lfm2", "mlx_lm"])
     p.add_argument("--worker", nargs=2, metavar=("ENGINE", "FOLDER"), help=argparse.SUPPRESS)
     p.add_argument("--nonce", default="r", help=argparse.SUPPRESS)
@@ -204,15 +207,17 @@ def main():
         print(json.dumps(worker(a.worker[0], a.worker[1], a.levels, a.tokens, a.words, a.nonce)))
         return
     folder = converted(checkpoint(a.preset, a.layers), a.bits)
-    common = ["--levels", *map(str, a.levels), "--tokens", str(a.tokens), "--words", str(a.words)]
+    common = ["--tokens", str(a.tokens), "--words", str(a.words)]
     rounds = iter(range(1000))
 
     def runner(engine):
         def run():
             nonce = f"r{next(rounds)}"
             if engine == "server":
-                return server_round(folder, a.levels, a.tokens, a.words, nonce)
-            return run_json(["bench/batching.py", "--worker", engine, str(folder), "--nonce", nonce, *common])
+                return server_round(folder, a.levels, a.tokens, a.words, a.join_words, nonce)
+            levels = a.peer_levels if engine == "mlx_lm" else a.levels
+            return run_json(["bench/batching.py", "--worker", engine, str(folder), "--nonce", nonce,
+                             "--levels", *map(str, levels), *common])
         return run
 
     med = alternating_medians({e: runner(e) for e in a.engines}, a.runs)
@@ -220,11 +225,11 @@ def main():
     for e, m in med.items():
         one = m.get("decode_tps@1")
         derived[e] = {f"scaling@{n}": m[f"decode_tps@{n}"] / one for n in a.levels if one and f"decode_tps@{n}" in m}
+        if "mlx_lm" in med and e != "mlx_lm" and "decode_tps@8" in m:
+            derived[e]["over_mlx_lm@8"] = m["decode_tps@8"] / med["mlx_lm"]["decode_tps@8"]
     if "server" in med:
         s = med["server"]
         derived["server"]["join_ttft_ratio"] = s["join_ttft_with_7_s"] / s["join_ttft_alone_s"]
-        if "mlx_lm" in med:
-            derived["server"]["over_mlx_lm@8"] = s["decode_tps@8"] / med["mlx_lm"]["decode_tps@8"]
     print(json.dumps({"bench": "batching", "preset": a.preset, "layers": a.layers, "bits": a.bits, "runs": a.runs,
                       "tokens": a.tokens, "machine": f"{platform.machine()} {platform.system()}", "median": med,
                       "derived": derived,
