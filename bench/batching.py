@@ -214,10 +214,13 @@ def main():
         def run():
             nonce = f"r{next(rounds)}"
             if engine == "server":
-                return server_round(folder, a.levels, a.tokens, a.words, a.join_words, nonce)
-            levels = a.peer_levels if engine == "mlx_lm" else a.levels
-            return run_json(["bench/batching.py", "--worker", engine, str(folder), "--nonce", nonce,
-                             "--levels", *map(str, levels), *common])
+                out = server_round(folder, a.levels, a.tokens, a.words, a.join_words, nonce)
+            else:
+                levels = a.peer_levels if engine == "mlx_lm" else a.levels
+                out = run_json(["bench/batching.py", "--worker", engine, str(folder), "--nonce", nonce,
+                                "--levels", *map(str, levels), *common])
+            print(json.dumps({"round": nonce, "engine": engine, **out}), file=sys.stderr, flush=True)
+            return out
         return run
 
     med = alternating_medians({e: runner(e) for e in a.engines}, a.runs)

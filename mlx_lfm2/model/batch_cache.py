@@ -128,6 +128,11 @@ class BatchConvCache:
     def lengths(self) -> list[int]:
         return self.offset.tolist()
 
+    def update(self, inputs: mx.array, new_state: mx.array) -> None:
+        """Record a forward call (``ConvCache.update``'s contract): the new state, ``L`` more tokens."""
+        self.conv_state = new_state
+        self.offset += inputs.shape[1]
+
     def join(self, single: ConvCache) -> None:
         assert single.conv_state is not None, "a sequence joins after at least one token"
         s = single.conv_state
