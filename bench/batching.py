@@ -8,11 +8,13 @@ Three engines, each in a fresh process per round, rounds alternating (medians, r
 * ``mlx_lfm2``: our ``BatchGenerator`` in-process (no HTTP), N prompts inserted together.
 * ``mlx_lm``: mlx-lm's ``BatchGenerator``, the same prompts (token ids) and limits.
 
-Every engine gets greedy decoding with EOS suppressed, so each stream makes exactly
-``--tokens`` tokens. Decode tok/s = tokens after each stream's first / (last token of any
-stream - first token of any stream); TTFT from request (or insert) to first token.
+Every engine gets greedy decoding with EOS suppressed. Decode tok/s is the steady state: all
+streams' tokens in the window from the moment every stream is decoding until each has made
+``--steps`` more, over its length (then the streams hang up); inter-token latency is the
+median gap in that window; TTFT is from request (or insert) to first token, so with N streams
+it includes waiting for the others' prefills.
 
-    python bench/batching.py --preset 24b-a2b-narrow --layers 8 --bits 4 --runs 2
+    python bench/batching.py --preset 24b-a2b-narrow --layers 8 --bits 4 --runs 3
 """
 
 import argparse
@@ -45,16 +47,26 @@ def load_words(tok, rows: int) -> None:
             _words.append(w)
 
 
-def summarize(first: list, last: list, starts: list, counts: list, gaps: list) -> dict:
-    span = max(last) - min(first)
-    return {"decode_tps": sum(c - 1 for c in counts) / span if span > 0 else 0.0,
-            "ttft_s": statistics.median(f - s for f, s in zip(first, starts)),
-            "itl_ms": 1000 * statistics.median(gaps) if gaps else 0.0}
+def window(times: list, starts: list, steps: int):
+    """Steady-state numbers once every stream has made ``steps`` tokens after the last stream's
+    first one (None before): decode tok/s of all streams in that window, its median gap
+    between a stream's tokens (inter-token latency), and the median time to first token."""
+    if not all(times):
+        return None
+    t0 = max(t[0] for t in times)  # from here on, every stream is decoding
+    after = [[x for x in t if x > t0] for t in times]
+    if any(len(a) < steps for a in after):
+        return None
+    t1 = max(a[steps - 1] for a in after)
+    n = sum(1 for t in times for x in t if t0 < x <= t1)
+    gaps = [b - a for t in times for a, b in zip(t, t[1:]) if a >= t0 and b <= t1]
+    return {"decode_tps": n / (t1 - t0), "ttft_s": statistics.median(t[0] - s for t, s in zip(times, starts)),
+            "itl_ms": 1000 * statistics.median(gaps)}
 
 
 # --- in-process engines (run as: batching.py --worker ENGINE FOLDER ...) ----------------------
 
-def worker(engine: str, folder: str, levels: list, tokens: int, words: int, nonce: str) -> dict:
+def worker(engine: str, folder: str, levels: list, steps: int, words: int, nonce: str) -> dict:
     sys.path.insert(0, str(ROOT))
     if engine == "mlx_lfm2":
         from mlx_lfm2 import load
@@ -63,12 +75,11 @@ def worker(engine: str, folder: str, levels: list, tokens: int, words: int, nonc
         model, tok = load(folder)
         bias = sampling_for(0, logit_bias={t: -1e9 for t in tok.eos_token_ids})
 
-        def run(prompts):
+        def run(prompts):  # yields, after each step, the stream index of every token it made
             gen = BatchGenerator(model, max_batch=len(prompts))
-            uids = [gen.insert(p, max_tokens=tokens, **bias) for p in prompts]
-            while len(gen):
-                for t in gen.step():
-                    yield t.uid, uids.index(t.uid)
+            uids = [gen.insert(p, max_tokens=1 << 20, **bias) for p in prompts]
+            while True:
+                yield [uids.index(t.uid) for t in gen.step()]
     else:
         from mlx_lm import load
         from mlx_lm.generate import BatchGenerator
@@ -78,30 +89,31 @@ def worker(engine: str, folder: str, levels: list, tokens: int, words: int, nonc
         procs = make_logits_processors({t: -1e9 for t in tok.eos_token_ids})
 
         def run(prompts):
-            gen = BatchGenerator(model, max_tokens=tokens, stop_tokens=[[t] for t in tok.eos_token_ids],
+            gen = BatchGenerator(model, max_tokens=1 << 20, stop_tokens=[[t] for t in tok.eos_token_ids],
                                  logits_processors=procs, completion_batch_size=len(prompts),
                                  prefill_batch_size=len(prompts))
-            uids = gen.insert(prompts, [tokens] * len(prompts))
-            while responses := gen.next_generated():
-                for r in responses:
-                    yield r.uid, uids.index(r.uid)
-            gen.close()
+            uids = gen.insert(prompts, [1 << 20] * len(prompts))
+            try:
+                while True:
+                    yield [uids.index(r.uid) for r in gen.next_generated()]
+            finally:
+                gen.close()
 
     load_words(tok, model.args.vocab_size)
     out = {}
     for n in [1] + levels:  # the first is a warm-up
         prompts = [tok.encode(prompt_text(i, words, f"{nonce}{n}")) for i in range(n)]
-        first, last, counts, gaps = [None] * n, [None] * n, [0] * n, []
-        start = time.perf_counter()
-        for _, i in run(prompts):
+        times, start = [[] for _ in range(n)], time.perf_counter()
+        steps_iter = run(prompts)
+        for made in steps_iter:
             now = time.perf_counter()
-            if first[i] is None:
-                first[i] = now
-            else:
-                gaps.append(now - last[i])
-            last[i], counts[i] = now, counts[i] + 1
-        for k, v in summarize(first, last, [start] * n, counts, gaps).items():
-            out[f"{k}@{n}"] = v
+            for i in made:
+                times[i].append(now)
+            m = window(times, [start] * n, steps)
+            if m is not None:
+                steps_iter.close()
+                break
+        out.update({f"{k}@{n}": v for k, v in m.items()})
     return out
 
 
@@ -121,24 +133,25 @@ def stream(base: str, prompt: str, tokens: int, eos: list, rec: dict, stop: thre
                 rec["times"].append(time.perf_counter())
 
 
-def concurrent(base: str, prompts: list, tokens: int, eos: list) -> dict:
-    recs = [{} for _ in prompts]
-    threads = [threading.Thread(target=stream, args=(base, p, tokens, eos, r)) for p, r in zip(prompts, recs)]
+def concurrent(base: str, prompts: list, steps: int, eos: list) -> dict:
+    """N streams at once (one chunk ~ one token); hung up once the window is measured."""
+    stop, recs = threading.Event(), [{} for _ in prompts]
+    threads = [threading.Thread(target=stream, args=(base, p, 1 << 20, eos, r, stop), daemon=True)
+               for p, r in zip(prompts, recs)]
     for t in threads:
         t.start()
+    while (m := window([list(r.get("times", ())) for r in recs], [r.get("start") for r in recs], steps)) is None:
+        time.sleep(0.02)
+    stop.set()
     for t in threads:
         t.join()
-    gaps = [b - a for r in recs for a, b in zip(r["times"], r["times"][1:])]
-    # EOS is suppressed, so every stream makes exactly `tokens` (a chunk may carry two, when the
-    # detokenizer holds part of a character back: chunk gaps are the inter-token latency).
-    return summarize([r["times"][0] for r in recs], [r["times"][-1] for r in recs], [r["start"] for r in recs],
-                     [tokens] * len(recs), gaps)
+    return m
 
 
 def join_ttft(base: str, words: int, eos: list, nonce: str, others: int = 7) -> float:
     """TTFT of a request sent while ``others`` streams decode (0: alone)."""
     stop, recs = threading.Event(), [{} for _ in range(others)]
-    threads = [threading.Thread(target=stream, args=(base, prompt_text(100 + i, words, nonce), 100000, eos, r, stop),
+    threads = [threading.Thread(target=stream, args=(base, prompt_text(100 + i, words, nonce), 1 << 20, eos, r, stop),
                                 daemon=True) for i, r in enumerate(recs)]
     for t in threads:
         t.start()
@@ -152,7 +165,7 @@ def join_ttft(base: str, words: int, eos: list, nonce: str, others: int = 7) -> 
     return rec["times"][0] - rec["start"]
 
 
-def server_round(folder, levels, tokens, words, join_words, nonce) -> dict:
+def server_round(folder, levels, steps, words, join_words, nonce) -> dict:
     import httpx
 
     from mlx_lfm2.text.tokenizer import load_tokenizer
@@ -177,7 +190,7 @@ def server_round(folder, levels, tokens, words, join_words, nonce) -> dict:
                 time.sleep(0.2)
         out = {}
         for n in [1] + levels:  # the first is a warm-up
-            m = concurrent(base, [prompt_text(i, words, f"{nonce}{n}") for i in range(n)], tokens, eos)
+            m = concurrent(base, [prompt_text(i, words, f"{nonce}{n}") for i in range(n)], steps, eos)
             out.update({f"{k}@{n}": v for k, v in m.items()})
         out["join_ttft_alone_s"] = join_ttft(base, join_words, eos, nonce + "a", others=0)
         out["join_ttft_with_7_s"] = join_ttft(base, join_words, eos, nonce + "b", others=7)
@@ -193,7 +206,7 @@ def main():
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--tokens", type=int, default=24, help="tokens per stream")
+    p.add_argument("--steps", type=int, default=8, help="tokens per stream in the measured window")
     p.add_argument("--words", type=int, default=12, help="prompt length in words (one token each)")
     p.add_argument("--levels", type=int, nargs="*", default=[1, 2, 4, 8, 16])
     p.add_argument("--peer-levels", type=int, nargs="*", default=[1, 8],
@@ -204,17 +217,17 @@ def main():
     p.add_argument("--nonce", default="r", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
-        print(json.dumps(worker(a.worker[0], a.worker[1], a.levels, a.tokens, a.words, a.nonce)))
+        print(json.dumps(worker(a.worker[0], a.worker[1], a.levels, a.steps, a.words, a.nonce)))
         return
     folder = converted(checkpoint(a.preset, a.layers), a.bits)
-    common = ["--tokens", str(a.tokens), "--words", str(a.words)]
+    common = ["--steps", str(a.steps), "--words", str(a.words)]
     rounds = iter(range(1000))
 
     def runner(engine):
         def run():
             nonce = f"r{next(rounds)}"
             if engine == "server":
-                out = server_round(folder, a.levels, a.tokens, a.words, a.join_words, nonce)
+                out = server_round(folder, a.levels, a.steps, a.words, a.join_words, nonce)
             else:
                 levels = a.peer_levels if engine == "mlx_lm" else a.levels
                 out = run_json(["bench/batching.py", "--worker", engine, str(folder), "--nonce", nonce,
@@ -234,7 +247,7 @@ def main():
         s = med["server"]
         derived["server"]["join_ttft_ratio"] = s["join_ttft_with_7_s"] / s["join_ttft_alone_s"]
     print(json.dumps({"bench": "batching", "preset": a.preset, "layers": a.layers, "bits": a.bits, "runs": a.runs,
-                      "tokens": a.tokens, "machine": f"{platform.machine()} {platform.system()}", "median": med,
+                      "steps": a.steps, "machine": f"{platform.machine()} {platform.system()}", "median": med,
                       "derived": derived,
                       "ratio_over_mlx_lm": ratios(med, "mlx_lm") if "mlx_lm" in med else None}))
 
