@@ -164,3 +164,19 @@ def test_health_shows_the_batch_and_a_hang_up_leaves_it(scripted):
     finally:
         for s in streams[1:]:
             s.__exit__(None, None, None)
+
+
+def test_a_multi_token_forward_on_joined_rows_matches_each_alone(model):
+    """The batched cache also takes L > 1 per row (causal within the chunk, padding hidden)."""
+    from mlx_lfm2.model import batch_cache
+
+    prompts, more = [[5, 6, 7, 8, 9, 10, 11], [12, 13]], [[21, 22, 23], [31, 32, 33]]
+    singles = [model.make_cache() for _ in prompts]
+    for p, c in zip(prompts, singles):
+        model(mx.array([p]), cache=c)
+    batch = batch_cache.make_batch_cache(singles[0])
+    for c in singles:
+        batch_cache.join(batch, [x.copy() for x in c])
+    together = model(mx.array(more), cache=batch)
+    for i, (m, c) in enumerate(zip(more, singles)):
+        np.testing.assert_allclose(np.array(together[i]), np.array(model(mx.array([m]), cache=c)[0]), atol=2e-4)
