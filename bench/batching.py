@@ -19,6 +19,7 @@ it includes waiting for the others' prefills.
 
 import argparse
 import json
+import os
 import platform
 import random
 import statistics
@@ -47,21 +48,38 @@ def load_words(tok, rows: int) -> None:
             _words.append(w)
 
 
-def window(times: list, starts: list, steps: int):
-    """Steady-state numbers once every stream has made ``steps`` tokens after the last stream's
-    first one (None before): decode tok/s of all streams in that window, its median gap
-    between a stream's tokens (inter-token latency), and the median time to first token."""
-    if not all(times):
-        return None
-    t0 = max(t[0] for t in times)  # from here on, every stream is decoding
-    after = [[x for x in t if x > t0] for t in times]
-    if any(len(a) < steps for a in after):
-        return None
-    t1 = max(a[steps - 1] for a in after)
-    n = sum(1 for t in times for x in t if t0 < x <= t1)
-    gaps = [b - a for t in times for a, b in zip(t, t[1:]) if a >= t0 and b <= t1]
-    return {"decode_tps": n / (t1 - t0), "ttft_s": statistics.median(t[0] - s for t, s in zip(times, starts)),
-            "itl_ms": 1000 * statistics.median(gaps)}
+class Window:
+    """Steady-state numbers, measured from the moment every stream is decoding until each has
+    made ``steps`` more tokens: decode tok/s of all streams over that wall time and over the
+    engine's CPU time (``cpu``: seconds so far; on a loaded machine the second is the steadier),
+    the median gap between a stream's tokens (inter-token latency), the median time to first
+    token (from each stream's start)."""
+
+    def __init__(self, n: int, steps: int, cpu):
+        self.times, self.steps, self.cpu = [[] for _ in range(n)], steps, cpu
+        self.t0 = self.c0 = None
+
+    def done(self) -> bool:
+        """Call after new token times were appended; True once the window is complete."""
+        if self.t0 is None:
+            if not all(self.times):
+                return False
+            self.t0, self.c0 = time.perf_counter(), self.cpu()
+        return all(sum(1 for x in t if x > self.t0) >= self.steps for t in self.times)
+
+    def result(self, starts: list) -> dict:
+        t1, c1 = time.perf_counter(), self.cpu()
+        n = sum(1 for t in self.times for x in t if x > self.t0)
+        gaps = [b - a for t in self.times for a, b in zip(t, t[1:]) if a >= self.t0]
+        return {"decode_tps": n / (t1 - self.t0), "decode_tok_per_cpu_s": n / max(c1 - self.c0, 1e-9),
+                "ttft_s": statistics.median(t[0] - s for t, s in zip(self.times, starts)),
+                "itl_ms": 1000 * statistics.median(gaps)}
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system, all threads) a process has used."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # --- in-process engines (run as: batching.py --worker ENGINE FOLDER ...) ----------------------
@@ -103,17 +121,16 @@ def worker(engine: str, folder: str, levels: list, steps: int, words: int, nonce
     out = {}
     for n in [1] + levels:  # the first is a warm-up
         prompts = [tok.encode(prompt_text(i, words, f"{nonce}{n}")) for i in range(n)]
-        times, start = [[] for _ in range(n)], time.perf_counter()
+        w, start = Window(n, steps, time.process_time), time.perf_counter()
         steps_iter = run(prompts)
         for made in steps_iter:
             now = time.perf_counter()
             for i in made:
-                times[i].append(now)
-            m = window(times, [start] * n, steps)
-            if m is not None:
+                w.times[i].append(now)
+            if w.done():
                 steps_iter.close()
                 break
-        out.update({f"{k}@{n}": v for k, v in m.items()})
+        out.update({f"{k}@{n}": v for k, v in w.result([start] * n).items()})
     return out
 
 
@@ -133,15 +150,20 @@ def stream(base: str, prompt: str, tokens: int, eos: list, rec: dict, stop: thre
                 rec["times"].append(time.perf_counter())
 
 
-def concurrent(base: str, prompts: list, steps: int, eos: list) -> dict:
+def concurrent(base: str, prompts: list, steps: int, eos: list, pid: int) -> dict:
     """N streams at once (one chunk ~ one token); hung up once the window is measured."""
     stop, recs = threading.Event(), [{} for _ in prompts]
+    w = Window(len(prompts), steps, lambda: process_cpu(pid))
     threads = [threading.Thread(target=stream, args=(base, p, 1 << 20, eos, r, stop), daemon=True)
                for p, r in zip(prompts, recs)]
     for t in threads:
         t.start()
-    while (m := window([list(r.get("times", ())) for r in recs], [r.get("start") for r in recs], steps)) is None:
-        time.sleep(0.02)
+    while True:
+        w.times = [list(r.get("times", ())) for r in recs]
+        if w.done():
+            break
+        time.sleep(0.01)
+    m = w.result([r["start"] for r in recs])
     stop.set()
     for t in threads:
         t.join()
@@ -190,7 +212,7 @@ def server_round(folder, levels, steps, words, join_words, nonce) -> dict:
                 time.sleep(0.2)
         out = {}
         for n in [1] + levels:  # the first is a warm-up
-            m = concurrent(base, [prompt_text(i, words, f"{nonce}{n}") for i in range(n)], steps, eos)
+            m = concurrent(base, [prompt_text(i, words, f"{nonce}{n}") for i in range(n)], steps, eos, proc.pid)
             out.update({f"{k}@{n}": v for k, v in m.items()})
         out["join_ttft_alone_s"] = join_ttft(base, join_words, eos, nonce + "a", others=0)
         out["join_ttft_with_7_s"] = join_ttft(base, join_words, eos, nonce + "b", others=7)
@@ -240,9 +262,13 @@ def main():
     derived = {}
     for e, m in med.items():
         one = m.get("decode_tps@1")
+        one_cpu = m.get("decode_tok_per_cpu_s@1")
         derived[e] = {f"scaling@{n}": m[f"decode_tps@{n}"] / one for n in a.levels if one and f"decode_tps@{n}" in m}
+        derived[e].update({f"cpu_scaling@{n}": m[f"decode_tok_per_cpu_s@{n}"] / one_cpu for n in a.levels
+                           if one_cpu and f"decode_tok_per_cpu_s@{n}" in m})
         if "mlx_lm" in med and e != "mlx_lm" and "decode_tps@8" in m:
             derived[e]["over_mlx_lm@8"] = m["decode_tps@8"] / med["mlx_lm"]["decode_tps@8"]
+            derived[e]["cpu_over_mlx_lm@8"] = m["decode_tok_per_cpu_s@8"] / med["mlx_lm"]["decode_tok_per_cpu_s@8"]
     if "server" in med:
         s = med["server"]
         derived["server"]["join_ttft_ratio"] = s["join_ttft_with_7_s"] / s["join_ttft_alone_s"]
