@@ -6,7 +6,7 @@ Starts ``python -m mlx_lfm2.server`` on loopback with a random tiny checkpoint a
 LFM2 tokenizer, then sends a seeded mix of valid requests and abuse: malformed and truncated
 bodies, wrong content types, random fields replaced by junk (huge, negative, NaN-like,
 wrongly typed), out-of-range token ids, deep nesting, oversized bodies, clients that hang up
-mid-stream or before a plain reply, stalled request heads. Reports (last stdout line, JSON):
+mid-stream or before a plain reply, stalled request heads, Anthropic-shaped ``/v1/messages``. Reports (last stdout line, JSON):
 requests sent, status counts, crashes (the server process died), 5xx answers, error events
 inside streams, client timeouts, the server's VmRSS growth and the elapsed time. Exit status
 1 if anything crashed, answered 5xx or hung.
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import copy
 import json
 import random
 import signal
@@ -41,6 +42,10 @@ FIELDS = ["model", "max_tokens", "max_completion_tokens", "temperature", "top_p"
           "messages", "echo", "prompt"]
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+
+
+def junk(rng: random.Random):
+    return copy.deepcopy(rng.choice(JUNK))  # a copy: later mutations must not edit the pool
 
 
 def random_id(rng: random.Random):
@@ -77,21 +82,32 @@ def mutated(rng: random.Random) -> tuple[str, dict]:
     path, body = (("/v1/chat/completions", valid_chat(rng)) if rng.random() < 0.7
                   else ("/v1/completions", valid_completion(rng)))
     for _ in range(rng.randint(1, 3)):
-        where = rng.random()
+        where, messages = rng.random(), body.get("messages")
         if where < 0.6:
-            body[rng.choice(FIELDS)] = rng.choice(JUNK)
-        elif where < 0.8 and isinstance(body.get("messages"), list) and body["messages"]:
-            msg = body["messages"][-1]
-            msg[rng.choice(["role", "content", "tool_calls", "name", "tool_call_id"])] = rng.choice(JUNK)
+            body[rng.choice(FIELDS)] = junk(rng)
+        elif where < 0.8 and isinstance(messages, list) and messages and isinstance(messages[-1], dict):
+            messages[-1][rng.choice(["role", "content", "tool_calls", "name", "tool_call_id"])] = junk(rng)
         else:
             body.setdefault("messages", [{"role": "user", "content": "x"}])
             body["messages"] = [{"role": "user", "content": "x"}, {"role": "assistant", "content": None,
                                  "tool_calls": [{"id": "c", "type": "function", "function": {
                                      "name": rng.choice(["f", "", "a" * 300]),
                                      "arguments": rng.choice(['{"a": 1}', "[1]", "5", "null", '"s"', "{",
-                                                              "[" * 3000 + "]" * 3000, rng.choice(JUNK)])}}]},
+                                                              "[" * 3000 + "]" * 3000, junk(rng)])}}]},
                                 {"role": "tool", "tool_call_id": "c", "content": rng.choice(["{}", "ok", ""])}]
     return path, body
+
+
+def anthropic_request(rng: random.Random) -> tuple[str, dict]:
+    """``/v1/messages`` (Anthropic's shape), valid or with a junk field."""
+    body = {"max_tokens": rng.randint(1, 12), "messages": [{"role": "user", "content": "hi"}],
+            "stream": rng.random() < 0.3}
+    if rng.random() < 0.3:
+        body["tools"] = [{"name": "get_weather", "input_schema": {"type": "object"}}]
+    if rng.random() < 0.6:
+        body[rng.choice(["max_tokens", "messages", "system", "tools", "tool_choice", "temperature",
+                         "stop_sequences", "top_k"])] = junk(rng)
+    return rng.choice(["/v1/messages", "/v1/messages/count_tokens"]), body
 
 
 def ids_request(rng: random.Random) -> tuple[str, dict]:
@@ -141,7 +157,7 @@ class Tally:
 
 def send(client: httpx.Client, base: str, port: int, rng: random.Random, tally: Tally) -> None:
     r = rng.random()
-    headers, kind = {"content-type": "application/json"}, "?"
+    headers, kind, content = {"content-type": "application/json"}, "?", b""
     try:
         if r < 0.22:
             path, body = rng.choice([("/v1/chat/completions", valid_chat(rng)), ("/v1/completions", valid_completion(rng))])
@@ -149,8 +165,11 @@ def send(client: httpx.Client, base: str, port: int, rng: random.Random, tally: 
         elif r < 0.47:
             (path, body), kind = mutated(rng), "junk-field"
             content = json.dumps(body).encode()
-        elif r < 0.60:
+        elif r < 0.57:
             (path, body), kind = ids_request(rng), "random-ids"
+            content = json.dumps(body).encode()
+        elif r < 0.60:
+            (path, body), kind = anthropic_request(rng), "anthropic"
             content = json.dumps(body).encode()
         elif r < 0.70:
             path, kind, content = rng.choice(["/v1/chat/completions", "/v1/completions"]), "malformed", malformed_bytes(rng)
@@ -184,6 +203,7 @@ def send(client: httpx.Client, base: str, port: int, rng: random.Random, tally: 
     except httpx.TimeoutException:
         with tally.lock:
             tally.timeouts += 1
+            tally.examples.append(f"{kind}: client timeout after 60 s: {content[:300]!r}")
         tally.add(kind, "timeout")
     except httpx.HTTPError as e:  # e.g. the server closed after a 413 while we were still sending
         tally.add(kind, type(e).__name__)
@@ -253,7 +273,7 @@ def main(argv=None) -> int:
     log_path = folder.parent / f"fuzz_server-{port}.log"  # a file, not a pipe nobody drains
     log = open(log_path, "w")
     server = subprocess.Popen([sys.executable, "-m", "mlx_lfm2.server", "--model", str(folder), "--port", str(port),
-                               "--queue-size", "8", "--max-context", "4096", "--default-max-tokens", "64",
+                               "--queue-size", "8", "--max-context", "1024", "--default-max-tokens", "64",
                                "--body-timeout", "5", "--header-timeout", "5"],
                               cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -265,18 +285,26 @@ def main(argv=None) -> int:
                 time.sleep(0.1)
         else:
             raise SystemExit("the server did not start: " + log_path.read_text()[-2000:])
-        with httpx.Client(timeout=60) as c:  # warm-up before the memory baseline
+        cold = rss_mb(server.pid)
+        # Warm-up before the memory baseline, one-time setup included: the first constrained
+        # request (forced tool call, JSON mode) builds llguidance's view of the vocabulary.
+        with httpx.Client(timeout=60) as c:
             for i in range(20):
+                extra = [{}, {"response_format": {"type": "json_object"}},
+                         {"tools": TOOLS, "tool_choice": "required"}][i % 3]
                 c.post(base + "/v1/chat/completions", json={"messages": [{"role": "user", "content": f"warm {i}"}],
-                                                            "max_tokens": 8})
+                                                            "max_tokens": 8, **extra})
         baseline = peak = rss_mb(server.pid)
         tally, stop = Tally(), threading.Event()
         tic = time.perf_counter()
 
+        trace = []  # (requests sent, VmRSS): growth that levels off is caches, a leak keeps climbing
+
         def sample():
             nonlocal peak
             while not stop.wait(0.25) and server.poll() is None:
-                peak = max(peak, rss_mb(server.pid))
+                trace.append((tally.sent, rss_mb(server.pid)))
+                peak = max(peak, trace[-1][1])
 
         def worker(w: int, n: int):
             rng = random.Random(a.seed * 1000 + w)
@@ -313,8 +341,10 @@ def main(argv=None) -> int:
             "requests": tally.sent, "crashes": int(not alive), "5xx": five_xx, "stream_error_events": tally.stream_errors,
             "client_timeouts": tally.timeouts, "still_serving": still_serving,
             "worker_idle_after": bool(health and health["active"] == 0 and health["queued"] == 0),
-            "rss_baseline_mb": round(baseline, 1), "rss_max_mb": round(peak, 1),
+            "rss_cold_mb": round(cold, 1), "rss_baseline_mb": round(baseline, 1), "rss_max_mb": round(peak, 1),
             "rss_growth_mb": round(peak - baseline, 1), "elapsed_s": round(elapsed, 1),
+            "rss_mb_at_quarters": [round(([r for n, r in trace if n <= q * tally.sent] or [baseline])[-1], 1)
+                                   for q in (0.25, 0.5, 0.75, 1.0)],
             "status": dict(sorted(tally.status.items())), "kinds": dict(sorted(tally.kinds.items())),
             "health": health, "examples": tally.examples, "seed": a.seed, "workers": a.workers,
         "server_log": str(log_path),

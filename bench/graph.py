@@ -3,7 +3,8 @@
     python bench/graph.py --preset 24b-a2b-narrow --layers 8 --bits 4
 
 One decode step (token 17 after a 16-token prompt, batch 1) is built lazily and exported with
-``mx.export_to_dot``; every primitive node in that graph is one op. Both engines load the same
+``mx.export_to_dot``: the logits and every cache array the step wrote (the conv states are not
+ancestors of the logits); every primitive node in that graph is one op. Both engines load the same
 quantized folder. How the nodes are counted:
 
 * ``nodes``: every primitive. A compiled function is what ``mx.compile`` made of it: each
@@ -21,6 +22,8 @@ quantized folder. How the nodes are counted:
 * ``launches``: ``nodes_fast_as_one`` without the ops that make views and launch no kernel
   (Broadcast, Reshape, ExpandDims, Squeeze, Slice, Transpose, Split, Flatten, Unflatten,
   StopGradient).
+* ``uncompiled``: as ``nodes_fast_as_one`` with ``mx.disable_compile()``: every compiled
+  function counted as the ops it expands to (both engines).
 
 The GPU path is built on this CPU-only machine with ``device.assume("gpu")``: the device checks
 answer "gpu", so the graph has the GPU path's shape; the ops would run on the CPU.
@@ -89,7 +92,27 @@ def load_engine(engine: str, folder: Path):
     return model, model.make_cache()
 
 
-def decode_step_ops(engine: str, folder: Path, prompt: int = 16, fast_as_one: bool = False) -> collections.Counter:
+def cache_arrays(cache: list) -> list:
+    """The arrays a cache object holds (ours: keys/values/conv_state; mlx-lm's: the same, or
+    an ``ArraysCache``'s list)."""
+    out = []
+    for c in cache:
+        for v in vars(c).values():
+            out += [a for a in (v if isinstance(v, list) else [v]) if isinstance(a, mx.array)]
+    return out
+
+
+@contextlib.contextmanager
+def compile_disabled():
+    mx.disable_compile()
+    try:
+        yield
+    finally:
+        mx.enable_compile()
+
+
+def decode_step_ops(engine: str, folder: Path, prompt: int = 16, fast_as_one: bool = False,
+                    compiled: bool = True) -> collections.Counter:
     """The ops of one decode step after a ``prompt``-token prefill (a fresh model each time, so
     compiled functions are traced under the counting mode)."""
     from mlx_lfm2.model import device
@@ -99,9 +122,10 @@ def decode_step_ops(engine: str, folder: Path, prompt: int = 16, fast_as_one: bo
         model, cache = load_engine(engine, folder)
         mx.eval(model(mx.arange(10, 10 + prompt)[None], cache=cache))
         mx.eval([c.state for c in cache])
-        with fast_ops_as_one() if fast_as_one else contextlib.nullcontext():
+        with fast_ops_as_one() if fast_as_one else contextlib.nullcontext(), \
+                contextlib.nullcontext() if compiled else compile_disabled():
             logits = model(mx.array([[10 + prompt]]), cache=cache)
-            return graph_ops(logits)
+            return graph_ops(logits, *cache_arrays(cache))
 
 
 def main():
@@ -113,15 +137,17 @@ def main():
     a = p.parse_args()
     folder = a.folder or converted(checkpoint(a.preset, a.layers), a.bits)
     engines = ["mlx_lfm2_gpu", "mlx_lfm2_cpu", "mlx_lm"]
-    out = {e: {"nodes": summary(decode_step_ops(e, folder), False),
-               "nodes_fast_as_one": summary(decode_step_ops(e, folder, fast_as_one=True), True)}
+    modes = {"nodes": {}, "nodes_fast_as_one": {"fast_as_one": True},
+             "uncompiled": {"fast_as_one": True, "compiled": False}}
+    out = {e: {m: summary(decode_step_ops(e, folder, **kw), m != "nodes") for m, kw in modes.items()}
            for e in engines}
-    ratio = {m: {k: out["mlx_lfm2_gpu"][m][k] / out["mlx_lm"][m][k] for k in ("ops", "launches")}
-             for m in ("nodes", "nodes_fast_as_one")}
-    print(f"{'ops per decoded token':34s}" + "".join(f"{e:>14s}" for e in engines) + f"{'gpu / mlx-lm':>14s}")
-    for m, k in [("nodes", "ops"), ("nodes_fast_as_one", "ops"), ("nodes_fast_as_one", "launches")]:
-        label = {"nodes": "nodes", "nodes_fast_as_one": "fast ops as one"}[m] + ("" if k == "ops" else ", launches")
-        print(f"{label:34s}" + "".join(f"{out[e][m][k]:>14d}" for e in engines) + f"{ratio[m][k]:>14.2f}")
+    ratio = {m: {k: out["mlx_lfm2_gpu"][m][k] / out["mlx_lm"][m][k] for k in ("ops", "launches")} for m in modes}
+    print(f"{'ops per decoded token':40s}" + "".join(f"{e:>14s}" for e in engines) + f"{'gpu / mlx-lm':>14s}")
+    rows = [("nodes", "ops", "nodes"), ("nodes_fast_as_one", "ops", "RMSNorm/RoPE as one"),
+            ("nodes_fast_as_one", "launches", "RMSNorm/RoPE as one, launches"),
+            ("uncompiled", "ops", "RMSNorm/RoPE as one, compile off")]
+    for m, k, label in rows:
+        print(f"{label:40s}" + "".join(f"{out[e][m][k]:>14d}" for e in engines) + f"{ratio[m][k]:>14.2f}")
     for e in engines:
         print(f"\n{e} (fast ops as one): " + ", ".join(f"{k} {v}" for k, v in out[e]["nodes_fast_as_one"]["kinds"].items()))
     print(json.dumps({"bench": "graph", "folder": str(folder), "per_decoded_token": out, "gpu_over_mlx_lm": ratio}))

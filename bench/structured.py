@@ -1,11 +1,11 @@
 """Structured output: per-token overhead of a JSON-schema constraint, and schema compile time.
 
-Decode runs alternate in one process between: no constraint, the 30-field schema, a
-long-string schema, and the 30-field schema with the mask computed before the forward is
-started ("serial": what the overlap saves). Medians, and each constrained variant's
-per-token time over the unconstrained one.
+Decode runs alternate in one process between: no constraint, the 30-field schema, and the
+30-field schema with the mask computed before the forward is started ("serial": what the
+overlap saves). Medians; each constrained variant's per-token time over the unconstrained
+run of the same round (median of those ratios); the matcher's own CPU time per token.
 
-    python bench/structured.py --preset 24b-a2b --layers 4 --bits 4 --tokens 48 --runs 5
+    python bench/structured.py --preset 24b-a2b --layers 4 --bits 4 --tokens 16 --runs 9
 """
 
 import argparse
@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -82,8 +83,8 @@ def main():
                 **{k: compile_ms(tok, s) for k, s in TRICKY.items()}}
     model = load_model(converted(checkpoint(a.preset, a.layers), a.bits))
     no_eos = {t: -1e9 for t in tok.eos_token_ids}  # the unconstrained run goes the full length
-    long_string = {"type": "object", "required": ["text"], "properties": {"text": {"type": "string", "minLength": 10_000}}}
     mask_s = []  # seconds in the matcher (advance + mask) per token
+    rounds = {}  # variant -> its result in each round
 
     def timed(method):
         def call(self, *args):
@@ -96,31 +97,35 @@ def main():
     constraints.Constraint.advance = timed(constraints.Constraint.advance)
     constraints.Constraint.allowed = timed(constraints.Constraint.allowed)
 
-    def runner(serial=False, **constraint):
+    def runner(name, serial=False, **constraint):
         def run():
             mask_s.clear()
             constraints.mx = _NoOverlap(mx) if serial else mx
             *_, last = stream_generate(model, tok, PROMPT, max_tokens=a.tokens, temperature=0.0,
                                        logit_bias=None if constraint else no_eos, **constraint)
             constraints.mx = mx
-            return {"ms_per_token": 1e3 / last.generation_tps, "tokens": last.generation_tokens,
-                    "matcher_ms_per_token": sum(mask_s) * 1e3 / last.generation_tokens}
+            out = {"ms_per_token": 1e3 / last.generation_tps, "tokens": last.generation_tokens,
+                   "matcher_ms_per_token": sum(mask_s) * 1e3 / last.generation_tokens}
+            print(name, out, file=sys.stderr, flush=True)
+            rounds.setdefault(name, []).append(out)
+            return out
         return run
 
-    runners = {"plain": runner(), "wide30": runner(json_schema=wide_schema(30)),
-               "long_string": runner(json_schema=long_string),
-               "wide30_serial": runner(serial=True, json_schema=wide_schema(30))}
+    runners = {"plain": runner("plain"), "wide30": runner("wide30", json_schema=wide_schema(30)),
+               "wide30_serial": runner("wide30_serial", serial=True, json_schema=wide_schema(30))}
     for r in runners.values():  # warm-up
         r()
+    rounds.clear()
     med = alternating_medians(runners, a.runs)
-    base = med["plain"]["ms_per_token"]
+    # Each variant over the plain run of the same round, so slow swings of load cancel.
+    paired = {k: statistics.median(c["ms_per_token"] / p["ms_per_token"] - 1 for c, p in zip(rounds[k], rounds["plain"]))
+              for k in runners if k != "plain"}
     print(json.dumps({
         "bench": "structured", "preset": a.preset, "layers": a.layers, "bits": a.bits, "tokens": a.tokens,
         "runs": a.runs, "machine": f"{platform.machine()} {platform.system()} {os.cpu_count()} cores",
-        "load_avg": os.getloadavg()[0], "compile": compiled, "median": med,
-        "overhead_vs_plain": {k: m["ms_per_token"] / base - 1 for k, m in med.items() if k != "plain"},
+        "load_avg": os.getloadavg(), "compile": compiled, "median": med, "overhead_vs_plain_paired": paired,
+        "matcher_share_of_step": {k: m["matcher_ms_per_token"] / med["plain"]["ms_per_token"] for k, m in med.items()},
     }))
-
 
 if __name__ == "__main__":
     main()

@@ -15,19 +15,12 @@ import time
 
 import numpy as np
 
-import os
-from pathlib import Path
-
-from common import REFERENCE as _REF
-
-REFERENCE = Path(os.environ.get("LFM2_REFERENCE", _REF))
-from structured import TRICKY, wide_schema
+from structured import REFERENCE, TRICKY, wide_schema
 
 
 def byte_level_vocab(tok):
-    """Token id -> bytes (GPT-2 byte-level decoding); special tokens -> None."""
-    from tokenizers import Tokenizer  # noqa: F401
-
+    """Token id -> bytes (GPT-2 byte-level decoding) for the engines that want raw bytes;
+    special tokens -> None (they must never match text)."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
     n = 0

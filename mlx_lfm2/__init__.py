@@ -20,6 +20,7 @@ _EXPORTS = {
     "make_sampler": "engine.sample", "make_logits_processors": "engine.sample",
     "TokenIdError": "engine.validate",
     "batch_generate": "engine.batch", "BatchGenerator": "engine.batch",
+    "ConstraintError": "text.constraints", "tool_call_grammar": "text.constraints",
 }
 
 __all__ = sorted(_EXPORTS)

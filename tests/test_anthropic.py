@@ -27,7 +27,7 @@ def serve():
     servers = []
 
     def start(model, tok, api_key=None, queue_size=4, max_batch=8):
-        engine = Engine(model, tok, "local-lfm2", queue_size=queue_size, max_batch=max_batch)
+        engine = Engine(model, tok, "local-lfm2", queue_size=queue_size, max_context=2048, max_batch=max_batch)
         port = free_port()
         srv = uvicorn.Server(uvicorn.Config(create_app(engine, api_key), host="127.0.0.1", port=port,
                                             log_level="warning"))
@@ -211,6 +211,9 @@ BAD = [  # (name, body or raw bytes, headers, status, Anthropic error type)
     ("image", {"max_tokens": 5, "messages": [{"role": "user", "content": [
         {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AA=="}}]}]}, None,
      400, "invalid_request_error"),
+    ("tool_result of an image", {"max_tokens": 5, "messages": [{"role": "user", "content": [
+        {"type": "tool_result", "tool_use_id": "t", "content": [{"type": "image", "source": {}}, "x"]}]}]}, None,
+     400, "invalid_request_error"),
     ("tool_use from the user", {"max_tokens": 5, "messages": [{"role": "user", "content": [
         {"type": "tool_use", "id": "t", "name": "f", "input": {}}]}]}, None, 400, "invalid_request_error"),
     ("server tool", {"max_tokens": 5, "tools": [{"type": "web_search_20250305", "name": "web_search"}],
@@ -219,7 +222,7 @@ BAD = [  # (name, body or raw bytes, headers, status, Anthropic error type)
                              "messages": [{"role": "user", "content": "x"}]}, None, 400, "invalid_request_error"),
     ("any without tools", {"max_tokens": 5, "tool_choice": {"type": "any"},
                            "messages": [{"role": "user", "content": "x"}]}, None, 400, "invalid_request_error"),
-    ("too long", {"max_tokens": 5, "messages": [{"role": "user", "content": "word " * 200000}]}, None, 400,
+    ("too long", {"max_tokens": 5, "messages": [{"role": "user", "content": "word " * 3000}]}, None, 400,
      "invalid_request_error"),
     ("huge body", b"x" * (5 * 1024 * 1024), None, 413, "request_too_large"),
 ]
@@ -230,9 +233,10 @@ def test_malformed_requests_get_anthropic_errors_and_the_server_keeps_serving(re
     for name, body, headers, status, kind in BAD:
         headers = {"x-api-key": "sekrit"} if headers is None else headers
         if isinstance(body, bytes):
-            r = httpx.post(base + "/v1/messages", content=body, headers={**headers, "content-type": "application/json"})
+            r = httpx.post(base + "/v1/messages", content=body, headers={**headers, "content-type": "application/json"},
+                           timeout=30)
         else:
-            r = httpx.post(base + "/v1/messages", json=body, headers=headers)
+            r = httpx.post(base + "/v1/messages", json=body, headers=headers, timeout=30)
         assert r.status_code == status, (name, r.status_code, r.text)
         err = r.json()
         assert err["type"] == "error" and err["error"]["type"] == kind and err["error"]["message"], (name, err)
@@ -294,3 +298,36 @@ def test_bare_call_lists_are_calls_on_both_apis_only_when_tools_are_offered(scri
     deltas = [c.choices[0].delta for c in chunks if c.choices]
     assert "".join(d.content or "" for d in deltas) == ""
     assert [t.function.name for d in deltas for t in d.tool_calls or []] == ["get_weather"]
+
+
+LEVEL = {"name": "set_level", "description": "Set the level",
+         "input_schema": {"type": "object", "properties": {"level": {"type": "integer", "minimum": 0, "maximum": 9}},
+                          "required": ["level"], "additionalProperties": False}}
+PICK = {"name": "pick", "input_schema": {"type": "object", "properties": {"color": {"enum": ["red", "blue"]}},
+                                         "required": ["color"], "additionalProperties": False}}
+
+
+def test_forced_tool_use_follows_the_input_schema_and_output_format_gives_json(real):
+    """On a random-weight model: the grammar alone makes these parse (tool_choice any/tool,
+    output_config.format), whole and streamed."""
+    _, client = real
+    msgs = [{"role": "user", "content": "Set it."}]
+    # (tools whose arguments close quickly: a random model's free strings may not end in time)
+    for tools, choice in (([LEVEL, PICK], {"type": "any"}), (TOOLS + [LEVEL], {"type": "tool", "name": "set_level"})):
+        r = client.messages.create(model="m", max_tokens=60, messages=msgs, tools=tools, tool_choice=choice,
+                                   extra_body={"temperature": 0})
+        assert r.stop_reason == "tool_use" and r.content and all(b.type == "tool_use" for b in r.content), r.content
+        for b in r.content:
+            assert b.input in ({"color": "red"}, {"color": "blue"}) or 0 <= b.input["level"] <= 9
+        assert choice["type"] == "any" or {b.name for b in r.content} == {"set_level"}
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    kw = dict(model="m", max_tokens=40, messages=msgs, extra_body={"temperature": 0, "output_config": {
+        "format": {"type": "json_schema", "schema": schema}}})
+    r = client.messages.create(**kw)
+    assert r.stop_reason == "end_turn" and set(json.loads(r.content[0].text)) == {"ok"}
+    with client.messages.stream(**kw) as s:
+        assert s.get_final_message().content[0].text == r.content[0].text
+    bad = httpx.post(client.base_url.__str__().rstrip("/") + "/v1/messages", headers={"x-api-key": "sekrit"}, json={
+        "max_tokens": 5, "messages": msgs, "output_format": {"type": "json_schema", "schema": "nope"}})
+    assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"

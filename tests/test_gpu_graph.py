@@ -2,8 +2,8 @@
 decode graph (no copies of expert weights, fewer ops than mlx-lm) and logits equal to the CPU
 path's, for prefill and for the compiled one-token decode."""
 
+import os
 import sys
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -29,11 +29,12 @@ def folders(checkpoint, tmp_path_factory):
             "q4": convert(src, tmp_path_factory.mktemp("q") / "q4", quantize=True, dtype="float32", progress=False)}
 
 
-def test_device_kind_is_overridable(monkeypatch):
-    assert device.kind() == ("cpu" if mx.default_device().type == mx.cpu else "gpu")
+def test_device_kind_is_overridable():
+    if "MLX_LFM2_DEVICE" not in os.environ:
+        assert device.kind() == ("cpu" if mx.default_device().type == mx.cpu else "gpu")
     with device.assume("gpu"):
         assert device.kind() == "gpu" and device.prefill_step() == 2048 and device.cpu_streams() == []
-        assert device.compute_dtype(quantized=True) is None and device.fuse_gate_up()
+        assert device.compute_dtype(quantized=True) is None and device.fuse_matmuls()
         assert not device.take_experts_first(pairs=1, num_experts=64)
         with device.assume("cpu"):
             assert device.prefill_step() == 128 and device.compute_dtype(quantized=True) == mx.float32
@@ -63,6 +64,10 @@ def test_gpu_decode_graph_reads_experts_in_place_with_fewer_ops_than_mlx_lm(fold
         assert cpu["Gather"] > gathers  # the CPU path does copy the chosen experts (see device.py)
     gather_mm = "GatherQMM" if kind == "q4" else "GatherMM"
     assert gpu[gather_mm] == 2 * moe_layers  # gate+up fused, then down
+    if kind == "q4":  # per layer: one q/k/v (or conv in_proj) and out_proj; dense: one gate/up and w2;
+        # MoE: the router; then the head
+        dense = QCFG["num_dense_layers"]
+        assert gpu["QuantizedMatmul"] == 2 * QCFG["num_hidden_layers"] + 2 * dense + moe_layers + 1
     assert sum(gpu.values()) <= 0.8 * sum(lm.values()), (sum(gpu.values()), sum(lm.values()))
 
 
@@ -83,6 +88,9 @@ def test_gpu_path_logits_equal_cpu_path_and_decode_equals_prefill(folders, kind)
         gpu = load_model(folders[kind], compute_dtype=mx.float32)
         experts = gpu.layers[-1].feed_forward.experts
         assert "w13" in experts and "w1" not in experts and "w3" not in experts
+        assert "w13" in gpu.layers[0].feed_forward and "w1" not in gpu.layers[0].feed_forward
+        attn = next(l.self_attn for l in gpu.layers if l.is_attention)
+        assert "qkv_proj" in attn and "q_proj" not in attn
         gpu_full, gpu_steps = gpu(IDS), decode_logits(gpu, IDS)
         mx.eval(gpu_full, gpu_steps)
         assert gpu.layers[-1].__dict__.get("_compiled")  # the decode steps did run compiled

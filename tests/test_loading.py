@@ -126,6 +126,7 @@ def test_hub_repo_ids_go_through_huggingface_hub(monkeypatch, folder):
 
 def test_import_does_not_pull_torch_or_transformers():
     code = ("import sys, mlx_lfm2; from mlx_lfm2 import load, generate, stream_generate, "
-            "parse_tool_calls, convert; bad = {'torch', 'transformers', 'mlx_lm'} & set(sys.modules); "
+            "parse_tool_calls, convert; import mlx_lfm2.cli.chat, mlx_lfm2.serve.app; "
+            "bad = {'torch', 'transformers', 'mlx_lm'} & set(sys.modules); "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)

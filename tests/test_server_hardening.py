@@ -113,6 +113,7 @@ BAD = [  # (name, path, body, status, words in the message)
     ("negative prompt id", "/v1/completions", {"prompt": [-3]}, 422, ["-3"]),
     ("too many logprobs", "/v1/completions", {"prompt": "x", "logprobs": 100000}, 422, ["logprobs"]),
     ("negative logprobs", "/v1/completions", {"prompt": "x", "logprobs": -2}, 422, ["logprobs"]),
+    ("stop string of 100k", CHAT, {"messages": USER, "stop": ["x" * 100000]}, 422, ["stop"]),
     ("lone surrogate", CHAT, {"messages": [{"role": "user", "content": "\ud800"}]}, 400, ["surrogate"]),
     ("logit_bias value", CHAT, {"messages": USER, "logit_bias": {"5": 1e9}}, 422, ["-100..100"]),
 ]
@@ -161,6 +162,16 @@ def test_repeating_a_prompt_with_max_tokens_1_does_not_poison_the_cache(server, 
     longer = post(base, {**body, "temperature": 0, "max_tokens": 4}, path)
     assert longer.status_code == 200, longer.text
     assert longer.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_logprobs_of_masked_tokens_are_finite_json(server):
+    # A forced tool call constrains the reply by a grammar: most tokens' logprobs are -inf.
+    base, _, _ = server
+    r = post(base, {"messages": USER, "max_tokens": 3, "tools": [deep_schema(1)], "tool_choice": "required",
+                    "logprobs": True, "top_logprobs": 20})
+    assert r.status_code == 200, r.text
+    tops = [t["logprob"] for c in r.json()["choices"][0]["logprobs"]["content"] for t in c["top_logprobs"]]
+    assert tops and -9999.0 in tops and all(-9999.0 <= lp <= 0 for lp in tops)
 
 
 def test_a_missing_max_tokens_is_bounded_by_the_default(server):

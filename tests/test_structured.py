@@ -10,7 +10,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from conftest import ScriptedModel, reference_dir
+from conftest import ScriptedModel
 from mlx_lfm2 import parse_tool_calls, stream_generate
 from mlx_lfm2.text.constraints import ConstraintError, make_constraint, tool_call_grammar
 
@@ -26,10 +26,8 @@ def sample(chat_model, max_tokens=160, seed=0, prompt=CHAT, **constraint):
 
 
 @pytest.fixture(scope="module")
-def tok():
-    from mlx_lfm2.text.tokenizer import load_tokenizer
-
-    return load_tokenizer(reference_dir())
+def tok(chat_model):
+    return chat_model[1]  # the real tokenizer; sharing it shares llguidance's view of it (~1 s to build)
 
 
 @pytest.mark.parametrize("name", sorted(TRICKY))
@@ -167,16 +165,22 @@ def test_constraint_keeps_the_models_choice_when_it_is_allowed(tok):
 
 
 def test_mask_is_built_while_the_forward_runs(tok, monkeypatch):
-    """The processor starts the step's forward (async_eval) before computing its mask."""
+    """The processor queues the read of the new token, then the step's forward, and only then
+    advances the matcher and computes the mask (the device never waits on the matcher)."""
     events = []
+    logits = mx.zeros((1, 65536))
     c = make_constraint(tok, regex="[ab]+", prompt_tokens=2)
-    real_async_eval, real_allowed = mx.async_eval, c.allowed
-    monkeypatch.setattr(mx, "async_eval", lambda *a: (events.append("forward"), real_async_eval(*a))[1])
+    real_async_eval, real_allowed, real_advance = mx.async_eval, c.allowed, c.advance
+    monkeypatch.setattr(mx, "async_eval", lambda *a: (
+        events.append("forward" if any(x is logits for x in a) else "read"), real_async_eval(*a))[1])
     monkeypatch.setattr(c, "allowed", lambda v: (events.append("mask"), real_allowed(v))[1])
-    out = c(mx.array([1, 2]), mx.zeros((1, 65536)))
-    assert events == ["forward", "mask"]
-    allowed = np.flatnonzero(np.array(out[0] > -np.inf))
-    assert allowed.size and all(set(tok.decode([int(t)])) <= {"a", "b"} for t in allowed)
+    monkeypatch.setattr(c, "advance", lambda t: (events.append("advance"), real_advance(t))[1])
+    a = tok.encode("a", add_special_tokens=False)
+    out = c(mx.array([1, 2] + a), logits)
+    assert events == ["read", "forward", "advance", "mask"] and c.tokens == a
+    allowed = set(np.flatnonzero(np.array(out[0] > -np.inf)).tolist())
+    assert tok.eos_token_ids <= allowed  # "a" already matches
+    assert all(set(tok.decode([t])) <= {"a", "b"} for t in allowed - tok.eos_token_ids)
 
 
 @pytest.mark.slow  # a subprocess
@@ -361,3 +365,31 @@ def test_tool_grammar_follows_refs_and_recursion(tok):
     bad = make_constraint(tok, grammar=tool_call_grammar([tree, other]))
     wrong = tok.encode('<|tool_call_start|>[flag(on={"v": 1', add_special_tokens=False)
     assert bad.advance(wrong) < len(wrong)
+
+
+def test_constraints_hold_per_row_in_a_batch(chat_model):
+    """BatchGenerator runs each row's processors on its own row: two schemas and one free row
+    decode together, each constrained row validates."""
+    from mlx_lfm2.engine.batch import BatchGenerator
+    from mlx_lfm2.engine.sample import make_sampler
+
+    model, tok, _ = chat_model
+    schemas = [TRICKY["patterns"], TRICKY["bounded_numbers"], None]
+    gen = BatchGenerator(model, max_batch=3)
+    uids = {}
+    for i, schema in enumerate(schemas):
+        ids = tok.apply_chat_template([{"role": "user", "content": f"Row {i}"}], tokenize=True)
+        procs = [make_constraint(tok, json_schema=schema, prompt_tokens=len(ids))] if schema else []
+        uid = gen.insert(ids, max_tokens=120, sampler=make_sampler(1.0, seed=i), logits_processors=procs,
+                         stop_tokens=tok.eos_token_ids)
+        uids[uid] = (schema, [], None)
+    while len(gen):
+        for t in gen.step():
+            schema, out, _ = uids[t.uid]
+            if t.finish_reason != "stop":
+                out.append(t.token)
+            uids[t.uid] = (schema, out, t.finish_reason)
+    for schema, out, finish in uids.values():
+        if schema is not None:
+            assert finish == "stop"
+            jsonschema.validate(json.loads(tok.decode(out)), schema)

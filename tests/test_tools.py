@@ -97,3 +97,38 @@ def test_writing_deeply_nested_arguments_is_a_tool_call_error():
     with pytest.raises(ToolCallError, match="nested too deeply"):
         format_pythonic_call("f", {"x": deep})
     assert format_pythonic_call("f", {"x": [[1]], "s": 'a"b'}) == 'f(x=[[1]], s="a\\"b")'
+
+
+def test_fuzzed_blocks_never_raise_and_calls_are_strict_json():
+    """Seeded mutations of valid Pythonic and JSON calls: the parser answers every one."""
+    import random
+
+    rng = random.Random(0)
+    seeds = ['[f(a=1, b="x", c=[1, {"k": None}], d=-2.5, e=True)]',
+             '[{"name": "g", "arguments": {"q": [1, 2, {"r": "s"}], "n": 1e5}}]',
+             '{"name": "h", "parameters": "{\\"z\\": [true, false, null]}"}', "[f(), g(x=(1, 2))]"]
+    alphabet = list("[](){}\"',:=.\\-+eE0123456789 xyz") + ["1e999", "NaN", "...", "b'", "j", "{1, 2}", "**",
+                                                          "lambda", "__import__", CALL_START, CALL_END]
+    parsed_ok = 0
+    for _ in range(3000):
+        text = list(rng.choice(seeds))
+        for _ in range(rng.randint(1, 4)):
+            i = rng.randrange(len(text) + 1)
+            op = rng.random()
+            if op < 0.4:
+                text.insert(i, rng.choice(alphabet))
+            elif op < 0.7 and text:
+                del text[min(i, len(text) - 1)]
+            else:
+                text.insert(i, rng.choice("[{(") * rng.randint(1, 300))
+        body = "".join(text)
+        parsed = parse_tool_calls(block(body))
+        for call in parsed.calls:
+            assert isinstance(call["name"], str) and isinstance(call["arguments"], dict)
+            json.dumps(call["arguments"], allow_nan=False)  # strict JSON: no set, bytes, inf...
+        parsed_ok += bool(parsed.calls)
+        stream = ToolCallStream()
+        pieces = [block(body)[i:i + 5] for i in range(0, len(block(body)), 5)]
+        assert "".join(stream.feed(p) for p in pieces) + stream.finish() == parsed.content
+        assert stream.calls == parsed.calls
+    assert parsed_ok > 300  # the mutations leave many blocks valid: the check is not vacuous

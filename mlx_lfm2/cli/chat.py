@@ -29,6 +29,8 @@ HELP = """\
   /system TEXT    set the system prompt and reset
   /save PATH      save the conversation (transcript and cache)
   /load PATH      load a saved conversation
+  /retry          regenerate the last reply (rewinds the cache, no re-prefill)
+  /undo           drop the last exchange (your message and the reply)
   /stats          speed and memory of the last reply
   /help           this help
   /quit           leave (or Ctrl-D)
@@ -52,6 +54,10 @@ def parse_args(argv=None):
     p.add_argument("--no-markdown", action="store_true", help="print replies as plain text")
     p.add_argument("--json-schema", type=Path, metavar="FILE",
                    help="a JSON schema file: every reply is JSON that validates against it")
+    p.add_argument("--draft-model", help="a small LFM2 with the same tokenizer for speculative decoding")
+    p.add_argument("--num-draft-tokens", type=int, help="tokens drafted per step (default: adaptive from 3)")
+    p.add_argument("--prompt-lookup", action="store_true",
+                   help="speculative decoding with drafts from n-grams of the conversation (no draft model)")
     return p.parse_args(argv)
 
 
@@ -145,7 +151,9 @@ def visible(text: str, strict: bool = False) -> str:
 def stats_line(r) -> str:
     return (f"[dim]{r.prompt_tokens} prompt tokens @ {r.prompt_tps:.1f} tok/s · "
             f"{r.generation_tokens} tokens @ {r.generation_tps:.1f} tok/s · "
-            f"peak {r.peak_memory:.2f} GB · {r.finish_reason}[/]")
+            f"peak {r.peak_memory:.2f} GB · {r.finish_reason}"
+            + (f" · {r.accepted_tokens}/{r.draft_tokens} drafted tokens accepted" if r.draft_tokens else "")
+            + "[/]")
 
 
 class Repl:
@@ -163,20 +171,26 @@ class Repl:
 
         calls, shown = ToolCallStream(bare_names=self.tools), ""  # names: LFM2.5's unmarked calls
         render = (lambda s: Markdown(visible(s))) if self.markdown else (lambda s: Text(visible(s)))
-        with Live(render(""), console=self.console, refresh_per_second=12,
-                  vertical_overflow="visible") as live:
-            try:
-                for r in responses:
-                    piece = calls.feed(r.text)
-                    if r.finish_reason:
-                        piece += calls.finish()
-                    if piece:
-                        shown += piece
-                        live.update(render(shown))
-            except KeyboardInterrupt:
-                responses.close()
-                live.update(render(shown + "\n\n*[interrupted]*" if self.markdown else shown + " [interrupted]"))
-                return shown
+        interrupted = (lambda s: s + "\n\n*[interrupted]*") if self.markdown else (lambda s: s + " [interrupted]")
+        try:
+            with Live(render(""), console=self.console, refresh_per_second=12,
+                      vertical_overflow="visible") as live:
+                try:
+                    for r in responses:
+                        piece = calls.feed(r.text)
+                        if r.finish_reason:
+                            piece += calls.finish()
+                        if piece:
+                            shown += piece
+                            live.update(render(shown))
+                except KeyboardInterrupt:
+                    responses.close()
+                    live.update(render(interrupted(shown)))
+                    return shown
+        except KeyboardInterrupt:  # in Live's start or stop, outside the loop: same outcome
+            responses.close()
+            self.console.print(render(interrupted(shown)))
+            return shown
         if self.chat.last is not None:
             self.console.print(stats_line(self.chat.last))
         return shown
@@ -184,6 +198,7 @@ class Repl:
     def turn(self, text: str) -> None:
         self.stream(self.chat.send(text, max_tokens=self.max_tokens))
         for _ in range(8):  # a few rounds of tool use per user turn at most
+            from ..engine.distributed import from_leader
             from ..text.tools import call_tool, parse_tool_calls
 
             reply = self.chat.messages[-1]["content"]
@@ -196,8 +211,8 @@ class Repl:
                                                  (visible(call["name"], strict=True), "bold"),
                                                  f"({visible(args, strict=True)})"))
                 answer = self.console.input("[yellow]run it? \\[y/N] [/]").strip().lower()
-                if answer in ("y", "yes"):
-                    result = call_tool(self.tools, call)
+                if answer in ("y", "yes"):  # under mlx.launch: run once, on rank 0
+                    result = from_leader(call_tool, self.tools, call)
                 else:
                     result = '{"error": "the user declined to run this tool"}'
                 self.console.print(Text(f"→ {visible(result[:500])}", style="dim"))
@@ -232,6 +247,17 @@ class Repl:
                 self.console.print(f"[dim]loaded {len(self.chat.messages)} messages from {escape(arg)}[/]")
             except (OSError, ValueError) as e:
                 self.console.print(Text(str(e), style="red"))
+        elif cmd == "/retry":
+            if not any(m["role"] == "user" for m in self.chat.messages):
+                self.console.print("[dim]nothing to retry[/]")
+            else:
+                self.stream(self.chat.retry(max_tokens=self.max_tokens))
+        elif cmd == "/undo":
+            try:
+                dropped = self.chat.undo()
+                self.console.print(f"[dim]dropped {len(dropped)} messages[/]")
+            except ValueError as e:
+                self.console.print(Text(str(e), style="dim"))
         elif cmd == "/stats":
             r = self.chat.last
             self.console.print(stats_line(r) if r else "[dim]no reply yet[/]")
@@ -268,9 +294,12 @@ def main(argv=None) -> None:
     console = Console(highlight=False)
     tools = load_tools(args.tools) if args.tools else {}
     from ..weights.loader import load
+    from ..engine.distributed import from_leader, group, leader
     from ..engine.session import Chat
 
     t_load = time.perf_counter()
+    if group() is not None and not args.model:
+        raise SystemExit("error: under mlx.launch pass --model (the same folder on every machine)")
     try:
         if args.model:
             check_model(console, args.model)
@@ -279,12 +308,24 @@ def main(argv=None) -> None:
     except (OSError, ValueError, RuntimeError) as e:
         raise SystemExit(f"error: {e}")
     load_s = time.perf_counter() - t_load
+    if group() is not None:  # mlx.launch: rank 0 reads and prints, the others follow its input
+        console.input = lambda *a, **k: from_leader(Console.input, console, *a, **k)
+        console.quiet = not leader()
     sampling = {k: v for k, v in dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                                       min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                                       seed=args.seed).items() if v is not None}
     if args.json_schema:
         sampling["json_schema"] = read_schema(args.json_schema, tokenizer)
-    chat = Chat(model, tokenizer, system=args.system, tools=list(tools.values()) or None, **sampling)
+    draft = None
+    if args.draft_model:
+        try:
+            draft, _ = load(args.draft_model)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: draft model: {e}")
+        if draft.args.vocab_size != model.args.vocab_size or args.prompt_lookup:
+            raise SystemExit("error: --draft-model needs the target's tokenizer, and excludes --prompt-lookup")
+    chat = Chat(model, tokenizer, system=args.system, tools=list(tools.values()) or None, draft_model=draft,
+                num_draft_tokens=args.num_draft_tokens, prompt_lookup=args.prompt_lookup, **sampling)
     startup = time.perf_counter() - t0 - load_s
     console.print(f"[bold]mlx_lfm2[/] · {escape(args.model or Path(source).name)} · weights {load_s:.1f}s · "
                   f"start-up {startup:.2f}s · /help for commands"

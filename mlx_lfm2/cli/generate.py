@@ -54,8 +54,12 @@ def main(argv=None) -> None:
     if args.max_tokens < 1:
         raise SystemExit("error: --max-tokens must be at least 1")
     prompt = args.prompt.replace("\\n", "\n").replace("\\t", "\t")
-    prompt = sys.stdin.read() if prompt == "-" else prompt
+    from ..engine.distributed import group, leader
 
+    if prompt == "-" and group() is not None:
+        raise SystemExit("error: --prompt - cannot be used under mlx.launch, which forwards stdin but "
+                         "never closes it: pass the prompt as --prompt TEXT")
+    prompt = sys.stdin.read() if prompt == "-" else prompt
     from ..engine.generation import stream_generate
     from ..weights.loader import load
 
@@ -73,24 +77,28 @@ def main(argv=None) -> None:
                     repetition_penalty=args.repetition_penalty, seed=args.seed,
                     prefill_step_size=args.prefill_step_size)
 
-    if args.verbose:
+    show = leader()  # under mlx.launch rank 0 alone prints the completion; every rank its stats
+    if args.verbose and show:
         print(SEPARATOR)
     text, last = "", None
     try:
         for r in stream_generate(model, tokenizer, ids, args.max_tokens, **sampling):
-            if args.verbose:
+            if args.verbose and show:
                 print(r.text, end="", flush=True)
             text += r.text
             last = r
     except ValueError as e:  # a prompt over the context, say
         raise SystemExit(f"error: {e}")
     if not args.verbose:
-        print(text)
+        if show:
+            print(text)
         return
-    print()
-    print(SEPARATOR)
+    if show:
+        print()
+        print(SEPARATOR)
     if not text:
-        print("No text generated for this prompt")
+        if show:
+            print("No text generated for this prompt")
         return
     print(f"Prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.3f} tokens-per-sec")
     print(f"Generation: {last.generation_tokens} tokens, {last.generation_tps:.3f} tokens-per-sec")

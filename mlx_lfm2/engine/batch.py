@@ -28,6 +28,7 @@ from typing import Callable, Optional, Sequence, Union
 import mlx.core as mx
 
 from ..model import batch_cache
+from ..model.cache import checkpoint
 from ..text.constraints import make_constraint
 from .generation import (GenerationResponse, Prompt, PromptTooLongError, _held_back, context_length,
                          default_prefill_step, encode_prompt)
@@ -150,6 +151,7 @@ class BatchGenerator:
             end = min(s.pos + self.prefill_step_size, body)
             self.model(mx.array(s.prompt[s.pos : end], dtype=mx.uint32)[None], cache=s.cache)
             mx.eval([c.state for c in s.cache])
+            checkpoint(s.cache)  # as ``prefill`` does: a later prompt sharing this prefix rewinds here
             s.pos = end
             if s.pos < body:
                 return  # the next chunk waits for the next step

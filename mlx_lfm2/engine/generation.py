@@ -21,8 +21,9 @@ from typing import Iterator, Optional, Sequence, Union
 import mlx.core as mx
 
 from ..model import device
-
+from ..model.pipeline import PipelineModel
 from ..text.constraints import make_constraint
+from ..model.cache import checkpoint
 from .sample import make_logits_processors, make_sampler
 from .validate import TokenIdError, check_token_ids, vocab_rows  # noqa: F401 (TokenIdError: for importers)
 
@@ -61,6 +62,7 @@ def prefill(model, tokens: mx.array, cache: list, step_size: Optional[int] = Non
     for start in range(0, tokens.size, step_size):
         model(tokens[None, start : start + step_size], cache=cache)
         mx.eval([c.state for c in cache])
+        checkpoint(cache)  # a later prompt that shares this prefix can rewind to here
 
 
 def generate_step(prompt: mx.array, model, cache: list, *, max_tokens: int = 256, sampler=None,
@@ -75,7 +77,16 @@ def generate_step(prompt: mx.array, model, cache: list, *, max_tokens: int = 256
     if prompt.size == 0:
         raise ValueError("prompt is empty: nothing to continue from")
     check_token_ids(prompt.tolist(), vocab_rows(model), "prompt token id")
+    # Under mlx.launch every rank runs this loop; rank 0's prompt, tokens and stop decisions
+    # are shared so the ranks stay in step (see model.pipeline); a stop_event then ends it a token
+    # or two later than in one process (the flag travels with a token).
+    shared = isinstance(model, PipelineModel)
+    if shared:
+        prompt = model.share_prompt(prompt)
     history = prompt
+
+    def stopped() -> bool:
+        return stop_event is not None and stop_event.is_set()
 
     def step(tokens: mx.array):
         nonlocal history
@@ -83,25 +94,29 @@ def generate_step(prompt: mx.array, model, cache: list, *, max_tokens: int = 256
         for proc in logits_processors:
             logits = proc(history, logits)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        y = sampler(logprobs)
+        y, stop = sampler(logprobs), None
+        if shared:
+            y, stop = model.share_token(y, stopped())
         if logits_processors:
             history = mx.concatenate([history, y.astype(history.dtype)])
-        return y, logprobs[0]
+        return y, logprobs[0], stop
 
     prefill(model, prompt[:-1], cache, prefill_step_size)
     if max_tokens <= 0:
         return
-    y, logprobs = step(prompt[-1:])
+    y, logprobs, stop = step(prompt[-1:])
     mx.async_eval(y, logprobs)
+    last_stop = None  # the shared stop flag of the token yielded last (already evaluated)
     for n in range(max_tokens):
-        if stop_event is not None and stop_event.is_set():
+        if (last_stop is not None and last_stop.item()) if shared else stopped():
             return
         if n + 1 < max_tokens:
-            next_y, next_logprobs = step(y)  # feeds y into the cache
+            next_y, next_logprobs, next_stop = step(y)  # feeds y into the cache
             mx.async_eval(next_y, next_logprobs)
         yield y.item(), logprobs
+        last_stop = stop
         if n + 1 < max_tokens:
-            y, logprobs = next_y, next_logprobs
+            y, logprobs, stop = next_y, next_logprobs, next_stop
 
 
 @dataclass
@@ -116,6 +131,13 @@ class GenerationResponse:
     generation_tps: float
     peak_memory: float  # GB
     stop_sequence: Optional[str] = None  # on the last response: the stop string that ended it, if one did
+    from_draft: bool = False  # speculative decoding: a draft token the target accepted
+    draft_tokens: int = 0  # speculative decoding: drafted tokens verified so far...
+    accepted_tokens: int = 0  # ...and how many of them the target kept
+
+    @property
+    def acceptance(self) -> Optional[float]:
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else None
 
 
 def encode_prompt(tokenizer, prompt: Prompt, tools=None) -> list[int]:
@@ -146,13 +168,19 @@ def stream_generate(model, tokenizer, prompt: Prompt, max_tokens: int = 256, *,
                     seed: Optional[int] = None, stop: Union[str, Sequence[str], None] = None,
                     cache: Optional[list] = None, stop_event: Optional[threading.Event] = None,
                     prefill_step_size: Optional[int] = None, tools=None, json_schema=None,
-                    regex: Optional[str] = None, grammar: Optional[str] = None) -> Iterator[GenerationResponse]:
+                    regex: Optional[str] = None, grammar: Optional[str] = None, draft_model=None,
+                    draft_cache: Optional[list] = None, num_draft_tokens: Optional[int] = None,
+                    prompt_lookup: bool = False) -> Iterator[GenerationResponse]:
     """Stream a completion of ``prompt``; the last response carries ``finish_reason``.
 
     Sampling arguments left as None use greedy decoding (``temperature=0``) and no penalty;
     front ends pass the model card defaults (``default_sampling``). ``json_schema`` (a dict),
     ``regex`` or ``grammar`` (llguidance Lark) constrain the reply, which ends ("stop") when
     the value closes; an invalid one raises ``ConstraintError`` (see ``text.constraints``).
+    ``draft_model`` (an LFM2 sharing the tokenizer, with ``draft_cache`` holding what ``cache``
+    holds) or ``prompt_lookup=True`` turn on speculative decoding (``speculative.py``): same
+    greedy output, same sampling distribution, fewer target passes where verifying is cheap.
+    Constrained replies and pipeline-parallel models decode plainly.
     """
     rows = vocab_rows(model)
     ids = check_token_ids(encode_prompt(tokenizer, prompt, tools), rows, "prompt token id")
@@ -181,15 +209,30 @@ def stream_generate(model, tokenizer, prompt: Prompt, max_tokens: int = 256, *,
     tic = time.perf_counter()
     prompt_tps = gen_tps = 0.0
     text, shown, n, stop_token, stop_string = "", 0, 0, None, None
-    stepper = generate_step(mx.array(ids, dtype=mx.uint32), model, cache, max_tokens=max_tokens,
-                            sampler=sampler, logits_processors=processors,
-                            prefill_step_size=prefill_step_size, stop_event=stop_event)
+    spec = {}
+    speculate = (draft_model is not None or prompt_lookup) and constraint is None \
+        and not isinstance(model, PipelineModel)
+    if speculate:
+        from .sample import make_distribution
+        from .speculative import speculative_generate_step
 
-    def response(segment, token, logprobs, reason, stop_string=None):
+        stepper = speculative_generate_step(
+            mx.array(ids, dtype=mx.uint32), model, cache, draft_model=draft_model, draft_cache=draft_cache,
+            prompt_lookup=prompt_lookup, num_draft_tokens=num_draft_tokens, max_tokens=max_tokens,
+            sampler=sampler, distribution=make_distribution(temperature or 0.0, top_p, top_k, min_p),
+            logits_processors=processors, seed=seed, prefill_step_size=prefill_step_size,
+            stop_event=stop_event, stats=spec)
+    else:
+        stepper = ((t, lp, False) for t, lp in generate_step(
+            mx.array(ids, dtype=mx.uint32), model, cache, max_tokens=max_tokens, sampler=sampler,
+            logits_processors=processors, prefill_step_size=prefill_step_size, stop_event=stop_event))
+
+    def response(segment, token, logprobs, reason, stop_string=None, from_draft=False):
         return GenerationResponse(segment, token, logprobs, reason, len(ids), n, prompt_tps, gen_tps,
-                                  mx.get_peak_memory() / 1e9, stop_string)
+                                  mx.get_peak_memory() / 1e9, stop_string, from_draft, spec.get("drafted", 0),
+                                  spec.get("accepted", 0))
 
-    for token, logprobs in stepper:
+    for token, logprobs, from_draft in stepper:
         if n == 0:
             prompt_tps = len(ids) / (time.perf_counter() - tic)
             tic = time.perf_counter()
@@ -207,7 +250,7 @@ def stream_generate(model, tokenizer, prompt: Prompt, max_tokens: int = 256, *,
             text, finish = text[:cut], "stop"
             break
         visible = len(text) - _held_back(text, stops)
-        yield response(text[shown:visible], token, logprobs, None)
+        yield response(text[shown:visible], token, logprobs, None, from_draft=from_draft)
         shown = max(shown, visible)
     else:
         finish = "cancelled" if stop_event is not None and stop_event.is_set() else "length"

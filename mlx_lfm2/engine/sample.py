@@ -67,6 +67,20 @@ def make_sampler(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, m
     return sample
 
 
+def make_distribution(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                      min_p: float = 0.0) -> Optional[Callable[[mx.array], mx.array]]:
+    """The log-probabilities ``make_sampler`` draws from (same filters), for rules that need
+    the distribution itself (speculative sampling); None when greedy."""
+    if temperature <= 0:
+        return None
+
+    def dist(logprobs: mx.array) -> mx.array:
+        lp = _min_p(_top_p(_top_k(logprobs, top_k), top_p), min_p) * (1 / temperature)
+        return lp - mx.logsumexp(lp, axis=-1, keepdims=True)
+
+    return dist
+
+
 def repetition_penalty_processor(penalty: float, window: int = 64) -> LogitsProcessor:
     """Divide positive / multiply negative logits of tokens seen in the last ``window``."""
     if check_number("repetition_penalty", penalty) <= 0:

@@ -1,13 +1,17 @@
 """Conversations that keep their cache, so turn N prefills only turn N.
 
 ``PromptCache`` pairs a model cache with the exact prompt text it has consumed. A new
-prompt that extends that text costs only its suffix; one that does not (an edited
-history) starts over. Matching on rendered text rather than token ids keeps this exact
-even when a sampled reply is not tokenized the way its re-rendered text would be.
+prompt that extends that text costs only its suffix; one that does not (a regenerated
+reply, an edited or dropped message) rewinds the cache to the longest common prefix it
+can reach (``cache.py``: anywhere in the last few tokens, or a checkpoint such as the end
+of a prompt or of a turn) and prefills the rest. Matching on rendered text rather than
+token ids keeps this exact even when a sampled reply is not tokenized the way its
+re-rendered text would be.
 
-The conv state cannot be rewound, so ``Chat`` copies the cache at each turn boundary
-(arrays are immutable, the copy is cheap): a reply interrupted mid-step (Ctrl-C) restores
-that copy, and the partial reply is kept in the transcript for the next turn to prefill.
+``Chat`` copies the cache at each turn boundary (arrays are immutable, the copy is cheap):
+a reply interrupted mid-step (Ctrl-C) restores that copy, and the partial reply is kept in
+the transcript for the next turn to prefill. ``retry()`` and ``undo()`` edit the transcript;
+the next prompt then rewinds instead of prefilling the conversation again.
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ import os
 from pathlib import Path
 from typing import Iterator, Optional
 
-from ..model.cache import copy_cache, load_cache, save_cache
+import mlx.core as mx
+
+from ..model.cache import KVCache, checkpoint, copy_cache, load_cache, reachable, rewind, save_cache
 from ..text.tokenizer import RenderedPrompt, plain_spans
 from .generation import GenerationResponse, default_sampling, stream_generate
 
@@ -38,6 +44,25 @@ def model_identity(model) -> dict:
             "config_hash": digest}
 
 
+def _cache_problem(model, cache: list, n_tokens: int) -> Optional[str]:
+    """What is wrong with a loaded cache for ``model`` holding ``n_tokens`` tokens, or None."""
+    a = model.args
+    for i, c in enumerate(cache):
+        if c.offset != n_tokens:
+            return f"layer {i} holds {c.offset} positions, the transcript {n_tokens} tokens"
+        if not c.state:
+            if n_tokens:
+                return f"layer {i} has no state"
+            continue
+        if isinstance(c, KVCache):
+            want = [(1, a.num_key_value_heads, n_tokens, a.head_dim)] * 2
+        else:
+            want = [(1, a.conv_L_cache - 1, a.hidden_size)]
+        if [tuple(x.shape) for x in c.state] != want:
+            return f"layer {i} arrays are {[tuple(x.shape) for x in c.state]}, expected {want}"
+    return None
+
+
 def _mismatch(saved: dict, ours: dict) -> str:
     diffs = [k for k in ours if k != "config_hash" and saved.get(k) != ours[k]]
     if diffs:
@@ -48,27 +73,75 @@ def _mismatch(saved: dict, ours: dict) -> str:
 class PromptCache:
     """A model cache, the token ids it has consumed, and the prompt text they spell."""
 
-    def __init__(self, model, cache=None, text: str = "", tokens=()):
-        self.model = model
+    def __init__(self, model, cache=None, text: str = "", tokens=(), draft_model=None, draft_cache=None):
+        self.model, self.draft_model = model, draft_model
         self.cache = cache if cache is not None else model.make_cache()
         self.text, self.tokens = text, list(tokens)
+        # A draft model's cache (speculative decoding) holds what ``cache`` holds.
+        self.draft_cache = draft_cache
+        if draft_model is not None and (draft_cache is None or draft_cache[0].offset != self.offset):
+            self.draft_cache = draft_model.make_cache()
+            if self.tokens:
+                from .generation import prefill
+
+                prefill(draft_model, mx.array(self.tokens, dtype=mx.uint32), self.draft_cache)
 
     @property
     def offset(self) -> int:
         return self.cache[0].offset if self.cache else 0
 
     def copy(self) -> "PromptCache":
-        return PromptCache(self.model, copy_cache(self.cache), self.text, self.tokens)
+        draft = copy_cache(self.draft_cache) if self.draft_cache is not None else None
+        return PromptCache(self.model, copy_cache(self.cache), self.text, self.tokens, self.draft_model, draft)
+
+    @property
+    def _caches(self) -> list:
+        return self.cache + (self.draft_cache or [])
+
+    def reusable(self, tokenizer, prompt_text: str) -> int:
+        """How many cached tokens ``prompt_text`` could reuse (what ``new_tokens`` keeps).
+
+        A shared prefix must agree on the untrusted-content spans too: the same characters
+        typed by a user and written by the template are different tokens.
+        """
+        if self.offset != len(self.tokens) or not self.tokens:
+            return 0
+
+        def same(n: int) -> bool:  # the first n characters: same text, same untrusted spans
+            return prompt_text.startswith(self.text[:n]) and plain_spans(prompt_text[:n]) == plain_spans(self.text[:n])
+
+        if len(prompt_text) > len(self.text) and same(len(self.text)):
+            return len(self.tokens)
+
+        def fits(p: int) -> bool:
+            prefix = tokenizer.decode(self.tokens[:p])
+            return len(prefix) < len(prompt_text) and self.text.startswith(prefix) and same(len(prefix))
+
+        # The longest token prefix that spells a proper prefix of the prompt (binary search),
+        # then the nearest offset below it that every layer can rewind to.
+        lo, hi = 0, len(self.tokens)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+        p = reachable(self._caches, lo)
+        while p > 0 and not fits(p):  # a split multi-byte character: step back
+            p = reachable(self._caches, p - 1)
+        return p
 
     def new_tokens(self, tokenizer, prompt_text: str) -> list[int]:
-        """Ids of the part of ``prompt_text`` not yet in the cache (resets it if not a prefix).
-
-        A prefix must agree on the untrusted-content spans too: the same characters typed by
-        a user and written by the template are different tokens.
-        """
-        if (not prompt_text.startswith(self.text) or self.offset != len(self.tokens)
-                or plain_spans(prompt_text[: len(self.text)]) != plain_spans(self.text)):
+        """Ids of the part of ``prompt_text`` not yet in the cache: the cache is extended,
+        rewound to the longest common prefix it can reach, or reset."""
+        keep = self.reusable(tokenizer, prompt_text)
+        if keep == 0:
             self.cache, self.text, self.tokens = self.model.make_cache(), "", []
+            if self.draft_model is not None:
+                self.draft_cache = self.draft_model.make_cache()
+        elif keep < len(self.tokens):
+            rewind(self.cache, self.offset - keep)
+            if self.draft_cache is not None:
+                rewind(self.draft_cache, self.draft_cache[0].offset - keep)
+            self.tokens = self.tokens[:keep]
+            self.text = prompt_text[: len(tokenizer.decode(self.tokens))]  # keeps the spans
         return tokenizer.encode(prompt_text[len(self.text):], add_special_tokens=False)
 
     def commit(self, tokenizer, prompt_text: str, prompt_ids: list[int], generated: list[int]) -> None:
@@ -76,13 +149,17 @@ class PromptCache:
         fed = (list(prompt_ids) + list(generated))[: self.offset - len(self.tokens)]
         self.tokens += fed
         self.text = prompt_text + tokenizer.decode(fed[len(prompt_ids):])
+        checkpoint(self._caches)  # the end of this turn: where a later edit can come back to
 
 
 class Chat:
     """A multi-turn conversation: ``for r in chat.send("hi"): print(r.text, end="")``."""
 
-    def __init__(self, model, tokenizer, system: Optional[str] = None, tools=None, **sampling):
+    def __init__(self, model, tokenizer, system: Optional[str] = None, tools=None, draft_model=None,
+                 num_draft_tokens: Optional[int] = None, prompt_lookup: bool = False, **sampling):
         self.model, self.tokenizer, self.tools = model, tokenizer, tools
+        self.draft_model = draft_model
+        self.speculative = dict(num_draft_tokens=num_draft_tokens, prompt_lookup=prompt_lookup)
         self.sampling = {**default_sampling(model), **sampling}
         self.system = system
         self.reset()
@@ -91,7 +168,7 @@ class Chat:
         if system is not None:
             self.system = system
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
-        self.prompt_cache = PromptCache(self.model)
+        self.prompt_cache = PromptCache(self.model, draft_model=self.draft_model)
         self.last: Optional[GenerationResponse] = None
 
     def send(self, content, role: str = "user", **overrides) -> Iterator[GenerationResponse]:
@@ -106,7 +183,9 @@ class Chat:
         ids = pc.new_tokens(tok, prompt)
         reply, generated, finished = "", [], False
         try:
-            for r in stream_generate(self.model, tok, ids, cache=pc.cache, **{**self.sampling, **overrides}):
+            spec = dict(self.speculative, draft_model=self.draft_model, draft_cache=pc.draft_cache)
+            for r in stream_generate(self.model, tok, ids, cache=pc.cache, **spec,
+                                     **{**self.sampling, **overrides}):
                 reply += r.text
                 if r.token is not None:
                     generated.append(r.token)
@@ -119,6 +198,22 @@ class Chat:
                 pc.commit(tok, prompt, ids, generated)
             else:  # interrupted inside a step: the cache may be half-updated
                 self.prompt_cache = snapshot
+
+    def retry(self, **overrides) -> Iterator[GenerationResponse]:
+        """Regenerate the last reply (the cache rewinds to the end of its prompt)."""
+        if not any(m["role"] == "user" for m in self.messages):
+            raise ValueError("nothing to retry: no message yet")
+        while self.messages[-1]["role"] != "user":  # the reply, and any tool round after it
+            self.messages.pop()
+        return self.reply(**overrides)
+
+    def undo(self) -> list[dict]:
+        """Drop the last exchange (the last user message and everything after it); returns it."""
+        users = [i for i, m in enumerate(self.messages) if m["role"] == "user"]
+        if not users:
+            raise ValueError("nothing to undo: no message yet")
+        dropped, self.messages = self.messages[users[-1]:], self.messages[: users[-1]]
+        return dropped
 
     @property
     def cached_tokens(self) -> int:
@@ -168,6 +263,9 @@ class Chat:
                              "load it with the model that saved it")
         if [type(c) for c in cache] != [type(c) for c in self.model.make_cache()]:
             raise ValueError(f"{path} was saved from a model with a different layer layout")
+        problem = _cache_problem(self.model, cache, len(tokens))
+        if problem:  # the cache's offsets index its arrays: a damaged file must not reach them
+            raise ValueError(f"{path} is a damaged saved chat: {problem}")
         self.messages = messages
         self.system = meta.get("system") or None
-        self.prompt_cache = PromptCache(self.model, cache, text, tokens)
+        self.prompt_cache = PromptCache(self.model, cache, text, tokens, draft_model=self.draft_model)

@@ -22,7 +22,7 @@ from .cache import ConvCache, KVCache
 from .config import ModelArgs
 from . import device
 from .device import Embedding, Linear
-from .experts import SwitchGLU, swiglu
+from .experts import SwitchGLU, concat_outputs, same_format, swiglu
 
 
 class Attention(nn.Module):
@@ -36,7 +36,7 @@ class Attention(nn.Module):
             args.num_key_value_heads,
             args.head_dim,
         )
-        self.scale = Dh**-0.5
+        self.scale, self.head_dim = Dh**-0.5, Dh
         self.q_proj = Linear(D, self.H * Dh, bias=False)
         self.k_proj = Linear(D, self.H_kv * Dh, bias=False)
         self.v_proj = Linear(D, self.H_kv * Dh, bias=False)
@@ -50,10 +50,9 @@ class Attention(nn.Module):
         offset = cache.offset if cache is not None else 0  # a BatchKVCache's: per row, [B]
         # "causal" aligns the L queries with the last L of the T keys; a batch also hides padding.
         mask = cache.make_mask(L) if isinstance(cache, BatchKVCache) else "causal" if L > 1 else None
-        qkv = device.decode_compiled(self, "qkv", self.qkv, x)
-        if qkv is not self.qkv and not isinstance(offset, mx.array):
-            offset = mx.array(offset)  # an input, so the compiled step is not retraced per token
-        q, k, v = qkv(x, offset)
+        if L == 1 and not isinstance(offset, mx.array):
+            offset = mx.array(offset)  # an input, so a compiled step is not retraced per token
+        q, k, v = device.decode_compiled(self, "qkv", self.qkv, x)(x, offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)  # [B, H_kv, T, Dh]
         o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)  # [B, H, L, Dh]
@@ -66,10 +65,20 @@ class Attention(nn.Module):
         def heads(t, n):  # [B, L, n * Dh] -> [B, n, L, Dh]; for one token a reshape is enough
             return t.reshape(B, n, 1, -1) if L == 1 else t.reshape(B, L, n, -1).transpose(0, 2, 1, 3)
 
-        q = self.q_layernorm(heads(self.q_proj(x), self.H))
-        k = self.k_layernorm(heads(self.k_proj(x), self.H_kv))
-        v = heads(self.v_proj(x), self.H_kv)
-        return self.rope(q, offset=offset), self.rope(k, offset=offset), v
+        if "qkv_proj" in self:
+            q_end, k_end = self.H * self.head_dim, (self.H + self.H_kv) * self.head_dim
+            q, k, v = mx.split(self.qkv_proj(x), [q_end, k_end], axis=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = self.q_layernorm(heads(q, self.H))
+        k = self.k_layernorm(heads(k, self.H_kv))
+        return self.rope(q, offset=offset), self.rope(k, offset=offset), heads(v, self.H_kv)
+
+    def fuse_qkv(self) -> None:
+        """One ``qkv_proj`` for q, k and v (a runtime layout, see ``device.fuse_matmuls``)."""
+        if "qkv_proj" not in self and same_format(self.q_proj, self.k_proj, self.v_proj):
+            self.qkv_proj = concat_outputs(self.q_proj, self.k_proj, self.v_proj, axis=0)
+            del self["q_proj"], self["k_proj"], self["v_proj"]
 
 
 class DepthwiseConv(nn.Module):
@@ -118,17 +127,19 @@ class ShortConv(nn.Module):
 
     def __call__(self, x: mx.array, cache: Optional[ConvCache]) -> mx.array:
         state = cache.conv_state if cache is not None else None
-        y, new_state = self.mix(x, state) if state is None else device.decode_compiled(self, "mix", self.mix, x)(x, state)
+        mix = self.mix if state is None else device.decode_compiled(self, "mix", self.mix, x)
+        y, new_state, inputs = mix(x, state)
         if cache is not None:
-            cache.conv_state = new_state
-            cache.offset += x.shape[1]
+            cache.update(inputs, new_state)  # keeps the conv inputs for exact rewinds (see cache.py)
         return y
 
     def mix(self, x: mx.array, state: Optional[mx.array]):
-        """``(out_proj(C * conv(B * x)), new conv state)``; the cache stays with the caller."""
+        """``(out_proj(C * conv(B * x)), new conv state, conv inputs B * x)``; the cache stays
+        with the caller."""
         b, c, h = mx.split(self.in_proj(x), 3, axis=-1)  # 3 x [B, L, D]
-        y, new_state = self.conv(b * h, state)
-        return self.out_proj(c * y), new_state
+        bx = b * h
+        y, new_state = self.conv(bx, state)
+        return self.out_proj(c * y), new_state, bx
 
 
 class DenseFFN(nn.Module):
@@ -142,8 +153,17 @@ class DenseFFN(nn.Module):
 
     def __call__(self, x: mx.array, residual: Optional[mx.array] = None) -> mx.array:
         """``residual + FFN(x)`` (``residual`` None: zero)."""
-        y = self.w2(swiglu(self.w1(x), self.w3(x)))
+        if "w13" in self:
+            y = self.w2(swiglu(*mx.split(self.w13(x), 2, axis=-1)))
+        else:
+            y = self.w2(swiglu(self.w1(x), self.w3(x)))
         return y if residual is None else residual + y
+
+    def fuse_gate_up(self) -> None:
+        """One ``w13`` for gate and up (a runtime layout, see ``device.fuse_matmuls``)."""
+        if "w13" not in self and same_format(self.w1, self.w3):
+            self.w13 = concat_outputs(self.w1, self.w3, axis=0)
+            del self["w1"], self["w3"]
 
 
 class SparseMoE(nn.Module):
@@ -254,14 +274,16 @@ class Model(nn.Module):
     def compute_dtype(self, dtype: Optional[mx.Dtype]) -> None:
         self.model.compute_dtype = dtype
 
-    def fuse_gate_up(self, evaluate: bool = True) -> None:
-        """Give each MoE layer one gate+up expert matmul (``SwitchGLU.fuse_gate_up``), layer
-        by layer so only one layer's old and new arrays coexist when ``evaluate``."""
+    def fuse_matmuls(self, evaluate: bool = True) -> None:
+        """One matmul for q/k/v and one for gate/up in every layer (``device.fuse_matmuls``),
+        layer by layer so only one layer's old and new arrays coexist when ``evaluate``."""
         for layer in self.layers:
-            if isinstance(layer.feed_forward, SparseMoE):
-                layer.feed_forward.experts.fuse_gate_up()
-                if evaluate:
-                    mx.eval(layer.feed_forward.experts.parameters())
+            if layer.is_attention:
+                layer.self_attn.fuse_qkv()
+            ffn = layer.feed_forward
+            (ffn.experts if isinstance(ffn, SparseMoE) else ffn).fuse_gate_up()
+            if evaluate:
+                mx.eval(layer.parameters())
 
     def make_cache(self) -> list:
         """A fresh cache: a KVCache per attention layer, a ConvCache per conv layer."""

@@ -1,16 +1,31 @@
-"""Per-layer caches, owned by the caller (``model.make_cache()``).
+"""Per-layer caches, owned by the caller (``model.make_cache()``), and how they rewind.
 
 Two kinds, one per layer:
 
 * ``KVCache`` (attention layers): keys and values ``[B, H_kv, T, D]`` in a buffer grown in
   steps of ``step`` positions, so decode writes in place instead of concatenating.
-  ``trim(n)`` drops the last ``n`` positions.
-* ``ConvCache`` (short-convolution layers): the last ``L - 1`` inputs of the causal
-  depthwise convolution (the gated ``B * x`` values), ``[B, L - 1, D]``. That is the
-  whole recurrent state: a position older than ``L - 1`` steps never matters again,
-  which is also why it cannot be rewound. To go back, keep a ``copy()`` from before.
+  ``trim(n)`` drops the last ``n`` positions (any ``n <= offset``).
+* ``ConvCache`` (short-convolution layers): the last ``K - 1`` inputs of the causal
+  depthwise convolution (the gated ``B * x`` values), ``[B, K - 1, D]``. That is the
+  whole recurrent state: a position older than ``K - 1`` steps never matters again.
 
-Both track ``offset`` (tokens seen) and expose ``state`` / ``from_state`` for saving.
+Rewinding (the contract speculative decoding and prompt reuse rely on). After
+``trim(n)`` a cache is *exactly* what a fresh prefill of its first ``offset - n`` tokens
+would have built, so the next forward pass gives the same numbers. A KV cache can go back
+anywhere. A conv cache can go back to an offset it can rebuild the state for:
+
+* anywhere in its recent window: each forward call's conv inputs and the state before
+  that call are kept (references to arrays the forward pass made anyway, no copy) for
+  the last ``ConvCache.window`` tokens, so the state at any of those offsets is the last
+  ``K - 1`` inputs before it;
+* any offset where ``checkpoint()`` saved the state (``prefill`` checkpoints the end of
+  every chunk, ``PromptCache`` the end of each turn): ``2 * D`` numbers per layer each.
+
+``can_rewind(cache, n)`` says whether every layer can go back ``n`` tokens,
+``reachable(cache, target)`` is the largest offset ``<= target`` that all can reach, and
+``rewind(cache, n)`` does it. Both kinds track ``offset`` (tokens seen) and expose
+``state`` / ``from_state`` for saving (the window and checkpoints are not saved: a loaded
+conv cache can only be extended until it has a new window).
 """
 
 from __future__ import annotations
@@ -46,6 +61,12 @@ class KVCache:
         self.values[..., prev : self.offset, :] = values
         return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
 
+    def reachable(self, target: int) -> int:
+        return min(target, self.offset)
+
+    def can_trim(self, n: int) -> bool:
+        return 0 <= n <= self.offset
+
     def trim(self, n: int) -> int:
         n = min(self.offset, n)
         self.offset -= n
@@ -78,17 +99,77 @@ class KVCache:
 
 
 class ConvCache:
+    window = 16  # tokens of recent conv inputs kept for exact rewinds (>= draft length + 1)
+    max_checkpoints = 256
+
     def __init__(self):
-        self.conv_state: Optional[mx.array] = None  # [B, L - 1, D]
+        self.conv_state: Optional[mx.array] = None  # [B, K - 1, D]; None: zeros (no input yet)
         self.offset = 0
+        # (start offset, state before, conv inputs [B, L, D]) of the last calls, oldest first
+        self.recent: list[tuple[int, Optional[mx.array], mx.array]] = []
+        self.checkpoints: dict[int, Optional[mx.array]] = {}  # offset -> state there
+
+    def update(self, inputs: mx.array, new_state: mx.array) -> None:
+        """Record a forward call: its conv ``inputs`` ``[B, L, D]`` and the state after it."""
+        L, W = inputs.shape[1], self.window
+        before = self.conv_state
+        start = self.offset
+        if L > W:  # keep only the tail a rewind can reach
+            K1 = new_state.shape[1]
+            pad = before if before is not None else mx.zeros((inputs.shape[0], K1, inputs.shape[2]), inputs.dtype)
+            before = mx.concatenate([pad, inputs[:, : L - W]], axis=1)[:, -K1:]
+            inputs, start = inputs[:, L - W :], start + L - W
+        self.recent.append((start, before, inputs))
+        while len(self.recent) > 1 and self.offset + L - self.recent[1][0] >= W:
+            self.recent.pop(0)
+        self.conv_state = new_state
+        self.offset += L
+
+    def checkpoint(self) -> None:
+        """Remember the state at the current offset, so a later ``trim`` can come back here."""
+        self.checkpoints[self.offset] = self.conv_state
+        while len(self.checkpoints) > self.max_checkpoints:
+            self.checkpoints.pop(min(self.checkpoints))  # the oldest prefix matters least
+
+    def reachable(self, target: int) -> int:
+        """The largest offset ``<= target`` whose state this cache can rebuild."""
+        target = min(target, self.offset)
+        lo = self.recent[0][0] if self.recent else self.offset
+        if target >= lo:
+            return target
+        return max([o for o in self.checkpoints if o <= target] + [0])  # 0: the empty state
+
+    def can_trim(self, n: int) -> bool:
+        return 0 <= n <= self.offset and self.reachable(self.offset - n) == self.offset - n
+
+    def trim(self, n: int) -> int:
+        if n <= 0:
+            return 0
+        if not self.can_trim(n):
+            raise ValueError(f"this conv cache cannot rewind {n} tokens (see cache.py's contract)")
+        target, K1 = self.offset - n, self.conv_state.shape[1]
+        if self.recent and target >= self.recent[0][0]:
+            while self.recent[-1][0] > target:
+                self.recent.pop()
+            start, before, inputs = self.recent.pop()
+            kept = inputs[:, : target - start]
+            if kept.shape[1] == 0:
+                self.conv_state = before
+            else:
+                pad = before if before is not None else mx.zeros((kept.shape[0], K1, kept.shape[2]), kept.dtype)
+                self.conv_state = mx.concatenate([pad, kept], axis=1)[:, -K1:]
+                self.recent.append((start, before, kept))
+        else:
+            self.conv_state, self.recent = self.checkpoints.get(target), []  # target 0: None
+        self.checkpoints = {o: s for o, s in self.checkpoints.items() if o <= target}
+        self.offset = target
+        return n
 
     def copy(self) -> "ConvCache":
         c = ConvCache()
         c.conv_state, c.offset = self.conv_state, self.offset  # arrays are immutable
+        c.recent, c.checkpoints = list(self.recent), dict(self.checkpoints)
         return c
-
-    def trim(self, n: int) -> int:
-        return 0  # see the module docstring: keep a copy() instead
 
     @property
     def state(self):
@@ -112,6 +193,34 @@ Cache = list  # one KVCache or ConvCache per layer
 
 def copy_cache(cache: Cache) -> Cache:
     return [c.copy() for c in cache]
+
+
+def checkpoint(cache: Cache) -> None:
+    """Let every conv layer come back to the current offset later (KV layers always can)."""
+    for c in cache:
+        if isinstance(c, ConvCache):
+            c.checkpoint()
+
+
+def reachable(cache: Cache, target: int) -> int:
+    """The largest offset ``<= target`` that every layer can rewind to."""
+    while True:
+        point = min(c.reachable(target) for c in cache)
+        if point == target:
+            return point
+        target = point  # a layer could not reach target: try the next candidate down
+
+
+def can_rewind(cache: Cache, n: int) -> bool:
+    return bool(cache) and all(c.can_trim(n) for c in cache)
+
+
+def rewind(cache: Cache, n: int) -> None:
+    """Drop the last ``n`` tokens from every layer (check ``can_rewind`` first)."""
+    if n and not can_rewind(cache, n):
+        raise ValueError(f"the cache cannot rewind {n} tokens")
+    for c in cache:
+        c.trim(n)
 
 
 def save_cache(path: str, cache: Cache, metadata: Optional[dict] = None) -> None:

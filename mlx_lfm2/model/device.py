@@ -16,8 +16,8 @@ decode experts (few pairs)         take the K chosen experts'      ``gather_qmm`
                                    (its per-call scale handling
                                    then covers K experts, not E)
 ``gather_mm`` (unquantized)        float32 inputs                  any float
-expert gate + up projections       two matmuls (fusing gained      one matmul on weights
-                                   nothing here)                   concatenated at load time
+gate + up (experts, dense FFN);    separate matmuls (fusing        one matmul each, weights
+attention q + k + v                gained nothing here)            concatenated at load time
 one-token decode                   plain ops                       ``mx.compile``d pieces:
                                                                    fewer launches
 prompt chunk                       128 tokens                      2048 tokens
@@ -95,9 +95,10 @@ def float32_gather_mm(dtype: mx.Dtype) -> bool:
     return on_cpu() and dtype != mx.float32
 
 
-def fuse_gate_up() -> bool:
-    """One expert matmul for gate and up (weights concatenated at load): one launch fewer per
-    MoE layer on a GPU; on the CPU it measured no faster (33.7 vs 33.5 ms, real shapes)."""
+def fuse_matmuls() -> bool:
+    """One matmul for gate and up (experts and dense FFNs) and one for q, k and v (weights
+    concatenated at load): fewer launches on a GPU; on the CPU the fused expert matmul measured
+    no faster (33.7 vs 33.5 ms, real shapes), so the CPU keeps the checkpoint's layout."""
     return not on_cpu()
 
 

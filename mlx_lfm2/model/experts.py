@@ -102,15 +102,22 @@ class QuantizedSwitchLinear(nn.Module):
         return device.split(part, K, K * F * self["scales"].shape[-1] * self.group_size, axis=-3)
 
 
-def concat_outputs(a: nn.Module, b: nn.Module) -> nn.Module:
-    """One (Quantized)SwitchLinear computing ``a``'s outputs then ``b``'s: every array
-    (weight ``[E, F, D]``, scales and biases ``[E, F, G]``) concatenated along F."""
+def same_format(*layers: nn.Module) -> bool:
+    """Layers whose arrays can be concatenated: one class, one quantization, the same arrays."""
+    return len({(type(l), getattr(l, "group_size", None), getattr(l, "bits", None), getattr(l, "mode", None),
+                 tuple(sorted(l.keys()))) for l in layers}) == 1
+
+
+def concat_outputs(*layers: nn.Module, axis: int) -> nn.Module:
+    """One layer computing ``layers``' outputs side by side (``same_format`` ones): every array
+    concatenated along the output axis (0 for a Linear's ``[out, in]``, 1 for experts' ``[E, out, in]``)."""
+    a = layers[0]
     fused = type(a).__new__(type(a))
     nn.Module.__init__(fused)
     fused.__dict__.update({k: v for k, v in a.__dict__.items() if not k.startswith("_")})
-    for k, v in a.items():
-        fused[k] = mx.concatenate([v, b[k]], axis=1)
-    if isinstance(a, QuantizedSwitchLinear):
+    for k in a:
+        fused[k] = mx.concatenate([l[k] for l in layers], axis=axis)
+    if "scales" in a:  # quantized layers keep their arrays frozen
         fused.freeze()
     return fused
 
@@ -119,7 +126,7 @@ class SwitchGLU(nn.Module):
     """``E`` SwiGLU experts: ``w2[e](silu(w1[e] x) * w3[e] x)`` for the chosen ``e``.
 
     ``fuse_gate_up()`` replaces ``w1`` and ``w3`` by one ``w13`` (outputs ``[gate | up]``),
-    a runtime layout for GPUs (see ``device.fuse_gate_up``); checkpoints keep w1/w3.
+    a runtime layout for GPUs (see ``device.fuse_matmuls``); checkpoints keep w1/w3.
     """
 
     def __init__(self, dims: int, hidden: int, num_experts: int):
@@ -129,8 +136,8 @@ class SwitchGLU(nn.Module):
         self.w2 = SwitchLinear(hidden, dims, num_experts)
 
     def fuse_gate_up(self) -> None:
-        if "w13" not in self:
-            self.w13 = concat_outputs(self.w1, self.w3)
+        if "w13" not in self and same_format(self.w1, self.w3):
+            self.w13 = concat_outputs(self.w1, self.w3, axis=1)
             del self["w1"], self["w3"]
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:

@@ -21,13 +21,15 @@ import secrets
 import uuid
 from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from sse_starlette.sse import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from ..text.tools import CALL_START, ToolCallStream, parse_tool_calls
+from ..text.constraints import forced_tool_opening, tool_call_grammar
+from ..text.tools import ToolCallStream, parse_tool_calls
+from .boundary import no_reply, read_body, validate, watch
 from .openai_api import APIError, ChatRequest, to_template_messages
 
 # OpenAI-side error types (the engine's) -> Anthropic's.
@@ -78,6 +80,17 @@ class MessagesRequest(_Lenient):
     top_k: Optional[int] = Field(None, ge=0)
     tools: Optional[list[Tool]] = None
     tool_choice: Optional[ToolChoice] = None
+    output_config: Optional[dict] = None  # structured outputs: {"format": {"type": "json_schema", ...}}
+    output_format: Optional[dict] = None  # the same, as the beta spelled it
+
+    @field_validator("output_config", "output_format")
+    @classmethod
+    def _format(cls, value, info):
+        fmt = (value or {}).get("format") if info.field_name == "output_config" else value
+        if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "json_schema"
+                                    and isinstance(fmt.get("schema"), dict)):
+            raise ValueError("the output format is {'type': 'json_schema', 'schema': {...}}")
+        return value
 
     @model_validator(mode="after")
     def _tool_choice(self):
@@ -90,7 +103,7 @@ class MessagesRequest(_Lenient):
             raise ValueError(f"tool_choice names {choice.name!r}, which is not one of the tools")
         return self
 
-    # The engine's request interface (``prepare`` in app.py reads these two).
+    # The server's request interface: ``prepare`` in app.py reads these two, ``constrained`` ``constraint()``.
     @property
     def limit(self) -> int:
         return self.max_tokens
@@ -111,14 +124,24 @@ class MessagesRequest(_Lenient):
         return [{"type": "function", "function": {"name": t.name, "description": t.description or "",
                                                   "parameters": t.input_schema}} for t in self.tools]
 
+    @property
+    def forced_name(self) -> Optional[str]:
+        return self.tool_choice.name if self.tool_choice and self.tool_choice.type == "tool" else None
+
     def forced_opening(self) -> str:
-        """The reply's opening for ``any`` / ``tool``, written for the model (see ChatRequest)."""
-        choice = self.tool_choice
-        if choice is not None and choice.type == "any":
-            return CALL_START + "["
-        if choice is not None and choice.type == "tool":
-            return f"{CALL_START}[{choice.name}("
+        """The reply's opening for ``any`` / ``tool``, written for the model (as on the OpenAI route)."""
+        if self.tool_choice and self.tool_choice.type in ("any", "tool"):
+            return forced_tool_opening(self.forced_name)
         return ""
+
+    def constraint(self) -> dict:
+        """A forced call keeps to the tools' call syntax and input schemas (a grammar over the
+        rest of it); otherwise ``output_config.format`` (or the beta ``output_format``) shapes
+        the reply as JSON of its schema."""
+        if self.forced_opening():
+            return {"grammar": tool_call_grammar(self.offered_tools, self.forced_name, opened=True)}
+        fmt = (self.output_config or {}).get("format") or self.output_format
+        return {"json_schema": fmt["schema"]} if fmt else {}
 
     @property
     def tool_names(self) -> frozenset:
@@ -135,9 +158,10 @@ def _text(blocks, where: str) -> str:
         return blocks
     parts = []
     for b in blocks:
-        if b.get("type") != "text" or not isinstance(b.get("text"), str):
-            raise APIError(400, f"{where}: content block type {b.get('type')!r} is not supported here "
-                                "(text, tool_use and tool_result only)")
+        kind = b.get("type") if isinstance(b, dict) else type(b).__name__
+        if kind != "text" or not isinstance(b.get("text"), str):
+            raise APIError(400, f"{where}: content block type {kind!r} is not supported here "
+                                "(text blocks only)")
         parts.append(b["text"])
     return "\n\n".join(parts)
 
@@ -179,7 +203,12 @@ def to_chat_messages(req: MessagesRequest) -> list[dict]:
 
 
 def template_messages(req: MessagesRequest, template_renders_tool_calls: bool) -> list[dict]:
-    chat = ChatRequest.model_validate({"messages": to_chat_messages(req)})
+    """The chat template's messages, through the OpenAI route's own mapping (one LFM2 call format)."""
+    try:
+        chat = ChatRequest.model_validate({"messages": to_chat_messages(req)})
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise APIError(400, f"messages: {err['msg'].removeprefix('Value error, ')}", param="messages")
     return to_template_messages(chat, template_renders_tool_calls)
 
 
@@ -230,16 +259,15 @@ def _answers_errors(handler):
     return wrapped
 
 
-def routes(engine, api_key: Optional[str], body_timeout: float, prepare, results) -> list[Route]:
+def routes(engine, api_key: Optional[str], body_timeout: float, constrained, prepare, results) -> list[Route]:
     """``/v1/messages`` and ``/v1/messages/count_tokens`` over the server's own layer.
 
-    Bodies are read and validated, prompts admitted (``prepare``: context check, queue) and
-    replies drained (``results``) by app.py's code, so limits, timeouts, queueing and
-    disconnects behave as on the OpenAI routes. The key comes as ``x-api-key`` (the SDK's
-    way) or ``Authorization: Bearer`` (Claude Code's auth token).
+    Bodies are read and validated by ``boundary``; constraints compiled (``constrained``),
+    prompts admitted (``prepare``: context check, queue) and replies drained (``results``) by
+    app.py's closures, so limits, timeouts, queueing and disconnects behave as on the OpenAI
+    routes. The key comes as ``x-api-key`` (the SDK's way) or ``Authorization: Bearer``
+    (Claude Code's auth token).
     """
-    from .app import _body, _no_reply, _validate, _watch  # app.py imports this module first
-
     tok = engine.tokenizer
 
     def check_key(request: Request) -> None:
@@ -249,10 +277,10 @@ def routes(engine, api_key: Optional[str], body_timeout: float, prepare, results
 
     async def parse(request: Request) -> tuple[MessagesRequest, str]:
         check_key(request)
-        body = await _body(request, body_timeout)
+        body = await read_body(request, body_timeout)
         if request.url.path.endswith("count_tokens"):
             body = {**body, "max_tokens": 1}  # count_tokens takes no max_tokens
-        req = _validate(MessagesRequest, body, engine.vocab)
+        req = validate(MessagesRequest, body, engine.vocab)
         messages = template_messages(req, engine.template_renders_tool_calls)
         try:
             prompt = tok.apply_chat_template(messages, tools=req.offered_tools, add_generation_prompt=True)
@@ -269,17 +297,17 @@ def routes(engine, api_key: Optional[str], body_timeout: float, prepare, results
     async def messages(request: Request):
         req, prompt = await parse(request)
         forced = req.forced_opening()
-        job = prepare(req, prompt + forced, None)
+        job = prepare(req, prompt + forced, None, await constrained(req))
         mid = new_id("msg")
         if req.stream:
             return EventSourceResponse(_stream(job, req, forced, mid), ping=15)
         text, last = forced, None
-        async with _watch(request, job):
+        async with watch(request, job):
             async for r, _ in results(job):
                 text += r.text
                 last = r
         if last is None:
-            raise _no_reply(engine)
+            raise no_reply(engine)
         content, calls = parse_tool_calls(text, bare_names=req.tool_names) if req.offered_tools else (text, [])
         calls = calls[:1] if req.one_call else calls
         blocks = ([{"type": "text", "text": content}] if content or not calls else []) + [

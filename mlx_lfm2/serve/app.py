@@ -9,22 +9,24 @@ client that disconnects sets its job's stop event, which takes its row out of th
 the next step.
 
 Prompt reuse: after each request the worker keeps its ``PromptCache`` (cache plus the text
-it consumed); a later prompt that extends one of those texts copies it and prefills only the
-new part. Copies are cheap (MLX arrays are immutable) and necessary: the conv state cannot
-be rewound, so a cache is never trimmed back, only extended.
+it consumed); a later prompt copies the one that shares the longest prefix with it, which
+extends, or rewinds to the longest common prefix it can reach (a regenerated reply or an
+edited last message), and prefills only the rest. Copies are cheap (MLX arrays are immutable).
+With ``--draft-model`` or ``--prompt-lookup`` replies are decoded speculatively, one request
+at a time (as under ``mlx.launch``, whose ranks must run the same steps).
 
-Limits (see README, "Security model"): bodies must be JSON, at most ``MAX_BODY`` bytes,
-counted while they arrive and read within ``body_timeout``; every value is validated by
-``openai_api`` before it reaches the worker; a reply is at most ``default_max_tokens`` unless
-the request asks for more (never past the context); a client that leaves stops its job.
+Limits (see README, "Security model", and ``boundary``): bodies are JSON of bounded size read
+within a deadline, every value is validated by ``openai_api`` before it reaches the worker, a
+reply is at most ``default_max_tokens`` unless the request asks for more (never past the
+context), and a client that leaves stops its job.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
+import os
 import queue
 import sys
 import threading
@@ -33,7 +35,6 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Optional
 
-from pydantic import ValidationError
 from sse_starlette.sse import EventSourceResponse
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -43,17 +44,17 @@ from starlette.concurrency import run_in_threadpool
 from starlette.routing import Route
 
 from ..engine.batch import BatchGenerator, TextStream, request_for
-from ..engine.generation import default_sampling
+from ..engine.generation import default_sampling, stream_generate
 from . import anthropic
-from .openai_api import (APIError, ChatRequest, CompletionRequest, chat_chunk, loads, logprob_entry, new_id,
+from .boundary import (BODY_TIMEOUT, HEADER_TIMEOUT, error_response, make_server, no_reply, read_body,
+                       sse_events, validate, watch)
+from .openai_api import (APIError, ChatRequest, CompletionRequest, chat_chunk, logprob_entry, new_id,
                          openai_tool_calls, to_template_messages, usage)
+from ..engine.distributed import broadcast, group, leader
 from ..engine.session import PromptCache
 from ..text.constraints import ConstraintError, make_constraint
 from ..text.tools import ToolCallStream, parse_tool_calls
 
-MAX_BODY = 4 * 1024 * 1024
-BODY_TIMEOUT = 30.0  # seconds to receive a whole body: a stalled upload must not hold a slot
-HEADER_TIMEOUT = 30.0  # seconds from connecting (or the last response) to a complete request head
 DEFAULT_MAX_TOKENS = 2048
 DONE = object()
 
@@ -79,14 +80,18 @@ class Engine:
 
     def __init__(self, model, tokenizer, model_id: str, queue_size: int = 16, cache_entries: int = 8,
                  max_context: Optional[int] = None, default_max_tokens: int = DEFAULT_MAX_TOKENS,
-                 max_batch: int = 8):
+                 max_batch: int = 8, draft_model=None, prompt_lookup: bool = False,
+                 num_draft_tokens: Optional[int] = None):
         self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
+        self.draft_model = draft_model
+        self.speculative = dict(prompt_lookup=prompt_lookup, num_draft_tokens=num_draft_tokens)
         self.max_context = min(max_context or 1 << 62, model.args.max_position_embeddings)
         self.default_max_tokens = default_max_tokens
         # Ids from requests must index both the tokenizer and the embedding rows.
         rows = getattr(model.args, "vocab_size", None)
         self.vocab = min(tokenizer.vocab_size, rows) if rows else tokenizer.vocab_size
         self.live: dict = {}  # uid -> _Live: the requests in the batch
+        self.current: Optional[Job] = None  # the request of the one-at-a-time path
         self.batch = BatchGenerator(model, max_batch)
         self.closed = False
         self.defaults = default_sampling(model)
@@ -107,10 +112,12 @@ class Engine:
                            type_="rate_limit_error", code="queue_full")
 
     def _take_cache(self, text: str) -> PromptCache:
-        """A copy of the cached prompt that is the longest prefix of ``text`` (or a fresh one)."""
-        best = max((k for k in self.caches if text.startswith(k)), key=len, default=None)
-        if best is None:
-            return PromptCache(self.model)
+        """A copy of the cached prompt sharing the longest prefix with ``text`` (or a fresh one);
+        ``PromptCache.new_tokens`` then extends it or rewinds it to what it can reuse."""
+        shared = {k: len(os.path.commonprefix([k, text])) for k in self.caches}
+        best = max(shared, key=shared.get, default=None)
+        if best is None or shared[best] == 0:
+            return PromptCache(self.model, draft_model=self.draft_model)
         self.caches.move_to_end(best)
         return self.caches[best].copy()
 
@@ -127,6 +134,8 @@ class Engine:
             job.emit(DONE)
         for live in self.live.copy().values():  # copy(): atomic while the worker changes it
             live.job.stop.set()
+        if self.current is not None:
+            self.current.stop.set()
 
     def _keep_cache(self, pc: PromptCache) -> None:
         if pc.offset == len(pc.tokens) and pc.text:
@@ -136,6 +145,8 @@ class Engine:
                 self.caches.popitem(last=False)
 
     def _work(self) -> None:
+        if self.draft_model is not None or self.speculative["prompt_lookup"] or group() is not None:
+            return self._work_serial()  # speculative decoding and mlx.launch ranks: one at a time
         while True:
             self._admit()
             for uid, live in list(self.live.items()):
@@ -188,7 +199,7 @@ class Engine:
         pc = self._take_cache(job.prompt_text)
         ids = pc.new_tokens(tok, job.prompt_text)
         if not ids:  # a cache that consumed this whole prompt leaves nothing to sample from
-            pc = PromptCache(self.model)
+            pc = PromptCache(self.model, draft_model=self.draft_model)
             ids = pc.new_tokens(tok, job.prompt_text)
         kwargs = dict(job.kwargs)
         stop = kwargs.pop("stop", None)
@@ -228,6 +239,74 @@ class Engine:
         live.job.emit(DONE)
 
 
+    def _work_serial(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job.stop.is_set():  # its client left while it waited
+                self.stats["cancelled"] += 1
+                job.emit(DONE)
+                continue
+            self.stats["active"], self.current = 1, job
+            try:
+                if group() is not None:  # mlx.launch: the other ranks run it with us (follow())
+                    broadcast({"prompt_text": job.prompt_text, "kwargs": job.kwargs})
+                self._run(job)
+            except ValueError as e:
+                # The engine checks its inputs before the first token: a ValueError then is
+                # the request's fault (a 400); one later is a fault of ours.
+                if job.started:
+                    job.emit(APIError(500, f"generation failed: {e}", type_="server_error"))
+                else:
+                    job.emit(APIError(400, str(e), code="invalid_value"))
+            except Exception as e:  # report it to that request; the worker lives on
+                job.emit(APIError(500, f"generation failed: {type(e).__name__}: {e}", type_="server_error"))
+            finally:
+                self.stats["active"], self.current = 0, None
+                job.emit(DONE)
+
+    def _run(self, job: Job) -> None:
+        tok = self.tokenizer
+        pc = self._take_cache(job.prompt_text)
+        ids = pc.new_tokens(tok, job.prompt_text)
+        if not ids:  # a cache that consumed this whole prompt leaves nothing to sample from
+            pc = PromptCache(self.model, draft_model=self.draft_model)
+            ids = pc.new_tokens(tok, job.prompt_text)
+        job.cached_tokens = pc.offset
+        job.prompt_tokens = pc.offset + len(ids)
+        generated, finished = [], False
+        spec = dict(self.speculative, draft_model=self.draft_model, draft_cache=pc.draft_cache)
+        for r in stream_generate(self.model, tok, ids, cache=pc.cache, stop_event=job.stop, **spec, **job.kwargs):
+            job.started = True
+            if r.token is not None:
+                generated.append(r.token)
+            entry = None
+            if job.top_logprobs is not None and r.logprobs is not None and not r.finish_reason:
+                entry = logprob_entry(tok, r.token, r.logprobs, job.top_logprobs)
+            job.emit((r, entry))
+            finished = r.finish_reason is not None
+        if job.stop.is_set():
+            self.stats["cancelled"] += 1
+        else:
+            self.stats["completed"] += 1
+        if finished:
+            pc.commit(tok, job.prompt_text, ids, generated)
+            self._keep_cache(pc)
+
+    def follow(self) -> None:
+        """Ranks other than 0 under mlx.launch: run each job rank 0 runs, with no client."""
+        while True:
+            spec = broadcast()
+            kwargs = spec["kwargs"]
+            if kwargs.get("logit_bias"):  # JSON made its token ids strings
+                kwargs["logit_bias"] = {int(k): v for k, v in kwargs["logit_bias"].items()}
+            job = Job(spec["prompt_text"], kwargs, None, loop=None)
+            job.emit = lambda item: None
+            try:
+                self._run(job)
+            except Exception:  # rank 0 met the same error and reports it to its client
+                pass
+
+
 @dataclass
 class _Live:
     job: Job
@@ -235,82 +314,6 @@ class _Live:
     ids: list  # the prompt ids prefilled (those after the cached prefix)
     text: TextStream
     generated: list = field(default_factory=list)
-
-
-def _error(e: APIError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status)
-
-
-async def _body(request: Request, timeout: float = BODY_TIMEOUT) -> dict:
-    """The JSON object a POST carries. Only ``application/json``: a web page can send a
-    ``text/plain`` POST to a loopback server without a CORS preflight, never a JSON one."""
-    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if kind != "application/json":
-        raise APIError(415, f"the body must be sent as Content-Type: application/json (got {kind or 'none'!r})",
-                       code="unsupported_media_type")
-    size = request.headers.get("content-length")
-    if size and size.isdigit() and int(size) > MAX_BODY:
-        raise APIError(413, f"request body over {MAX_BODY} bytes", code="body_too_large")
-
-    async def read() -> bytes:  # counted as it arrives: a chunked body has no length to check
-        chunks, n = [], 0
-        async for chunk in request.stream():
-            n += len(chunk)
-            if n > MAX_BODY:
-                raise APIError(413, f"request body over {MAX_BODY} bytes", code="body_too_large")
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-    try:
-        raw = await asyncio.wait_for(read(), timeout)
-    except asyncio.TimeoutError:
-        raise APIError(408, f"the body did not arrive within {timeout:g} s", code="request_timeout")
-    body = loads(raw)
-    if not isinstance(body, dict):
-        raise APIError(400, "the body must be a JSON object", code="invalid_json")
-    return body
-
-
-def _validate(model_cls, body: dict, vocab: int):
-    try:
-        return model_cls.model_validate(body, context={"vocab": vocab})
-    except ValidationError as e:
-        # Of a union's alternatives, report the one that got furthest into the value.
-        err = max(e.errors(), key=lambda err: len(err["loc"]))
-        where = ".".join(str(p) for p in err["loc"])
-        msg = err["msg"].removeprefix("Value error, ")
-        raise APIError(422, f"{where}: {msg}" if where else msg, param=where or None, code="invalid_value")
-
-
-@contextlib.asynccontextmanager
-async def _watch(request: Request, job: "Job", every: float = 0.2):
-    """While the handler waits on ``job``, poll the client: one that hangs up stops the job
-    even while tokens keep arriving (a non-streaming reply would otherwise run to its end)."""
-
-    async def poll():
-        while not job.stop.is_set():
-            if await request.is_disconnected():
-                job.stop.set()
-                return
-            await asyncio.sleep(every)
-
-    task = asyncio.ensure_future(poll())
-    try:
-        yield
-    finally:
-        task.cancel()
-
-
-async def _sse(events):
-    """Server-sent events; a failure after the 200 was sent becomes an error event (the
-    shape OpenAI streams), so a client always learns why its stream ended."""
-    try:
-        async for event in events:
-            yield event
-    except APIError as e:
-        yield json.dumps(e.body())
-    except Exception as e:
-        yield json.dumps(APIError(500, f"internal error: {type(e).__name__}", type_="server_error").body())
 
 
 def create_app(engine: Engine, api_key: Optional[str] = None, body_timeout: float = BODY_TIMEOUT) -> Starlette:
@@ -348,7 +351,7 @@ def create_app(engine: Engine, api_key: Optional[str] = None, body_timeout: floa
 
     async def results(job: Job):
         """(response, logprob entry) pairs until done. Whoever drives this stops the job when
-        the client leaves: ``_watch`` for a plain reply, sse-starlette for a stream."""
+        the client leaves: ``watch`` for a plain reply, sse-starlette for a stream."""
         try:
             while True:
                 item = await job.out.get()
@@ -362,7 +365,7 @@ def create_app(engine: Engine, api_key: Optional[str] = None, body_timeout: floa
 
     async def chat_completions(request: Request):
         check_auth(request)
-        req = _validate(ChatRequest, await _body(request, body_timeout), engine.vocab)
+        req = validate(ChatRequest, await read_body(request, body_timeout), engine.vocab)
         messages = to_template_messages(req, engine.template_renders_tool_calls)
         tools = req.tools if req.tool_choice != "none" else None
         try:
@@ -374,16 +377,16 @@ def create_app(engine: Engine, api_key: Optional[str] = None, body_timeout: floa
         job = prepare(req, prompt + forced, top, await constrained(req))
         cid, model_id = new_id("chatcmpl"), engine.model_id
         if req.stream:
-            return EventSourceResponse(_sse(_stream_chat(job, cid, model_id, req, forced)), ping=15)
+            return EventSourceResponse(sse_events(_stream_chat(job, cid, model_id, req, forced)), ping=15)
         text, entries, last = forced, [], None
-        async with _watch(request, job):
+        async with watch(request, job):
             async for r, entry in results(job):
                 text += r.text
                 last = r
                 if entry:
                     entries.append(entry)
         if last is None:
-            raise _no_reply(engine)
+            raise no_reply(engine)
         content, calls = parse_tool_calls(text, bare_names=req.tool_names) if tools else (text, [])
         message = {"role": "assistant", "content": content if (content or not calls) else None}
         finish = last.finish_reason
@@ -418,7 +421,7 @@ def create_app(engine: Engine, api_key: Optional[str] = None, body_timeout: floa
                     yield json.dumps(chat_chunk(cid, model_id, {"tool_calls": openai_tool_calls(new, n_calls)}))
                     n_calls += len(new)
         if last is None:  # dropped at shutdown (or its client left): say so in the stream
-            raise _no_reply(engine)
+            raise no_reply(engine)
         finish = "tool_calls" if n_calls else _finish(last.finish_reason)
         yield json.dumps(chat_chunk(cid, model_id, {}, finish=finish))
         if (req.stream_options or {}).get("include_usage"):
@@ -430,7 +433,7 @@ def create_app(engine: Engine, api_key: Optional[str] = None, body_timeout: floa
 
     async def completions(request: Request):
         check_auth(request)
-        req = _validate(CompletionRequest, await _body(request, body_timeout), engine.vocab)
+        req = validate(CompletionRequest, await read_body(request, body_timeout), engine.vocab)
         prompt = req.prompt if isinstance(req.prompt, str) else tok.decode(req.prompt)
         job = prepare(req, prompt, (req.logprobs or 0) if req.logprobs else None, await constrained(req))
         cid, model_id = new_id("cmpl"), engine.model_id
@@ -447,12 +450,12 @@ def create_app(engine: Engine, api_key: Optional[str] = None, body_timeout: floa
                     if r.text:
                         yield json.dumps(body(r.text, None))
                 if last is None:
-                    raise _no_reply(engine)
+                    raise no_reply(engine)
                 yield json.dumps(body("", _finish(last.finish_reason)))
                 yield "[DONE]"
-            return EventSourceResponse(_sse(events()), ping=15)
+            return EventSourceResponse(sse_events(events()), ping=15)
         text, last, tokens, token_lps = (prompt if req.echo else ""), None, [], []
-        async with _watch(request, job):
+        async with watch(request, job):
             async for r, entry in results(job):
                 text += r.text
                 last = r
@@ -460,7 +463,7 @@ def create_app(engine: Engine, api_key: Optional[str] = None, body_timeout: floa
                     tokens.append(entry["token"])
                     token_lps.append(entry["logprob"])
         if last is None:
-            raise _no_reply(engine)
+            raise no_reply(engine)
         out = body(text, _finish(last.finish_reason),
                    {"tokens": tokens, "token_logprobs": token_lps} if req.logprobs else None)
         out["usage"] = usage(job.prompt_tokens, last.generation_tokens, job.cached_tokens)
@@ -472,11 +475,15 @@ def create_app(engine: Engine, api_key: Optional[str] = None, body_timeout: floa
             {"id": engine.model_id, "object": "model", "created": 0, "owned_by": "mlx_lfm2"}]})
 
     async def health(request: Request):
+        import mlx.core as mx
+
         return JSONResponse({"status": "ok", "queued": engine.jobs.qsize(), **engine.stats,
-                             "batch": engine.batch.status, "cached_prompts": len(engine.caches)})
+                             "batch": engine.batch.status, "cached_prompts": len(engine.caches),
+                             "mlx_active_mb": round(mx.get_active_memory() / 2**20, 1),
+                             "mlx_cache_mb": round(mx.get_cache_memory() / 2**20, 1)})
 
     async def api_error(request, exc: APIError):
-        response = _error(exc)
+        response = error_response(exc)
         if exc.status in (408, 413):  # the rest of the body is not read: end the connection
             response.headers["connection"] = "close"
         return response
@@ -484,10 +491,10 @@ def create_app(engine: Engine, api_key: Optional[str] = None, body_timeout: floa
     async def http_error(request, exc: HTTPException):
         kind = {404: "not_found_error", 405: "invalid_request_error"}.get(exc.status_code, "invalid_request_error")
         error = APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", kind)
-        return anthropic.error_response(error) if request.url.path.startswith("/v1/messages") else _error(error)
+        return anthropic.error_response(error) if request.url.path.startswith("/v1/messages") else error_response(error)
 
     async def crash(request, exc: Exception):  # the catch-all: logged by uvicorn, answered here
-        return _error(APIError(500, f"internal error: {type(exc).__name__}", type_="server_error"))
+        return error_response(APIError(500, f"internal error: {type(exc).__name__}", type_="server_error"))
 
     return Starlette(
         routes=[
@@ -495,16 +502,10 @@ def create_app(engine: Engine, api_key: Optional[str] = None, body_timeout: floa
             Route("/v1/completions", completions, methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
-            *anthropic.routes(engine, api_key, body_timeout, prepare, results),
+            *anthropic.routes(engine, api_key, body_timeout, constrained, prepare, results),
         ],
         exception_handlers={APIError: api_error, HTTPException: http_error, Exception: crash},
     )
-
-
-def _no_reply(engine: Engine) -> APIError:
-    if engine.closed:
-        return APIError(503, "the server is shutting down", type_="server_error", code="shutting_down")
-    return APIError(499, "client closed the request")
 
 
 def _finish(reason: Optional[str]) -> Optional[str]:
@@ -517,49 +518,6 @@ def _is_json(text: str) -> bool:
         return True
     except ValueError:
         return False
-
-
-def _h11_with_header_deadline(timeout: float):
-    """uvicorn's h11 protocol, plus a deadline for each request head: uvicorn closes idle
-    keep-alive connections, but not one that sends half a request line and stalls."""
-    from uvicorn.protocols.http.h11_impl import H11Protocol
-
-    class Protocol(H11Protocol):
-        def connection_made(self, transport) -> None:
-            super().connection_made(transport)
-            self._arm(None)
-
-        def on_response_complete(self) -> None:
-            done = self.cycle
-            super().on_response_complete()
-            if self.cycle is done:  # no pipelined request started: the next head is awaited
-                self._arm(done)
-
-        def _arm(self, cycle) -> None:
-            def expire():
-                if self.cycle is cycle and not self.transport.is_closing():
-                    self.transport.close()
-
-            self.loop.call_later(timeout, expire)
-
-    return Protocol
-
-
-def make_server(engine: Engine, app: Starlette, host: str = "127.0.0.1", port: int = 8080,
-                header_timeout: float = HEADER_TIMEOUT, keep_alive: int = 5, graceful: int = 5):
-    """A uvicorn server whose SIGTERM/SIGINT also stop the engine's jobs; requests still
-    open ``graceful`` seconds later are cancelled, so a signal always ends the process."""
-    import uvicorn
-
-    class Server(uvicorn.Server):
-        def handle_exit(self, sig, frame) -> None:
-            # Not inline: the signal may interrupt the event loop while it holds the queue's lock.
-            threading.Thread(target=engine.close, daemon=True).start()
-            super().handle_exit(sig, frame)
-
-    return Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                 http=_h11_with_header_deadline(header_timeout),
-                                 timeout_keep_alive=keep_alive, timeout_graceful_shutdown=graceful))
 
 
 def main(argv=None) -> None:
@@ -579,6 +537,9 @@ def main(argv=None) -> None:
                    help=f"seconds to receive a request body (default {BODY_TIMEOUT:g})")
     p.add_argument("--header-timeout", type=float, default=HEADER_TIMEOUT,
                    help=f"seconds to receive a request head (default {HEADER_TIMEOUT:g})")
+    p.add_argument("--draft-model", help="a small LFM2 with the same tokenizer for speculative decoding")
+    p.add_argument("--num-draft-tokens", type=int, help="tokens drafted per step (default: adaptive)")
+    p.add_argument("--prompt-lookup", action="store_true", help="speculative decoding from n-grams of the prompt")
     a = p.parse_args(argv)
     if a.host not in ("127.0.0.1", "localhost", "::1") and not a.api_key:
         print(f"warning: serving on {a.host} without --api-key: anyone who can reach this port can use the model",
@@ -591,8 +552,18 @@ def main(argv=None) -> None:
         raise SystemExit(f"error: {e}")
     if a.max_batch < 1:
         raise SystemExit("error: --max-batch must be at least 1")
+    draft = None
+    if a.draft_model:
+        try:
+            draft, _ = load(a.draft_model)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: draft model: {e}")
+        if draft.args.vocab_size != model.args.vocab_size or a.prompt_lookup:
+            raise SystemExit("error: --draft-model needs the target's tokenizer, and excludes --prompt-lookup")
     engine = Engine(model, tokenizer, a.model, a.queue_size, a.cache_entries, a.max_context,
-                    a.default_max_tokens, a.max_batch)
+                    a.default_max_tokens, a.max_batch, draft, a.prompt_lookup, a.num_draft_tokens)
+    if not leader():  # mlx.launch: rank 0 serves HTTP, the others serve their layers
+        return engine.follow()
     app = create_app(engine, a.api_key, a.body_timeout)
     make_server(engine, app, a.host, a.port, a.header_timeout).run()
 

@@ -12,6 +12,7 @@ depth), so nothing malformed reaches the engine, where MLX does not bounds-check
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from typing import Any, Literal, Optional, Union
@@ -36,6 +37,8 @@ class APIError(Exception):
 
 MAX_DEPTH = 64  # JSON nesting: tool schemas in the wild stay far below; thousands exhaust the stack
 MAX_SEED = 2**64 - 1
+MAX_STOP = 1024
+IMPOSSIBLE = -9999.0  # the logprob OpenAI reports for a token that cannot be sampled
 
 
 def _reject_constant(name: str):
@@ -183,6 +186,8 @@ class Sampling(_Lenient):
         stops = [stop] if isinstance(stop, str) else (stop or [])
         if len(stops) > 4:
             raise ValueError("at most 4 stop sequences")
+        if any(len(x) > MAX_STOP for x in stops):  # each token rescans the reply's tail per stop
+            raise ValueError(f"a stop sequence is at most {MAX_STOP} characters")
         return stops
 
     def sampling_kwargs(self, defaults: dict) -> dict:
@@ -356,6 +361,9 @@ def logprob_entry(tokenizer, token: int, logprobs, top: int) -> dict:
 
     def item(t, lp):
         text = tokenizer.decode([t])
+        # A masked token (a grammar, a -inf bias) has logprob -inf, which JSON cannot carry:
+        # OpenAI reports such tokens as -9999.0.
+        lp = lp if math.isfinite(lp) else IMPOSSIBLE
         return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
 
     entry = item(token, logprobs[token].item())

@@ -5,10 +5,10 @@ tokenizer: see the README's "Structured output"). Each generation gets a fresh m
 processor masks disallowed tokens to -inf, advances the matcher with each sampled token, and
 once the value is closed allows only the stop tokens, so generation ends there.
 
-The mask is computed on the CPU while the device runs the step: the processor reads the
-sampled token, starts the step's forward (``mx.async_eval``), then advances the matcher and
-asks llguidance for the next mask (which releases the GIL), so their cost hides behind the
-forward.
+The mask is computed on the CPU while the device runs the step: the processor queues the
+read of the sampled token and the step's forward (``mx.async_eval``, in that order), waits for
+the token only, then advances the matcher and asks llguidance for the next mask (which
+releases the GIL), so their cost hides behind the forward.
 """
 
 from __future__ import annotations
@@ -135,10 +135,12 @@ class Constraint:
     def __call__(self, history: mx.array, logits: mx.array) -> mx.array:
         generated, held = history.size - self.prompt_tokens, len(self.tokens)
         start = max(0, min(generated, held) - self.LOOK_BACK)
-        # Read the ids before starting this step's forward: read after, they would wait for
-        # the forward too. Then the matcher works while the forward runs.
-        recent = history[self.prompt_tokens + start:].tolist() if generated > start else []
+        # Queue the read of the newest ids, then this step's forward behind it, then wait for
+        # the read only: the device never idles, and the matcher works while the forward runs.
+        recent = history[self.prompt_tokens + start:]
+        mx.async_eval(recent)
         mx.async_eval(logits)
+        recent = recent.tolist() if generated > start else []
         same = start
         while same < min(generated, held) and recent[same - start] == self.tokens[same]:
             same += 1

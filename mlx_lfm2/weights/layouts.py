@@ -170,10 +170,13 @@ def cast(weights: dict, dtype: Optional[mx.Dtype]) -> dict:
     }
 
 
-def load_into(model: nn.Module, files: Iterable[Path], args: ModelArgs, dtype=None) -> None:
+def load_into(model: nn.Module, files: Iterable[Path], args: ModelArgs, dtype=None,
+              keep: Optional[Callable[[str], bool]] = None) -> None:
+    """``keep(checkpoint key)``: load only those tensors (a pipeline stage); the rest are never read."""
     weights = {}
     for f in files:
-        weights.update(load_safetensors(f))
+        w = load_safetensors(f)
+        weights.update(w if keep is None else {k: v for k, v in w.items() if keep(k)})
     weights = cast(sanitize(weights, args), dtype)
     if args.quantization:
         q = args.quantization

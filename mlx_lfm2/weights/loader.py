@@ -12,6 +12,7 @@ import mlx.core as mx
 from ..model import device
 from ..model.config import ConfigError, ModelArgs
 from ..model.blocks import Model
+from ..model.pipeline import PipelineModel, launched, layer_of, plan_stages, read_header
 from .layouts import load_into, safetensors_files
 
 # What a model folder needs; nothing else is downloaded.
@@ -60,32 +61,70 @@ def default_compute_dtype(args: ModelArgs) -> Optional[mx.Dtype]:
 
 
 def load_model(folder: Union[str, Path], dtype: Optional[mx.Dtype] = None, lazy: bool = False,
-               compute_dtype: Union[mx.Dtype, None, str] = "auto") -> Model:
+               compute_dtype: Union[mx.Dtype, None, str] = "auto",
+               pipeline: Optional[bool] = None) -> Model:
+    """``pipeline``: this rank's stage of the model (see ``model.pipeline``); None: when launched
+    by ``mlx.launch`` with more than one process."""
     folder = Path(folder)
     args = ModelArgs.from_dict(load_config(folder))
-    model = Model(args)
-    load_into(model, safetensors_files(folder), args, dtype=dtype)
+    if pipeline or (pipeline is None and launched()):
+        model = load_stage(folder, args, dtype)
+    else:
+        model = Model(args)
+        load_into(model, safetensors_files(folder), args, dtype=dtype)
     model.compute_dtype = default_compute_dtype(args) if compute_dtype == "auto" else compute_dtype
-    if device.fuse_gate_up():
-        model.fuse_gate_up(evaluate=not lazy)
+    if device.fuse_matmuls():
+        model.fuse_matmuls(evaluate=not lazy)
     if not lazy:
         mx.eval(model.parameters())
+    if isinstance(model, PipelineModel):  # wait for the slowest rank's load before any recv
+        mx.eval(mx.distributed.all_sum(mx.array(1), group=model.group, stream=mx.cpu))
     model.eval()
     return model
 
 
+_SAFETENSORS_DTYPES = {"F32": mx.float32, "F16": mx.float16, "BF16": mx.bfloat16}
+
+
+def load_stage(folder: Path, args: ModelArgs, dtype: Optional[mx.Dtype] = None, group=None) -> PipelineModel:
+    """This rank's pipeline stage: only the shards and tensors of its layers are opened."""
+    group = group or mx.distributed.init()
+    files = safetensors_files(folder)
+    headers = {f: read_header(f) for f in files}
+    stages = plan_stages({k: h for hs in headers.values() for k, h in hs.items()}, args, group.size())
+    # The activations' dtype (without compute_dtype) is the embedding's output dtype: every
+    # rank must know it to receive them, so it comes from the header, not from the tensor.
+    embed = {k.rsplit(".", 1)[1]: h for hs in headers.values() for k, h in hs.items() if "embed_tokens" in k}
+    wire = dtype or _SAFETENSORS_DTYPES[embed.get("scales", embed["weight"])["dtype"]]
+    model = PipelineModel(args, group, stages, wire)
+    owned, first, last = model.owned, model.is_first, model.is_last
+
+    def keep(key: str) -> bool:
+        i = layer_of(key)
+        if i is not None:
+            return i in owned
+        if "embed_tokens" in key:
+            return first or (last and args.tie_word_embeddings)
+        return last  # final norm, untied head
+
+    load_into(model, [f for f in files if any(map(keep, headers[f]))], args, dtype=dtype, keep=keep)
+    return model
+
+
 def load(path_or_repo: Union[str, Path], dtype: Optional[mx.Dtype] = None, lazy: bool = False,
-         revision: Optional[str] = None, compute_dtype: Union[mx.Dtype, None, str] = "auto"):
+         revision: Optional[str] = None, compute_dtype: Union[mx.Dtype, None, str] = "auto",
+         pipeline: Optional[bool] = None):
     """Load a model folder or hub repo; returns ``(model, tokenizer)``.
 
     ``dtype`` casts floating weights (the router's expert_bias stays float32); ``lazy``
     leaves weights unread until first used; ``compute_dtype`` sets the activation dtype
-    ("auto": ``default_compute_dtype``).
+    ("auto": ``default_compute_dtype``); ``pipeline`` loads only this rank's layers (default:
+    whenever ``mlx.launch`` started several processes; False opts out).
     """
     from ..text.tokenizer import load_tokenizer
 
     folder = resolve(path_or_repo, revision)
-    model = load_model(folder, dtype=dtype, lazy=lazy, compute_dtype=compute_dtype)
+    model = load_model(folder, dtype=dtype, lazy=lazy, compute_dtype=compute_dtype, pipeline=pipeline)
     tokenizer = load_tokenizer(folder, model.args)
     check_vocab(tokenizer, model.args.vocab_size, folder)
     return model, tokenizer
