@@ -55,7 +55,8 @@ def chat_model(checkpoint):
 class ScriptedModel:
     """A stand-in model: its n-th sampling step (1-token call) on a cache makes ``script[n]``
     the argmax (the last entry repeats). Prefill calls (L > 1) only advance the cache.
-    ``spread`` replaces the scripted row by fixed logits. ``calls`` records each call's L."""
+    ``spread`` replaces the scripted row by fixed logits. ``calls`` records each call's L.
+    The step count is the cache's conv state, one per row, so batched rows keep their own."""
 
     def __init__(self, script, vocab=64400, context=4096, spread=None):
         self.script, self.vocab, self.spread, self.calls = list(script), vocab, spread, []
@@ -68,17 +69,15 @@ class ScriptedModel:
         return [ConvCache()]
 
     def __call__(self, inputs, cache=None):
-        L = inputs.shape[1]
+        B, L = inputs.shape
         self.calls.append(L)
-        cache[0].offset += L
-        cache[0].conv_state = mx.zeros((1, 1, 1))
+        c = cache[0]
+        n = np.zeros(B, np.int64) if c.conv_state is None else np.array(c.conv_state).reshape(B).astype(np.int64)
+        c.offset += L
+        c.conv_state = mx.array((n + (L == 1)).reshape(B, 1, 1), dtype=mx.float32)
         if self.spread is not None:
-            row = np.asarray(self.spread, np.float32)
+            rows = np.broadcast_to(np.asarray(self.spread, np.float32), (B, self.vocab))
         else:
-            # Counted on the cache object itself: an id() of a freed cache gets reused.
-            n = getattr(cache[0], "scripted_steps", 0)
-            if L == 1:
-                cache[0].scripted_steps = n + 1
-            row = np.full(self.vocab, -10.0, np.float32)
-            row[self.script[min(n, len(self.script) - 1)]] = 10.0
-        return mx.array(np.broadcast_to(row, (L, self.vocab)))[None]
+            rows = np.full((B, self.vocab), -10.0, np.float32)
+            rows[np.arange(B), [self.script[min(i, len(self.script) - 1)] for i in n]] = 10.0
+        return mx.array(np.broadcast_to(rows[:, None], (B, L, self.vocab)))

@@ -26,8 +26,8 @@ def serve():
 
     servers = []
 
-    def start(model, tok, api_key=None, queue_size=4):
-        engine = Engine(model, tok, "local-lfm2", queue_size=queue_size, max_context=2048)
+    def start(model, tok, api_key=None, queue_size=4, max_batch=8):
+        engine = Engine(model, tok, "local-lfm2", queue_size=queue_size, max_context=2048, max_batch=max_batch)
         port = free_port()
         srv = uvicorn.Server(uvicorn.Config(create_app(engine, api_key), host="127.0.0.1", port=port,
                                             log_level="warning"))
@@ -62,9 +62,9 @@ def scripted(serve, tokenizer):
     """A server whose model writes ``text`` (then the stop token 7, with ``stop=True``)."""
     from conftest import ScriptedModel
 
-    def start(text, stop=True, queue_size=4):
+    def start(text, stop=True, queue_size=4, max_batch=8):
         ids = tokenizer.encode(text, add_special_tokens=False) + ([7] if stop else [])
-        base, engine = serve(ScriptedModel(ids), tokenizer, queue_size=queue_size)
+        base, engine = serve(ScriptedModel(ids), tokenizer, queue_size=queue_size, max_batch=max_batch)
         return base, anthropic.Anthropic(base_url=base, api_key="x", max_retries=0)
 
     return start
@@ -259,10 +259,10 @@ def test_malformed_requests_get_anthropic_errors_and_the_server_keeps_serving(re
 
 
 def test_a_full_queue_answers_rate_limit_error(scripted):
-    base, client = scripted(" word" * 100000, stop=False, queue_size=1)
+    base, client = scripted(" word" * 100000, stop=False, queue_size=1, max_batch=1)
     body = {"max_tokens": 100000, "stream": True, "messages": [{"role": "user", "content": "long"}]}
     streams = [httpx.stream("POST", base + "/v1/messages", json=body, timeout=30) for _ in range(2)]
-    opened = [s.__enter__() for s in streams]  # one running, one queued
+    opened = [s.__enter__() for s in streams]  # one running (the batch is full), one queued
     try:
         for _ in range(100):
             if httpx.get(base + "/health").json()["queued"] == 1:

@@ -99,3 +99,84 @@ def test_batch_generate_texts_in_prompt_order_match_generate(chat_model):
         cut = batch_generate(model, tok, prompts[:2], max_tokens=[10, 6], stop=stop, repetition_penalty=1.3)
         assert cut.texts[0] == want[0][: want[0].find(stop)] and cut.finish_reasons[0] == "stop"
         assert cut.texts[1] == want[1][: want[1].find(stop)] if stop in want[1] else cut.texts[1] == want[1]
+
+
+# The server: every active request decodes in one batch, each as it would alone.
+from test_server import client, free_port, health, scripted, server  # noqa: E402,F401  (fixtures)
+
+
+def test_concurrent_server_requests_each_get_their_alone_reply(server, client):
+    import threading
+
+    asks = [dict(content="Tell me a story", max_tokens=14), dict(content="hi", max_tokens=5, logprobs=True, top_logprobs=2),
+            dict(content="Count to ten", max_tokens=12, stop=["\n"]), dict(content="Why?", max_tokens=9, seed=3)]
+
+    def ask(a, out, i):
+        a = dict(a)
+        out[i] = client.chat.completions.create(model="m", messages=[{"role": "user", "content": a.pop("content")}],
+                                                temperature=0, **a)
+
+    alone = [None] * len(asks)
+    for i, a in enumerate(asks):
+        ask(a, alone, i)
+    together = [None] * len(asks)
+    threads = [threading.Thread(target=ask, args=(a, together, i)) for i, a in enumerate(asks)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for a, b in zip(alone, together):
+        assert b.choices[0].message.content == a.choices[0].message.content
+        assert b.choices[0].finish_reason == a.choices[0].finish_reason
+        assert b.usage.completion_tokens == a.usage.completion_tokens
+    lp_a, lp_b = alone[1].choices[0].logprobs.content, together[1].choices[0].logprobs.content
+    assert [e.token for e in lp_b] == [e.token for e in lp_a]
+    assert [e.logprob for e in lp_b] == pytest.approx([e.logprob for e in lp_a], abs=1e-3)
+    h = health(server)
+    assert h["batch"]["max_batch"] == 8 and h["peak_batch"] >= 2  # they did decode together
+
+
+def test_health_shows_the_batch_and_a_hang_up_leaves_it(scripted):
+    import time
+
+    import httpx
+
+    base, client, engine = scripted(" word" * 100000, queue_size=4, max_batch=2)
+    body = {"messages": [{"role": "user", "content": "long"}], "max_tokens": 100000, "stream": True}
+    streams = [httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=30) for _ in range(3)]
+    opened = [s.__enter__() for s in streams]
+    try:
+        for _ in range(200):
+            h = health(base)
+            if h["batch"]["decoding"] == 2:
+                break
+            time.sleep(0.05)
+        assert h["batch"]["decoding"] == 2 and h["active"] == 2 and h["queued"] == 1  # the third waits
+        streams[0].__exit__(None, None, None)  # hang up: its row leaves, the queued one joins
+        for _ in range(200):
+            h = health(base)
+            if h["cancelled"] >= 1 and h["queued"] == 0 and h["batch"]["decoding"] == 2:
+                break
+            time.sleep(0.05)
+        assert h["cancelled"] >= 1 and h["queued"] == 0 and h["batch"]["decoding"] == 2
+        lines = [line for _, line in zip(range(5), opened[1].iter_lines()) if line]
+        assert lines  # the others keep streaming
+    finally:
+        for s in streams[1:]:
+            s.__exit__(None, None, None)
+
+
+def test_a_multi_token_forward_on_joined_rows_matches_each_alone(model):
+    """The batched cache also takes L > 1 per row (causal within the chunk, padding hidden)."""
+    from mlx_lfm2.model import batch_cache
+
+    prompts, more = [[5, 6, 7, 8, 9, 10, 11], [12, 13]], [[21, 22, 23], [31, 32, 33]]
+    singles = [model.make_cache() for _ in prompts]
+    for p, c in zip(prompts, singles):
+        model(mx.array([p]), cache=c)
+    batch = batch_cache.make_batch_cache(singles[0])
+    for c in singles:
+        batch_cache.join(batch, [x.copy() for x in c])
+    together = model(mx.array(more), cache=batch)
+    for i, (m, c) in enumerate(zip(more, singles)):
+        np.testing.assert_allclose(np.array(together[i]), np.array(model(mx.array([m]), cache=c)[0]), atol=2e-4)

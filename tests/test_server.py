@@ -106,9 +106,9 @@ def scripted(tmp_path):
     tok = load_tokenizer(reference_dir())
     servers = []
 
-    def start(text, queue_size=4, tail=()):
+    def start(text, queue_size=4, tail=(), max_batch=8):
         ids = tok.encode(text, add_special_tokens=False) + list(tail)
-        engine = Engine(ScriptedModel(ids), tok, "scripted", queue_size=queue_size)
+        engine = Engine(ScriptedModel(ids), tok, "scripted", queue_size=queue_size, max_batch=max_batch)
         port = free_port()
         srv = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=port, log_level="warning"))
         threading.Thread(target=srv.run, daemon=True).start()
@@ -211,10 +211,10 @@ def test_a_disconnected_client_frees_its_slot(scripted):
 
 
 def test_a_full_queue_answers_429(scripted):
-    base, client, engine = scripted(" word" * 100000, queue_size=1)
+    base, client, engine = scripted(" word" * 100000, queue_size=1, max_batch=1)
     body = {"messages": [{"role": "user", "content": "long"}], "max_tokens": 100000, "stream": True}
     streams = [httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=30) for _ in range(2)]
-    opened = [s.__enter__() for s in streams]  # one running, one queued
+    opened = [s.__enter__() for s in streams]  # one running (the batch is full), one queued
     try:
         for _ in range(100):
             if health(base)["queued"] == 1:

@@ -246,7 +246,8 @@ def test_a_plain_reply_stops_when_its_client_hangs_up(server):
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_stops_the_server_with_requests_in_flight(folder, sig):
-    proc, base, _ = start_server(folder, "--max-context", "100000")
+    # --max-batch 1: one request running, one queued, when the signal comes
+    proc, base, _ = start_server(folder, "--max-context", "100000", "--max-batch", "1")
     body = {"messages": [{"role": "user", "content": "go"}], "max_tokens": 90000, "logit_bias": {"7": -100}}
     replies = []
 

@@ -28,6 +28,8 @@ from typing import Callable, Optional, Sequence, Union
 import mlx.core as mx
 
 from ..model import batch_cache
+from ..model.cache import checkpoint
+from ..text.constraints import make_constraint
 from .generation import (GenerationResponse, Prompt, PromptTooLongError, _held_back, context_length,
                          default_prefill_step, encode_prompt)
 from .sample import make_logits_processors, make_sampler
@@ -149,6 +151,7 @@ class BatchGenerator:
             end = min(s.pos + self.prefill_step_size, body)
             self.model(mx.array(s.prompt[s.pos : end], dtype=mx.uint32)[None], cache=s.cache)
             mx.eval([c.state for c in s.cache])
+            checkpoint(s.cache)  # as ``prefill`` does: a later prompt sharing this prefix rewinds here
             s.pos = end
             if s.pos < body:
                 return  # the next chunk waits for the next step
@@ -192,10 +195,29 @@ def sampling_for(prompt_tokens: int, temperature: Optional[float] = None, top_p:
                  seed: Optional[int] = None, vocab_size: Optional[int] = None) -> dict:
     """``stream_generate``'s sampling arguments as ``BatchGenerator.insert`` keywords."""
     sampler = make_sampler(temperature, top_p, top_k, min_p, seed) if temperature else None
-    processors = make_logits_processors(repetition_penalty, repetition_context_size, logit_bias,
-                                        frequency_penalty, presence_penalty, prompt_tokens=prompt_tokens,
-                                        vocab_size=vocab_size)
+    processors = make_logits_processors(repetition_penalty, repetition_context_size, logit_bias, frequency_penalty,
+                                        presence_penalty, prompt_tokens=prompt_tokens, vocab_size=vocab_size)
     return {"sampler": sampler, "logits_processors": processors}
+
+
+def request_for(model, tokenizer, ids: Sequence[int], held: int = 0, max_tokens: int = 256, *, json_schema=None,
+                regex: Optional[str] = None, grammar: Optional[str] = None, **sampling) -> dict:
+    """``BatchGenerator.insert`` keywords for ``ids`` after ``held`` cached tokens, checked and
+    built as ``stream_generate`` does (ids in range, the context, the limit clamped to it, the
+    sampling arguments, a constraint from ``json_schema`` / ``regex`` / ``grammar``)."""
+    rows = vocab_rows(model)
+    ids = check_token_ids(ids, rows, "prompt token id")
+    if held + len(ids) + 1 > context_length(model):
+        raise PromptTooLongError(
+            f"prompt of {len(ids)} tokens (+{held} cached) does not fit the model's context of "
+            f"{context_length(model)} tokens: shorten it or start a new conversation")
+    kwargs = sampling_for(len(ids), vocab_size=rows, **sampling)
+    constraint = make_constraint(tokenizer, json_schema=json_schema, regex=regex, grammar=grammar,
+                                 prompt_tokens=len(ids))
+    if constraint is not None:
+        kwargs["logits_processors"].append(constraint)  # last: it masks what the others produced
+    return {"prompt": ids, "max_tokens": max(0, min(max_tokens, context_length(model) - held - len(ids))),
+            "stop_tokens": check_token_ids(tokenizer.eos_token_ids, rows, "stop token id"), **kwargs}
 
 
 @dataclass
@@ -223,12 +245,12 @@ class TextStream:
     def ttft(self) -> Optional[float]:
         return None if self.first is None else self.first - self.start
 
-    def _response(self, segment, token, logprobs, reason) -> GenerationResponse:
+    def _response(self, segment, token, logprobs, reason, stop_sequence=None) -> GenerationResponse:
         prompt_tps = self.prompt_tokens / max(self.ttft, 1e-9) if self.first else 0.0
         if reason:
             self.finish_reason = reason
         return GenerationResponse(segment, token, logprobs, reason, self.prompt_tokens, self.n, prompt_tps,
-                                  self.generation_tps, mx.get_peak_memory() / 1e9)
+                                  self.generation_tps, mx.get_peak_memory() / 1e9, stop_sequence)
 
     @property
     def generation_tps(self) -> float:
@@ -243,10 +265,11 @@ class TextStream:
             self.text += self.detok.finalize()
             return [self._response(self.text[self.shown :], token, None, "stop")]
         self.text += self.detok.add_token(token)
-        hits = [i for i in (self.text.find(s, self.shown) for s in self.stops) if i >= 0]
+        hits = [(i, s) for i, s in ((self.text.find(s, self.shown), s) for s in self.stops) if i >= 0]
         if hits:
-            self.text = self.text[: min(hits)]
-            return [self._response(self.text[self.shown :], None, None, "stop")]
+            cut, stop = min(hits)
+            self.text = self.text[:cut]
+            return [self._response(self.text[self.shown :], None, None, "stop", stop)]
         visible = len(self.text) - _held_back(self.text, self.stops)
         out = [self._response(self.text[self.shown : visible], token, logprobs, None)]
         self.shown = max(self.shown, visible)
@@ -282,22 +305,20 @@ def batch_generate(model, tokenizer, prompts: Sequence[Prompt], max_tokens: Unio
     draws as alone). Greedy when ``temperature`` is left out."""
     ids = [encode_prompt(tokenizer, p, tools) for p in prompts]
     limits = [max_tokens] * len(ids) if isinstance(max_tokens, int) else list(max_tokens)
-    ctx = context_length(model)
+    if len(limits) != len(ids):
+        raise ValueError(f"{len(limits)} max_tokens for {len(ids)} prompts")
+    requests = [request_for(model, tokenizer, p, max_tokens=n, **sampling) for p, n in zip(ids, limits)]
     gen = BatchGenerator(model, max_batch or max(1, len(ids)), prefill_step_size)
     streams, by_uid = [], {}
     mx.reset_peak_memory()
     tic = time.perf_counter()
-    for p, limit in zip(ids, limits):
-        if len(p) + 1 > ctx:
-            raise PromptTooLongError(f"a prompt of {len(p)} tokens does not fit the model's context of {ctx} tokens")
-        stream = TextStream(tokenizer, stop, len(p))
+    for req in requests:
+        stream = TextStream(tokenizer, stop, len(req["prompt"]))
         streams.append(stream)
-        limit = max(0, min(limit, ctx - len(p)))
-        if limit == 0:
+        if req["max_tokens"] == 0:
             stream.end("length")
-            continue
-        uid = gen.insert(p, max_tokens=limit, stop_tokens=tokenizer.eos_token_ids, **sampling_for(len(p), vocab_size=vocab_rows(model), **sampling))
-        by_uid[uid] = stream
+        else:
+            by_uid[gen.insert(**req)] = stream
     while by_uid:
         for t in gen.step():
             stream = by_uid[t.uid]

@@ -123,6 +123,7 @@ class BatchConvCache:
     def __init__(self):
         self.conv_state: Optional[mx.array] = None  # [B, K-1, D]
         self.offset = np.zeros(0, dtype=np.int64)  # host-side: ShortConv's `offset += L` stays free
+        self.checkpoints: list[dict] = []  # per row: its ConvCache checkpoints from before it joined
 
     @property
     def lengths(self) -> list[int]:
@@ -138,13 +139,17 @@ class BatchConvCache:
         s = single.conv_state
         self.conv_state = s if self.conv_state is None else mx.concatenate([self.conv_state, s])
         self.offset = np.append(self.offset, single.offset)
+        self.checkpoints.append(dict(single.checkpoints))  # where its prefill can be rewound to
 
     def leave(self, keep: list[int]) -> None:
         self.offset = self.offset[keep]
         self.conv_state = self.conv_state[mx.array(keep)] if keep else None
+        self.checkpoints = [self.checkpoints[i] for i in keep]
 
     def extract(self, i: int) -> ConvCache:
-        return ConvCache.from_state((self.conv_state[i : i + 1],), int(self.offset[i]))
+        c = ConvCache.from_state((self.conv_state[i : i + 1],), int(self.offset[i]))
+        c.checkpoints = dict(self.checkpoints[i])
+        return c
 
     @property
     def state(self):

@@ -1,15 +1,19 @@
 """An OpenAI-compatible server: ``python -m mlx_lfm2.server --model PATH_OR_REPO``.
 
-One worker thread owns the model and runs requests in arrival order from a bounded queue
-(full: 429), so the event loop never blocks on MLX. Tokens travel back to each request's
-coroutine through an asyncio queue; a client that disconnects sets its job's stop event,
-which ends its generation at the next token and frees the worker.
+One worker thread owns the model, so the event loop never blocks on MLX. It takes requests
+in arrival order from a bounded queue (full: 429) into a continuous batch of up to
+``max_batch`` (engine/batch.py): every active request decodes in the same forward, each with
+its own sampling, stops and limit, and a newcomer's prefill is interleaved with the others'
+decode steps. Tokens travel back to each request's coroutine through an asyncio queue; a
+client that disconnects sets its job's stop event, which takes its row out of the batch at
+the next step.
 
 Prompt reuse: after each request the worker keeps its ``PromptCache`` (cache plus the text
 it consumed); a later prompt copies the one that shares the longest prefix with it, which
 extends, or rewinds to the longest common prefix it can reach (a regenerated reply or an
 edited last message), and prefills only the rest. Copies are cheap (MLX arrays are immutable).
-With ``--draft-model`` or ``--prompt-lookup`` replies are decoded speculatively.
+With ``--draft-model`` or ``--prompt-lookup`` replies are decoded speculatively, one request
+at a time (as under ``mlx.launch``, whose ranks must run the same steps).
 
 Limits (see README, "Security model", and ``boundary``): bodies are JSON of bounded size read
 within a deadline, every value is validated by ``openai_api`` before it reaches the worker, a
@@ -39,7 +43,8 @@ from starlette.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.routing import Route
 
-from ..engine.generation import PromptTooLongError, default_sampling, stream_generate
+from ..engine.batch import BatchGenerator, TextStream, request_for
+from ..engine.generation import default_sampling, stream_generate
 from . import anthropic
 from .boundary import (BODY_TIMEOUT, HEADER_TIMEOUT, error_response, make_server, no_reply, read_body,
                        sse_events, validate, watch)
@@ -75,7 +80,8 @@ class Engine:
 
     def __init__(self, model, tokenizer, model_id: str, queue_size: int = 16, cache_entries: int = 8,
                  max_context: Optional[int] = None, default_max_tokens: int = DEFAULT_MAX_TOKENS,
-                 draft_model=None, prompt_lookup: bool = False, num_draft_tokens: Optional[int] = None):
+                 max_batch: int = 8, draft_model=None, prompt_lookup: bool = False,
+                 num_draft_tokens: Optional[int] = None):
         self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
         self.draft_model = draft_model
         self.speculative = dict(prompt_lookup=prompt_lookup, num_draft_tokens=num_draft_tokens)
@@ -84,13 +90,15 @@ class Engine:
         # Ids from requests must index both the tokenizer and the embedding rows.
         rows = getattr(model.args, "vocab_size", None)
         self.vocab = min(tokenizer.vocab_size, rows) if rows else tokenizer.vocab_size
-        self.current: Optional[Job] = None
+        self.live: dict = {}  # uid -> _Live: the requests in the batch
+        self.current: Optional[Job] = None  # the request of the one-at-a-time path
+        self.batch = BatchGenerator(model, max_batch)
         self.closed = False
         self.defaults = default_sampling(model)
         self.jobs: queue.Queue = queue.Queue(maxsize=queue_size)
         self.caches: OrderedDict[str, PromptCache] = OrderedDict()
         self.cache_entries = cache_entries
-        self.stats = {"completed": 0, "cancelled": 0, "active": 0}
+        self.stats = {"completed": 0, "cancelled": 0, "active": 0, "peak_batch": 0}
         self.template_renders_tool_calls = "tool_calls" in (tokenizer.chat_template or "")
         threading.Thread(target=self._work, daemon=True, name="mlx_lfm2-worker").start()
 
@@ -124,9 +132,10 @@ class Engine:
                 break
             job.stop.set()
             job.emit(DONE)
-        job = self.current
-        if job is not None:
-            job.stop.set()
+        for live in self.live.copy().values():  # copy(): atomic while the worker changes it
+            live.job.stop.set()
+        if self.current is not None:
+            self.current.stop.set()
 
     def _keep_cache(self, pc: PromptCache) -> None:
         if pc.offset == len(pc.tokens) and pc.text:
@@ -136,6 +145,101 @@ class Engine:
                 self.caches.popitem(last=False)
 
     def _work(self) -> None:
+        if self.draft_model is not None or self.speculative["prompt_lookup"] or group() is not None:
+            return self._work_serial()  # speculative decoding and mlx.launch ranks: one at a time
+        while True:
+            self._admit()
+            for uid, live in list(self.live.items()):
+                if live.job.stop.is_set():  # its client left: out of the batch now
+                    self._end(uid, self.batch.remove(uid), [live.text.end("cancelled")])
+            if not self.live:
+                continue
+            try:
+                tokens = self.batch.step()
+                self.stats["peak_batch"] = max(self.stats["peak_batch"], len(tokens))
+            except Exception as e:  # report it to every request in the batch; the worker lives on
+                for uid, live in self.live.items():
+                    live.job.emit(APIError(500, f"generation failed: {type(e).__name__}: {e}", type_="server_error"))
+                    live.job.emit(DONE)
+                self.live.clear()
+                self.batch = BatchGenerator(self.model, self.batch.max_batch)
+                self.stats["active"] = 0
+                continue
+            for t in tokens:
+                live = self.live[t.uid]
+                out = live.text.feed(t.token, t.logprobs, t.finish_reason)
+                if out[-1].finish_reason:
+                    cache = t.cache if t.finish_reason else self.batch.remove(t.uid)  # a stop string
+                    self._end(t.uid, cache, out)
+                else:
+                    self._emit(live, out)
+
+    def _admit(self) -> None:
+        """Move queued requests into the batch while it has room; wait for one when idle."""
+        while len(self.live) < self.batch.max_batch:
+            try:
+                job = self.jobs.get(block=not self.live)
+            except queue.Empty:
+                return
+            if job.stop.is_set():  # its client left while it waited
+                self.stats["cancelled"] += 1
+                job.emit(DONE)
+                continue
+            try:
+                self._insert(job)
+            except ValueError as e:  # the request's fault, found before its first token: a 400
+                job.emit(APIError(400, str(e), code="invalid_value"))
+                job.emit(DONE)
+            except Exception as e:
+                job.emit(APIError(500, f"generation failed: {type(e).__name__}: {e}", type_="server_error"))
+                job.emit(DONE)
+
+    def _insert(self, job: Job) -> None:
+        tok = self.tokenizer
+        pc = self._take_cache(job.prompt_text)
+        ids = pc.new_tokens(tok, job.prompt_text)
+        if not ids:  # a cache that consumed this whole prompt leaves nothing to sample from
+            pc = PromptCache(self.model, draft_model=self.draft_model)
+            ids = pc.new_tokens(tok, job.prompt_text)
+        kwargs = dict(job.kwargs)
+        stop = kwargs.pop("stop", None)
+        request = request_for(self.model, tok, ids, held=pc.offset, **kwargs)
+        job.cached_tokens = pc.offset
+        job.prompt_tokens = pc.offset + len(ids)
+        live = _Live(job, pc, ids, TextStream(tok, stop, len(ids)))
+        if request["max_tokens"] == 0:
+            job.emit((live.text.end("length"), None))
+            self.stats["completed"] += 1
+            job.emit(DONE)
+            return
+        uid = self.batch.insert(**request, cache=pc.cache)
+        self.live[uid] = live
+        self.stats["active"] = len(self.live)
+
+    def _emit(self, live: "_Live", responses) -> None:
+        for r in responses:
+            live.job.started = True
+            if r.token is not None:
+                live.generated.append(r.token)
+            entry = None
+            if live.job.top_logprobs is not None and r.logprobs is not None and not r.finish_reason:
+                entry = logprob_entry(self.tokenizer, r.token, r.logprobs, live.job.top_logprobs)
+            live.job.emit((r, entry))
+
+    def _end(self, uid: int, cache: Optional[list], responses) -> None:
+        """A request leaves the batch: its last responses, the stats, its cache kept for reuse."""
+        live = self.live.pop(uid)
+        self._emit(live, responses)
+        self.stats["cancelled" if live.job.stop.is_set() else "completed"] += 1
+        self.stats["active"] = len(self.live)
+        if cache is not None:  # None: it left before its prefill finished
+            live.pc.cache = cache
+            live.pc.commit(self.tokenizer, live.job.prompt_text, live.ids, live.generated)
+            self._keep_cache(live.pc)
+        live.job.emit(DONE)
+
+
+    def _work_serial(self) -> None:
         while True:
             job = self.jobs.get()
             if job.stop.is_set():  # its client left while it waited
@@ -188,7 +292,6 @@ class Engine:
             pc.commit(tok, job.prompt_text, ids, generated)
             self._keep_cache(pc)
 
-
     def follow(self) -> None:
         """Ranks other than 0 under mlx.launch: run each job rank 0 runs, with no client."""
         while True:
@@ -202,6 +305,15 @@ class Engine:
                 self._run(job)
             except Exception:  # rank 0 met the same error and reports it to its client
                 pass
+
+
+@dataclass
+class _Live:
+    job: Job
+    pc: PromptCache
+    ids: list  # the prompt ids prefilled (those after the cached prefix)
+    text: TextStream
+    generated: list = field(default_factory=list)
 
 
 def create_app(engine: Engine, api_key: Optional[str] = None, body_timeout: float = BODY_TIMEOUT) -> Starlette:
@@ -366,7 +478,7 @@ def create_app(engine: Engine, api_key: Optional[str] = None, body_timeout: floa
         import mlx.core as mx
 
         return JSONResponse({"status": "ok", "queued": engine.jobs.qsize(), **engine.stats,
-                             "cached_prompts": len(engine.caches),
+                             "batch": engine.batch.status, "cached_prompts": len(engine.caches),
                              "mlx_active_mb": round(mx.get_active_memory() / 2**20, 1),
                              "mlx_cache_mb": round(mx.get_cache_memory() / 2**20, 1)})
 
@@ -417,6 +529,8 @@ def main(argv=None) -> None:
     p.add_argument("--queue-size", type=int, default=16, help="requests waiting before 429")
     p.add_argument("--max-context", type=int, help="context limit in tokens (default: the model's)")
     p.add_argument("--cache-entries", type=int, default=8, help="prompt caches kept for reuse")
+    p.add_argument("--max-batch", type=int, default=8,
+                   help="requests decoded together in one batch (default 8; 1: one at a time)")
     p.add_argument("--default-max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
                    help=f"reply limit when a request gives no max_tokens (default {DEFAULT_MAX_TOKENS})")
     p.add_argument("--body-timeout", type=float, default=BODY_TIMEOUT,
@@ -436,6 +550,8 @@ def main(argv=None) -> None:
         model, tokenizer = load(a.model)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}")
+    if a.max_batch < 1:
+        raise SystemExit("error: --max-batch must be at least 1")
     draft = None
     if a.draft_model:
         try:
@@ -445,7 +561,7 @@ def main(argv=None) -> None:
         if draft.args.vocab_size != model.args.vocab_size or a.prompt_lookup:
             raise SystemExit("error: --draft-model needs the target's tokenizer, and excludes --prompt-lookup")
     engine = Engine(model, tokenizer, a.model, a.queue_size, a.cache_entries, a.max_context,
-                    a.default_max_tokens, draft, a.prompt_lookup, a.num_draft_tokens)
+                    a.default_max_tokens, a.max_batch, draft, a.prompt_lookup, a.num_draft_tokens)
     if not leader():  # mlx.launch: rank 0 serves HTTP, the others serve their layers
         return engine.follow()
     app = create_app(engine, a.api_key, a.body_timeout)
