@@ -353,3 +353,16 @@ def test_server_reuses_the_longest_common_prefix(checkpoint):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_front_ends_load_a_draft_only_with_the_targets_vocabulary(checkpoint):
+    from mlx_lfm2.weights.loader import load_draft, load_model
+
+    target = load_model(checkpoint(tiny_config("tiny-moe")))
+    assert load_draft(None, target) is None
+    same = load_draft(checkpoint(tiny_config("tiny-dense")), target)
+    assert same.args.vocab_size == target.args.vocab_size
+    with pytest.raises(ValueError, match="vocabulary"):
+        load_draft(checkpoint(tiny_config("tiny-dense", vocab_size=target.args.vocab_size // 2)), target)
+    with pytest.raises(ValueError, match="exclude each other"):
+        load_draft(checkpoint(tiny_config("tiny-dense")), target, prompt_lookup=True)

@@ -293,7 +293,7 @@ def main(argv=None) -> None:
 
     console = Console(highlight=False)
     tools = load_tools(args.tools) if args.tools else {}
-    from ..weights.loader import load
+    from ..weights.loader import load, load_draft
     from ..engine.distributed import from_leader, group, leader
     from ..engine.session import Chat
 
@@ -316,14 +316,10 @@ def main(argv=None) -> None:
                                       seed=args.seed).items() if v is not None}
     if args.json_schema:
         sampling["json_schema"] = read_schema(args.json_schema, tokenizer)
-    draft = None
-    if args.draft_model:
-        try:
-            draft, _ = load(args.draft_model)
-        except (OSError, ValueError) as e:
-            raise SystemExit(f"error: draft model: {e}")
-        if draft.args.vocab_size != model.args.vocab_size or args.prompt_lookup:
-            raise SystemExit("error: --draft-model needs the target's tokenizer, and excludes --prompt-lookup")
+    try:
+        draft = load_draft(args.draft_model, model, args.prompt_lookup)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: draft model: {e}")
     chat = Chat(model, tokenizer, system=args.system, tools=list(tools.values()) or None, draft_model=draft,
                 num_draft_tokens=args.num_draft_tokens, prompt_lookup=args.prompt_lookup, **sampling)
     startup = time.perf_counter() - t0 - load_s

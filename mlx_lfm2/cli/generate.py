@@ -65,7 +65,7 @@ def main(argv=None) -> None:
                          "never closes it: pass the prompt as --prompt TEXT")
     prompt = sys.stdin.read() if prompt == "-" else prompt
     from ..engine.generation import stream_generate
-    from ..weights.loader import load
+    from ..weights.loader import load, load_draft
 
     try:
         model, tokenizer = load(args.model)
@@ -76,14 +76,10 @@ def main(argv=None) -> None:
         if tid is None:
             raise SystemExit(f"error: --extra-eos-token {token!r} is not a token of this tokenizer")
         tokenizer.eos_token_ids = tokenizer.eos_token_ids | {tid}
-    draft = None
-    if args.draft_model:
-        try:
-            draft, _ = load(args.draft_model)
-        except (OSError, ValueError) as e:
-            raise SystemExit(f"error: draft model: {e}")
-        if draft.args.vocab_size != model.args.vocab_size or args.prompt_lookup:
-            raise SystemExit("error: --draft-model needs the target's tokenizer, and excludes --prompt-lookup")
+    try:
+        draft = load_draft(args.draft_model, model, args.prompt_lookup)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: draft model: {e}")
     ids = build_prompt(tokenizer, prompt, args.system, args.ignore_chat_template)
     sampling = dict(temperature=args.temp, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                     repetition_penalty=args.repetition_penalty, seed=args.seed,

@@ -194,13 +194,18 @@ class Engine:
                 job.emit(APIError(500, f"generation failed: {type(e).__name__}: {e}", type_="server_error"))
                 job.emit(DONE)
 
-    def _insert(self, job: Job) -> None:
-        tok = self.tokenizer
-        pc = self._take_cache(job.prompt_text)
-        ids = pc.new_tokens(tok, job.prompt_text)
+    def _prompt_cache(self, prompt_text: str):
+        """The cached conversation sharing the most of ``prompt_text``, and the ids still to feed."""
+        pc = self._take_cache(prompt_text)
+        ids = pc.new_tokens(self.tokenizer, prompt_text)
         if not ids:  # a cache that consumed this whole prompt leaves nothing to sample from
             pc = PromptCache(self.model, draft_model=self.draft_model)
-            ids = pc.new_tokens(tok, job.prompt_text)
+            ids = pc.new_tokens(self.tokenizer, prompt_text)
+        return pc, ids
+
+    def _insert(self, job: Job) -> None:
+        tok = self.tokenizer
+        pc, ids = self._prompt_cache(job.prompt_text)
         kwargs = dict(job.kwargs)
         stop = kwargs.pop("stop", None)
         request = request_for(self.model, tok, ids, held=pc.offset, **kwargs)
@@ -266,11 +271,7 @@ class Engine:
 
     def _run(self, job: Job) -> None:
         tok = self.tokenizer
-        pc = self._take_cache(job.prompt_text)
-        ids = pc.new_tokens(tok, job.prompt_text)
-        if not ids:  # a cache that consumed this whole prompt leaves nothing to sample from
-            pc = PromptCache(self.model, draft_model=self.draft_model)
-            ids = pc.new_tokens(tok, job.prompt_text)
+        pc, ids = self._prompt_cache(job.prompt_text)
         job.cached_tokens = pc.offset
         job.prompt_tokens = pc.offset + len(ids)
         generated, finished = [], False
@@ -544,7 +545,7 @@ def main(argv=None) -> None:
     if a.host not in ("127.0.0.1", "localhost", "::1") and not a.api_key:
         print(f"warning: serving on {a.host} without --api-key: anyone who can reach this port can use the model",
               file=sys.stderr)
-    from ..weights.loader import load
+    from ..weights.loader import load, load_draft
 
     try:
         model, tokenizer = load(a.model)
@@ -552,14 +553,10 @@ def main(argv=None) -> None:
         raise SystemExit(f"error: {e}")
     if a.max_batch < 1:
         raise SystemExit("error: --max-batch must be at least 1")
-    draft = None
-    if a.draft_model:
-        try:
-            draft, _ = load(a.draft_model)
-        except (OSError, ValueError) as e:
-            raise SystemExit(f"error: draft model: {e}")
-        if draft.args.vocab_size != model.args.vocab_size or a.prompt_lookup:
-            raise SystemExit("error: --draft-model needs the target's tokenizer, and excludes --prompt-lookup")
+    try:
+        draft = load_draft(a.draft_model, model, a.prompt_lookup)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: draft model: {e}")
     engine = Engine(model, tokenizer, a.model, a.queue_size, a.cache_entries, a.max_context,
                     a.default_max_tokens, a.max_batch, draft, a.prompt_lookup, a.num_draft_tokens)
     if not leader():  # mlx.launch: rank 0 serves HTTP, the others serve their layers

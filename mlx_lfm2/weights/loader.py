@@ -141,3 +141,17 @@ def check_vocab(tokenizer, rows: int, folder: Path) -> None:
         warnings.warn(f"{folder}: the tokenizer has {tokenizer.vocab_size} ids but the model only "
                       f"{rows} embedding rows; text that encodes to ids >= {rows} will be refused",
                       stacklevel=3)
+
+
+def load_draft(path: Optional[Union[str, Path]], target, prompt_lookup: bool = False):
+    """The draft model for speculative decoding (None without ``path``): an LFM2 sharing the
+    target's tokenizer, so every id one produces is a row of the other's embedding."""
+    if path is None:
+        return None
+    if prompt_lookup:
+        raise ValueError("a draft model and prompt lookup exclude each other: pick one")
+    draft = load_model(resolve(path), pipeline=False)  # drafting is off under the pipeline anyway
+    if draft.args.vocab_size != target.args.vocab_size:
+        raise ValueError(f"its vocabulary ({draft.args.vocab_size}) differs from the target's "
+                         f"({target.args.vocab_size}): use a draft with the same tokenizer")
+    return draft
