@@ -174,3 +174,17 @@ def test_chat_default_model_says_what_it_picked(setup, tmp_path, monkeypatch):
     folder = cli.default_model(console)
     assert folder.name == "LFM2-8B-A1B-4bit-mixed8"
     assert "Model: LFM2-8B-A1B, 4-bit (~4.9 GB), for 10.7 GB" in console.export_text()
+
+
+def test_a_failed_download_says_what_to_do(setup, tmp_path):
+    make, files = setup
+    hub, _ = make()
+
+    def offline(repo, allow_patterns=None, **kw):
+        if allow_patterns == provision.HUB_PATTERNS:
+            raise OSError("Name or service not known")
+        return hub.download(repo, allow_patterns, **kw)
+
+    console = Console(record=True)
+    with pytest.raises(FileNotFoundError, match="could not download LiquidAI/LFM2-24B-A2B .* resumes"):
+        provision.provision(E24, tmp_path / "home", console, m=mac(32), api=hub, download=offline)

@@ -221,7 +221,12 @@ def provision(e: Entry, home: Path, console, m: Optional[Machine] = None, api=No
     console.print(f"First run: downloading {e.repo} (~{published:.1f} GB"
                   + (f", {cached:.1f} GB already here" if cached else "")
                   + f") and converting it once to 4-bit (~{e.mlx_gb:.1f} GB) in {target}", markup=False)
-    src = Path(download(e.repo, allow_patterns=HUB_PATTERNS))
+    try:
+        src = Path(download(e.repo, allow_patterns=HUB_PATTERNS))
+    except Exception as err:  # the hub's own errors are many and wordy: say what to do
+        raise FileNotFoundError(f"could not download {e.repo} from the Hugging Face hub ({type(err).__name__}). "
+                                "Check the network and run again: what was downloaded is kept and "
+                                "the download resumes") from err
     convert(src, target, quantize=True, quant_recipe="mixed_8", force=True)
     if not cached and confirm is not None and confirm(
             f"Remove the original download ({published:.1f} GB in {_hub_cache()})? The 4-bit folder "
