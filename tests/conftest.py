@@ -81,3 +81,34 @@ class ScriptedModel:
             rows = np.full((B, self.vocab), -10.0, np.float32)
             rows[np.arange(B), [self.script[min(i, len(self.script) - 1)] for i in n]] = 10.0
         return mx.array(np.broadcast_to(rows[:, None], (B, L, self.vocab)))
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(folder, *args):
+    """``python -m mlx_lfm2.server`` on a free loopback port, once /health answers:
+    ``(proc, base_url, port)``. The caller stops it."""
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "mlx_lfm2.server", "--model", str(folder), "--port", str(port),
+                             *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            if httpx.get(base + "/health", timeout=1).status_code == 200:
+                return proc, base, port
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    proc.kill()
+    pytest.fail("server did not start: " + proc.stdout.read().decode())

@@ -7,7 +7,8 @@ import time
 import httpx
 import pytest
 
-from test_server import TOOLS as OPENAI_TOOLS, free_port
+from conftest import free_port
+from test_server import TOOLS as OPENAI_TOOLS
 
 anthropic = pytest.importorskip("anthropic")
 openai = pytest.importorskip("openai")

@@ -102,7 +102,8 @@ def test_batch_generate_texts_in_prompt_order_match_generate(chat_model):
 
 
 # The server: every active request decodes in one batch, each as it would alone.
-from test_server import client, free_port, health, scripted, server  # noqa: E402,F401  (fixtures)
+from conftest import free_port  # noqa: E402
+from test_server import client, health, scripted, server  # noqa: E402,F401  (fixtures)
 
 
 def test_concurrent_server_requests_each_get_their_alone_reply(server, client):

@@ -1,43 +1,21 @@
 """The OpenAI-compatible server, started for real on a loopback port, driven by `openai`."""
 
 import json
-import socket
-import subprocess
-import sys
 import threading
 import time
 
 import httpx
 import pytest
 
-from conftest import tiny_config
+from conftest import free_port, start_server, tiny_config
 
 openai = pytest.importorskip("openai")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def server(checkpoint):
     folder = checkpoint(tiny_config("tiny-moe"), tokenizer=True)
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "mlx_lfm2.server", "--model", str(folder), "--port", str(port),
-                             "--api-key", "sekrit", "--queue-size", "4", "--max-context", "2048"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            if httpx.get(base + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    else:
-        proc.kill()
-        pytest.fail("server did not start: " + proc.stdout.read().decode())
+    proc, base, _ = start_server(folder, "--api-key", "sekrit", "--queue-size", "4", "--max-context", "2048")
     yield base
     proc.terminate()
     proc.wait(10)

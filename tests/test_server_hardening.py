@@ -16,25 +16,11 @@ import httpx
 import pytest
 
 from conftest import tiny_config
-from test_server import free_port, scripted  # noqa: F401 (a fixture)
+from conftest import start_server
+from test_server import scripted  # noqa: F401 (a fixture)
 
 CHAT = "/v1/chat/completions"
 USER = [{"role": "user", "content": "hi"}]
-
-
-def start_server(folder, *args):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "mlx_lfm2.server", "--model", str(folder), "--port", str(port),
-                             *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            if httpx.get(base + "/health", timeout=1).status_code == 200:
-                return proc, base, port
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    proc.kill()
-    pytest.fail("server did not start: " + proc.stdout.read().decode())
 
 
 @pytest.fixture(scope="module")

@@ -314,26 +314,11 @@ def test_chat_cli_retry_undo_and_acceptance_stats(checkpoint, tmp_path):
 def test_server_reuses_the_longest_common_prefix(checkpoint):
     """An edited last message or a regenerated reply prefills only what changed."""
     openai = pytest.importorskip("openai")
-    import subprocess
-    import sys
-    import time
-
-    import httpx
-
-    from test_server import free_port
+    from conftest import start_server
 
     folder = checkpoint(tiny_config("tiny-moe"), tokenizer=True)
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "mlx_lfm2.server", "--model", str(folder), "--port", str(port),
-                             "--prompt-lookup"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc, base, _ = start_server(folder, "--prompt-lookup")
     try:
-        base = f"http://127.0.0.1:{port}"
-        for _ in range(300):
-            try:
-                if httpx.get(base + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
         client = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0)
 
         def ask(messages):

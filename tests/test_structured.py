@@ -257,7 +257,7 @@ def served(chat_model):
 
     openai = pytest.importorskip("openai")
     from mlx_lfm2.serve.app import Engine, create_app
-    from test_server import free_port
+    from conftest import free_port
 
     model, tok, _ = chat_model
     port = free_port()
