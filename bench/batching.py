@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 
-from common import ROOT, alternating_medians, checkpoint, converted, ratios, run_json
+from common import ROOT, alternating_medians, checkpoint, converted, model_parser, ratios, run_json
 
 _words: list = []
 
@@ -223,11 +223,7 @@ def server_round(folder, levels, steps, words, join_words, nonce) -> dict:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="24b-a2b-narrow")
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--bits", type=int, default=4)
-    p.add_argument("--runs", type=int, default=3)
+    p = model_parser(__doc__)
     p.add_argument("--steps", type=int, default=8, help="tokens per stream in the measured window")
     p.add_argument("--words", type=int, default=12, help="prompt length in words (one token each)")
     p.add_argument("--levels", type=int, nargs="*", default=[1, 2, 4, 8, 16])

@@ -14,6 +14,19 @@ REFERENCE = ROOT.parent / "shared" / "lfm2-reference" / "LFM2-350M"
 sys.path.insert(0, str(ROOT))
 
 
+def model_parser(doc: str, preset: str = "24b-a2b-narrow", layers: int = 8, runs: int = 3):
+    """An argument parser with the options every bench shares: which random checkpoint, how
+    quantized, how many alternating runs."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--preset", default=preset)
+    p.add_argument("--layers", type=int, default=layers)
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--runs", type=int, default=runs)
+    return p
+
+
 def checkpoint(preset: str, layers: int, dtype: str = "bfloat16", **overrides) -> Path:
     """A random hub checkpoint, written once and reused (``overrides``: config keys)."""
     from mlx_lfm2.weights.random_checkpoint import PRESETS, write_checkpoint

@@ -5,11 +5,10 @@ Runs alternate between the engines (fresh process each), then reports medians an
     python bench/speed.py --preset 24b-a2b-narrow --layers 8 --bits 4 --runs 3
 """
 
-import argparse
 import json
 import platform
 
-from common import alternating_medians, checkpoint, converted, ratios, run_json
+from common import alternating_medians, checkpoint, converted, model_parser, ratios, run_json
 
 
 def bandwidth_gbs() -> float:
@@ -47,11 +46,7 @@ def bytes_per_token(folder) -> int:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="24b-a2b-narrow")
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--bits", type=int, default=4)
-    p.add_argument("--runs", type=int, default=3)
+    p = model_parser(__doc__)
     p.add_argument("--decode", type=int, default=128)
     p.add_argument("--prefill", type=int, nargs="*", default=[512, 4096])
     p.add_argument("--bf16", action="store_true", help="also run mlx_lfm2 with bfloat16 activations")

@@ -8,7 +8,6 @@ run of the same round (median of those ratios); the matcher's own CPU time per t
     python bench/structured.py --preset 24b-a2b --layers 4 --bits 4 --tokens 16 --runs 9
 """
 
-import argparse
 import json
 import os
 import platform
@@ -17,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import alternating_medians, checkpoint, converted
+from common import alternating_medians, checkpoint, converted, model_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = Path(os.environ.get("LFM2_REFERENCE", ROOT.parent / "shared" / "lfm2-reference" / "LFM2-350M"))
@@ -64,12 +63,8 @@ class _NoOverlap:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="24b-a2b")
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--bits", type=int, default=4)
+    p = model_parser(__doc__, preset="24b-a2b", layers=4, runs=5)
     p.add_argument("--tokens", type=int, default=48)
-    p.add_argument("--runs", type=int, default=5)
     a = p.parse_args()
     import mlx.core as mx
 

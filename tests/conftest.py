@@ -112,3 +112,18 @@ def start_server(folder, *args):
             time.sleep(0.1)
     proc.kill()
     pytest.fail("server did not start: " + proc.stdout.read().decode())
+
+
+@pytest.fixture(scope="session")
+def ours():
+    """Our tokenizer on the real LFM2 files."""
+    from mlx_lfm2.text.tokenizer import load_tokenizer
+
+    return load_tokenizer(reference_dir())
+
+
+@pytest.fixture(scope="session")
+def ref():
+    """transformers' tokenizer on the same files: the reference."""
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(str(reference_dir()))

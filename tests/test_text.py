@@ -29,16 +29,6 @@ TEXTS = {
 }
 
 
-@pytest.fixture(scope="module")
-def ours():
-    return load_tokenizer(reference_dir())
-
-
-@pytest.fixture(scope="module")
-def ref():
-    return transformers.AutoTokenizer.from_pretrained(str(reference_dir()))
-
-
 @pytest.mark.parametrize("lang", sorted(TEXTS))
 def test_encode_matches_reference(ours, ref, lang):
     assert ours.encode(TEXTS[lang]) == ref.encode(TEXTS[lang])
