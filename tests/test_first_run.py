@@ -118,6 +118,16 @@ def test_original_download_is_kept_unless_the_user_says_yes(setup, tmp_path):
     assert removed == []
 
 
+@pytest.mark.parametrize("before", [3.0, None])  # partly there already / cache unreadable
+def test_a_download_that_may_not_be_ours_is_never_offered_for_removal(setup, tmp_path, monkeypatch, before):
+    make, _ = setup
+    hub, removed = make()
+    monkeypatch.setattr(provision, "_cached_gb", lambda repo: before)
+    asked = []
+    run(hub, tmp_path, confirm=lambda q: asked.append(q) or True)
+    assert asked == [] and removed == []
+
+
 def test_not_enough_disk_is_refused_before_downloading(setup, tmp_path, monkeypatch):
     make, files = setup
     hub, _ = make(sizes={(E24.repo, "model.safetensors"): 47.7e9})

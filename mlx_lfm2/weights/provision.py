@@ -216,8 +216,8 @@ def provision(e: Entry, home: Path, console, m: Optional[Machine] = None, api=No
     if folder is not None:
         return folder
     published = hub_weights_gb(e.repo, api) or e.download_gb
-    cached = _cached_gb(e.repo)
-    check_disk({_hub_cache(): max(0.0, published - cached), target.parent: e.mlx_gb})
+    cached = _cached_gb(e.repo)  # None: the cache could not be read, so nothing of it is ours to delete
+    check_disk({_hub_cache(): max(0.0, published - (cached or 0.0)), target.parent: e.mlx_gb})
     console.print(f"First run: downloading {e.repo} (~{published:.1f} GB"
                   + (f", {cached:.1f} GB already here" if cached else "")
                   + f") and converting it once to 4-bit (~{e.mlx_gb:.1f} GB) in {target}", markup=False)
@@ -228,7 +228,7 @@ def provision(e: Entry, home: Path, console, m: Optional[Machine] = None, api=No
                                 "Check the network and run again: what was downloaded is kept and "
                                 "the download resumes") from err
     convert(src, target, quantize=True, quant_recipe="mixed_8", force=True)
-    if not cached and confirm is not None and confirm(
+    if cached == 0.0 and confirm is not None and confirm(
             f"Remove the original download ({published:.1f} GB in {_hub_cache()})? The 4-bit folder "
             "is all chat.py needs. [y/N] "):
         _remove_from_cache(e.repo)
@@ -236,17 +236,17 @@ def provision(e: Entry, home: Path, console, m: Optional[Machine] = None, api=No
     return target
 
 
-def _cached_gb(repo: str) -> float:
-    """GB of ``repo`` already in the Hugging Face cache (a resumed first run)."""
+def _cached_gb(repo: str) -> Optional[float]:
+    """GB of ``repo`` already in the Hugging Face cache (a resumed first run), or None when the
+    cache cannot be read."""
     try:
         from huggingface_hub import scan_cache_dir
 
-        for r in scan_cache_dir(_hub_cache()).repos:
-            if r.repo_id == repo:
-                return r.size_on_disk / GB
+        if not _hub_cache().exists():
+            return 0.0
+        return sum(r.size_on_disk for r in scan_cache_dir(_hub_cache()).repos if r.repo_id == repo) / GB
     except Exception:
-        pass
-    return 0.0
+        return None
 
 
 def _remove_from_cache(repo: str) -> None:
