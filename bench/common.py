@@ -10,7 +10,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "out"
-REFERENCE = ROOT.parent / "shared" / "lfm2-reference" / "LFM2-350M"
+REFERENCE = ROOT / "tests" / "fixtures" / "LFM2-350M"
 sys.path.insert(0, str(ROOT))
 
 

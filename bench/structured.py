@@ -19,7 +19,7 @@ from pathlib import Path
 from common import alternating_medians, checkpoint, converted, model_parser
 
 ROOT = Path(__file__).resolve().parents[1]
-REFERENCE = Path(os.environ.get("LFM2_REFERENCE", ROOT.parent / "shared" / "lfm2-reference" / "LFM2-350M"))
+REFERENCE = Path(os.environ.get("LFM2_REFERENCE", ROOT / "tests" / "fixtures" / "LFM2-350M"))
 TRICKY = json.loads((ROOT / "tests" / "fixtures" / "tricky_schemas.json").read_text(encoding="utf-8"))
 PROMPT = [{"role": "user", "content": "Extract the order details from the email below as JSON."}]
 

@@ -11,12 +11,12 @@ import pytest
 from mlx_lfm2.weights.random_checkpoint import PRESETS, write_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-REFERENCE = Path(os.environ.get("LFM2_REFERENCE", ROOT.parent / "shared/lfm2-reference/LFM2-350M"))
+REFERENCE = Path(os.environ.get("LFM2_REFERENCE", ROOT / "tests/fixtures/LFM2-350M"))
 
 
 def reference_dir() -> Path:
     if not (REFERENCE / "tokenizer.json").exists():
-        pytest.skip(f"real LFM2 tokenizer files not found at {REFERENCE} (set LFM2_REFERENCE)")
+        pytest.fail(f"real LFM2 tokenizer files missing at {REFERENCE} (they ship in tests/fixtures)")
     return REFERENCE
 
 
