@@ -39,6 +39,8 @@ Ctrl-C stops a reply and keeps the conversation."""
 
 
 def parse_args(argv=None):
+    from ..weights.provision import ASK_GB
+
     p = argparse.ArgumentParser(description="Chat with an LFM2 model.")
     p.add_argument("--model", help=f"model folder or hub repo id (default: {DEFAULT_REPO} at 4 bits where it fits this "
                    "machine's memory, else LFM2-8B-A1B)")
@@ -58,21 +60,27 @@ def parse_args(argv=None):
     p.add_argument("--num-draft-tokens", type=int, help="tokens drafted per step (default: adaptive from 3)")
     p.add_argument("--prompt-lookup", action="store_true",
                    help="speculative decoding with drafts from n-grams of the conversation (no draft model)")
+    p.add_argument("--yes", action="store_true",
+                   help=f"download a model over {ASK_GB:g} GB without asking (needed when stdin is not a terminal)")
     return p.parse_args(argv)
 
 
-def default_model(console) -> Path:
+def default_model(console, yes: bool = False) -> Path:
     """The largest LFM2 model that fits this machine (see ``weights/provision.py``), fetched
     and converted on first use: experts at 4 bits, the rest at 8 (recipe mixed_8)."""
     from ..weights import provision
 
     entry, line = provision.choose_default(provision.machine())
     console.print(line, markup=False)
-    return provision.provision(entry, HOME, console, confirm=_confirm(console))
+    note = provision.cpu_note(entry)
+    if note:
+        console.print(note, style="yellow", markup=False)
+    return provision.provision(entry, HOME, console, confirm=_confirm(console), yes=yes, command=yes_command())
 
 
-def check_model(console, name: str) -> None:
-    """``--model``: the same memory check as the default, as a warning."""
+def check_model(console, name: str, yes: bool = False) -> None:
+    """``--model``: the same memory check as the default, as a warning; a hub repo not yet in
+    the cache is a download, confirmed first when large."""
     from ..weights import provision
 
     path = Path(name).expanduser()
@@ -80,6 +88,19 @@ def check_model(console, name: str) -> None:
     warning = size and provision.fit_warning(name, size, provision.machine())
     if warning:
         console.print(warning, style="yellow", markup=False)
+    if size and not path.is_dir():
+        provision.confirm_download(name, provision.missing_gb(name, size), _confirm(console), yes, yes_command())
+
+
+def yes_command() -> str:
+    """This command line with ``--yes``: what confirms a download when nobody can be asked."""
+    import shlex
+    import sys
+
+    prog = Path(sys.argv[0])
+    head = ([prog.name] if prog.suffix != ".py"  # an installed script (mlx-lfm2-chat)
+            else ["python", "-m", "mlx_lfm2.cli.chat"] if prog.parent.name == "cli" else ["python", sys.argv[0]])
+    return shlex.join([*head, *(a for a in sys.argv[1:] if a != "--yes"), "--yes"])
 
 
 def _confirm(console):
@@ -302,8 +323,8 @@ def main(argv=None) -> None:
         raise SystemExit("error: under mlx.launch pass --model (the same folder on every machine)")
     try:
         if args.model:
-            check_model(console, args.model)
-        source = args.model or default_model(console)
+            check_model(console, args.model, args.yes)
+        source = args.model or default_model(console, args.yes)
         model, tokenizer = load(source)
     except (OSError, ValueError, RuntimeError) as e:
         raise SystemExit(f"error: {e}")

@@ -240,7 +240,7 @@ def convert(hf_path: Union[str, Path], mlx_path: Union[str, Path], quantize: boo
         check_replaceable(mlx_path, local if local.is_dir() else None)
     predicate = quant_predicate(q_bits, q_group_size, quant_recipe) if quantize else None
 
-    src = resolve(hf_path, revision)
+    src = resolve(hf_path, revision, flag="--hf-path")
     if mlx_path.exists():
         check_replaceable(mlx_path, src)  # before hours of work, and again before the swap
     config = load_config(src)
