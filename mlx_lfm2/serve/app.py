@@ -65,10 +65,13 @@ class ByPrefix:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description="OpenAI-compatible server for LFM2 models.")
+    from ..command import parser
+
+    p = parser("mlx_lfm2.server", "Serve an LFM2 model over HTTP: the OpenAI API (/v1/chat/completions, "
+               "/v1/completions, /v1/models) and the Anthropic Messages API (/v1/messages), with continuous batching.")
     p.add_argument("--model", required=True, help="model folder or hub repo id")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
-    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--port", type=int, default=8080, help="TCP port")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or 'x-api-key: KEY')")
     p.add_argument("--queue-size", type=int, default=16, help="requests waiting before 429")
     p.add_argument("--max-context", type=int, help="context limit in tokens (default: the model's)")
