@@ -27,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from ..text.constraints import forced_tool_opening, tool_call_grammar
+from ..text.tool_grammar import forced_tool_opening, tool_call_grammar
 from ..text.tools import ToolCallStream, parse_tool_calls
 from .boundary import no_reply, read_body, validate, watch
 from .openai_api import APIError, ChatRequest, to_template_messages
