@@ -26,7 +26,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from ..text.constraints import forced_tool_opening, tool_call_grammar
+from ..text.tool_grammar import forced_tool_opening, tool_call_grammar
 from .boundary import APIError, exception_handlers, internal_error
 from .openai_api import ChatRequest, to_template_messages
 from .service import Service

@@ -18,7 +18,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from ..text.constraints import forced_tool_opening, tool_call_grammar
+from ..text.tool_grammar import forced_tool_opening, tool_call_grammar
 from ..text.tools import format_pythonic_call
 from .boundary import APIError, loads
 
