@@ -28,6 +28,7 @@ import mlx.core as mx
 from ..model.cache import KVCache, checkpoint, copy_cache, load_cache, reachable, rewind, save_cache
 from ..text.tokenizer import RenderedPrompt, plain_spans
 from .generation import GenerationResponse, default_sampling, stream_generate
+from .sample import SamplingParams
 
 FORMAT = "mlx_lfm2.chat/2"  # /2 records the model's identity
 
@@ -161,11 +162,14 @@ class Chat:
     """A multi-turn conversation: ``for r in chat.send("hi"): print(r.text, end="")``."""
 
     def __init__(self, model, tokenizer, system: Optional[str] = None, tools=None, draft_model=None,
-                 num_draft_tokens: Optional[int] = None, prompt_lookup: bool = False, **sampling):
+                 num_draft_tokens: Optional[int] = None, prompt_lookup: bool = False,
+                 sampling: Optional[SamplingParams] = None, **settings):
+        """``sampling`` (default: the model card's) and ``settings`` (its fields by name) are
+        used for every reply; ``send``/``reply``/``retry`` take more settings for one reply."""
         self.model, self.tokenizer, self.tools = model, tokenizer, tools
         self.draft_model = draft_model
         self.speculative = dict(num_draft_tokens=num_draft_tokens, prompt_lookup=prompt_lookup)
-        self.sampling = {**default_sampling(model), **sampling}
+        self.sampling = (sampling or SamplingParams(**default_sampling(model))).replace(**settings)
         self.system = system
         self.reset()
 
@@ -200,8 +204,8 @@ class Chat:
         reply, generated, finished, latest = "", [], False, None
         try:
             spec = dict(self.speculative, draft_model=self.draft_model, draft_cache=pc.draft_cache)
-            for latest in stream_generate(self.model, tok, ids, cache=pc.cache, **spec,
-                                          **{**self.sampling, **overrides}):
+            for latest in stream_generate(self.model, tok, ids, cache=pc.cache,
+                                          sampling=self.sampling.replace(**overrides), **spec):
                 reply += latest.text
                 if latest.token is not None:
                     generated.append(latest.token)

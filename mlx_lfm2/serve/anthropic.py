@@ -26,6 +26,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from ..engine.sample import SamplingParams
 from ..text.tool_grammar import forced_tool_opening, tool_call_grammar
 from .boundary import APIError, exception_handlers, internal_error
 from .openai_api import ChatRequest, to_template_messages
@@ -109,13 +110,9 @@ class MessagesRequest(_Lenient):
     def limit(self) -> int:
         return self.max_tokens
 
-    def sampling_kwargs(self, defaults: dict) -> dict:
-        kw = dict(defaults)
-        kw.update({k: getattr(self, k) for k in ("top_p", "top_k") if getattr(self, k) is not None})
-        if self.temperature is not None:
-            kw["temperature"] = self.temperature
-        kw["stop"] = [s for s in self.stop_sequences or [] if s] or None
-        return kw
+    def sampling(self, defaults: SamplingParams) -> SamplingParams:
+        given = {k: getattr(self, k) for k in ("temperature", "top_p", "top_k") if getattr(self, k) is not None}
+        return defaults.replace(**given, stop=tuple(self.stop_sequences or ()))
 
     @property
     def offered_tools(self) -> Optional[list[dict]]:

@@ -20,9 +20,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from ..text.tool_grammar import forced_tool_opening, tool_call_grammar
 from ..text.tools import format_pythonic_call
+from ..engine.sample import SamplingParams
 from .boundary import APIError, loads
 
 
+SAMPLING = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "frequency_penalty",
+            "presence_penalty")  # the fields named as in SamplingParams
 MAX_SEED = 2**64 - 1
 MAX_STOP = 1024
 
@@ -140,16 +143,13 @@ class Sampling(_Lenient):
             raise ValueError(f"a stop sequence is at most {MAX_STOP} characters")
         return stops
 
-    def sampling_kwargs(self, defaults: dict) -> dict:
-        kw = dict(defaults)
-        for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed",
-                     "frequency_penalty", "presence_penalty"):
-            if getattr(self, name) is not None:
-                kw[name] = getattr(self, name)
+    def sampling(self, defaults: SamplingParams) -> SamplingParams:
+        """This request's sampling over the server's ``defaults`` (the limit and constraint are
+        set by ``service.prepare``)."""
+        given = {name: getattr(self, name) for name in SAMPLING if getattr(self, name) is not None}
         if self.logit_bias:
-            kw["logit_bias"] = {int(k): float(v) for k, v in self.logit_bias.items()}
-        kw["stop"] = self.stop or None
-        return kw
+            given["logit_bias"] = {int(k): float(v) for k, v in self.logit_bias.items()}
+        return defaults.replace(**given, stop=self.stop or ())
 
     def constraint(self) -> dict:
         """``stream_generate``'s constraint for ``response_format`` (none for text). Without

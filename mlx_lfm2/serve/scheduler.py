@@ -32,6 +32,7 @@ from typing import Optional
 from ..engine.batch import BatchGenerator, TextStream, request_for
 from ..engine.distributed import broadcast, group
 from ..engine.generation import default_sampling, stream_generate
+from ..engine.sample import SamplingParams
 from ..engine.session import PromptCache
 from .boundary import APIError
 
@@ -43,7 +44,7 @@ IMPOSSIBLE = -9999.0  # the logprob OpenAI reports for a token that cannot be sa
 @dataclass
 class Job:
     prompt_text: str
-    kwargs: dict
+    params: SamplingParams
     top_logprobs: Optional[int]  # None: no logprobs
     loop: asyncio.AbstractEventLoop
     out: asyncio.Queue = field(default_factory=asyncio.Queue)
@@ -79,7 +80,7 @@ class Scheduler:
         self.current: Optional[Job] = None  # the job of the serial mode
         self.batch = BatchGenerator(model, max_batch)
         self.closed = False
-        self.defaults = default_sampling(model)
+        self.defaults = SamplingParams(**default_sampling(model))
         self.jobs: queue.Queue = queue.Queue(maxsize=queue_size)
         self.caches: OrderedDict[str, PromptCache] = OrderedDict()
         self.cache_entries = cache_entries
@@ -214,12 +215,10 @@ class Scheduler:
     def _insert(self, job: Job) -> None:
         tok = self.tokenizer
         pc, ids = self._prompt_cache(job.prompt_text)
-        kwargs = dict(job.kwargs)
-        stop = kwargs.pop("stop", None)
-        request = request_for(self.model, tok, ids, held=pc.offset, **kwargs)
+        request = request_for(self.model, tok, ids, job.params, held=pc.offset)
         job.cached_tokens = pc.offset
         job.prompt_tokens = pc.offset + len(ids)
-        live = _Live(job, pc, ids, TextStream(tok, stop, len(ids)))
+        live = _Live(job, pc, ids, TextStream(tok, job.params.stop, len(ids)))
         if request["max_tokens"] == 0:
             job.emit((live.text.end("length"), None))
             self.stats["completed"] += 1
@@ -259,7 +258,7 @@ class Scheduler:
             self.stats["active"], self.current = 1, job
             try:
                 if group() is not None:  # mlx.launch: the other ranks run it with us (follow())
-                    broadcast({"prompt_text": job.prompt_text, "kwargs": job.kwargs})
+                    broadcast({"prompt_text": job.prompt_text, "params": job.params.to_json()})
                 self._run(job)
             except ValueError as e:
                 # The engine checks its inputs before the first token: a ValueError then is
@@ -281,7 +280,8 @@ class Scheduler:
         job.prompt_tokens = pc.offset + len(ids)
         generated, finished = [], False
         spec = dict(self.speculative, draft_model=self.draft_model, draft_cache=pc.draft_cache)
-        for r in stream_generate(self.model, tok, ids, cache=pc.cache, stop_event=job.stop, **spec, **job.kwargs):
+        for r in stream_generate(self.model, tok, ids, sampling=job.params, cache=pc.cache, stop_event=job.stop,
+                                 **spec):
             if r.token is not None:
                 generated.append(r.token)
             self._emit(job, r)
@@ -295,10 +295,7 @@ class Scheduler:
         """Ranks other than 0 under mlx.launch: run each job rank 0 runs, with no client."""
         while True:
             spec = broadcast()
-            kwargs = spec["kwargs"]
-            if kwargs.get("logit_bias"):  # JSON made its token ids strings
-                kwargs["logit_bias"] = {int(k): v for k, v in kwargs["logit_bias"].items()}
-            job = Job(spec["prompt_text"], kwargs, None, loop=None)
+            job = Job(spec["prompt_text"], SamplingParams.from_json(spec["params"]), None, loop=None)
             job.emit = lambda item: None
             try:
                 self._run(job)

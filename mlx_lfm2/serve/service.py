@@ -101,10 +101,9 @@ class Service:
         if n_prompt + 1 > s.max_context:
             raise APIError(400, f"this prompt has {n_prompt} tokens, over the model's context of "
                            f"{s.max_context}", param="messages", code="context_length_exceeded")
-        kwargs = req.sampling_kwargs(s.defaults)
-        kwargs["max_tokens"] = min(req.limit or s.default_max_tokens, s.max_context - n_prompt)
-        kwargs.update(constraint)
-        job = Job(prompt_text, kwargs, top_logprobs, asyncio.get_running_loop())
+        params = req.sampling(s.defaults).replace(
+            max_tokens=min(req.limit or s.default_max_tokens, s.max_context - n_prompt), **constraint)
+        job = Job(prompt_text, params, top_logprobs, asyncio.get_running_loop())
         s.submit(job)
         return job
 
