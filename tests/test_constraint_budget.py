@@ -221,3 +221,16 @@ def test_parse_tool_calls_warns_nothing_on_backslashes():
         warnings.simplefilter("error")
         (call,) = parse_tool_calls(text).calls
     assert call["arguments"] == {"pattern": "a\\d+\\.txt", "path": "C:\\Users"}
+
+
+@pytest.mark.parametrize("cut", ['get_weather(city="Oslo"), ping(), get_weather(ci', 'ping(), get_weather(city="a)b"), n'])
+def test_a_block_cut_short_keeps_its_finished_calls(cut):
+    from mlx_lfm2.text.tools import ToolCallStream
+
+    text = "Sure. <|tool_call_start|>[" + cut
+    finished = parse_tool_calls(text)
+    assert [c["name"] for c in finished.calls] == (["get_weather", "ping"] if cut[0] == "g" else ["ping", "get_weather"])
+    assert finished.content == "Sure. " and finished.errors == ["unterminated tool call"]
+    s = ToolCallStream()
+    shown = "".join(s.feed(text[i:i + 5]) for i in range(0, len(text), 5)) + s.finish()
+    assert shown == "Sure. " and s.calls == finished.calls and s.errors == ["unterminated tool call"]
