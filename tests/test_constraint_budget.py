@@ -112,6 +112,26 @@ def test_numbers_have_bounded_digits_and_keep_their_bounds(chat_model):
             assert len(whole) <= 15 and len(fraction) <= MAX_FRACTION_DIGITS and "e" not in number.lower(), text
 
 
+def _longest_accepted(tok, constraint, text: str) -> str:
+    """How much of ``text``, fed one character at a time, the constraint takes."""
+    for i, ch in enumerate(text):
+        ids = tok.encode(ch, add_special_tokens=False)
+        if constraint.advance(ids) < len(ids):
+            return text[:i]
+    return text
+
+
+@pytest.mark.parametrize("schema", [{"type": "object"}, {}, {"type": "array"},
+                                    {"type": "object", "properties": {"k": {"type": "number"}}}])
+def test_numbers_in_values_a_schema_leaves_open_are_bounded_too(tok, schema):
+    """``{"type": "object"}`` (json_object mode) and other open values: any JSON, bounded numbers."""
+    for text, cut in [('{"z": 1234567890123456789', '{"z": 123456789012345'),
+                      ('{"z": [0.12345678901', '{"z": [0.123456'), ('{"z": 1e99', '{"z": 1')]:
+        if schema.get("type") == "array" or not schema:
+            text, cut = text.replace('{"z": ', "["), cut.replace('{"z": ', "[")
+        assert _longest_accepted(tok, make_constraint(tok, json_schema=schema), text) == cut
+
+
 def test_tool_call_numbers_have_bounded_digits(chat_model):
     tool = {"name": "move", "parameters": {"type": "object", "required": ["x", "y"], "properties": {
         "x": {"type": "number", "maximum": 5}, "y": {}}}}

@@ -95,15 +95,23 @@ _SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems", "items")
 _SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 
 
+_ANY = "#/$defs/mlx_lfm2_any"  # a JSON value whose numbers are bounded, for what a schema leaves open
+_ANY_DEF = {"anyOf": [{"type": "null"}, {"type": "boolean"}, bounded_number({"type": "number"}), {"type": "string"},
+                      {"type": "array", "items": {"$ref": _ANY}}, {"type": "object", "additionalProperties": {"$ref": _ANY}}]}
+
+
 def bound_numbers(s, depth: int = 0):
-    """``s`` with every ``number`` / ``integer`` subschema bounded (``bounded_number``)."""
+    """``s`` with every ``number`` / ``integer`` subschema bounded (``bounded_number``), and
+    values it leaves open (``{}``, an object's other keys, a list's items) bounded-number JSON."""
+    if s is True or s == {}:
+        return {"$ref": _ANY}
     if not isinstance(s, dict):
         return s
     if depth > MAX_SCHEMA_DEPTH:
         raise ConstraintError(f"json_schema is nested more than {MAX_SCHEMA_DEPTH} deep")
     out = dict(s)
     for k in _SUBSCHEMA:
-        if isinstance(s.get(k), dict):
+        if isinstance(s.get(k), dict) or s.get(k) is True:
             out[k] = bound_numbers(s[k], depth + 1)
     for k in _SCHEMA_LISTS:
         if isinstance(s.get(k), list):
@@ -111,8 +119,19 @@ def bound_numbers(s, depth: int = 0):
     for k in _SCHEMA_MAPS:
         if isinstance(s.get(k), dict):
             out[k] = {name: bound_numbers(v, depth + 1) for name, v in s[k].items()}
-    kinds = s.get("type") if isinstance(s.get("type"), list) else [s.get("type")]
-    return bounded_number(out) if {"number", "integer"} & set(k for k in kinds if isinstance(k, str)) else out
+    kinds = [k for k in (s.get("type") if isinstance(s.get("type"), list) else [s.get("type")]) if isinstance(k, str)]
+    if kinds == ["object"] and "additionalProperties" not in s and "unevaluatedProperties" not in s:
+        out["additionalProperties"] = {"$ref": _ANY}
+    if kinds == ["array"] and "items" not in s and "prefixItems" not in s:
+        out["items"] = {"$ref": _ANY}
+    return bounded_number(out) if {"number", "integer"} & set(kinds) else out
+
+
+def _with_any(schema):
+    """The root schema, holding ``_ANY``'s definition when something refers to it."""
+    if not isinstance(schema, dict) or _ANY not in json.dumps(schema):
+        return schema
+    return {**schema, "$defs": {**schema.get("$defs", {}), "mlx_lfm2_any": _ANY_DEF}}
 
 
 def _schema(json_schema) -> Union[dict, bool]:
@@ -134,7 +153,7 @@ def _schema(json_schema) -> Union[dict, bool]:
         raise ConstraintError("json_schema must be a JSON object (or true/false)")
     if len(text) > MAX_SCHEMA_CHARS:
         raise ConstraintError(f"json_schema is {len(text)} characters, over the limit of {MAX_SCHEMA_CHARS}")
-    return bound_numbers(json_schema)
+    return _with_any(bound_numbers(json_schema))
 
 
 def grammar_source(*, json_schema: Optional[Schema] = None, regex: Optional[str] = None,
