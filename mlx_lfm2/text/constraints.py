@@ -206,7 +206,7 @@ class Constraint:
 
     LOOK_BACK = 32
     TOP = 8  # the model's choices checked for room to finish, within the window
-    WINDOW = 8  # tokens to spare below which the budget shapes the mask
+    WINDOW, MAX_WINDOW = 8, 64  # tokens to spare below which the budget shapes the mask (it grows, see above)
 
     def __init__(self, tokenizer, source: str, prompt_tokens: int = 0, what: str = "constraint",
                  max_tokens: Optional[int] = None):
@@ -222,7 +222,7 @@ class Constraint:
         self.closer, self.window = Closer(self.ll, source), self.WINDOW
         reach = 4096 if max_tokens is None else 8 * max_tokens + 64
         self.plan = self.closer.complete(self.matcher, reach)  # a completion of the current state
-        self.plan_at = 0  # len(self.tokens) when ``plan`` was made
+        self.plan_at, self.fresh = 0, True  # len(self.tokens) when ``plan`` was made; see ``completion``
         if self.plan is None and not self.closer.gave_up:
             raise ConstraintError(f"{what} admits no output: no text ends it")
 
@@ -252,18 +252,21 @@ class Constraint:
 
     def completion(self, fresh: bool = False) -> Optional[list[int]]:
         """A way to the end from here (tokens, the last a stop token): the last one found, less
-        what was written along it, while it still holds; else (or ``fresh``) a new one."""
+        what was written along it, while it still holds; else a new one. ``fresh``: one found
+        from here, or followed since it was (not one that merely still holds)."""
         new = self.tokens[self.plan_at:] if self.plan_at <= len(self.tokens) else None
         old = self.plan
-        if not fresh and old is not None and new is not None:
-            rest = old[len(new):] if old[:len(new)] == new else old
-            if rest and self.matcher.validate_tokens(rest) == len(rest):
-                self.plan, self.plan_at = rest, len(self.tokens)
+        if old is not None and new is not None:
+            followed = old[:len(new)] == new
+            rest, kept_fresh = (old[len(new):], self.fresh) if followed else (old, False)
+            if (kept_fresh or not fresh) and rest and self.matcher.validate_tokens(rest) == len(rest):
+                self.plan, self.plan_at, self.fresh = rest, len(self.tokens), kept_fresh
                 return rest
         reach = 4096 if self.max_tokens is None else 8 * self.max_tokens + 64
-        self.plan, self.plan_at = self.closer.complete(self.matcher, reach), len(self.tokens)
+        self.plan, self.plan_at, self.fresh = self.closer.complete(self.matcher, reach), len(self.tokens), True
         if old is not None and self.plan is not None and new is not None:  # how far one step set the end back
-            self.window = max(self.window, len(self.plan) - len(old) + len(new) + 1)
+            grew = len(self.plan) - len(old) + len(new) + 1
+            self.window = min(max(self.window, grew), self.MAX_WINDOW)
         return self.plan
 
     def budget(self, mask: np.ndarray, logits: mx.array, left: int) -> np.ndarray:
