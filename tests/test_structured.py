@@ -257,12 +257,13 @@ def served(chat_model):
     import uvicorn
 
     openai = pytest.importorskip("openai")
-    from mlx_lfm2.serve.app import Engine, create_app
+    from mlx_lfm2.serve.app import create_app
+    from mlx_lfm2.serve.scheduler import Scheduler
     from conftest import free_port
 
     model, tok, _ = chat_model
     port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(Engine(model, tok, "tiny")), host="127.0.0.1", port=port,
+    srv = uvicorn.Server(uvicorn.Config(create_app(Scheduler(model, tok, "tiny")), host="127.0.0.1", port=port,
                                         log_level="warning"))
     threading.Thread(target=srv.run, daemon=True).start()
     while not srv.started:
