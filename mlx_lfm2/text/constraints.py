@@ -319,6 +319,23 @@ class Constraint:
         return mx.where(mx.array(mask), logits, mx.array(-mx.inf, logits.dtype))
 
 
+def schema_errors(schema: Schema, text: str) -> list[str]:
+    """Why ``text`` is not a JSON value of ``schema`` (empty when it is): the check after
+    generation for what a lenient schema did not enforce (``jsonschema``, draft 2020-12)."""
+    import jsonschema
+
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        return [f"not JSON: {e}"]
+    try:
+        validator = jsonschema.Draft202012Validator(schema, format_checker=jsonschema.FormatChecker())
+        return [f"{'/'.join(map(str, e.absolute_path)) or '(root)'}: {e.message}"[:300]
+                for e in list(validator.iter_errors(value))[:10]]
+    except (jsonschema.SchemaError, RecursionError, ValueError, TypeError) as e:
+        return [f"the schema cannot be checked: {str(e)[:200]}"]
+
+
 def make_constraint(tokenizer, *, json_schema: Optional[Schema] = None, regex: Optional[str] = None,
                     grammar: Optional[str] = None, prompt_tokens: int = 0,
                     max_tokens: Optional[int] = None) -> Optional[Constraint]:
