@@ -52,6 +52,7 @@ class Job:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     started: bool = False  # a token was generated
+    schema_warnings: list = field(default_factory=list)  # what a lenient schema's constraint skips
 
     def emit(self, item) -> None:
         self.loop.call_soon_threadsafe(self.out.put_nowait, item)

@@ -80,30 +80,33 @@ class Service:
         except Exception as e:
             raise APIError(400, f"the chat template rejected these messages: {e}", param="messages")
 
-    async def constrained(self, req) -> dict:
+    async def constrained(self, req) -> tuple[dict, list]:
         """The request's constraint (``response_format``, forced tool call), compiled here off
         the event loop (the first builds llguidance's view of the vocabulary, ~1 s), so a bad
-        schema is a 400 naming the problem before any streaming starts."""
+        schema is a 400 naming the problem before any streaming starts; and what it skips
+        (a lenient schema's unsupported keywords)."""
         param = "tools" if isinstance(req, ChatRequest) and req.forced_tool_call() else "response_format"
         try:
             constraint = req.constraint()
-            if constraint:
-                await run_in_threadpool(lambda: make_constraint(self.tokenizer, **constraint))
+            if not constraint:
+                return constraint, []
+            compiled = await run_in_threadpool(lambda: make_constraint(self.tokenizer, **constraint))
         except ConstraintError as e:
             raise APIError(400, f"{param}: {e}", param=param, code="invalid_schema")
-        return constraint
+        return constraint, compiled.warnings
 
     async def prepare(self, req, prompt_text: str, top_logprobs: Optional[int] = None) -> Job:
         """Queue ``prompt_text`` with ``req``'s sampling, limit and constraint -> its job."""
         s = self.scheduler
-        constraint = await self.constrained(req)
+        constraint, warnings = await self.constrained(req)
         n_prompt = len(self.tokenizer.encode(prompt_text, add_special_tokens=False))
         if n_prompt + 1 > s.max_context:
             raise APIError(400, f"this prompt has {n_prompt} tokens, over the model's context of "
                            f"{s.max_context}", param="messages", code="context_length_exceeded")
         params = req.sampling(s.defaults).replace(
             max_tokens=min(req.limit or s.default_max_tokens, s.max_context - n_prompt), **constraint)
-        job = Job(prompt_text, params, top_logprobs, asyncio.get_running_loop())
+        job = Job(prompt_text, params, top_logprobs, asyncio.get_running_loop(),
+                  schema_warnings=warnings)
         s.submit(job)
         return job
 
