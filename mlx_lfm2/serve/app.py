@@ -45,7 +45,7 @@ from starlette.routing import Route
 
 from ..engine.batch import BatchGenerator, TextStream, request_for
 from ..engine.generation import default_sampling, stream_generate
-from . import anthropic
+from . import anthropic, responses
 from .boundary import (BODY_TIMEOUT, HEADER_TIMEOUT, error_response, make_server, no_reply, read_body,
                        sse_events, validate, watch)
 from .openai_api import (APIError, ChatRequest, CompletionRequest, chat_chunk, logprob_entry, new_id,
@@ -504,6 +504,7 @@ def create_app(engine: Engine, api_key: Optional[str] = None, body_timeout: floa
             Route("/v1/models", models, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
             *anthropic.routes(engine, api_key, body_timeout, constrained, prepare, results),
+            *responses.routes(engine, check_auth, body_timeout, constrained, prepare, results, responses.Store()),
         ],
         exception_handlers={APIError: api_error, HTTPException: http_error, Exception: crash},
     )
