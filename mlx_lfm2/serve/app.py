@@ -45,10 +45,10 @@ from starlette.routing import Route
 
 from ..engine.batch import BatchGenerator, TextStream, request_for
 from ..engine.generation import default_sampling, stream_generate
-from . import anthropic, responses
+from . import anthropic, completions, responses
 from .boundary import (BODY_TIMEOUT, HEADER_TIMEOUT, error_response, make_server, no_reply, read_body,
                        sse_events, validate, watch)
-from .openai_api import (APIError, ChatRequest, CompletionRequest, chat_chunk, logprob_entry, new_id,
+from .openai_api import (APIError, ChatRequest, chat_chunk, logprob_entry, new_id,
                          openai_tool_calls, to_template_messages, usage)
 from ..engine.distributed import broadcast, group, leader
 from ..engine.session import PromptCache
@@ -73,6 +73,28 @@ class Job:
 
     def emit(self, item) -> None:
         self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+
+
+@dataclass
+class WorkerCall:
+    """A function to run on the worker thread (which owns the model), between batch steps."""
+    fn: object
+    loop: asyncio.AbstractEventLoop
+    done: asyncio.Future
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> None:
+        try:
+            result, error = self.fn(), None
+        except Exception as e:
+            result, error = None, e
+        self.loop.call_soon_threadsafe(
+            lambda: self.done.done() or (self.done.set_exception(error) if error else self.done.set_result(result)))
+
+    def emit(self, item) -> None:  # shutdown drops it like a job
+        self.loop.call_soon_threadsafe(
+            lambda: self.done.done() or self.done.set_exception(APIError(503, "the server is shutting down",
+                                                                         type_="server_error")))
 
 
 class Engine:
@@ -110,6 +132,16 @@ class Engine:
         except queue.Full:
             raise APIError(429, "the server is busy: too many queued requests, retry shortly",
                            type_="rate_limit_error", code="queue_full")
+
+    async def on_worker(self, fn):
+        """``fn()`` run on the worker thread, queued like a request (full queue: 429)."""
+        if group() is not None:  # the other ranks would wait for a step that never comes
+            raise APIError(400, "this request needs a forward of its own (scoring a prompt), "
+                                "which is not available under mlx.launch", code="unsupported")
+        loop = asyncio.get_running_loop()
+        call = WorkerCall(fn, loop, loop.create_future())
+        self.submit(call)
+        return await call.done
 
     def _take_cache(self, text: str) -> PromptCache:
         """A copy of the cached prompt sharing the longest prefix with ``text`` (or a fresh one);
@@ -181,6 +213,9 @@ class Engine:
                 job = self.jobs.get(block=not self.live)
             except queue.Empty:
                 return
+            if isinstance(job, WorkerCall):
+                job.run()
+                continue
             if job.stop.is_set():  # its client left while it waited
                 self.stats["cancelled"] += 1
                 job.emit(DONE)
@@ -247,6 +282,9 @@ class Engine:
     def _work_serial(self) -> None:
         while True:
             job = self.jobs.get()
+            if isinstance(job, WorkerCall):
+                job.run()
+                continue
             if job.stop.is_set():  # its client left while it waited
                 self.stats["cancelled"] += 1
                 job.emit(DONE)
@@ -344,7 +382,8 @@ def create_app(engine: Engine, api_key: Optional[str] = None, body_timeout: floa
             raise APIError(400, f"this prompt has {n_prompt} tokens, over the model's context of "
                            f"{engine.max_context}", param="messages", code="context_length_exceeded")
         kwargs = req.sampling_kwargs(engine.defaults)
-        kwargs["max_tokens"] = min(req.limit or engine.default_max_tokens, engine.max_context - n_prompt)
+        limit = engine.default_max_tokens if req.limit is None else req.limit  # 0: score only (completions)
+        kwargs["max_tokens"] = min(limit, engine.max_context - n_prompt)
         kwargs.update(constraint or {})
         job = Job(prompt_text, kwargs, top_logprobs, asyncio.get_running_loop())
         engine.submit(job)
@@ -432,44 +471,6 @@ def create_app(engine: Engine, api_key: Optional[str] = None, body_timeout: floa
             yield json.dumps(chunk)
         yield "[DONE]"
 
-    async def completions(request: Request):
-        check_auth(request)
-        req = validate(CompletionRequest, await read_body(request, body_timeout), engine.vocab)
-        prompt = req.prompt if isinstance(req.prompt, str) else tok.decode(req.prompt)
-        job = prepare(req, prompt, (req.logprobs or 0) if req.logprobs else None, await constrained(req))
-        cid, model_id = new_id("cmpl"), engine.model_id
-
-        def body(text, finish, lps=None):
-            return {"id": cid, "object": "text_completion", "created": int(time.time()), "model": model_id,
-                    "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": lps}]}
-
-        if req.stream:
-            async def events():
-                last = None
-                async for r, _ in results(job):
-                    last = r
-                    if r.text:
-                        yield json.dumps(body(r.text, None))
-                if last is None:
-                    raise no_reply(engine)
-                yield json.dumps(body("", _finish(last.finish_reason)))
-                yield "[DONE]"
-            return EventSourceResponse(sse_events(events()), ping=15)
-        text, last, tokens, token_lps = (prompt if req.echo else ""), None, [], []
-        async with watch(request, job):
-            async for r, entry in results(job):
-                text += r.text
-                last = r
-                if entry:
-                    tokens.append(entry["token"])
-                    token_lps.append(entry["logprob"])
-        if last is None:
-            raise no_reply(engine)
-        out = body(text, _finish(last.finish_reason),
-                   {"tokens": tokens, "token_logprobs": token_lps} if req.logprobs else None)
-        out["usage"] = usage(job.prompt_tokens, last.generation_tokens, job.cached_tokens)
-        return JSONResponse(out)
-
     async def models(request: Request):
         check_auth(request)
         return JSONResponse({"object": "list", "data": [
@@ -500,7 +501,7 @@ def create_app(engine: Engine, api_key: Optional[str] = None, body_timeout: floa
     return Starlette(
         routes=[
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-            Route("/v1/completions", completions, methods=["POST"]),
+            *completions.routes(engine, check_auth, body_timeout, constrained, prepare, results, engine.on_worker),
             Route("/v1/models", models, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
             *anthropic.routes(engine, api_key, body_timeout, constrained, prepare, results),

@@ -277,24 +277,6 @@ class ChatRequest(Sampling):
         return self.max_completion_tokens or self.max_tokens
 
 
-class CompletionRequest(Sampling):
-    prompt: Union[str, list[int]]
-    echo: bool = False
-
-    @field_validator("prompt")
-    @classmethod
-    def _prompt(cls, prompt, info: ValidationInfo):
-        if not prompt:
-            raise ValueError("prompt is empty: give text or token ids to continue")
-        if isinstance(prompt, list):
-            check_ids(prompt, _vocab(info), "prompt id")
-        return prompt
-
-    @property
-    def limit(self) -> Optional[int]:
-        return self.max_tokens
-
-
 def _text_of(content) -> str:
     if isinstance(content, str) or content is None:
         return content or ""
