@@ -1,13 +1,11 @@
 """Anthropic's Messages API on a real loopback server, driven by the official `anthropic` SDK."""
 
 import json
-import threading
 import time
 
 import httpx
 import pytest
 
-from conftest import free_port
 from test_server import TOOLS as OPENAI_TOOLS
 
 anthropic = pytest.importorskip("anthropic")
@@ -16,31 +14,6 @@ openai = pytest.importorskip("openai")
 TOOLS = [{"name": t["function"]["name"], "description": t["function"]["description"],
           "input_schema": t["function"]["parameters"]} for t in OPENAI_TOOLS]
 CALL = 'Checking.<|tool_call_start|>[get_weather(city="Paris"), get_weather(city="Rome")]<|tool_call_end|>'
-
-
-@pytest.fixture(scope="module")
-def serve():
-    """``serve(model, tokenizer, api_key=None, queue_size=4) -> (base url, engine)``: uvicorn on loopback."""
-    import uvicorn
-
-    from mlx_lfm2.serve.app import Engine, create_app
-
-    servers = []
-
-    def start(model, tok, api_key=None, queue_size=4, max_batch=8):
-        engine = Engine(model, tok, "local-lfm2", queue_size=queue_size, max_context=2048, max_batch=max_batch)
-        port = free_port()
-        srv = uvicorn.Server(uvicorn.Config(create_app(engine, api_key), host="127.0.0.1", port=port,
-                                            log_level="warning"))
-        threading.Thread(target=srv.run, daemon=True).start()
-        while not srv.started:
-            time.sleep(0.02)
-        servers.append(srv)
-        return f"http://127.0.0.1:{port}", engine
-
-    yield start
-    for srv in servers:
-        srv.should_exit = True
 
 
 @pytest.fixture(scope="module")

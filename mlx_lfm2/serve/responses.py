@@ -233,14 +233,6 @@ class ReplyItems:
                         name=name, arguments=args),
             self._event("response.output_item.done", output_index=index, item=item)]
 
-    def as_messages(self) -> list[dict]:
-        """The reply as the chat messages a later ``previous_response_id`` continues from."""
-        text = "".join(i["content"][0]["text"] for i in self.items if i["type"] == "message")
-        calls = [{"id": i["call_id"], "type": "function", "function": {"name": i["name"], "arguments": i["arguments"]}}
-                 for i in self.items if i["type"] == "function_call"]
-        return [{"role": "assistant", "content": text, **({"tool_calls": calls} if calls else {})}]
-
-
 def response_body(rid: str, req: ResponsesRequest, model_id: str, items: list, status: str,
                   usage_: Optional[dict] = None, incomplete: Optional[str] = None) -> dict:
     """The ``response`` object (also inside ``response.created`` / ``.completed`` events)."""
@@ -339,9 +331,10 @@ def routes(engine, check_auth, body_timeout: float, constrained, prepare, result
 
         async def steps():
             """Each piece of the reply as events (the reply's items grow as they go)."""
-            last, n_calls = None, 0
+            last, n_calls, written = None, 0, forced
             async for r, _ in results(job):
                 last = r
+                written += r.text
                 piece = calls.feed(r.text) if calls else r.text
                 if calls and r.finish_reason:
                     piece += calls.finish()
@@ -357,8 +350,8 @@ def routes(engine, check_auth, body_timeout: float, constrained, prepare, result
             status, why = finish_status(None if n_calls else last.finish_reason)
             body = response_body(rid, req, engine.model_id, reply.items, status,
                                  usage(job.prompt_tokens, last.generation_tokens, job.cached_tokens), why)
-            if req.store:
-                store.put(body, conversation + reply.as_messages())
+            if req.store:  # the reply as written, so the next turn's prompt extends this one's
+                store.put(body, conversation + [{"role": "assistant", "content": written}])
             yield [{"type": f"response.{status}", "response": body}]
 
         if req.stream:
