@@ -471,10 +471,21 @@ def create_app(engine: Engine, api_key: Optional[str] = None, body_timeout: floa
             yield json.dumps(chunk)
         yield "[DONE]"
 
+    def model_card() -> dict:  # OpenAI's model object, with the fields Anthropic's clients read
+        return {"id": engine.model_id, "object": "model", "created": 0, "owned_by": "mlx_lfm2",
+                "type": "model", "display_name": engine.model_id, "created_at": "1970-01-01T00:00:00Z"}
+
     async def models(request: Request):
         check_auth(request)
-        return JSONResponse({"object": "list", "data": [
-            {"id": engine.model_id, "object": "model", "created": 0, "owned_by": "mlx_lfm2"}]})
+        return JSONResponse({"object": "list", "data": [model_card()], "has_more": False,
+                             "first_id": engine.model_id, "last_id": engine.model_id})
+
+    async def model(request: Request):
+        check_auth(request)
+        if request.path_params["name"] != engine.model_id:
+            raise APIError(404, f"model {request.path_params['name']!r} not found: this server serves "
+                                f"{engine.model_id!r}", type_="not_found_error", code="model_not_found")
+        return JSONResponse(model_card())
 
     async def health(request: Request):
         import mlx.core as mx
@@ -503,6 +514,7 @@ def create_app(engine: Engine, api_key: Optional[str] = None, body_timeout: floa
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
             *completions.routes(engine, check_auth, body_timeout, constrained, prepare, results, engine.on_worker),
             Route("/v1/models", models, methods=["GET"]),
+            Route("/v1/models/{name:path}", model, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
             *anthropic.routes(engine, api_key, body_timeout, constrained, prepare, results),
             *responses.routes(engine, check_auth, body_timeout, constrained, prepare, results, responses.Store()),
@@ -523,9 +535,19 @@ def _is_json(text: str) -> bool:
         return False
 
 
+def served_name(model: str, given: Optional[str] = None) -> str:
+    """The model's id in the API: a name, never a local path (which would tell every client
+    where the server's files live): ``--served-model-name``, a folder's name, or the repo id."""
+    if given:
+        return given
+    path = os.path.expanduser(model)
+    return os.path.basename(os.path.normpath(os.path.abspath(path))) if os.path.exists(path) else model
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="OpenAI-compatible server for LFM2 models.")
     p.add_argument("--model", required=True, help="model folder or hub repo id")
+    p.add_argument("--served-model-name", help="the model's name in the API (default: the folder's name or the repo id)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY'")
@@ -559,7 +581,7 @@ def main(argv=None) -> None:
         draft = load_draft(a.draft_model, model, a.prompt_lookup)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: draft model: {e}")
-    engine = Engine(model, tokenizer, a.model, a.queue_size, a.cache_entries, a.max_context,
+    engine = Engine(model, tokenizer, served_name(a.model, a.served_model_name), a.queue_size, a.cache_entries, a.max_context,
                     a.default_max_tokens, a.max_batch, draft, a.prompt_lookup, a.num_draft_tokens)
     if not leader():  # mlx.launch: rank 0 serves HTTP, the others serve their layers
         return engine.follow()
