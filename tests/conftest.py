@@ -148,8 +148,9 @@ def start_server(folder, *args):
 
 @pytest.fixture(scope="module")
 def serve():
-    """``serve(model, tokenizer, api_key=None, queue_size=4, max_batch=8, max_context=2048)
-    -> (base url, engine)``: the app on uvicorn in a thread, on loopback, stopped after the module."""
+    """``serve(model, tokenizer, api_key=None, queue_size=4, max_batch=8, max_context=2048,
+    model_id=..., wrap=...) -> (base url, engine)``: the app (``wrap(app)``: a middleware
+    around it) on uvicorn in a thread, on loopback, stopped after the module."""
     import threading
     import time
 
@@ -159,10 +160,11 @@ def serve():
 
     servers = []
 
-    def start(model, tok, api_key=None, queue_size=4, max_batch=8, max_context=2048, model_id="local-lfm2"):
+    def start(model, tok, api_key=None, queue_size=4, max_batch=8, max_context=2048, model_id="local-lfm2",
+              wrap=lambda app: app):
         engine = Engine(model, tok, model_id, queue_size=queue_size, max_context=max_context, max_batch=max_batch)
         port = free_port()
-        srv = uvicorn.Server(uvicorn.Config(create_app(engine, api_key), host="127.0.0.1", port=port,
+        srv = uvicorn.Server(uvicorn.Config(wrap(create_app(engine, api_key)), host="127.0.0.1", port=port,
                                             log_level="warning"))
         threading.Thread(target=srv.run, daemon=True).start()
         while not srv.started:
