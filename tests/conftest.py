@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from mlx_lfm2.weights.random_checkpoint import PRESETS, write_checkpoint
+from session_checks import (pytest_runtest_logreport, pytest_sessionfinish,  # noqa: F401 (hooks)
+                            pytest_sessionstart, pytest_terminal_summary)
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = Path(os.environ.get("LFM2_REFERENCE", ROOT / "tests/fixtures/LFM2-350M"))
@@ -156,13 +158,14 @@ def serve():
 
     import uvicorn
 
-    from mlx_lfm2.serve.app import Engine, create_app
+    from mlx_lfm2.serve.app import create_app
+    from mlx_lfm2.serve.scheduler import Scheduler
 
     servers = []
 
     def start(model, tok, api_key=None, queue_size=4, max_batch=8, max_context=2048, model_id="local-lfm2",
               wrap=lambda app: app):
-        engine = Engine(model, tok, model_id, queue_size=queue_size, max_context=max_context, max_batch=max_batch)
+        engine = Scheduler(model, tok, model_id, queue_size=queue_size, max_context=max_context, max_batch=max_batch)
         port = free_port()
         srv = uvicorn.Server(uvicorn.Config(wrap(create_app(engine, api_key)), host="127.0.0.1", port=port,
                                             log_level="warning"))

@@ -30,8 +30,13 @@ from collections import OrderedDict
 from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from sse_starlette.sse import EventSourceResponse
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Route
 
-from .openai_api import APIError, ChatRequest, MAX_SEED
+from .boundary import APIError, exception_handlers, internal_error, no_reply
+from .openai_api import MAX_SEED, ChatRequest, to_template_messages
 
 MAX_STORED = 256
 OMITTED = "[{kind} omitted: this model reads text only]"
@@ -297,96 +302,111 @@ def finish_status(finish_reason: Optional[str]) -> tuple[FinishKind, Optional[st
     return ("incomplete", "max_output_tokens") if finish_reason == "length" else ("completed", None)
 
 
-def routes(engine, check_auth, body_timeout: float, constrained, prepare, results, store: Store) -> list:
-    """The three routes over the server's own layer (``prepare``, ``results``, ``constrained``
-    as the chat route uses them), so limits, queueing and disconnects behave the same."""
-    from sse_starlette.sse import EventSourceResponse
-    from starlette.requests import Request
-    from starlette.responses import JSONResponse
-    from starlette.routing import Route
+PREFIX = "/v1/responses"
 
-    from ..text.tools import ToolCallStream
-    from .boundary import no_reply, read_body, validate, watch
-    from .openai_api import to_template_messages
 
-    tok = engine.tokenizer
+def app(service) -> Starlette:
+    """``POST /v1/responses``, ``GET`` / ``DELETE /v1/responses/{id}``, mounted at ``PREFIX``
+    with OpenAI's error shape, over the service (auth, prepare, the reply assembler)."""
+    api = Responses(service, Store())
+    return Starlette(routes=[Route(PREFIX, api.create, methods=["POST"]),
+                             Route(PREFIX + "/{rid}", api.get, methods=["GET"]),
+                             Route(PREFIX + "/{rid}", api.delete, methods=["DELETE"])],
+                     exception_handlers=exception_handlers())
 
-    async def create(request: Request):
-        check_auth(request)
-        req = validate(ResponsesRequest, await read_body(request, body_timeout), engine.vocab)
-        earlier = store.conversation(req.previous_response_id) if req.previous_response_id else []
+
+class Responses:
+    def __init__(self, service, store: Store):
+        self.service, self.store = service, store
+        self.scheduler = service.scheduler
+
+    async def create(self, request):
+        sv = self.service
+        req = await sv.read(request, ResponsesRequest)
+        earlier = self.store.conversation(req.previous_response_id) if req.previous_response_id else []
         chat, conversation = req.chat_request(earlier)
-        tools = chat.tools if chat.tool_choice != "none" else None
-        try:
-            prompt = tok.apply_chat_template(to_template_messages(chat, engine.template_renders_tool_calls),
-                                             tools=tools, add_generation_prompt=True)
-        except Exception as e:
-            raise APIError(400, f"the chat template rejected these messages: {e}", param="input")
+        tools = chat.tool_names if chat.tools and chat.tool_choice != "none" else frozenset()
+        messages = to_template_messages(chat, self.scheduler.template_renders_tool_calls)
         forced = chat.forced_tool_call()
-        job = prepare(chat, prompt + forced, None, await constrained(chat))
-        rid, reply = new_id("resp"), ReplyItems()
-        calls = ToolCallStream(bare_names=chat.tool_names) if tools else None
-        if calls:
-            calls.feed(forced)
-
-        async def steps():
-            """Each piece of the reply as events (the reply's items grow as they go)."""
-            last, n_calls, written = None, 0, forced
-            async for r, _ in results(job):
-                last = r
-                written += r.text
-                piece = calls.feed(r.text) if calls else r.text
-                if calls and r.finish_reason:
-                    piece += calls.finish()
-                yield reply.text(piece)
-                for call in calls.new_calls() if calls else []:
-                    if n_calls and not req.parallel_tool_calls:
-                        continue
-                    n_calls += 1
-                    yield reply.call(call["name"], call["arguments"])
-            if last is None:
-                raise no_reply(engine)
-            yield reply.close()
-            status, why = finish_status(None if n_calls else last.finish_reason)
-            body = response_body(rid, req, engine.model_id, reply.items, status,
-                                 usage(job.prompt_tokens, last.generation_tokens, job.cached_tokens), why)
-            if req.store:  # the reply as written, so the next turn's prompt extends this one's
-                store.put(body, conversation + [{"role": "assistant", "content": written}])
-            yield [{"type": f"response.{status}", "response": body}]
-
+        job = await sv.prepare(chat, sv.render(messages, chat.tools if tools else None) + forced)
+        turn = Turn(self, req, conversation, job, forced)
         if req.stream:
-            async def events():
-                start = response_body(rid, req, engine.model_id, [], "in_progress")
-                seq = 0
-                for kind in ("response.created", "response.in_progress"):
-                    yield sse({"type": kind, "response": start}, seq)
-                    seq += 1
-                try:
-                    async for batch in steps():
-                        for event in batch:
-                            yield sse(event, seq)
-                            seq += 1
-                except APIError as e:
-                    failed = response_body(rid, req, engine.model_id, reply.items, "failed")
-                    failed["error"] = {"code": e.code or e.type, "message": e.message}
-                    yield sse({"type": "response.failed", "response": failed}, seq)
-            return EventSourceResponse(events(), ping=15)
-        async with watch(request, job):
-            async for events in steps():
-                last = events
-        return JSONResponse(last[-1]["response"])  # the response.completed (or .incomplete) event
+            return EventSourceResponse(turn.stream(sv.pieces(job, forced, tools)), ping=15)
+        reply = await sv.whole(request, job, forced, tools)
+        turn.reply.text(reply.text)
+        for call in reply.calls[:1] if not req.parallel_tool_calls else reply.calls:
+            turn.reply.call(call["name"], call["arguments"])
+        turn.reply.close()
+        return JSONResponse(turn.finish(reply.last, reply.written)["response"])
 
-    async def get(request: Request):
-        check_auth(request)
-        return JSONResponse(store.found(request.path_params["rid"]))
+    async def get(self, request):
+        self.service.authorize(request)
+        return JSONResponse(self.store.found(request.path_params["rid"]))
 
-    async def delete(request: Request):
-        check_auth(request)
+    async def delete(self, request):
+        self.service.authorize(request)
         rid = request.path_params["rid"]
-        if not store.delete(rid):
-            store.found(rid)  # raises the 404
+        if not self.store.delete(rid):
+            self.store.found(rid)  # raises the 404
         return JSONResponse({"id": rid, "object": "response", "deleted": True})
 
-    return [Route("/v1/responses", create, methods=["POST"]),
-            Route("/v1/responses/{rid}", get, methods=["GET"]),
-            Route("/v1/responses/{rid}", delete, methods=["DELETE"])]
+
+class Turn:
+    """One response being made: its items, its final object, what the store keeps."""
+
+    def __init__(self, api: Responses, req: ResponsesRequest, conversation: list, job, forced: str = ""):
+        self.api, self.req, self.conversation, self.job, self.forced = api, req, conversation, job, forced
+        self.rid, self.reply = new_id("resp"), ReplyItems()
+
+    def body(self, status: str, last=None, why: Optional[str] = None) -> dict:
+        job = self.job
+        counts = usage(job.prompt_tokens, last.generation_tokens, job.cached_tokens) if last else None
+        return response_body(self.rid, self.req, self.api.scheduler.model_id, self.reply.items, status, counts, why)
+
+    def finish(self, last, written: str) -> dict:
+        """The closing event (``response.completed`` or ``.incomplete``); stores the response."""
+        calls = any(i["type"] == "function_call" for i in self.reply.items)
+        status, why = finish_status(None if calls else last.finish_reason)
+        body = self.body(status, last, why)
+        if self.req.store:  # the reply as written, so the next turn's prompt extends this one's
+            self.api.store.put(body, self.conversation + [{"role": "assistant", "content": written}])
+        return {"type": f"response.{status}", "response": body}
+
+    async def stream(self, pieces):
+        """The Responses event stream; a failure after it began is ``response.failed``."""
+        seq = 0
+
+        def numbered(events):
+            nonlocal seq
+            for e in events:
+                yield sse(e, seq)
+                seq += 1
+
+        start = self.body("in_progress")
+        for e in numbered([{"type": "response.created", "response": start},
+                           {"type": "response.in_progress", "response": start}]):
+            yield e
+        last, written, n_calls = None, "", 0
+        try:
+            async for p in pieces:
+                last = p.response
+                written += p.response.text
+                for e in numbered(self.reply.text(p.text)):
+                    yield e
+                for call in p.calls:
+                    if n_calls and not self.req.parallel_tool_calls:
+                        continue
+                    n_calls += 1
+                    for e in numbered(self.reply.call(call["name"], call["arguments"])):
+                        yield e
+            if last is None:
+                raise no_reply(self.api.scheduler)
+        except Exception as e:
+            error = e if isinstance(e, APIError) else internal_error(e)
+            failed = self.body("failed")
+            failed["error"] = {"code": error.code or error.type, "message": error.message}
+            for ev in numbered([{"type": "response.failed", "response": failed}]):
+                yield ev
+            return
+        for e in numbered(self.reply.close() + [self.finish(last, self.forced + written)]):
+            yield e
