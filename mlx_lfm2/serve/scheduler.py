@@ -33,6 +33,7 @@ from ..engine.batch import BatchGenerator, TextStream, request_for
 from ..engine.distributed import broadcast, group
 from ..engine.generation import default_sampling, stream_generate
 from ..engine.sample import SamplingParams
+from ..engine.score import score_prompt
 from ..engine.session import PromptCache
 from .boundary import APIError
 
@@ -53,6 +54,8 @@ class Job:
     cached_tokens: int = 0
     started: bool = False  # a token was generated
     schema_warnings: list = field(default_factory=list)  # what a lenient schema's constraint skips
+    score_ids: Optional[list] = None  # score these prompt ids first (completions' echo with logprobs)
+    scores: list = field(default_factory=list)  # their ``engine.score.TokenScore``s, before the first token
 
     def emit(self, item) -> None:
         self.loop.call_soon_threadsafe(self.out.put_nowait, item)
@@ -213,8 +216,13 @@ class Scheduler:
                 job.emit(failed(e))
                 job.emit(DONE)
 
+    def _score(self, job: Job) -> None:
+        if job.score_ids is not None and job.top_logprobs is not None:
+            job.scores = score_prompt(self.model, job.score_ids, job.top_logprobs)
+
     def _insert(self, job: Job) -> None:
         tok = self.tokenizer
+        self._score(job)
         pc, ids = self._prompt_cache(job.prompt_text)
         request = request_for(self.model, tok, ids, job.params, held=pc.offset)
         job.cached_tokens = pc.offset
@@ -276,6 +284,7 @@ class Scheduler:
 
     def _run(self, job: Job) -> None:
         tok = self.tokenizer
+        self._score(job)
         pc, ids = self._prompt_cache(job.prompt_text)
         job.cached_tokens = pc.offset
         job.prompt_tokens = pc.offset + len(ids)

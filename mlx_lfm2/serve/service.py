@@ -49,6 +49,7 @@ class Reply:
     calls: list
     last: object  # the last ``GenerationResponse``
     logprobs: list = field(default_factory=list)
+    written: str = ""  # the reply as the model wrote it, markup and all (what a transcript keeps)
 
 
 class Service:
@@ -95,18 +96,20 @@ class Service:
             raise APIError(400, f"{param}: {e}", param=param, code="invalid_schema")
         return constraint, compiled.warnings
 
-    async def prepare(self, req, prompt_text: str, top_logprobs: Optional[int] = None) -> Job:
-        """Queue ``prompt_text`` with ``req``'s sampling, limit and constraint -> its job."""
+    async def prepare(self, req, prompt_text: str, top_logprobs: Optional[int] = None,
+                      score_ids: Optional[list] = None) -> Job:
+        """Queue ``prompt_text`` with ``req``'s sampling, limit and constraint -> its job
+        (``score_ids``: the prompt's ids, scored first into ``job.scores``)."""
         s = self.scheduler
         constraint, warnings = await self.constrained(req)
         n_prompt = len(self.tokenizer.encode(prompt_text, add_special_tokens=False))
         if n_prompt + 1 > s.max_context:
             raise APIError(400, f"this prompt has {n_prompt} tokens, over the model's context of "
                            f"{s.max_context}", param="messages", code="context_length_exceeded")
-        params = req.sampling(s.defaults).replace(
-            max_tokens=min(req.limit or s.default_max_tokens, s.max_context - n_prompt), **constraint)
+        limit = s.default_max_tokens if req.limit is None else req.limit  # 0: score only (completions)
+        params = req.sampling(s.defaults).replace(max_tokens=min(limit, s.max_context - n_prompt), **constraint)
         job = Job(prompt_text, params, top_logprobs, asyncio.get_running_loop(),
-                  schema_warnings=warnings)
+                  schema_warnings=warnings, score_ids=score_ids)
         s.submit(job)
         return job
 
@@ -149,4 +152,4 @@ class Service:
         if last is None:
             raise no_reply(self.scheduler)
         content, calls = parse_tool_calls(text, bare_names=tools) if tools else (text, [])
-        return Reply(content, calls, last, entries)
+        return Reply(content, calls, last, entries, text)
