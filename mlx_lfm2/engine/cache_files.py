@@ -141,6 +141,11 @@ class SafeTensors:
         if want is not None and hashlib.sha256(memoryview(self._data)[self._start :]).hexdigest() != want:
             raise CacheFileError(f"{self.path}: checksum mismatch (the file is corrupted)")
 
+    def int_scalar(self, name: str) -> int:
+        """An I32 scalar's value, read without MLX (check its entry first)."""
+        a, _ = self._ranges[name]
+        return int(np.frombuffer(self._data, "<i4", count=1, offset=self._start + a)[0])
+
     def arrays(self) -> dict:
         self.verify()
         out = {}
@@ -168,3 +173,83 @@ def _check_tensor(path, name, t) -> tuple:
     if offsets[1] - offsets[0] != size:
         raise CacheFileError(f"{path}: tensor {name!r:.40} holds {offsets[1] - offsets[0]} bytes, its shape needs {size}")
     return (dtype, tuple(shape)), tuple(offsets)
+
+
+# -- mlx-lm's prompt-cache files (``mlx_lm.cache_prompt``, ``mlx_lm.generate --prompt-cache-file``)
+# mlx-lm flattens ``[c.state for c in cache]``: a KVCache is ``(keys, values, offset)`` ("i.0",
+# "i.1", "i.2"; older files lack the offset), an LFM2 conv layer an ArraysCache ``([state],
+# None, None)`` ("i.0.0", "i.1", "i.2"); the metadata flattens ``[user metadata, class names,
+# scalar markers]`` into "0.*", "1.*" and "2.*" keys.
+MLX_LM_CLASSES = {"KVCache": "kv", "ArraysCache": "conv"}
+FLOATS = ("F32", "F16", "BF16")
+
+
+def save_mlx_lm(path, cache: list, metadata: Optional[dict] = None) -> int:
+    from ..model.cache import KVCache
+
+    arrays, meta, scalars = {}, {f"0.{k}": str(v) for k, v in (metadata or {}).items()}, []
+    for i, c in enumerate(cache):
+        if isinstance(c, KVCache):
+            arrays[f"{i}.0"], arrays[f"{i}.1"] = c.state
+            arrays[f"{i}.2"] = mx.array(c.offset, dtype=mx.int32)
+            scalars.append((f"{i}.2", "scalar"))
+        else:
+            arrays[f"{i}.0.0"] = c.conv_state
+            for j in (1, 2):  # left_padding, lengths: None
+                arrays[f"{i}.{j}"] = mx.array([], dtype=mx.float32)
+                scalars.append((f"{i}.{j}", "none"))
+        meta[f"1.{i}"] = "KVCache" if isinstance(c, KVCache) else "ArraysCache"
+    meta["2.0"] = ""
+    for j, (name, kind) in enumerate(scalars, start=1):
+        meta[f"2.{j}.0"], meta[f"2.{j}.1"] = name, kind
+    return write(path, arrays, meta, checksum=False)  # a top-level key would break mlx-lm's reader
+
+
+def load_mlx_lm(path, layout: list, max_tokens: int) -> tuple[list, dict]:
+    """A cache from an mlx-lm prompt-cache file, checked against ``layout`` (see
+    ``disk_cache.layout``) before any array is read; returns ``(cache, user metadata)``."""
+    from ..model.cache import ConvCache, KVCache
+
+    f = SafeTensors.open(path)
+    classes = [f.metadata.get(f"1.{i}") for i in range(len(layout))]
+    kinds = [MLX_LM_CLASSES.get(c) for c in classes]
+    if kinds != [spec[0] for spec in layout] or f"1.{len(layout)}" in f.metadata:
+        raise CacheFileError(f"{path} holds caches {classes}, this model's layers need "
+                             f"{['KVCache' if s[0] == 'kv' else 'ArraysCache' for s in layout]}")
+    want, offsets = {}, []
+    for i, spec in enumerate(layout):
+        if spec[0] == "kv":
+            _, _, H, dk, dv = spec
+            got = f.tensors.get(f"{i}.0", ("?", ()))
+            T = got[1][2] if len(got[1]) == 4 else -1
+            if not 0 <= T <= max_tokens or got[0] not in FLOATS:
+                raise CacheFileError(f"{path}: layer {i} keys are {got}, expected [1, {H}, T, {dk}] floats")
+            want[f"{i}.0"], want[f"{i}.1"] = (got[0], (1, H, T, dk)), (got[0], (1, H, T, dv))
+            if f"{i}.2" in f.tensors:
+                want[f"{i}.2"] = ("I32", ())
+                offsets.append(f.int_scalar(f"{i}.2") if f.tensors[f"{i}.2"] == ("I32", ()) else -1)
+            else:
+                offsets.append(T)
+            if not 0 <= offsets[-1] <= T:
+                raise CacheFileError(f"{path}: layer {i} offset {offsets[-1]} is outside its {T} positions")
+        else:
+            _, _, k1, d = spec
+            got = f.tensors.get(f"{i}.0.0", ("?", ()))
+            want[f"{i}.0.0"] = (got[0] if got[0] in FLOATS else "F32", (1, k1, d))
+            for j in (1, 2):
+                if f"{i}.{j}" in f.tensors:
+                    want[f"{i}.{j}"] = ("F32", (0,))
+    f.expect(want)
+    if len(set(offsets)) > 1:
+        raise CacheFileError(f"{path}: its layers hold different numbers of tokens {sorted(set(offsets))}")
+    n = offsets[0] if offsets else 0
+    arrays, cache = f.arrays(), []
+    for i, spec in enumerate(layout):
+        dt = DTYPES[spec[1]][1]
+        if spec[0] == "kv":
+            k, v = (arrays[f"{i}.{j}"][..., :n, :].astype(dt) for j in (0, 1))
+            cache.append(KVCache.from_state((k, v), n))
+        else:
+            cache.append(ConvCache.from_state((arrays[f"{i}.0.0"].astype(dt),), n))
+    user = {k[2:]: v for k, v in f.metadata.items() if k.startswith("0.")}
+    return cache, user
