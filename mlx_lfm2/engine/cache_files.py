@@ -47,24 +47,27 @@ def _raw(a: mx.array) -> bytes:
     return np.array(a).tobytes()
 
 
-def write(path, arrays: dict, metadata: Optional[dict] = None, checksum: bool = True) -> int:
-    """Write ``arrays`` (name -> mx.array) and string ``metadata`` atomically; returns the size.
-
-    ``checksum`` adds ``sha256`` of the data section to the metadata.
-    """
-    path = Path(path)
+def serialize(arrays: dict) -> list[tuple[str, str, tuple, bytes]]:
+    """``(name, dtype, shape, raw bytes)`` per array: the device work of a write, done by
+    the caller's thread (MLX arrays stay on the thread that made them)."""
     mx.eval(list(arrays.values()))
-    header, blobs, at = {}, [], 0
-    for name, a in arrays.items():
-        raw = _raw(a)
-        header[name] = {"dtype": dtype_name(a), "shape": list(a.shape), "data_offsets": [at, at + len(raw)]}
-        blobs.append(raw)
+    return [(name, dtype_name(a), tuple(a.shape), _raw(a)) for name, a in arrays.items()]
+
+
+def write(path, arrays, metadata: Optional[dict] = None, checksum: bool = True) -> int:
+    """Write ``arrays`` (name -> mx.array, or ``serialize``'s list) and string ``metadata``
+    atomically; returns the file's size. ``checksum`` adds ``sha256`` of the data section."""
+    path = Path(path)
+    entries = serialize(arrays) if isinstance(arrays, dict) else arrays
+    header, at = {}, 0
+    for name, dtype, shape, raw in entries:
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [at, at + len(raw)]}
         at += len(raw)
     meta = {k: str(v) for k, v in (metadata or {}).items()}
     if checksum:
         h = hashlib.sha256()
-        for b in blobs:
-            h.update(b)
+        for *_, raw in entries:
+            h.update(raw)
         meta["sha256"] = h.hexdigest()
     header["__metadata__"] = meta
     head = json.dumps(header, separators=(",", ":")).encode()
@@ -73,8 +76,8 @@ def write(path, arrays: dict, metadata: Optional[dict] = None, checksum: bool = 
     try:
         with open(tmp, "wb") as f:
             f.write(struct.pack("<Q", len(head)) + head)
-            for b in blobs:
-                f.write(b)
+            for *_, raw in entries:
+                f.write(raw)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
