@@ -7,7 +7,7 @@ import pytest
 
 from conftest import tiny_config
 from mlx_lfm2.engine.cache_files import CacheFileError, load_mlx_lm
-from mlx_lfm2.engine.disk_cache import layout
+from mlx_lfm2.engine.cache_files import layout
 
 CACHED = "The capital of France is Paris. The capital of Spain is Madrid."
 QUERY = " What is the capital of Italy?"

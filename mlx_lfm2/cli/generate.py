@@ -59,7 +59,8 @@ def continue_cached(model, tokenizer, args, prompt: str):
     """mlx-lm's ``--prompt-cache-file``: the cache (validated) and the ids that follow it, the
     rest of a user message whose start is cached."""
     from ..engine.cache_files import CacheFileError, load_mlx_lm
-    from ..engine.disk_cache import layout, model_digest
+    from ..engine.cache_files import layout
+    from ..engine.disk_cache import model_digest
     from .cache_prompt import split_template
 
     try:

@@ -24,6 +24,8 @@ from typing import Optional
 import mlx.core as mx
 import numpy as np
 
+from ..model.cache import ConvCache, KVCache
+
 MAX_HEADER = 16 << 20  # bytes of JSON header; ours are a few KiB, mlx-lm's too
 # safetensors dtype name -> (numpy dtype of the raw bytes, MLX dtype)
 DTYPES = {"F32": (np.float32, mx.float32), "F16": (np.float16, mx.float16), "BF16": (np.uint16, mx.bfloat16),
@@ -178,6 +180,71 @@ def _check_tensor(path, name, t) -> tuple:
     return (dtype, tuple(shape)), tuple(offsets)
 
 
+# -- a model cache as named arrays: "k.i"/"v.i" (attention layer i's K/V rows) and "c.i@o"
+# (conv layer i's state at offset o). ``layout`` says what this model's arrays look like,
+# ``cache_spec`` what a file must then hold, before any of its data is read.
+
+def layout(model) -> list[tuple]:
+    """Per layer, what its arrays look like in this process: ``("kv", dtype, H, Dk, Dv)`` or
+    ``("conv", dtype, K - 1, D)``, from one token through a fresh cache."""
+    cache = model.make_cache()
+    model(mx.array([[0]], dtype=mx.uint32), cache=cache)
+    out = []
+    for c in cache:
+        if isinstance(c, KVCache):
+            k, v = c.state
+            out.append(("kv", dtype_name(k), k.shape[1], k.shape[3], v.shape[3]))
+        else:
+            (s,) = c.state
+            out.append(("conv", dtype_name(s), s.shape[1], s.shape[2]))
+    return out
+
+
+def cache_spec(layout: list, rows: int, conv_at: list[int]) -> dict:
+    """name -> (dtype, shape) of ``rows`` K/V positions and the conv states at ``conv_at``."""
+    want = {}
+    for i, spec in enumerate(layout):
+        if spec[0] == "kv":
+            _, dt, H, dk, dv = spec
+            want[f"k.{i}"], want[f"v.{i}"] = (dt, (1, H, rows, dk)), (dt, (1, H, rows, dv))
+        else:
+            _, dt, k1, d = spec
+            want.update({f"c.{i}@{o}": (dt, (1, k1, d)) for o in conv_at})
+    return want
+
+
+def cache_slice(cache: list, start: int, end: int, conv_at: list[int]) -> Optional[dict]:
+    """The arrays of positions ``[start, end)`` and the conv states at ``conv_at`` (each
+    the current offset or a kept checkpoint); None if the cache does not hold them all."""
+    out = {}
+    for i, c in enumerate(cache):
+        if isinstance(c, KVCache):
+            if c.keys is None or c.offset < end:
+                return None
+            out[f"k.{i}"], out[f"v.{i}"] = c.keys[..., start:end, :], c.values[..., start:end, :]
+            continue
+        for o in conv_at:
+            state = c.conv_state if c.offset == o else c.checkpoints.get(o)
+            if state is None:
+                return None  # this offset's state was not kept
+            out[f"c.{i}@{o}"] = state
+    return out
+
+
+def cache_from_arrays(layout: list, arrays: dict, n: int, conv_at: list[int]) -> list:
+    """A cache holding ``n`` tokens from arrays that passed ``cache_spec`` (``n`` in ``conv_at``:
+    the conv states there; the others become checkpoints)."""
+    cache = []
+    for i, spec in enumerate(layout):
+        if spec[0] == "kv":
+            cache.append(KVCache.from_state((arrays[f"k.{i}"], arrays[f"v.{i}"]), n))
+        else:
+            c = ConvCache.from_state((arrays[f"c.{i}@{n}"],), n)
+            c.checkpoints = {o: arrays[f"c.{i}@{o}"] for o in conv_at}
+            cache.append(c)
+    return cache
+
+
 # -- mlx-lm's prompt-cache files (``mlx_lm.cache_prompt``, ``mlx_lm.generate --prompt-cache-file``)
 # mlx-lm flattens ``[c.state for c in cache]``: a KVCache is ``(keys, values, offset)`` ("i.0",
 # "i.1", "i.2"; older files lack the offset), an LFM2 conv layer an ArraysCache ``([state],
@@ -188,8 +255,6 @@ FLOATS = ("F32", "F16", "BF16")
 
 
 def save_mlx_lm(path, cache: list, metadata: Optional[dict] = None) -> int:
-    from ..model.cache import KVCache
-
     arrays, meta, scalars = {}, {f"0.{k}": str(v) for k, v in (metadata or {}).items()}, []
     for i, c in enumerate(cache):
         if isinstance(c, KVCache):
@@ -211,8 +276,6 @@ def save_mlx_lm(path, cache: list, metadata: Optional[dict] = None) -> int:
 def load_mlx_lm(path, layout: list, max_tokens: int) -> tuple[list, dict]:
     """A cache from an mlx-lm prompt-cache file, checked against ``layout`` (see
     ``disk_cache.layout``) before any array is read; returns ``(cache, user metadata)``."""
-    from ..model.cache import ConvCache, KVCache
-
     f = SafeTensors.open(path)
     classes = [f.metadata.get(f"1.{i}") for i in range(len(layout))]
     kinds = [MLX_LM_CLASSES.get(c) for c in classes]

@@ -42,8 +42,9 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from ..model.cache import ConvCache, KVCache, rewind
-from .cache_files import CacheFileError, SafeTensors, dtype_name, serialize, write
+from ..model.cache import ConvCache, rewind
+from .cache_files import (CacheFileError, SafeTensors, cache_from_arrays, cache_slice, cache_spec, layout,
+                          serialize, write)
 
 FORMAT = "mlx_lfm2.prompt_block/1"
 BLOCK = ConvCache.block
@@ -72,22 +73,6 @@ def model_digest(model, tokenizer=None) -> str:
     h.update(str(getattr(model, "compute_dtype", None)).encode())
     h.update((getattr(tokenizer, "chat_template", None) or "").encode())
     return h.hexdigest()
-
-
-def layout(model) -> list[tuple]:
-    """Per layer, what its arrays look like in this process: ``("kv", dtype, H, Dk, Dv)`` or
-    ``("conv", dtype, K - 1, D)``, from one token through a fresh cache."""
-    cache = model.make_cache()
-    model(mx.array([[0]], dtype=mx.uint32), cache=cache)
-    out = []
-    for c in cache:
-        if isinstance(c, KVCache):
-            k, v = c.state
-            out.append(("kv", dtype_name(k), k.shape[1], k.shape[3], v.shape[3]))
-        else:
-            (s,) = c.state
-            out.append(("conv", dtype_name(s), s.shape[1], s.shape[2]))
-    return out
 
 
 def block_keys(identity: str, tokens, block: int = BLOCK, namespace: str = "") -> list[str]:
@@ -129,17 +114,6 @@ class BlockStore:
     def _pin_path(self, key: str) -> Path:
         return self.folder / f"pin-{key}"
 
-    def _expected(self) -> dict:
-        want = {}
-        for i, spec in enumerate(self.layout):
-            if spec[0] == "kv":
-                _, dt, H, dk, dv = spec
-                want[f"k.{i}"], want[f"v.{i}"] = (dt, (1, H, self.block, dk)), (dt, (1, H, self.block, dv))
-            else:
-                _, dt, k1, d = spec
-                want[f"c.{i}"] = (dt, (1, k1, d))
-        return want
-
     # -- reading ---------------------------------------------------------------------------
 
     def _read(self, key: str, index: int, tokens) -> Optional[dict]:
@@ -158,7 +132,7 @@ class BlockStore:
                 raise CacheFileError(f"{path} holds another block")
             if m.get("tokens") != json.dumps(list(tokens)):
                 raise CacheFileError(f"{path} holds other tokens than its key says")
-            f.expect(self._expected())
+            f.expect(cache_spec(self.layout, self.block, [(index + 1) * self.block]))
             return f.arrays()
         except CacheFileError as e:
             if path.exists():  # gone meanwhile: another process evicted it, a plain miss
@@ -194,35 +168,17 @@ class BlockStore:
         return self._assemble(blocks), len(blocks) * self.block
 
     def _assemble(self, blocks: list[dict]) -> list:
-        n, cache = len(blocks) * self.block, []
-        for i, spec in enumerate(self.layout):
-            if spec[0] == "kv":
-                k = mx.concatenate([b[f"k.{i}"] for b in blocks], axis=2)
-                v = mx.concatenate([b[f"v.{i}"] for b in blocks], axis=2)
-                cache.append(KVCache.from_state((k, v), n))
-            else:
-                c = ConvCache.from_state((blocks[-1][f"c.{i}"],), n)
-                c.checkpoints = {(j + 1) * self.block: b[f"c.{i}"] for j, b in enumerate(blocks)}
-                cache.append(c)
+        ends = [(j + 1) * self.block for j in range(len(blocks))]
+        merged = {}
+        for b in blocks:
+            for name, a in b.items():
+                merged.setdefault(name, []).append(a)
+        arrays = {k: mx.concatenate(v, axis=2) if k[0] in "kv" else v[0] for k, v in merged.items()}
+        cache = cache_from_arrays(self.layout, arrays, ends[-1], ends)
         mx.eval([c.state for c in cache])
         return cache
 
     # -- writing ---------------------------------------------------------------------------
-
-    def _block_arrays(self, cache: list, i: int) -> Optional[dict]:
-        s, e = i * self.block, (i + 1) * self.block
-        out = {}
-        for j, c in enumerate(cache):
-            if isinstance(c, KVCache):
-                if c.keys is None or c.offset < e:
-                    return None
-                out[f"k.{j}"], out[f"v.{j}"] = c.keys[..., s:e, :], c.values[..., s:e, :]
-            else:
-                state = c.conv_state if c.offset == e else c.checkpoints.get(e)
-                if state is None:
-                    return None  # this boundary's state was not kept: the chain stops here
-                out[f"c.{j}"] = state
-        return out
 
     def save(self, tokens, cache: list, pin: bool = False, namespace: str = "") -> int:
         """Store the full blocks of ``tokens`` (what ``cache`` consumed) not stored yet;
@@ -240,7 +196,7 @@ class BlockStore:
                     continue
                 except OSError:
                     pass  # not stored (or evicted just now): write it
-            arrays = self._block_arrays(cache, i)
+            arrays = cache_slice(cache, i * self.block, (i + 1) * self.block, [(i + 1) * self.block])
             if arrays is None:
                 keys = keys[:i]
                 break
