@@ -319,3 +319,34 @@ def load_mlx_lm(path, layout: list, max_tokens: int) -> tuple[list, dict]:
             cache.append(ConvCache.from_state((arrays[f"{i}.0.0"].astype(dt),), n))
     user = {k[2:]: v for k, v in f.metadata.items() if k.startswith("0.")}
     return cache, user
+
+
+# -- a conversation's cache (chat.py /save): every position, and the conv states at the
+# checkpoints (turn ends, block boundaries) so a loaded chat can still rewind to them.
+
+def save_session(path, cache: list, metadata: dict) -> int:
+    n = cache[0].offset if cache else 0
+    conv = [c for c in cache if isinstance(c, ConvCache)]
+    kept = set.intersection(*(set(c.checkpoints) for c in conv)) if conv else set()
+    conv_at = sorted({o for o in kept if 0 < o < n} | ({n} if n else set()))
+    arrays = cache_slice(cache, 0, n, conv_at) if n else {}
+    if arrays is None:
+        raise ValueError("this cache does not hold every position it has seen")
+    return write(path, arrays, {**metadata, "conv_at": json.dumps(conv_at)})
+
+
+def session_cache(f: SafeTensors, layout: list, n: int) -> list:
+    """The cache of a saved session of ``n`` tokens, its arrays checked before they are read."""
+    try:
+        conv_at = json.loads(f.metadata.get("conv_at", "null"))
+    except ValueError:
+        conv_at = None
+    ok = (isinstance(conv_at, list) and all(type(o) is int and 0 < o <= n for o in conv_at)
+          and conv_at == sorted(set(conv_at)) and len(conv_at) <= ConvCache.max_checkpoints + 1
+          and (n == 0) == (not conv_at) and (n == 0 or conv_at[-1] == n))
+    if not ok:
+        raise CacheFileError(f"{f.path}: its list of conv states is malformed")
+    f.expect(cache_spec(layout, n, conv_at) if n else {})
+    if n == 0:
+        return [KVCache() if s[0] == "kv" else ConvCache() for s in layout]
+    return cache_from_arrays(layout, f.arrays(), n, conv_at)
