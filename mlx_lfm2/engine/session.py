@@ -19,18 +19,19 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Iterator, Optional
 
 import mlx.core as mx
 
-from ..model.cache import KVCache, checkpoint, copy_cache, load_cache, reachable, rewind, save_cache
+from ..model.cache import checkpoint, copy_cache, reachable, rewind
 from ..text.tokenizer import RenderedPrompt, plain_spans
+from .cache_files import CacheFileError, SafeTensors, layout, save_session, session_cache
+from .disk_cache import model_digest
 from .generation import GenerationResponse, default_sampling, stream_generate
 from .sample import SamplingParams
 
-FORMAT = "mlx_lfm2.chat/2"  # /2 records the model's identity
+FORMAT = "mlx_lfm2.chat/3"  # /2 records the model's identity, /3 checksums and its weights' digest
 
 
 def model_identity(model) -> dict:
@@ -43,25 +44,6 @@ def model_identity(model) -> dict:
     return {"layer_types": config.get("layer_types"), "hidden_size": config.get("hidden_size"),
             "vocab_size": config.get("vocab_size"), "num_experts": config.get("num_experts"),
             "config_hash": digest}
-
-
-def _cache_problem(model, cache: list, n_tokens: int) -> Optional[str]:
-    """What is wrong with a loaded cache for ``model`` holding ``n_tokens`` tokens, or None."""
-    a = model.args
-    for i, c in enumerate(cache):
-        if c.offset != n_tokens:
-            return f"layer {i} holds {c.offset} positions, the transcript {n_tokens} tokens"
-        if not c.state:
-            if n_tokens:
-                return f"layer {i} has no state"
-            continue
-        if isinstance(c, KVCache):
-            want = [(1, a.num_key_value_heads, n_tokens, a.head_dim)] * 2
-        else:
-            want = [(1, a.conv_L_cache - 1, a.hidden_size)]
-        if [tuple(x.shape) for x in c.state] != want:
-            return f"layer {i} arrays are {[tuple(x.shape) for x in c.state]}, expected {want}"
-    return None
 
 
 def _mismatch(saved: dict, ours: dict) -> str:
@@ -250,8 +232,9 @@ class Chat:
         return self.prompt_cache.offset
 
     def save(self, path) -> None:
-        """Transcript, cache and model identity in one safetensors file, written atomically:
-        a failed save (missing folder, a directory in the way, a full disk) leaves nothing."""
+        """Transcript, cache and model identity in one checksummed safetensors file, written
+        atomically: a failed save (missing folder, a directory in the way, a full disk)
+        leaves nothing."""
         path = Path(path).expanduser()
         if path.is_dir():
             raise IsADirectoryError(f"{path} is a folder: give a file name, e.g. {path / 'chat.safetensors'}")
@@ -259,43 +242,46 @@ class Chat:
             raise FileNotFoundError(f"folder {path.parent} does not exist: create it first")
         pc = self.prompt_cache
         meta = {"messages": json.dumps(self.messages, ensure_ascii=False), "text": str(pc.text),
-                "plain": json.dumps(plain_spans(pc.text)),
-                "tokens": json.dumps(pc.tokens), "model": json.dumps(model_identity(self.model)),
+                "plain": json.dumps(plain_spans(pc.text)), "tokens": json.dumps(pc.tokens),
+                "model": json.dumps(model_identity(self.model)), "weights": model_digest(self.model, self.tokenizer),
                 "system": self.system or "", "format": FORMAT}
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.safetensors")
-        try:
-            save_cache(str(tmp), self.prompt_cache.cache, meta)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        save_session(path, pc.cache, meta)
 
     def load(self, path) -> None:
-        """Replace the conversation by a saved one; refused (ValueError) if another model saved it."""
+        """Replace the conversation by a saved one; refused (ValueError) if another model saved
+        it. Saved by another copy of the same model (another quantization, say), the transcript
+        loads and its cache does not: the next turn prefills it again, so replies stay exact."""
         path = Path(path).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"no saved chat at {path}")
         try:
-            cache, meta = load_cache(str(path))
-        except Exception as e:
+            f = SafeTensors.open(path)
+        except CacheFileError as e:
             raise ValueError(f"{path} is not a saved mlx_lfm2 chat: {e}") from e
+        meta = f.metadata
         if meta.get("format") != FORMAT:
             raise ValueError(f"{path} is not a saved mlx_lfm2 chat of this version "
-                             f"(format {meta.get('format')!r}, expected {FORMAT!r})")
+                             f"(format {meta.get('format')!r:.40}, expected {FORMAT!r})")
         try:
             saved = json.loads(meta["model"])
             messages, tokens = json.loads(meta["messages"]), json.loads(meta["tokens"])
             text = RenderedPrompt(meta["text"], [(int(a), int(b)) for a, b in json.loads(meta.get("plain", "[]"))])
+            if not (isinstance(messages, list) and isinstance(tokens, list) and all(type(t) is int for t in tokens)):
+                raise TypeError("messages or tokens of the wrong type")
         except (KeyError, ValueError, TypeError) as e:
             raise ValueError(f"{path} is a damaged saved chat: {e}") from e
         ours = model_identity(self.model)
         if saved != ours:
             raise ValueError(f"{path} was saved with another model ({_mismatch(saved, ours)}): "
                              "load it with the model that saved it")
-        if [type(c) for c in cache] != [type(c) for c in self.model.make_cache()]:
-            raise ValueError(f"{path} was saved from a model with a different layer layout")
-        problem = _cache_problem(self.model, cache, len(tokens))
-        if problem:  # the cache's offsets index its arrays: a damaged file must not reach them
-            raise ValueError(f"{path} is a damaged saved chat: {problem}")
+        if meta.get("weights") == model_digest(self.model, self.tokenizer):
+            try:  # the offsets index the arrays: shapes are checked before any is read
+                cache = session_cache(f, layout(self.model), len(tokens))
+            except CacheFileError as e:
+                raise ValueError(f"{path} is a damaged saved chat: {e}") from e
+            pc = PromptCache(self.model, cache, text, tokens, draft_model=self.draft_model)
+        else:
+            pc = PromptCache(self.model, draft_model=self.draft_model)
         self.messages, self._stats = messages, []
         self.system = meta.get("system") or None
-        self.prompt_cache = PromptCache(self.model, cache, text, tokens, draft_model=self.draft_model)
+        self.prompt_cache = pc
