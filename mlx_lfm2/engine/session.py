@@ -129,9 +129,10 @@ class PromptCache:
             p = reachable(self._caches, p - 1)
         return p
 
-    def new_tokens(self, tokenizer, prompt_text: str) -> list[int]:
+    def new_tokens(self, tokenizer, prompt_text: str, ids: Optional[list[int]] = None) -> list[int]:
         """Ids of the part of ``prompt_text`` not yet in the cache: the cache is extended,
-        rewound to the longest common prefix it can reach, or reset."""
+        rewound to the longest common prefix it can reach, or reset. ``ids``: the whole
+        prompt's ids, if already known (used as they are when nothing is reused)."""
         keep = self.reusable(tokenizer, prompt_text)
         if keep == 0:
             self.cache, self.text, self.tokens = self.model.make_cache(), "", []
@@ -143,6 +144,8 @@ class PromptCache:
                 rewind(self.draft_cache, self.draft_cache[0].offset - keep)
             self.tokens = self.tokens[:keep]
             self.text = prompt_text[: len(tokenizer.decode(self.tokens))]  # keeps the spans
+        if ids is not None and not self.text:
+            return list(ids)
         return tokenizer.encode(prompt_text[len(self.text):], add_special_tokens=False)
 
     def commit(self, tokenizer, prompt_text: str, prompt_ids: list[int], generated: list[int]) -> None:
