@@ -10,7 +10,7 @@ nothing of text.
 * ``stream_generate`` / ``generate``: prompts as text, ids or chat messages, through the one
   request builder (``request.build_request``) into the plain or speculative loop, as text.
 
-The caller may pass a cache that already holds a prefix (see ``session.PromptCache``):
+The caller may pass a cache that already holds a prefix (see ``prompt_cache.PromptCache``):
 only the new tokens are prefilled, and ``cache[0].offset`` always says how many tokens the
 cache has consumed.
 """

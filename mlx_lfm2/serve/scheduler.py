@@ -13,19 +13,17 @@ modes, chosen once in ``start``:
 Tokens travel back to each job's coroutine through an asyncio queue; a client that
 disconnects sets its job's stop event, which takes its row out of the batch at the next step.
 
-Prompt reuse: after each request the worker keeps its ``PromptCache`` (cache plus the text
-it consumed); a later prompt copies the one that shares the longest prefix with it, which
-extends, or rewinds to the longest common prefix it can reach, and prefills only the rest.
+Prompt reuse (``engine.prompt_cache``): after each request the worker keeps its cache in
+the store; a later prompt takes a copy of the one that shares the longest prefix with it,
+which extends, or rewinds to the longest common prefix it can reach, and prefills the rest.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
-import os
 import queue
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -34,7 +32,7 @@ from ..engine.distributed import broadcast, group
 from ..engine.generation import TextStream, default_sampling, stream_request
 from ..engine.request import PromptTooLongError, build_request
 from ..engine.sample import SamplingParams
-from ..engine.session import PromptCache
+from ..engine.prompt_cache import PromptCache, PromptCacheStore
 from .boundary import APIError
 
 DEFAULT_MAX_TOKENS = 2048
@@ -92,8 +90,7 @@ class Scheduler:
         self.closed = False
         self.defaults = SamplingParams(**default_sampling(model))
         self.jobs: queue.Queue = queue.Queue(maxsize=queue_size)
-        self.caches: OrderedDict[str, PromptCache] = OrderedDict()
-        self.cache_entries = cache_entries
+        self.caches = PromptCacheStore(model, cache_entries, draft_model)
         self.stats = {"completed": 0, "cancelled": 0, "active": 0, "peak_batch": 0}
         self.template_renders_tool_calls = "tool_calls" in (tokenizer.chat_template or "")
         self._worker: Optional[threading.Thread] = None
@@ -138,30 +135,13 @@ class Scheduler:
 
     # Prompt caches --------------------------------------------------------------------------
 
-    def _take_cache(self, text: str) -> PromptCache:
-        """A copy of the cached prompt sharing the longest prefix with ``text`` (or a fresh one);
-        ``PromptCache.new_tokens`` then extends it or rewinds it to what it can reuse."""
-        shared = {k: len(os.path.commonprefix([k, text])) for k in self.caches}
-        best = max(shared, key=shared.get, default=None)
-        if best is None or shared[best] == 0:
-            return PromptCache(self.model, draft_model=self.draft_model)
-        self.caches.move_to_end(best)
-        return self.caches[best].copy()
-
-    def _keep_cache(self, pc: PromptCache) -> None:
-        if pc.offset == len(pc.tokens) and pc.text:
-            self.caches[pc.text] = pc
-            self.caches.move_to_end(pc.text)
-            while len(self.caches) > self.cache_entries:
-                self.caches.popitem(last=False)
-
     def _request(self, job: Job):
         """The cached conversation sharing the most of the job's prompt, and the request for
         the ids still to feed (built and checked by the engine's one request builder)."""
-        pc = self._take_cache(job.prompt_text)
+        pc = self.caches.take(job.prompt_text)
         ids = pc.new_tokens(self.tokenizer, job.prompt_text, job.ids)
         if not ids:  # a cache that consumed this whole prompt leaves nothing to sample from
-            pc = PromptCache(self.model, draft_model=self.draft_model)
+            pc = self.caches.fresh()
             ids = pc.new_tokens(self.tokenizer, job.prompt_text, job.ids)
         request = build_request(self.model, self.tokenizer, ids, job.params, held=pc.offset,
                                 context=self.max_context, constraint=job.constraint)
@@ -254,7 +234,7 @@ class Scheduler:
         if cache is not None:  # None: it left before its prefill finished
             live.pc.cache = cache
             live.pc.commit(self.tokenizer, live.job.prompt_text, live.ids, live.generated)
-            self._keep_cache(live.pc)
+            self.caches.keep(live.pc)
         live.job.emit(DONE)
 
     # Serial mode ----------------------------------------------------------------------------
@@ -297,7 +277,7 @@ class Scheduler:
         self.stats["cancelled" if job.stop.is_set() else "completed"] += 1
         if finished:
             pc.commit(tok, job.prompt_text, request.ids, generated)
-            self._keep_cache(pc)
+            self.caches.keep(pc)
 
     def follow(self) -> None:
         """Ranks other than 0 under mlx.launch: run each job rank 0 runs, with no client."""
