@@ -265,11 +265,11 @@ def test_a_signal_stops_the_server_with_requests_in_flight(folder, sig):
 
 
 def test_an_engine_value_error_before_the_first_token_is_a_400(chat_model):
-    from mlx_lfm2.serve.app import DONE, Engine, Job
-    from mlx_lfm2.serve.openai_api import APIError
+    from mlx_lfm2.serve.boundary import APIError
+    from mlx_lfm2.serve.scheduler import DONE, Job, Scheduler
 
     model, tok, _ = chat_model
-    engine = Engine(model, tok, "m")
+    engine = Scheduler(model, tok, "m").start()
 
     async def run(kwargs):
         job = Job("hello", kwargs, None, asyncio.get_running_loop())
@@ -301,15 +301,15 @@ def test_sixty_fuzzed_requests_leave_the_server_up_without_5xx(tmp_path):
 
 
 def test_an_unexpected_fault_is_a_500_in_openai_shape_and_the_server_keeps_serving(scripted, monkeypatch):
-    import mlx_lfm2.serve.app as app
+    import mlx_lfm2.serve.service as service
 
     base, client, _ = scripted(" word" * 50)
 
     def broken(*a, **k):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(app, "parse_tool_calls", broken)
-    monkeypatch.setattr(app.ToolCallStream, "feed", broken)
+    monkeypatch.setattr(service, "parse_tool_calls", broken)
+    monkeypatch.setattr(service.ToolCallStream, "feed", broken)
     body = {"messages": USER, "max_tokens": 4, "tools": [deep_schema(1)]}
     assert_error(post(base, body), 500, "RuntimeError")
     with httpx.stream("POST", base + CHAT, json={**body, "stream": True}, timeout=30) as r:
