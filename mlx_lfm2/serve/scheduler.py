@@ -51,6 +51,7 @@ class Job:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     started: bool = False  # a token was generated
+    pin: bool = False  # keep this prompt in the disk cache after unpinned ones
 
     def emit(self, item) -> None:
         self.loop.call_soon_threadsafe(self.out.put_nowait, item)
@@ -66,7 +67,7 @@ class Scheduler:
     def __init__(self, model, tokenizer, model_id: str, queue_size: int = 16, cache_entries: int = 8,
                  max_context: Optional[int] = None, default_max_tokens: int = DEFAULT_MAX_TOKENS,
                  max_batch: int = 8, draft_model=None, prompt_lookup: bool = False,
-                 num_draft_tokens: Optional[int] = None):
+                 num_draft_tokens: Optional[int] = None, disk=None):
         self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
         self.draft_model = draft_model
         self.speculative = dict(prompt_lookup=prompt_lookup, num_draft_tokens=num_draft_tokens)
@@ -83,6 +84,7 @@ class Scheduler:
         self.jobs: queue.Queue = queue.Queue(maxsize=queue_size)
         self.caches: OrderedDict[str, PromptCache] = OrderedDict()
         self.cache_entries = cache_entries
+        self.disk = disk  # engine.disk_cache.DiskTier, or None: memory only
         self.stats = {"completed": 0, "cancelled": 0, "active": 0, "peak_batch": 0}
         self.template_renders_tool_calls = "tool_calls" in (tokenizer.chat_template or "")
         self._worker: Optional[threading.Thread] = None
@@ -132,12 +134,17 @@ class Scheduler:
         ``PromptCache.new_tokens`` then extends it or rewinds it to what it can reuse."""
         shared = {k: len(os.path.commonprefix([k, text])) for k in self.caches}
         best = max(shared, key=shared.get, default=None)
+        below = self.disk.lookup("", text, shared.get(best, 0)) if self.disk is not None else None
+        if below is not None:
+            return below
         if best is None or shared[best] == 0:
             return PromptCache(self.model, draft_model=self.draft_model)
         self.caches.move_to_end(best)
         return self.caches[best].copy()
 
-    def _keep_cache(self, pc: PromptCache) -> None:
+    def _keep_cache(self, pc: PromptCache, pin: bool = False) -> None:
+        if pc.offset == len(pc.tokens) and pc.text and self.disk is not None:
+            self.disk.store("", pc, pin)
         if pc.offset == len(pc.tokens) and pc.text:
             self.caches[pc.text] = pc
             self.caches.move_to_end(pc.text)
@@ -244,7 +251,7 @@ class Scheduler:
         if cache is not None:  # None: it left before its prefill finished
             live.pc.cache = cache
             live.pc.commit(self.tokenizer, live.job.prompt_text, live.ids, live.generated)
-            self._keep_cache(live.pc)
+            self._keep_cache(live.pc, live.job.pin)
         live.job.emit(DONE)
 
     # Serial mode ----------------------------------------------------------------------------
@@ -289,7 +296,7 @@ class Scheduler:
         self.stats["cancelled" if job.stop.is_set() else "completed"] += 1
         if finished:
             pc.commit(tok, job.prompt_text, ids, generated)
-            self._keep_cache(pc)
+            self._keep_cache(pc, job.pin)
 
     def follow(self) -> None:
         """Ranks other than 0 under mlx.launch: run each job rank 0 runs, with no client."""

@@ -105,6 +105,7 @@ class Service:
         kwargs["max_tokens"] = min(req.limit or s.default_max_tokens, s.max_context - n_prompt)
         kwargs.update(constraint)
         job = Job(prompt_text, kwargs, top_logprobs, asyncio.get_running_loop())
+        job.pin = req.pin_cache
         s.submit(job)
         return job
 
