@@ -90,6 +90,7 @@ def main(argv=None) -> None:
                          "never closes it: pass the prompt as --prompt TEXT")
     prompt = sys.stdin.read() if prompt == "-" else prompt
     from ..engine.generation import stream_generate
+    from ..engine.sample import SamplingParams
     from ..weights.loader import load, load_draft
 
     try:
@@ -110,17 +111,17 @@ def main(argv=None) -> None:
         cache, ids = continue_cached(model, tokenizer, args, prompt)
     else:
         ids = build_prompt(tokenizer, prompt, args.system, args.ignore_chat_template)
-    sampling = dict(temperature=args.temp, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
-                    repetition_penalty=args.repetition_penalty, seed=args.seed,
-                    prefill_step_size=args.prefill_step_size, draft_model=draft,
-                    num_draft_tokens=args.num_draft_tokens, prompt_lookup=args.prompt_lookup)
+    sampling = SamplingParams(max_tokens=args.max_tokens, temperature=args.temp, top_p=args.top_p, top_k=args.top_k,
+                              min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+    speculative = dict(draft_model=draft, num_draft_tokens=args.num_draft_tokens, prompt_lookup=args.prompt_lookup)
 
     show = leader()  # under mlx.launch rank 0 alone prints the completion; every rank its stats
     if args.verbose and show:
         print(SEPARATOR)
     text, last = "", None
     try:
-        for r in stream_generate(model, tokenizer, ids, args.max_tokens, cache=cache, **sampling):
+        for r in stream_generate(model, tokenizer, ids, sampling=sampling, prefill_step_size=args.prefill_step_size,
+                                 cache=cache, **speculative):
             if args.verbose and show:
                 print(r.text, end="", flush=True)
             text += r.text

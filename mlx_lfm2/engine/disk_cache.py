@@ -321,7 +321,7 @@ class DiskTier:
         """The longest stored prefix of ``text`` as a ``PromptCache`` (at least one token of
         ``text`` left to prefill), or None; ``longer_than``: characters a better entry
         already shares, so the blocks are read only when they beat it."""
-        from .session import PromptCache
+        from .prompt_cache import PromptCache
 
         tok = self.tokenizer
         ids = tok.encode(text, add_special_tokens=False)  # the template writes BOS itself
