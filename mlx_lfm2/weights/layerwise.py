@@ -76,12 +76,21 @@ class LayerwiseQuantizer:
             mx.eval(self.h_q)
             return
         norm = module.model.embedding_norm
-        quantized_head = module.lm_head if "lm_head" in module else module.model.embed_tokens.as_linear
-        self.result = kl_and_agreement(norm(self.h_fp), norm(self.h_q), self.head_fp, quantized_head)
+        head = module.lm_head if "lm_head" in module else module.model.embed_tokens
+        self.result = kl_and_agreement(norm(self.h_fp), norm(self.h_q), self.head_fp, dequantized(head))
         self.head_fp = None
 
 
-def kl_and_agreement(h_fp: mx.array, h_q: mx.array, head_fp: mx.array, head_q, chunk: int = 128) -> dict:
+def dequantized(layer: nn.Module) -> mx.array:
+    """The weight a (possibly quantized) linear or embedding computes with: one float matmul
+    over the vocabulary is far cheaper on the CPU than a quantized one per row."""
+    if "scales" not in layer:
+        return layer.weight
+    return mx.dequantize(layer.weight, layer.scales, layer.get("biases"), group_size=layer.group_size,
+                         bits=layer.bits, mode=layer.mode)
+
+
+def kl_and_agreement(h_fp: mx.array, h_q: mx.array, head_fp: mx.array, head_q: mx.array, chunk: int = 128) -> dict:
     """Mean KL(p_fp || p_q) and top-1 agreement of the next-token distributions, ``chunk``
     positions at a time (a [chunk, V] slice of logits is the largest thing made)."""
     D = h_fp.shape[-1]
@@ -89,7 +98,7 @@ def kl_and_agreement(h_fp: mx.array, h_q: mx.array, head_fp: mx.array, head_q, c
     kl_sum, agree = 0.0, 0
     for lo in range(0, h_fp.shape[0], chunk):
         lp = nn.log_softmax((h_fp[lo:lo + chunk] @ head_fp.astype(mx.float32).T).astype(mx.float32), axis=-1)
-        lq = nn.log_softmax(head_q(h_q[lo:lo + chunk]).astype(mx.float32), axis=-1)
+        lq = nn.log_softmax((h_q[lo:lo + chunk] @ head_q.astype(mx.float32).T).astype(mx.float32), axis=-1)
         kl = (mx.exp(lp) * (lp - lq)).sum(-1)
         same = (lp.argmax(-1) == lq.argmax(-1)).sum()
         mx.eval(kl, same)
@@ -138,12 +147,37 @@ def prepare(src, args, files, dtype, predicate: Callable, method: str, target_bp
 
         x0 = embed_rows(embed_weight, calib.calibration)
         total = sum(w.size for w in source.values())
-        embedding = sum(w.size for k, w in source.items() if "embed_tokens" in k or k.startswith("lm_head"))
         dtype_bits = 8 * mx.zeros((), dtype).itemsize
         options = sensitivity.candidates(default["mode"], default["group_size"])
-        plan, _ = sensitivity.plan(blocks(), x0, options, target_bpw, total, embedding,
+        ends = _ends_errors(source, args, dtype, embed_weight, calib, options, predicate, rest)
+        plan, _ = sensitivity.plan(blocks(), x0, options, target_bpw, total, ends,
                                    lambda p, m: bool(predicate(p, m)), dtype_bits)
         predicate = plan_predicate(plan, predicate)
     hooks = LayerwiseQuantizer(calib, predicate, use_awq=method == "awq")
     hooks.start(embed_weight, predicate(EMBED, rest.model.embed_tokens))
     return hooks, predicate, plan
+
+
+def _ends_errors(source: dict, args, dtype, embed_weight, calib, options, predicate, rest, head_tokens: int = 256):
+    """``ends(final hidden states) -> {path: (weights, errors)}`` for the embedding and the head."""
+    from . import sensitivity
+
+    def ends(x: mx.array) -> dict:
+        ids = mx.array(calib.calibration)
+        out = {}
+        if predicate(EMBED, rest.model.embed_tokens):
+            out[EMBED] = [embed_weight.size, sensitivity.relative_errors(
+                embed_weight[ids], lambda w: w[ids], embed_weight, options)]
+        norm = source["model.embedding_norm.weight"].astype(mx.float32)
+        h = mx.fast.rms_norm(x.reshape(-1, x.shape[-1])[:head_tokens], norm, args.norm_eps)
+        tied = "lm_head" not in rest
+        head, path = (embed_weight, EMBED) if tied else (source["lm_head.weight"].astype(dtype), HEAD)
+        if predicate(path, rest.model.embed_tokens if tied else rest.lm_head):
+            errs = sensitivity.relative_errors(h @ head.T, lambda w: h @ w.T, head, options)
+            if path in out:
+                out[path][1] = [a + b for a, b in zip(out[path][1], errs)]
+            else:
+                out[path] = [head.size, errs]
+        return {p: tuple(v) for p, v in out.items()}
+
+    return ends

@@ -8,8 +8,10 @@ bit (a greedy knapsack over the lower envelope of each path's error curve). Path
 quantization units: one projection of one layer, all experts of a projection together (they
 share one stacked tensor, so one precision).
 
-Fixed, not chosen: the router at 8-bit affine; the embedding (and an untied head) at the
-highest candidate up to 6 bits; unquantizable tensors (norms, conv taps) at the weights' dtype.
+The embedding and the head are chosen too: as the input, by the relative error of the
+embeddings (the stream's first state); as the head, by the relative error of the logits
+(a tied embedding sums both). Fixed, not chosen: the router at 8-bit affine and the tensors
+that are not quantized (norms, conv taps) at the weights' dtype.
 """
 
 from __future__ import annotations
@@ -32,9 +34,11 @@ def candidates(mode: str, group_size: int) -> list[dict]:
     return [spec(mode=mode)] + ([spec(mode="mxfp8")] if mode != "mxfp8" else [])
 
 
-def embedding_choice(options: list[dict], dtype_bits: int = 16) -> dict:
-    fitting = [c for c in options if c["bits"] <= 6] or options[:1]
-    return max(fitting, key=lambda c: bits_per_weight(c, dtype_bits))
+def relative_errors(ref: mx.array, fn: Callable, weight: mx.array, options: list[dict]) -> list[float]:
+    """``|fn(quantized weight) - ref|^2 / |ref|^2`` for each option (``ref = fn(weight)``)."""
+    denom = (ref.astype(mx.float32) ** 2).sum()
+    return [float((((fn(fake_quantize(weight, c)) - ref).astype(mx.float32) ** 2).sum() / denom).item())
+            for c in options]
 
 
 def measure_block(block: nn.Module, x: mx.array, prefix: str, options: list[dict], quantized: Callable) -> dict:
@@ -82,10 +86,11 @@ def allocate(errors: dict, options: list[dict], budget_bits: float, dtype_bits: 
 
 
 def plan(blocks: Iterable, x: mx.array, options: list[dict], target_bpw: float, total_params: int,
-         embedding_params: int, quantized: Callable, dtype_bits: int = 16) -> tuple[dict, dict]:
+         ends: Callable, quantized: Callable, dtype_bits: int = 16) -> tuple[dict, dict]:
     """Measure every layer (``blocks`` yields ``(prefix, unquantized block)`` in order; ``x`` the
-    calibration embeddings), then spend ``target_bpw`` over the whole model. Returns the plan
-    (path -> choice, embeddings included) and the measured errors (path -> list, for the card)."""
+    calibration embeddings) and, by ``ends(final hidden states)``, the embedding and head (path
+    -> (weights, errors)); then spend ``target_bpw`` over the whole model. Returns the plan
+    (path -> choice) and the measured errors (path -> list)."""
     errors, router_params = {}, 0
     for prefix, block in blocks:
         errors.update(measure_block(block, x, prefix, options, quantized))
@@ -94,16 +99,14 @@ def plan(blocks: Iterable, x: mx.array, options: list[dict], target_bpw: float, 
         x = block(x)
         mx.eval(x)
         del block
-    embed = embedding_choice(options, dtype_bits)
+    errors.update(ends(x))
     chosen = sum(n for n, _ in errors.values())
-    fixed = ((total_params - chosen - router_params - embedding_params) * dtype_bits
-             + router_params * bits_per_weight(ROUTER, dtype_bits) + embedding_params * bits_per_weight(embed, dtype_bits))
+    fixed = (total_params - chosen - router_params) * dtype_bits + router_params * bits_per_weight(ROUTER, dtype_bits)
     budget = target_bpw * total_params - fixed
     lowest = (fixed + sum(n for n, _ in errors.values()) * bits_per_weight(options[0], dtype_bits)) / total_params
     if lowest > target_bpw:
         raise ValueError(f"--target-bpw {target_bpw} is below the {lowest:.2f} bits per weight this model needs "
                          f"at the least ({options[0]['bits']}-bit {options[0]['mode']} everywhere it may be, the "
-                         f"router at 8 bits, embeddings at {embed['bits']}): raise it")
+                         "router at 8 bits): raise it")
     result = allocate(errors, options, budget, dtype_bits)
-    result.update({"model.embed_tokens": dict(embed), "lm_head": dict(embed)})
     return result, {p: e for p, (_, e) in errors.items()}
