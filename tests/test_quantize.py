@@ -19,7 +19,7 @@ from mlx_lfm2.weights.loader import load_model
 
 CFG = tiny_config("tiny-moe", hidden_size=128, intermediate_size=256, moe_intermediate_size=64)
 IDS = mx.array(np.random.default_rng(0).integers(0, 5000, (2, 24)))
-FAST = dict(progress=False, calibration_tokens=128)  # 128 calibration + 256 held-out tokens
+FAST = dict(progress=False, calibration_tokens=128)  # 128 calibration + 64 held-out tokens
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +27,15 @@ def source(tmp_path_factory):
     from mlx_lfm2.weights.random_checkpoint import write_checkpoint
 
     return write_checkpoint(tmp_path_factory.mktemp("src"), CFG, dtype="float32", tokenizer_from=reference_dir(),
+                            lm_like_head=True)
+
+
+@pytest.fixture(scope="module")
+def two_layer_source(tmp_path_factory):
+    from mlx_lfm2.weights.random_checkpoint import write_checkpoint
+
+    cfg = tiny_config("tiny-moe", 2, hidden_size=128, intermediate_size=256, moe_intermediate_size=64)
+    return write_checkpoint(tmp_path_factory.mktemp("two"), cfg, dtype="float32", tokenizer_from=reference_dir(),
                             lm_like_head=True)
 
 
@@ -80,7 +89,9 @@ def test_each_mode_round_trips_and_mlx_lm_reads_it_alike(source, tmp_path, mode)
     np.testing.assert_allclose(mlx_lm_logits(out), got, rtol=1e-3, atol=1e-3)
 
 
-def test_mixed_precision_is_recorded_per_path_and_reloaded_by_both_loaders(source, tmp_path):
+@pytest.mark.slow
+def test_mixed_precision_is_recorded_per_path_and_reloaded_by_both_loaders(two_layer_source, tmp_path):
+    source = two_layer_source
     out = convert(source, tmp_path / "dyn", quantize=True, target_bpw=6.0, q_method="awq", dtype="float32", **FAST)
     q = json.loads((out / "config.json").read_text())["quantization"]
     per_path = {k: v for k, v in q.items() if isinstance(v, dict)}
@@ -99,12 +110,13 @@ def test_mixed_precision_is_recorded_per_path_and_reloaded_by_both_loaders(sourc
     np.testing.assert_allclose(mlx_lm_logits(out), logits(model), rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_the_card_kl_is_the_whole_model_kl_on_held_out_text(source, tmp_path):
     """The KL measured while streaming (one layer at a time) equals the KL of the loaded
     quantized model against the unquantized one on the same held-out tokens."""
     out = convert(source, tmp_path / "awq", quantize=True, q_method="awq", **FAST)
     card = card_quantization(out)
-    held = load_calibration(load_tokenizer(source), CFG["vocab_size"], tokens=128, held_out_tokens=256).held_out
+    held = load_calibration(load_tokenizer(source), CFG["vocab_size"], tokens=128, held_out_tokens=64).held_out
     full = load_model(source, dtype=mx.bfloat16, compute_dtype=mx.float32)
     quant = load_model(out)
     lp = [nn.log_softmax(m(mx.array(held)).astype(mx.float32), axis=-1) for m in (full, quant)]
@@ -115,6 +127,7 @@ def test_the_card_kl_is_the_whole_model_kl_on_held_out_text(source, tmp_path):
     assert card["top1_agreement"] == pytest.approx(agree, abs=0.01)
 
 
+@pytest.mark.slow
 def test_awq_beats_round_to_nearest_on_outlier_activations(outlier_source, tmp_path):
     rtn = card_quantization(convert(outlier_source, tmp_path / "rtn", quantize=True, measure=True, **FAST))
     awq = card_quantization(convert(outlier_source, tmp_path / "awq", quantize=True, q_method="awq", **FAST))

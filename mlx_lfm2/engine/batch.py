@@ -32,7 +32,7 @@ from ..model.cache import checkpoint
 from ..text.constraints import make_constraint
 from .generation import (GenerationResponse, Prompt, PromptTooLongError, _held_back, context_length,
                          default_prefill_step, encode_prompt)
-from .sample import make_logits_processors, make_sampler
+from .sample import SamplingParams
 from .validate import check_token_ids, vocab_rows
 
 
@@ -189,34 +189,31 @@ class BatchGenerator:
         return mx.concatenate(ys), logprobs
 
 
-def sampling_for(prompt_tokens: int, temperature: Optional[float] = None, top_p: float = 1.0, top_k: int = 0,
-                 min_p: float = 0.0, repetition_penalty: Optional[float] = None, repetition_context_size: int = 64,
-                 logit_bias: Optional[dict] = None, frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
-                 seed: Optional[int] = None, vocab_size: Optional[int] = None) -> dict:
-    """``stream_generate``'s sampling arguments as ``BatchGenerator.insert`` keywords."""
-    sampler = make_sampler(temperature, top_p, top_k, min_p, seed) if temperature else None
-    processors = make_logits_processors(repetition_penalty, repetition_context_size, logit_bias, frequency_penalty,
-                                        presence_penalty, prompt_tokens=prompt_tokens, vocab_size=vocab_size)
-    return {"sampler": sampler, "logits_processors": processors}
+def sampling_for(prompt_tokens: int, params: Optional[SamplingParams] = None, vocab_size: Optional[int] = None,
+                 **settings) -> dict:
+    """``params`` (or ``SamplingParams(**settings)``) as ``BatchGenerator.insert``'s sampler
+    (None when greedy: the batch's fast path) and logits processors."""
+    params = (params or SamplingParams()).replace(**settings)
+    return {"sampler": None if params.greedy else params.sampler(),
+            "logits_processors": params.processors(prompt_tokens, vocab_size)}
 
 
-def request_for(model, tokenizer, ids: Sequence[int], held: int = 0, max_tokens: int = 256, *, json_schema=None,
-                regex: Optional[str] = None, grammar: Optional[str] = None, **sampling) -> dict:
+def request_for(model, tokenizer, ids: Sequence[int], params: SamplingParams, held: int = 0) -> dict:
     """``BatchGenerator.insert`` keywords for ``ids`` after ``held`` cached tokens, checked and
     built as ``stream_generate`` does (ids in range, the context, the limit clamped to it, the
-    sampling arguments, a constraint from ``json_schema`` / ``regex`` / ``grammar``)."""
+    sampler and processors, the constraint)."""
     rows = vocab_rows(model)
     ids = check_token_ids(ids, rows, "prompt token id")
     if held + len(ids) + 1 > context_length(model):
         raise PromptTooLongError(
             f"prompt of {len(ids)} tokens (+{held} cached) does not fit the model's context of "
             f"{context_length(model)} tokens: shorten it or start a new conversation")
-    kwargs = sampling_for(len(ids), vocab_size=rows, **sampling)
-    constraint = make_constraint(tokenizer, json_schema=json_schema, regex=regex, grammar=grammar,
-                                 prompt_tokens=len(ids))
+    kwargs = sampling_for(len(ids), params, vocab_size=rows)
+    max_tokens = max(0, min(params.max_tokens, context_length(model) - held - len(ids)))
+    constraint = make_constraint(tokenizer, **params.constraint, prompt_tokens=len(ids), max_tokens=max_tokens)
     if constraint is not None:
         kwargs["logits_processors"].append(constraint)  # last: it masks what the others produced
-    return {"prompt": ids, "max_tokens": max(0, min(max_tokens, context_length(model) - held - len(ids))),
+    return {"prompt": ids, "max_tokens": max_tokens,
             "stop_tokens": check_token_ids(tokenizer.eos_token_ids, rows, "stop token id"), **kwargs}
 
 
@@ -296,24 +293,25 @@ class BatchResponse:
 
 
 def batch_generate(model, tokenizer, prompts: Sequence[Prompt], max_tokens: Union[int, Sequence[int]] = 256, *,
-                   max_batch: Optional[int] = None, stop: Union[str, Sequence[str], None] = None,
+                   max_batch: Optional[int] = None, sampling: Optional[SamplingParams] = None,
                    prefill_step_size: Optional[int] = None, tools=None, verbose: bool = False,
-                   **sampling) -> BatchResponse:
+                   **settings) -> BatchResponse:
     """Complete every prompt (text, ids or chat messages), decoding them together in batches
-    of up to ``max_batch`` (default: all). ``sampling``: ``stream_generate``'s arguments, the
-    same for every prompt (each prompt gets its own sampler: a ``seed`` gives each the same
-    draws as alone). Greedy when ``temperature`` is left out."""
+    of up to ``max_batch`` (default: all). ``sampling`` / ``settings``: as for
+    ``stream_generate``, the same for every prompt (each prompt gets its own sampler: a
+    ``seed`` gives each the same draws as alone). Greedy when ``temperature`` is left out."""
+    params = (sampling or SamplingParams()).replace(**settings)
     ids = [encode_prompt(tokenizer, p, tools) for p in prompts]
     limits = [max_tokens] * len(ids) if isinstance(max_tokens, int) else list(max_tokens)
     if len(limits) != len(ids):
         raise ValueError(f"{len(limits)} max_tokens for {len(ids)} prompts")
-    requests = [request_for(model, tokenizer, p, max_tokens=n, **sampling) for p, n in zip(ids, limits)]
+    requests = [request_for(model, tokenizer, p, params.replace(max_tokens=n)) for p, n in zip(ids, limits)]
     gen = BatchGenerator(model, max_batch or max(1, len(ids)), prefill_step_size)
     streams, by_uid = [], {}
     mx.reset_peak_memory()
     tic = time.perf_counter()
     for req in requests:
-        stream = TextStream(tokenizer, stop, len(req["prompt"]))
+        stream = TextStream(tokenizer, params.stop, len(req["prompt"]))
         streams.append(stream)
         if req["max_tokens"] == 0:
             stream.end("length")

@@ -24,7 +24,7 @@ from ..model import device
 from ..model.pipeline import PipelineModel
 from ..text.constraints import make_constraint
 from ..model.cache import checkpoint
-from .sample import make_logits_processors, make_sampler
+from .sample import SamplingParams, make_sampler
 from .validate import TokenIdError, check_token_ids, vocab_rows  # noqa: F401 (TokenIdError: for importers)
 
 Prompt = Union[str, Sequence[int], Sequence[dict]]
@@ -160,28 +160,27 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
     return n
 
 
-def stream_generate(model, tokenizer, prompt: Prompt, max_tokens: int = 256, *,
-                    temperature: Optional[float] = None, top_p: float = 1.0, top_k: int = 0,
-                    min_p: float = 0.0, repetition_penalty: Optional[float] = None,
-                    repetition_context_size: int = 64, logit_bias: Optional[dict] = None,
-                    frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
-                    seed: Optional[int] = None, stop: Union[str, Sequence[str], None] = None,
-                    cache: Optional[list] = None, stop_event: Optional[threading.Event] = None,
-                    prefill_step_size: Optional[int] = None, tools=None, json_schema=None,
-                    regex: Optional[str] = None, grammar: Optional[str] = None, draft_model=None,
-                    draft_cache: Optional[list] = None, num_draft_tokens: Optional[int] = None,
-                    prompt_lookup: bool = False) -> Iterator[GenerationResponse]:
+def stream_generate(model, tokenizer, prompt: Prompt, max_tokens: Optional[int] = None, *,
+                    sampling: Optional[SamplingParams] = None, cache: Optional[list] = None,
+                    stop_event: Optional[threading.Event] = None, prefill_step_size: Optional[int] = None,
+                    tools=None, draft_model=None, draft_cache: Optional[list] = None,
+                    num_draft_tokens: Optional[int] = None, prompt_lookup: bool = False,
+                    **settings) -> Iterator[GenerationResponse]:
     """Stream a completion of ``prompt``; the last response carries ``finish_reason``.
 
-    Sampling arguments left as None use greedy decoding (``temperature=0``) and no penalty;
-    front ends pass the model card defaults (``default_sampling``). ``json_schema`` (a dict),
-    ``regex`` or ``grammar`` (llguidance Lark) constrain the reply, which ends ("stop") when
-    the value closes; an invalid one raises ``ConstraintError`` (see ``text.constraints``).
+    ``sampling`` (a ``SamplingParams``) says how to sample, how long and when to stop;
+    ``max_tokens`` and ``settings`` (its fields by name: ``temperature=0.7, stop=["\\n"]``)
+    change it for this call. Left out, decoding is greedy with no penalty; front ends pass
+    the model card defaults (``default_sampling``). A constraint (``json_schema``, ``regex``,
+    ``grammar``) ends the reply ("stop") when the value closes; an invalid one raises
+    ``ConstraintError`` (see ``text.constraints``).
     ``draft_model`` (an LFM2 sharing the tokenizer, with ``draft_cache`` holding what ``cache``
     holds) or ``prompt_lookup=True`` turn on speculative decoding (``speculative.py``): same
     greedy output, same sampling distribution, fewer target passes where verifying is cheap.
     Constrained replies and pipeline-parallel models decode plainly.
     """
+    params = (sampling or SamplingParams()).replace(
+        **settings, **({} if max_tokens is None else {"max_tokens": max_tokens}))
     rows = vocab_rows(model)
     ids = check_token_ids(encode_prompt(tokenizer, prompt, tools), rows, "prompt token id")
     check_token_ids(tokenizer.eos_token_ids, rows, "stop token id")
@@ -192,14 +191,12 @@ def stream_generate(model, tokenizer, prompt: Prompt, max_tokens: int = 256, *,
             f"prompt of {len(ids)} tokens (+{held} cached) does not fit the model's context of "
             f"{context_length(model)} tokens: shorten it or start a new conversation"
         )
-    max_tokens = max(0, min(max_tokens, context_length(model) - held - len(ids)))
-    stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
-    sampler = make_sampler(temperature or 0.0, top_p, top_k, min_p, seed)
-    processors = make_logits_processors(repetition_penalty, repetition_context_size, logit_bias,
-                                        frequency_penalty, presence_penalty, prompt_tokens=len(ids),
-                                        vocab_size=rows)
-    constraint = make_constraint(tokenizer, json_schema=json_schema, regex=regex, grammar=grammar,
-                                 prompt_tokens=len(ids))
+    max_tokens = max(0, min(params.max_tokens, context_length(model) - held - len(ids)))
+    stops = list(params.stop)
+    sampler = params.sampler()
+    processors = params.processors(len(ids), rows)
+    constraint = make_constraint(tokenizer, **params.constraint, prompt_tokens=len(ids),
+                                 max_tokens=max_tokens)
     if constraint is not None:
         processors.append(constraint)  # last: it masks what the others produced
     detok = tokenizer.detokenizer()
@@ -213,14 +210,13 @@ def stream_generate(model, tokenizer, prompt: Prompt, max_tokens: int = 256, *,
     speculate = (draft_model is not None or prompt_lookup) and constraint is None \
         and not isinstance(model, PipelineModel)
     if speculate:
-        from .sample import make_distribution
         from .speculative import speculative_generate_step
 
         stepper = speculative_generate_step(
             mx.array(ids, dtype=mx.uint32), model, cache, draft_model=draft_model, draft_cache=draft_cache,
             prompt_lookup=prompt_lookup, num_draft_tokens=num_draft_tokens, max_tokens=max_tokens,
-            sampler=sampler, distribution=make_distribution(temperature or 0.0, top_p, top_k, min_p),
-            logits_processors=processors, seed=seed, prefill_step_size=prefill_step_size,
+            sampler=sampler, distribution=params.distribution(),
+            logits_processors=processors, seed=params.seed, prefill_step_size=prefill_step_size,
             stop_event=stop_event, stats=spec)
     else:
         stepper = ((t, lp, False) for t, lp in generate_step(
@@ -259,7 +255,8 @@ def stream_generate(model, tokenizer, prompt: Prompt, max_tokens: int = 256, *,
     yield response(text[shown:], stop_token, None, finish, stop_string)
 
 
-def generate(model, tokenizer, prompt: Prompt, max_tokens: int = 256, verbose: bool = False, **kwargs) -> str:
+def generate(model, tokenizer, prompt: Prompt, max_tokens: Optional[int] = None, verbose: bool = False,
+             **kwargs) -> str:
     """The whole completion as a string (``stream_generate``'s arguments)."""
     out = []
     for r in stream_generate(model, tokenizer, prompt, max_tokens, **kwargs):

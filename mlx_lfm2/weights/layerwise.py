@@ -124,7 +124,7 @@ def prepare(src, args, files, dtype, predicate: Callable, method: str, target_bp
 
     tokenizer = load_tokenizer(src, args)
     calib = load_calibration(tokenizer, args.vocab_size, calibration, tokens=calibration_tokens,
-                             held_out_tokens=max(256, calibration_tokens // 2))
+                             held_out_tokens=max(64, calibration_tokens // 2))
 
     def fresh() -> dict:  # a lazy view of the checkpoint of its own: nothing read stays cached
         source = {}
