@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import mlx.core as mx
 import numpy as np
@@ -56,12 +57,14 @@ MLX_LM = {  # name -> command (after python -m)
 }
 
 
-def source(name: str) -> Path:
+def source(name: str, layers: Optional[int] = None) -> Path:
     from mlx_lfm2.weights.random_checkpoint import PRESETS, write_checkpoint
 
     spec = dict(MODELS[name])
-    preset, layers, outliers = spec.pop("preset"), spec.pop("layers"), spec.pop("outliers", 0)
-    folder = OUT / f"qq-{name}"
+    preset, outliers = spec.pop("preset"), spec.pop("outliers", 0)
+    layers = layers or spec.pop("layers")
+    spec.pop("layers", None)
+    folder = OUT / f"qq-{name}-{layers}L"
     if not (folder / "config.json").exists():
         write_checkpoint(folder, {**PRESETS[preset](layers), **spec}, tokenizer_from=REFERENCE, outliers=outliers,
                          lm_like_head=True)
@@ -76,7 +79,7 @@ def calibration_home(tokenizer) -> Path:
     home = OUT / "mlx-lm-home"
     texts = [t for i, (_, t) in enumerate(rows(BUNDLED)) if i % HELD_OUT_EVERY != HELD_OUT_EVERY - 1]
     (home / ".cache/mlx-lm").mkdir(parents=True, exist_ok=True)
-    (home / ".cache/mlx-lm/calibration_v5.txt").write_text("\n\n".join(texts * 4))
+    (home / ".cache/mlx-lm/calibration_v5.txt").write_text("\n\n".join(texts))
     (home / "dwq").mkdir(exist_ok=True)
     (home / "dwq/train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     return home
@@ -124,24 +127,24 @@ def bits_per_weight(folder: Path, params: int) -> float:
     return sum(v.nbytes for f in folder.glob("*.safetensors") for v in mx.load(str(f)).values()) * 8 / params
 
 
-def bench_model(name: str, methods: list[str], ours_only: bool) -> list[dict]:
+def bench_model(name: str, methods: list[str], ours_only: bool, layers: Optional[int], tokens: int) -> list[dict]:
     from mlx_lfm2 import convert
     from mlx_lfm2.text.tokenizer import load_tokenizer
 
-    src = source(name)
+    src = source(name, layers)
     params = sum(v.size for v in mx.load(str(src / "model.safetensors")).values())
     ids = held_out_ids(src)
     ref = logits(src, ids, dtype=mx.bfloat16)
     home = calibration_home(load_tokenizer(src))
     rows = []
     for method in methods:
-        out = OUT / f"qq-{name}-{method}"
+        out = OUT / f"{src.name}-{method}"
         if out.exists():
             subprocess.run(["rm", "-rf", str(out)], check=True)
         t = time.perf_counter()
         error = ""
         if method in OURS:
-            convert(src, out, quantize=True, progress=False, **OURS[method])
+            convert(src, out, quantize=True, progress=False, calibration_tokens=tokens, **OURS[method])
         elif not ours_only:
             error = run_mlx_lm(method, src, out, home)
         else:
@@ -181,9 +184,11 @@ def main():
     p.add_argument("--models", nargs="+", default=["narrow", "outliers"], choices=sorted(MODELS))
     p.add_argument("--methods", nargs="+", default=["all"], help=f"'all' or from {[*OURS, *MLX_LM]}")
     p.add_argument("--ours-only", action="store_true")
+    p.add_argument("--layers", type=int, help="instead of each model's default")
+    p.add_argument("--calibration-tokens", type=int, default=1024, help="for our calibrated methods")
     a = p.parse_args()
     methods = [*OURS, *MLX_LM] if a.methods == ["all"] else a.methods
-    rows = [r for m in a.models for r in bench_model(m, methods, a.ours_only)]
+    rows = [r for m in a.models for r in bench_model(m, methods, a.ours_only, a.layers, a.calibration_tokens)]
     print(json.dumps({"bench": "quant_quality", "results": rows, "summary": summary(rows)}))
 
 

@@ -95,12 +95,12 @@ def test_mixed_precision_is_recorded_per_path_and_reloaded_by_both_loaders(two_l
     out = convert(source, tmp_path / "dyn", quantize=True, target_bpw=6.0, q_method="awq", dtype="float32", **FAST)
     q = json.loads((out / "config.json").read_text())["quantization"]
     per_path = {k: v for k, v in q.items() if isinstance(v, dict)}
-    assert len({v["bits"] for v in per_path.values()}) >= 2, per_path
     assert all(v["bits"] >= 8 for k, v in per_path.items() if k.endswith("feed_forward.gate"))
     model = load_model(out)
     from mlx_lfm2.weights.layouts import from_mlx_lm_name
 
     modules = dict(model.named_modules())
+    assert len({m.bits for m in modules.values() if "scales" in m}) >= 2, per_path  # a real mix
     for path, choice in per_path.items():
         m = modules[from_mlx_lm_name(path)]
         assert (m.bits, m.group_size, m.mode) == (choice["bits"], choice["group_size"], choice.get("mode", "affine"))
