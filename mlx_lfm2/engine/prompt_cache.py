@@ -19,8 +19,8 @@ re-rendered text would be.
 * ``namespace``: what else the cache depends on besides the text (an adapter, say): entries
   of another namespace are never reused. "" is the base model.
 * ``lower``: an optional slower tier under the memory (a disk cache), any object with
-  ``lookup(namespace, text) -> PromptCache | None`` (its entry sharing the longest prefix
-  with ``text``) and ``store(namespace, pc)`` (called for each kept entry). ``take`` asks it
+  ``lookup(namespace, text, longer_than) -> PromptCache | None`` (its entry sharing the
+  longest prefix with ``text``, if longer than ``longer_than`` characters) and ``store(namespace, pc)`` (called for each kept entry). ``take`` asks it
   when it may hold a longer prefix than memory does.
 """
 
@@ -97,6 +97,14 @@ class PromptCache:
         """Ids of the part of ``prompt_text`` not yet in the cache: the cache is extended,
         rewound to the longest common prefix it can reach, or reset. ``ids``: the whole
         prompt's ids, if already known (used as they are when nothing is reused)."""
+        self.trim(tokenizer, prompt_text)
+        if ids is not None and not self.text:
+            return list(ids)
+        return tokenizer.encode(prompt_text[len(self.text):], add_special_tokens=False)
+
+    def trim(self, tokenizer, prompt_text: str) -> None:
+        """Keep only what ``prompt_text`` can reuse: rewind to the longest common prefix the
+        cache can reach, or reset."""
         keep = self.reusable(tokenizer, prompt_text)
         if keep == 0:
             self.cache, self.text, self.tokens = self.model.make_cache(), "", []
@@ -108,9 +116,6 @@ class PromptCache:
                 rewind(self.draft_cache, self.draft_cache[0].offset - keep)
             self.tokens = self.tokens[:keep]
             self.text = prompt_text[: len(tokenizer.decode(self.tokens))]  # keeps the spans
-        if ids is not None and not self.text:
-            return list(ids)
-        return tokenizer.encode(prompt_text[len(self.text):], add_special_tokens=False)
 
     def commit(self, tokenizer, prompt_text: str, prompt_ids: list[int], generated: list[int]) -> None:
         """After generation: record what the cache consumed (the prompt, and most of the reply)."""
@@ -123,7 +128,7 @@ class PromptCache:
 class CacheTier(Protocol):
     """A tier under ``PromptCacheStore`` (see the module docstring)."""
 
-    def lookup(self, namespace: str, text: str) -> Optional[PromptCache]: ...
+    def lookup(self, namespace: str, text: str, longer_than: int = 0) -> Optional[PromptCache]: ...
 
     def store(self, namespace: str, pc: PromptCache) -> None: ...
 
@@ -150,7 +155,7 @@ class PromptCacheStore:
             if n > shared:
                 best, shared = pc, n
         if self.lower is not None:
-            below = self.lower.lookup(namespace, text)
+            below = self.lower.lookup(namespace, text, longer_than=shared)
             n = len(os.path.commonprefix([below.text, text])) if below is not None else 0
             if n > shared:
                 best, shared = below, n

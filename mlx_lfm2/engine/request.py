@@ -76,11 +76,11 @@ def build_request(model, tokenizer, ids: Sequence[int], params: SamplingParams, 
     stop_tokens = frozenset(check_token_ids(tokenizer.eos_token_ids, rows, "stop token id"))
     picking = sampling_for(len(ids), params, rows)
     processors = picking["logits_processors"]
+    max_tokens = max(0, min(params.max_tokens, room))
     if constraint is None:
-        constraint = make_constraint(tokenizer, **params.constraint, prompt_tokens=len(ids))
-    else:
-        constraint.prompt_tokens = len(ids)  # compiled before the prompt's ids were known
+        constraint = make_constraint(tokenizer, **params.constraint, prompt_tokens=len(ids), max_tokens=max_tokens)
+    else:  # compiled before the prompt's ids were known: this request's prompt and budget
+        constraint.prompt_tokens, constraint.max_tokens = len(ids), max_tokens
     if constraint is not None:
         processors.append(constraint)
-    return Request(ids, params, max(0, min(params.max_tokens, room)), stop_tokens, picking["sampler"],
-                   processors, constraint)
+    return Request(ids, params, max_tokens, stop_tokens, picking["sampler"], processors, constraint)

@@ -14,17 +14,19 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Iterator, Optional
 
-from ..model.cache import KVCache, load_cache, save_cache
+import mlx.core as mx
+
 from ..text.tokenizer import RenderedPrompt, plain_spans
+from .cache_files import CacheFileError, SafeTensors, layout, save_session, session_cache
+from .disk_cache import model_digest
 from .generation import GenerationResponse, default_sampling, stream_generate
 from .prompt_cache import PromptCache, PromptCacheStore
 from .sample import SamplingParams
 
-FORMAT = "mlx_lfm2.chat/2"  # /2 records the model's identity
+FORMAT = "mlx_lfm2.chat/3"  # /2 records the model's identity, /3 checksums and its weights' digest
 
 
 def model_identity(model) -> dict:
@@ -37,25 +39,6 @@ def model_identity(model) -> dict:
     return {"layer_types": config.get("layer_types"), "hidden_size": config.get("hidden_size"),
             "vocab_size": config.get("vocab_size"), "num_experts": config.get("num_experts"),
             "config_hash": digest}
-
-
-def _cache_problem(model, cache: list, n_tokens: int) -> Optional[str]:
-    """What is wrong with a loaded cache for ``model`` holding ``n_tokens`` tokens, or None."""
-    a = model.args
-    for i, c in enumerate(cache):
-        if c.offset != n_tokens:
-            return f"layer {i} holds {c.offset} positions, the transcript {n_tokens} tokens"
-        if not c.state:
-            if n_tokens:
-                return f"layer {i} has no state"
-            continue
-        if isinstance(c, KVCache):
-            want = [(1, a.num_key_value_heads, n_tokens, a.head_dim)] * 2
-        else:
-            want = [(1, a.conv_L_cache - 1, a.hidden_size)]
-        if [tuple(x.shape) for x in c.state] != want:
-            return f"layer {i} arrays are {[tuple(x.shape) for x in c.state]}, expected {want}"
-    return None
 
 
 def _mismatch(saved: dict, ours: dict) -> str:
@@ -87,12 +70,23 @@ class Chat:
             self.system = system
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
         self.store.clear()
-        self.last: Optional[GenerationResponse] = None
+        self._stats: list[tuple[int, GenerationResponse]] = []  # (index of the reply in messages, its stats)
 
     @property
     def prompt_cache(self) -> PromptCache:
         """The conversation's cache as of its last whole turn."""
         return self.store.latest() or self.store.fresh()
+
+    @property
+    def last(self) -> Optional[GenerationResponse]:
+        """The stats of the latest reply still in the conversation (an interrupted one's
+        ``finish_reason`` is "interrupted"); None when there is none."""
+        return self._stats[-1][1] if self._stats else None
+
+    def _forget_from(self, index: int) -> None:
+        """Drop messages from ``index`` on, and the stats of replies among them."""
+        self.messages = self.messages[:index]
+        self._stats = [(i, r) for i, r in self._stats if i < index]
 
     def send(self, content, role: str = "user", **overrides) -> Iterator[GenerationResponse]:
         """Add a message (user, or tool result) and stream the assistant's reply."""
@@ -104,19 +98,24 @@ class Chat:
         prompt = tok.apply_chat_template(self.messages, tools=self.tools, add_generation_prompt=True)
         pc = self.store.take(prompt)  # a copy: the stored turn stays as it was until this one ends
         ids = pc.new_tokens(tok, prompt)
-        reply, generated, finished = "", [], False
+        reply, generated, finished, latest = "", [], False, None
         try:
             spec = dict(self.speculative, draft_model=self.draft_model, draft_cache=pc.draft_cache)
-            for r in stream_generate(self.model, tok, ids, cache=pc.cache, sampling=self.sampling.replace(**overrides),
-                                     **spec):
-                reply += r.text
-                if r.token is not None:
-                    generated.append(r.token)
-                if r.finish_reason:
-                    finished, self.last = True, r
-                yield r
+            for latest in stream_generate(self.model, tok, ids, cache=pc.cache,
+                                          sampling=self.sampling.replace(**overrides), **spec):
+                reply += latest.text
+                if latest.token is not None:
+                    generated.append(latest.token)
+                finished = latest.finish_reason is not None
+                yield latest
         finally:
             self.messages.append({"role": "assistant", "content": reply})
+            if finished:
+                self._stats.append((len(self.messages) - 1, latest))
+            else:  # what an interrupted reply got done (nothing but its prompt, before the first token)
+                latest = latest or GenerationResponse("", None, None, None, len(ids), 0, 0.0, 0.0,
+                                                      mx.get_peak_memory() / 1e9)
+                self._stats.append((len(self.messages) - 1, dataclasses.replace(latest, finish_reason="interrupted")))
             if finished:
                 pc.commit(tok, prompt, ids, generated)
                 self.store.keep(pc)
@@ -127,8 +126,8 @@ class Chat:
         """Regenerate the last reply (the cache rewinds to the end of its prompt)."""
         if not any(m["role"] == "user" for m in self.messages):
             raise ValueError("nothing to retry: no message yet")
-        while self.messages[-1]["role"] != "user":  # the reply, and any tool round after it
-            self.messages.pop()
+        users = [i for i, m in enumerate(self.messages) if m["role"] == "user"]
+        self._forget_from(users[-1] + 1)  # the reply, and any tool round after it
         return self.reply(**overrides)
 
     def undo(self) -> list[dict]:
@@ -136,7 +135,15 @@ class Chat:
         users = [i for i, m in enumerate(self.messages) if m["role"] == "user"]
         if not users:
             raise ValueError("nothing to undo: no message yet")
-        dropped, self.messages = self.messages[users[-1]:], self.messages[: users[-1]]
+        dropped = self.messages[users[-1]:]
+        self._forget_from(users[-1])
+        # The cache keeps only what the remaining conversation can reuse (what /stats counts).
+        rest = (self.tokenizer.apply_chat_template(self.messages, tools=self.tools, add_generation_prompt=False)
+                if self.messages else "")
+        pc = self.prompt_cache
+        pc.trim(self.tokenizer, rest)
+        self.store.clear()
+        self.store.keep(pc)  # under its new text (not at all when nothing is left)
         return dropped
 
     @property
@@ -144,8 +151,9 @@ class Chat:
         return self.prompt_cache.offset
 
     def save(self, path) -> None:
-        """Transcript, cache and model identity in one safetensors file, written atomically:
-        a failed save (missing folder, a directory in the way, a full disk) leaves nothing."""
+        """Transcript, cache and model identity in one checksummed safetensors file, written
+        atomically: a failed save (missing folder, a directory in the way, a full disk)
+        leaves nothing."""
         path = Path(path).expanduser()
         if path.is_dir():
             raise IsADirectoryError(f"{path} is a folder: give a file name, e.g. {path / 'chat.safetensors'}")
@@ -153,44 +161,47 @@ class Chat:
             raise FileNotFoundError(f"folder {path.parent} does not exist: create it first")
         pc = self.prompt_cache
         meta = {"messages": json.dumps(self.messages, ensure_ascii=False), "text": str(pc.text),
-                "plain": json.dumps(plain_spans(pc.text)),
-                "tokens": json.dumps(pc.tokens), "model": json.dumps(model_identity(self.model)),
+                "plain": json.dumps(plain_spans(pc.text)), "tokens": json.dumps(pc.tokens),
+                "model": json.dumps(model_identity(self.model)), "weights": model_digest(self.model, self.tokenizer),
                 "system": self.system or "", "format": FORMAT}
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.safetensors")
-        try:
-            save_cache(str(tmp), self.prompt_cache.cache, meta)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        save_session(path, pc.cache, meta)
 
     def load(self, path) -> None:
-        """Replace the conversation by a saved one; refused (ValueError) if another model saved it."""
+        """Replace the conversation by a saved one; refused (ValueError) if another model saved
+        it. Saved by another copy of the same model (another quantization, say), the transcript
+        loads and its cache does not: the next turn prefills it again, so replies stay exact."""
         path = Path(path).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"no saved chat at {path}")
         try:
-            cache, meta = load_cache(str(path))
-        except Exception as e:
+            f = SafeTensors.open(path)
+        except CacheFileError as e:
             raise ValueError(f"{path} is not a saved mlx_lfm2 chat: {e}") from e
+        meta = f.metadata
         if meta.get("format") != FORMAT:
             raise ValueError(f"{path} is not a saved mlx_lfm2 chat of this version "
-                             f"(format {meta.get('format')!r}, expected {FORMAT!r})")
+                             f"(format {meta.get('format')!r:.40}, expected {FORMAT!r})")
         try:
             saved = json.loads(meta["model"])
             messages, tokens = json.loads(meta["messages"]), json.loads(meta["tokens"])
             text = RenderedPrompt(meta["text"], [(int(a), int(b)) for a, b in json.loads(meta.get("plain", "[]"))])
+            if not (isinstance(messages, list) and isinstance(tokens, list) and all(type(t) is int for t in tokens)):
+                raise TypeError("messages or tokens of the wrong type")
         except (KeyError, ValueError, TypeError) as e:
             raise ValueError(f"{path} is a damaged saved chat: {e}") from e
         ours = model_identity(self.model)
         if saved != ours:
             raise ValueError(f"{path} was saved with another model ({_mismatch(saved, ours)}): "
                              "load it with the model that saved it")
-        if [type(c) for c in cache] != [type(c) for c in self.model.make_cache()]:
-            raise ValueError(f"{path} was saved from a model with a different layer layout")
-        problem = _cache_problem(self.model, cache, len(tokens))
-        if problem:  # the cache's offsets index its arrays: a damaged file must not reach them
-            raise ValueError(f"{path} is a damaged saved chat: {problem}")
-        self.messages = messages
+        if meta.get("weights") == model_digest(self.model, self.tokenizer):
+            try:  # the offsets index the arrays: shapes are checked before any is read
+                cache = session_cache(f, layout(self.model), len(tokens))
+            except CacheFileError as e:
+                raise ValueError(f"{path} is a damaged saved chat: {e}") from e
+            pc = PromptCache(self.model, cache, text, tokens, draft_model=self.draft_model)
+        else:
+            pc = PromptCache(self.model, draft_model=self.draft_model)
+        self.messages, self._stats = messages, []
         self.system = meta.get("system") or None
         self.store.clear()
-        self.store.keep(PromptCache(self.model, cache, text, tokens, draft_model=self.draft_model))
+        self.store.keep(pc)

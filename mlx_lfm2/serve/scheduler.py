@@ -32,6 +32,7 @@ from ..engine.distributed import broadcast, group
 from ..engine.generation import TextStream, default_sampling, stream_request
 from ..engine.request import PromptTooLongError, build_request
 from ..engine.sample import SamplingParams
+from ..engine.score import score_prompt
 from ..engine.prompt_cache import PromptCache, PromptCacheStore
 from .boundary import APIError
 
@@ -53,6 +54,9 @@ class Job:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     started: bool = False  # a token was generated
+    schema_warnings: list = field(default_factory=list)  # what a lenient schema's constraint skips
+    score_ids: Optional[list] = None  # score these prompt ids first (completions' echo with logprobs)
+    scores: list = field(default_factory=list)  # their ``engine.score.TokenScore``s, before the first token
 
     def emit(self, item) -> None:
         self.loop.call_soon_threadsafe(self.out.put_nowait, item)
@@ -207,7 +211,12 @@ class Scheduler:
                 job.emit(failed(e))
                 job.emit(DONE)
 
+    def _score(self, job: Job) -> None:
+        if job.score_ids is not None and job.top_logprobs is not None:
+            job.scores = score_prompt(self.model, job.score_ids, job.top_logprobs)
+
     def _insert(self, job: Job) -> None:
+        self._score(job)
         pc, request = self._request(job)
         live = _Live(job, pc, request.ids, TextStream(self.tokenizer, job.params.stop, len(request.ids)))
         if request.max_tokens == 0:
@@ -266,6 +275,7 @@ class Scheduler:
 
     def _run(self, job: Job) -> None:
         tok = self.tokenizer
+        self._score(job)
         pc, request = self._request(job)
         generated, finished = [], False
         spec = dict(self.speculative, draft_model=self.draft_model, draft_cache=pc.draft_cache)

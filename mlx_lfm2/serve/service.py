@@ -51,6 +51,7 @@ class Reply:
     calls: list
     last: object  # the last ``GenerationResponse``
     logprobs: list = field(default_factory=list)
+    written: str = ""  # the reply as the model wrote it, markup and all (what a transcript keeps)
 
 
 class Service:
@@ -98,15 +99,19 @@ class Service:
         except ConstraintError as e:
             raise APIError(400, f"{param}: {e}", param=param, code="invalid_schema")
 
-    async def prepare(self, req, prompt_text: str, top_logprobs: Optional[int] = None) -> Job:
-        """Queue ``prompt_text`` with ``req``'s sampling, limit and constraint -> its job. What
-        can be refused is refused here, before any streaming starts: a prompt over the context,
-        a bad schema (400s naming the problem); the worker builds the request from the ids and
-        the constraint compiled here."""
+    async def prepare(self, req, prompt_text: str, top_logprobs: Optional[int] = None,
+                      score_ids: Optional[list] = None) -> Job:
+        """Queue ``prompt_text`` with ``req``'s sampling, limit and constraint -> its job
+        (``score_ids``: the prompt's ids, scored first into ``job.scores``). What can be
+        refused is refused here, before any streaming starts: a prompt over the context, a bad
+        schema (400s naming the problem); the worker builds the request from the ids and the
+        constraint compiled here (``job.schema_warnings``: what a lenient schema skips)."""
         s = self.scheduler
         ids, spec, constraint = await run_in_threadpool(self._compile, req, prompt_text)
-        params = req.sampling(s.defaults).replace(max_tokens=req.limit or s.default_max_tokens, **spec)
-        job = Job(prompt_text, params, top_logprobs, asyncio.get_running_loop(), ids=ids, constraint=constraint)
+        limit = s.default_max_tokens if req.limit is None else req.limit  # 0: score only (completions)
+        params = req.sampling(s.defaults).replace(max_tokens=limit, **spec)
+        job = Job(prompt_text, params, top_logprobs, asyncio.get_running_loop(), ids=ids, constraint=constraint,
+                  schema_warnings=constraint.warnings if constraint is not None else [], score_ids=score_ids)
         s.submit(job)
         return job
 
@@ -149,4 +154,4 @@ class Service:
         if last is None:
             raise no_reply(self.scheduler)
         content, calls = parse_tool_calls(text, bare_names=tools) if tools else (text, [])
-        return Reply(content, calls, last, entries)
+        return Reply(content, calls, last, entries, text)
