@@ -18,10 +18,11 @@ re-rendered text would be.
   the least recently used entry beyond ``entries`` goes.
 * ``namespace``: what else the cache depends on besides the text (an adapter, say): entries
   of another namespace are never reused. "" is the base model.
-* ``lower``: an optional slower tier under the memory (a disk cache), any object with
-  ``lookup(namespace, text) -> PromptCache | None`` (its entry sharing the longest prefix
-  with ``text``) and ``store(namespace, pc)`` (called for each kept entry). ``take`` asks it
-  when it may hold a longer prefix than memory does.
+* ``lower``: an optional slower tier under the memory (a disk cache, ``disk_cache.DiskTier``),
+  any object with ``lookup(namespace, text, longer_than) -> PromptCache | None`` (its entry
+  sharing the longest prefix with ``text``, if longer than the ``longer_than`` characters
+  memory shares: a tier reads nothing that would not beat it) and ``store(namespace, pc)``
+  (called for each kept entry).
 """
 
 from __future__ import annotations
@@ -96,10 +97,11 @@ class PromptCache:
     def new_tokens(self, tokenizer, prompt_text: str, ids: Optional[list[int]] = None) -> list[int]:
         """Ids of the part of ``prompt_text`` not yet in the cache: the cache is extended,
         rewound to the longest common prefix it can reach, or reset. ``ids``: the whole
-        prompt's ids, if already known (used as they are when nothing is reused)."""
+        prompt's ids, if already known (their tail is used when the kept tokens start them,
+        so the prompt is fed as a cold run would feed it)."""
         self.trim(tokenizer, prompt_text)
-        if ids is not None and not self.text:
-            return list(ids)
+        if ids is not None and list(ids[: len(self.tokens)]) == self.tokens:
+            return list(ids[len(self.tokens):])
         return tokenizer.encode(prompt_text[len(self.text):], add_special_tokens=False)
 
     def trim(self, tokenizer, prompt_text: str) -> None:
@@ -128,7 +130,7 @@ class PromptCache:
 class CacheTier(Protocol):
     """A tier under ``PromptCacheStore`` (see the module docstring)."""
 
-    def lookup(self, namespace: str, text: str) -> Optional[PromptCache]: ...
+    def lookup(self, namespace: str, text: str, longer_than: int = 0) -> Optional[PromptCache]: ...
 
     def store(self, namespace: str, pc: PromptCache) -> None: ...
 
@@ -155,7 +157,7 @@ class PromptCacheStore:
             if n > shared:
                 best, shared = pc, n
         if self.lower is not None:
-            below = self.lower.lookup(namespace, text)
+            below = self.lower.lookup(namespace, text, shared)
             n = len(os.path.commonprefix([below.text, text])) if below is not None else 0
             if n > shared:
                 best, shared = below, n
