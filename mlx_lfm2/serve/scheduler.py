@@ -146,10 +146,13 @@ class Scheduler:
         the ids still to feed (built and checked by the engine's one request builder)."""
         pc = self.caches.take(job.prompt_text)
         ids = pc.new_tokens(self.tokenizer, job.prompt_text, job.ids)
-        # A cache that consumed this whole prompt leaves nothing to sample from; one whose
-        # reply tokens spell the text in more tokens than it re-encodes to (sampled replies
-        # need not be tokenized canonically) may not fit where the fresh prompt does.
-        if not ids or pc.offset + len(ids) + 1 > self.max_context:
+        # A sampled reply need not be tokenized as its text re-encodes: a cache holding one can
+        # overflow the context where the fresh prompt fits. Keep less of it until it fits.
+        excess = pc.offset + len(ids) + 1 - self.max_context
+        while excess > 0 and pc.offset > 0:
+            ids = pc.new_tokens(self.tokenizer, job.prompt_text, job.ids, at_most=pc.offset - excess)
+            excess = pc.offset + len(ids) + 1 - self.max_context
+        if not ids:  # a cache that consumed this whole prompt leaves nothing to sample from
             pc = self.caches.fresh()
             ids = pc.new_tokens(self.tokenizer, job.prompt_text, job.ids)
         request = build_request(self.model, self.tokenizer, ids, job.params, held=pc.offset,
