@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from mlx_lfm2.weights.random_checkpoint import PRESETS, write_checkpoint
+from session_checks import (pytest_runtest_logreport, pytest_sessionfinish,  # noqa: F401 (hooks)
+                            pytest_sessionstart, pytest_terminal_summary)
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = Path(os.environ.get("LFM2_REFERENCE", ROOT / "tests/fixtures/LFM2-350M"))

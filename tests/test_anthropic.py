@@ -23,12 +23,13 @@ def serve():
     """``serve(model, tokenizer, api_key=None, queue_size=4) -> (base url, engine)``: uvicorn on loopback."""
     import uvicorn
 
-    from mlx_lfm2.serve.app import Engine, create_app
+    from mlx_lfm2.serve.app import create_app
+    from mlx_lfm2.serve.scheduler import Scheduler
 
     servers = []
 
     def start(model, tok, api_key=None, queue_size=4, max_batch=8):
-        engine = Engine(model, tok, "local-lfm2", queue_size=queue_size, max_context=2048, max_batch=max_batch)
+        engine = Scheduler(model, tok, "local-lfm2", queue_size=queue_size, max_context=2048, max_batch=max_batch)
         port = free_port()
         srv = uvicorn.Server(uvicorn.Config(create_app(engine, api_key), host="127.0.0.1", port=port,
                                             log_level="warning"))

@@ -78,6 +78,7 @@ def test_ctrl_c_stops_a_reply_and_keeps_the_session(checkpoint, tmp_path):
         child.expect(r"\[interrupted\]")
         child.expect(PROMPT)
         child.sendline("/stats")
+        child.expect(r"prompt tokens @[\s\S]*?tokens @[\s\S]*?interrupted")  # the partial reply's numbers
         child.expect(r"(\d+) tokens in the cache, (\d+) messages")
         assert int(child.match.group(2)) == 2  # the partial reply is kept
         child.expect(PROMPT)

@@ -8,7 +8,6 @@ same command gives directly comparable output; the model-card sampling is in ``c
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 SEPARATOR = "=" * 10
@@ -19,21 +18,24 @@ def str2bool(text: str) -> bool:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Generate text with an LFM2 model (mlx_lm.generate's flags).")
+    from ..command import parser
+
+    p = parser("mlx_lfm2.generate", "One completion from an LFM2 model, printed with its speed and memory: "
+               "mlx_lm.generate's flags, defaults (greedy, 100 tokens) and output, so the same command line runs both.")
     p.add_argument("--model", required=True, help="model folder or hub repo id")
     p.add_argument("--prompt", "-p", default="hello", help="message for the model ('-' reads stdin)")
     p.add_argument("--system", "--system-prompt", dest="system", help="system prompt for the chat template")
     p.add_argument("--max-tokens", "-m", type=int, default=100, help="maximum number of tokens to generate")
     p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--repetition-penalty", type=float)
-    p.add_argument("--seed", type=int, help="PRNG seed")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: off)")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below this fraction of the top one's (0: off)")
+    p.add_argument("--repetition-penalty", type=float, help="penalty on tokens already in the context (default: off)")
+    p.add_argument("--seed", type=int, help="PRNG seed (default: random)")
     p.add_argument("--ignore-chat-template", action="store_true",
                    help="use the raw prompt without the tokenizer's chat template")
-    p.add_argument("--extra-eos-token", nargs="+", default=(), help="more tokens that end generation")
-    p.add_argument("--prefill-step-size", type=int, help="prompt tokens per prefill chunk")
+    p.add_argument("--extra-eos-token", nargs="+", default=None, help="more tokens that end generation")
+    p.add_argument("--prefill-step-size", type=int, help="prompt tokens per prefill chunk (default: the device's)")
     p.add_argument("--draft-model", help="a small LFM2 with the same tokenizer for speculative decoding")
     p.add_argument("--num-draft-tokens", type=int, help="tokens drafted per step (default: adaptive from 3)")
     p.add_argument("--prompt-lookup", action="store_true",
@@ -71,7 +73,7 @@ def main(argv=None) -> None:
         model, tokenizer = load(args.model)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}")
-    for token in args.extra_eos_token:
+    for token in args.extra_eos_token or ():
         tid = tokenizer.convert_tokens_to_ids(token)
         if tid is None:
             raise SystemExit(f"error: --extra-eos-token {token!r} is not a token of this tokenizer")

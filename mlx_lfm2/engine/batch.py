@@ -212,11 +212,12 @@ def request_for(model, tokenizer, ids: Sequence[int], held: int = 0, max_tokens:
             f"prompt of {len(ids)} tokens (+{held} cached) does not fit the model's context of "
             f"{context_length(model)} tokens: shorten it or start a new conversation")
     kwargs = sampling_for(len(ids), vocab_size=rows, **sampling)
+    max_tokens = max(0, min(max_tokens, context_length(model) - held - len(ids)))
     constraint = make_constraint(tokenizer, json_schema=json_schema, regex=regex, grammar=grammar,
-                                 prompt_tokens=len(ids))
+                                 prompt_tokens=len(ids), max_tokens=max_tokens)
     if constraint is not None:
         kwargs["logits_processors"].append(constraint)  # last: it masks what the others produced
-    return {"prompt": ids, "max_tokens": max(0, min(max_tokens, context_length(model) - held - len(ids))),
+    return {"prompt": ids, "max_tokens": max_tokens,
             "stop_tokens": check_token_ids(tokenizer.eos_token_ids, rows, "stop token id"), **kwargs}
 
 

@@ -199,7 +199,7 @@ def stream_generate(model, tokenizer, prompt: Prompt, max_tokens: int = 256, *,
                                         frequency_penalty, presence_penalty, prompt_tokens=len(ids),
                                         vocab_size=rows)
     constraint = make_constraint(tokenizer, json_schema=json_schema, regex=regex, grammar=grammar,
-                                 prompt_tokens=len(ids))
+                                 prompt_tokens=len(ids), max_tokens=max_tokens)
     if constraint is not None:
         processors.append(constraint)  # last: it masks what the others produced
     detok = tokenizer.detokenizer()

@@ -131,6 +131,12 @@ class PromptCache:
     def new_tokens(self, tokenizer, prompt_text: str) -> list[int]:
         """Ids of the part of ``prompt_text`` not yet in the cache: the cache is extended,
         rewound to the longest common prefix it can reach, or reset."""
+        self.trim(tokenizer, prompt_text)
+        return tokenizer.encode(prompt_text[len(self.text):], add_special_tokens=False)
+
+    def trim(self, tokenizer, prompt_text: str) -> None:
+        """Keep only what ``prompt_text`` can reuse: rewind to the longest common prefix the
+        cache can reach, or reset."""
         keep = self.reusable(tokenizer, prompt_text)
         if keep == 0:
             self.cache, self.text, self.tokens = self.model.make_cache(), "", []
@@ -142,7 +148,6 @@ class PromptCache:
                 rewind(self.draft_cache, self.draft_cache[0].offset - keep)
             self.tokens = self.tokens[:keep]
             self.text = prompt_text[: len(tokenizer.decode(self.tokens))]  # keeps the spans
-        return tokenizer.encode(prompt_text[len(self.text):], add_special_tokens=False)
 
     def commit(self, tokenizer, prompt_text: str, prompt_ids: list[int], generated: list[int]) -> None:
         """After generation: record what the cache consumed (the prompt, and most of the reply)."""
@@ -169,7 +174,18 @@ class Chat:
             self.system = system
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
         self.prompt_cache = PromptCache(self.model, draft_model=self.draft_model)
-        self.last: Optional[GenerationResponse] = None
+        self._stats: list[tuple[int, GenerationResponse]] = []  # (index of the reply in messages, its stats)
+
+    @property
+    def last(self) -> Optional[GenerationResponse]:
+        """The stats of the latest reply still in the conversation (an interrupted one's
+        ``finish_reason`` is "interrupted"); None when there is none."""
+        return self._stats[-1][1] if self._stats else None
+
+    def _forget_from(self, index: int) -> None:
+        """Drop messages from ``index`` on, and the stats of replies among them."""
+        self.messages = self.messages[:index]
+        self._stats = [(i, r) for i, r in self._stats if i < index]
 
     def send(self, content, role: str = "user", **overrides) -> Iterator[GenerationResponse]:
         """Add a message (user, or tool result) and stream the assistant's reply."""
@@ -181,19 +197,24 @@ class Chat:
         prompt = tok.apply_chat_template(self.messages, tools=self.tools, add_generation_prompt=True)
         snapshot = pc.copy()
         ids = pc.new_tokens(tok, prompt)
-        reply, generated, finished = "", [], False
+        reply, generated, finished, latest = "", [], False, None
         try:
             spec = dict(self.speculative, draft_model=self.draft_model, draft_cache=pc.draft_cache)
-            for r in stream_generate(self.model, tok, ids, cache=pc.cache, **spec,
-                                     **{**self.sampling, **overrides}):
-                reply += r.text
-                if r.token is not None:
-                    generated.append(r.token)
-                if r.finish_reason:
-                    finished, self.last = True, r
-                yield r
+            for latest in stream_generate(self.model, tok, ids, cache=pc.cache, **spec,
+                                          **{**self.sampling, **overrides}):
+                reply += latest.text
+                if latest.token is not None:
+                    generated.append(latest.token)
+                finished = latest.finish_reason is not None
+                yield latest
         finally:
             self.messages.append({"role": "assistant", "content": reply})
+            if finished:
+                self._stats.append((len(self.messages) - 1, latest))
+            else:  # what an interrupted reply got done (nothing but its prompt, before the first token)
+                latest = latest or GenerationResponse("", None, None, None, len(ids), 0, 0.0, 0.0,
+                                                      mx.get_peak_memory() / 1e9)
+                self._stats.append((len(self.messages) - 1, dataclasses.replace(latest, finish_reason="interrupted")))
             if finished:
                 pc.commit(tok, prompt, ids, generated)
             else:  # interrupted inside a step: the cache may be half-updated
@@ -203,8 +224,8 @@ class Chat:
         """Regenerate the last reply (the cache rewinds to the end of its prompt)."""
         if not any(m["role"] == "user" for m in self.messages):
             raise ValueError("nothing to retry: no message yet")
-        while self.messages[-1]["role"] != "user":  # the reply, and any tool round after it
-            self.messages.pop()
+        users = [i for i, m in enumerate(self.messages) if m["role"] == "user"]
+        self._forget_from(users[-1] + 1)  # the reply, and any tool round after it
         return self.reply(**overrides)
 
     def undo(self) -> list[dict]:
@@ -212,7 +233,12 @@ class Chat:
         users = [i for i, m in enumerate(self.messages) if m["role"] == "user"]
         if not users:
             raise ValueError("nothing to undo: no message yet")
-        dropped, self.messages = self.messages[users[-1]:], self.messages[: users[-1]]
+        dropped = self.messages[users[-1]:]
+        self._forget_from(users[-1])
+        # The cache keeps only what the remaining conversation can reuse (what /stats counts).
+        rest = (self.tokenizer.apply_chat_template(self.messages, tools=self.tools, add_generation_prompt=False)
+                if self.messages else "")
+        self.prompt_cache.trim(self.tokenizer, rest)
         return dropped
 
     @property
@@ -266,6 +292,6 @@ class Chat:
         problem = _cache_problem(self.model, cache, len(tokens))
         if problem:  # the cache's offsets index its arrays: a damaged file must not reach them
             raise ValueError(f"{path} is a damaged saved chat: {problem}")
-        self.messages = messages
+        self.messages, self._stats = messages, []
         self.system = meta.get("system") or None
         self.prompt_cache = PromptCache(self.model, cache, text, tokens, draft_model=self.draft_model)

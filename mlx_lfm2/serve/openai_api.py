@@ -1,4 +1,4 @@
-"""OpenAI request validation and response shapes, separate from serving.
+"""OpenAI request validation and response shapes, separate from serving (routes: ``openai.py``).
 
 Requests are checked with pydantic models (unknown fields are tolerated, as OpenAI's
 server does); answers follow the Chat Completions and Completions schemas, including
@@ -12,69 +12,19 @@ depth), so nothing malformed reaches the engine, where MLX does not bounds-check
 from __future__ import annotations
 
 import json
-import math
 import time
 import uuid
 from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from ..text.constraints import forced_tool_opening, tool_call_grammar
+from ..text.tool_grammar import forced_tool_opening, tool_call_grammar
 from ..text.tools import format_pythonic_call
+from .boundary import APIError, loads
 
 
-class APIError(Exception):
-    """An error answered as OpenAI does: ``{"error": {"message", "type", "param", "code"}}``."""
-
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: Optional[str] = None, code: Optional[str] = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-MAX_DEPTH = 64  # JSON nesting: tool schemas in the wild stay far below; thousands exhaust the stack
 MAX_SEED = 2**64 - 1
 MAX_STOP = 1024
-IMPOSSIBLE = -9999.0  # the logprob OpenAI reports for a token that cannot be sampled
-
-
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def loads(text, what: str = "the body") -> Any:
-    """JSON from a client: strict (no NaN/Infinity), at most ``MAX_DEPTH`` deep, strings of
-    real characters (``"\\ud800"`` is valid JSON but no text the tokenizer can take), else a 400."""
-    try:
-        value = json.loads(text, parse_constant=_reject_constant)
-    except RecursionError:
-        raise APIError(400, f"{what} nests deeper than {MAX_DEPTH} levels", code="invalid_json")
-    except ValueError as e:
-        raise APIError(400, f"{what} is not valid JSON: {e}", code="invalid_json")
-    _check_tree(value, what)
-    return value
-
-
-def _check_tree(value, what: str) -> None:
-    """Depth and strings of parsed JSON, without recursion."""
-    todo = [(value, 1)]
-    while todo:
-        v, depth = todo.pop()
-        if isinstance(v, str):
-            if not v.isascii():
-                try:
-                    v.encode("utf-8")
-                except UnicodeEncodeError:
-                    raise APIError(400, f"{what} holds a string with a lone surrogate escape ({v[:40]!r})",
-                                   code="invalid_json")
-        elif isinstance(v, (dict, list)):
-            if depth > MAX_DEPTH:
-                raise APIError(400, f"{what} nests deeper than {MAX_DEPTH} levels", code="invalid_json")
-            items = [*v.keys(), *v.values()] if isinstance(v, dict) else v
-            todo.extend((x, depth + 1) for x in items)
 
 
 def _vocab(info: ValidationInfo) -> Optional[int]:
@@ -353,24 +303,3 @@ def chat_chunk(cid: str, model: str, delta: dict, finish: Optional[str] = None, 
     choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
     return {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
             "choices": [choice]}
-
-
-def logprob_entry(tokenizer, token: int, logprobs, top: int) -> dict:
-    """One ``logprobs.content`` item: the chosen token, its logprob and the top alternatives."""
-    import mlx.core as mx
-
-    def item(t, lp):
-        text = tokenizer.decode([t])
-        # A masked token (a grammar, a -inf bias) has logprob -inf, which JSON cannot carry:
-        # OpenAI reports such tokens as -9999.0.
-        lp = lp if math.isfinite(lp) else IMPOSSIBLE
-        return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
-
-    entry = item(token, logprobs[token].item())
-    entry["top_logprobs"] = []
-    if top:
-        ids = mx.argpartition(-logprobs, kth=top - 1)[:top]
-        vals = logprobs[ids]
-        order = mx.argsort(-vals)
-        entry["top_logprobs"] = [item(int(t), float(v)) for t, v in zip(ids[order].tolist(), vals[order].tolist())]
-    return entry

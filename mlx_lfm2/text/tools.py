@@ -19,6 +19,7 @@ import ast
 import json
 import math
 import re
+import warnings
 from typing import Optional
 
 CALL_START, CALL_END = "<|tool_call_start|>", "<|tool_call_end|>"
@@ -108,7 +109,10 @@ def _literal(node, source: str, where: str):
 
 def _pythonic(text: str) -> list[dict]:
     try:
-        tree = ast.parse(text, mode="eval").body
+        with warnings.catch_warnings():  # a "\d" in model text: an invalid escape that Python reads as is
+            warnings.simplefilter("ignore", SyntaxWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            tree = ast.parse(text, mode="eval").body
     except (SyntaxError, ValueError) as e:
         raise ToolCallError(f"not a Python list of calls: {e}") from e
     nodes = tree.elts if isinstance(tree, (ast.List, ast.Tuple)) else [tree]
@@ -354,22 +358,24 @@ def _partial_suffix(text: str, marker: str) -> int:
     return 0
 
 
-def _py_literal(value) -> str:
+def py_literal(value) -> str:
+    """``value`` as a Python literal that ``ast.literal_eval`` reads back (strings in JSON's
+    escapes, which Python reads the same)."""
     if isinstance(value, bool) or value is None:
         return repr(value)
     if isinstance(value, (int, float, str)):
         return json.dumps(value, ensure_ascii=False) if isinstance(value, str) else repr(value)
     if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_py_literal(v) for v in value) + "]"
+        return "[" + ", ".join(py_literal(v) for v in value) + "]"
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{_py_literal(str(k))}: {_py_literal(v)}" for k, v in value.items()) + "}"
+        return "{" + ", ".join(f"{py_literal(str(k))}: {py_literal(v)}" for k, v in value.items()) + "}"
     return json.dumps(str(value))
 
 
 def format_pythonic_call(name: str, arguments: dict) -> str:
     """``name(k=v, ...)`` as LFM2 writes calls; ``parse_call_block`` reads it back."""
     try:
-        return f"{name}(" + ", ".join(f"{k}={_py_literal(v)}" for k, v in arguments.items()) + ")"
+        return f"{name}(" + ", ".join(f"{k}={py_literal(v)}" for k, v in arguments.items()) + ")"
     except RecursionError:
         raise ToolCallError(f"{name}: arguments nested too deeply to write") from None
 

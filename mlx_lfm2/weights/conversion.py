@@ -11,7 +11,6 @@ folder beside the target and is renamed into place only when complete (``output_
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -167,7 +166,7 @@ def convert(hf_path: Union[str, Path], mlx_path: Union[str, Path], quantize: boo
         check_replaceable(mlx_path, local if local.is_dir() else None)
     predicate = quant_predicate(q_bits, q_group_size, quant_recipe) if quantize else None
 
-    src = resolve(hf_path, revision)
+    src = resolve(hf_path, revision, flag="--hf-path")
     if mlx_path.exists():
         check_replaceable(mlx_path, src)  # before hours of work, and again before the swap
     config = load_config(src)
@@ -283,16 +282,20 @@ class _progress:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description="Convert an LFM2 checkpoint to an MLX folder (mlx-lm layout).")
+    from ..command import parser
+
+    p = parser("mlx_lfm2.weights.conversion", "Convert an LFM2 checkpoint (a hub repo or a folder) into an MLX folder "
+               "in mlx-lm's layout, optionally quantized, with a model card: mlx_lfm2, mlx-lm and LM Studio load it.")
     p.add_argument("--hf-path", required=True, help="hub repo id or local folder")
     p.add_argument("--mlx-path", required=True, help="output folder")
     p.add_argument("-q", "--quantize", action="store_true", help="quantize (default 4-bit, group 64)")
-    p.add_argument("--q-bits", type=int, default=4, choices=[2, 3, 4, 5, 6, 8])
-    p.add_argument("--q-group-size", type=int, default=64, choices=[32, 64, 128])
+    p.add_argument("--q-bits", type=int, default=4, choices=[2, 3, 4, 5, 6, 8], help="bits per quantized weight")
+    p.add_argument("--q-group-size", type=int, default=64, choices=[32, 64, 128],
+                   help="weights sharing one scale and bias")
     p.add_argument("--quant-recipe", default="uniform", choices=sorted(RECIPES),
                    help="uniform: all at --q-bits; mixed_6/mixed_8: experts at --q-bits, the rest at 6/8")
-    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
-    p.add_argument("--revision", help="hub revision (branch, tag or commit)")
+    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="dtype of the weights not quantized")
+    p.add_argument("--revision", help="hub revision: branch, tag or commit (default: main)")
     p.add_argument("--max-shard-gb", type=float, default=1.0,
                    help="output shard size; conversion holds at most one shard in memory")
     p.add_argument("--force", action="store_true", help="replace an existing --mlx-path")
