@@ -175,3 +175,14 @@ def test_the_model_package_imports_nothing_from_the_engine_or_the_batch_caches()
             elif isinstance(node, (ast.Import, ast.ImportFrom)) and "mlx_lfm2" in ast.unparse(node):
                 found.setdefault(f.name, []).append(ast.unparse(node))
     assert found == {}
+
+
+def test_a_block_called_alone_attends_causally_as_in_the_model(checkpoint):
+    """Layer-by-layer callers (calibration, sensitivity) call a block without the backbone: its
+    default mask must be the causal one the backbone would build."""
+    model = load_model(checkpoint(tiny_config("tiny-moe")))
+    ids = mx.array([[3, 4, 5, 6, 7]])
+    h = model.model.embed(ids)
+    for layer in model.layers:
+        h = layer(h)
+    np.testing.assert_allclose(np.array(model.head(model.model.embedding_norm(h))), np.array(model(ids)), atol=1e-5)

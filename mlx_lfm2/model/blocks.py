@@ -48,8 +48,9 @@ class Attention(nn.Module):
         self.k_layernorm = nn.RMSNorm(Dh, eps=args.norm_eps)
         self.rope = nn.RoPE(Dh, traditional=False, base=args.rope_theta)
 
-    def __call__(self, x: mx.array, cache: Optional[KVCache] = None, mask=None) -> mx.array:
-        """``mask``: what the cache's ``make_mask(L)`` gave (the backbone asks once per call)."""
+    def __call__(self, x: mx.array, cache: Optional[KVCache] = None, mask="causal") -> mx.array:
+        """``mask``: what the cache's ``make_mask(L)`` gave (the backbone asks once per call);
+        the default is right for any call without a batched cache."""
         B, L, _ = x.shape
         offset = cache.offset if cache is not None else 0  # a batched cache's: per row, [B]
         if L == 1 and not isinstance(offset, mx.array):
@@ -209,7 +210,8 @@ class Block(nn.Module):
     def op(self) -> nn.Module:
         return self.self_attn if self.is_attention else self.conv
 
-    def __call__(self, x: mx.array, cache=None, mask=None) -> mx.array:
+    def __call__(self, x: mx.array, cache=None, mask="causal") -> mx.array:
+        """One layer; ``mask`` goes to attention (the default: see ``Attention``)."""
         h = x + self.op(self.operator_norm(x), cache, mask)
         return self.feed_forward(self.ffn_norm(h), residual=h)  # h + FFN(norm(h)), see SparseMoE
 

@@ -141,7 +141,7 @@ class CompiledMix:
 class CompiledFFN:
     """A block whose second half (residual, FFN norm, FFN, residual) runs compiled for one token."""
 
-    def __call__(self, x: mx.array, cache=None, mask=None) -> mx.array:
+    def __call__(self, x: mx.array, cache=None, mask="causal") -> mx.array:
         if x.shape[-2] != 1:
             return super().__call__(x, cache, mask)
         r = self.op(self.operator_norm(x), cache, mask)
