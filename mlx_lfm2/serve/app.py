@@ -17,7 +17,7 @@ that leaves stops its job.
 
 from __future__ import annotations
 
-import argparse
+import os
 import sys
 from typing import Optional
 
@@ -25,8 +25,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from ..engine.distributed import leader
-from . import anthropic, openai
+from ..engine.distributed import group, leader
+from . import anthropic, openai, responses
 from .boundary import BODY_TIMEOUT, HEADER_TIMEOUT, make_server
 from .scheduler import DEFAULT_MAX_TOKENS, Scheduler
 from .service import Service
@@ -46,7 +46,7 @@ def create_app(scheduler: Scheduler, api_key: Optional[str] = None, body_timeout
                              "mlx_cache_mb": round(mx.get_cache_memory() / 2**20, 1)})
 
     return ByPrefix(openai.app(service, routes=(Route("/health", health, methods=["GET"]),)),
-                    {anthropic.PREFIX: anthropic.app(service)})
+                    {anthropic.PREFIX: anthropic.app(service), responses.PREFIX: responses.app(service)})
 
 
 class ByPrefix:
@@ -64,18 +64,51 @@ class ByPrefix:
         return await self.default(scope, receive, send)
 
 
+def disk_tier(a, model, tokenizer, draft):
+    """The disk prompt cache the flags ask for (None: memory only, and under mlx.launch,
+    whose ranks hold parts of the model)."""
+    from ..engine.disk_cache import BlockStore, DiskTier, default_folder, parse_bytes
+
+    try:
+        limit = parse_bytes(a.prompt_cache_bytes)
+    except ValueError as e:
+        raise SystemExit(f"error: --prompt-cache-bytes: {e}")
+    if limit == 0 or group() is not None:
+        return None
+    folder = a.prompt_cache_dir or default_folder()
+    try:
+        return DiskTier(BlockStore(folder, model, tokenizer, limit, background=True), tokenizer, draft)
+    except OSError as e:
+        raise SystemExit(f"error: --prompt-cache-dir {folder}: {e} (choose another folder, "
+                         "or --prompt-cache-bytes 0 for a memory-only cache)")
+
+
+def served_name(model: str, given: Optional[str] = None) -> str:
+    """The model's id in the API: a name, never a local path (which would tell every client
+    where the server's files live): ``--served-model-name``, a folder's name, or the repo id."""
+    if given:
+        return given
+    path = os.path.expanduser(model)
+    return os.path.basename(os.path.normpath(os.path.abspath(path))) if os.path.exists(path) else model
+
+
 def main(argv=None) -> None:
     from ..command import parser
 
     p = parser("mlx_lfm2.server", "Serve an LFM2 model over HTTP: the OpenAI API (/v1/chat/completions, "
-               "/v1/completions, /v1/models) and the Anthropic Messages API (/v1/messages), with continuous batching.")
+               "/v1/completions, /v1/responses, /v1/models) and the Anthropic Messages API (/v1/messages), with continuous batching.")
     p.add_argument("--model", required=True, help="model folder or hub repo id")
+    p.add_argument("--served-model-name", help="the model's name in the API (default: the folder's name or the repo id)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--port", type=int, default=8080, help="TCP port")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or 'x-api-key: KEY')")
     p.add_argument("--queue-size", type=int, default=16, help="requests waiting before 429")
     p.add_argument("--max-context", type=int, help="context limit in tokens (default: the model's)")
     p.add_argument("--cache-entries", type=int, default=8, help="prompt caches kept for reuse")
+    p.add_argument("--prompt-cache-dir", help="folder of the disk prompt cache, shared by servers "
+                   "(default: prompt-cache under MLX_LFM2_HOME, ~/.cache/mlx_lfm2)")
+    p.add_argument("--prompt-cache-bytes", default="8G",
+                   help="bound of the disk prompt cache, e.g. 20G or 512M (default 8G; 0: memory only)")
     p.add_argument("--max-batch", type=int, default=8,
                    help="requests decoded together in one batch (default 8; 1: one at a time)")
     p.add_argument("--default-max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
@@ -103,8 +136,9 @@ def main(argv=None) -> None:
         draft = load_draft(a.draft_model, model, a.prompt_lookup)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: draft model: {e}")
-    scheduler = Scheduler(model, tokenizer, a.model, a.queue_size, a.cache_entries, a.max_context,
-                          a.default_max_tokens, a.max_batch, draft, a.prompt_lookup, a.num_draft_tokens)
+    scheduler = Scheduler(model, tokenizer, served_name(a.model, a.served_model_name), a.queue_size, a.cache_entries, a.max_context,
+                          a.default_max_tokens, a.max_batch, draft, a.prompt_lookup, a.num_draft_tokens,
+                          disk_tier(a, model, tokenizer, draft))
     if not leader():  # mlx.launch: rank 0 serves HTTP, the others serve their layers
         return scheduler.follow()
     app = create_app(scheduler, a.api_key, a.body_timeout)
