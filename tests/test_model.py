@@ -186,3 +186,13 @@ def test_a_block_called_alone_attends_causally_as_in_the_model(checkpoint):
     for layer in model.layers:
         h = layer(h)
     np.testing.assert_allclose(np.array(model.head(model.model.embedding_norm(h))), np.array(model(ids)), atol=1e-5)
+
+
+def test_one_process_model_has_the_pipeline_stage_interface_as_identities(checkpoint):
+    """A decode loop calls share_prompt / share_token on any model; alone, nothing is shared."""
+    from mlx_lfm2.model.pipeline import PipelineModel
+
+    model = load_model(checkpoint(tiny_config("tiny-dense")))
+    prompt, y = mx.array([1, 2, 3]), mx.array([4])
+    assert model.share_prompt(prompt) is prompt and model.share_token(y, True) == (y, None)
+    assert not model.shares_tokens and PipelineModel.shares_tokens

@@ -259,10 +259,12 @@ class Model(nn.Module):
     """``model(inputs [B, L], cache=None) -> logits [B, L, vocab]``.
 
     What a decode loop may rely on, for this model and a pipeline stage alike (see pipeline.py):
-    ``make_cache()``, the call above, ``share_prompt``, ``share_token``, ``can_speculate``.
+    ``make_cache()``, the call above, ``share_prompt``, ``share_token`` and ``shares_tokens``.
     """
 
-    can_speculate = True  # a pipeline stage: False (its ranks would have to agree on each rewind)
+    # True for a pipeline stage: its ranks decode in lockstep on rank 0's tokens and stop flag
+    # (``share_token``), so stop on that shared flag, and decode plainly (no speculation).
+    shares_tokens = False
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -304,8 +306,7 @@ class Model(nn.Module):
 
     def share_token(self, y: mx.array, stop: bool):
         """``(token, shared stop flag)`` after sampling ``y``: in one process ``(y, None)``, nothing
-        to share (the caller checks its own stop condition); a pipeline stage returns rank 0's
-        token and stop flag (an array, see pipeline.py)."""
+        to share; a pipeline stage returns rank 0's token and stop flag (a lazy array)."""
         return y, None
 
     def sync_ranks(self) -> None:

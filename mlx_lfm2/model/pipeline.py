@@ -121,7 +121,7 @@ class PipelineModel(Model):
     with the backbone's own loop (``Backbone.run``).
     """
 
-    can_speculate = False
+    shares_tokens = True
 
     def __init__(self, args: ModelArgs, group, stages: Sequence[range], wire_dtype: mx.Dtype):
         super().__init__(args)
