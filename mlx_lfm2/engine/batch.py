@@ -168,10 +168,12 @@ class BatchGenerator:
 
     @staticmethod
     def _sample(rows: list[_Seq], logits: mx.array):
-        """Each row's processors and sampler on its own row of ``logits`` ``[B, V]``."""
+        """Each row's processors and sampler on its own row of ``logits`` ``[B, V]`` -> the
+        tokens and the model's own log-probabilities (before the processors, as vLLM reports)."""
         if all(s.sampler is None and not s.processors for s in rows):
             logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
             return mx.argmax(logprobs, axis=-1), logprobs
+        own = logits - mx.logsumexp(logits, axis=-1, keepdims=True)  # reported: the model's own
         parts = []
         for i, s in enumerate(rows):
             row = logits[i : i + 1]
@@ -179,14 +181,14 @@ class BatchGenerator:
                 row = proc(s.history, row)
             parts.append(row)
         logits = mx.concatenate(parts)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)  # sampled: processed
         ys = []
         for i, s in enumerate(rows):
             y = s.sampler(logprobs[i : i + 1]) if s.sampler else mx.argmax(logprobs[i : i + 1], axis=-1)
             if s.processors:
                 s.history = mx.concatenate([s.history, y.astype(s.history.dtype)])
             ys.append(y)
-        return mx.concatenate(ys), logprobs
+        return mx.concatenate(ys), own
 
 
 def sampling_for(prompt_tokens: int, temperature: Optional[float] = None, top_p: float = 1.0, top_k: int = 0,

@@ -68,7 +68,8 @@ def prefill(model, tokens: mx.array, cache: list, step_size: Optional[int] = Non
 def generate_step(prompt: mx.array, model, cache: list, *, max_tokens: int = 256, sampler=None,
                   logits_processors=(), prefill_step_size: Optional[int] = None,
                   stop_event: Optional[threading.Event] = None) -> Iterator[tuple[int, mx.array]]:
-    """Yield ``(token, logprobs [V])`` for up to ``max_tokens`` new tokens after ``prompt`` ``[L]``.
+    """Yield ``(token, logprobs [V])`` for up to ``max_tokens`` new tokens after ``prompt`` ``[L]``;
+    ``logprobs`` are the model's own (before ``logits_processors``, which shape only the sampling).
 
     ``prompt`` must hold at least one token; everything before its last token is prefilled in
     chunks. ``logits_processors`` see the prompt and generated ids as history.
@@ -91,15 +92,18 @@ def generate_step(prompt: mx.array, model, cache: list, *, max_tokens: int = 256
     def step(tokens: mx.array):
         nonlocal history
         logits = model(tokens[None], cache=cache)[:, -1, :]
-        for proc in logits_processors:
-            logits = proc(history, logits)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        # Reported: the model's own distribution; sampled: the processed one (penalties, bias).
+        own = logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        if logits_processors:
+            for proc in logits_processors:
+                logits = proc(history, logits)
+            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         y, stop = sampler(logprobs), None
         if shared:
             y, stop = model.share_token(y, stopped())
         if logits_processors:
             history = mx.concatenate([history, y.astype(history.dtype)])
-        return y, logprobs[0], stop
+        return y, own[0], stop
 
     prefill(model, prompt[:-1], cache, prefill_step_size)
     if max_tokens <= 0:
