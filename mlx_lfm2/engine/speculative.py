@@ -221,9 +221,13 @@ def speculative_generate_step(prompt: mx.array, model, cache: list, *, draft_mod
                 logits = proc(h, logits)
         return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
+    def reported_logprobs(logits: mx.array) -> mx.array:
+        """The model's own log-probs (what is reported; ``process`` shapes only the sampling)."""
+        return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
     def plain_step(tok: mx.array, extra: list):
-        logprobs = process(model(tok[None], cache=cache)[:, -1, :], extra)
-        return sampler(logprobs).astype(mx.uint32), logprobs
+        logits = model(tok[None], cache=cache)[:, -1, :]
+        return sampler(process(logits, extra)).astype(mx.uint32), reported_logprobs(logits)
 
     prefill(model, prompt[:-1], cache, prefill_step_size)
     n, k, misses, cooldown = 0, k_max, 0, 0
@@ -280,6 +284,7 @@ def speculative_generate_step(prompt: mx.array, model, cache: list, *, draft_mod
             block = mx.concatenate([mx.array([y], dtype=mx.uint32), *drafts])
             logits = model(block[None], cache=cache)[0]  # [k + 1, V]
             rows = mx.concatenate([process(logits[i : i + 1], drafts[:i]) for i in range(k_now + 1)])
+            reported = reported_logprobs(logits)
             draft_ids = block[1:].tolist()
             if distribution is None:
                 target = mx.argmax(rows, axis=-1).tolist()
@@ -296,7 +301,7 @@ def speculative_generate_step(prompt: mx.array, model, cache: list, *, draft_mod
             for i, t in enumerate(draft_ids[:a] + [last]):
                 n += 1
                 hist.append(t)
-                yield t, rows[i], i < a
+                yield t, reported[i], i < a
             round_s = time.perf_counter() - round_start
             timed("spec", round_s, a + 1)
             # Adapt: grow after a full block, shrink to what was kept, back off after misses
