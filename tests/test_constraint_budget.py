@@ -112,6 +112,26 @@ def test_numbers_have_bounded_digits_and_keep_their_bounds(chat_model):
             assert len(whole) <= 15 and len(fraction) <= MAX_FRACTION_DIGITS and "e" not in number.lower(), text
 
 
+def _longest_accepted(tok, constraint, text: str) -> str:
+    """How much of ``text``, fed one character at a time, the constraint takes."""
+    for i, ch in enumerate(text):
+        ids = tok.encode(ch, add_special_tokens=False)
+        if constraint.advance(ids) < len(ids):
+            return text[:i]
+    return text
+
+
+@pytest.mark.parametrize("schema", [{"type": "object"}, {}, {"type": "array"},
+                                    {"type": "object", "properties": {"k": {"type": "number"}}}])
+def test_numbers_in_values_a_schema_leaves_open_are_bounded_too(tok, schema):
+    """``{"type": "object"}`` (json_object mode) and other open values: any JSON, bounded numbers."""
+    for text, cut in [('{"z": 1234567890123456789', '{"z": 123456789012345'),
+                      ('{"z": [0.12345678901', '{"z": [0.123456'), ('{"z": 1e99', '{"z": 1')]:
+        if schema.get("type") == "array" or not schema:
+            text, cut = text.replace('{"z": ', "["), cut.replace('{"z": ', "[")
+        assert _longest_accepted(tok, make_constraint(tok, json_schema=schema), text) == cut
+
+
 def test_tool_call_numbers_have_bounded_digits(chat_model):
     tool = {"name": "move", "parameters": {"type": "object", "required": ["x", "y"], "properties": {
         "x": {"type": "number", "maximum": 5}, "y": {}}}}
@@ -221,3 +241,16 @@ def test_parse_tool_calls_warns_nothing_on_backslashes():
         warnings.simplefilter("error")
         (call,) = parse_tool_calls(text).calls
     assert call["arguments"] == {"pattern": "a\\d+\\.txt", "path": "C:\\Users"}
+
+
+@pytest.mark.parametrize("cut", ['get_weather(city="Oslo"), ping(), get_weather(ci', 'ping(), get_weather(city="a)b"), n'])
+def test_a_block_cut_short_keeps_its_finished_calls(cut):
+    from mlx_lfm2.text.tools import ToolCallStream
+
+    text = "Sure. <|tool_call_start|>[" + cut
+    finished = parse_tool_calls(text)
+    assert [c["name"] for c in finished.calls] == (["get_weather", "ping"] if cut[0] == "g" else ["ping", "get_weather"])
+    assert finished.content == "Sure. " and finished.errors == ["unterminated tool call"]
+    s = ToolCallStream()
+    shown = "".join(s.feed(text[i:i + 5]) for i in range(0, len(text), 5)) + s.finish()
+    assert shown == "Sure. " and s.calls == finished.calls and s.errors == ["unterminated tool call"]

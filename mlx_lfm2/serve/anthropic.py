@@ -26,7 +26,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from ..text.tool_grammar import forced_tool_opening, tool_call_grammar
+from ..engine.sample import SamplingParams
+from ..text.tool_grammar import MAX_CALLS, forced_tool_opening, tool_call_grammar
 from .boundary import APIError, exception_handlers, internal_error
 from .openai_api import ChatRequest, to_template_messages
 from .service import Service
@@ -109,13 +110,9 @@ class MessagesRequest(_Lenient):
     def limit(self) -> int:
         return self.max_tokens
 
-    def sampling_kwargs(self, defaults: dict) -> dict:
-        kw = dict(defaults)
-        kw.update({k: getattr(self, k) for k in ("top_p", "top_k") if getattr(self, k) is not None})
-        if self.temperature is not None:
-            kw["temperature"] = self.temperature
-        kw["stop"] = [s for s in self.stop_sequences or [] if s] or None
-        return kw
+    def sampling(self, defaults: SamplingParams) -> SamplingParams:
+        given = {k: getattr(self, k) for k in ("temperature", "top_p", "top_k") if getattr(self, k) is not None}
+        return defaults.replace(**given, stop=tuple(self.stop_sequences or ()))
 
     @property
     def offered_tools(self) -> Optional[list[dict]]:
@@ -140,7 +137,8 @@ class MessagesRequest(_Lenient):
         rest of it); otherwise ``output_config.format`` (or the beta ``output_format``) shapes
         the reply as JSON of its schema."""
         if self.forced_opening():
-            return {"grammar": tool_call_grammar(self.offered_tools, self.forced_name, opened=True)}
+            return {"grammar": tool_call_grammar(self.offered_tools, self.forced_name, opened=True,
+                                                 max_calls=1 if self.one_call else MAX_CALLS)}
         fmt = (self.output_config or {}).get("format") or self.output_format
         return {"json_schema": fmt["schema"]} if fmt else {}
 
@@ -256,7 +254,8 @@ def usage(job, output_tokens: int) -> dict:
 
 
 def stop_reason(last, n_calls: int) -> tuple[str, Optional[str]]:
-    if n_calls:
+    """Cut by max_tokens stays "max_tokens", with the calls finished before the cut."""
+    if n_calls and last.finish_reason != "length":
         return "tool_use", None
     if last.finish_reason == "stop" and last.stop_sequence:
         return "stop_sequence", last.stop_sequence

@@ -17,7 +17,6 @@ that leaves stops its job.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from typing import Optional

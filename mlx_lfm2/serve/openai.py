@@ -20,6 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from ..text.constraints import schema_errors
 from ..engine.distributed import group
 from .boundary import APIError, exception_handlers, internal_error, no_reply
 from .openai_api import (ChatRequest, CompletionRequest, chat_chunk, new_id, openai_tool_calls,
@@ -52,39 +53,42 @@ class OpenAI:
         forced = req.forced_tool_call()  # the reply's opening, written for the model
         job = await sv.prepare(req, prompt + forced, top)
         cid, model_id = new_id("chatcmpl"), self.scheduler.model_id
+        headers = _warning_headers(job)
         if req.stream:
-            return EventSourceResponse(sse_events(self._stream_chat(job, cid, req, forced, tools)), ping=15)
+            return EventSourceResponse(sse_events(self._stream_chat(job, cid, req, forced, tools)), ping=15,
+                                       headers=headers)
         reply = await sv.whole(request, job, forced, tools)
-        content, calls = reply.text, reply.calls
+        content, calls = reply.text, reply.calls[:1] if req.one_call else reply.calls
         message = {"role": "assistant", "content": content if (content or not calls) else None}
-        finish = reply.last.finish_reason
         if calls:
             message["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in openai_tool_calls(calls)]
-            finish = "tool_calls"
-        choice = {"index": 0, "message": message, "finish_reason": _finish(finish),
-                  "logprobs": {"content": reply.logprobs} if top is not None else None}
-        if req.response_format and req.response_format.get("type") != "text":
-            choice["response_format_valid"] = _is_json(content)
+        choice = {"index": 0, "message": message, "finish_reason": _chat_finish(reply.last, len(calls)),
+                  "logprobs": {"content": reply.logprobs} if top is not None else None,
+                  **_format_check(req, job, content)}
         return JSONResponse({"id": cid, "object": "chat.completion", "created": int(time.time()),
                              "model": model_id, "choices": [choice],
-                             "usage": usage(job.prompt_tokens, reply.last.generation_tokens, job.cached_tokens)})
+                             "usage": usage(job.prompt_tokens, reply.last.generation_tokens, job.cached_tokens)},
+                            headers=headers)
 
     async def _stream_chat(self, job, cid: str, req: ChatRequest, forced: str, tools: frozenset):
         model_id = self.scheduler.model_id
         yield json.dumps(chat_chunk(cid, model_id, {"role": "assistant", "content": ""}))
-        n_calls, last = 0, None
+        n_calls, last, text = 0, None, []
         async for p in self.service.pieces(job, forced, tools):
             last = p.response
             lp = {"content": [p.logprob]} if p.logprob else None
             if p.text or lp:
                 yield json.dumps(chat_chunk(cid, model_id, {"content": p.text}, logprobs=lp))
-            if p.calls:
-                yield json.dumps(chat_chunk(cid, model_id, {"tool_calls": openai_tool_calls(p.calls, n_calls)}))
-                n_calls += len(p.calls)
+                text.append(p.text)
+            new = p.calls[:max(0, 1 - n_calls)] if req.one_call else p.calls
+            if new:
+                yield json.dumps(chat_chunk(cid, model_id, {"tool_calls": openai_tool_calls(new, n_calls)}))
+                n_calls += len(new)
         if last is None:  # dropped at shutdown (or its client left): say so in the stream
             raise no_reply(self.scheduler)
-        finish = "tool_calls" if n_calls else _finish(last.finish_reason)
-        yield json.dumps(chat_chunk(cid, model_id, {}, finish=finish))
+        chunk = chat_chunk(cid, model_id, {}, finish=_chat_finish(last, n_calls))
+        chunk["choices"][0].update(_format_check(req, job, "".join(text)))
+        yield json.dumps(chunk)
         if (req.stream_options or {}).get("include_usage"):
             chunk = chat_chunk(cid, model_id, {})
             chunk["choices"] = []
@@ -229,9 +233,26 @@ def _finish(reason: Optional[str]) -> Optional[str]:
     return {"cancelled": "stop"}.get(reason, reason)
 
 
-def _is_json(text: str) -> bool:
-    try:
-        json.loads(text)
-        return True
-    except ValueError:
-        return False
+def _chat_finish(last, n_calls: int) -> Optional[str]:
+    """"tool_calls" when calls were made, unless max_tokens cut the reply ("length", with the
+    calls finished before the cut)."""
+    return "tool_calls" if n_calls and last.finish_reason != "length" else _finish(last.finish_reason)
+
+
+def _warning_headers(job) -> dict:
+    """What a lenient schema skipped, said before the reply (streamed or not)."""
+    if not job.schema_warnings:
+        return {}
+    return {"x-schema-warnings": "; ".join(job.schema_warnings).encode("ascii", "replace").decode()[:2000]}
+
+
+def _format_check(req: ChatRequest, job, content: str) -> dict:
+    """For ``response_format``: whether the reply validates against its schema (checked after
+    generation: a lenient schema's skipped keywords are not enforced while decoding), the
+    errors when not, and the skipped keywords."""
+    schema = req.response_schema
+    if schema is None:
+        return {}
+    errors = schema_errors(schema, content)
+    return {"response_format_valid": not errors, **({"response_format_errors": errors} if errors else {}),
+            **({"response_format_warnings": job.schema_warnings} if job.schema_warnings else {})}

@@ -18,11 +18,14 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from ..text.tool_grammar import forced_tool_opening, tool_call_grammar
+from ..text.tool_grammar import MAX_CALLS, forced_tool_opening, tool_call_grammar
 from ..text.tools import format_pythonic_call
+from ..engine.sample import SamplingParams
 from .boundary import APIError, loads
 
 
+SAMPLING = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "frequency_penalty",
+            "presence_penalty")  # the fields named as in SamplingParams
 MAX_SEED = 2**64 - 1
 MAX_STOP = 1024
 
@@ -140,21 +143,27 @@ class Sampling(_Lenient):
             raise ValueError(f"a stop sequence is at most {MAX_STOP} characters")
         return stops
 
-    def sampling_kwargs(self, defaults: dict) -> dict:
-        kw = dict(defaults)
-        for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed",
-                     "frequency_penalty", "presence_penalty"):
-            if getattr(self, name) is not None:
-                kw[name] = getattr(self, name)
+    def sampling(self, defaults: SamplingParams) -> SamplingParams:
+        """This request's sampling over the server's ``defaults`` (the limit and constraint are
+        set by ``service.prepare``)."""
+        given = {name: getattr(self, name) for name in SAMPLING if getattr(self, name) is not None}
         if self.logit_bias:
-            kw["logit_bias"] = {int(k): float(v) for k, v in self.logit_bias.items()}
-        kw["stop"] = self.stop or None
-        return kw
+            given["logit_bias"] = {int(k): float(v) for k, v in self.logit_bias.items()}
+        return defaults.replace(**given, stop=self.stop or ())
+
+    @property
+    def response_schema(self) -> Optional[dict]:
+        """The schema ``response_format`` holds the reply to (None for text)."""
+        rf = self.response_format or {}
+        if rf.get("type") == "json_object":
+            return {"type": "object"}
+        return rf["json_schema"]["schema"] if rf.get("type") == "json_schema" else None
 
     def constraint(self) -> dict:
         """``stream_generate``'s constraint for ``response_format`` (none for text). Without
         ``strict`` a schema is best effort, as at OpenAI: keywords llguidance does not
-        implement are skipped instead of refused."""
+        implement are skipped instead of refused (the reply says which, and whether it
+        validates)."""
         rf = self.response_format or {}
         if rf.get("type") == "json_object":
             return {"json_schema": {"type": "object"}}
@@ -171,6 +180,7 @@ class ChatRequest(Sampling):
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     tools: Optional[list[dict]] = None
     tool_choice: Union[str, dict, None] = None
+    parallel_tool_calls: Optional[bool] = None  # False: at most one call (a forced block holds exactly one)
     top_logprobs: Optional[int] = Field(None, ge=0, le=20)
 
     @field_validator("tools")
@@ -215,11 +225,17 @@ class ChatRequest(Sampling):
             return forced_tool_opening(self._forced_name())
         return ""
 
+    @property
+    def one_call(self) -> bool:
+        return self.parallel_tool_calls is False
+
     def constraint(self) -> dict:
         """A forced call is held to the tools' call syntax and parameter schemas by a grammar
-        over the rest of it, so it always parses; otherwise as ``response_format`` says."""
+        over the rest of it, so it always parses (one call, or up to ``MAX_CALLS``); otherwise
+        as ``response_format`` says."""
         if self.forced_tool_call():
-            return {"grammar": tool_call_grammar(self.tools, self._forced_name(), opened=True)}
+            return {"grammar": tool_call_grammar(self.tools, self._forced_name(), opened=True,
+                                                 max_calls=1 if self.one_call else MAX_CALLS)}
         return super().constraint()
 
     @property

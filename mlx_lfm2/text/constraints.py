@@ -95,15 +95,23 @@ _SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems", "items")
 _SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 
 
+_ANY = "#/$defs/mlx_lfm2_any"  # a JSON value whose numbers are bounded, for what a schema leaves open
+_ANY_DEF = {"anyOf": [{"type": "null"}, {"type": "boolean"}, bounded_number({"type": "number"}), {"type": "string"},
+                      {"type": "array", "items": {"$ref": _ANY}}, {"type": "object", "additionalProperties": {"$ref": _ANY}}]}
+
+
 def bound_numbers(s, depth: int = 0):
-    """``s`` with every ``number`` / ``integer`` subschema bounded (``bounded_number``)."""
+    """``s`` with every ``number`` / ``integer`` subschema bounded (``bounded_number``), and
+    values it leaves open (``{}``, an object's other keys, a list's items) bounded-number JSON."""
+    if s is True or s == {}:
+        return {"$ref": _ANY}
     if not isinstance(s, dict):
         return s
     if depth > MAX_SCHEMA_DEPTH:
         raise ConstraintError(f"json_schema is nested more than {MAX_SCHEMA_DEPTH} deep")
     out = dict(s)
     for k in _SUBSCHEMA:
-        if isinstance(s.get(k), dict):
+        if isinstance(s.get(k), dict) or s.get(k) is True:
             out[k] = bound_numbers(s[k], depth + 1)
     for k in _SCHEMA_LISTS:
         if isinstance(s.get(k), list):
@@ -111,8 +119,19 @@ def bound_numbers(s, depth: int = 0):
     for k in _SCHEMA_MAPS:
         if isinstance(s.get(k), dict):
             out[k] = {name: bound_numbers(v, depth + 1) for name, v in s[k].items()}
-    kinds = s.get("type") if isinstance(s.get("type"), list) else [s.get("type")]
-    return bounded_number(out) if {"number", "integer"} & set(k for k in kinds if isinstance(k, str)) else out
+    kinds = [k for k in (s.get("type") if isinstance(s.get("type"), list) else [s.get("type")]) if isinstance(k, str)]
+    if kinds == ["object"] and "additionalProperties" not in s and "unevaluatedProperties" not in s:
+        out["additionalProperties"] = {"$ref": _ANY}
+    if kinds == ["array"] and "items" not in s and "prefixItems" not in s:
+        out["items"] = {"$ref": _ANY}
+    return bounded_number(out) if {"number", "integer"} & set(kinds) else out
+
+
+def _with_any(schema):
+    """The root schema, holding ``_ANY``'s definition when something refers to it."""
+    if not isinstance(schema, dict) or _ANY not in json.dumps(schema):
+        return schema
+    return {**schema, "$defs": {**schema.get("$defs", {}), "mlx_lfm2_any": _ANY_DEF}}
 
 
 def _schema(json_schema) -> Union[dict, bool]:
@@ -134,7 +153,7 @@ def _schema(json_schema) -> Union[dict, bool]:
         raise ConstraintError("json_schema must be a JSON object (or true/false)")
     if len(text) > MAX_SCHEMA_CHARS:
         raise ConstraintError(f"json_schema is {len(text)} characters, over the limit of {MAX_SCHEMA_CHARS}")
-    return bound_numbers(json_schema)
+    return _with_any(bound_numbers(json_schema))
 
 
 def grammar_source(*, json_schema: Optional[Schema] = None, regex: Optional[str] = None,
@@ -187,7 +206,7 @@ class Constraint:
 
     LOOK_BACK = 32
     TOP = 8  # the model's choices checked for room to finish, within the window
-    WINDOW = 8  # tokens to spare below which the budget shapes the mask
+    WINDOW, MAX_WINDOW = 8, 64  # tokens to spare below which the budget shapes the mask (it grows, see above)
 
     def __init__(self, tokenizer, source: str, prompt_tokens: int = 0, what: str = "constraint",
                  max_tokens: Optional[int] = None):
@@ -203,7 +222,7 @@ class Constraint:
         self.closer, self.window = Closer(self.ll, source), self.WINDOW
         reach = 4096 if max_tokens is None else 8 * max_tokens + 64
         self.plan = self.closer.complete(self.matcher, reach)  # a completion of the current state
-        self.plan_at = 0  # len(self.tokens) when ``plan`` was made
+        self.plan_at, self.fresh = 0, True  # len(self.tokens) when ``plan`` was made; see ``completion``
         if self.plan is None and not self.closer.gave_up:
             raise ConstraintError(f"{what} admits no output: no text ends it")
 
@@ -233,18 +252,21 @@ class Constraint:
 
     def completion(self, fresh: bool = False) -> Optional[list[int]]:
         """A way to the end from here (tokens, the last a stop token): the last one found, less
-        what was written along it, while it still holds; else (or ``fresh``) a new one."""
+        what was written along it, while it still holds; else a new one. ``fresh``: one found
+        from here, or followed since it was (not one that merely still holds)."""
         new = self.tokens[self.plan_at:] if self.plan_at <= len(self.tokens) else None
         old = self.plan
-        if not fresh and old is not None and new is not None:
-            rest = old[len(new):] if old[:len(new)] == new else old
-            if rest and self.matcher.validate_tokens(rest) == len(rest):
-                self.plan, self.plan_at = rest, len(self.tokens)
+        if old is not None and new is not None:
+            followed = old[:len(new)] == new
+            rest, kept_fresh = (old[len(new):], self.fresh) if followed else (old, False)
+            if (kept_fresh or not fresh) and rest and self.matcher.validate_tokens(rest) == len(rest):
+                self.plan, self.plan_at, self.fresh = rest, len(self.tokens), kept_fresh
                 return rest
         reach = 4096 if self.max_tokens is None else 8 * self.max_tokens + 64
-        self.plan, self.plan_at = self.closer.complete(self.matcher, reach), len(self.tokens)
+        self.plan, self.plan_at, self.fresh = self.closer.complete(self.matcher, reach), len(self.tokens), True
         if old is not None and self.plan is not None and new is not None:  # how far one step set the end back
-            self.window = max(self.window, len(self.plan) - len(old) + len(new) + 1)
+            grew = len(self.plan) - len(old) + len(new) + 1
+            self.window = min(max(self.window, grew), self.MAX_WINDOW)
         return self.plan
 
     def budget(self, mask: np.ndarray, logits: mx.array, left: int) -> np.ndarray:
@@ -295,6 +317,23 @@ class Constraint:
             raise ConstraintError(f"no token the model can write ({logits.shape[-1]} rows) satisfies the "
                                   "constraint here: does the tokenizer belong to this model?")
         return mx.where(mx.array(mask), logits, mx.array(-mx.inf, logits.dtype))
+
+
+def schema_errors(schema: Schema, text: str) -> list[str]:
+    """Why ``text`` is not a JSON value of ``schema`` (empty when it is): the check after
+    generation for what a lenient schema did not enforce (``jsonschema``, draft 2020-12)."""
+    import jsonschema
+
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        return [f"not JSON: {e}"]
+    try:
+        validator = jsonschema.Draft202012Validator(schema, format_checker=jsonschema.FormatChecker())
+        return [f"{'/'.join(map(str, e.absolute_path)) or '(root)'}: {e.message}"[:300]
+                for e in list(validator.iter_errors(value))[:10]]
+    except (jsonschema.SchemaError, RecursionError, ValueError, TypeError) as e:
+        return [f"the schema cannot be checked: {str(e)[:200]}"]
 
 
 def make_constraint(tokenizer, *, json_schema: Optional[Schema] = None, regex: Optional[str] = None,

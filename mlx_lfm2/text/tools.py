@@ -44,10 +44,8 @@ MAX_BLOCK_CHARS = 1_000_000
 _BRACKETS = re.compile(r"""[\[\](){}"'\\]""")
 
 
-def _check_shape(text: str) -> None:
-    """Refuse blocks too large or too deeply nested to parse safely (strings are skipped)."""
-    if len(text) > MAX_BLOCK_CHARS:
-        raise ToolCallError(f"tool call block of {len(text)} characters is over the {MAX_BLOCK_CHARS} limit")
+def _brackets(text: str):
+    """``(index, bracket, depth after it)`` for each bracket of ``text`` outside its strings."""
     depth, quote, skip = 0, None, -1
     for m in _BRACKETS.finditer(text):
         i, c = m.start(), m.group()
@@ -62,10 +60,33 @@ def _check_shape(text: str) -> None:
             quote = c
         elif c in "([{":
             depth += 1
-            if depth > MAX_DEPTH:
-                raise ToolCallError(f"tool call nested more than {MAX_DEPTH} levels deep")
+            yield i, c, depth
         elif c in ")]}":
             depth -= 1
+            yield i, c, depth
+
+
+def _check_shape(text: str) -> None:
+    """Refuse blocks too large or too deeply nested to parse safely (strings are skipped)."""
+    if len(text) > MAX_BLOCK_CHARS:
+        raise ToolCallError(f"tool call block of {len(text)} characters is over the {MAX_BLOCK_CHARS} limit")
+    if any(depth > MAX_DEPTH for _, _, depth in _brackets(text)):
+        raise ToolCallError(f"tool call nested more than {MAX_DEPTH} levels deep")
+
+
+def complete_calls(block: str) -> list[dict]:
+    """The calls that closed in a block cut short (``[f(a=1), g(b=`` -> ``f``'s call): a reply
+    that ran out of tokens mid-block keeps what it finished."""
+    text = block.strip()
+    if not text.startswith("[") or len(text) > MAX_BLOCK_CHARS:
+        return []
+    ends = [i for i, c, depth in _brackets(text) if depth == 1 and c in ")}"]
+    if not ends:
+        return []
+    try:
+        return parse_call_block(text[:ends[-1] + 1] + "]")
+    except ValueError:
+        return []
 
 
 def _json_value(value, where: str):
@@ -198,8 +219,10 @@ def parse_tool_calls(text: str, bare_names=None) -> ParsedOutput:
             content.append(text[pos:])
             break
         end = text.find(CALL_END, start + len(CALL_START))
-        if end < 0:
-            content.append(text[pos:])
+        if end < 0:  # cut short: its finished calls count, the rest stays text if there are none
+            kept = complete_calls(text[start + len(CALL_START):])
+            calls.extend(kept)
+            content.append(text[pos:start] if kept else text[pos:])
             errors.append("unterminated tool call")
             break
         content.append(text[pos:start])
@@ -218,7 +241,8 @@ class ToolCallStream:
 
     ``feed(piece) -> str`` returns the text safe to show now; complete calls collect in
     ``calls`` (and ``new_calls()`` returns those not yet taken); ``finish() -> str``
-    flushes the rest (an unterminated block comes back as text, with ``errors`` set).
+    flushes the rest (an unterminated block gives its finished calls, or comes back as text
+    when it has none; ``errors`` says it was cut).
     Each piece is scanned once (plus a marker's length of overlap), so a long reply fed in
     small pieces costs time linear in its length.
     """
@@ -296,6 +320,9 @@ class ToolCallStream:
         rest = self.buffer
         if self._parts:
             self.errors.append("unterminated tool call")
+            kept = complete_calls(rest[len(CALL_START):])
+            self.calls += kept
+            rest = "" if kept else rest
         self._pending, self._parts, self._tail = "", [], ""
         return rest
 
