@@ -57,7 +57,7 @@ def main(argv=None) -> None:
 
     from ..engine.cache_files import save_mlx_lm
     from ..engine.disk_cache import model_digest
-    from ..engine.generation import prefill
+    from ..engine.decode import prefill
     from ..weights.loader import load
 
     try:
