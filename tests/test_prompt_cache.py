@@ -43,10 +43,11 @@ def test_a_lower_tier_gets_every_kept_entry_and_serves_a_longer_prefix():
         def __init__(self):
             self.stored, self.asked = [], []
 
-        def lookup(self, namespace, text):
-            self.asked.append((namespace, text))
+        def lookup(self, namespace, text, longer_than=0):
+            self.asked.append((namespace, text, longer_than))
             fits = [pc for ns, pc in self.stored if ns == namespace and text.startswith(pc.text)]
-            return max(fits, key=lambda pc: len(pc.text), default=None)  # the longest prefix
+            best = max(fits, key=lambda pc: len(pc.text), default=None)  # the longest prefix
+            return best if best is not None and len(best.text) > longer_than else None
 
         def store(self, namespace, pc):
             self.stored.append((namespace, pc))
@@ -57,4 +58,4 @@ def test_a_lower_tier_gets_every_kept_entry_and_serves_a_longer_prefix():
     store.keep(entry("long"), namespace="x")  # evicts the longer one from memory
     assert [pc.text for _, pc in tier.stored] == ["long shared prefix", "long"]
     assert store.take("long shared prefix and more", "x").text == "long shared prefix"
-    assert tier.asked[-1] == ("x", "long shared prefix and more")
+    assert tier.asked[-1] == ("x", "long shared prefix and more", len("long"))  # what memory already shares
