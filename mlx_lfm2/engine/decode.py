@@ -24,7 +24,6 @@ import mlx.core as mx
 
 from ..model import device
 from ..model.cache import checkpoint
-from ..model.pipeline import PipelineModel
 from .validate import check_token_ids, vocab_rows
 
 
@@ -103,7 +102,7 @@ def generate_step(prompt: mx.array, model, cache: list, *, max_tokens: int = 256
     # Under mlx.launch every rank runs this loop; rank 0's prompt, tokens and stop decisions
     # are shared so the ranks stay in step (see model.pipeline); a stop_event then ends it a token
     # or two later than in one process (the flag travels with a token).
-    shared = isinstance(model, PipelineModel)
+    shared = getattr(model, "shares_tokens", False)  # a pipeline stage (stand-in models lack it)
     if shared:
         prompt = model.share_prompt(prompt)
     picker = Picker(sampler, list(logits_processors), prompt)
