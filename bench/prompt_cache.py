@@ -93,12 +93,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def ask(port: int, messages: list) -> tuple[float, dict]:
+def ask(port: int, messages: list, model: str) -> tuple[float, dict]:
     import httpx
 
-    t = time.perf_counter()
+    t = time.perf_counter()  # mlx-lm's server loads the model a request names: name its folder
     r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=3600,
-                   json={"model": "m", "messages": messages, "max_tokens": 1, "temperature": 0})
+                   json={"model": model, "messages": messages, "max_tokens": 1, "temperature": 0})
     if r.status_code != 200:
         raise RuntimeError(f"{r.status_code}: {r.text[:500]}")
     return time.perf_counter() - t, r.json().get("usage", {})
@@ -109,18 +109,18 @@ def measure(engine: str, model: Path, messages: list, prompt_tokens: int) -> dic
     port = free_port()
     proc = start(engine, model, port, cache_dir)
     try:
-        cold, _ = ask(port, messages)
+        cold, _ = ask(port, messages, str(model))
     finally:
         stop(proc)
     proc = start(engine, model, port, cache_dir)
     try:
-        warm, use = ask(port, messages)
+        warm, use = ask(port, messages, str(model))
     finally:
         stop(proc)
     disk = sum(f.stat().st_size for f in cache_dir.glob("blk-*"))
     cached = (use.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
     return {"cold_s": round(cold, 3), "after_restart_s": round(warm, 3), "ratio": round(warm / cold, 4),
-            "cached_tokens": cached, "prompt_tokens": prompt_tokens,
+            "cached_tokens": cached, "prompt_tokens": prompt_tokens, "prefilled_after_restart": prompt_tokens - cached,
             "disk_bytes_per_1k_tokens": round(disk / max(cached, 1) * 1000) if disk else 0}
 
 
