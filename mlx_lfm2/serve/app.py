@@ -5,8 +5,8 @@ Assembly only; each job has its module:
 * ``scheduler``: the worker thread that owns the model (continuous batching, or one job at a
   time for speculative decoding and ``mlx.launch``), the job queue, the prompt caches;
 * ``service``: what both APIs do with a request (auth, prepare, the reply assembler);
-* ``openai`` (request models in ``openai_api``) and ``anthropic``: one module per API, each an
-  app with its own routes and error shape;
+* ``openai`` (request models in ``openai_api``), ``responses`` (OpenAI's Responses API) and
+  ``anthropic``: one module per API, each an app with its own routes and error shape;
 * ``boundary``: the HTTP error type, bodies, validation, disconnects, the uvicorn server.
 
 Limits (see README, "Security model", and ``boundary``): bodies are JSON of bounded size read

@@ -33,7 +33,6 @@ from ..engine.generation import TextStream, default_sampling, stream_request
 from ..engine.request import PromptTooLongError, build_request
 from ..engine.sample import SamplingParams
 from ..engine.prompt_cache import PromptCache, PromptCacheStore
-from ..model.cache import reachable, rewind
 from ..engine.score import score_prompt
 from .boundary import APIError
 
@@ -147,8 +146,12 @@ class Scheduler:
         the ids still to feed (built and checked by the engine's one request builder)."""
         pc = self.caches.take(job.prompt_text)
         ids = pc.new_tokens(self.tokenizer, job.prompt_text, job.ids)
-        if job.ids is not None and pc.offset + len(ids) >= self.max_context > len(job.ids):
-            ids = self._fit(pc, job)  # a sampled reply held more tokens than its text re-encodes to
+        # A sampled reply need not be tokenized as its text re-encodes: a cache holding one can
+        # overflow the context where the fresh prompt fits. Keep less of it until it fits.
+        excess = pc.offset + len(ids) + 1 - self.max_context
+        while excess > 0 and pc.offset > 0:
+            ids = pc.new_tokens(self.tokenizer, job.prompt_text, job.ids, at_most=pc.offset - excess)
+            excess = pc.offset + len(ids) + 1 - self.max_context
         if not ids:  # a cache that consumed this whole prompt leaves nothing to sample from
             pc = self.caches.fresh()
             ids = pc.new_tokens(self.tokenizer, job.prompt_text, job.ids)
@@ -157,20 +160,6 @@ class Scheduler:
         job.cached_tokens = pc.offset
         job.prompt_tokens = pc.offset + len(ids)
         return pc, request
-
-    def _fit(self, pc: PromptCache, job: Job) -> list:
-        """Rewind ``pc`` to the longest prefix it shares with the job's own ids that it can
-        reach, so the prompt fits wherever a cold run fits; the ids still to feed."""
-        k = 0
-        while k < min(len(pc.tokens), len(job.ids) - 1) and pc.tokens[k] == job.ids[k]:
-            k += 1
-        k = reachable(pc.cache + (pc.draft_cache or []), k)
-        for c in (pc.cache, pc.draft_cache):
-            if c is not None:
-                rewind(c, c[0].offset - k)
-        pc.tokens = pc.tokens[:k]
-        pc.text = job.prompt_text[: len(self.tokenizer.decode(pc.tokens))]
-        return list(job.ids[k:])
 
     def _keep(self, pc: PromptCache, job: Job) -> None:
         self.caches.keep(pc)
