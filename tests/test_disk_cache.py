@@ -17,7 +17,7 @@ import pytest
 from conftest import tiny_config
 from mlx_lfm2.engine.cache_files import CacheFileError, SafeTensors, write
 from mlx_lfm2.engine.disk_cache import BLOCK, BlockStore
-from mlx_lfm2.engine.generation import generate_step, prefill
+from mlx_lfm2.engine.decode import generate_step, prefill
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +191,7 @@ WRITER = """
 import sys, mlx.core as mx, numpy as np
 from mlx_lfm2 import load
 from mlx_lfm2.engine.disk_cache import BlockStore, block_keys
-from mlx_lfm2.engine.generation import prefill
+from mlx_lfm2.engine.decode import prefill
 model, tok = load(sys.argv[1])
 store = BlockStore(sys.argv[2], model, tok)
 seeds = [int(s) for s in sys.argv[3].split(",")]
@@ -250,3 +250,17 @@ def test_two_processes_writing_the_same_prefix_at_once(lm, model_folder, tmp_pat
     cache, n = store.lookup(t)
     assert n == 4 * BLOCK and len(list(tmp_path.glob("blk-*"))) == 4
     same_cache(cache, cold(model, t))
+
+
+def test_background_writes_land_whole_and_a_resave_while_queued_writes_nothing_twice(lm, tmp_path):
+    model, tok = lm
+    store = BlockStore(tmp_path, model, tok, background=True)
+    toks = tokens(3 * BLOCK + 5, seed=50)
+    cache = cold(model, toks)
+    assert store.save(toks, cache) == 3
+    assert store.save(toks, cache) == 0  # queued or written already
+    store.flush()
+    assert not list(tmp_path.glob(".tmp-*"))
+    restored, n = BlockStore(tmp_path, model, tok).lookup(toks, len(toks) - 1)
+    assert n == 3 * BLOCK
+    same_cache(restored, cold(model, toks[:n]))

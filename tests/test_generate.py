@@ -9,7 +9,8 @@ import pytest
 
 from conftest import ScriptedModel as MockModel, reference_dir, tiny_config
 from mlx_lfm2 import Chat, generate, load, stream_generate
-from mlx_lfm2.engine.generation import PromptTooLongError, generate_step
+from mlx_lfm2.engine.decode import generate_step
+from mlx_lfm2.engine.request import PromptTooLongError
 from mlx_lfm2.engine.sample import make_logits_processors, make_sampler
 
 
@@ -196,9 +197,6 @@ def test_interrupted_reply_leaves_a_cache_equal_to_a_fresh_prefill(chat_model):
     model, tok, _ = chat_model
     chat = Chat(model, tok, temperature=0.0, repetition_penalty=None)
     list(chat.send("First question", max_tokens=6))
-
-    class Boom(Exception):
-        pass
 
     calls = {"n": 0}
     real_call = type(model).__call__

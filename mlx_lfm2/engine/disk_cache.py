@@ -97,7 +97,7 @@ class BlockStore:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.model, self.max_bytes, self.block = model, int(max_bytes), block
         self.identity = model_digest(model, tokenizer)
-        self.layout = layout(model)
+        self._layout: Optional[list] = None
         self._refused: set[str] = set()  # keys whose file failed a read: the next save rewrites them
         # background: files are hashed and written by a thread (``flush`` waits for it); the
         # caller's thread only copies the arrays out, so a server's next step is not held up.
@@ -107,6 +107,14 @@ class BlockStore:
             self._writes = queue.Queue()
             threading.Thread(target=self._writer, daemon=True, name="mlx_lfm2-disk-cache").start()
         self.stats = {"blocks_read": 0, "blocks_written": 0, "blocks_skipped": 0, "blocks_evicted": 0}
+
+    @property
+    def layout(self) -> list:
+        """Made on first use, by the thread that runs the model (a server's worker: MLX's
+        CPU streams belong to the thread that made them)."""
+        if self._layout is None:
+            self._layout = layout(self.model)
+        return self._layout
 
     def path(self, key: str) -> Path:
         return self.folder / f"blk-{key}.safetensors"
@@ -307,7 +315,7 @@ class DiskTier:
     (``engine/prompt_cache.py``): prompts in as text, ``PromptCache`` entries out."""
 
     def __init__(self, store: BlockStore, tokenizer, draft_model=None):
-        self.disk, self.tokenizer, self.draft_model = store, tokenizer, draft_model
+        self.blocks, self.tokenizer, self.draft_model = store, tokenizer, draft_model
 
     def lookup(self, namespace: str, text: str, longer_than: int = 0):
         """The longest stored prefix of ``text`` as a ``PromptCache`` (at least one token of
@@ -317,21 +325,21 @@ class DiskTier:
 
         tok = self.tokenizer
         ids = tok.encode(text, add_special_tokens=False)  # the template writes BOS itself
-        block = self.disk.block
-        n = min(self.disk.chain_length(ids, namespace), len(ids) - 1) // block * block
+        block = self.blocks.block
+        n = min(self.blocks.chain_length(ids, namespace), len(ids) - 1) // block * block
         if n == 0 or len(tok.decode(ids[:n])) <= longer_than:
             return None  # nothing stored, or no more than memory holds: read nothing
-        cache, n = self.disk.lookup(ids, n, namespace)  # shorter if a block fails its checks
+        cache, n = self.blocks.lookup(ids, n, namespace)  # shorter if a block fails its checks
         while n > 0 and not text.startswith(tok.decode(ids[:n])):  # a character split at the end
             rewind(cache, block)
             n -= block
         if n == 0:
             return None
-        return PromptCache(self.disk.model, cache, text[: len(tok.decode(ids[:n]))], ids[:n],
+        return PromptCache(self.blocks.model, cache, text[: len(tok.decode(ids[:n]))], ids[:n],
                            draft_model=self.draft_model)
 
     def store(self, namespace: str, pc, pin: bool = False) -> None:
-        self.disk.save(pc.tokens, pc.cache, pin=pin, namespace=namespace)
+        self.blocks.save(pc.tokens, pc.cache, pin=pin, namespace=namespace)
 
 
 def default_folder() -> Path:

@@ -1,17 +1,12 @@
 """Conversations that keep their cache, so turn N prefills only turn N.
 
-``PromptCache`` pairs a model cache with the exact prompt text it has consumed. A new
-prompt that extends that text costs only its suffix; one that does not (a regenerated
-reply, an edited or dropped message) rewinds the cache to the longest common prefix it
-can reach (``cache.py``: anywhere in the last few tokens, or a checkpoint such as the end
-of a prompt or of a turn) and prefills the rest. Matching on rendered text rather than
-token ids keeps this exact even when a sampled reply is not tokenized the way its
-re-rendered text would be.
-
-``Chat`` copies the cache at each turn boundary (arrays are immutable, the copy is cheap):
-a reply interrupted mid-step (Ctrl-C) restores that copy, and the partial reply is kept in
-the transcript for the next turn to prefill. ``retry()`` and ``undo()`` edit the transcript;
-the next prompt then rewinds instead of prefilling the conversation again.
+``Chat`` keeps its conversation's cache in a one-entry ``prompt_cache.PromptCacheStore``
+(which extends it, or rewinds it to the longest common prefix it can reach) and works on a
+copy each turn (arrays are immutable, the copy is cheap): a reply interrupted mid-step
+(Ctrl-C) leaves the stored turn as it was, and the partial reply is kept in the transcript
+for the next turn to prefill. ``retry()`` and ``undo()`` edit the transcript; the next
+prompt then rewinds instead of prefilling the conversation again. ``save``/``load`` write
+and check the transcript, cache and model identity.
 """
 
 from __future__ import annotations
@@ -24,11 +19,11 @@ from typing import Iterator, Optional
 
 import mlx.core as mx
 
-from ..model.cache import checkpoint, copy_cache, reachable, rewind
 from ..text.tokenizer import RenderedPrompt, plain_spans
 from .cache_files import CacheFileError, SafeTensors, layout, save_session, session_cache
 from .disk_cache import model_digest
 from .generation import GenerationResponse, default_sampling, stream_generate
+from .prompt_cache import PromptCache, PromptCacheStore
 from .sample import SamplingParams
 
 FORMAT = "mlx_lfm2.chat/3"  # /2 records the model's identity, /3 checksums and its weights' digest
@@ -53,93 +48,6 @@ def _mismatch(saved: dict, ours: dict) -> str:
     return f"config hash {saved.get('config_hash')} there vs {ours['config_hash']} here"
 
 
-class PromptCache:
-    """A model cache, the token ids it has consumed, and the prompt text they spell."""
-
-    def __init__(self, model, cache=None, text: str = "", tokens=(), draft_model=None, draft_cache=None):
-        self.model, self.draft_model = model, draft_model
-        self.cache = cache if cache is not None else model.make_cache()
-        self.text, self.tokens = text, list(tokens)
-        # A draft model's cache (speculative decoding) holds what ``cache`` holds.
-        self.draft_cache = draft_cache
-        if draft_model is not None and (draft_cache is None or draft_cache[0].offset != self.offset):
-            self.draft_cache = draft_model.make_cache()
-            if self.tokens:
-                from .generation import prefill
-
-                prefill(draft_model, mx.array(self.tokens, dtype=mx.uint32), self.draft_cache)
-
-    @property
-    def offset(self) -> int:
-        return self.cache[0].offset if self.cache else 0
-
-    def copy(self) -> "PromptCache":
-        draft = copy_cache(self.draft_cache) if self.draft_cache is not None else None
-        return PromptCache(self.model, copy_cache(self.cache), self.text, self.tokens, self.draft_model, draft)
-
-    @property
-    def _caches(self) -> list:
-        return self.cache + (self.draft_cache or [])
-
-    def reusable(self, tokenizer, prompt_text: str) -> int:
-        """How many cached tokens ``prompt_text`` could reuse (what ``new_tokens`` keeps).
-
-        A shared prefix must agree on the untrusted-content spans too: the same characters
-        typed by a user and written by the template are different tokens.
-        """
-        if self.offset != len(self.tokens) or not self.tokens:
-            return 0
-
-        def same(n: int) -> bool:  # the first n characters: same text, same untrusted spans
-            return prompt_text.startswith(self.text[:n]) and plain_spans(prompt_text[:n]) == plain_spans(self.text[:n])
-
-        if len(prompt_text) > len(self.text) and same(len(self.text)):
-            return len(self.tokens)
-
-        def fits(p: int) -> bool:
-            prefix = tokenizer.decode(self.tokens[:p])
-            return len(prefix) < len(prompt_text) and self.text.startswith(prefix) and same(len(prefix))
-
-        # The longest token prefix that spells a proper prefix of the prompt (binary search),
-        # then the nearest offset below it that every layer can rewind to.
-        lo, hi = 0, len(self.tokens)
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
-        p = reachable(self._caches, lo)
-        while p > 0 and not fits(p):  # a split multi-byte character: step back
-            p = reachable(self._caches, p - 1)
-        return p
-
-    def new_tokens(self, tokenizer, prompt_text: str) -> list[int]:
-        """Ids of the part of ``prompt_text`` not yet in the cache: the cache is extended,
-        rewound to the longest common prefix it can reach, or reset."""
-        self.trim(tokenizer, prompt_text)
-        return tokenizer.encode(prompt_text[len(self.text):], add_special_tokens=False)
-
-    def trim(self, tokenizer, prompt_text: str) -> None:
-        """Keep only what ``prompt_text`` can reuse: rewind to the longest common prefix the
-        cache can reach, or reset."""
-        keep = self.reusable(tokenizer, prompt_text)
-        if keep == 0:
-            self.cache, self.text, self.tokens = self.model.make_cache(), "", []
-            if self.draft_model is not None:
-                self.draft_cache = self.draft_model.make_cache()
-        elif keep < len(self.tokens):
-            rewind(self.cache, self.offset - keep)
-            if self.draft_cache is not None:
-                rewind(self.draft_cache, self.draft_cache[0].offset - keep)
-            self.tokens = self.tokens[:keep]
-            self.text = prompt_text[: len(tokenizer.decode(self.tokens))]  # keeps the spans
-
-    def commit(self, tokenizer, prompt_text: str, prompt_ids: list[int], generated: list[int]) -> None:
-        """After generation: record what the cache consumed (the prompt, and most of the reply)."""
-        fed = (list(prompt_ids) + list(generated))[: self.offset - len(self.tokens)]
-        self.tokens += fed
-        self.text = prompt_text + tokenizer.decode(fed[len(prompt_ids):])
-        checkpoint(self._caches)  # the end of this turn: where a later edit can come back to
-
-
 class Chat:
     """A multi-turn conversation: ``for r in chat.send("hi"): print(r.text, end="")``."""
 
@@ -153,14 +61,21 @@ class Chat:
         self.speculative = dict(num_draft_tokens=num_draft_tokens, prompt_lookup=prompt_lookup)
         self.sampling = (sampling or SamplingParams(**default_sampling(model))).replace(**settings)
         self.system = system
+        # One conversation: the store holds its cache as of the last whole turn.
+        self.store = PromptCacheStore(model, entries=1, draft_model=draft_model)
         self.reset()
 
     def reset(self, system: Optional[str] = None) -> None:
         if system is not None:
             self.system = system
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
-        self.prompt_cache = PromptCache(self.model, draft_model=self.draft_model)
+        self.store.clear()
         self._stats: list[tuple[int, GenerationResponse]] = []  # (index of the reply in messages, its stats)
+
+    @property
+    def prompt_cache(self) -> PromptCache:
+        """The conversation's cache as of its last whole turn."""
+        return self.store.latest() or self.store.fresh()
 
     @property
     def last(self) -> Optional[GenerationResponse]:
@@ -179,9 +94,9 @@ class Chat:
         return self.reply(**overrides)
 
     def reply(self, **overrides) -> Iterator[GenerationResponse]:
-        tok, pc = self.tokenizer, self.prompt_cache
+        tok = self.tokenizer
         prompt = tok.apply_chat_template(self.messages, tools=self.tools, add_generation_prompt=True)
-        snapshot = pc.copy()
+        pc = self.store.take(prompt)  # a copy: the stored turn stays as it was until this one ends
         ids = pc.new_tokens(tok, prompt)
         reply, generated, finished, latest = "", [], False, None
         try:
@@ -203,8 +118,9 @@ class Chat:
                 self._stats.append((len(self.messages) - 1, dataclasses.replace(latest, finish_reason="interrupted")))
             if finished:
                 pc.commit(tok, prompt, ids, generated)
-            else:  # interrupted inside a step: the cache may be half-updated
-                self.prompt_cache = snapshot
+                self.store.keep(pc)
+            # else: interrupted inside a step, the copy may be half-updated; the store keeps
+            # the last whole turn, and the partial reply is prefilled with the next one.
 
     def retry(self, **overrides) -> Iterator[GenerationResponse]:
         """Regenerate the last reply (the cache rewinds to the end of its prompt)."""
@@ -224,7 +140,10 @@ class Chat:
         # The cache keeps only what the remaining conversation can reuse (what /stats counts).
         rest = (self.tokenizer.apply_chat_template(self.messages, tools=self.tools, add_generation_prompt=False)
                 if self.messages else "")
-        self.prompt_cache.trim(self.tokenizer, rest)
+        pc = self.store.take(rest)
+        pc.trim(self.tokenizer, rest)
+        self.store.clear()
+        self.store.keep(pc)  # (nothing when no token of it remains)
         return dropped
 
     @property
@@ -284,4 +203,5 @@ class Chat:
             pc = PromptCache(self.model, draft_model=self.draft_model)
         self.messages, self._stats = messages, []
         self.system = meta.get("system") or None
-        self.prompt_cache = pc
+        self.store.clear()
+        self.store.keep(pc)

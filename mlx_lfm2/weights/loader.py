@@ -12,6 +12,7 @@ import mlx.core as mx
 from ..model import device
 from ..model.config import ConfigError, ModelArgs
 from ..model.blocks import Model
+from ..model.layers import specialize
 from ..model.pipeline import PipelineModel, launched, layer_of, plan_stages, read_header
 from .hub import hub_error
 from .layouts import load_into, safetensors_files
@@ -72,12 +73,10 @@ def load_model(folder: Union[str, Path], dtype: Optional[mx.Dtype] = None, lazy:
         model = Model(args)
         load_into(model, safetensors_files(folder), args, dtype=dtype)
     model.compute_dtype = default_compute_dtype(args) if compute_dtype == "auto" else compute_dtype
-    if device.fuse_matmuls():
-        model.fuse_matmuls(evaluate=not lazy)
+    specialize(model, evaluate=not lazy)  # the device's layer variants (model.layers)
     if not lazy:
         mx.eval(model.parameters())
-    if isinstance(model, PipelineModel):  # wait for the slowest rank's load before any recv
-        mx.eval(mx.distributed.all_sum(mx.array(1), group=model.group, stream=mx.cpu))
+    model.sync_ranks()  # a pipeline: wait for the slowest rank's load before any recv
     model.eval()
     return model
 
