@@ -1,0 +1,131 @@
+"""LoRA / DoRA layers and adapter folders: round trips with mlx-lm, both ways, same logits."""
+
+import json
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten, tree_unflatten
+
+from conftest import tiny_config
+from mlx_lfm2 import load
+from mlx_lfm2.model.lora import (LoRASwitchLinear, adapters_off, apply_lora, merge, stacked_delta,
+                                 trainable_adapters, lora_delta)
+from mlx_lfm2.weights.adapters import AdapterError, adapter_config, load_adapters, save_adapters
+from mlx_lfm2.weights.loader import load_model
+
+mlx_lm_utils = pytest.importorskip("mlx_lm.utils")
+mlx_lm_tuner = pytest.importorskip("mlx_lm.tuner.utils")
+
+IDS = mx.array(np.random.default_rng(3).integers(0, 1000, (2, 70)))  # 140 tokens: sorted experts too
+
+
+def randomize_adapters(model, seed=0):
+    """Non-zero B (a fresh LoRA is the identity, which would hide a wrong name or layout)."""
+    rng = np.random.default_rng(seed)
+    model.update(tree_unflatten([(k, mx.array(0.02 * rng.standard_normal(v.shape).astype(np.float32)))
+                                 for k, v in tree_flatten(model.trainable_parameters())]))
+
+
+@pytest.fixture(scope="module")
+def folders(checkpoint, tmp_path_factory):
+    from mlx_lfm2.weights.conversion import convert
+
+    # mlx-lm's lfm2 needs the old block_* keys too
+    dense = checkpoint(tiny_config("tiny-dense", block_dim=64, block_multiple_of=32, block_ffn_dim_multiplier=1.0),
+                       tokenizer=True)
+    moe = checkpoint(tiny_config("tiny-moe"), tokenizer=True)
+    q4 = convert(moe, tmp_path_factory.mktemp("q") / "q4", quantize=True, q_group_size=32, dtype="float32",
+                 progress=False)
+    return {"dense": dense, "moe": moe, "moe-4bit": q4}
+
+
+@pytest.mark.parametrize("name,kind", [("dense", "lora"), ("moe", "lora"), ("moe-4bit", "lora"),
+                                       ("dense", "dora")])
+def test_mlx_lm_loads_our_adapter_with_the_same_logits(folders, tmp_path, name, kind):
+    model = load_model(folders[name])
+    apply_lora(model, 3, rank=4, scale=10.0, dora=kind == "dora")
+    trainable_adapters(model)
+    randomize_adapters(model)
+    save_adapters(model, tmp_path, adapter_config(model, kind, 3, {"rank": 4, "scale": 10.0}))
+    names = mx.load(str(tmp_path / "adapters.safetensors"))
+    assert not any("experts" in k for k in names)  # mlx-lm's names, never ours
+    theirs, _ = mlx_lm_utils.load_model(folders[name])
+    mlx_lm_tuner.load_adapters(theirs, str(tmp_path))
+    ours = model(IDS)
+    with adapters_off(model):
+        base = model(IDS)
+    assert float(mx.abs(ours - base).max()) > 1e-2  # the adapter changes the logits
+    np.testing.assert_allclose(np.array(ours), np.array(theirs(IDS)), atol=2e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name,kind", [("dense", "lora"), ("moe", "lora"), ("moe-4bit", "lora"),
+                                       ("dense", "dora")])
+def test_we_load_mlx_lm_adapter_with_the_same_logits(folders, tmp_path, name, kind):
+    theirs, _ = mlx_lm_utils.load_model(folders[name])
+    theirs.freeze()
+    lora = {"rank": 4, "scale": 5.0, "dropout": 0.0}
+    mlx_lm_tuner.linear_to_lora_layers(theirs, 2, lora, use_dora=kind == "dora")
+    randomize_adapters(theirs, seed=1)
+    mx.save_safetensors(str(tmp_path / "adapters.safetensors"), dict(tree_flatten(theirs.trainable_parameters())))
+    (tmp_path / "adapter_config.json").write_text(json.dumps(
+        {"fine_tune_type": kind, "num_layers": 2, "lora_parameters": lora}))
+    model, _ = load(folders[name], adapter_path=tmp_path)
+    np.testing.assert_allclose(np.array(model(IDS)), np.array(theirs(IDS)), atol=2e-4, rtol=0)
+
+
+def test_expert_rank_and_keys_round_trip(folders, tmp_path):
+    model = load_model(folders["moe"])
+    keys = ["self_attn.q_proj", "feed_forward.experts.w1", "feed_forward.experts.w2"]
+    apply_lora(model, -1, rank=4, keys=keys, expert_rank=2)
+    trainable_adapters(model)
+    randomize_adapters(model)
+    cfg = adapter_config(model, "lora", -1, {"rank": 4, "expert_rank": 2, "keys": keys})
+    assert cfg["lora_parameters"]["keys"] == ["feed_forward.switch_mlp.down_proj",
+                                              "feed_forward.switch_mlp.gate_proj", "self_attn.q_proj"]
+    save_adapters(model, tmp_path, cfg)
+    again = load_model(folders["moe"], adapter_path=tmp_path)
+    assert again.layers[3].feed_forward.experts.w1.lora_a.shape == (8, 2, 64)
+    np.testing.assert_allclose(np.array(again(IDS)), np.array(model(IDS)), atol=1e-5, rtol=0)
+
+
+def test_merge_equals_the_adapted_model(folders):
+    model = load_model(folders["moe"])
+    apply_lora(model, 2, rank=4)
+    trainable_adapters(model)
+    randomize_adapters(model)
+    want = model(IDS)
+    assert merge(model) > 0 and not any(isinstance(m, LoRASwitchLinear) for _, m in model.named_modules())
+    np.testing.assert_allclose(np.array(model(IDS)), np.array(want), atol=1e-4, rtol=0)
+
+
+def test_stacked_delta_equals_each_adapter_alone():
+    """The per-row form a mixed batch will use: row i with adapter rows[i] (0: a zero adapter)."""
+    rng = np.random.default_rng(0)
+    x = mx.array(rng.standard_normal((4, 5, 16)).astype(np.float32))
+    a = mx.array(rng.standard_normal((3, 16, 2)).astype(np.float32)).at[0].multiply(0)
+    b = mx.array(rng.standard_normal((3, 2, 8)).astype(np.float32))
+    scale, rows = mx.array([1.0, 2.0, 0.5]), mx.array([2, 0, 1, 2])
+    got = stacked_delta(x, a, b, scale, rows)
+    for i, r in enumerate(rows.tolist()):
+        np.testing.assert_allclose(np.array(got[i]), np.array(lora_delta(x[i], a[r], b[r], float(scale[r]))),
+                                   atol=1e-5)
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda d: (d / "adapters.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}"),
+     "adapters.safetensors"),
+    (lambda d: (d / "adapter_config.json").write_text('{"fine_tune_type": "lora", "num_layers": 2, '
+                                                     '"lora_parameters": {"rank": 3, "scale": 1.0}}'),
+     "lora_a: shape (64, 4), the model's is (64, 3)"),
+    (lambda d: (d / "adapter_config.json").write_text('{"fine_tune_type": "qlora"}'), "fine_tune_type 'qlora'"),
+    (lambda d: (d / "adapter_config.json").unlink(), "has no adapter_config.json"),
+])
+def test_bad_adapter_folders_are_clear_errors(folders, tmp_path, change, message):
+    model = load_model(folders["dense"])
+    apply_lora(model, 2, rank=4)
+    save_adapters(model, tmp_path, adapter_config(model, "lora", 2, {"rank": 4, "scale": 1.0}))
+    change(tmp_path)
+    with pytest.raises(AdapterError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_model(folders["dense"], adapter_path=tmp_path)
