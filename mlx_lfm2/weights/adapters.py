@@ -84,14 +84,14 @@ def adapter_weights(model: nn.Module, fine_tune_type: str) -> dict:
     return {to_mlx_lm_name(k, model.model_type): v for k, v in params if keep(k)}
 
 
-def adapter_config(model: nn.Module, fine_tune_type: str, num_layers: int, lora: dict, **extra) -> dict:
+def adapter_config(model: nn.Module, fine_tune_type: str, num_layers: int, lora: dict, extra=None) -> dict:
     """``adapter_config.json`` as mlx-lm writes it (``extra``: the rest of the run's settings)."""
     lora = {**DEFAULT_LORA, **lora}
     if lora.get("keys") is not None:
         lora["keys"] = sorted(outer_key(k, model.model_type) for k in lora["keys"])
     if lora.get("expert_rank") in (None, lora["rank"]):
         lora.pop("expert_rank", None)
-    return {**extra, "fine_tune_type": fine_tune_type, "num_layers": num_layers, "lora_parameters": lora}
+    return {**(extra or {}), "fine_tune_type": fine_tune_type, "num_layers": num_layers, "lora_parameters": lora}
 
 
 def save_adapters(model: nn.Module, folder: Union[str, Path], config: dict) -> Path:

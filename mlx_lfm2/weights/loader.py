@@ -62,10 +62,12 @@ def default_compute_dtype(args: ModelArgs) -> Optional[mx.Dtype]:
 
 def load_model(folder: Union[str, Path], dtype: Optional[mx.Dtype] = None, lazy: bool = False,
                compute_dtype: Union[mx.Dtype, None, str] = "auto",
-               pipeline: Optional[bool] = None, adapter_path: Union[str, Path, None] = None) -> Model:
+               pipeline: Optional[bool] = None, adapter_path: Union[str, Path, None] = None,
+               fuse: Optional[bool] = None) -> Model:
     """``pipeline``: this rank's stage of the model (see ``model.pipeline``); None: when launched
     by ``mlx.launch`` with more than one process. ``adapter_path``: an adapter folder (mlx-lm's
-    layout or PEFT's, see ``weights.adapters``) added to the model, which then stays unfused."""
+    layout or PEFT's, see ``weights.adapters``) added to the model, which then stays unfused.
+    ``fuse``: the fused runtime layout (None: ``device.fuse_matmuls()``; training wants False)."""
     folder = Path(folder)
     args = ModelArgs.from_dict(load_config(folder))
     if pipeline or (pipeline is None and launched()):
@@ -78,7 +80,7 @@ def load_model(folder: Union[str, Path], dtype: Optional[mx.Dtype] = None, lazy:
         from .adapters import load_adapters
 
         load_adapters(model, adapter_path)
-    elif device.fuse_matmuls():
+    elif device.fuse_matmuls() if fuse is None else fuse:
         model.fuse_matmuls(evaluate=not lazy)
     if not lazy:
         mx.eval(model.parameters())
@@ -118,7 +120,8 @@ def load_stage(folder: Path, args: ModelArgs, dtype: Optional[mx.Dtype] = None, 
 
 def load(path_or_repo: Union[str, Path], dtype: Optional[mx.Dtype] = None, lazy: bool = False,
          revision: Optional[str] = None, compute_dtype: Union[mx.Dtype, None, str] = "auto",
-         pipeline: Optional[bool] = None, adapter_path: Union[str, Path, None] = None):
+         pipeline: Optional[bool] = None, adapter_path: Union[str, Path, None] = None,
+         fuse: Optional[bool] = None):
     """Load a model folder or hub repo; returns ``(model, tokenizer)``.
 
     ``dtype`` casts floating weights (the router's expert_bias stays float32); ``lazy``
@@ -131,7 +134,7 @@ def load(path_or_repo: Union[str, Path], dtype: Optional[mx.Dtype] = None, lazy:
 
     folder = resolve(path_or_repo, revision)
     model = load_model(folder, dtype=dtype, lazy=lazy, compute_dtype=compute_dtype, pipeline=pipeline,
-                       adapter_path=adapter_path)
+                       adapter_path=adapter_path, fuse=fuse)
     tokenizer = load_tokenizer(folder, model.args)
     check_vocab(tokenizer, model.args.vocab_size, folder)
     return model, tokenizer
