@@ -129,3 +129,49 @@ def test_bad_adapter_folders_are_clear_errors(folders, tmp_path, change, message
     change(tmp_path)
     with pytest.raises(AdapterError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_model(folders["dense"], adapter_path=tmp_path)
+
+
+def make_adapter(folder, out, b_scale=0.02, seed=0):
+    model = load_model(folder)
+    mx.random.seed(seed)
+    apply_lora(model, 2, rank=4, scale=1.0)
+    trainable_adapters(model)
+    rng = np.random.default_rng(seed)
+    model.update(tree_unflatten([(k, mx.array(b_scale * rng.standard_normal(v.shape).astype(np.float32)))
+                                 if k.endswith("lora_b") else (k, v)
+                                 for k, v in tree_flatten(model.trainable_parameters())]))
+    save_adapters(model, out, adapter_config(model, "lora", 2, {"rank": 4, "scale": 1.0}))
+    return model
+
+
+def run_fuse(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "mlx_lfm2.fuse", *map(str, args)], capture_output=True, text=True)
+
+
+def test_fuse_writes_a_folder_mlx_lm_loads_with_the_adapted_logits(folders, tmp_path):
+    adapted = make_adapter(folders["moe"], tmp_path / "a", b_scale=0.5)
+    r = run_fuse("--model", folders["moe"], "--adapter-path", tmp_path / "a", "--save-path", tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    assert "100.0% of the effect kept" in r.stdout
+    want = np.array(adapted(IDS))
+    np.testing.assert_allclose(np.array(load_model(tmp_path / "out")(IDS)), want, atol=1e-4)
+    theirs, _ = mlx_lm_utils.load(str(tmp_path / "out"))
+    np.testing.assert_allclose(np.array(theirs(IDS)), want, atol=1e-4)
+    card = (tmp_path / "out/README.md").read_text()
+    assert str(folders["moe"]) in card and str(tmp_path / "a") in card
+    assert run_fuse("--model", folders["moe"], "--adapter-path", tmp_path / "a",
+                    "--save-path", tmp_path / "out").returncode == 2  # never overwrites
+
+
+def test_fuse_refuses_when_requantizing_loses_the_adapter(folders, tmp_path):
+    make_adapter(folders["moe-4bit"], tmp_path / "a", b_scale=1e-4)
+    r = run_fuse("--model", folders["moe-4bit"], "--adapter-path", tmp_path / "a", "--save-path", tmp_path / "out")
+    assert r.returncode == 1 and "loses the adapter" in r.stderr and "fused vs unfused differ by rms" in r.stdout
+    assert not (tmp_path / "out").exists()
+    r = run_fuse("--model", folders["moe-4bit"], "--adapter-path", tmp_path / "a", "--save-path", tmp_path / "out",
+                 "--dequantize")
+    assert r.returncode == 0, r.stderr
+    assert "quantization" not in json.loads((tmp_path / "out/config.json").read_text())
