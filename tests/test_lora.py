@@ -175,3 +175,43 @@ def test_fuse_refuses_when_requantizing_loses_the_adapter(folders, tmp_path):
                  "--dequantize")
     assert r.returncode == 0, r.stderr
     assert "quantization" not in json.loads((tmp_path / "out/config.json").read_text())
+
+
+def test_generate_cli_applies_the_adapter(folders, tmp_path):
+    import subprocess
+    import sys
+
+    from mlx_lfm2 import generate
+
+    make_adapter(folders["moe"], tmp_path / "a", b_scale=2.0)
+    model, tok = load(folders["moe"], adapter_path=tmp_path / "a")
+    base, _ = load(folders["moe"])
+    chat = [{"role": "user", "content": "Hello!"}]  # the CLI applies the chat template
+    want = generate(model, tok, chat, max_tokens=8, temperature=0)
+    assert want != generate(base, tok, chat, max_tokens=8, temperature=0)
+    out = subprocess.run([sys.executable, "-m", "mlx_lfm2.generate", "--model", str(folders["moe"]), "--adapter-path",
+                          str(tmp_path / "a"), "-p", "Hello!", "-m", "8", "--temp", "0", "--verbose", "F"],
+                         capture_output=True, text=True)
+    assert out.stdout == want + "\n", out.stderr
+
+
+def test_peft_export_runs_in_transformers_peft_and_imports_back(folders, tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from mlx_lfm2.weights.peft import save_peft
+
+    model = load_model(folders["dense"])
+    apply_lora(model, 2, rank=4, scale=2.0)
+    trainable_adapters(model)
+    randomize_adapters(model, seed=4)
+    save_peft(model, tmp_path / "peft", base_model=str(folders["dense"]))
+    ids = np.array(IDS)[:, :30]
+    want = np.array(model(mx.array(ids)))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folders["dense"], dtype=torch.float32)
+    hf = peft.PeftModel.from_pretrained(hf, str(tmp_path / "peft")).eval()
+    with torch.no_grad():
+        theirs = hf(torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(theirs, want, atol=2e-4, rtol=0)
+    again = load_model(folders["dense"], adapter_path=tmp_path / "peft")
+    np.testing.assert_allclose(np.array(again(mx.array(ids))), want, atol=1e-5, rtol=0)

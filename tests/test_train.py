@@ -178,3 +178,59 @@ def greedy(model, tok, prompt, n):
     from mlx_lfm2 import generate
 
     return generate(model, tok, prompt, max_tokens=n, verbose=False)
+
+
+def test_dpo_starts_at_log2_and_raises_the_chosen_margin(models, tmp_path):
+    """The reference is the model with adapters off: at step 0 the policy equals it (loss ln 2)."""
+    from mlx_lfm2.train.losses import sequence_logprobs
+    from mlx_lfm2.weights.adapters import adapter_config
+
+    pairs = [{"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(8)]
+    write_jsonl(tmp_path / "data/train.jsonl", pairs)
+    model, tok = adapted(models["tiny-moe"])
+    data = load_datasets(str(tmp_path / "data"), tok)
+    cfg = TrainConfig(batch_size=4, iters=8, learning_rate=3e-3, train_mode="dpo", adapter_path=str(tmp_path / "a"),
+                      steps_per_report=100, save_every=100)
+    batches = Batches(data["train"], cfg, 0)
+    assert abs(evaluate(model, batches, -1, loss_fn(cfg)) - np.log(2)) < 1e-5
+
+    def margin():
+        return sum(float((sequence_logprobs(model, c) - sequence_logprobs(model, r)).sum())
+                   for c, r in (batches[i] for i in range(batches.per_epoch())))
+
+    before = margin()
+    train(model, cfg, data["train"], [], 0, adapter_config(model, "lora", -1, {"rank": 8, "scale": 10.0}),
+          out=lambda s: None)
+    assert margin() > before + 1.0
+    assert evaluate(model, batches, -1, loss_fn(cfg)) < np.log(2) - 0.05
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["tiny-dense", "tiny-moe", "tiny-moe-4bit"])
+def test_overfitting_twenty_rows_then_greedy_reproduces_them(models, tmp_path, kind):
+    folder = models[kind.replace("-4bit", "")]
+    if kind.endswith("4bit"):
+        from mlx_lfm2.weights.conversion import convert
+
+        folder = convert(folder, tmp_path / "q4", quantize=True, q_group_size=32, dtype="float32", progress=False)
+    data = rows(20)
+    write_jsonl(tmp_path / "data/train.jsonl", data)
+    model, tok = load(folder)
+    mx.random.seed(0)
+    apply_lora(model, -1, rank=16, scale=20.0)
+    trainable_adapters(model)
+    sets = load_datasets(str(tmp_path / "data"), tok, mask_prompt=True)
+    cfg = TrainConfig(batch_size=4, iters=150, learning_rate=5e-3, max_grad_norm=1.0, pack=True, max_seq_length=256,
+                      adapter_path=str(tmp_path / "a"), steps_per_report=1000, save_every=1000)
+    batches = Batches(sets["train"], cfg, 0, pack=False)
+    start = evaluate(model, batches, -1, loss_fn(cfg))
+    from mlx_lfm2.weights.adapters import adapter_config
+
+    train(model, cfg, sets["train"], [], 0, adapter_config(model, "lora", -1, {"rank": 16, "scale": 20.0}),
+          out=lambda s: None)
+    assert evaluate(model, batches, -1, loss_fn(cfg)) < 0.05 * start
+    from mlx_lfm2 import generate
+
+    for r in data[::4]:
+        prompt = tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True)
+        assert generate(model, tok, prompt, max_tokens=12) == r["completion"]  # greedy by default

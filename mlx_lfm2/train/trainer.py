@@ -97,8 +97,9 @@ class Batches:
         return len(self.rows(0))
 
     def __getitem__(self, step: int):
-        n = self.per_epoch()
-        rows = self.rows(step // n)[step % n]
+        n = self.per_epoch()  # epoch 0's count; a packed epoch may make a batch fewer or more
+        epoch = self.rows(step // n)
+        rows = epoch[step % n % len(epoch)]
         if self.dpo:
             return tuple(collate([[getattr(r[0], k)] for r in rows], self.pad_id) for k in ("chosen", "rejected"))
         return (collate(rows, self.pad_id),)
