@@ -1,9 +1,15 @@
 """Structured output: per-token overhead of a JSON-schema constraint, and schema compile time.
 
-Decode runs alternate in one process between: no constraint, the 30-field schema, and the
-30-field schema with the mask computed before the forward is started ("serial": what the
-overlap saves). Medians; each constrained variant's per-token time over the unconstrained
-run of the same round (median of those ratios); the matcher's own CPU time per token.
+Decode runs alternate in one process between: no constraint; the 30-field schema without a
+token budget ("free": the grammar's mask only), with a budget it never reaches ("tracked": the
+completion kept up to date each token), with ``--tokens`` as its budget (its shortest completion,
+~210 tokens, does not fit, so every token follows the closing path: "closing"); the nested
+schema of tests/fixtures with the budget (``--tokens``, its shortest completion 22 tokens, so
+the reply's end runs within the budget window, the model's top choices each checked for room to
+finish: "tight"); and the 30-field schema with the mask computed before the forward is started
+("serial": what the overlap saves). Medians; each constrained variant's per-token time over the
+unconstrained run of the same round (median of those ratios); the matcher's own CPU time per
+token (mask and advance) and the budget's.
 
     python bench/structured.py --preset 24b-a2b --layers 4 --bits 4 --tokens 16 --runs 9
 """
@@ -35,20 +41,25 @@ def wide_schema(fields: int = 30) -> dict:
 
 
 def compile_ms(tok, schema, runs: int = 20) -> dict:
-    """Schema -> matcher -> first mask, median of ``runs`` (llguidance's tokenizer view is
-    built once per tokenizer and timed apart)."""
+    """Schema -> matcher (with its first completion) -> first mask, median of ``runs``
+    (llguidance's tokenizer view is built once per tokenizer and timed apart); and the
+    completion of the empty reply alone (``closing.Closer.complete``)."""
     from mlx_lfm2.text import constraints
 
     t = time.perf_counter()
     constraints.grammar_tokenizer(tok)
     setup = time.perf_counter() - t
-    times = []
+    times, closing = [], []
     for _ in range(runs):
         t = time.perf_counter()
         c = constraints.make_constraint(tok, json_schema=schema)
         c.allowed(65536)
         times.append(time.perf_counter() - t)
-    return {"compile_ms": statistics.median(times) * 1e3, "tokenizer_setup_s": setup}
+        t = time.perf_counter()
+        c.closer.complete(c.matcher)
+        closing.append(time.perf_counter() - t)
+    return {"compile_ms": statistics.median(times) * 1e3, "tokenizer_setup_s": setup,
+            "shortest_completion_ms": statistics.median(closing) * 1e3, "shortest_completion_tokens": len(c.plan)}
 
 
 class _NoOverlap:
@@ -69,6 +80,7 @@ def main():
     import mlx.core as mx
 
     from mlx_lfm2 import stream_generate
+    from mlx_lfm2.engine import generation
     from mlx_lfm2.text import constraints
     from mlx_lfm2.text.tokenizer import load_tokenizer
     from mlx_lfm2.weights.loader import load_model
@@ -78,36 +90,48 @@ def main():
                 **{k: compile_ms(tok, s) for k, s in TRICKY.items()}}
     model = load_model(converted(checkpoint(a.preset, a.layers), a.bits))
     no_eos = {t: -1e9 for t in tok.eos_token_ids}  # the unconstrained run goes the full length
-    mask_s = []  # seconds in the matcher (advance + mask) per token
+    mask_s, budget_s = [], []  # seconds in the matcher (advance + mask), in the budget
     rounds = {}  # variant -> its result in each round
 
-    def timed(method):
+    def timed(method, into):
         def call(self, *args):
             t = time.perf_counter()
             out = method(self, *args)
-            mask_s.append(time.perf_counter() - t)
+            into.append(time.perf_counter() - t)
             return out
         return call
 
-    constraints.Constraint.advance = timed(constraints.Constraint.advance)
-    constraints.Constraint.allowed = timed(constraints.Constraint.allowed)
+    constraints.Constraint.advance = timed(constraints.Constraint.advance, mask_s)
+    constraints.Constraint.allowed = timed(constraints.Constraint.allowed, mask_s)
+    constraints.Constraint.budget = timed(constraints.Constraint.budget, budget_s)
+    build = generation.make_constraint
 
-    def runner(name, serial=False, **constraint):
+    def runner(name, serial=False, budget="given", **constraint):
+        def with_budget(*args, max_tokens=None, **kw):  # None: no budget; "ample": one never reached
+            return build(*args, max_tokens={"given": max_tokens, "none": None, "ample": 10**6}[budget], **kw)
+
         def run():
             mask_s.clear()
+            budget_s.clear()
             constraints.mx = _NoOverlap(mx) if serial else mx
+            generation.make_constraint = with_budget
             *_, last = stream_generate(model, tok, PROMPT, max_tokens=a.tokens, temperature=0.0,
                                        logit_bias=None if constraint else no_eos, **constraint)
-            constraints.mx = mx
+            constraints.mx, generation.make_constraint = mx, build
             out = {"ms_per_token": 1e3 / last.generation_tps, "tokens": last.generation_tokens,
-                   "matcher_ms_per_token": sum(mask_s) * 1e3 / last.generation_tokens}
+                   "matcher_ms_per_token": sum(mask_s) * 1e3 / last.generation_tokens,
+                   "budget_ms_per_token": sum(budget_s) * 1e3 / last.generation_tokens}
             print(name, out, file=sys.stderr, flush=True)
             rounds.setdefault(name, []).append(out)
             return out
         return run
 
-    runners = {"plain": runner("plain"), "wide30": runner("wide30", json_schema=wide_schema(30)),
-               "wide30_serial": runner("wide30_serial", serial=True, json_schema=wide_schema(30))}
+    wide = {"json_schema": wide_schema(30)}
+    runners = {"plain": runner("plain"), "wide30_free": runner("wide30_free", budget="none", **wide),
+               "wide30_tracked": runner("wide30_tracked", budget="ample", **wide),
+               "wide30_closing": runner("wide30_closing", **wide),
+               "nested_tight": runner("nested_tight", json_schema=TRICKY["nested"]),
+               "wide30_serial": runner("wide30_serial", serial=True, budget="none", **wide)}
     for r in runners.values():  # warm-up
         r()
     rounds.clear()

@@ -20,7 +20,7 @@ _EXPORTS = {
     "make_sampler": "engine.sample", "make_logits_processors": "engine.sample",
     "TokenIdError": "engine.validate",
     "batch_generate": "engine.batch", "BatchGenerator": "engine.batch",
-    "ConstraintError": "text.constraints", "tool_call_grammar": "text.constraints",
+    "ConstraintError": "text.constraints", "tool_call_grammar": "text.tool_grammar",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -10,6 +10,7 @@ from rich.console import Console
 
 from conftest import tiny_config
 from mlx_lfm2.weights import provision
+from mlx_lfm2.weights.hub import HubError
 from mlx_lfm2.weights.provision import CATALOGUE, FitError, Machine
 
 E24, E8 = CATALOGUE[0], CATALOGUE[1]
@@ -186,7 +187,8 @@ def test_chat_default_model_says_what_it_picked(setup, tmp_path, monkeypatch):
     assert "Model: LFM2-8B-A1B, 4-bit (~4.9 GB), for 10.7 GB" in console.export_text()
 
 
-def test_a_failed_download_says_what_to_do(setup, tmp_path):
+def test_a_failed_download_says_what_to_do(setup, tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     make, files = setup
     hub, _ = make()
 
@@ -196,5 +198,99 @@ def test_a_failed_download_says_what_to_do(setup, tmp_path):
         return hub.download(repo, allow_patterns, **kw)
 
     console = Console(record=True)
-    with pytest.raises(FileNotFoundError, match="could not download LiquidAI/LFM2-24B-A2B .* resumes"):
+    with pytest.raises(HubError) as e:
         provision.provision(E24, tmp_path / "home", console, m=mac(32), api=hub, download=offline)
+    assert str(e.value) == (
+        "could not get LiquidAI/LFM2-24B-A2B from the Hugging Face hub: the hub cannot be reached (OSError: Name "
+        "or service not known). To go on: check the network and run again (a partial download is kept and "
+        "resumes), use a model on disk with --model FOLDER, or set HF_HUB_OFFLINE=1 to use a copy in the "
+        "Hugging Face cache.")
+
+
+BIG = {(E24.repo, "model.safetensors"): 47.7e9}
+
+
+def test_a_large_download_without_a_terminal_is_refused_with_the_command_that_confirms(setup, tmp_path):
+    make, _ = setup
+    hub, _ = make(sizes=BIG)
+    with pytest.raises(provision.DownloadRefused) as e:
+        provision.provision(E24, tmp_path / "home", Console(record=True), m=mac(64), api=hub,
+                            download=hub.download, confirm=None, command="python chat.py --yes")
+    assert str(e.value).startswith("LFM2-24B-A2B (the original LiquidAI/LFM2-24B-A2B, converted once to 4-bit: "
+                                   "~13.8 GB in ")
+    assert ("needs a download of 47.7 GB (~64 min at 100 Mbit/s), and stdin is not a terminal to ask first. "
+            "To download it run `python chat.py --yes`; or use a model on disk with --model FOLDER") in str(e.value)
+    assert all(pats != tuple(provision.HUB_PATTERNS) for _, pats in hub.downloads)  # no weights fetched
+
+
+@pytest.mark.parametrize("answer", [True, False])
+def test_a_large_download_is_asked_for_at_a_terminal(setup, tmp_path, answer):
+    make, _ = setup
+    hub, _ = make(sizes=BIG)
+    asked = []
+
+    def ask(question):
+        asked.append(question)
+        return answer
+
+    if answer:
+        assert run(hub, tmp_path, memory=64, confirm=ask)[0].name == "LFM2-24B-A2B-4bit-mixed8"
+    else:
+        with pytest.raises(provision.DownloadRefused, match="nothing was downloaded; pick another model"):
+            run(hub, tmp_path, memory=64, confirm=ask)
+        assert all(pats != tuple(provision.HUB_PATTERNS) for _, pats in hub.downloads)
+    assert asked[0].endswith("needs a download of 47.7 GB (~64 min at 100 Mbit/s). Download it now? [y/N] ")
+
+
+def test_yes_downloads_without_asking_and_small_downloads_are_not_asked_for(setup, tmp_path):
+    make, _ = setup
+    hub, _ = make(sizes=BIG)
+    folder = provision.provision(E24, tmp_path / "home", Console(record=True), m=mac(64), api=hub,
+                                 download=hub.download, confirm=None, yes=True)
+    assert folder.name == "LFM2-24B-A2B-4bit-mixed8"
+    provision.confirm_download("small", provision.ASK_GB, None, False, "unused")  # 1 GB: no question
+
+
+def test_an_unreachable_hub_is_said_before_anything_is_asked(setup, tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    make, _ = setup
+    hub, _ = make()
+
+    def unreachable(repo, files_metadata=False):
+        raise ConnectionError("[Errno -3] Temporary failure in name resolution")
+
+    hub.model_info = unreachable
+    asked = []
+    with pytest.raises(HubError, match=r"the hub cannot be reached \(ConnectionError: \[Errno -3\] Temporary"):
+        run(hub, tmp_path, confirm=lambda q: asked.append(q))
+    assert asked == [] and all(pats != tuple(provision.HUB_PATTERNS) for _, pats in hub.downloads)
+
+
+def test_without_a_gpu_the_first_run_says_what_speed_to_expect_and_names_faster_models():
+    from mlx_lfm2.model import device
+
+    with device.assume("cpu"):
+        note = provision.cpu_note(E24)
+    assert note == ("No GPU: MLX runs on the CPU here, where LFM2-24B-A2B decodes at about 0.6 tokens/s (on a "
+                    "2-core x86 CPU; more cores are faster). Faster: --model LiquidAI/LFM2-8B-A1B (~1.0 tok/s); "
+                    "--model LiquidAI/LFM2-1.2B (~1.2 tok/s).")
+    with device.assume("gpu"):
+        assert provision.cpu_note(E24) is None
+
+
+def test_chat_without_a_terminal_refuses_a_large_first_download_naming_yes(setup, tmp_path, monkeypatch):
+    from mlx_lfm2.cli import chat as cli
+
+    make, files = setup
+    hub, _ = make({E8.repo: files}, sizes={(E8.repo, "model.safetensors"): 16.7e9})
+    monkeypatch.setattr(cli, "HOME", tmp_path / "home")
+    monkeypatch.setattr(provision, "machine", lambda: mac(16))
+    monkeypatch.setattr(provision, "_api", lambda api: hub)
+    monkeypatch.setattr("sys.argv", ["chat.py", "--max-tokens", "64"])
+    monkeypatch.setattr("sys.stdin.isatty", lambda: False)
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub.download)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--max-tokens", "64"])
+    assert "needs a download of 16.7 GB" in str(e.value) and "run `python chat.py --max-tokens 64 --yes`" in str(e.value)

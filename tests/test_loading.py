@@ -120,7 +120,9 @@ def test_hub_repo_ids_go_through_huggingface_hub(monkeypatch, folder):
         raise OSError("no network")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
-    with pytest.raises(FileNotFoundError, match="could not fetch 'LiquidAI/Nope'.*no network"):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with pytest.raises(FileNotFoundError, match=r"could not get LiquidAI/Nope from the Hugging Face hub: the hub "
+                                                r"cannot be reached \(OSError: no network\)\..*--model FOLDER"):
         resolve("LiquidAI/Nope")
 
 

@@ -78,7 +78,8 @@ def scripted(tmp_path):
     import uvicorn
 
     from conftest import ScriptedModel, reference_dir
-    from mlx_lfm2.serve.app import Engine, create_app
+    from mlx_lfm2.serve.app import create_app
+    from mlx_lfm2.serve.scheduler import Scheduler
     from mlx_lfm2.text.tokenizer import load_tokenizer
 
     tok = load_tokenizer(reference_dir())
@@ -86,7 +87,7 @@ def scripted(tmp_path):
 
     def start(text, queue_size=4, tail=(), max_batch=8):
         ids = tok.encode(text, add_special_tokens=False) + list(tail)
-        engine = Engine(ScriptedModel(ids), tok, "scripted", queue_size=queue_size, max_batch=max_batch)
+        engine = Scheduler(ScriptedModel(ids), tok, "scripted", queue_size=queue_size, max_batch=max_batch)
         port = free_port()
         srv = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=port, log_level="warning"))
         threading.Thread(target=srv.run, daemon=True).start()

@@ -4,6 +4,7 @@ that leaves stops its work, and a signal stops the process."""
 
 import asyncio
 import json
+import os
 import select
 import signal
 import socket
@@ -264,14 +265,15 @@ def test_a_signal_stops_the_server_with_requests_in_flight(folder, sig):
 
 
 def test_an_engine_value_error_before_the_first_token_is_a_400(chat_model):
-    from mlx_lfm2.serve.app import DONE, Engine, Job
-    from mlx_lfm2.serve.openai_api import APIError
+    from mlx_lfm2.engine.sample import SamplingParams
+    from mlx_lfm2.serve.boundary import APIError
+    from mlx_lfm2.serve.scheduler import DONE, Job, Scheduler
 
     model, tok, _ = chat_model
-    engine = Engine(model, tok, "m")
+    engine = Scheduler(model, tok, "m").start()
 
-    async def run(kwargs):
-        job = Job("hello", kwargs, None, asyncio.get_running_loop())
+    async def run(settings):
+        job = Job("hello", SamplingParams(**settings), None, asyncio.get_running_loop())
         engine.submit(job)
         items = []
         while (item := await job.out.get()) is not DONE:
@@ -286,12 +288,13 @@ def test_an_engine_value_error_before_the_first_token_is_a_400(chat_model):
 
 
 @pytest.mark.slow
-def test_sixty_fuzzed_requests_leave_the_server_up_without_5xx():
+def test_sixty_fuzzed_requests_leave_the_server_up_without_5xx(tmp_path):
     from conftest import ROOT, reference_dir
 
     reference_dir()
     p = subprocess.run([sys.executable, "bench/fuzz_server.py", "--requests", "60", "--seed", "1"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+                       cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "MLX_LFM2_BENCH_OUT": str(tmp_path)})
     report = json.loads(p.stdout.strip().splitlines()[-1])
     assert report["requests"] == 60 and report["crashes"] == 0 and report["5xx"] == 0, report
     assert report["stream_error_events"] == 0 and report["client_timeouts"] == 0, report
@@ -299,15 +302,15 @@ def test_sixty_fuzzed_requests_leave_the_server_up_without_5xx():
 
 
 def test_an_unexpected_fault_is_a_500_in_openai_shape_and_the_server_keeps_serving(scripted, monkeypatch):
-    import mlx_lfm2.serve.app as app
+    import mlx_lfm2.serve.service as service
 
     base, client, _ = scripted(" word" * 50)
 
     def broken(*a, **k):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(app, "parse_tool_calls", broken)
-    monkeypatch.setattr(app.ToolCallStream, "feed", broken)
+    monkeypatch.setattr(service, "parse_tool_calls", broken)
+    monkeypatch.setattr(service.ToolCallStream, "feed", broken)
     body = {"messages": USER, "max_tokens": 4, "tools": [deep_schema(1)]}
     assert_error(post(base, body), 500, "RuntimeError")
     with httpx.stream("POST", base + CHAT, json={**body, "stream": True}, timeout=30) as r:

@@ -12,7 +12,8 @@ import pytest
 
 from conftest import ScriptedModel
 from mlx_lfm2 import parse_tool_calls, stream_generate
-from mlx_lfm2.text.constraints import ConstraintError, make_constraint, tool_call_grammar
+from mlx_lfm2.text.constraints import ConstraintError, make_constraint
+from mlx_lfm2.text.tool_grammar import tool_call_grammar
 
 TRICKY = json.loads((Path(__file__).parent / "fixtures" / "tricky_schemas.json").read_text(encoding="utf-8"))
 SEEDS = (0, 1, 2)
@@ -90,7 +91,7 @@ def test_forced_tool_calls_parse_and_match_their_schemas(chat_model, name):
 def test_opened_tool_grammar_continues_the_forced_opening(tok, name):
     """The server writes the opening into the prompt; the grammar covers the rest, so the
     opening plus any text the grammar accepts is a call that parses."""
-    from mlx_lfm2.text.constraints import forced_tool_opening
+    from mlx_lfm2.text.tool_grammar import forced_tool_opening
 
     grammar = tool_call_grammar([WEATHER, PING], name, opened=True)
     rest = ('city="Oslo", days=3)]' if name else 'ping(), get_weather(city="Oslo", hourly=True)]') + "<|tool_call_end|>"
@@ -256,12 +257,13 @@ def served(chat_model):
     import uvicorn
 
     openai = pytest.importorskip("openai")
-    from mlx_lfm2.serve.app import Engine, create_app
+    from mlx_lfm2.serve.app import create_app
+    from mlx_lfm2.serve.scheduler import Scheduler
     from conftest import free_port
 
     model, tok, _ = chat_model
     port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(Engine(model, tok, "tiny")), host="127.0.0.1", port=port,
+    srv = uvicorn.Server(uvicorn.Config(create_app(Scheduler(model, tok, "tiny")), host="127.0.0.1", port=port,
                                         log_level="warning"))
     threading.Thread(target=srv.run, daemon=True).start()
     while not srv.started:

@@ -24,32 +24,40 @@ DEFAULT_REPO = "LiquidAI/LFM2-24B-A2B"
 HOME = Path(os.environ.get("MLX_LFM2_HOME", Path.home() / ".cache" / "mlx_lfm2"))
 
 HELP = """\
-[bold]Commands[/]
+Commands in the chat:
   /reset          forget the conversation (keeps the system prompt)
   /system TEXT    set the system prompt and reset
   /save PATH      save the conversation (transcript and cache)
   /load PATH      load a saved conversation
   /retry          regenerate the last reply (rewinds the cache, no re-prefill)
   /undo           drop the last exchange (your message and the reply)
-  /stats          speed and memory of the last reply
+  /stats          speed and memory of the last reply, messages and cached tokens
   /help           this help
   /quit           leave (or Ctrl-D)
 Multi-line input: end a line with \\ to continue, or wrap a block in triple quotes (\"\"\").
 Ctrl-C stops a reply and keeps the conversation."""
 
+SAMPLING = "default: the model card's, from generation_config.json"
+
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Chat with an LFM2 model.")
+    from ..command import parser
+    from ..weights.provision import ASK_GB
+
+    p = parser("mlx_lfm2.cli.chat", "Chat with an LFM2 model in the terminal: replies stream as Markdown, the "
+               "conversation's cache is kept between turns, the model may call your tools (--tools).\n"
+               "With no --model, the first run picks the largest LFM2 that fits this machine, asks before "
+               f"a download over {ASK_GB:g} GB, and converts it once to 4-bit in {HOME}.", epilog=HELP)
     p.add_argument("--model", help=f"model folder or hub repo id (default: {DEFAULT_REPO} at 4 bits where it fits this "
                    "machine's memory, else LFM2-8B-A1B)")
     p.add_argument("--system", help="system prompt")
-    p.add_argument("--max-tokens", type=int, default=2048)
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--min-p", type=float)
-    p.add_argument("--repetition-penalty", type=float)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--max-tokens", type=int, default=2048, help="longest reply, in tokens")
+    p.add_argument("--temperature", type=float, help=f"sampling temperature, 0 for greedy ({SAMPLING})")
+    p.add_argument("--top-p", type=float, help=f"nucleus sampling mass ({SAMPLING})")
+    p.add_argument("--top-k", type=int, help=f"sample among the k likeliest tokens ({SAMPLING})")
+    p.add_argument("--min-p", type=float, help=f"drop tokens below this fraction of the top one's probability ({SAMPLING})")
+    p.add_argument("--repetition-penalty", type=float, help=f"penalty on tokens already in the context ({SAMPLING})")
+    p.add_argument("--seed", type=int, help="PRNG seed (default: random)")
     p.add_argument("--tools", type=Path, help="a Python file whose public functions the model may call")
     p.add_argument("--no-markdown", action="store_true", help="print replies as plain text")
     p.add_argument("--json-schema", type=Path, metavar="FILE",
@@ -59,21 +67,27 @@ def parse_args(argv=None):
     p.add_argument("--num-draft-tokens", type=int, help="tokens drafted per step (default: adaptive from 3)")
     p.add_argument("--prompt-lookup", action="store_true",
                    help="speculative decoding with drafts from n-grams of the conversation (no draft model)")
+    p.add_argument("--yes", action="store_true",
+                   help=f"download a model over {ASK_GB:g} GB without asking (needed when stdin is not a terminal)")
     return p.parse_args(argv)
 
 
-def default_model(console) -> Path:
+def default_model(console, yes: bool = False) -> Path:
     """The largest LFM2 model that fits this machine (see ``weights/provision.py``), fetched
     and converted on first use: experts at 4 bits, the rest at 8 (recipe mixed_8)."""
     from ..weights import provision
 
     entry, line = provision.choose_default(provision.machine())
     console.print(line, markup=False)
-    return provision.provision(entry, HOME, console, confirm=_confirm(console))
+    note = provision.cpu_note(entry)
+    if note:
+        console.print(note, style="yellow", markup=False)
+    return provision.provision(entry, HOME, console, confirm=_confirm(console), yes=yes, command=yes_command())
 
 
-def check_model(console, name: str) -> None:
-    """``--model``: the same memory check as the default, as a warning."""
+def check_model(console, name: str, yes: bool = False) -> None:
+    """``--model``: the same memory check as the default, as a warning; a hub repo not yet in
+    the cache is a download, confirmed first when large."""
     from ..weights import provision
 
     path = Path(name).expanduser()
@@ -81,6 +95,18 @@ def check_model(console, name: str) -> None:
     warning = size and provision.fit_warning(name, size, provision.machine())
     if warning:
         console.print(warning, style="yellow", markup=False)
+    if size and not path.is_dir():
+        provision.confirm_download(name, provision.missing_gb(name, size), _confirm(console), yes, yes_command())
+
+
+def yes_command() -> str:
+    """This command line with ``--yes``: what confirms a download when nobody can be asked."""
+    import shlex
+    import sys
+
+    from ..command import invocation
+
+    return shlex.join([*invocation("mlx_lfm2.cli.chat"), *(a for a in sys.argv[1:] if a != "--yes"), "--yes"])
 
 
 def _confirm(console):
@@ -227,7 +253,7 @@ class Repl:
         if cmd in ("/quit", "/exit"):
             return False
         if cmd == "/help":
-            self.console.print(HELP)
+            self.console.print(HELP, markup=False)
         elif cmd == "/reset":
             self.chat.reset()
             self.console.print("[dim]conversation reset[/]")
@@ -296,6 +322,8 @@ def main(argv=None) -> None:
     tools = load_tools(args.tools) if args.tools else {}
     from ..weights.loader import load, load_draft
     from ..engine.distributed import from_leader, group, leader
+    from ..engine.generation import default_sampling
+    from ..engine.sample import SamplingParams
     from ..engine.session import Chat
 
     t_load = time.perf_counter()
@@ -303,8 +331,8 @@ def main(argv=None) -> None:
         raise SystemExit("error: under mlx.launch pass --model (the same folder on every machine)")
     try:
         if args.model:
-            check_model(console, args.model)
-        source = args.model or default_model(console)
+            check_model(console, args.model, args.yes)
+        source = args.model or default_model(console, args.yes)
         model, tokenizer = load(source, adapter_path=args.adapter_path)
     except (OSError, ValueError, RuntimeError) as e:
         raise SystemExit(f"error: {e}")
@@ -317,12 +345,13 @@ def main(argv=None) -> None:
                                       seed=args.seed).items() if v is not None}
     if args.json_schema:
         sampling["json_schema"] = read_schema(args.json_schema, tokenizer)
+    sampling = SamplingParams(**default_sampling(model)).replace(**sampling)  # parsed once, here
     try:
         draft = load_draft(args.draft_model, model, args.prompt_lookup)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: draft model: {e}")
     chat = Chat(model, tokenizer, system=args.system, tools=list(tools.values()) or None, draft_model=draft,
-                num_draft_tokens=args.num_draft_tokens, prompt_lookup=args.prompt_lookup, **sampling)
+                num_draft_tokens=args.num_draft_tokens, prompt_lookup=args.prompt_lookup, sampling=sampling)
     startup = time.perf_counter() - t0 - load_s
     console.print(f"[bold]mlx_lfm2[/] · {escape(args.model or Path(source).name)} · weights {load_s:.1f}s · "
                   f"start-up {startup:.2f}s · /help for commands"

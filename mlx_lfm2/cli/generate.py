@@ -8,7 +8,6 @@ same command gives directly comparable output; the model-card sampling is in ``c
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 SEPARATOR = "=" * 10
@@ -19,26 +18,31 @@ def str2bool(text: str) -> bool:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Generate text with an LFM2 model (mlx_lm.generate's flags).")
+    from ..command import parser
+
+    p = parser("mlx_lfm2.generate", "One completion from an LFM2 model, printed with its speed and memory: "
+               "mlx_lm.generate's flags, defaults (greedy, 100 tokens) and output, so the same command line runs both.")
     p.add_argument("--model", required=True, help="model folder or hub repo id")
     p.add_argument("--prompt", "-p", default="hello", help="message for the model ('-' reads stdin)")
     p.add_argument("--system", "--system-prompt", dest="system", help="system prompt for the chat template")
     p.add_argument("--max-tokens", "-m", type=int, default=100, help="maximum number of tokens to generate")
     p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--repetition-penalty", type=float)
-    p.add_argument("--seed", type=int, help="PRNG seed")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: off)")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below this fraction of the top one's (0: off)")
+    p.add_argument("--repetition-penalty", type=float, help="penalty on tokens already in the context (default: off)")
+    p.add_argument("--seed", type=int, help="PRNG seed (default: random)")
     p.add_argument("--ignore-chat-template", action="store_true",
                    help="use the raw prompt without the tokenizer's chat template")
-    p.add_argument("--extra-eos-token", nargs="+", default=(), help="more tokens that end generation")
-    p.add_argument("--prefill-step-size", type=int, help="prompt tokens per prefill chunk")
+    p.add_argument("--extra-eos-token", nargs="+", default=None, help="more tokens that end generation")
+    p.add_argument("--prefill-step-size", type=int, help="prompt tokens per prefill chunk (default: the device's)")
     p.add_argument("--draft-model", help="a small LFM2 with the same tokenizer for speculative decoding")
     p.add_argument("--adapter-path", help="a LoRA/DoRA adapter folder (mlx-lm's layout or PEFT's) to apply")
     p.add_argument("--num-draft-tokens", type=int, help="tokens drafted per step (default: adaptive from 3)")
     p.add_argument("--prompt-lookup", action="store_true",
                    help="speculative decoding with drafts from n-grams of the prompt (no draft model)")
+    p.add_argument("--prompt-cache-file", help="continue a prompt cached by cache_prompt (ours or mlx-lm's): "
+                   "the prompt is appended to the cached user message")
     p.add_argument("--verbose", type=str2bool, default=True,
                    help="'False'/'F': print only the completion, no separators or stats")
     return p.parse_args(argv)
@@ -54,6 +58,27 @@ def build_prompt(tokenizer, prompt: str, system, ignore_chat_template: bool) -> 
     return tokenizer.encode(text, add_special_tokens=False)  # the template writes BOS itself
 
 
+def continue_cached(model, tokenizer, args, prompt: str):
+    """mlx-lm's ``--prompt-cache-file``: the cache (validated) and the ids that follow it, the
+    rest of a user message whose start is cached."""
+    from ..engine.cache_files import CacheFileError, load_mlx_lm
+    from ..engine.cache_files import layout
+    from ..engine.disk_cache import model_digest
+    from .cache_prompt import split_template
+
+    try:
+        cache, meta = load_mlx_lm(args.prompt_cache_file, layout(model), model.args.max_position_embeddings)
+    except (CacheFileError, OSError) as e:
+        raise SystemExit(f"error: --prompt-cache-file: {e}")
+    if meta.get("mlx_lfm2_model", model_digest(model, tokenizer)) != model_digest(model, tokenizer):
+        raise SystemExit(f"error: {args.prompt_cache_file} was made with other weights than {args.model}")
+    if args.ignore_chat_template or not tokenizer.chat_template:
+        return cache, tokenizer.encode(prompt, add_special_tokens=False)
+    messages = ([{"role": "system", "content": args.system}] if args.system is not None else [])
+    _, after = split_template(tokenizer, messages + [{"role": "user", "content": prompt}], True)
+    return cache, tokenizer.encode(prompt + after, add_special_tokens=False)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.max_tokens < 1:
@@ -66,13 +91,14 @@ def main(argv=None) -> None:
                          "never closes it: pass the prompt as --prompt TEXT")
     prompt = sys.stdin.read() if prompt == "-" else prompt
     from ..engine.generation import stream_generate
+    from ..engine.sample import SamplingParams
     from ..weights.loader import load, load_draft
 
     try:
         model, tokenizer = load(args.model, adapter_path=args.adapter_path)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}")
-    for token in args.extra_eos_token:
+    for token in args.extra_eos_token or ():
         tid = tokenizer.convert_tokens_to_ids(token)
         if tid is None:
             raise SystemExit(f"error: --extra-eos-token {token!r} is not a token of this tokenizer")
@@ -81,18 +107,22 @@ def main(argv=None) -> None:
         draft = load_draft(args.draft_model, model, args.prompt_lookup)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: draft model: {e}")
-    ids = build_prompt(tokenizer, prompt, args.system, args.ignore_chat_template)
-    sampling = dict(temperature=args.temp, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
-                    repetition_penalty=args.repetition_penalty, seed=args.seed,
-                    prefill_step_size=args.prefill_step_size, draft_model=draft,
-                    num_draft_tokens=args.num_draft_tokens, prompt_lookup=args.prompt_lookup)
+    cache = None
+    if args.prompt_cache_file:
+        cache, ids = continue_cached(model, tokenizer, args, prompt)
+    else:
+        ids = build_prompt(tokenizer, prompt, args.system, args.ignore_chat_template)
+    sampling = SamplingParams(max_tokens=args.max_tokens, temperature=args.temp, top_p=args.top_p, top_k=args.top_k,
+                              min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+    speculative = dict(draft_model=draft, num_draft_tokens=args.num_draft_tokens, prompt_lookup=args.prompt_lookup)
 
     show = leader()  # under mlx.launch rank 0 alone prints the completion; every rank its stats
     if args.verbose and show:
         print(SEPARATOR)
     text, last = "", None
     try:
-        for r in stream_generate(model, tokenizer, ids, args.max_tokens, **sampling):
+        for r in stream_generate(model, tokenizer, ids, sampling=sampling, prefill_step_size=args.prefill_step_size,
+                                 cache=cache, **speculative):
             if args.verbose and show:
                 print(r.text, end="", flush=True)
             text += r.text

@@ -19,13 +19,17 @@ anywhere. A conv cache can go back to an offset it can rebuild the state for:
   the last ``ConvCache.window`` tokens, so the state at any of those offsets is the last
   ``K - 1`` inputs before it;
 * any offset where ``checkpoint()`` saved the state (``prefill`` checkpoints the end of
-  every chunk, ``PromptCache`` the end of each turn): ``2 * D`` numbers per layer each.
+  every chunk, ``PromptCache`` the end of each turn), and every multiple of
+  ``ConvCache.block`` (256) a forward call passes: ``(K - 1) * D`` numbers per layer each,
+  copied out of the call's arrays so a checkpoint never keeps a whole chunk alive. Block
+  boundaries are what the disk prompt cache stores (``engine/disk_cache.py``), and they
+  bound what an edit costs: at most the tokens after it plus one block.
 
 ``can_rewind(cache, n)`` says whether every layer can go back ``n`` tokens,
 ``reachable(cache, target)`` is the largest offset ``<= target`` that all can reach, and
 ``rewind(cache, n)`` does it. Both kinds track ``offset`` (tokens seen) and expose
-``state`` / ``from_state`` for saving (the window and checkpoints are not saved: a loaded
-conv cache can only be extended until it has a new window).
+``state`` / ``from_state`` for saving (``engine/cache_files.py`` writes and validates the
+files; a loaded conv cache can go back to the checkpoints saved with it).
 """
 
 from __future__ import annotations
@@ -100,7 +104,8 @@ class KVCache:
 
 class ConvCache:
     window = 16  # tokens of recent conv inputs kept for exact rewinds (>= draft length + 1)
-    max_checkpoints = 256
+    block = 256  # the state at every multiple of this offset is kept (see the module docstring)
+    max_checkpoints = 1024
 
     def __init__(self):
         self.conv_state: Optional[mx.array] = None  # [B, K - 1, D]; None: zeros (no input yet)
@@ -114,6 +119,7 @@ class ConvCache:
         L, W = inputs.shape[1], self.window
         before = self.conv_state
         start = self.offset
+        self._checkpoint_blocks(before, inputs, new_state)
         if L > W:  # keep only the tail a rewind can reach
             K1 = new_state.shape[1]
             pad = before if before is not None else mx.zeros((inputs.shape[0], K1, inputs.shape[2]), inputs.dtype)
@@ -125,11 +131,29 @@ class ConvCache:
         self.conv_state = new_state
         self.offset += L
 
-    def checkpoint(self) -> None:
-        """Remember the state at the current offset, so a later ``trim`` can come back here."""
-        self.checkpoints[self.offset] = self.conv_state
+    def _checkpoint_blocks(self, before, inputs: mx.array, new_state: mx.array) -> None:
+        """Keep the state at each block boundary in ``(offset, offset + L]``."""
+        start, L, K1 = self.offset, inputs.shape[1], new_state.shape[1]
+        for o in range((start // self.block + 1) * self.block, start + L + 1, self.block):
+            j = o - start  # tokens of this call before the boundary
+            if j == L:
+                state = new_state
+            elif j >= K1:
+                state = inputs[:, j - K1 : j]
+            else:
+                pad = before if before is not None else mx.zeros((inputs.shape[0], K1, inputs.shape[2]), inputs.dtype)
+                state = mx.concatenate([pad[:, j:], inputs[:, :j]], axis=1)
+            self._keep(o, state)
+
+    def _keep(self, offset: int, state: Optional[mx.array]) -> None:
+        # A slice is a view of its whole chunk: a copy keeps only (K - 1) * D numbers alive.
+        self.checkpoints[offset] = None if state is None else mx.contiguous(state)
         while len(self.checkpoints) > self.max_checkpoints:
             self.checkpoints.pop(min(self.checkpoints))  # the oldest prefix matters least
+
+    def checkpoint(self) -> None:
+        """Remember the state at the current offset, so a later ``trim`` can come back here."""
+        self._keep(self.offset, self.conv_state)
 
     def reachable(self, target: int) -> int:
         """The largest offset ``<= target`` whose state this cache can rebuild."""
@@ -221,25 +245,3 @@ def rewind(cache: Cache, n: int) -> None:
         raise ValueError(f"the cache cannot rewind {n} tokens")
     for c in cache:
         c.trim(n)
-
-
-def save_cache(path: str, cache: Cache, metadata: Optional[dict] = None) -> None:
-    """Write a cache to a safetensors file (``metadata`` values must be strings)."""
-    arrays, meta = {}, dict(metadata or {})
-    for i, c in enumerate(cache):
-        meta[f"layer.{i}"] = f"{type(c).__name__}:{c.offset}"
-        for j, a in enumerate(c.state):
-            arrays[f"{i}.{j}"] = a
-    mx.save_safetensors(path, arrays, metadata=meta)
-
-
-def load_cache(path: str) -> tuple[Cache, dict]:
-    arrays, meta = mx.load(path, format="safetensors", return_metadata=True)
-    cache, i = [], 0
-    kinds = {"KVCache": KVCache, "ConvCache": ConvCache}
-    while f"layer.{i}" in meta:
-        kind, offset = meta.pop(f"layer.{i}").split(":")
-        state = [arrays[k] for k in (f"{i}.0", f"{i}.1") if k in arrays]
-        cache.append(kinds[kind].from_state(state, int(offset)))
-        i += 1
-    return cache, meta

@@ -14,23 +14,25 @@ request, ``cache_read_input_tokens`` those reused from an earlier request's cach
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
-import secrets
 import uuid
 from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from sse_starlette.sse import EventSourceResponse
+from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from ..text.constraints import forced_tool_opening, tool_call_grammar
-from ..text.tools import ToolCallStream, parse_tool_calls
-from .boundary import no_reply, read_body, validate, watch
-from .openai_api import APIError, ChatRequest, to_template_messages
+from ..engine.sample import SamplingParams
+from ..text.tool_grammar import MAX_CALLS, forced_tool_opening, tool_call_grammar
+from .boundary import APIError, exception_handlers, internal_error
+from .openai_api import ChatRequest, to_template_messages
+from .service import Service
+
+PREFIX = "/v1/messages"
 
 # OpenAI-side error types (the engine's) -> Anthropic's.
 ERROR_TYPES = {"server_error": "api_error", "rate_limit_error": "rate_limit_error",
@@ -64,7 +66,7 @@ class ToolChoice(_Lenient):
 
 
 class Message(_Lenient):
-    role: Literal["user", "assistant"]
+    role: Literal["user", "assistant", "system"]  # system: mid-conversation system text (Claude Code)
     content: Union[str, list[dict]]
 
 
@@ -103,18 +105,14 @@ class MessagesRequest(_Lenient):
             raise ValueError(f"tool_choice names {choice.name!r}, which is not one of the tools")
         return self
 
-    # The server's request interface: ``prepare`` in app.py reads these two, ``constrained`` ``constraint()``.
+    # The server's request interface: ``service.prepare`` reads these two and ``constraint()``.
     @property
     def limit(self) -> int:
         return self.max_tokens
 
-    def sampling_kwargs(self, defaults: dict) -> dict:
-        kw = dict(defaults)
-        kw.update({k: getattr(self, k) for k in ("top_p", "top_k") if getattr(self, k) is not None})
-        if self.temperature is not None:
-            kw["temperature"] = self.temperature
-        kw["stop"] = [s for s in self.stop_sequences or [] if s] or None
-        return kw
+    def sampling(self, defaults: SamplingParams) -> SamplingParams:
+        given = {k: getattr(self, k) for k in ("temperature", "top_p", "top_k") if getattr(self, k) is not None}
+        return defaults.replace(**given, stop=tuple(self.stop_sequences or ()))
 
     @property
     def offered_tools(self) -> Optional[list[dict]]:
@@ -139,7 +137,8 @@ class MessagesRequest(_Lenient):
         rest of it); otherwise ``output_config.format`` (or the beta ``output_format``) shapes
         the reply as JSON of its schema."""
         if self.forced_opening():
-            return {"grammar": tool_call_grammar(self.offered_tools, self.forced_name, opened=True)}
+            return {"grammar": tool_call_grammar(self.offered_tools, self.forced_name, opened=True,
+                                                 max_calls=1 if self.one_call else MAX_CALLS)}
         fmt = (self.output_config or {}).get("format") or self.output_format
         return {"json_schema": fmt["schema"]} if fmt else {}
 
@@ -152,32 +151,61 @@ class MessagesRequest(_Lenient):
         return bool(self.tool_choice and self.tool_choice.disable_parallel_tool_use)
 
 
+BILLING_HEADER = "x-anthropic-billing-header:"  # Claude Code's first system block: a per-request nonce
+OMITTED = "[{kind} omitted: this model reads text only]"
+
+
 def _text(blocks, where: str) -> str:
-    """Text blocks (or a string) as one string; anything else is refused."""
+    """Text blocks (or a string) as one string. An image, or a document that is not plain
+    text, becomes a placeholder saying it was left out; any other block is refused."""
     if isinstance(blocks, str):
         return blocks
     parts = []
     for b in blocks:
         kind = b.get("type") if isinstance(b, dict) else type(b).__name__
-        if kind != "text" or not isinstance(b.get("text"), str):
+        if kind == "text" and isinstance(b.get("text"), str):
+            parts.append(b["text"])
+        elif kind in ("image", "document"):
+            source = b.get("source") if isinstance(b.get("source"), dict) else {}
+            plain = kind == "document" and source.get("type") == "text" and isinstance(source.get("data"), str)
+            parts.append(source["data"] if plain else OMITTED.format(kind=kind))
+        else:
             raise APIError(400, f"{where}: content block type {kind!r} is not supported here "
-                                "(text blocks only)")
-        parts.append(b["text"])
+                                "(text, image and document blocks)")
     return "\n\n".join(parts)
 
 
+def _system_text(blocks, where: str) -> str:
+    """System text without Claude Code's billing header: it changes with every request, so
+    rendering it would make no two prompts share a cached prefix."""
+    if not isinstance(blocks, str):
+        blocks = [b for b in blocks if not (isinstance(b, dict) and isinstance(b.get("text"), str)
+                                             and b["text"].startswith(BILLING_HEADER))]
+    elif blocks.startswith(BILLING_HEADER):
+        blocks = ""
+    return _text(blocks, where)
+
+
 def to_chat_messages(req: MessagesRequest) -> list[dict]:
-    """Anthropic messages -> OpenAI-shaped messages (tool calls and results included)."""
-    out = [{"role": "system", "content": _text(req.system, "system")}] if req.system else []
+    """Anthropic messages -> OpenAI-shaped messages (tool calls and results included). A
+    ``system`` message inside ``messages`` stays a system message where it stands (LFM2's
+    template renders one anywhere)."""
+    system = _system_text(req.system, "system") if req.system else ""
+    out = [{"role": "system", "content": system}] if system else []
     for i, m in enumerate(req.messages):
         where = f"messages.{i}"
+        if m.role == "system":
+            text = _system_text(m.content, where)
+            if text:
+                out.append({"role": "system", "content": text})
+            continue
         if isinstance(m.content, str):
             out.append({"role": m.role, "content": m.content})
             continue
         texts, calls = [], []
         for j, b in enumerate(m.content):
             kind = b.get("type")
-            if kind == "text":
+            if kind in ("text", "image", "document"):
                 texts.append(b)
             elif kind in ("thinking", "redacted_thinking"):
                 continue  # another model's reasoning: LFM2's template has no place for it
@@ -193,7 +221,7 @@ def to_chat_messages(req: MessagesRequest) -> list[dict]:
                             "content": ("Error: " + result) if b.get("is_error") else result})
             else:
                 raise APIError(400, f"{where}.content.{j}: a {m.role} message cannot hold a {kind!r} block "
-                                    "(text, tool_use in assistant turns, tool_result in user turns)")
+                                    "(text, image, document, tool_use in assistant turns, tool_result in user turns)")
         if texts or calls:
             msg = {"role": m.role, "content": _text(texts, where)}
             if calls:
@@ -226,18 +254,12 @@ def usage(job, output_tokens: int) -> dict:
 
 
 def stop_reason(last, n_calls: int) -> tuple[str, Optional[str]]:
-    if n_calls:
+    """Cut by max_tokens stays "max_tokens", with the calls finished before the cut."""
+    if n_calls and last.finish_reason != "length":
         return "tool_use", None
     if last.finish_reason == "stop" and last.stop_sequence:
         return "stop_sequence", last.stop_sequence
     return STOP_REASONS.get(last.finish_reason, "end_turn"), None
-
-
-def error_response(e: APIError) -> JSONResponse:
-    response = JSONResponse(error_body(e), status_code=400 if e.status == 422 else e.status)
-    if e.status in (408, 413):  # the rest of the body is not read: end the connection (as app.py does)
-        response.headers["connection"] = "close"
-    return response
 
 
 def error_body(e: APIError) -> dict:
@@ -245,130 +267,96 @@ def error_body(e: APIError) -> dict:
     return {"type": "error", "error": {"type": kind, "message": e.message}}
 
 
-def _answers_errors(handler):
-    """Every failure of ``handler`` as an Anthropic error body (the app's handlers speak OpenAI)."""
-    @functools.wraps(handler)
-    async def wrapped(request: Request):
-        try:
-            return await handler(request)
-        except APIError as e:
-            return error_response(e)
-        except Exception as e:  # logged like the app's catch-all, answered in this API's shape
-            log.exception("%s %s failed", request.method, request.url.path)
-            return error_response(APIError(500, f"internal error: {type(e).__name__}", type_="server_error"))
-    return wrapped
+def render_error(e: APIError) -> tuple[int, dict]:
+    """Anthropic's status and body for ``e`` (a failed validation is a 400 there)."""
+    return 400 if e.status == 422 else e.status, error_body(e)
 
 
-def routes(engine, api_key: Optional[str], body_timeout: float, constrained, prepare, results) -> list[Route]:
-    """``/v1/messages`` and ``/v1/messages/count_tokens`` over the server's own layer.
+def app(service: Service) -> Starlette:
+    """``/v1/messages`` and ``/v1/messages/count_tokens``, mounted at ``PREFIX`` with this
+    API's error shape. The key comes as ``x-api-key`` (the SDK's way) or ``Authorization:
+    Bearer`` (Claude Code's auth token)."""
+    api = Messages(service)
+    return Starlette(routes=[Route(PREFIX, api.messages, methods=["POST"]),
+                             Route(PREFIX + "/count_tokens", api.count_tokens, methods=["POST"])],
+                     exception_handlers=exception_handlers(render_error))
 
-    Bodies are read and validated by ``boundary``; constraints compiled (``constrained``),
-    prompts admitted (``prepare``: context check, queue) and replies drained (``results``) by
-    app.py's closures, so limits, timeouts, queueing and disconnects behave as on the OpenAI
-    routes. The key comes as ``x-api-key`` (the SDK's way) or ``Authorization: Bearer``
-    (Claude Code's auth token).
-    """
-    tok = engine.tokenizer
 
-    def check_key(request: Request) -> None:
-        given = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ")
-        if api_key and not secrets.compare_digest(given.encode(), api_key.encode()):
-            raise APIError(401, "missing or wrong API key (x-api-key header)", type_="authentication_error")
+class Messages:
+    def __init__(self, service: Service):
+        self.service = service
+        self.scheduler = service.scheduler
 
-    async def parse(request: Request) -> tuple[MessagesRequest, str]:
-        check_key(request)
-        body = await read_body(request, body_timeout)
-        if request.url.path.endswith("count_tokens"):
-            body = {**body, "max_tokens": 1}  # count_tokens takes no max_tokens
-        req = validate(MessagesRequest, body, engine.vocab)
-        messages = template_messages(req, engine.template_renders_tool_calls)
-        try:
-            prompt = tok.apply_chat_template(messages, tools=req.offered_tools, add_generation_prompt=True)
-        except Exception as e:
-            raise APIError(400, f"the chat template rejected these messages: {e}", param="messages")
-        return req, prompt
+    async def parse(self, request: Request, overrides: Optional[dict] = None) -> tuple[MessagesRequest, str]:
+        req = await self.service.read(request, MessagesRequest, overrides)
+        messages = template_messages(req, self.scheduler.template_renders_tool_calls)
+        return req, self.service.render(messages, req.offered_tools)
 
-    @_answers_errors
-    async def count_tokens(request: Request):
-        _, prompt = await parse(request)
-        return JSONResponse({"input_tokens": len(tok.encode(prompt, add_special_tokens=False))})
+    async def count_tokens(self, request: Request):
+        _, prompt = await self.parse(request, {"max_tokens": 1})  # count_tokens takes no max_tokens
+        return JSONResponse({"input_tokens": len(self.service.tokenizer.encode(prompt, add_special_tokens=False))})
 
-    @_answers_errors
-    async def messages(request: Request):
-        req, prompt = await parse(request)
+    async def messages(self, request: Request):
+        req, prompt = await self.parse(request)
         forced = req.forced_opening()
-        job = prepare(req, prompt + forced, None, await constrained(req))
+        job = await self.service.prepare(req, prompt + forced)
         mid = new_id("msg")
         if req.stream:
-            return EventSourceResponse(_stream(job, req, forced, mid), ping=15)
-        text, last = forced, None
-        async with watch(request, job):
-            async for r, _ in results(job):
-                text += r.text
-                last = r
-        if last is None:
-            raise no_reply(engine)
-        content, calls = parse_tool_calls(text, bare_names=req.tool_names) if req.offered_tools else (text, [])
-        calls = calls[:1] if req.one_call else calls
-        blocks = ([{"type": "text", "text": content}] if content or not calls else []) + [
+            return EventSourceResponse(self._stream(job, req, forced, mid), ping=15)
+        reply = await self.service.whole(request, job, forced, req.tool_names if req.offered_tools else frozenset())
+        calls = reply.calls[:1] if req.one_call else reply.calls
+        blocks = ([{"type": "text", "text": reply.text}] if reply.text or not calls else []) + [
             tool_use_block(c) for c in calls]
-        reason, sequence = stop_reason(last, len(calls))
-        return JSONResponse({"id": mid, "type": "message", "role": "assistant", "model": req.model or engine.model_id,
-                             "content": blocks, "stop_reason": reason, "stop_sequence": sequence,
-                             "usage": usage(job, last.generation_tokens)})
+        reason, sequence = stop_reason(reply.last, len(calls))
+        return JSONResponse({"id": mid, "type": "message", "role": "assistant",
+                             "model": req.model or self.scheduler.model_id, "content": blocks,
+                             "stop_reason": reason, "stop_sequence": sequence,
+                             "usage": usage(job, reply.last.generation_tokens)})
 
-    async def _stream(job, req: MessagesRequest, forced: str, mid: str):
+    async def _stream(self, job, req: MessagesRequest, forced: str, mid: str):
+        try:
+            async for event in self._events(job, req, forced, mid):
+                yield event
+        except APIError as e:  # the stream has begun: the error travels as an event
+            yield {"event": "error", "data": json.dumps(error_body(e))}
+        except Exception as e:
+            log.exception("streaming %s failed", mid)
+            yield {"event": "error", "data": json.dumps(error_body(internal_error(e)))}
+
+    async def _events(self, job, req: MessagesRequest, forced: str, mid: str):
         def event(name: str, **data) -> dict:
             return {"event": name, "data": json.dumps({"type": name, **data}, ensure_ascii=False)}
 
-        calls = ToolCallStream(bare_names=req.tool_names) if req.offered_tools else None
-        if calls:
-            calls.feed(forced)  # held back like any call until it closes
         index, text_open, n_calls, last = 0, False, 0, None
-        try:
-            async for r, _ in results(job):
-                if last is None:
-                    message = {"id": mid, "type": "message", "role": "assistant", "content": [],
-                               "model": req.model or engine.model_id, "stop_reason": None, "stop_sequence": None,
-                               "usage": usage(job, 0)}
-                    yield event("message_start", message=message)
-                last = r
-                piece = calls.feed(r.text) if calls else r.text
-                if calls and r.finish_reason:
-                    piece += calls.finish()
-                if piece:
-                    if not text_open:
-                        yield event("content_block_start", index=index, content_block={"type": "text", "text": ""})
-                        text_open = True
-                    yield event("content_block_delta", index=index, delta={"type": "text_delta", "text": piece})
-                for call in calls.new_calls() if calls else []:
-                    if req.one_call and n_calls:
-                        continue
-                    if text_open:
-                        yield event("content_block_stop", index=index)
-                        index, text_open = index + 1, False
-                    block = tool_use_block(call)
-                    yield event("content_block_start", index=index, content_block={**block, "input": {}})
-                    yield event("content_block_delta", index=index, delta={
-                        "type": "input_json_delta", "partial_json": json.dumps(block["input"], ensure_ascii=False)})
+        async for p in self.service.pieces(job, forced, req.tool_names if req.offered_tools else frozenset()):
+            if last is None:
+                message = {"id": mid, "type": "message", "role": "assistant", "content": [],
+                           "model": req.model or self.scheduler.model_id, "stop_reason": None,
+                           "stop_sequence": None, "usage": usage(job, 0)}
+                yield event("message_start", message=message)
+            last = p.response
+            if p.text:
+                if not text_open:
+                    yield event("content_block_start", index=index, content_block={"type": "text", "text": ""})
+                    text_open = True
+                yield event("content_block_delta", index=index, delta={"type": "text_delta", "text": p.text})
+            for call in p.calls:
+                if req.one_call and n_calls:
+                    continue
+                if text_open:
                     yield event("content_block_stop", index=index)
-                    index, n_calls = index + 1, n_calls + 1
-        except APIError as e:  # the stream has begun: the error travels as an event
-            yield {"event": "error", "data": json.dumps(error_body(e))}
-            return
-        except Exception as e:
-            log.exception("streaming %s failed", mid)
-            yield {"event": "error", "data": json.dumps(error_body(APIError(500, f"internal error: {type(e).__name__}",
-                                                                            type_="server_error")))}
-            return
+                    index, text_open = index + 1, False
+                block = tool_use_block(call)
+                yield event("content_block_start", index=index, content_block={**block, "input": {}})
+                yield event("content_block_delta", index=index, delta={
+                    "type": "input_json_delta", "partial_json": json.dumps(block["input"], ensure_ascii=False)})
+                yield event("content_block_stop", index=index)
+                index, n_calls = index + 1, n_calls + 1
         if last is None:
             return
         if text_open:
             yield event("content_block_stop", index=index)
         reason, sequence = stop_reason(last, n_calls)
         yield event("message_delta", delta={"stop_reason": reason, "stop_sequence": sequence},
-                    usage={"output_tokens": last.generation_tokens})
+                    usage=usage(job, last.generation_tokens))  # whole: some clients read only this one
         yield event("message_stop")
-
-    return [Route("/v1/messages", messages, methods=["POST"]),
-            Route("/v1/messages/count_tokens", count_tokens, methods=["POST"])]

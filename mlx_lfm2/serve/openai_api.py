@@ -1,4 +1,4 @@
-"""OpenAI request validation and response shapes, separate from serving.
+"""OpenAI request validation and response shapes, separate from serving (routes: ``openai.py``).
 
 Requests are checked with pydantic models (unknown fields are tolerated, as OpenAI's
 server does); answers follow the Chat Completions and Completions schemas, including
@@ -12,69 +12,22 @@ depth), so nothing malformed reaches the engine, where MLX does not bounds-check
 from __future__ import annotations
 
 import json
-import math
 import time
 import uuid
 from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from ..text.constraints import forced_tool_opening, tool_call_grammar
+from ..text.tool_grammar import MAX_CALLS, forced_tool_opening, tool_call_grammar
 from ..text.tools import format_pythonic_call
+from ..engine.sample import SamplingParams
+from .boundary import APIError, loads
 
 
-class APIError(Exception):
-    """An error answered as OpenAI does: ``{"error": {"message", "type", "param", "code"}}``."""
-
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: Optional[str] = None, code: Optional[str] = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-MAX_DEPTH = 64  # JSON nesting: tool schemas in the wild stay far below; thousands exhaust the stack
+SAMPLING = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "frequency_penalty",
+            "presence_penalty")  # the fields named as in SamplingParams
 MAX_SEED = 2**64 - 1
 MAX_STOP = 1024
-IMPOSSIBLE = -9999.0  # the logprob OpenAI reports for a token that cannot be sampled
-
-
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def loads(text, what: str = "the body") -> Any:
-    """JSON from a client: strict (no NaN/Infinity), at most ``MAX_DEPTH`` deep, strings of
-    real characters (``"\\ud800"`` is valid JSON but no text the tokenizer can take), else a 400."""
-    try:
-        value = json.loads(text, parse_constant=_reject_constant)
-    except RecursionError:
-        raise APIError(400, f"{what} nests deeper than {MAX_DEPTH} levels", code="invalid_json")
-    except ValueError as e:
-        raise APIError(400, f"{what} is not valid JSON: {e}", code="invalid_json")
-    _check_tree(value, what)
-    return value
-
-
-def _check_tree(value, what: str) -> None:
-    """Depth and strings of parsed JSON, without recursion."""
-    todo = [(value, 1)]
-    while todo:
-        v, depth = todo.pop()
-        if isinstance(v, str):
-            if not v.isascii():
-                try:
-                    v.encode("utf-8")
-                except UnicodeEncodeError:
-                    raise APIError(400, f"{what} holds a string with a lone surrogate escape ({v[:40]!r})",
-                                   code="invalid_json")
-        elif isinstance(v, (dict, list)):
-            if depth > MAX_DEPTH:
-                raise APIError(400, f"{what} nests deeper than {MAX_DEPTH} levels", code="invalid_json")
-            items = [*v.keys(), *v.values()] if isinstance(v, dict) else v
-            todo.extend((x, depth + 1) for x in items)
 
 
 def _vocab(info: ValidationInfo) -> Optional[int]:
@@ -190,21 +143,27 @@ class Sampling(_Lenient):
             raise ValueError(f"a stop sequence is at most {MAX_STOP} characters")
         return stops
 
-    def sampling_kwargs(self, defaults: dict) -> dict:
-        kw = dict(defaults)
-        for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed",
-                     "frequency_penalty", "presence_penalty"):
-            if getattr(self, name) is not None:
-                kw[name] = getattr(self, name)
+    def sampling(self, defaults: SamplingParams) -> SamplingParams:
+        """This request's sampling over the server's ``defaults`` (the limit and constraint are
+        set by ``service.prepare``)."""
+        given = {name: getattr(self, name) for name in SAMPLING if getattr(self, name) is not None}
         if self.logit_bias:
-            kw["logit_bias"] = {int(k): float(v) for k, v in self.logit_bias.items()}
-        kw["stop"] = self.stop or None
-        return kw
+            given["logit_bias"] = {int(k): float(v) for k, v in self.logit_bias.items()}
+        return defaults.replace(**given, stop=self.stop or ())
+
+    @property
+    def response_schema(self) -> Optional[dict]:
+        """The schema ``response_format`` holds the reply to (None for text)."""
+        rf = self.response_format or {}
+        if rf.get("type") == "json_object":
+            return {"type": "object"}
+        return rf["json_schema"]["schema"] if rf.get("type") == "json_schema" else None
 
     def constraint(self) -> dict:
         """``stream_generate``'s constraint for ``response_format`` (none for text). Without
         ``strict`` a schema is best effort, as at OpenAI: keywords llguidance does not
-        implement are skipped instead of refused."""
+        implement are skipped instead of refused (the reply says which, and whether it
+        validates)."""
         rf = self.response_format or {}
         if rf.get("type") == "json_object":
             return {"json_schema": {"type": "object"}}
@@ -221,6 +180,7 @@ class ChatRequest(Sampling):
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     tools: Optional[list[dict]] = None
     tool_choice: Union[str, dict, None] = None
+    parallel_tool_calls: Optional[bool] = None  # False: at most one call (a forced block holds exactly one)
     top_logprobs: Optional[int] = Field(None, ge=0, le=20)
 
     @field_validator("tools")
@@ -265,11 +225,17 @@ class ChatRequest(Sampling):
             return forced_tool_opening(self._forced_name())
         return ""
 
+    @property
+    def one_call(self) -> bool:
+        return self.parallel_tool_calls is False
+
     def constraint(self) -> dict:
         """A forced call is held to the tools' call syntax and parameter schemas by a grammar
-        over the rest of it, so it always parses; otherwise as ``response_format`` says."""
+        over the rest of it, so it always parses (one call, or up to ``MAX_CALLS``); otherwise
+        as ``response_format`` says."""
         if self.forced_tool_call():
-            return {"grammar": tool_call_grammar(self.tools, self._forced_name(), opened=True)}
+            return {"grammar": tool_call_grammar(self.tools, self._forced_name(), opened=True,
+                                                 max_calls=1 if self.one_call else MAX_CALLS)}
         return super().constraint()
 
     @property
@@ -277,22 +243,42 @@ class ChatRequest(Sampling):
         return self.max_completion_tokens or self.max_tokens
 
 
+MAX_PROMPTS = 256  # prompts in one request: each is a job, at most a batch of them at a time
+
+
 class CompletionRequest(Sampling):
-    prompt: Union[str, list[int]]
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    max_tokens: Optional[int] = Field(None, ge=0)  # 0: score the prompt, generate nothing
     echo: bool = False
+    suffix: Optional[str] = None  # accepted for compatibility; LFM2 has no infilling
 
     @field_validator("prompt")
     @classmethod
     def _prompt(cls, prompt, info: ValidationInfo):
-        if not prompt:
+        prompts = prompt if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else [prompt]
+        if not prompt or any(not p for p in prompts):
             raise ValueError("prompt is empty: give text or token ids to continue")
-        if isinstance(prompt, list):
-            check_ids(prompt, _vocab(info), "prompt id")
+        if len(prompts) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts in one request")
+        for p in prompts:
+            if isinstance(p, list):
+                check_ids(p, _vocab(info), "prompt id")
         return prompt
+
+    @property
+    def prompts(self) -> list[Union[str, list[int]]]:
+        p = self.prompt
+        return p if isinstance(p, list) and not isinstance(p[0], int) else [p]
 
     @property
     def limit(self) -> Optional[int]:
         return self.max_tokens
+
+    @property
+    def top(self) -> Optional[int]:
+        """Alternatives per token (0: the token's own logprob only); None: no logprobs."""
+        lp = self.logprobs
+        return None if lp is None or lp is False else (0 if lp is True else int(lp))
 
 
 def _text_of(content) -> str:
@@ -353,24 +339,3 @@ def chat_chunk(cid: str, model: str, delta: dict, finish: Optional[str] = None, 
     choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
     return {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
             "choices": [choice]}
-
-
-def logprob_entry(tokenizer, token: int, logprobs, top: int) -> dict:
-    """One ``logprobs.content`` item: the chosen token, its logprob and the top alternatives."""
-    import mlx.core as mx
-
-    def item(t, lp):
-        text = tokenizer.decode([t])
-        # A masked token (a grammar, a -inf bias) has logprob -inf, which JSON cannot carry:
-        # OpenAI reports such tokens as -9999.0.
-        lp = lp if math.isfinite(lp) else IMPOSSIBLE
-        return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
-
-    entry = item(token, logprobs[token].item())
-    entry["top_logprobs"] = []
-    if top:
-        ids = mx.argpartition(-logprobs, kth=top - 1)[:top]
-        vals = logprobs[ids]
-        order = mx.argsort(-vals)
-        entry["top_logprobs"] = [item(int(t), float(v)) for t, v in zip(ids[order].tolist(), vals[order].tolist())]
-    return entry

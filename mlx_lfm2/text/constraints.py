@@ -9,6 +9,18 @@ The mask is computed on the CPU while the device runs the step: the processor qu
 read of the sampled token and the step's forward (``mx.async_eval``, in that order), waits for
 the token only, then advances the matcher and asks llguidance for the next mask (which
 releases the GIL), so their cost hides behind the forward.
+
+Given the reply's token budget (``max_tokens``), the processor also makes sure the reply can
+still end within it: it keeps a completion of the current state (``closing.Closer``: the bytes
+that close what is open, as tokens, then a stop token). While more than ``window`` tokens are to
+spare the mask is the grammar's; within ``window`` it keeps only the next token of that
+completion and those of the model's ``TOP`` choices after which a completion still fits; with
+nothing to spare, only the completion's next token. So a reply whose grammar can end within
+``max_tokens`` does (a single token that lengthens the way to the end by more than ``window``,
+an object of many required keys opened at once, widens ``window`` for the rest of the reply).
+
+What a grammar may cost is bounded (``LIMITS``, ``MAX_SCHEMA_CHARS``, ``MAX_SCHEMA_DEPTH``), and
+every number a JSON schema admits has bounded digits (``bounded_number``).
 """
 
 from __future__ import annotations
@@ -20,7 +32,7 @@ from typing import Optional, Union
 import mlx.core as mx
 import numpy as np
 
-from .tools import CALL_END, CALL_START, _py_literal as py_literal
+from .closing import Closer
 
 Schema = Union[dict, bool, str]
 
@@ -28,9 +40,23 @@ Schema = Union[dict, bool, str]
 # model can loop on forever. A schema's "x-guidance" key overrides these (llguidance's options).
 JSON_DEFAULTS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
+# Numbers without bounds of their own: at most 15 digits before the point (|x| < 1e15, as a
+# double holds integers exactly) and 6 after it, no exponent. A schema's own minimum, maximum
+# or multipleOf take precedence; a missing bound alone is filled in.
+MAX_INT_DIGITS, MAX_FRACTION_DIGITS = 15, 6
+_BOUND = 10 ** MAX_INT_DIGITS - 1
+
+# What compiling one grammar may cost: llguidance's limits (its defaults are 500k symbols, 1M
+# lexer fuel ~20 ms, 250k lexer states ~0.5 GB), checked while it compiles and steps; and the
+# schema's size and nesting, checked before.
+MAX_SCHEMA_CHARS, MAX_SCHEMA_DEPTH = 100_000, 32
+_LIMITS = dict(max_grammar_size=100_000, initial_lexer_fuel=1_000_000, step_lexer_fuel=200_000,
+               step_max_items=50_000, max_lexer_states=50_000, verbose_errors=False)
+
 
 class ConstraintError(ValueError):
-    """A schema, regex or grammar that cannot be enforced (invalid, unsupported keyword, ...)."""
+    """A schema, regex or grammar that cannot be enforced (invalid, unsupported keyword,
+    admitting no output, over a limit)."""
 
 
 _LL_TOKENIZERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -47,13 +73,96 @@ def grammar_tokenizer(tokenizer):
     return ll
 
 
+def bounded_number(s: dict) -> dict:
+    """A ``number`` / ``integer`` schema with its digits bounded (see ``MAX_INT_DIGITS``)."""
+    s = dict(s)
+    num = lambda k: s.get(k) if isinstance(s.get(k), (int, float)) and not isinstance(s.get(k), bool) else None  # noqa: E731
+    lo = num("minimum") if num("minimum") is not None else num("exclusiveMinimum")
+    hi = num("maximum") if num("maximum") is not None else num("exclusiveMaximum")
+    if lo is None:
+        s["minimum"] = -_BOUND if hi is None or hi >= -_BOUND else hi - _BOUND
+    if hi is None:
+        s["maximum"] = _BOUND if lo is None or lo <= _BOUND else lo + _BOUND
+    kinds = s.get("type") if isinstance(s.get("type"), list) else [s.get("type")]
+    if "number" in kinds and "multipleOf" not in s:
+        s["multipleOf"] = 10.0 ** -MAX_FRACTION_DIGITS
+    return s
+
+
+_SUBSCHEMA = ("additionalProperties", "items", "additionalItems", "contains", "propertyNames",
+              "unevaluatedItems", "unevaluatedProperties", "if", "then", "else")
+_SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems", "items")
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+
+
+_ANY = "#/$defs/mlx_lfm2_any"  # a JSON value whose numbers are bounded, for what a schema leaves open
+_ANY_DEF = {"anyOf": [{"type": "null"}, {"type": "boolean"}, bounded_number({"type": "number"}), {"type": "string"},
+                      {"type": "array", "items": {"$ref": _ANY}}, {"type": "object", "additionalProperties": {"$ref": _ANY}}]}
+
+
+def bound_numbers(s, depth: int = 0):
+    """``s`` with every ``number`` / ``integer`` subschema bounded (``bounded_number``), and
+    values it leaves open (``{}``, an object's other keys, a list's items) bounded-number JSON."""
+    if s is True or s == {}:
+        return {"$ref": _ANY}
+    if not isinstance(s, dict):
+        return s
+    if depth > MAX_SCHEMA_DEPTH:
+        raise ConstraintError(f"json_schema is nested more than {MAX_SCHEMA_DEPTH} deep")
+    out = dict(s)
+    for k in _SUBSCHEMA:
+        if isinstance(s.get(k), dict) or s.get(k) is True:
+            out[k] = bound_numbers(s[k], depth + 1)
+    for k in _SCHEMA_LISTS:
+        if isinstance(s.get(k), list):
+            out[k] = [bound_numbers(v, depth + 1) for v in s[k]]
+    for k in _SCHEMA_MAPS:
+        if isinstance(s.get(k), dict):
+            out[k] = {name: bound_numbers(v, depth + 1) for name, v in s[k].items()}
+    kinds = [k for k in (s.get("type") if isinstance(s.get("type"), list) else [s.get("type")]) if isinstance(k, str)]
+    if kinds == ["object"] and "additionalProperties" not in s and "unevaluatedProperties" not in s:
+        out["additionalProperties"] = {"$ref": _ANY}
+    if kinds == ["array"] and "items" not in s and "prefixItems" not in s:
+        out["items"] = {"$ref": _ANY}
+    return bounded_number(out) if {"number", "integer"} & set(kinds) else out
+
+
+def _with_any(schema):
+    """The root schema, holding ``_ANY``'s definition when something refers to it."""
+    if not isinstance(schema, dict) or _ANY not in json.dumps(schema):
+        return schema
+    return {**schema, "$defs": {**schema.get("$defs", {}), "mlx_lfm2_any": _ANY_DEF}}
+
+
+def _schema(json_schema) -> Union[dict, bool]:
+    """The schema as a dict (or boolean), checked against the size limits, numbers bounded."""
+    if isinstance(json_schema, str):
+        text = json_schema
+        try:
+            json_schema = json.loads(json_schema)
+        except (ValueError, RecursionError) as e:
+            raise ConstraintError(f"json_schema is not valid JSON: {e}") from None
+    elif isinstance(json_schema, (dict, bool)):
+        try:
+            text = json.dumps(json_schema)
+        except (TypeError, ValueError, RecursionError) as e:
+            raise ConstraintError(f"json_schema is not JSON: {e}") from None
+    else:
+        raise ConstraintError("json_schema must be a JSON object (or true/false)")
+    if not isinstance(json_schema, (dict, bool)):
+        raise ConstraintError("json_schema must be a JSON object (or true/false)")
+    if len(text) > MAX_SCHEMA_CHARS:
+        raise ConstraintError(f"json_schema is {len(text)} characters, over the limit of {MAX_SCHEMA_CHARS}")
+    return _with_any(bound_numbers(json_schema))
+
+
 def grammar_source(*, json_schema: Optional[Schema] = None, regex: Optional[str] = None,
                    grammar: Optional[str] = None) -> Optional[str]:
     """llguidance's grammar text for exactly one of the three (None when none is given).
 
     ``json_schema``: a dict (or its JSON text); keywords llguidance does not implement are
-    an error unless the schema says ``"x-guidance": {"lenient": true}``. ``regex``: the whole
-    output must match.
+    an error unless the schema says ``"x-guidance": {"lenient": true}`` (then they are listed
+    in the constraint's ``warnings``). ``regex``: the whole output must match.
     ``grammar``: llguidance's Lark dialect (``%json{...}`` embeds a schema, ``<|name|>`` a
     special token).
     """
@@ -63,15 +172,11 @@ def grammar_source(*, json_schema: Optional[Schema] = None, regex: Optional[str]
     if len(given) > 1:
         raise ConstraintError(f"pass one constraint, not {' and '.join(given)}")
     if json_schema is not None:
-        if isinstance(json_schema, str):
-            try:
-                json_schema = json.loads(json_schema)
-            except ValueError as e:
-                raise ConstraintError(f"json_schema is not valid JSON: {e}") from None
-        if not isinstance(json_schema, (dict, bool)):
-            raise ConstraintError("json_schema must be a JSON object (or true/false)")
+        schema = _schema(json_schema)
+        if schema is False:
+            raise ConstraintError("json_schema is false, which admits no value")
         try:
-            return LLMatcher.grammar_from_json_schema(json_schema, defaults=JSON_DEFAULTS)
+            return LLMatcher.grammar_from_json_schema(schema, defaults=JSON_DEFAULTS)
         except (ValueError, TypeError) as e:
             raise ConstraintError(f"json_schema: {e}") from None
     if regex is not None:
@@ -94,19 +199,32 @@ class Constraint:
     looking back at most ``LOOK_BACK`` ids), then masks. An id the grammar refuses (a draft
     that will be rejected, or the stop token that ends generation) is not consumed. Rows past
     the tokenizer's vocabulary (embedding padding) are always masked.
+
+    ``max_tokens``: the reply's budget, stop token included (None: no budget). ``warnings``:
+    what llguidance did not enforce (a lenient schema's unsupported keywords).
     """
 
     LOOK_BACK = 32
+    TOP = 8  # the model's choices checked for room to finish, within the window
+    WINDOW, MAX_WINDOW = 8, 64  # tokens to spare below which the budget shapes the mask (it grows, see above)
 
-    def __init__(self, tokenizer, source: str, prompt_tokens: int = 0, what: str = "constraint"):
-        from llguidance import LLMatcher
+    def __init__(self, tokenizer, source: str, prompt_tokens: int = 0, what: str = "constraint",
+                 max_tokens: Optional[int] = None):
+        from llguidance import LLMatcher, LLParserLimits
 
         self.ll = grammar_tokenizer(tokenizer)
-        self.matcher = LLMatcher(self.ll, source, log_level=0)
+        self.matcher = LLMatcher(self.ll, source, log_level=0, limits=LLParserLimits(**_LIMITS))
         if self.matcher.is_error():
             raise ConstraintError(f"{what}: {self.matcher.get_error()}")
-        self.prompt_tokens = prompt_tokens
+        self.warnings = self.matcher.get_grammar_warnings()
+        self.prompt_tokens, self.max_tokens = prompt_tokens, max_tokens
         self.tokens: list[int] = []  # the generated ids the matcher has consumed
+        self.closer, self.window = Closer(self.ll, source), self.WINDOW
+        reach = 4096 if max_tokens is None else 8 * max_tokens + 64
+        self.plan = self.closer.complete(self.matcher, reach)  # a completion of the current state
+        self.plan_at, self.fresh = 0, True  # len(self.tokens) when ``plan`` was made; see ``completion``
+        if self.plan is None and not self.closer.gave_up:
+            raise ConstraintError(f"{what} admits no output: no text ends it")
 
     @property
     def done(self) -> bool:
@@ -132,6 +250,52 @@ class Constraint:
         mask[:n] = np.unpackbits(bits, bitorder="little", count=n).astype(bool)
         return mask
 
+    def completion(self, fresh: bool = False) -> Optional[list[int]]:
+        """A way to the end from here (tokens, the last a stop token): the last one found, less
+        what was written along it, while it still holds; else a new one. ``fresh``: one found
+        from here, or followed since it was (not one that merely still holds)."""
+        new = self.tokens[self.plan_at:] if self.plan_at <= len(self.tokens) else None
+        old = self.plan
+        if old is not None and new is not None:
+            followed = old[:len(new)] == new
+            rest, kept_fresh = (old[len(new):], self.fresh) if followed else (old, False)
+            if (kept_fresh or not fresh) and rest and self.matcher.validate_tokens(rest) == len(rest):
+                self.plan, self.plan_at, self.fresh = rest, len(self.tokens), kept_fresh
+                return rest
+        reach = 4096 if self.max_tokens is None else 8 * self.max_tokens + 64
+        self.plan, self.plan_at, self.fresh = self.closer.complete(self.matcher, reach), len(self.tokens), True
+        if old is not None and self.plan is not None and new is not None:  # how far one step set the end back
+            grew = len(self.plan) - len(old) + len(new) + 1
+            self.window = min(max(self.window, grew), self.MAX_WINDOW)
+        return self.plan
+
+    def budget(self, mask: np.ndarray, logits: mx.array, left: int) -> np.ndarray:
+        """``mask`` less the tokens after which the reply could not end in the ``left`` tokens."""
+        plan = self.completion()
+        if plan is None or len(plan) < left - self.window:
+            return mask
+        plan = self.completion(fresh=True)
+        if plan is None:
+            return mask
+        keep = np.zeros_like(mask)
+        keep[plan[0]] = True
+        if len(plan) < left:  # room for other choices: the model's best that leave room to finish
+            scores = np.where(mask, np.array(logits[0].astype(mx.float32)), -np.inf)
+            top = np.argpartition(scores, -self.TOP)[-self.TOP:]
+            for t in top[np.isfinite(scores[top])].tolist():
+                keep[t] = keep[t] or self._fits(t, left - 1)
+        return keep
+
+    def _fits(self, token: int, left: int) -> bool:
+        """Whether a completion of at most ``left`` tokens follows ``token``."""
+        if token in self.ll.eos_tokens:
+            return True
+        child = self.matcher.deep_copy()
+        if not child.consume_token(token):
+            return False
+        plan = self.closer.complete(child, 8 * left + 64)
+        return plan is not None and len(plan) <= left
+
     def __call__(self, history: mx.array, logits: mx.array) -> mx.array:
         generated, held = history.size - self.prompt_tokens, len(self.tokens)
         start = max(0, min(generated, held) - self.LOOK_BACK)
@@ -147,159 +311,39 @@ class Constraint:
         self.rollback(held - same)
         self.advance(recent[same - start:])
         mask = self.allowed(logits.shape[-1])
+        if self.max_tokens is not None and not self.done:
+            mask = self.budget(mask, logits, self.max_tokens - generated)
         if not mask.any():  # only when the model's rows do not cover the tokenizer's vocabulary
             raise ConstraintError(f"no token the model can write ({logits.shape[-1]} rows) satisfies the "
                                   "constraint here: does the tokenizer belong to this model?")
         return mx.where(mx.array(mask), logits, mx.array(-mx.inf, logits.dtype))
 
 
+def schema_errors(schema: Schema, text: str) -> list[str]:
+    """Why ``text`` is not a JSON value of ``schema`` (empty when it is): the check after
+    generation for what a lenient schema did not enforce (``jsonschema``, draft 2020-12)."""
+    import jsonschema
+
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        return [f"not JSON: {e}"]
+    try:
+        validator = jsonschema.Draft202012Validator(schema, format_checker=jsonschema.FormatChecker())
+        return [f"{'/'.join(map(str, e.absolute_path)) or '(root)'}: {e.message}"[:300]
+                for e in list(validator.iter_errors(value))[:10]]
+    except (jsonschema.SchemaError, RecursionError, ValueError, TypeError) as e:
+        return [f"the schema cannot be checked: {str(e)[:200]}"]
+
+
 def make_constraint(tokenizer, *, json_schema: Optional[Schema] = None, regex: Optional[str] = None,
-                    grammar: Optional[str] = None, prompt_tokens: int = 0) -> Optional[Constraint]:
+                    grammar: Optional[str] = None, prompt_tokens: int = 0,
+                    max_tokens: Optional[int] = None) -> Optional[Constraint]:
     """The processor for one generation, or None without a constraint. Raises
-    ``ConstraintError`` (a ValueError) naming what is wrong with the schema/regex/grammar."""
+    ``ConstraintError`` (a ValueError) naming what is wrong with the schema/regex/grammar.
+    ``max_tokens``: the reply's budget, which the mask keeps room to finish in."""
     source = grammar_source(json_schema=json_schema, regex=regex, grammar=grammar)
     if source is None:
         return None
     what = "json_schema" if json_schema is not None else "regex" if regex is not None else "grammar"
-    return Constraint(tokenizer, source, prompt_tokens, what)
-
-
-# --- Forced tool calls: LFM2's Pythonic syntax, <|tool_call_start|>[f(a=1, b="x")]<|tool_call_end|>
-
-_PY_ANY = r"""
-py_any: py_str | py_num | "True" | "False" | "None" | "[" (py_any (", " py_any)*)? "]"
-      | "{" (py_str ": " py_any (", " py_str ": " py_any)*)? "}"
-py_str: %json{"type": "string", "x-guidance": {"json_allowed_escapes": "nrbtf\\\"", "whitespace_flexible": false}}
-py_num: %json{"type": "number"}
-PY_NAME: /[A-Za-z_][A-Za-z0-9_]{0,63}/
-"""
-# JSON strings and numbers are Python literals too (with the \/ and \u escapes excluded, they
-# mean the same); true/false/null are not, so those and the containers are spelled here.
-_STR_OPTIONS = {"json_allowed_escapes": 'nrbtf\\"', **JSON_DEFAULTS}
-
-
-def _lit(text: str) -> str:
-    """A Lark string literal."""
-    return json.dumps(text, ensure_ascii=False)
-
-
-class _PythonicGrammar:
-    """JSON schemas of tool parameters -> Lark rules whose text ``ast.literal_eval`` reads."""
-
-    def __init__(self):
-        self.rules, self.defs, self.named = [], {}, {}
-
-    def use_defs(self, params: dict) -> None:
-        """One tool's ``$defs`` / ``definitions``, which its ``$ref``s point into."""
-        self.defs = {**params.get("$defs", {}), **params.get("definitions", {})}
-        self.named = {}
-
-    def rule(self, body: str) -> str:
-        name = f"r{len(self.rules)}"
-        self.rules.append(f"{name}: {body}")
-        return name
-
-    def value(self, s) -> str:
-        if not isinstance(s, dict) or not s:
-            return "py_any"
-        if "$ref" in s:
-            ref = s["$ref"]
-            for prefix in ("#/$defs/", "#/definitions/"):
-                if ref.startswith(prefix) and ref[len(prefix):] in self.defs:
-                    return self.ref(ref[len(prefix):])
-            raise ConstraintError(f"tool parameters: unsupported $ref {ref!r}")
-        if "const" in s or "enum" in s:
-            values = [s["const"]] if "const" in s else s["enum"]
-            return "(" + " | ".join(_lit(py_literal(v)) for v in values) + ")"
-        for key in ("anyOf", "oneOf"):
-            if key in s:
-                return "(" + " | ".join(self.value(sub) for sub in s[key]) + ")"
-        kind = s.get("type")
-        if isinstance(kind, list):
-            return "(" + " | ".join(self.value({**s, "type": k}) for k in kind) + ")"
-        if kind in ("string", "number", "integer"):
-            sub = {k: v for k, v in s.items() if k not in ("description", "title", "default", "examples")}
-            return "%json" + json.dumps({**sub, "x-guidance": _STR_OPTIONS}, ensure_ascii=False)
-        if kind == "boolean":
-            return '("True" | "False")'
-        if kind == "null":
-            return '"None"'
-        if kind == "array" and isinstance(s.get("items"), dict):
-            item, lo, hi = self.value(s["items"]), s.get("minItems", 0), s.get("maxItems")
-            more = f'(", " {item})' + (f"{{{max(lo - 1, 0)},{hi - 1}}}" if hi is not None else
-                                        f"{{{max(lo - 1, 0)},}}")
-            body = f"{item} {more}"
-            return self.rule(f'"[" {body} "]"' if lo > 0 else f'"[" ({body})? "]"' if hi != 0 else '"[" "]"')
-        if kind == "object" and isinstance(s.get("properties"), dict):
-            fields = [(_lit(_lit(k) + ": "), self.value(v), k in s.get("required", ()))
-                      for k, v in s["properties"].items()]
-            return self.rule(f'"{{" {self.fields(fields)} "}}"')
-        return "py_any"
-
-    def ref(self, name: str) -> str:
-        """A rule per definition, named before its body is built, so definitions may recurse."""
-        if name not in self.named:
-            i = len(self.rules)
-            self.named[name] = f"d{i}"
-            self.rules.append("")  # its place, taken before the body adds rules of its own
-            self.rules[i] = f"d{i}: {self.value(self.defs[name])}"
-        return self.named[name]
-
-    def fields(self, fields: list) -> str:
-        """``k1=v1, k2=v2`` in order, optional ones may be left out: ``first_i`` is what may
-        follow when nothing is written yet, ``rest_i`` when something is (so it opens ", ")."""
-        first, rest = "", ""
-        for key, value, required in reversed(fields):
-            item = f"{key} {value}"
-            rest_next, first_next = rest, first
-            rest = self.rule(f'", " {item} {rest_next}' if required else f'(", " {item})? {rest_next}')
-            first = self.rule(f"{item} {rest_next}" if required else
-                              f"{item} {rest_next} | {first_next}" if first_next else f"({item} {rest_next})?")
-        return first
-
-
-def tool_call_grammar(tools: list, name: Optional[str] = None, opened: bool = False) -> str:
-    """A Lark grammar for one LFM2 tool-call block: ``name`` called once, or (None) one or more
-    calls of any of ``tools`` (OpenAI ``{"type": "function", "function": {...}}`` or bare
-    ``{"name", "parameters"}`` dicts). Arguments follow each tool's parameter schema.
-
-    ``opened``: the reply already holds the block's opening (``forced_tool_opening``), as the
-    server writes it at the end of the prompt; the grammar covers the rest.
-    """
-    functions = [t.get("function", t) for t in tools]
-    if name is not None:
-        functions = [f for f in functions if f.get("name") == name]
-        if not functions:
-            raise ConstraintError(f"tool_choice names {name!r}, which is not one of the tools")
-    g = _PythonicGrammar()
-    calls = []
-    for f in functions:
-        if not isinstance(f.get("name"), str) or not f["name"].replace(".", "_").isidentifier():
-            raise ConstraintError(f"tool name {f.get('name')!r} is not a Python name, so LFM2's call "
-                                  "syntax cannot call it")
-        params = f.get("parameters") or {}
-        g.use_defs(params)
-        props = params.get("properties")
-        for key in props or ():
-            if not str(key).isidentifier():
-                raise ConstraintError(f"tool {f['name']}: parameter {key!r} is not a Python name, "
-                                      "so LFM2's call syntax cannot pass it")
-        if isinstance(props, dict):
-            fields = [(_lit(f"{k}="), g.value(v), k in params.get("required", ())) for k, v in props.items()]
-            args = g.fields(fields)
-        else:  # no declared parameters: any keyword arguments
-            args = '(PY_NAME "=" py_any (", " PY_NAME "=" py_any)*)?'
-        calls.append((_lit(f["name"] + "("), f'{args} ")"'))
-    if name is not None:
-        ((head, rest),) = calls
-        body = rest if opened else f"{head} {rest}"
-    else:
-        call = "(" + " | ".join(g.rule(f"{head} {rest}") for head, rest in calls) + ")"
-        body = f'{call} (", " {call})*'
-    start = f'start: {body} "]" {CALL_END}' if opened else f'start: {CALL_START} "[" {body} "]" {CALL_END}'
-    return "\n".join([start, *g.rules, _PY_ANY])
-
-
-def forced_tool_opening(name: Optional[str] = None) -> str:
-    """The reply's first characters when a call is forced (of ``name``, or of any tool)."""
-    return f"{CALL_START}[{name}(" if name is not None else f"{CALL_START}["
+    return Constraint(tokenizer, source, prompt_tokens, what, max_tokens)

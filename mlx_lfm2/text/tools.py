@@ -19,6 +19,7 @@ import ast
 import json
 import math
 import re
+import warnings
 from typing import Optional
 
 CALL_START, CALL_END = "<|tool_call_start|>", "<|tool_call_end|>"
@@ -43,10 +44,8 @@ MAX_BLOCK_CHARS = 1_000_000
 _BRACKETS = re.compile(r"""[\[\](){}"'\\]""")
 
 
-def _check_shape(text: str) -> None:
-    """Refuse blocks too large or too deeply nested to parse safely (strings are skipped)."""
-    if len(text) > MAX_BLOCK_CHARS:
-        raise ToolCallError(f"tool call block of {len(text)} characters is over the {MAX_BLOCK_CHARS} limit")
+def _brackets(text: str):
+    """``(index, bracket, depth after it)`` for each bracket of ``text`` outside its strings."""
     depth, quote, skip = 0, None, -1
     for m in _BRACKETS.finditer(text):
         i, c = m.start(), m.group()
@@ -61,10 +60,33 @@ def _check_shape(text: str) -> None:
             quote = c
         elif c in "([{":
             depth += 1
-            if depth > MAX_DEPTH:
-                raise ToolCallError(f"tool call nested more than {MAX_DEPTH} levels deep")
+            yield i, c, depth
         elif c in ")]}":
             depth -= 1
+            yield i, c, depth
+
+
+def _check_shape(text: str) -> None:
+    """Refuse blocks too large or too deeply nested to parse safely (strings are skipped)."""
+    if len(text) > MAX_BLOCK_CHARS:
+        raise ToolCallError(f"tool call block of {len(text)} characters is over the {MAX_BLOCK_CHARS} limit")
+    if any(depth > MAX_DEPTH for _, _, depth in _brackets(text)):
+        raise ToolCallError(f"tool call nested more than {MAX_DEPTH} levels deep")
+
+
+def complete_calls(block: str) -> list[dict]:
+    """The calls that closed in a block cut short (``[f(a=1), g(b=`` -> ``f``'s call): a reply
+    that ran out of tokens mid-block keeps what it finished."""
+    text = block.strip()
+    if not text.startswith("[") or len(text) > MAX_BLOCK_CHARS:
+        return []
+    ends = [i for i, c, depth in _brackets(text) if depth == 1 and c in ")}"]
+    if not ends:
+        return []
+    try:
+        return parse_call_block(text[:ends[-1] + 1] + "]")
+    except ValueError:
+        return []
 
 
 def _json_value(value, where: str):
@@ -108,7 +130,10 @@ def _literal(node, source: str, where: str):
 
 def _pythonic(text: str) -> list[dict]:
     try:
-        tree = ast.parse(text, mode="eval").body
+        with warnings.catch_warnings():  # a "\d" in model text: an invalid escape that Python reads as is
+            warnings.simplefilter("ignore", SyntaxWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            tree = ast.parse(text, mode="eval").body
     except (SyntaxError, ValueError) as e:
         raise ToolCallError(f"not a Python list of calls: {e}") from e
     nodes = tree.elts if isinstance(tree, (ast.List, ast.Tuple)) else [tree]
@@ -194,8 +219,10 @@ def parse_tool_calls(text: str, bare_names=None) -> ParsedOutput:
             content.append(text[pos:])
             break
         end = text.find(CALL_END, start + len(CALL_START))
-        if end < 0:
-            content.append(text[pos:])
+        if end < 0:  # cut short: its finished calls count, the rest stays text if there are none
+            kept = complete_calls(text[start + len(CALL_START):])
+            calls.extend(kept)
+            content.append(text[pos:start] if kept else text[pos:])
             errors.append("unterminated tool call")
             break
         content.append(text[pos:start])
@@ -214,7 +241,8 @@ class ToolCallStream:
 
     ``feed(piece) -> str`` returns the text safe to show now; complete calls collect in
     ``calls`` (and ``new_calls()`` returns those not yet taken); ``finish() -> str``
-    flushes the rest (an unterminated block comes back as text, with ``errors`` set).
+    flushes the rest (an unterminated block gives its finished calls, or comes back as text
+    when it has none; ``errors`` says it was cut).
     Each piece is scanned once (plus a marker's length of overlap), so a long reply fed in
     small pieces costs time linear in its length.
     """
@@ -292,6 +320,9 @@ class ToolCallStream:
         rest = self.buffer
         if self._parts:
             self.errors.append("unterminated tool call")
+            kept = complete_calls(rest[len(CALL_START):])
+            self.calls += kept
+            rest = "" if kept else rest
         self._pending, self._parts, self._tail = "", [], ""
         return rest
 
@@ -354,22 +385,24 @@ def _partial_suffix(text: str, marker: str) -> int:
     return 0
 
 
-def _py_literal(value) -> str:
+def py_literal(value) -> str:
+    """``value`` as a Python literal that ``ast.literal_eval`` reads back (strings in JSON's
+    escapes, which Python reads the same)."""
     if isinstance(value, bool) or value is None:
         return repr(value)
     if isinstance(value, (int, float, str)):
         return json.dumps(value, ensure_ascii=False) if isinstance(value, str) else repr(value)
     if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_py_literal(v) for v in value) + "]"
+        return "[" + ", ".join(py_literal(v) for v in value) + "]"
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{_py_literal(str(k))}: {_py_literal(v)}" for k, v in value.items()) + "}"
+        return "{" + ", ".join(f"{py_literal(str(k))}: {py_literal(v)}" for k, v in value.items()) + "}"
     return json.dumps(str(value))
 
 
 def format_pythonic_call(name: str, arguments: dict) -> str:
     """``name(k=v, ...)`` as LFM2 writes calls; ``parse_call_block`` reads it back."""
     try:
-        return f"{name}(" + ", ".join(f"{k}={_py_literal(v)}" for k, v in arguments.items()) + ")"
+        return f"{name}(" + ", ".join(f"{k}={py_literal(v)}" for k, v in arguments.items()) + ")"
     except RecursionError:
         raise ToolCallError(f"{name}: arguments nested too deeply to write") from None
 

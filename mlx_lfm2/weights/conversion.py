@@ -4,19 +4,16 @@ The conversion streams: tensors are read lazily from the source safetensors, the
 layer at a time is stacked (experts), cast, quantized, evaluated and written, so peak
 memory is about one projection's experts plus one output shard, whatever the checkpoint's
 size (measured: 1.97 GB converting the 47.7 GB LFM2-24B-A2B file). Output goes to a hidden
-folder beside the target and is renamed into place only when complete.
+folder beside the target and is renamed into place only when complete (``output_folder``).
 
     python convert.py --hf-path LiquidAI/LFM2-24B-A2B --mlx-path lfm2-24b-4bit -q
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import fnmatch
 import json
 import os
-import re
 import shlex
 import shutil
 import sys
@@ -32,6 +29,8 @@ from .loader import TOKENIZER_FILES, load_config, resolve
 from ..model.blocks import Block, Model
 from .publish import compatible_config, convert_command, upload_to_hub, write_model_card
 from .layouts import cast, check_weights, load_safetensors, safetensors_files, sanitize, to_mlx_lm_name
+from .output_folder import (PROGRESS, ConversionError, check_replaceable, clean_leftovers, partial_folder, replace,
+                            resume_partial, write_json)
 
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
 ROUTER_QUANT = {"group_size": 64, "bits": 8}  # routing is sensitive; the router is tiny
@@ -40,79 +39,6 @@ RECIPES = {
     "mixed_6": 6,  # experts at --q-bits, attention/conv/dense FFN/embeddings at 6 bits
     "mixed_8": 8,  # ... at 8 bits
 }
-
-
-class ConversionError(RuntimeError):
-    pass
-
-
-# What a folder written by this tool or by mlx-lm holds; --force replaces nothing else.
-MODEL_FOLDER_FILES = (
-    "config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer*", "special_tokens_map.json",
-    "added_tokens.json", "vocab.json", "merges.txt", "*.jinja", "generation_config.json", "README.md",
-    ".DS_Store",
-)
-
-
-PROGRESS = "progress.json"  # in a partial folder: what a killed run can resume from
-
-
-def check_replaceable(target: Path, source: Optional[Path] = None) -> None:
-    """Raise ConversionError unless ``--force`` may delete ``target``: an existing folder that
-    is recognisably a converted LFM2 model, and neither the source, an ancestor of it, the
-    working folder, the home folder nor one of their ancestors."""
-    target = target.resolve()
-    protected = [(Path.cwd().resolve(), "the current folder"), (Path.home().resolve(), "your home folder")]
-    if source is not None:
-        protected.insert(0, (source.resolve(), "the source checkpoint"))
-    for place, what in protected:
-        if target == place:
-            raise ConversionError(f"refusing to replace {target}: it is {what}")
-        if target in place.parents:
-            raise ConversionError(f"refusing to replace {target}: it contains {what} ({place})")
-    if not target.is_dir():
-        raise ConversionError(f"refusing to replace {target}: it is not a folder")
-    entries = list(target.iterdir())
-    unexpected = [p.name for p in entries
-                  if not p.is_file() or not any(fnmatch.fnmatch(p.name, pat) for pat in MODEL_FOLDER_FILES)]
-    if unexpected:
-        raise ConversionError(f"refusing to replace {target}: it holds files a converted model does not "
-                              f"({', '.join(sorted(unexpected)[:5])}); move them or pick another --mlx-path")
-    try:
-        model_type = json.loads((target / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        model_type = None
-    if model_type not in ("lfm2", "lfm2_moe") or not any(p.suffix == ".safetensors" for p in entries):
-        raise ConversionError(f"refusing to replace {target}: it is not an LFM2 model folder "
-                              "(config.json with model_type lfm2/lfm2_moe and *.safetensors)")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
-def clean_leftovers(target: Path) -> None:
-    """Folders a killed conversion left beside ``target`` (``.NAME.partial-PID``,
-    ``.NAME.old-PID``, PID no longer running): partial output is removed unless it can be
-    resumed (it has a ``PROGRESS`` file: ``convert`` resumes or removes it); an old target
-    that never got replaced is put back first if the target is missing."""
-    if not target.parent.is_dir():
-        return
-    pattern = re.compile(rf"\.{re.escape(target.name)}\.(partial|old)-(\d+)")
-    for p in sorted(target.parent.iterdir()):
-        m = pattern.fullmatch(p.name)
-        if not m or not p.is_dir() or _pid_alive(int(m.group(2))):
-            continue
-        if m.group(1) == "old" and not target.exists():
-            os.rename(p, target)
-        elif not (p / PROGRESS).exists():
-            shutil.rmtree(p, ignore_errors=True)
 
 
 def quant_predicate(bits: int, group_size: int, recipe: str = "uniform") -> Callable:
@@ -240,7 +166,7 @@ def convert(hf_path: Union[str, Path], mlx_path: Union[str, Path], quantize: boo
         check_replaceable(mlx_path, local if local.is_dir() else None)
     predicate = quant_predicate(q_bits, q_group_size, quant_recipe) if quantize else None
 
-    src = resolve(hf_path, revision)
+    src = resolve(hf_path, revision, flag="--hf-path")
     if mlx_path.exists():
         check_replaceable(mlx_path, src)  # before hours of work, and again before the swap
     config = load_config(src)
@@ -253,18 +179,18 @@ def convert(hf_path: Union[str, Path], mlx_path: Union[str, Path], quantize: boo
         source.update(load_safetensors(f))
 
     mlx_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = mlx_path.parent / f".{mlx_path.name}.partial-{os.getpid()}"
+    tmp = partial_folder(mlx_path)
     shutil.rmtree(tmp, ignore_errors=True)
     options = dict(source=str(src), files=[[f.name, f.stat().st_size] for f in files], dtype=dtype,
                    quantize=quantize, q_bits=q_bits, q_group_size=q_group_size, recipe=quant_recipe,
                    max_shard_gb=max_shard_gb)
-    state = _resume(mlx_path, tmp, options)
+    state = resume_partial(mlx_path, tmp, options)
     try:
         done, added = set(state["done"]), list(state["done"])
         overrides: dict = state["overrides"]
 
         def checkpoint():  # after each shard: everything added so far is on disk
-            _write_json(tmp / PROGRESS, dict(options=options, done=added, overrides=overrides,
+            write_json(tmp / PROGRESS, dict(options=options, done=added, overrides=overrides,
                                              shards=writer.shards, total=writer.total))
 
         writer = ShardWriter(tmp, int(max_shard_gb * 1e9), state["shards"], state["total"], checkpoint)
@@ -304,7 +230,7 @@ def convert(hf_path: Union[str, Path], mlx_path: Union[str, Path], quantize: boo
             if not force:
                 raise FileExistsError(f"{mlx_path} appeared during the conversion: not replacing it")
             check_replaceable(mlx_path, src)
-        _replace(tmp, mlx_path)
+        replace(tmp, mlx_path)
     except (KeyboardInterrupt, SystemExit):
         if not (tmp / PROGRESS).exists():  # nothing worth resuming yet
             shutil.rmtree(tmp, ignore_errors=True)
@@ -313,35 +239,6 @@ def convert(hf_path: Union[str, Path], mlx_path: Union[str, Path], quantize: boo
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return mlx_path
-
-
-def _resume(target: Path, tmp: Path, options: dict) -> dict:
-    """Adopt a killed run's partial folder for ``target`` if it converted the same source with
-    the same options (it becomes ``tmp``); others are removed. Returns what it had done."""
-    fresh, adopted = dict(done=[], overrides={}, shards=[], total=0), False
-    pattern = re.compile(rf"\.{re.escape(target.name)}\.partial-(\d+)")
-    for p in sorted(target.parent.iterdir()):
-        m = pattern.fullmatch(p.name)
-        if not m or p == tmp or not p.is_dir() or _pid_alive(int(m.group(1))):
-            continue
-        try:
-            state = json.loads((p / PROGRESS).read_text())
-            usable = state["options"] == options and all((p / s["file"]).exists() for s in state["shards"])
-        except (OSError, ValueError, KeyError, TypeError):
-            usable = False
-        if usable and not adopted:
-            os.rename(p, tmp)
-            fresh, adopted = {k: state[k] for k in fresh}, True
-        else:
-            shutil.rmtree(p, ignore_errors=True)
-    tmp.mkdir(exist_ok=True)
-    return fresh
-
-
-def _write_json(path: Path, value) -> None:
-    part = path.with_suffix(".tmp")
-    part.write_text(json.dumps(value))
-    os.replace(part, path)
 
 
 def _write_config(folder: Path, config: dict, dtype: str, quantize: bool, bits: int, group: int,
@@ -360,17 +257,6 @@ def _write_card(folder: Path, src: Path, hf_path, mlx_path, quantize, bits, grou
     config = json.loads((folder / "config.json").read_text())
     command = command or convert_command(hf_path, mlx_path, quantize, bits, group, dtype, recipe, revision)
     write_model_card(folder, Path(mlx_path).name, src, hf_path, config, config.get("quantization"), recipe, dtype, command)
-
-
-def _replace(tmp: Path, target: Path) -> None:
-    """Move the finished folder into place; an old target (--force) goes only after."""
-    old = None
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{os.getpid()}"
-        os.rename(target, old)
-    os.rename(tmp, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 class _progress:
@@ -396,16 +282,20 @@ class _progress:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description="Convert an LFM2 checkpoint to an MLX folder (mlx-lm layout).")
+    from ..command import parser
+
+    p = parser("mlx_lfm2.weights.conversion", "Convert an LFM2 checkpoint (a hub repo or a folder) into an MLX folder "
+               "in mlx-lm's layout, optionally quantized, with a model card: mlx_lfm2, mlx-lm and LM Studio load it.")
     p.add_argument("--hf-path", required=True, help="hub repo id or local folder")
     p.add_argument("--mlx-path", required=True, help="output folder")
     p.add_argument("-q", "--quantize", action="store_true", help="quantize (default 4-bit, group 64)")
-    p.add_argument("--q-bits", type=int, default=4, choices=[2, 3, 4, 5, 6, 8])
-    p.add_argument("--q-group-size", type=int, default=64, choices=[32, 64, 128])
+    p.add_argument("--q-bits", type=int, default=4, choices=[2, 3, 4, 5, 6, 8], help="bits per quantized weight")
+    p.add_argument("--q-group-size", type=int, default=64, choices=[32, 64, 128],
+                   help="weights sharing one scale and bias")
     p.add_argument("--quant-recipe", default="uniform", choices=sorted(RECIPES),
                    help="uniform: all at --q-bits; mixed_6/mixed_8: experts at --q-bits, the rest at 6/8")
-    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
-    p.add_argument("--revision", help="hub revision (branch, tag or commit)")
+    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="dtype of the weights not quantized")
+    p.add_argument("--revision", help="hub revision: branch, tag or commit (default: main)")
     p.add_argument("--max-shard-gb", type=float, default=1.0,
                    help="output shard size; conversion holds at most one shard in memory")
     p.add_argument("--force", action="store_true", help="replace an existing --mlx-path")

@@ -13,6 +13,7 @@ from ..model import device
 from ..model.config import ConfigError, ModelArgs
 from ..model.blocks import Model
 from ..model.pipeline import PipelineModel, launched, layer_of, plan_stages, read_header
+from .hub import hub_error
 from .layouts import load_into, safetensors_files
 
 # What a model folder needs; nothing else is downloaded.
@@ -24,8 +25,9 @@ TOKENIZER_FILES = (
 )
 
 
-def resolve(path_or_repo: Union[str, Path], revision: Optional[str] = None) -> Path:
-    """A local folder as is; otherwise a hub repo id fetched (or found in the HF cache)."""
+def resolve(path_or_repo: Union[str, Path], revision: Optional[str] = None, flag: str = "--model") -> Path:
+    """A local folder as is; otherwise a hub repo id fetched (or found in the HF cache).
+    ``flag``: the command's option for a folder, named in the hub's error (``hub.hub_error``)."""
     path = Path(path_or_repo).expanduser()
     if path.is_dir():
         return path
@@ -39,10 +41,7 @@ def resolve(path_or_repo: Union[str, Path], revision: Optional[str] = None) -> P
     try:
         return Path(snapshot_download(name, revision=revision, allow_patterns=HUB_PATTERNS))
     except Exception as e:
-        raise FileNotFoundError(
-            f"could not fetch {name!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
-            "Check the repo id and your network, or pass a local folder."
-        ) from e
+        raise hub_error(name, e, flag) from e
 
 
 def load_config(folder: Path) -> dict:

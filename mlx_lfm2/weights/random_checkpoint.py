@@ -11,7 +11,6 @@ benchmark in minutes. Tensors are generated and written one at a time into a sin
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import struct
@@ -158,13 +157,20 @@ def write_checkpoint(out: Path, config: dict, seed: int = 0, dtype: str = "bfloa
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("out", type=Path)
-    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny-moe")
+    from ..command import parser
+
+    p = parser("mlx_lfm2.random_checkpoint", "Write a random-weight LFM2 checkpoint in the hub's layout, of any "
+               "shape, for trying the commands offline, tests and benchmarks (no download, no torch).\n"
+               "tiny-* presets load in milliseconds; 24b-a2b has LFM2-24B-A2B's real layer shapes (choose fewer "
+               "--layers); 24b-a2b-narrow keeps its experts and top-k at a width a CPU runs in minutes.")
+    p.add_argument("out", type=Path, help="folder to write (created if needed): config.json and model.safetensors, "
+                   "plus the tokenizer files with --tokenizer")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny-moe", help="model shape")
     p.add_argument("--layers", type=int, help="number of layers (default: the preset's)")
-    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tokenizer", type=Path, help="copy tokenizer files from this folder")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="weight dtype")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    p.add_argument("--tokenizer", type=Path, help="copy tokenizer files (and the chat template) from this folder, "
+                   "e.g. tests/fixtures/LFM2-350M (default: none)")
     a = p.parse_args(argv)
     cfg = PRESETS[a.preset](a.layers) if a.layers else PRESETS[a.preset]()
     write_checkpoint(a.out, cfg, a.seed, a.dtype, a.tokenizer)

@@ -1,0 +1,61 @@
+"""What every command line shares: ``--help`` with defaults shown, ``--version``, its own name.
+
+A leaf module (standard library only), so any layer's command (chat, generate, the server,
+convert, random_checkpoint) builds its parser here without importing anything heavy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Each option's default after its help (none for flags, unset options, or help that
+    already says its default); descriptions and epilogs keep their line breaks."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if any(action.default is x for x in (None, False, argparse.SUPPRESS)) or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+def version() -> str:
+    """``mlx-lfm2 X (mlx Y)`` from the installed distributions."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    def of(name):
+        try:
+            return installed(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return f"mlx-lfm2 {of('mlx-lfm2')} (mlx {of('mlx')}, Python {sys.version.split()[0]})"
+
+
+def invocation(module: str) -> list[str]:
+    """How this process was started, as a user would type it again: an installed script
+    (``mlx-lfm2-chat``), ``python -m module`` for a file inside the package, else ``python FILE``."""
+    prog = Path(sys.argv[0])
+    if prog.suffix != ".py":
+        return [prog.name or module]
+    if PACKAGE in prog.resolve().parents:
+        return ["python", "-m", module]
+    return ["python", sys.argv[0]]
+
+
+def parser(module: str, description: str, epilog: str | None = None) -> argparse.ArgumentParser:
+    """An argument parser named after how it was invoked, with ``--version``; ``module`` is
+    the ``python -m`` name of the command."""
+    import textwrap
+
+    description = "\n".join(textwrap.fill(line, 88) for line in description.split("\n"))
+    p = argparse.ArgumentParser(prog=" ".join(invocation(module)), description=description, epilog=epilog,
+                                formatter_class=HelpFormatter)
+    p.add_argument("--version", action="version", version=version())
+    return p

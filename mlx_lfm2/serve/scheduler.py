@@ -1,0 +1,332 @@
+"""The scheduler: one worker thread owns the model, so the event loop never blocks on MLX.
+
+It takes jobs in arrival order from a bounded queue (full: 429) and runs them in one of two
+modes, chosen once in ``start``:
+
+* batched (the default): a continuous batch of up to ``max_batch`` (engine/batch.py): every
+  active request decodes in the same forward, each with its own sampling, stops and limit,
+  and a newcomer's prefill is interleaved with the others' decode steps;
+* serial: one job at a time through ``stream_generate``, for speculative decoding
+  (``--draft-model``, ``--prompt-lookup``) and under ``mlx.launch``, whose ranks must run the
+  same steps (rank 0 broadcasts each job; the other ranks ``follow``).
+
+Tokens travel back to each job's coroutine through an asyncio queue; a client that
+disconnects sets its job's stop event, which takes its row out of the batch at the next step.
+
+Prompt reuse (``engine.prompt_cache``): after each request the worker keeps its cache in
+the store; a later prompt takes a copy of the one that shares the longest prefix with it,
+which extends, or rewinds to the longest common prefix it can reach, and prefills the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Optional
+
+from ..engine.batch import BatchGenerator
+from ..engine.distributed import broadcast, group
+from ..engine.generation import TextStream, default_sampling, stream_request
+from ..engine.request import PromptTooLongError, build_request
+from ..engine.sample import SamplingParams
+from ..engine.prompt_cache import PromptCache, PromptCacheStore
+from ..engine.score import score_prompt
+from .boundary import APIError
+
+DEFAULT_MAX_TOKENS = 2048
+DONE = object()  # a job's last item
+IMPOSSIBLE = -9999.0  # the logprob OpenAI reports for a token that cannot be sampled
+
+
+@dataclass
+class Job:
+    prompt_text: str
+    params: SamplingParams
+    top_logprobs: Optional[int]  # None: no logprobs
+    loop: asyncio.AbstractEventLoop
+    ids: Optional[list] = None  # prompt_text's ids, when the front end tokenized it already
+    constraint: Optional[object] = None  # params' constraint, compiled by the front end
+    out: asyncio.Queue = field(default_factory=asyncio.Queue)
+    stop: threading.Event = field(default_factory=threading.Event)
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    started: bool = False  # a token was generated
+    schema_warnings: list = field(default_factory=list)  # what a lenient schema's constraint skips
+    score_ids: Optional[list] = None  # score these prompt ids first (completions' echo with logprobs)
+    scores: list = field(default_factory=list)  # their ``engine.score.TokenScore``s, before the first token
+
+    def emit(self, item) -> None:
+        self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+
+
+def failed(e: Exception) -> APIError:
+    return APIError(500, f"generation failed: {type(e).__name__}: {e}", type_="server_error")
+
+
+def refused(e: ValueError) -> APIError:
+    """The request's fault, found by the engine before its first token: a 400."""
+    if isinstance(e, PromptTooLongError):
+        return APIError(400, str(e), param="messages", code="context_length_exceeded")
+    return APIError(400, str(e), code="invalid_value")
+
+
+class Scheduler:
+    """The model, its worker thread (``start``), the job queue and the prompt caches."""
+
+    def __init__(self, model, tokenizer, model_id: str, queue_size: int = 16, cache_entries: int = 8,
+                 max_context: Optional[int] = None, default_max_tokens: int = DEFAULT_MAX_TOKENS,
+                 max_batch: int = 8, draft_model=None, prompt_lookup: bool = False,
+                 num_draft_tokens: Optional[int] = None):
+        self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
+        self.draft_model = draft_model
+        self.speculative = dict(prompt_lookup=prompt_lookup, num_draft_tokens=num_draft_tokens)
+        self.max_context = min(max_context or 1 << 62, model.args.max_position_embeddings)
+        self.default_max_tokens = default_max_tokens
+        # Ids from requests must index both the tokenizer and the embedding rows.
+        rows = getattr(model.args, "vocab_size", None)
+        self.vocab = min(tokenizer.vocab_size, rows) if rows else tokenizer.vocab_size
+        self.live: dict = {}  # uid -> _Live: the requests in the batch
+        self.current: Optional[Job] = None  # the job of the serial mode
+        self.batch = BatchGenerator(model, max_batch)
+        self.closed = False
+        self.defaults = SamplingParams(**default_sampling(model))
+        self.jobs: queue.Queue = queue.Queue(maxsize=queue_size)
+        self.caches = PromptCacheStore(model, cache_entries, draft_model)
+        self.stats = {"completed": 0, "cancelled": 0, "active": 0, "peak_batch": 0}
+        self.template_renders_tool_calls = "tool_calls" in (tokenizer.chat_template or "")
+        self._worker: Optional[threading.Thread] = None
+
+    @property
+    def serial(self) -> bool:
+        """Speculative decoding and mlx.launch ranks run one job at a time."""
+        return self.draft_model is not None or self.speculative["prompt_lookup"] or group() is not None
+
+    def start(self) -> "Scheduler":
+        """Start the worker thread (once; later calls do nothing)."""
+        if self._worker is None:
+            work = self._work_serial if self.serial else self._work_batched
+            self._worker = threading.Thread(target=work, daemon=True, name="mlx_lfm2-worker")
+            self._worker.start()
+        return self
+
+    def submit(self, job: Job) -> None:
+        if self.closed:
+            raise APIError(503, "the server is shutting down", type_="server_error", code="shutting_down")
+        try:
+            self.jobs.put_nowait(job)
+        except queue.Full:
+            raise APIError(429, "the server is busy: too many queued requests, retry shortly",
+                           type_="rate_limit_error", code="queue_full")
+
+    def close(self) -> None:
+        """Stop the running job and drop the queued ones (on SIGTERM/SIGINT): their handlers
+        return at once, so the server's graceful shutdown does not wait on generation."""
+        self.closed = True
+        while True:
+            try:
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                break
+            job.stop.set()
+            job.emit(DONE)
+        for live in self.live.copy().values():  # copy(): atomic while the worker changes it
+            live.job.stop.set()
+        if self.current is not None:
+            self.current.stop.set()
+
+    # Prompt caches --------------------------------------------------------------------------
+
+    def _request(self, job: Job):
+        """The cached conversation sharing the most of the job's prompt, and the request for
+        the ids still to feed (built and checked by the engine's one request builder)."""
+        pc = self.caches.take(job.prompt_text)
+        ids = pc.new_tokens(self.tokenizer, job.prompt_text, job.ids)
+        if not ids:  # a cache that consumed this whole prompt leaves nothing to sample from
+            pc = self.caches.fresh()
+            ids = pc.new_tokens(self.tokenizer, job.prompt_text, job.ids)
+        request = build_request(self.model, self.tokenizer, ids, job.params, held=pc.offset,
+                                context=self.max_context, constraint=job.constraint)
+        job.cached_tokens = pc.offset
+        job.prompt_tokens = pc.offset + len(ids)
+        return pc, request
+
+    def _emit(self, job: Job, r) -> None:
+        """One response to its job, with its logprob entry when the job asked for logprobs."""
+        job.started = True
+        entry = None
+        if job.top_logprobs is not None and r.logprobs is not None and not r.finish_reason:
+            entry = logprob_entry(self.tokenizer, r.token, r.logprobs, job.top_logprobs)
+        job.emit((r, entry))
+
+    # Batched mode ---------------------------------------------------------------------------
+
+    def _work_batched(self) -> None:
+        while True:
+            self._admit()
+            for uid, live in list(self.live.items()):
+                if live.job.stop.is_set():  # its client left: out of the batch now
+                    self._end(uid, self.batch.remove(uid), [live.text.end("cancelled")])
+            if not self.live:
+                continue
+            try:
+                tokens = self.batch.step()
+                self.stats["peak_batch"] = max(self.stats["peak_batch"], len(tokens))
+            except Exception as e:  # report it to every request in the batch; the worker lives on
+                for live in self.live.values():
+                    live.job.emit(failed(e))
+                    live.job.emit(DONE)
+                self.live.clear()
+                self.batch = BatchGenerator(self.model, self.batch.max_batch)
+                self.stats["active"] = 0
+                continue
+            for t in tokens:
+                live = self.live[t.uid]
+                out = live.text.feed(t.token, t.logprobs, t.finish_reason)
+                if out[-1].finish_reason:
+                    cache = t.cache if t.finish_reason else self.batch.remove(t.uid)  # a stop string
+                    self._end(t.uid, cache, out)
+                else:
+                    self._emit_all(live, out)
+
+    def _admit(self) -> None:
+        """Move queued requests into the batch while it has room; wait for one when idle."""
+        while len(self.live) < self.batch.max_batch:
+            try:
+                job = self.jobs.get(block=not self.live)
+            except queue.Empty:
+                return
+            if job.stop.is_set():  # its client left while it waited
+                self.stats["cancelled"] += 1
+                job.emit(DONE)
+                continue
+            try:
+                self._insert(job)
+            except ValueError as e:  # the request's fault, found before its first token
+                job.emit(refused(e))
+                job.emit(DONE)
+            except Exception as e:
+                job.emit(failed(e))
+                job.emit(DONE)
+
+    def _score(self, job: Job) -> None:
+        if job.score_ids is not None and job.top_logprobs is not None:
+            job.scores = score_prompt(self.model, job.score_ids, job.top_logprobs)
+
+    def _insert(self, job: Job) -> None:
+        self._score(job)
+        pc, request = self._request(job)
+        live = _Live(job, pc, request.ids, TextStream(self.tokenizer, job.params.stop, len(request.ids)))
+        if request.max_tokens == 0:
+            job.emit((live.text.end("length"), None))
+            self.stats["completed"] += 1
+            job.emit(DONE)
+            return
+        uid = self.batch.add(request, pc.cache)
+        self.live[uid] = live
+        self.stats["active"] = len(self.live)
+
+    def _emit_all(self, live: "_Live", responses) -> None:
+        for r in responses:
+            if r.token is not None:
+                live.generated.append(r.token)
+            self._emit(live.job, r)
+
+    def _end(self, uid: int, cache: Optional[list], responses) -> None:
+        """A request leaves the batch: its last responses, the stats, its cache kept for reuse."""
+        live = self.live.pop(uid)
+        self._emit_all(live, responses)
+        self.stats["cancelled" if live.job.stop.is_set() else "completed"] += 1
+        self.stats["active"] = len(self.live)
+        if cache is not None:  # None: it left before its prefill finished
+            live.pc.cache = cache
+            live.pc.commit(self.tokenizer, live.job.prompt_text, live.ids, live.generated)
+            self.caches.keep(live.pc)
+        live.job.emit(DONE)
+
+    # Serial mode ----------------------------------------------------------------------------
+
+    def _work_serial(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job.stop.is_set():  # its client left while it waited
+                self.stats["cancelled"] += 1
+                job.emit(DONE)
+                continue
+            self.stats["active"], self.current = 1, job
+            try:
+                if group() is not None:  # mlx.launch: the other ranks run it with us (follow())
+                    broadcast({"prompt_text": job.prompt_text, "ids": job.ids, "params": job.params.to_json()})
+                self._run(job)
+            except ValueError as e:
+                # The engine checks its inputs before the first token: a ValueError then is
+                # the request's fault (a 400); one later is a fault of ours.
+                if job.started:
+                    job.emit(APIError(500, f"generation failed: {e}", type_="server_error"))
+                else:
+                    job.emit(refused(e))
+            except Exception as e:  # report it to that request; the worker lives on
+                job.emit(failed(e))
+            finally:
+                self.stats["active"], self.current = 0, None
+                job.emit(DONE)
+
+    def _run(self, job: Job) -> None:
+        tok = self.tokenizer
+        self._score(job)
+        pc, request = self._request(job)
+        generated, finished = [], False
+        spec = dict(self.speculative, draft_model=self.draft_model, draft_cache=pc.draft_cache)
+        for r in stream_request(self.model, tok, request, pc.cache, stop_event=job.stop, **spec):
+            if r.token is not None:
+                generated.append(r.token)
+            self._emit(job, r)
+            finished = r.finish_reason is not None
+        self.stats["cancelled" if job.stop.is_set() else "completed"] += 1
+        if finished:
+            pc.commit(tok, job.prompt_text, request.ids, generated)
+            self.caches.keep(pc)
+
+    def follow(self) -> None:
+        """Ranks other than 0 under mlx.launch: run each job rank 0 runs, with no client."""
+        while True:
+            spec = broadcast()
+            job = Job(spec["prompt_text"], SamplingParams.from_json(spec["params"]), None, loop=None, ids=spec["ids"])
+            job.emit = lambda item: None
+            try:
+                self._run(job)
+            except Exception:  # rank 0 met the same error and reports it to its client
+                pass
+
+
+@dataclass
+class _Live:
+    job: Job
+    pc: PromptCache
+    ids: list  # the prompt ids prefilled (those after the cached prefix)
+    text: TextStream
+    generated: list = field(default_factory=list)
+
+
+def logprob_entry(tokenizer, token: int, logprobs, top: int) -> dict:
+    """One ``logprobs.content`` item: the chosen token, its logprob and the top alternatives
+    (computed on the worker, which holds the arrays)."""
+    import mlx.core as mx
+
+    def item(t, lp):
+        text = tokenizer.decode([t])
+        # A masked token (a grammar, a -inf bias) has logprob -inf, which JSON cannot carry:
+        # OpenAI reports such tokens as -9999.0.
+        lp = lp if math.isfinite(lp) else IMPOSSIBLE
+        return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+
+    entry = item(token, logprobs[token].item())
+    entry["top_logprobs"] = []
+    if top:
+        ids = mx.argpartition(-logprobs, kth=top - 1)[:top]
+        vals = logprobs[ids]
+        order = mx.argsort(-vals)
+        entry["top_logprobs"] = [item(int(t), float(v)) for t, v in zip(ids[order].tolist(), vals[order].tolist())]
+    return entry
