@@ -220,7 +220,7 @@ def test_overfitting_twenty_rows_then_greedy_reproduces_them(models, tmp_path, k
     apply_lora(model, -1, rank=16, scale=20.0)
     trainable_adapters(model)
     sets = load_datasets(str(tmp_path / "data"), tok, mask_prompt=True)
-    cfg = TrainConfig(batch_size=4, iters=150, learning_rate=5e-3, max_grad_norm=1.0, pack=True, max_seq_length=256,
+    cfg = TrainConfig(batch_size=4, iters=150, learning_rate=5e-3, max_grad_norm=1.0, pack=True, max_seq_length=128,
                       adapter_path=str(tmp_path / "a"), steps_per_report=1000, save_every=1000)
     batches = Batches(sets["train"], cfg, 0, pack=False)
     start = evaluate(model, batches, -1, loss_fn(cfg))
@@ -234,3 +234,30 @@ def test_overfitting_twenty_rows_then_greedy_reproduces_them(models, tmp_path, k
     for r in data[::4]:
         prompt = tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True)
         assert generate(model, tok, prompt, max_tokens=12) == r["completion"]  # greedy by default
+
+
+def test_lora_cli_with_yaml_config_trains_on_the_tool_calling_fixture(models, tmp_path):
+    """The README's example: mlx-lm's flags and YAML, the fixture data, an adapter mlx-lm can read."""
+    from conftest import ROOT
+
+    data = ROOT / "tests/fixtures/tool_calls_sft"
+    _, tok = load(models["tiny-moe"])
+    sets = load_datasets(str(data), tok, mask_prompt=True)
+    assert len(sets["train"]) == 10 and len(sets["valid"]) == 2 and all(sum(e.weights) for e in sets["train"])
+    (tmp_path / "cfg.yaml").write_text(
+        f"model: {models['tiny-moe']}\ntrain: true\ndata: {data}\nmask_prompt: true\nbatch_size: 2\n"
+        "iters: 3\nlearning_rate: 1.0e-3\nlora_parameters: {rank: 4, scale: 10.0, dropout: 0.0, expert_rank: 2}\n"
+        f"adapter_path: {tmp_path / 'ad'}\nsteps_per_report: 1\nsteps_per_eval: 2\nval_batches: -1\n")
+    out = subprocess.run([sys.executable, "-m", "mlx_lfm2.lora", "-c", str(tmp_path / "cfg.yaml"), "--num-layers", "2",
+                          "--max-grad-norm", "1.0", "--pack", "--max-seq-length", "1024"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    lines = [l for l in out.stdout.splitlines() if l.startswith("step ")]
+    assert lines[0].startswith("step 1/3 | loss ") and " tok/s " in lines[0] and " peak " in lines[0] and "ETA" in lines[0]
+    cfg = json.loads((tmp_path / "ad/adapter_config.json").read_text())
+    assert cfg["num_layers"] == 2 and cfg["lora_parameters"]["expert_rank"] == 2 and cfg["fine_tune_type"] == "lora"
+    model, _ = load(models["tiny-moe"], adapter_path=tmp_path / "ad")
+    assert model.layers[3].feed_forward.experts.w1.lora_a.shape[1] == 2
+    bad = subprocess.run([sys.executable, "-m", "mlx_lfm2.lora", "--model", str(models["tiny-moe"]), "--train",
+                          "--data", str(tmp_path / "nowhere")], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "neither a folder" in bad.stderr

@@ -63,7 +63,9 @@ def epoch_rows(examples: list, batch_size: int, max_len: int, pack: bool, seed: 
         else:
             rows.append([e])
             room.append(max_len - len(e))
-    return [rows[i:i + batch_size] for i in range(0, len(rows) - batch_size + 1, batch_size)]
+    # Every row trains each epoch: the last batch is topped up with the epoch's first rows.
+    wrapped = rows + rows[: (-len(rows)) % batch_size] if len(rows) >= batch_size else (rows * batch_size)[:batch_size]
+    return [wrapped[i:i + batch_size] for i in range(0, len(wrapped), batch_size)] if rows else []
 
 
 def collate(rows: list, pad_id: int = 0, pad_to: int = 32) -> Batch:

@@ -75,15 +75,14 @@ class Batches:
 
     def __init__(self, examples: list, cfg: TrainConfig, pad_id: int, shuffle: bool = True,
                  pack: Optional[bool] = None):
-        if len(examples) < cfg.batch_size:
-            raise ValueError(f"the data has {len(examples)} examples, fewer than --batch-size {cfg.batch_size}")
+        if not examples:
+            raise ValueError("the data set is empty")
         self.examples, self.cfg, self.pad_id, self.shuffle = examples, cfg, pad_id, shuffle
         self.dpo = isinstance(examples[0], Pair)
         self.pack = (cfg.pack if pack is None else pack) and not self.dpo
         self._epoch, self._rows = None, None
         if not self.rows(0):
-            raise ValueError(f"{len(examples)} examples packed into rows of --max-seq-length {cfg.max_seq_length} "
-                             f"make fewer rows than --batch-size {cfg.batch_size}: lower either, or drop --pack")
+            raise ValueError(f"the data has {len(examples)} examples, fewer than --batch-size {cfg.batch_size}")
 
     def rows(self, epoch: int) -> list:
         if epoch != self._epoch:
