@@ -3,7 +3,6 @@
 import json
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
@@ -12,7 +11,7 @@ from conftest import tiny_config
 from mlx_lfm2 import load
 from mlx_lfm2.model.lora import (LoRASwitchLinear, adapters_off, apply_lora, merge, stacked_delta,
                                  trainable_adapters, lora_delta)
-from mlx_lfm2.weights.adapters import AdapterError, adapter_config, load_adapters, save_adapters
+from mlx_lfm2.weights.adapters import AdapterError, adapter_config, save_adapters
 from mlx_lfm2.weights.loader import load_model
 
 mlx_lm_utils = pytest.importorskip("mlx_lm.utils")

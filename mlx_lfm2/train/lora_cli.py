@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..weights.adapters import DEFAULT_LORA, AdapterError, adapter_config, load_adapters, read_weights
+from ..weights.adapters import DEFAULT_LORA, AdapterError, adapter_config, read_weights
 from .trainer import TrainConfig
 
 DEFAULTS = {

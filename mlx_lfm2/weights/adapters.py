@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import tempfile
 from pathlib import Path
 from typing import Optional, Union
@@ -30,7 +29,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from ..model.lora import ADAPTER_LEAVES, apply_lora, default_keys
+from ..model.lora import ADAPTER_LEAVES, apply_lora
 from .layouts import WeightsError, check_safetensors, from_mlx_lm_name, to_mlx_lm_name
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapters.safetensors"
@@ -200,10 +199,3 @@ def load_adapters(model: nn.Module, path: Union[str, Path]) -> dict:
     mx.eval(model.parameters())
     return {**cfg, "fine_tune_type": kind, "num_layers": num_layers, "lora_parameters": lora}
 
-
-def layer_index(key: str) -> Optional[int]:
-    m = re.search(r"(?:^|\.)layers\.(\d+)\.", key)
-    return int(m[1]) if m else None
-
-
-__all__ = ["AdapterError", "load_adapters", "save_adapters", "adapter_config", "default_keys"]
