@@ -214,3 +214,22 @@ def test_peft_export_runs_in_transformers_peft_and_imports_back(folders, tmp_pat
     np.testing.assert_allclose(theirs, want, atol=2e-4, rtol=0)
     again = load_model(folders["dense"], adapter_path=tmp_path / "peft")
     np.testing.assert_allclose(np.array(again(mx.array(ids))), want, atol=1e-5, rtol=0)
+
+
+def test_server_serves_the_adapted_model(folders, tmp_path):
+    openai = pytest.importorskip("openai")
+    from conftest import start_server
+    from mlx_lfm2 import generate
+
+    make_adapter(folders["moe"], tmp_path / "a", b_scale=2.0)
+    model, tok = load(folders["moe"], adapter_path=tmp_path / "a")
+    chat = [{"role": "user", "content": "Hello!"}]
+    want = generate(model, tok, chat, max_tokens=8, temperature=0)
+    proc, base, _ = start_server(folders["moe"], "--adapter-path", str(tmp_path / "a"))
+    try:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="x")
+        got = client.chat.completions.create(model="m", messages=chat, max_tokens=8, temperature=0)
+        assert got.choices[0].message.content == want
+    finally:
+        proc.kill()
+        proc.wait()
