@@ -1,6 +1,7 @@
 """Shared fixtures: random-weight hub checkpoints and the real LFM2 tokenizer files."""
 
 import os
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,6 +14,8 @@ from session_checks import (pytest_runtest_logreport, pytest_sessionfinish,  # n
                             pytest_sessionstart, pytest_terminal_summary)
 
 ROOT = Path(__file__).resolve().parents[1]
+# What tests start writes nowhere near the user's home (the server's disk prompt cache, say).
+os.environ["MLX_LFM2_HOME"] = tempfile.mkdtemp(prefix="mlx_lfm2-tests-home-")
 REFERENCE = Path(os.environ.get("LFM2_REFERENCE", ROOT / "tests/fixtures/LFM2-350M"))
 
 

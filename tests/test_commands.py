@@ -8,7 +8,7 @@ from importlib.metadata import version
 import pytest
 
 from conftest import ROOT
-from mlx_lfm2.cli import chat, generate
+from mlx_lfm2.cli import cache_prompt, chat, generate
 from mlx_lfm2.command import PACKAGE
 from mlx_lfm2.serve import app
 from mlx_lfm2.weights import conversion, random_checkpoint
@@ -21,6 +21,8 @@ HELP = {
                                  "(default: hello)", "defaults (greedy, 100 tokens)"]),
     "server": (app.main, ["TCP port (default: 8080)", "requests waiting before 429 (default: 16)",
                           "prompt caches kept for reuse (default: 8)", "the OpenAI API", "the Anthropic Messages API"]),
+    "cache_prompt": (cache_prompt.main, ["model folder or hub repo id (default: mlx_model)",
+                                         "mlx_lm.cache_prompt's flags and file"]),
     "convert": (conversion.main, ["bits per quantized weight (default: 4)", "(default: uniform)", "mlx-lm's layout"]),
     "random_checkpoint": (random_checkpoint.main, ["out                   folder to write (created if needed)",
                                                    "model shape (default: tiny-moe)", "trying the commands offline"]),

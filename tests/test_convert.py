@@ -195,8 +195,10 @@ def test_bad_inputs_stop_with_clear_errors_and_no_output(source, tmp_path):
     with pytest.raises(WeightsError, match="missing"):
         convert(bad, tmp_path / "o3", progress=False)
 
-    with pytest.raises(ValueError, match="q_bits"):
+    with pytest.raises(ValueError, match="affine quantization takes bits 2/3/4/5/6/8, not 7"):
         convert(source, tmp_path / "o4", quantize=True, q_bits=7, progress=False)
+    with pytest.raises(ValueError, match="mxfp4 quantization takes group size 32, not 64"):
+        convert(source, tmp_path / "o4", quantize=True, q_mode="mxfp4", q_group_size=64, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]
 
 

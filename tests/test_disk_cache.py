@@ -250,3 +250,17 @@ def test_two_processes_writing_the_same_prefix_at_once(lm, model_folder, tmp_pat
     cache, n = store.lookup(t)
     assert n == 4 * BLOCK and len(list(tmp_path.glob("blk-*"))) == 4
     same_cache(cache, cold(model, t))
+
+
+def test_background_writes_land_whole_and_a_resave_while_queued_writes_nothing_twice(lm, tmp_path):
+    model, tok = lm
+    store = BlockStore(tmp_path, model, tok, background=True)
+    toks = tokens(3 * BLOCK + 5, seed=50)
+    cache = cold(model, toks)
+    assert store.save(toks, cache) == 3
+    assert store.save(toks, cache) == 0  # queued or written already
+    store.flush()
+    assert not list(tmp_path.glob(".tmp-*"))
+    restored, n = BlockStore(tmp_path, model, tok).lookup(toks, len(toks) - 1)
+    assert n == 3 * BLOCK
+    same_cache(restored, cold(model, toks[:n]))

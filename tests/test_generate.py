@@ -198,9 +198,6 @@ def test_interrupted_reply_leaves_a_cache_equal_to_a_fresh_prefill(chat_model):
     chat = Chat(model, tok, temperature=0.0, repetition_penalty=None)
     list(chat.send("First question", max_tokens=6))
 
-    class Boom(Exception):
-        pass
-
     calls = {"n": 0}
     real_call = type(model).__call__
 

@@ -43,9 +43,10 @@ def test_a_lower_tier_gets_every_kept_entry_and_serves_a_longer_prefix():
         def __init__(self):
             self.stored, self.asked = [], []
 
-        def lookup(self, namespace, text):
-            self.asked.append((namespace, text))
-            fits = [pc for ns, pc in self.stored if ns == namespace and text.startswith(pc.text)]
+        def lookup(self, namespace, text, longer_than=0):
+            self.asked.append((namespace, text, longer_than))
+            fits = [pc for ns, pc in self.stored if ns == namespace and text.startswith(pc.text)
+                    and len(pc.text) > longer_than]
             return max(fits, key=lambda pc: len(pc.text), default=None)  # the longest prefix
 
         def store(self, namespace, pc):
@@ -57,4 +58,4 @@ def test_a_lower_tier_gets_every_kept_entry_and_serves_a_longer_prefix():
     store.keep(entry("long"), namespace="x")  # evicts the longer one from memory
     assert [pc.text for _, pc in tier.stored] == ["long shared prefix", "long"]
     assert store.take("long shared prefix and more", "x").text == "long shared prefix"
-    assert tier.asked[-1] == ("x", "long shared prefix and more")
+    assert tier.asked[-1] == ("x", "long shared prefix and more", len("long"))  # what memory shares

@@ -73,8 +73,13 @@ def test_old_and_new_config_keys_describe_the_same_model_to_every_reader():
 def hub_source(checkpoint, monkeypatch):
     """A repo id that resolves to a local random checkpoint (no network)."""
     folder = checkpoint(tiny_config("tiny-moe", hidden_size=128, moe_intermediate_size=64), tokenizer=True)
-    monkeypatch.setattr(conversion, "resolve", lambda path, revision=None: folder)
+    monkeypatch.setattr(conversion, "resolve", lambda path, revision=None, flag="--model": folder)
     return "LiquidAI/LFM2-Tiny-Test"
+
+
+def params(hub_source) -> int:
+    folder = conversion.resolve(hub_source)
+    return sum(w.size for f in folder.glob("*.safetensors") for w in mx.load(str(f)).values())
 
 
 def card(folder):
@@ -89,8 +94,14 @@ def test_the_folder_carries_a_hub_model_card(hub_source, tmp_path):
     meta = c.data.to_dict()
     assert meta["library_name"] == "mlx" and "mlx" in meta["tags"] and meta["pipeline_tag"] == "text-generation"
     assert meta["base_model"] == hub_source
-    assert meta["quantization"] == {"bits": 4, "group_size": 64, "mode": "affine", "recipe": "mixed_8"}
-    cmd = f"python convert.py --hf-path {hub_source} --mlx-path {out} -q --q-bits 4 --q-group-size 64"
+    q = meta["quantization"]
+    bpw = q.pop("bits_per_weight")
+    per_path = json.loads((out / "config.json").read_text())["quantization"]
+    assert q == {"bits": 4, "group_size": 64, "mode": "affine", "recipe": "mixed_8", "method": "rtn",
+                 "per_path": sum(isinstance(v, dict) for v in per_path.values())}
+    stored = sum(f.stat().st_size for f in out.glob("*.safetensors"))  # weights + headers
+    assert 4.5 < bpw < stored * 8 / params(hub_source)
+    cmd = f"python convert.py --hf-path {hub_source} --mlx-path {out} -q --q-mode affine --q-bits 4 --q-group-size 64"
     assert meta["conversion_command"].startswith(cmd) and cmd in c.text
     assert "experts at 4 bits, the rest at 8" in c.text and c.text.lstrip().startswith("# q4\n")
     # a local source is no hub repo: no base_model, and the folder says what it is

@@ -18,14 +18,16 @@ QUERY = "<query>"  # mlx-lm's marker for where the user's text goes
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Cache the state of a prompt to be reused with "
-                                            "mlx_lfm2.generate or mlx_lm.generate (mlx_lm.cache_prompt's flags).")
+    from ..command import parser
+
+    p = parser("mlx_lfm2.cache_prompt", "Prefill a prompt once and save its cache, to be continued by "
+               "mlx_lfm2.generate or mlx_lm.generate --prompt-cache-file (mlx_lm.cache_prompt's flags and file).")
     p.add_argument("--model", default="mlx_model", help="model folder or hub repo id")
     p.add_argument("--prompt-cache-file", required=True, help="the file to save the prompt cache in")
     p.add_argument("--prompt", required=True, help="message to be processed by the model ('-' reads stdin)")
     p.add_argument("--trust-remote-code", action="store_true", help="accepted for mlx-lm's scripts (no effect)")
     p.add_argument("--eos-token", help="end of sequence token, recorded for mlx_lm.generate")
-    p.add_argument("--prefill-step-size", type=int, help="prompt tokens per prefill chunk")
+    p.add_argument("--prefill-step-size", type=int, help="prompt tokens per prefill chunk (default: the device's)")
     for flag in ("--adapter-path", "--max-kv-size", "--kv-bits"):
         p.add_argument(flag, help=argparse.SUPPRESS)
     return p.parse_args(argv)

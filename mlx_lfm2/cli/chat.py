@@ -9,7 +9,6 @@ and ``[conceal]`` cannot hide a tool call's arguments from the user asked to app
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import inspect
 import os

@@ -97,7 +97,7 @@ class BlockStore:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.model, self.max_bytes, self.block = model, int(max_bytes), block
         self.identity = model_digest(model, tokenizer)
-        self.layout = layout(model)
+        self._layout: Optional[list] = None
         self._refused: set[str] = set()  # keys whose file failed a read: the next save rewrites them
         # background: files are hashed and written by a thread (``flush`` waits for it); the
         # caller's thread only copies the arrays out, so a server's next step is not held up.
@@ -107,6 +107,14 @@ class BlockStore:
             self._writes = queue.Queue()
             threading.Thread(target=self._writer, daemon=True, name="mlx_lfm2-disk-cache").start()
         self.stats = {"blocks_read": 0, "blocks_written": 0, "blocks_skipped": 0, "blocks_evicted": 0}
+
+    @property
+    def layout(self) -> list:
+        """Made on first use, by the thread that runs the model (a server's worker: MLX's
+        CPU streams belong to the thread that made them)."""
+        if self._layout is None:
+            self._layout = layout(self.model)
+        return self._layout
 
     def path(self, key: str) -> Path:
         return self.folder / f"blk-{key}.safetensors"

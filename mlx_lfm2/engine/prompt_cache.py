@@ -18,10 +18,11 @@ re-rendered text would be.
   the least recently used entry beyond ``entries`` goes.
 * ``namespace``: what else the cache depends on besides the text (an adapter, say): entries
   of another namespace are never reused. "" is the base model.
-* ``lower``: an optional slower tier under the memory (a disk cache), any object with
-  ``lookup(namespace, text) -> PromptCache | None`` (its entry sharing the longest prefix
-  with ``text``) and ``store(namespace, pc)`` (called for each kept entry). ``take`` asks it
-  when it may hold a longer prefix than memory does.
+* ``lower``: an optional slower tier under the memory (a disk cache, ``disk_cache.DiskTier``),
+  any object with ``lookup(namespace, text, longer_than) -> PromptCache | None`` (its entry
+  sharing the longest prefix with ``text``, if longer than the ``longer_than`` characters
+  memory shares: a tier reads nothing that would not beat it) and ``store(namespace, pc)``
+  (called for each kept entry).
 """
 
 from __future__ import annotations
@@ -63,19 +64,21 @@ class PromptCache:
     def _caches(self) -> list:
         return self.cache + (self.draft_cache or [])
 
-    def reusable(self, tokenizer, prompt_text: str) -> int:
-        """How many cached tokens ``prompt_text`` could reuse (what ``new_tokens`` keeps).
+    def reusable(self, tokenizer, prompt_text: str, at_most: Optional[int] = None) -> int:
+        """How many cached tokens ``prompt_text`` could reuse (what ``new_tokens`` keeps), at
+        most ``at_most``.
 
         A shared prefix must agree on the untrusted-content spans too: the same characters
         typed by a user and written by the template are different tokens.
         """
-        if self.offset != len(self.tokens) or not self.tokens:
+        if self.offset != len(self.tokens) or not self.tokens or (at_most is not None and at_most <= 0):
             return 0
+        cap = len(self.tokens) if at_most is None else min(at_most, len(self.tokens))
 
         def same(n: int) -> bool:  # the first n characters: same text, same untrusted spans
             return prompt_text.startswith(self.text[:n]) and plain_spans(prompt_text[:n]) == plain_spans(self.text[:n])
 
-        if len(prompt_text) > len(self.text) and same(len(self.text)):
+        if cap == len(self.tokens) and len(prompt_text) > len(self.text) and same(len(self.text)):
             return len(self.tokens)
 
         def fits(p: int) -> bool:
@@ -84,7 +87,7 @@ class PromptCache:
 
         # The longest token prefix that spells a proper prefix of the prompt (binary search),
         # then the nearest offset below it that every layer can rewind to.
-        lo, hi = 0, len(self.tokens)
+        lo, hi = 0, cap
         while lo < hi:
             mid = (lo + hi + 1) // 2
             lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
@@ -93,19 +96,22 @@ class PromptCache:
             p = reachable(self._caches, p - 1)
         return p
 
-    def new_tokens(self, tokenizer, prompt_text: str, ids: Optional[list[int]] = None) -> list[int]:
+    def new_tokens(self, tokenizer, prompt_text: str, ids: Optional[list[int]] = None,
+                   at_most: Optional[int] = None) -> list[int]:
         """Ids of the part of ``prompt_text`` not yet in the cache: the cache is extended,
-        rewound to the longest common prefix it can reach, or reset. ``ids``: the whole
-        prompt's ids, if already known (used as they are when nothing is reused)."""
-        self.trim(tokenizer, prompt_text)
-        if ids is not None and not self.text:
-            return list(ids)
+        rewound to the longest common prefix it can reach (keeping at most ``at_most``
+        tokens), or reset. ``ids``: the whole
+        prompt's ids, if already known (their tail is used when the kept tokens start them,
+        so the prompt is fed as a cold run would feed it)."""
+        self.trim(tokenizer, prompt_text, at_most)
+        if ids is not None and list(ids[: len(self.tokens)]) == self.tokens:
+            return list(ids[len(self.tokens):])
         return tokenizer.encode(prompt_text[len(self.text):], add_special_tokens=False)
 
-    def trim(self, tokenizer, prompt_text: str) -> None:
-        """Keep only what ``prompt_text`` can reuse: rewind to the longest common prefix the
-        cache can reach, or reset."""
-        keep = self.reusable(tokenizer, prompt_text)
+    def trim(self, tokenizer, prompt_text: str, at_most: Optional[int] = None) -> None:
+        """Keep only what ``prompt_text`` can reuse (at most ``at_most`` tokens): rewind to the
+        longest common prefix the cache can reach, or reset."""
+        keep = self.reusable(tokenizer, prompt_text, at_most)
         if keep == 0:
             self.cache, self.text, self.tokens = self.model.make_cache(), "", []
             if self.draft_model is not None:
@@ -128,7 +134,7 @@ class PromptCache:
 class CacheTier(Protocol):
     """A tier under ``PromptCacheStore`` (see the module docstring)."""
 
-    def lookup(self, namespace: str, text: str) -> Optional[PromptCache]: ...
+    def lookup(self, namespace: str, text: str, longer_than: int = 0) -> Optional[PromptCache]: ...
 
     def store(self, namespace: str, pc: PromptCache) -> None: ...
 
@@ -155,7 +161,7 @@ class PromptCacheStore:
             if n > shared:
                 best, shared = pc, n
         if self.lower is not None:
-            below = self.lower.lookup(namespace, text)
+            below = self.lower.lookup(namespace, text, shared)
             n = len(os.path.commonprefix([below.text, text])) if below is not None else 0
             if n > shared:
                 best, shared = below, n

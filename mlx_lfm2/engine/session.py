@@ -73,6 +73,11 @@ class Chat:
         self._stats: list[tuple[int, GenerationResponse]] = []  # (index of the reply in messages, its stats)
 
     @property
+    def prompt_cache(self) -> PromptCache:
+        """The conversation's cache as of its last whole turn."""
+        return self.store.latest() or self.store.fresh()
+
+    @property
     def last(self) -> Optional[GenerationResponse]:
         """The stats of the latest reply still in the conversation (an interrupted one's
         ``finish_reason`` is "interrupted"); None when there is none."""
@@ -82,11 +87,6 @@ class Chat:
         """Drop messages from ``index`` on, and the stats of replies among them."""
         self.messages = self.messages[:index]
         self._stats = [(i, r) for i, r in self._stats if i < index]
-
-    @property
-    def prompt_cache(self) -> PromptCache:
-        """The conversation's cache as of its last whole turn."""
-        return self.store.latest() or self.store.fresh()
 
     def send(self, content, role: str = "user", **overrides) -> Iterator[GenerationResponse]:
         """Add a message (user, or tool result) and stream the assistant's reply."""

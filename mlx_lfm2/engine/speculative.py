@@ -28,7 +28,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Protocol
 
 import mlx.core as mx
 
@@ -63,6 +63,29 @@ def accept_drafts(p_logprobs: mx.array, drafts: list[int], q_logprobs: Optional[
         resid = mx.maximum(p[a] - q, 0)
         row = mx.where(resid.sum() > 0, mx.log(resid), p_logprobs[a])  # sum 0 only by rounding
     return a, mx.random.categorical(row, key=k2).item()
+
+
+class Drafter(Protocol):
+    """Where draft tokens come from (``PromptLookup``, ``DraftModel``). ``hist`` is the
+    generation's history (prompt + emitted ids); the target cache holds all of it but the
+    newest token."""
+
+    def ready(self, hist: list[int]) -> bool:
+        """Whether ``propose`` would offer anything now (checked while decoding plainly)."""
+
+    def catch_up(self, hist: list[int]) -> None:
+        """See what was decoded without drafting, before a round (outside its timing)."""
+
+    def propose(self, hist: list[int], k: int, process, dist, keys) -> tuple[list[mx.array], Optional[mx.array]]:
+        """Up to ``k`` drafts after ``hist`` (lazy ``[1]`` arrays) and their distributions
+        ``[k, V]`` (None: point masses). ``process(logits, extra)``: the target's logits
+        processors for the row after ``hist + extra``; ``dist``: the sampling distribution."""
+
+    def kept(self, hist_len: int, k: int, a: int) -> None:
+        """After a round of ``k`` drafts of which ``a`` were kept."""
+
+    def sync(self, hist: list[int], n: int) -> None:
+        """At the end: hold ``hist[:n]``, as the target's cache does."""
 
 
 class PromptLookup:
@@ -169,6 +192,62 @@ def _keys(seed: Optional[int]):
             yield sub
 
 
+def verify(model, cache: list, y: int, drafts: list, q: Optional[mx.array], process, distribution, key
+           ) -> tuple[int, list[int], mx.array]:
+    """One verify round: ``[y, d1..dk]`` through the target in one call, the drafts kept by the
+    rule (greedy: equal to the argmax; sampling: ``accept_drafts``), the cache rewound to
+    what was kept. Returns (kept, the tokens to emit: kept drafts + one of the target's,
+    their processed log-probs ``[k + 1, V]``)."""
+    k = len(drafts)
+    block = mx.concatenate([mx.array([y], dtype=mx.uint32), *drafts])
+    logits = model(block[None], cache=cache)[0]  # [k + 1, V]
+    rows = mx.concatenate([process(logits[i : i + 1], drafts[:i]) for i in range(k + 1)])
+    draft_ids = block[1:].tolist()
+    if distribution is None:
+        target = mx.argmax(rows, axis=-1).tolist()
+        a = 0
+        while a < k and draft_ids[a] == target[a]:
+            a += 1
+        last = target[a]
+    else:
+        a, last = accept_drafts(distribution(rows), draft_ids, q, key)
+    rewind(cache, k - a)
+    return a, draft_ids[:a] + [last], rows
+
+
+class Pace:
+    """When to speculate, and how far (see the module docstring: adaptive ``k``, back-off).
+
+    Seconds per token of recent plain steps and speculative rounds are compared by their
+    minimum, which a busy machine's stalls do not move."""
+
+    def __init__(self, k_max: int, measure: bool):
+        self.k, self.measure, self.misses, self.cooldown = k_max, measure, 0, 0
+        self.plain_left = 4 if measure else 0  # a few plain tokens first, to know their speed
+        self.speed = {"plain": deque(maxlen=16), "spec": deque(maxlen=4)}
+
+    def plain_token(self, seconds: Optional[float]) -> None:
+        self.plain_left -= 1
+        if seconds is not None:
+            self.speed["plain"].append(seconds)
+
+    def after_round(self, k_now: int, a: int, seconds: float) -> None:
+        """Grow after a full block, shrink to what was kept, back off after misses or when
+        the plain loop is faster."""
+        self.speed["spec"].append(seconds / (a + 1))
+        self.k = min(self.k + 1, MAX_DRAFT) if a == k_now else max(1, min(self.k, a + 1))
+        self.misses = 0 if a else self.misses + 1
+        plain = self.speed["plain"]
+        slower = self.measure and plain and min(self.speed["spec"]) > min(plain)
+        if self.misses >= 2 or slower:
+            # Long enough that the next probe, if it fails like this one, costs < 5%.
+            pay = int(20 * seconds / min(plain)) if plain else 0
+            self.cooldown = min(max(8, 2 * self.cooldown, pay), 256)
+            self.plain_left, self.misses = self.cooldown, 1  # after it, one more miss backs off again
+        elif a:
+            self.cooldown = 0
+
+
 def speculative_generate_step(prompt: mx.array, model, cache: list, *, draft_model=None,
                               draft_cache: Optional[list] = None, prompt_lookup: bool = False,
                               num_draft_tokens: Optional[int] = None, max_tokens: int = 256,
@@ -193,124 +272,104 @@ def speculative_generate_step(prompt: mx.array, model, cache: list, *, draft_mod
     if draft_model is not None and draft_model.args.vocab_size != model.args.vocab_size:
         raise ValueError(f"the draft model's vocabulary ({draft_model.args.vocab_size}) differs from the "
                          f"target's ({model.args.vocab_size}): use a draft with the same tokenizer")
-    sampler = sampler or make_sampler(0.0)
     stats = stats if stats is not None else {}
     stats.update(drafted=0, accepted=0)
-    keys = _keys(seed)
-    procs = list(logits_processors)
-    hist = prompt.tolist()
-    start = cache[0].offset
     if draft_model is not None:
         own = draft_cache is None
         drafter = DraftModel(draft_model, draft_model.make_cache() if own else draft_cache, prefill_step_size)
     else:
         own, drafter = True, PromptLookup()
-
-    picker = Picker(sampler, procs)
-
-    def process(logits: mx.array, extra: list) -> mx.array:
-        """Processed log-probs ``[1, V]`` of the row that follows ``hist + extra``."""
-        h = None
-        if procs:
-            h = mx.array(hist, dtype=mx.uint32)
-            if extra:
-                h = mx.concatenate([h, *[e.astype(mx.uint32) for e in extra]])
-        return picker.score(logits, h)
-
-    def plain_step(tok: mx.array, extra: list):
-        logprobs = process(model(tok[None], cache=cache)[:, -1, :], extra)
-        return sampler(logprobs).astype(mx.uint32), logprobs
-
+    run = _Run(model, cache, prompt.tolist(), drafter, Picker(sampler or make_sampler(0.0), list(logits_processors)),
+               distribution, _keys(seed), Pace(k_max, MEASURE_SPEED), stats)
+    start = cache[0].offset
     prefill(model, prompt[:-1], cache, prefill_step_size)
-    n, k, misses, cooldown = 0, k_max, 0, 0
-    plain_left = 4 if MEASURE_SPEED else 0  # a few plain tokens first, to know their speed
-    # Seconds per token of recent plain steps and speculative rounds; compared by their
-    # minimum, which a busy machine's stalls do not move.
-    speed = {"plain": deque(maxlen=16), "spec": deque(maxlen=4)}
-
-    def timed(mode: str, seconds: float, tokens: int) -> None:
-        speed[mode].append(seconds / tokens)
-
     try:
-        while n < max_tokens:
-            if stop_event is not None and stop_event.is_set():
-                return
-            y = hist[-1]  # the newest token: not yet in the target cache
-            drafts, q = [], None
-            if plain_left <= 0:
-                drafter.catch_up(hist)  # outside the timed round: a one-off, not a per-round cost
-            round_start = time.perf_counter()
-            if plain_left <= 0 and max_tokens - n > 1:
-                drafts, q = drafter.propose(hist, min(k, max_tokens - n - 1), process, distribution, keys)
-            if not drafts:
-                # The plain pipelined loop, until the drafter has something to offer again.
-                tok, lp = plain_step(mx.array([y], dtype=mx.uint32), [])
-                mx.async_eval(tok, lp)
-                mark = None
-                while True:
-                    nxt = plain_step(tok, [tok]) if n + 1 < max_tokens else None
-                    if nxt is not None:
-                        mx.async_eval(*nxt)
-                    t = tok.item()
-                    n += 1
-                    plain_left -= 1
-                    hist.append(t)
-                    yield t, lp[0], False
-                    now = time.perf_counter()
-                    if mark is not None:  # steady state only: the first step was not pipelined
-                        timed("plain", now - mark, 1)
-                    mark = now
-                    if nxt is None or (stop_event is not None and stop_event.is_set()):
-                        return
-                    tok, lp = nxt
-                    if plain_left <= 0 and drafter.ready(hist):
-                        break
-                # ``tok`` came from the step that fed the newest token: it is the next one.
-                t = tok.item()
-                n += 1
-                hist.append(t)
-                yield t, lp[0], False
-                continue
-
-            k_now = len(drafts)
-            block = mx.concatenate([mx.array([y], dtype=mx.uint32), *drafts])
-            logits = model(block[None], cache=cache)[0]  # [k + 1, V]
-            rows = mx.concatenate([process(logits[i : i + 1], drafts[:i]) for i in range(k_now + 1)])
-            draft_ids = block[1:].tolist()
-            if distribution is None:
-                target = mx.argmax(rows, axis=-1).tolist()
-                a = 0
-                while a < k_now and draft_ids[a] == target[a]:
-                    a += 1
-                last = target[a]
-            else:
-                a, last = accept_drafts(distribution(rows), draft_ids, q, next(keys))
-            rewind(cache, k_now - a)
-            drafter.kept(len(hist), k_now, a)
-            stats["drafted"] += k_now
-            stats["accepted"] += a
-            for i, t in enumerate(draft_ids[:a] + [last]):
-                n += 1
-                hist.append(t)
-                yield t, rows[i], i < a
-            round_s = time.perf_counter() - round_start
-            timed("spec", round_s, a + 1)
-            # Adapt: grow after a full block, shrink to what was kept, back off after misses
-            # or when the plain loop is faster.
-            k = min(k + 1, MAX_DRAFT) if a == k_now else max(1, min(k, a + 1))
-            misses = 0 if a else misses + 1
-            slower = MEASURE_SPEED and speed["plain"] and min(speed["spec"]) > min(speed["plain"])
-            if misses >= 2 or slower:
-                # Long enough that the next probe, if it fails like this one, costs < 5%.
-                pay = int(20 * round_s / min(speed["plain"])) if speed["plain"] else 0
-                cooldown = min(max(8, 2 * cooldown, pay), 256)
-                plain_left, misses = cooldown, 1  # after it, one more miss backs off again
-            elif a:
-                cooldown = 0
+        yield from run.tokens(max_tokens, stop_event)
     finally:
         # Leave the caches holding at most the history handed out, as generate_step does.
         held = cache[0].offset - start
-        if held > len(hist) and can_rewind(cache, held - len(hist)):
-            rewind(cache, held - len(hist))
+        if held > len(run.hist) and can_rewind(cache, held - len(run.hist)):
+            rewind(cache, held - len(run.hist))
         if not own:
-            drafter.sync(hist, cache[0].offset - start)
+            drafter.sync(run.hist, cache[0].offset - start)
+
+
+class _Run:
+    """One speculative generation: the history, and the loop alternating verify rounds with
+    stretches of the plain pipelined loop."""
+
+    def __init__(self, model, cache, hist, drafter: Drafter, picker: Picker, distribution, keys, pace: Pace,
+                 stats: dict):
+        self.model, self.cache, self.hist, self.drafter, self.picker = model, cache, hist, drafter, picker
+        self.distribution, self.keys, self.pace, self.stats = distribution, keys, pace, stats
+
+    def process(self, logits: mx.array, extra: list) -> mx.array:
+        """Processed log-probs ``[1, V]`` of the row that follows ``hist + extra``."""
+        h = None
+        if self.picker.processors:
+            h = mx.array(self.hist, dtype=mx.uint32)
+            if extra:
+                h = mx.concatenate([h, *[e.astype(mx.uint32) for e in extra]])
+        return self.picker.score(logits, h)
+
+    def tokens(self, max_tokens: int, stop_event) -> Iterator[tuple[int, mx.array, bool]]:
+        n, pace = 0, self.pace
+        while n < max_tokens:
+            if stop_event is not None and stop_event.is_set():
+                return
+            drafts, q = [], None
+            if pace.plain_left <= 0:
+                self.drafter.catch_up(self.hist)  # outside the timed round: a one-off, not a per-round cost
+            round_start = time.perf_counter()
+            if pace.plain_left <= 0 and max_tokens - n > 1:
+                drafts, q = self.drafter.propose(self.hist, min(pace.k, max_tokens - n - 1), self.process,
+                                                 self.distribution, self.keys)
+            if not drafts:  # the plain loop, until the drafter has something to offer again
+                for out in self.plain(max_tokens - n, stop_event):
+                    n += 1
+                    yield out
+                if stop_event is not None and stop_event.is_set():
+                    return
+                continue
+            a, emitted, rows = verify(self.model, self.cache, self.hist[-1], drafts, q, self.process,
+                                      self.distribution, next(self.keys))
+            self.drafter.kept(len(self.hist), len(drafts), a)
+            self.stats["drafted"] += len(drafts)
+            self.stats["accepted"] += a
+            for i, t in enumerate(emitted):
+                n += 1
+                self.hist.append(t)
+                yield t, rows[i], i < a
+            pace.after_round(len(drafts), a, time.perf_counter() - round_start)
+
+    def plain(self, left: int, stop_event) -> Iterator[tuple[int, mx.array, bool]]:
+        """Plain pipelined steps (``mx.async_eval``) after the newest token, at most ``left``,
+        until the pace allows a draft and the drafter has one."""
+
+        def step(tok: mx.array, extra: list):
+            logprobs = self.process(self.model(tok[None], cache=self.cache)[:, -1, :], extra)
+            return self.picker.sampler(logprobs).astype(mx.uint32), logprobs
+
+        tok, lp = step(mx.array([self.hist[-1]], dtype=mx.uint32), [])
+        mx.async_eval(tok, lp)
+        mark, n = None, 0
+        while True:
+            nxt = step(tok, [tok]) if n + 1 < left else None
+            if nxt is not None:
+                mx.async_eval(*nxt)
+            t = tok.item()
+            n += 1
+            self.hist.append(t)
+            yield t, lp[0], False
+            now = time.perf_counter()
+            self.pace.plain_token(None if mark is None else now - mark)  # steady state only
+            mark = now
+            if nxt is None or (stop_event is not None and stop_event.is_set()):
+                return
+            tok, lp = nxt
+            if self.pace.plain_left <= 0 and self.drafter.ready(self.hist):
+                break
+        # ``tok`` came from the step that fed the newest token: it is the next one.
+        t = tok.item()
+        self.hist.append(t)
+        yield t, lp[0], False

@@ -80,7 +80,7 @@ class QuantizedSwitchLinear(nn.Module):
         x_per_pair = x.shape[-3] == K
         take_first = not sorted_indices and device.take_experts_first(indices.size, E)
         w, s, b = self["weight"], self["scales"], self.get("biases")
-        if not take_first and x.dtype == mx.float32 and s.dtype != mx.float32:
+        if not take_first and x.dtype == mx.float32 and self.mode == "affine" and s.dtype != mx.float32:
             # The kernel would copy all E experts' scales to float32 once per stream; do it
             # once here and share the copy.
             s, b = s.astype(x.dtype), None if b is None else b.astype(x.dtype)

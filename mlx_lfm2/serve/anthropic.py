@@ -105,6 +105,17 @@ class MessagesRequest(_Lenient):
             raise ValueError(f"tool_choice names {choice.name!r}, which is not one of the tools")
         return self
 
+    @property
+    def pin_cache(self) -> bool:
+        """A ``cache_control`` breakpoint anywhere (system, tools, messages): the prompt's
+        prefix is kept in the disk prompt cache after everything unmarked."""
+        def marked(v) -> bool:
+            if isinstance(v, dict):
+                return v.get("cache_control") is not None or any(map(marked, v.values()))
+            return isinstance(v, list) and any(map(marked, v))
+
+        return marked(self.model_dump(include={"system", "tools", "messages"}))
+
     # The server's request interface: ``service.prepare`` reads these two and ``constraint()``.
     @property
     def limit(self) -> int:

@@ -25,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from ..engine.distributed import leader
+from ..engine.distributed import group, leader
 from . import anthropic, openai, responses
 from .boundary import BODY_TIMEOUT, HEADER_TIMEOUT, make_server
 from .scheduler import DEFAULT_MAX_TOKENS, Scheduler
@@ -64,6 +64,25 @@ class ByPrefix:
         return await self.default(scope, receive, send)
 
 
+def disk_tier(a, model, tokenizer, draft):
+    """The disk prompt cache the flags ask for (None: memory only, and under mlx.launch,
+    whose ranks hold parts of the model)."""
+    from ..engine.disk_cache import BlockStore, DiskTier, default_folder, parse_bytes
+
+    try:
+        limit = parse_bytes(a.prompt_cache_bytes)
+    except ValueError as e:
+        raise SystemExit(f"error: --prompt-cache-bytes: {e}")
+    if limit == 0 or group() is not None:
+        return None
+    folder = a.prompt_cache_dir or default_folder()
+    try:
+        return DiskTier(BlockStore(folder, model, tokenizer, limit, background=True), tokenizer, draft)
+    except OSError as e:
+        raise SystemExit(f"error: --prompt-cache-dir {folder}: {e} (choose another folder, "
+                         "or --prompt-cache-bytes 0 for a memory-only cache)")
+
+
 def served_name(model: str, given: Optional[str] = None) -> str:
     """The model's id in the API: a name, never a local path (which would tell every client
     where the server's files live): ``--served-model-name``, a folder's name, or the repo id."""
@@ -86,6 +105,10 @@ def main(argv=None) -> None:
     p.add_argument("--queue-size", type=int, default=16, help="requests waiting before 429")
     p.add_argument("--max-context", type=int, help="context limit in tokens (default: the model's)")
     p.add_argument("--cache-entries", type=int, default=8, help="prompt caches kept for reuse")
+    p.add_argument("--prompt-cache-dir", help="folder of the disk prompt cache, shared by servers "
+                   "(default: prompt-cache under MLX_LFM2_HOME, ~/.cache/mlx_lfm2)")
+    p.add_argument("--prompt-cache-bytes", default="8G",
+                   help="bound of the disk prompt cache, e.g. 20G or 512M (default 8G; 0: memory only)")
     p.add_argument("--max-batch", type=int, default=8,
                    help="requests decoded together in one batch (default 8; 1: one at a time)")
     p.add_argument("--default-max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
@@ -115,7 +138,8 @@ def main(argv=None) -> None:
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: draft model: {e}")
     scheduler = Scheduler(model, tokenizer, served_name(a.model, a.served_model_name), a.queue_size, a.cache_entries, a.max_context,
-                          a.default_max_tokens, a.max_batch, draft, a.prompt_lookup, a.num_draft_tokens)
+                          a.default_max_tokens, a.max_batch, draft, a.prompt_lookup, a.num_draft_tokens,
+                          disk_tier(a, model, tokenizer, draft))
     if not leader():  # mlx.launch: rank 0 serves HTTP, the others serve their layers
         return scheduler.follow()
     app = create_app(scheduler, a.api_key, a.body_timeout)

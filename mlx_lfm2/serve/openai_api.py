@@ -94,6 +94,11 @@ class Sampling(_Lenient):
     logprobs: Optional[Union[bool, int]] = None
     logit_bias: Optional[dict[str, float]] = None
     response_format: Optional[dict] = None
+    prompt_cache_key: Optional[str] = Field(None, max_length=1024)  # pins the prompt in the disk cache
+
+    @property
+    def pin_cache(self) -> bool:
+        return self.prompt_cache_key is not None
 
     @field_validator("response_format")
     @classmethod

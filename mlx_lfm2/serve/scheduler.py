@@ -57,6 +57,7 @@ class Job:
     schema_warnings: list = field(default_factory=list)  # what a lenient schema's constraint skips
     score_ids: Optional[list] = None  # score these prompt ids first (completions' echo with logprobs)
     scores: list = field(default_factory=list)  # their ``engine.score.TokenScore``s, before the first token
+    pin: bool = False  # keep this prompt in the disk cache after unpinned ones
 
     def emit(self, item) -> None:
         self.loop.call_soon_threadsafe(self.out.put_nowait, item)
@@ -79,7 +80,7 @@ class Scheduler:
     def __init__(self, model, tokenizer, model_id: str, queue_size: int = 16, cache_entries: int = 8,
                  max_context: Optional[int] = None, default_max_tokens: int = DEFAULT_MAX_TOKENS,
                  max_batch: int = 8, draft_model=None, prompt_lookup: bool = False,
-                 num_draft_tokens: Optional[int] = None):
+                 num_draft_tokens: Optional[int] = None, disk=None):
         self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
         self.draft_model = draft_model
         self.speculative = dict(prompt_lookup=prompt_lookup, num_draft_tokens=num_draft_tokens)
@@ -94,7 +95,8 @@ class Scheduler:
         self.closed = False
         self.defaults = SamplingParams(**default_sampling(model))
         self.jobs: queue.Queue = queue.Queue(maxsize=queue_size)
-        self.caches = PromptCacheStore(model, cache_entries, draft_model)
+        self.disk = disk  # engine.disk_cache.DiskTier under the memory entries, or None
+        self.caches = PromptCacheStore(model, cache_entries, draft_model, lower=disk)
         self.stats = {"completed": 0, "cancelled": 0, "active": 0, "peak_batch": 0}
         self.template_renders_tool_calls = "tool_calls" in (tokenizer.chat_template or "")
         self._worker: Optional[threading.Thread] = None
@@ -144,6 +146,12 @@ class Scheduler:
         the ids still to feed (built and checked by the engine's one request builder)."""
         pc = self.caches.take(job.prompt_text)
         ids = pc.new_tokens(self.tokenizer, job.prompt_text, job.ids)
+        # A sampled reply need not be tokenized as its text re-encodes: a cache holding one can
+        # overflow the context where the fresh prompt fits. Keep less of it until it fits.
+        excess = pc.offset + len(ids) + 1 - self.max_context
+        while excess > 0 and pc.offset > 0:
+            ids = pc.new_tokens(self.tokenizer, job.prompt_text, job.ids, at_most=pc.offset - excess)
+            excess = pc.offset + len(ids) + 1 - self.max_context
         if not ids:  # a cache that consumed this whole prompt leaves nothing to sample from
             pc = self.caches.fresh()
             ids = pc.new_tokens(self.tokenizer, job.prompt_text, job.ids)
@@ -152,6 +160,11 @@ class Scheduler:
         job.cached_tokens = pc.offset
         job.prompt_tokens = pc.offset + len(ids)
         return pc, request
+
+    def _keep(self, pc: PromptCache, job: Job) -> None:
+        self.caches.keep(pc)
+        if job.pin and self.disk is not None:  # cache_control / prompt_cache_key: evicted last
+            self.disk.store("", pc, pin=True)
 
     def _emit(self, job: Job, r) -> None:
         """One response to its job, with its logprob entry when the job asked for logprobs."""
@@ -243,7 +256,7 @@ class Scheduler:
         if cache is not None:  # None: it left before its prefill finished
             live.pc.cache = cache
             live.pc.commit(self.tokenizer, live.job.prompt_text, live.ids, live.generated)
-            self.caches.keep(live.pc)
+            self._keep(live.pc, live.job)
         live.job.emit(DONE)
 
     # Serial mode ----------------------------------------------------------------------------
@@ -287,7 +300,7 @@ class Scheduler:
         self.stats["cancelled" if job.stop.is_set() else "completed"] += 1
         if finished:
             pc.commit(tok, job.prompt_text, request.ids, generated)
-            self.caches.keep(pc)
+            self._keep(pc, job)
 
     def follow(self) -> None:
         """Ranks other than 0 under mlx.launch: run each job rank 0 runs, with no client."""

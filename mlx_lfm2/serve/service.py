@@ -112,6 +112,7 @@ class Service:
         params = req.sampling(s.defaults).replace(max_tokens=limit, **spec)
         job = Job(prompt_text, params, top_logprobs, asyncio.get_running_loop(), ids=ids, constraint=constraint,
                   schema_warnings=constraint.warnings if constraint is not None else [], score_ids=score_ids)
+        job.pin = req.pin_cache
         s.submit(job)
         return job
 

@@ -28,38 +28,18 @@ from ..model.config import ModelArgs
 from .loader import TOKENIZER_FILES, load_config, resolve
 from ..model.blocks import Block, Model
 from .publish import compatible_config, convert_command, upload_to_hub, write_model_card
-from .layouts import cast, check_weights, load_safetensors, safetensors_files, sanitize, to_mlx_lm_name
+from .layouts import load_group, load_safetensors, safetensors_files, to_mlx_lm_name
 from .output_folder import (PROGRESS, ConversionError, check_replaceable, clean_leftovers, partial_folder, replace,
                             resume_partial, write_json)
+from .quantize import MODES, RECIPES, recipe_predicate, spec
 
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
-ROUTER_QUANT = {"group_size": 64, "bits": 8}  # routing is sensitive; the router is tiny
-RECIPES = {
-    "uniform": None,  # every quantizable weight at --q-bits
-    "mixed_6": 6,  # experts at --q-bits, attention/conv/dense FFN/embeddings at 6 bits
-    "mixed_8": 8,  # ... at 8 bits
-}
+METHODS = ("rtn", "awq")  # round-to-nearest; activation-aware scales (weights/awq.py)
 
 
-def quant_predicate(bits: int, group_size: int, recipe: str = "uniform") -> Callable:
-    """Our-path -> False | True | {"bits", "group_size"}: the per-path quantization choice."""
-    if recipe not in RECIPES:
-        raise ValueError(f"unknown quant recipe {recipe!r}; choose from {sorted(RECIPES)}")
-    rest_bits = RECIPES[recipe]
-
-    def predicate(path: str, module: nn.Module):
-        if not hasattr(module, "to_quantized"):
-            return False
-        if path.endswith("feed_forward.gate"):
-            return dict(ROUTER_QUANT)
-        w = module.weight
-        if w.shape[-1] % group_size:
-            return False
-        if rest_bits is not None and ".experts." not in path:
-            return {"group_size": group_size, "bits": rest_bits}
-        return True
-
-    return predicate
+def quant_predicate(bits: int, group_size: int, recipe: str = "uniform", mode: str = "affine") -> Callable:
+    """Our-path -> False | choice dict: the per-path quantization of the fixed recipes."""
+    return recipe_predicate(spec(bits, group_size, mode), recipe)
 
 
 class ShardWriter:
@@ -117,54 +97,72 @@ def _groups(keys, n_layers: int) -> list[tuple[str, list[str]]]:
 
 
 def _convert_group(module: nn.Module, prefix: str, weights: dict, args: ModelArgs, dtype,
-                   predicate: Optional[Callable], q_bits: int, q_group: int, overrides: dict) -> dict:
+                   predicate: Optional[Callable], default: dict, overrides: dict, hooks=None) -> dict:
     """Load one layer's (or the globals') weights into ``module``, quantize, return mlx-lm names.
 
     Consumes ``weights``: afterwards the lazy source tensors live only in the graph, so each
     output tensor, evaluated on its own, frees its sources (one projection's experts at a time).
+    ``hooks`` (a calibrated method, ``layerwise.LayerwiseQuantizer``) see the group before and
+    after quantization.
     """
-    local = {k[len(prefix):]: v for k, v in cast(sanitize(weights, args), dtype).items()}
-    weights.clear()
-    check_weights(module, local)
-    module.load_weights(list(local.items()), strict=False)
-    del local
+    load_group(module, prefix, weights, args, dtype)
+    if hooks is not None:
+        hooks.before(module, prefix)
     if predicate is not None:
         def full(path, m):
             choice = predicate(prefix + path, m)
-            if isinstance(choice, dict) and choice != {"group_size": q_group, "bits": q_bits}:
-                overrides[to_mlx_lm_name(prefix + path, args.model_type)] = choice
+            if isinstance(choice, dict) and choice != default:
+                overrides[to_mlx_lm_name(prefix + path, args.model_type)] = recorded(choice)
             return choice
 
-        nn.quantize(module, q_group, q_bits, class_predicate=full)
+        nn.quantize(module, default["group_size"], default["bits"], mode=default["mode"], class_predicate=full)
+    if hooks is not None:
+        hooks.after(module, prefix)
     out = {to_mlx_lm_name(prefix + k, args.model_type): v for k, v in tree_flatten(module.parameters())}
     for v in out.values():
         mx.eval(v)
     return out
 
 
-def convert(hf_path: Union[str, Path], mlx_path: Union[str, Path], quantize: bool = False, q_bits: int = 4,
-            q_group_size: int = 64, dtype: str = "bfloat16", quant_recipe: str = "uniform",
-            force: bool = False, revision: Optional[str] = None, max_shard_gb: float = 1.0,
-            progress: bool = True, command: Optional[str] = None) -> Path:
+def recorded(choice: dict) -> dict:
+    """A choice as config.json records it: affine ones without ``mode``, as mlx-lm writes them
+    (and as loaders older than the other modes read them)."""
+    return {k: v for k, v in choice.items() if not (k == "mode" and v == "affine")}
+
+
+def convert(hf_path: Union[str, Path], mlx_path: Union[str, Path], quantize: bool = False,
+            q_bits: Optional[int] = None, q_group_size: Optional[int] = None, dtype: str = "bfloat16",
+            quant_recipe: str = "uniform", force: bool = False, revision: Optional[str] = None,
+            max_shard_gb: float = 1.0, progress: bool = True, command: Optional[str] = None,
+            q_mode: str = "affine", q_method: str = "rtn", target_bpw: Optional[float] = None,
+            calibration: Optional[Union[str, Path]] = None, calibration_tokens: int = 1024,
+            measure: bool = False) -> Path:
     """Convert a hub checkpoint (repo id or folder) into an MLX folder; returns its path.
 
+    Quantization (``quantize``): ``q_mode`` one of ``quantize.MODES`` (bits and group size
+    default to the mode's); ``q_method`` "rtn" (round-to-nearest, as ``mlx_lm.convert -q``) or
+    "awq" (activation-aware scales); ``target_bpw``: sensitivity-driven bits per path under
+    that many bits per weight. The calibrated ones (and ``measure``) read ``calibration``
+    (a jsonl file; None: the bundled multilingual sample) and report KL on its held-out rows.
     The folder's README.md names ``command`` as how it was made (default: the equivalent
     ``convert.py`` command line).
     """
     mlx_path = Path(mlx_path).expanduser().resolve()
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}")
-    if quantize and q_bits not in (2, 3, 4, 5, 6, 8):
-        raise ValueError("q_bits must be 2, 3, 4, 5, 6 or 8")
-    if quantize and q_group_size not in (32, 64, 128):
-        raise ValueError("q_group_size must be 32, 64 or 128")
+    default = spec(q_bits, q_group_size, q_mode) if quantize else None
+    if q_method not in METHODS:
+        raise ValueError(f"unknown quantization method {q_method!r}; choose from {', '.join(METHODS)}")
+    calibrated = quantize and (q_method != "rtn" or target_bpw is not None or measure)
+    if target_bpw is not None and not 2 < target_bpw <= 16:
+        raise ValueError(f"target bits per weight must be above 2 and at most 16, not {target_bpw}")
     clean_leftovers(mlx_path)
     if mlx_path.exists() and not force:
         raise FileExistsError(f"{mlx_path} exists: pick another --mlx-path or pass --force to replace it")
     if mlx_path.exists():  # early, before any download; a local source is known already
         local = Path(hf_path).expanduser()
         check_replaceable(mlx_path, local if local.is_dir() else None)
-    predicate = quant_predicate(q_bits, q_group_size, quant_recipe) if quantize else None
+    predicate = recipe_predicate(default, quant_recipe) if quantize else None
 
     src = resolve(hf_path, revision, flag="--hf-path")
     if mlx_path.exists():
@@ -177,13 +175,20 @@ def convert(hf_path: Union[str, Path], mlx_path: Union[str, Path], quantize: boo
     source = {}
     for f in files:
         source.update(load_safetensors(f))
+    hooks, plan = None, None
+    if calibrated:
+        from .layerwise import prepare
+
+        hooks, predicate, plan = prepare(src, args, files, DTYPES[dtype], predicate, q_method, target_bpw,
+                                         calibration, calibration_tokens, default)
 
     mlx_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = partial_folder(mlx_path)
     shutil.rmtree(tmp, ignore_errors=True)
     options = dict(source=str(src), files=[[f.name, f.stat().st_size] for f in files], dtype=dtype,
-                   quantize=quantize, q_bits=q_bits, q_group_size=q_group_size, recipe=quant_recipe,
-                   max_shard_gb=max_shard_gb)
+                   quantize=quantize, quantization=default, recipe=quant_recipe, max_shard_gb=max_shard_gb)
+    if calibrated:  # never resumed (nor resumes another run): the calibration streams are not saved
+        options["run"] = os.getpid()
     state = resume_partial(mlx_path, tmp, options)
     try:
         done, added = set(state["done"]), list(state["done"])
@@ -210,7 +215,7 @@ def convert(hf_path: Union[str, Path], mlx_path: Union[str, Path], quantize: boo
                     module = Model(dataclasses.replace(args, num_hidden_layers=0, layer_types=[]))
                 try:
                     out = _convert_group(module, prefix, weights, args, DTYPES[dtype], predicate,
-                                         q_bits, q_group_size, overrides)
+                                         default, overrides, hooks)
                 except (RuntimeError, ValueError) as e:
                     raise ConversionError(f"converting {prefix or 'embeddings/head'} failed: {e}") from e
                 del weights, module
@@ -220,9 +225,13 @@ def convert(hf_path: Union[str, Path], mlx_path: Union[str, Path], quantize: boo
                 advance(nbytes, prefix or "embeddings")
         writer.finish()
         (tmp / PROGRESS).unlink(missing_ok=True)
-        _write_config(tmp, config, dtype, quantize, q_bits, q_group_size, overrides)
-        _write_card(tmp, src, hf_path, mlx_path, quantize, q_bits, q_group_size, dtype, quant_recipe, revision,
-                    command)
+        _write_config(tmp, config, dtype, default, overrides)
+        params = sum(v.size for v in load_sizes(files))
+        quality = dict(method=_method_name(q_method, target_bpw), bits_per_weight=writer.total * 8 / params,
+                       **(hooks.result if hooks else {}),
+                       **({"calibration": hooks.calib.source} if hooks else {}))
+        _write_card(tmp, src, hf_path, mlx_path, default, dtype, quant_recipe, revision, command, quality,
+                    dict(q_method=q_method, target_bpw=target_bpw, calibration=calibration, measure=measure))
         for name in TOKENIZER_FILES:
             if (src / name).exists():
                 shutil.copyfile(src / name, tmp / name)
@@ -241,22 +250,31 @@ def convert(hf_path: Union[str, Path], mlx_path: Union[str, Path], quantize: boo
     return mlx_path
 
 
-def _write_config(folder: Path, config: dict, dtype: str, quantize: bool, bits: int, group: int,
-                  overrides: dict) -> None:
+def load_sizes(files) -> list:
+    """The source tensors (lazy: only their shapes are read)."""
+    return [w for f in files for w in load_safetensors(f).values()]
+
+
+def _method_name(method: str, target_bpw: Optional[float]) -> str:
+    return method if target_bpw is None else f"dynamic-{method}" if method != "rtn" else "dynamic"
+
+
+def _write_config(folder: Path, config: dict, dtype: str, default: Optional[dict], overrides: dict) -> None:
     config = {k: v for k, v in compatible_config(config).items() if k not in ("quantization", "quantization_config")}
     config["torch_dtype"] = dtype
-    if quantize:
-        q = {"group_size": group, "bits": bits, "mode": "affine", **dict(sorted(overrides.items()))}
+    if default:
+        q = {**default, **dict(sorted(overrides.items()))}
         config["quantization"] = q
         config["quantization_config"] = q
     (folder / "config.json").write_text(json.dumps(config, indent=2))
 
 
-def _write_card(folder: Path, src: Path, hf_path, mlx_path, quantize, bits, group, dtype, recipe, revision,
-                command) -> None:
+def _write_card(folder: Path, src: Path, hf_path, mlx_path, default, dtype, recipe, revision, command, quality,
+                method: dict) -> None:
     config = json.loads((folder / "config.json").read_text())
-    command = command or convert_command(hf_path, mlx_path, quantize, bits, group, dtype, recipe, revision)
-    write_model_card(folder, Path(mlx_path).name, src, hf_path, config, config.get("quantization"), recipe, dtype, command)
+    command = command or convert_command(hf_path, mlx_path, default, dtype, recipe, revision, **method)
+    write_model_card(folder, Path(mlx_path).name, src, hf_path, config, config.get("quantization"), recipe, dtype,
+                     command, quality if default else None)
 
 
 class _progress:
@@ -288,12 +306,25 @@ def main(argv=None) -> None:
                "in mlx-lm's layout, optionally quantized, with a model card: mlx_lfm2, mlx-lm and LM Studio load it.")
     p.add_argument("--hf-path", required=True, help="hub repo id or local folder")
     p.add_argument("--mlx-path", required=True, help="output folder")
-    p.add_argument("-q", "--quantize", action="store_true", help="quantize (default 4-bit, group 64)")
-    p.add_argument("--q-bits", type=int, default=4, choices=[2, 3, 4, 5, 6, 8], help="bits per quantized weight")
-    p.add_argument("--q-group-size", type=int, default=64, choices=[32, 64, 128],
-                   help="weights sharing one scale and bias")
+    p.add_argument("-q", "--quantize", action="store_true", help="quantize (default 4-bit affine, group 64)")
+    p.add_argument("--q-mode", default="affine", choices=list(MODES),
+                   help="affine: 2-8 bits, groups 32/64/128; mxfp4 (group 32), nvfp4 (group 16): 4-bit floats; "
+                        "mxfp8: 8-bit floats (group 32)")
+    p.add_argument("--q-bits", type=int, choices=[2, 3, 4, 5, 6, 8], help="default: the mode's (affine: 4)")
+    p.add_argument("--q-group-size", type=int, choices=[16, 32, 64, 128], help="default: the mode's (affine: 64)")
     p.add_argument("--quant-recipe", default="uniform", choices=sorted(RECIPES),
                    help="uniform: all at --q-bits; mixed_6/mixed_8: experts at --q-bits, the rest at 6/8")
+    p.add_argument("--q-method", default="rtn", choices=METHODS,
+                   help="rtn: round to nearest (as mlx_lm.convert -q); awq: activation-aware scales fitted on "
+                        "calibration text, per expert")
+    p.add_argument("--target-bpw", type=float,
+                   help="sensitivity-driven mixed precision: choose each weight's bits from calibration so the "
+                        "model averages this many bits per weight (e.g. 4.5)")
+    p.add_argument("--calibration", help="jsonl of {\"text\": ...} or {\"messages\": [...]} rows for "
+                                         "awq/--target-bpw (default: a bundled sample in the model's 9 languages)")
+    p.add_argument("--calibration-tokens", type=int, default=1024, help="calibration tokens to read")
+    p.add_argument("--measure-kl", action="store_true",
+                   help="measure KL(unquantized || quantized) on held-out calibration text for the model card")
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="dtype of the weights not quantized")
     p.add_argument("--revision", help="hub revision: branch, tag or commit (default: main)")
     p.add_argument("--max-shard-gb", type=float, default=1.0,
@@ -305,7 +336,9 @@ def main(argv=None) -> None:
     command = shlex.join(["python", "convert.py", *(sys.argv[1:] if argv is None else argv)])
     try:
         out = convert(a.hf_path, a.mlx_path, a.quantize, a.q_bits, a.q_group_size, a.dtype, a.quant_recipe,
-                      a.force, a.revision, a.max_shard_gb, command=command)
+                      a.force, a.revision, a.max_shard_gb, command=command, q_mode=a.q_mode, q_method=a.q_method,
+                      target_bpw=a.target_bpw, calibration=a.calibration, calibration_tokens=a.calibration_tokens,
+                      measure=a.measure_kl)
     except (FileNotFoundError, FileExistsError, ValueError, ConversionError) as e:
         raise SystemExit(f"error: {e}")
     print(f"wrote {out}")

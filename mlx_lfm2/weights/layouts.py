@@ -186,3 +186,13 @@ def load_into(model: nn.Module, files: Iterable[Path], args: ModelArgs, dtype=No
         )
     check_weights(model, weights)
     model.load_weights(list(weights.items()), strict=False)
+
+
+def load_group(module: nn.Module, prefix: str, weights: dict, args: ModelArgs, dtype) -> None:
+    """Load one layer's (``prefix`` ``model.layers.{i}.``) or the globals' (``""``) source
+    weights into ``module``. Consumes ``weights``: afterwards the lazy source tensors live only
+    in the module, so nothing else holds them once it is dropped."""
+    local = {k[len(prefix):]: v for k, v in cast(sanitize(weights, args), dtype).items()}
+    weights.clear()
+    check_weights(module, local)
+    module.load_weights(list(local.items()), strict=False)

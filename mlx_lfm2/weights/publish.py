@@ -53,12 +53,19 @@ def compatible_config(config: dict) -> dict:
     return c
 
 
-def convert_command(hf_path, mlx_path, quantize: bool, q_bits: int, q_group_size: int, dtype: str,
-                    quant_recipe: str, revision: Optional[str]) -> str:
-    """The ``convert.py`` command line equivalent to a ``convert()`` call."""
+def convert_command(hf_path, mlx_path, quantization: Optional[dict], dtype: str, quant_recipe: str,
+                    revision: Optional[str], q_method: str = "rtn", target_bpw: Optional[float] = None,
+                    calibration=None, measure: bool = False) -> str:
+    """The ``convert.py`` command line equivalent to a ``convert()`` call (``quantization``:
+    the default choice, None when not quantized)."""
     cmd = ["python", "convert.py", "--hf-path", str(hf_path), "--mlx-path", str(mlx_path)]
-    if quantize:
-        cmd += ["-q", "--q-bits", str(q_bits), "--q-group-size", str(q_group_size), "--quant-recipe", quant_recipe]
+    if quantization:
+        q = quantization
+        cmd += ["-q", "--q-mode", q["mode"], "--q-bits", str(q["bits"]), "--q-group-size", str(q["group_size"]),
+                "--quant-recipe", quant_recipe, "--q-method", q_method]
+        cmd += ["--target-bpw", str(target_bpw)] if target_bpw is not None else []
+        cmd += ["--calibration", str(calibration)] if calibration is not None else []
+        cmd += ["--measure-kl"] if measure else []
     if dtype != "bfloat16":
         cmd += ["--dtype", dtype]
     if revision:
@@ -71,9 +78,10 @@ def _is_repo_id(name: str) -> bool:
 
 
 def write_model_card(folder: Path, name: str, source: Path, hf_path, config: dict, quantization: Optional[dict],
-                     recipe: str, dtype: str, command: str) -> None:
-    """``folder/README.md`` for the model ``name``: hub front matter, the quantization and how
-    the folder was made (``folder`` may be the conversion's temporary one)."""
+                     recipe: str, dtype: str, command: str, quality: Optional[dict] = None) -> None:
+    """``folder/README.md`` for the model ``name``: hub front matter, the quantization (with
+    ``quality``: method, bits per weight, and the measured KL when there is one) and how the
+    folder was made (``folder`` may be the conversion's temporary one)."""
     from huggingface_hub import ModelCard, ModelCardData
 
     meta = dict(library_name="mlx", pipeline_tag="text-generation",
@@ -89,7 +97,10 @@ def write_model_card(folder: Path, name: str, source: Path, hf_path, config: dic
             pass  # a card without front matter: nothing to keep
     if quantization:
         meta["quantization"] = {"bits": quantization["bits"], "group_size": quantization["group_size"],
-                                "mode": quantization.get("mode", "affine"), "recipe": recipe}
+                                "mode": quantization.get("mode", "affine"), "recipe": recipe,
+                                "per_path": sum(isinstance(v, dict) for v in quantization.values())}
+        for k, v in (quality or {}).items():
+            meta["quantization"][k] = round(v, 6) if isinstance(v, float) else v
     meta["dtype"] = dtype
     meta["conversion_command"] = command
     data = ModelCardData(**meta)
@@ -100,10 +111,7 @@ def write_model_card(folder: Path, name: str, source: Path, hf_path, config: dic
 def _card_text(meta: dict, name: str) -> str:
     base = meta.get("base_model")
     q = meta.get("quantization")
-    weights = (f"{q['bits']}-bit weights in groups of {q['group_size']} (recipe `{q['recipe']}`: "
-               + (f"every quantizable weight at {q['bits']} bits" if q["recipe"] == "uniform" else
-                  f"experts at {q['bits']} bits, the rest at {q['recipe'].split('_')[1]}")
-               + "; the MoE router at 8 bits)") if q else f"unquantized {meta.get('dtype', 'bfloat16')} weights"
+    weights = _quant_text(q) if q else f"unquantized {meta.get('dtype', 'bfloat16')} weights"
     origin = f"[{base}](https://huggingface.co/{base})" if base else "An LFM2 checkpoint"
     return f"""
 # {name}
@@ -131,6 +139,30 @@ model, tokenizer = load("{name}")
 print(generate(model, tokenizer, [{{"role": "user", "content": "Hello!"}}], max_tokens=128))
 ```
 """
+
+
+_METHODS = {"rtn": "round-to-nearest", "awq": "activation-aware scales (AWQ, fitted per expert)",
+            "dynamic": "sensitivity-driven mixed precision", "dynamic-awq": "sensitivity-driven mixed precision "
+            "with activation-aware scales (AWQ, fitted per expert)"}
+
+
+def _quant_text(q: dict) -> str:
+    mode = q.get("mode", "affine")
+    text = (f"{q['bits']}-bit {mode} weights in groups of {q['group_size']} (recipe `{q['recipe']}`: "
+            + (f"every quantizable weight at {q['bits']} bits" if q["recipe"] == "uniform" else
+               f"experts at {q['bits']} bits, the rest at {q['recipe'].split('_')[1]}")
+            + "; the MoE router at 8 bits)")
+    if q.get("method"):
+        text += f", quantized by {_METHODS.get(q['method'], q['method'])}"
+        if q.get("method", "").startswith("dynamic"):
+            text += f" ({q.get('per_path', 0)} paths with their own precision in config.json)"
+    if q.get("bits_per_weight"):
+        text += f"; {q['bits_per_weight']:.2f} bits per weight"
+    if q.get("kl") is not None:
+        text += (f". Measured on {q.get('held_out_tokens')} held-out tokens of the calibration text "
+                 f"({q.get('calibration', 'bundled')}): KL(unquantized || quantized) {q['kl']:.4g} nats per "
+                 f"token, top-1 agreement {100 * q['top1_agreement']:.1f}%")
+    return text
 
 
 def upload_to_hub(folder, repo: str, private: bool = False) -> str:

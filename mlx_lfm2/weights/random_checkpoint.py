@@ -118,14 +118,30 @@ def _random(rng: np.random.Generator, name: str, shape: tuple) -> np.ndarray:
     return rng.standard_normal(shape, dtype=np.float32) / np.float32(np.sqrt(shape[-1]))  # fan-in
 
 
+OUTLIER_GAIN = 20.0
+
+
+def _outlier_channels(a: np.ndarray, name: str, n: int) -> np.ndarray:
+    """The inputs of every projection get ``n`` outlier channels, the same ones in every layer
+    (as the few "massive activation" features of trained LLMs): the block norms' weights there
+    are ``OUTLIER_GAIN`` times larger."""
+    if n and name.endswith(("operator_norm.weight", "ffn_norm.weight")):
+        a = a.copy()
+        a[np.linspace(0, a.shape[0] - 1, n).astype(int)] *= OUTLIER_GAIN
+    return a
+
+
 def _bf16_bytes(a: np.ndarray) -> bytes:
     u = a.astype(np.float32).view(np.uint32)
     return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16).tobytes()
 
 
 def write_checkpoint(out: Path, config: dict, seed: int = 0, dtype: str = "bfloat16",
-                     tokenizer_from: Optional[Path] = None) -> Path:
-    """Write ``config.json`` and one ``model.safetensors`` of random weights into ``out``."""
+                     tokenizer_from: Optional[Path] = None, outliers: int = 0, lm_like_head: bool = False) -> Path:
+    """Write ``config.json`` and one ``model.safetensors`` of random weights into ``out``
+    (``outliers``: that many outlier activation channels, see ``_outlier_channels``;
+    ``lm_like_head``: embeddings small enough (std 4/sqrt(D)) that a tied head gives next-token
+    distributions of a few nats, like a trained model's, instead of one-hot on the input token)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     args = ModelArgs.from_dict(config)
@@ -145,7 +161,9 @@ def write_checkpoint(out: Path, config: dict, seed: int = 0, dtype: str = "bfloa
     with open(out / "model.safetensors", "wb") as f:
         f.write(struct.pack("<Q", len(blob)) + blob)
         for name, shape in tensors:
-            a = _random(rng, name, shape)
+            a = _outlier_channels(_random(rng, name, shape), name, outliers)
+            if lm_like_head and "embed_tokens" in name:
+                a *= np.float32(4 / np.sqrt(shape[-1]))
             f.write(a.tobytes() if header[name]["dtype"] == "F32" else _bf16_bytes(a))
     config = dict(config, torch_dtype=dtype)
     (out / "config.json").write_text(json.dumps(config, indent=2))

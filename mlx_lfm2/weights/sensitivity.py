@@ -1,0 +1,112 @@
+"""Sensitivity-driven mixed precision: the bits of each weight path under a bits-per-weight budget.
+
+A first streaming pass over the checkpoint measures, layer by layer, what quantizing each path
+alone at each candidate precision does to the layer's output on the calibration text (relative
+squared error of the residual stream after the layer, which is what the rest of the network
+sees). The budget then goes, a bit at a time, where it buys the largest drop in that error per
+bit (a greedy knapsack over the lower envelope of each path's error curve). Paths are mlx-lm's
+quantization units: one projection of one layer, all experts of a projection together (they
+share one stacked tensor, so one precision).
+
+The embedding and the head are chosen too: as the input, by the relative error of the
+embeddings (the stream's first state); as the head, by the relative error of the logits
+(a tied embedding sums both). Fixed, not chosen: the router at 8-bit affine and the tensors
+that are not quantized (norms, conv taps) at the weights' dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .quantize import ROUTER, bits_per_weight, fake_quantize, is_router, spec
+
+AFFINE_BITS = (3, 4, 5, 6, 8)
+
+
+def candidates(mode: str, group_size: int) -> list[dict]:
+    """The precisions a path may get, cheapest first."""
+    if mode == "affine":
+        return [spec(b, group_size, "affine") for b in AFFINE_BITS]
+    return [spec(mode=mode)] + ([spec(mode="mxfp8")] if mode != "mxfp8" else [])
+
+
+def relative_errors(ref: mx.array, fn: Callable, weight: mx.array, options: list[dict]) -> list[float]:
+    """``|fn(quantized weight) - ref|^2 / |ref|^2`` for each option (``ref = fn(weight)``)."""
+    denom = (ref.astype(mx.float32) ** 2).sum()
+    return [float((((fn(fake_quantize(weight, c)) - ref).astype(mx.float32) ** 2).sum() / denom).item())
+            for c in options]
+
+
+def measure_block(block: nn.Module, x: mx.array, prefix: str, options: list[dict], quantized: Callable) -> dict:
+    """path -> (weights, [relative output error per option]) for each quantizable, non-router
+    path of ``block`` (``quantized(path, module)``: whether the fixed recipe quantizes it)."""
+    y_ref = block(x)
+    denom = (y_ref.astype(mx.float32) ** 2).mean()
+    out = {}
+    for name, m in tree_flatten(block.leaf_modules(), is_leaf=nn.Module.is_module):
+        path = prefix + name
+        if is_router(path) or not quantized(path, m):
+            continue
+        w0, errs = m.weight, []
+        for c in options:
+            m.weight = fake_quantize(w0, c)
+            e = ((block(x) - y_ref).astype(mx.float32) ** 2).mean() / denom
+            errs.append(float(e.item()))
+        m.weight = w0
+        out[path] = (w0.size, errs)
+    return out
+
+
+def allocate(errors: dict, options: list[dict], budget_bits: float, dtype_bits: int = 16) -> dict:
+    """path -> option: each path starts at the cheapest; upgrades go, best error drop per extra
+    bit first, while the chosen paths' bits stay within ``budget_bits``."""
+    cost = [bits_per_weight(c, dtype_bits) for c in options]
+    level = {p: 0 for p in errors}
+    spent = sum(n * cost[0] for n, _ in errors.values())
+    if spent > budget_bits:
+        raise ValueError(f"{spent - budget_bits:.0f} bits over budget with every path at {options[0]}")
+    while True:
+        best = None
+        for p, (n, errs) in errors.items():
+            i = level[p]
+            for j in range(i + 1, len(options)):
+                extra = n * (cost[j] - cost[i])
+                gain = (errs[i] - errs[j]) / extra
+                if spent + extra <= budget_bits and gain > 0 and (best is None or gain > best[0]):
+                    best = (gain, p, j, extra)
+        if best is None:
+            break
+        _, p, j, extra = best
+        level[p], spent = j, spent + extra
+    return {p: dict(options[i]) for p, i in level.items()}
+
+
+def plan(blocks: Iterable, x: mx.array, options: list[dict], target_bpw: float, total_params: int,
+         ends: Callable, quantized: Callable, dtype_bits: int = 16) -> tuple[dict, dict]:
+    """Measure every layer (``blocks`` yields ``(prefix, unquantized block)`` in order; ``x`` the
+    calibration embeddings) and, by ``ends(final hidden states)``, the embedding and head (path
+    -> (weights, errors)); then spend ``target_bpw`` over the whole model. Returns the plan
+    (path -> choice) and the measured errors (path -> list)."""
+    errors, router_params = {}, 0
+    for prefix, block in blocks:
+        errors.update(measure_block(block, x, prefix, options, quantized))
+        router_params += sum(m.weight.size for n, m in tree_flatten(block.leaf_modules(), is_leaf=nn.Module.is_module)
+                             if is_router(prefix + n))
+        x = block(x)
+        mx.eval(x)
+        del block
+    errors.update(ends(x))
+    chosen = sum(n for n, _ in errors.values())
+    fixed = (total_params - chosen - router_params) * dtype_bits + router_params * bits_per_weight(ROUTER, dtype_bits)
+    budget = target_bpw * total_params - fixed
+    lowest = (fixed + sum(n for n, _ in errors.values()) * bits_per_weight(options[0], dtype_bits)) / total_params
+    if lowest > target_bpw:
+        raise ValueError(f"--target-bpw {target_bpw} is below the {lowest:.2f} bits per weight this model needs "
+                         f"at the least ({options[0]['bits']}-bit {options[0]['mode']} everywhere it may be, the "
+                         "router at 8 bits): raise it")
+    result = allocate(errors, options, budget, dtype_bits)
+    return result, {p: e for p, (_, e) in errors.items()}

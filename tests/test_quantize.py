@@ -1,0 +1,181 @@
+"""Quantization modes and the calibrated methods: folders that both loaders read alike, the
+per-path precision recorded and reloaded, the streamed KL equal to the whole model's, and
+calibration files with bad rows refused with their file and line."""
+
+import json
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+import yaml
+
+from conftest import reference_dir, tiny_config
+from mlx_lfm2 import convert
+from mlx_lfm2.text.tokenizer import load_tokenizer
+from mlx_lfm2.weights import conversion
+from mlx_lfm2.weights.calibrate import CalibrationError, load_calibration
+from mlx_lfm2.weights.loader import load_model
+
+CFG = tiny_config("tiny-moe", hidden_size=128, intermediate_size=256, moe_intermediate_size=64)
+IDS = mx.array(np.random.default_rng(0).integers(0, 5000, (2, 24)))
+FAST = dict(progress=False, calibration_tokens=128)  # 128 calibration + 64 held-out tokens
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    from mlx_lfm2.weights.random_checkpoint import write_checkpoint
+
+    return write_checkpoint(tmp_path_factory.mktemp("src"), CFG, dtype="float32", tokenizer_from=reference_dir(),
+                            lm_like_head=True)
+
+
+@pytest.fixture(scope="module")
+def two_layer_source(tmp_path_factory):
+    from mlx_lfm2.weights.random_checkpoint import write_checkpoint
+
+    cfg = tiny_config("tiny-moe", 2, hidden_size=128, intermediate_size=256, moe_intermediate_size=64)
+    return write_checkpoint(tmp_path_factory.mktemp("two"), cfg, dtype="float32", tokenizer_from=reference_dir(),
+                            lm_like_head=True)
+
+
+@pytest.fixture(scope="module")
+def outlier_source(tmp_path_factory):
+    from mlx_lfm2.weights.random_checkpoint import write_checkpoint
+
+    return write_checkpoint(tmp_path_factory.mktemp("outliers"), CFG, dtype="float32",
+                            tokenizer_from=reference_dir(), outliers=4, lm_like_head=True)
+
+
+def logits(model) -> np.ndarray:
+    return np.array(model(IDS).astype(mx.float32))
+
+
+def relative_error(a, b) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def card_quantization(folder) -> dict:
+    return yaml.safe_load((folder / "README.md").read_text().split("---")[1])["quantization"]
+
+
+def mlx_lm_logits(folder) -> np.ndarray:
+    from mlx_lm.utils import load_model as mlx_lm_load
+
+    model, _ = mlx_lm_load(folder)
+    return np.array(model(IDS).astype(mx.float32))
+
+
+# The relative logit error each mode stays within on this small random model with a tied head
+# of LM-like entropy, where errors compound through the layers (measured, bfloat16 weights:
+# 4-bit affine 0.54, mxfp4 0.64, nvfp4 0.59, mxfp8 0.23; float32 ones do better): bounds that catch a broken or
+# mislabelled mode (an 8-bit mode above 0.3), not tight ones.
+BOUNDS = {"affine": 0.7, "mxfp4": 0.8, "nvfp4": 0.75, "mxfp8": 0.3}
+
+
+@pytest.mark.parametrize("mode", list(BOUNDS))
+def test_each_mode_round_trips_and_mlx_lm_reads_it_alike(source, tmp_path, mode):
+    out = convert(source, tmp_path / mode, quantize=True, q_mode=mode, dtype="float32", progress=False)
+    q = json.loads((out / "config.json").read_text())["quantization"]
+    assert q["mode"] == mode and (q["bits"], q["group_size"]) == {"affine": (4, 64), "mxfp4": (4, 32),
+                                                                  "nvfp4": (4, 16), "mxfp8": (8, 32)}[mode]
+    assert q["model.layers.1.feed_forward.gate"] == {"group_size": 64, "bits": 8}  # the router: 8-bit affine
+    ours = load_model(out)
+    experts = ours.layers[1].feed_forward.experts.w1
+    assert (experts.mode, experts.bits) == (mode, q["bits"])
+    full = logits(load_model(source, compute_dtype=mx.float32))
+    got = logits(ours)
+    assert relative_error(got, full) < BOUNDS[mode]
+    np.testing.assert_allclose(mlx_lm_logits(out), got, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_mixed_precision_is_recorded_per_path_and_reloaded_by_both_loaders(two_layer_source, tmp_path):
+    source = two_layer_source
+    out = convert(source, tmp_path / "dyn", quantize=True, target_bpw=6.0, q_method="awq", dtype="float32", **FAST)
+    q = json.loads((out / "config.json").read_text())["quantization"]
+    per_path = {k: v for k, v in q.items() if isinstance(v, dict)}
+    assert all(v["bits"] >= 8 for k, v in per_path.items() if k.endswith("feed_forward.gate"))
+    model = load_model(out)
+    from mlx_lfm2.weights.layouts import from_mlx_lm_name
+
+    modules = dict(model.named_modules())
+    assert len({m.bits for m in modules.values() if "scales" in m}) >= 2, per_path  # a real mix
+    for path, choice in per_path.items():
+        m = modules[from_mlx_lm_name(path)]
+        assert (m.bits, m.group_size, m.mode) == (choice["bits"], choice["group_size"], choice.get("mode", "affine"))
+    card = card_quantization(out)
+    assert card["method"] == "dynamic-awq" and card["bits_per_weight"] <= 6.0
+    assert card["per_path"] == len(per_path)
+    np.testing.assert_allclose(mlx_lm_logits(out), logits(model), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_the_card_kl_is_the_whole_model_kl_on_held_out_text(source, tmp_path):
+    """The KL measured while streaming (one layer at a time) equals the KL of the loaded
+    quantized model against the unquantized one on the same held-out tokens."""
+    out = convert(source, tmp_path / "awq", quantize=True, q_method="awq", **FAST)
+    card = card_quantization(out)
+    held = load_calibration(load_tokenizer(source), CFG["vocab_size"], tokens=128, held_out_tokens=64).held_out
+    full = load_model(source, dtype=mx.bfloat16, compute_dtype=mx.float32)
+    quant = load_model(out)
+    lp = [nn.log_softmax(m(mx.array(held)).astype(mx.float32), axis=-1) for m in (full, quant)]
+    kl = float((mx.exp(lp[0]) * (lp[0] - lp[1])).sum(-1).mean().item())
+    agree = float((lp[0].argmax(-1) == lp[1].argmax(-1)).astype(mx.float32).mean().item())
+    assert card["held_out_tokens"] == held.size
+    assert card["kl"] == pytest.approx(kl, rel=0.02)
+    assert card["top1_agreement"] == pytest.approx(agree, abs=0.01)
+
+
+@pytest.mark.slow
+def test_awq_beats_round_to_nearest_on_outlier_activations(outlier_source, tmp_path):
+    rtn = card_quantization(convert(outlier_source, tmp_path / "rtn", quantize=True, measure=True, **FAST))
+    awq = card_quantization(convert(outlier_source, tmp_path / "awq", quantize=True, q_method="awq", **FAST))
+    assert rtn["bits_per_weight"] == awq["bits_per_weight"]
+    assert awq["kl"] < 0.7 * rtn["kl"], (awq["kl"], rtn["kl"])
+
+
+def test_a_target_below_what_the_mode_allows_is_refused(source, tmp_path):
+    with pytest.raises(ValueError, match="--target-bpw 2.5 is below the .* bits per weight this model needs"):
+        convert(source, tmp_path / "low", quantize=True, target_bpw=2.5, **FAST)
+    assert not list(tmp_path.iterdir())
+
+
+BAD_ROWS = [
+    ('{"text": "fine"}\n{"text": "fine"}\nnot json\n', ":3: not valid JSON"),
+    ('{"text": "fine"}\n\n{"prompt": "x"}\n', ':3: expected a JSON object with "text"'),
+    ('{"text": ""}\n', ':1: "text" must be a non-empty string'),
+    ('[1, 2]\n', ":1: expected a JSON object"),
+    ('{"messages": [{"role": "user"}]}\n', ":1: messages[0] must be an object with string"),
+    ('{"text": "only a few words"}\n', "too little text"),
+]
+
+
+@pytest.mark.parametrize("content,message", BAD_ROWS)
+def test_a_calibration_file_with_bad_rows_is_a_clear_error(source, tmp_path, content, message):
+    bad = tmp_path / "calib.jsonl"
+    bad.write_text(content)
+    with pytest.raises(CalibrationError, match=message.replace("[", r"\[").replace("]", r"\]")) as e:
+        convert(source, tmp_path / "out", quantize=True, q_method="awq", calibration=bad, **FAST)
+    assert str(bad) in str(e.value) and not (tmp_path / "out").exists()
+
+
+def test_calibration_rows_are_read_only_as_far_as_needed(source, tmp_path):
+    rows = "".join(json.dumps({"text": f"Sentence number {i} of a long calibration file."}) + "\n" for i in range(400))
+    f = tmp_path / "calib.jsonl"
+    f.write_bytes(rows.encode() + b"\xff\xfe broken tail\n")  # never reached
+    got = load_calibration(load_tokenizer(source), CFG["vocab_size"], f, tokens=64, held_out_tokens=32, seq_len=32)
+    assert got.calibration.shape == (2, 32) and got.held_out.shape == (1, 32)
+    f.write_bytes(b'{"text": "x"}\n\xff\xfe\n')
+    with pytest.raises(CalibrationError, match=":2: not UTF-8 text"):
+        load_calibration(load_tokenizer(source), CFG["vocab_size"], f)
+
+
+def test_cli_takes_the_mode_and_method(source, tmp_path, capsys):
+    conversion.main(["--hf-path", str(source), "--mlx-path", str(tmp_path / "cli"), "-q", "--q-mode", "nvfp4",
+                     "--q-method", "awq", "--calibration-tokens", "128"])
+    assert json.loads((tmp_path / "cli/config.json").read_text())["quantization"]["mode"] == "nvfp4"
+    assert card_quantization(tmp_path / "cli")["method"] == "awq"
+    with pytest.raises(SystemExit, match="nvfp4 quantization takes group size 16, not 64"):
+        conversion.main(["--hf-path", str(source), "--mlx-path", str(tmp_path / "x"), "-q", "--q-mode", "nvfp4",
+                         "--q-group-size", "64"])
