@@ -119,6 +119,7 @@ def main(argv=None) -> None:
     p.add_argument("--header-timeout", type=float, default=HEADER_TIMEOUT,
                    help=f"seconds to receive a request head (default {HEADER_TIMEOUT:g})")
     p.add_argument("--draft-model", help="a small LFM2 with the same tokenizer for speculative decoding")
+    p.add_argument("--adapter-path", help="a LoRA/DoRA adapter folder (mlx-lm's layout or PEFT's) to apply")
     p.add_argument("--num-draft-tokens", type=int, help="tokens drafted per step (default: adaptive)")
     p.add_argument("--prompt-lookup", action="store_true", help="speculative decoding from n-grams of the prompt")
     a = p.parse_args(argv)
@@ -128,7 +129,7 @@ def main(argv=None) -> None:
     from ..weights.loader import load, load_draft
 
     try:
-        model, tokenizer = load(a.model)
+        model, tokenizer = load(a.model, adapter_path=a.adapter_path)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     if a.max_batch < 1:
