@@ -3,15 +3,15 @@
 Decode runs alternate in one process between: no constraint; the 30-field schema without a
 token budget ("free": the grammar's mask only), with a budget it never reaches ("tracked": the
 completion kept up to date each token), with ``--tokens`` as its budget (its shortest completion,
-~210 tokens, does not fit, so every token follows the closing path: "closing"); the nested
-schema of tests/fixtures with the budget (``--tokens``, its shortest completion 22 tokens, so
-the reply's end runs within the budget window, the model's top choices each checked for room to
-finish: "tight"); and the 30-field schema with the mask computed before the forward is started
+~210 tokens, does not fit, so every token follows the closing path: "closing"); the recursive
+schema of tests/fixtures with the budget (``--tokens`` 16 and its shortest completion of 7
+tokens put every step within the budget window, the model's top choices each checked for room
+to finish: "tight"); and the 30-field schema with the mask computed before the forward is started
 ("serial": what the overlap saves). Medians; each constrained variant's per-token time over the
 unconstrained run of the same round (median of those ratios); the matcher's own CPU time per
 token (mask and advance) and the budget's.
 
-    python bench/structured.py --preset 24b-a2b --layers 4 --bits 4 --tokens 16 --runs 9
+    python bench/structured.py --preset 24b-a2b --layers 4 --bits 4 --tokens 16 --runs 3
 """
 
 import json
@@ -130,7 +130,7 @@ def main():
     runners = {"plain": runner("plain"), "wide30_free": runner("wide30_free", budget="none", **wide),
                "wide30_tracked": runner("wide30_tracked", budget="ample", **wide),
                "wide30_closing": runner("wide30_closing", **wide),
-               "nested_tight": runner("nested_tight", json_schema=TRICKY["nested"]),
+               "recursive_tight": runner("recursive_tight", json_schema=TRICKY["recursive"]),
                "wide30_serial": runner("wide30_serial", serial=True, budget="none", **wide)}
     for r in runners.values():  # warm-up
         r()

@@ -258,10 +258,14 @@ class Constraint:
         old = self.plan
         if old is not None and new is not None:
             followed = old[:len(new)] == new
-            rest, kept_fresh = (old[len(new):], self.fresh) if followed else (old, False)
-            if (kept_fresh or not fresh) and rest and self.matcher.validate_tokens(rest) == len(rest):
-                self.plan, self.plan_at, self.fresh = rest, len(self.tokens), kept_fresh
-                return rest
+            if followed:
+                tries = [old[len(new):]] if self.fresh or not fresh else []
+            else:  # the reply left it: it may still hold, or do once the reply wrote its first tokens
+                tries = [] if fresh else [old, old[1:], old[2:]]
+            for rest in tries:
+                if rest and self.matcher.validate_tokens(rest) == len(rest):
+                    self.plan, self.plan_at, self.fresh = rest, len(self.tokens), followed and self.fresh
+                    return rest
         reach = 4096 if self.max_tokens is None else 8 * self.max_tokens + 64
         self.plan, self.plan_at, self.fresh = self.closer.complete(self.matcher, reach), len(self.tokens), True
         if old is not None and self.plan is not None and new is not None:  # how far one step set the end back
