@@ -15,9 +15,10 @@ still end within it: it keeps a completion of the current state (``closing.Close
 that close what is open, as tokens, then a stop token). While more than ``window`` tokens are to
 spare the mask is the grammar's; within ``window`` it keeps only the next token of that
 completion and those of the model's ``TOP`` choices after which a completion still fits; with
-nothing to spare, only the completion's next token. So a reply whose grammar can end within
-``max_tokens`` does (a single token that lengthens the way to the end by more than ``window``,
-an object of many required keys opened at once, widens ``window`` for the rest of the reply).
+nothing to spare, only the completion's next token; when even that completion does not fit,
+the grammar's mask from there on (the reply ends "length"). So a reply whose grammar can end
+within ``max_tokens`` does (a single token that lengthens the way to the end by more than
+``window``, an object of many required keys opened at once, widens ``window`` for the rest).
 
 What a grammar may cost is bounded (``LIMITS``, ``MAX_SCHEMA_CHARS``, ``MAX_SCHEMA_DEPTH``), and
 every number a JSON schema admits has bounded digits (``bounded_number``).
@@ -276,10 +277,11 @@ class Constraint:
     def budget(self, mask: np.ndarray, logits: mx.array, left: int) -> np.ndarray:
         """``mask`` less the tokens after which the reply could not end in the ``left`` tokens."""
         plan = self.completion()
-        if plan is None or len(plan) < left - self.window:
+        if plan is not None and len(plan) < left - self.window:
             return mask
         plan = self.completion(fresh=True)
-        if plan is None:
+        if plan is None or len(plan) > left:  # no end in reach of the budget: the grammar's mask from here on
+            self.max_tokens = None
             return mask
         keep = np.zeros_like(mask)
         keep[plan[0]] = True
