@@ -208,6 +208,7 @@ class Constraint:
     LOOK_BACK = 32
     TOP = 8  # the model's choices checked for room to finish, within the window
     WINDOW, MAX_WINDOW = 8, 64  # tokens to spare below which the budget shapes the mask (it grows, see above)
+    MAX_REACH = 4096  # bytes a completion walk may write (~40 us each): a longer end lets the budget go
 
     def __init__(self, tokenizer, source: str, prompt_tokens: int = 0, what: str = "constraint",
                  max_tokens: Optional[int] = None):
@@ -221,11 +222,15 @@ class Constraint:
         self.prompt_tokens, self.max_tokens = prompt_tokens, max_tokens
         self.tokens: list[int] = []  # the generated ids the matcher has consumed
         self.closer, self.window = Closer(self.ll, source), self.WINDOW
-        reach = 4096 if max_tokens is None else 8 * max_tokens + 64
-        self.plan = self.closer.complete(self.matcher, reach)  # a completion of the current state
+        self.plan = self.closer.complete(self.matcher, self.reach)  # a completion of the current state
         self.plan_at, self.fresh = 0, True  # len(self.tokens) when ``plan`` was made; see ``completion``
         if self.plan is None and not self.closer.gave_up:
             raise ConstraintError(f"{what} admits no output: no text ends it")
+
+    @property
+    def reach(self) -> int:
+        """The bytes a completion may take (more than the budget could hold; at most ``MAX_REACH``)."""
+        return self.MAX_REACH if self.max_tokens is None else min(self.MAX_REACH, 8 * self.max_tokens + 64)
 
     @property
     def done(self) -> bool:
@@ -267,8 +272,7 @@ class Constraint:
                 if rest and self.matcher.validate_tokens(rest) == len(rest):
                     self.plan, self.plan_at, self.fresh = rest, len(self.tokens), followed and self.fresh
                     return rest
-        reach = 4096 if self.max_tokens is None else 8 * self.max_tokens + 64
-        self.plan, self.plan_at, self.fresh = self.closer.complete(self.matcher, reach), len(self.tokens), True
+        self.plan, self.plan_at, self.fresh = self.closer.complete(self.matcher, self.reach), len(self.tokens), True
         if old is not None and self.plan is not None and new is not None:  # how far one step set the end back
             grew = len(self.plan) - len(old) + len(new) + 1
             self.window = min(max(self.window, grew), self.MAX_WINDOW)
