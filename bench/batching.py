@@ -88,7 +88,8 @@ def worker(engine: str, folder: str, levels: list, steps: int, words: int, nonce
     sys.path.insert(0, str(ROOT))
     if engine == "mlx_lfm2":
         from mlx_lfm2 import load
-        from mlx_lfm2.engine.batch import BatchGenerator, sampling_for
+        from mlx_lfm2.engine.batch import BatchGenerator
+        from mlx_lfm2.engine.request import sampling_for
 
         model, tok = load(folder)
         bias = sampling_for(0, logit_bias={t: -1e9 for t in tok.eos_token_ids})

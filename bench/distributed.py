@@ -33,7 +33,7 @@ LINKS = {"thunderbolt_5GBps": 5e9, "10GbE_1.25GBps": 1.25e9}
 def worker(folder: str, prompt_len: int, tokens: int, chunk: int) -> dict:
     import mlx.core as mx
 
-    from mlx_lfm2.engine import generation
+    from mlx_lfm2.engine import decode as generation
     from mlx_lfm2.model import pipeline
     from mlx_lfm2.weights.loader import load_model
 

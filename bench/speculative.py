@@ -70,7 +70,7 @@ def verify_cost(a) -> dict:
     import mlx.core as mx
 
     from mlx_lfm2 import load
-    from mlx_lfm2.engine.generation import prefill
+    from mlx_lfm2.engine.decode import prefill
     from mlx_lfm2.model.cache import rewind
 
     folder = converted(checkpoint("24b-a2b", a.layers, num_dense_layers=0), 4)

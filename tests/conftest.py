@@ -85,6 +85,38 @@ class ScriptedModel:
         return mx.array(np.broadcast_to(rows[:, None], (B, L, self.vocab)))
 
 
+class TurnModel(ScriptedModel):
+    """A stand-in model for agent loops: each reply plays ``first`` from its start, or
+    ``after_tool`` when the prompt's new part (the uncached suffix) holds the token
+    ``marker`` (a tool result's end), so a tool call, its result and a closing answer make
+    one conversation. State per row, in the conv cache: phase (last call a prefill), mode, step."""
+
+    def __init__(self, first, after_tool, marker: int, vocab=64400, context=128000):
+        super().__init__(first, vocab, context)
+        self.scripts, self.marker = [list(first), list(after_tool)], marker
+
+    def __call__(self, inputs, cache=None):
+        B, L = inputs.shape
+        self.calls.append(L)
+        c = cache[0]
+        state = np.zeros(B, np.int64) if c.conv_state is None else np.array(c.conv_state).reshape(B).astype(np.int64)
+        phase, mode, n = state // 1_000_000, state // 100_000 % 10, state % 100_000
+        rows = np.full((B, self.vocab), -10.0, np.float32)
+        if L > 1:  # a prefill chunk: the next reply starts; a tool result anywhere in the suffix picks its script
+            seen = (np.array(inputs) == self.marker).any(axis=1)
+            mode = np.where(phase == 1, mode | seen, seen.astype(np.int64))
+            phase, n = np.ones(B, np.int64), np.zeros(B, np.int64)
+        else:
+            for b in range(B):
+                script = self.scripts[int(mode[b])]
+                rows[b, script[min(int(n[b]), len(script) - 1)]] = 10.0
+            phase, n = np.zeros(B, np.int64), n + 1
+        c.offset += L
+        state = phase * 1_000_000 + mode * 100_000 + n
+        c.conv_state = mx.array(state.reshape(B, 1, 1), dtype=mx.float32)
+        return mx.array(np.broadcast_to(rows[:, None], (B, L, self.vocab)))
+
+
 def free_port() -> int:
     import socket
 
@@ -114,6 +146,38 @@ def start_server(folder, *args):
             time.sleep(0.1)
     proc.kill()
     pytest.fail("server did not start: " + proc.stdout.read().decode())
+
+
+@pytest.fixture(scope="module")
+def serve():
+    """``serve(model, tokenizer, api_key=None, queue_size=4, max_batch=8, max_context=2048,
+    model_id=..., wrap=...) -> (base url, engine)``: the app (``wrap(app)``: a middleware
+    around it) on uvicorn in a thread, on loopback, stopped after the module."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from mlx_lfm2.serve.app import create_app
+    from mlx_lfm2.serve.scheduler import Scheduler
+
+    servers = []
+
+    def start(model, tok, api_key=None, queue_size=4, max_batch=8, max_context=2048, model_id="local-lfm2",
+              wrap=lambda app: app):
+        engine = Scheduler(model, tok, model_id, queue_size=queue_size, max_context=max_context, max_batch=max_batch)
+        port = free_port()
+        srv = uvicorn.Server(uvicorn.Config(wrap(create_app(engine, api_key)), host="127.0.0.1", port=port,
+                                            log_level="warning"))
+        threading.Thread(target=srv.run, daemon=True).start()
+        while not srv.started:
+            time.sleep(0.02)
+        servers.append(srv)
+        return f"http://127.0.0.1:{port}", engine
+
+    yield start
+    for srv in servers:
+        srv.should_exit = True
 
 
 @pytest.fixture(scope="session")

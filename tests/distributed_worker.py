@@ -12,7 +12,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from mlx_lfm2.engine.generation import generate_step
+from mlx_lfm2.engine.decode import generate_step
 from mlx_lfm2.weights.loader import load_model
 
 PROMPT = [1, 5, 9, 200, 33, 7, 81, 4, 60, 2]

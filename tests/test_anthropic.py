@@ -1,13 +1,11 @@
 """Anthropic's Messages API on a real loopback server, driven by the official `anthropic` SDK."""
 
 import json
-import threading
 import time
 
 import httpx
 import pytest
 
-from conftest import free_port
 from test_server import TOOLS as OPENAI_TOOLS
 
 anthropic = pytest.importorskip("anthropic")
@@ -16,32 +14,6 @@ openai = pytest.importorskip("openai")
 TOOLS = [{"name": t["function"]["name"], "description": t["function"]["description"],
           "input_schema": t["function"]["parameters"]} for t in OPENAI_TOOLS]
 CALL = 'Checking.<|tool_call_start|>[get_weather(city="Paris"), get_weather(city="Rome")]<|tool_call_end|>'
-
-
-@pytest.fixture(scope="module")
-def serve():
-    """``serve(model, tokenizer, api_key=None, queue_size=4) -> (base url, engine)``: uvicorn on loopback."""
-    import uvicorn
-
-    from mlx_lfm2.serve.app import create_app
-    from mlx_lfm2.serve.scheduler import Scheduler
-
-    servers = []
-
-    def start(model, tok, api_key=None, queue_size=4, max_batch=8):
-        engine = Scheduler(model, tok, "local-lfm2", queue_size=queue_size, max_context=2048, max_batch=max_batch)
-        port = free_port()
-        srv = uvicorn.Server(uvicorn.Config(create_app(engine, api_key), host="127.0.0.1", port=port,
-                                            log_level="warning"))
-        threading.Thread(target=srv.run, daemon=True).start()
-        while not srv.started:
-            time.sleep(0.02)
-        servers.append(srv)
-        return f"http://127.0.0.1:{port}", engine
-
-    yield start
-    for srv in servers:
-        srv.should_exit = True
 
 
 @pytest.fixture(scope="module")
@@ -206,14 +178,13 @@ BAD = [  # (name, body or raw bytes, headers, status, Anthropic error type)
     ("not json", b"{nope", None, 400, "invalid_request_error"),
     ("no max_tokens", {"messages": [{"role": "user", "content": "x"}]}, None, 400, "invalid_request_error"),
     ("no messages", {"max_tokens": 5, "messages": []}, None, 400, "invalid_request_error"),
-    ("system role", {"max_tokens": 5, "messages": [{"role": "system", "content": "x"}]}, None, 400,
+    ("unknown role", {"max_tokens": 5, "messages": [{"role": "tool", "content": "x"}]}, None, 400,
      "invalid_request_error"),
     ("temperature", {"max_tokens": 5, "temperature": 1.5, "messages": [{"role": "user", "content": "x"}]}, None,
      400, "invalid_request_error"),
-    ("image", {"max_tokens": 5, "messages": [{"role": "user", "content": [
-        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AA=="}}]}]}, None,
-     400, "invalid_request_error"),
-    ("tool_result of an image", {"max_tokens": 5, "messages": [{"role": "user", "content": [
+    ("unknown block", {"max_tokens": 5, "messages": [{"role": "user", "content": [
+        {"type": "search_result", "source": "x", "content": []}]}]}, None, 400, "invalid_request_error"),
+    ("tool_result of a bare string", {"max_tokens": 5, "messages": [{"role": "user", "content": [
         {"type": "tool_result", "tool_use_id": "t", "content": [{"type": "image", "source": {}}, "x"]}]}]}, None,
      400, "invalid_request_error"),
     ("tool_use from the user", {"max_tokens": 5, "messages": [{"role": "user", "content": [
@@ -333,3 +304,66 @@ def test_forced_tool_use_follows_the_input_schema_and_output_format_gives_json(r
     bad = httpx.post(client.base_url.__str__().rstrip("/") + "/v1/messages", headers={"x-api-key": "sekrit"}, json={
         "max_tokens": 5, "messages": msgs, "output_format": {"type": "json_schema", "schema": "nope"}})
     assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
+
+
+def claude_code_request(nonce: str, turns: list) -> dict:
+    """The shape of Claude Code's requests (recorded from ``claude -p``, 2.1.x): a billing
+    header with a per-request nonce as the first system block, a system message inside
+    ``messages``, betas in fields the server does not use."""
+    return {
+        "model": "claude-opus-4-8", "max_tokens": 64000, "stream": True,
+        "system": [{"type": "text", "text": f"x-anthropic-billing-header: cc_version=2.1.197.{nonce}; cc_entrypoint=sdk-cli;"},
+                   {"type": "text", "text": "You are a Claude agent.", "cache_control": {"type": "ephemeral"}}],
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "<system-reminder>today</system-reminder>"},
+                                                  {"type": "text", "text": turns[0], "cache_control": {"type": "ephemeral"}}]},
+                     {"role": "system", "content": "Available agent types: claude, Explore."}, *turns[1:]],
+        "tools": TOOLS, "metadata": {"user_id": "{\"device_id\": \"abc\"}"}, "thinking": {"type": "adaptive"},
+        "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]},
+        "output_config": {"effort": "high"},
+    }
+
+
+def test_claude_code_requests_are_served_and_turn_two_reuses_turn_one(real, tokenizer):
+    """System text inside ``messages`` stays a system turn where it stands; the billing
+    header is not rendered, so the next turn's prompt extends this one's and is cached."""
+    from mlx_lfm2.serve.anthropic import MessagesRequest, template_messages
+
+    req = MessagesRequest.model_validate(claude_code_request("123", ["say hi"]))
+    prompt = tokenizer.apply_chat_template(template_messages(req, False), tools=req.offered_tools,
+                                           add_generation_prompt=True)
+    assert "billing" not in prompt and "cc_version" not in prompt
+    assert prompt.index("say hi") < prompt.index("<|im_start|>system\nAvailable agent types")
+
+    base, _ = real
+    usages = []
+    turns = ["say hi"]
+    for nonce in ("123", "9f2"):
+        with httpx.stream("POST", base + "/v1/messages?beta=true", json=claude_code_request(nonce, turns),
+                          headers={"x-api-key": "sekrit", "anthropic-beta": "claude-code-20250219"}, timeout=60) as r:
+            assert r.status_code == 200, r.read()
+            events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+        start = events[0]["message"]["usage"]
+        delta = next(e for e in events if e["type"] == "message_delta")["usage"]
+        assert delta["input_tokens"] == start["input_tokens"]  # complete usage in message_delta
+        assert delta["cache_read_input_tokens"] == start["cache_read_input_tokens"]
+        usages.append(delta)
+        reply = "".join(e["delta"]["text"] for e in events if e["type"] == "content_block_delta")
+        turns += [{"role": "assistant", "content": [{"type": "text", "text": reply}]},
+                  {"role": "user", "content": "and again"}]
+    first = usages[0]["input_tokens"] + usages[0]["cache_read_input_tokens"]
+    assert usages[1]["cache_read_input_tokens"] >= 0.95 * first, usages
+
+
+def test_images_and_documents_become_placeholders_or_their_text(tokenizer):
+    from mlx_lfm2.serve.anthropic import MessagesRequest, to_chat_messages
+
+    req = MessagesRequest.model_validate({"max_tokens": 5, "messages": [{"role": "user", "content": [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AA=="}},
+        {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "The notes."}},
+        {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "AA=="}},
+        {"type": "tool_result", "tool_use_id": "t", "content": [{"type": "image", "source": {}}]},
+        {"type": "text", "text": "What do they say?"}]}]})
+    assert to_chat_messages(req) == [
+        {"role": "tool", "tool_call_id": "t", "content": "[image omitted: this model reads text only]"},
+        {"role": "user", "content": "[image omitted: this model reads text only]\n\nThe notes.\n\n"
+                                    "[document omitted: this model reads text only]\n\nWhat do they say?"}]

@@ -8,8 +8,9 @@ import pytest
 
 from conftest import tiny_config
 from mlx_lfm2 import batch_generate, generate, load
-from mlx_lfm2.engine.batch import BatchGenerator, sampling_for
-from mlx_lfm2.engine.generation import generate_step
+from mlx_lfm2.engine.batch import BatchGenerator
+from mlx_lfm2.engine.decode import generate_step
+from mlx_lfm2.engine.request import sampling_for
 
 
 def alone(model, prompt, n, cache=None, **sampling):

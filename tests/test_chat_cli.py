@@ -250,24 +250,35 @@ def test_a_conversation_saved_with_another_model_is_refused(chat_model, checkpoi
 
 
 def test_a_damaged_saved_cache_is_refused(chat_model, tmp_path):
-    import mlx.core as mx
+    import json
+    import struct
 
     from mlx_lfm2.engine.session import Chat
-    from mlx_lfm2.model.cache import load_cache, save_cache
 
     model, tok, _ = chat_model
     chat = Chat(model, tok, temperature=0.0)
     list(chat.send("hi", max_tokens=2))
     chat.save(tmp_path / "a.chat")
-    cache, meta = load_cache(str(tmp_path / "a.chat"))
-    kv = cache[1]  # an attention layer
-    kv.offset += 1000  # an offset past its arrays
-    save_cache(str(tmp_path / "b.safetensors"), cache, meta)
-    kv.offset -= 1000
-    kv.keys = mx.zeros((1, 2, kv.offset, 3))  # arrays of the wrong shape
-    save_cache(str(tmp_path / "c.safetensors"), cache, meta)
+    raw = (tmp_path / "a.chat").read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+
+    def variant(name, change):
+        h = json.loads(json.dumps(header))
+        change(h)
+        head = json.dumps(h).encode()
+        (tmp_path / name).write_bytes(struct.pack("<Q", len(head)) + head + raw[8 + n:])
+
+    meta = header["__metadata__"]
+    tokens = json.loads(meta["tokens"])
+    variant("b.safetensors", lambda h: h["__metadata__"].update(tokens=json.dumps(tokens + [1] * 1000)))
+    variant("c.safetensors", lambda h: h["k.1"].update(shape=[1, 2, len(tokens), 3]))
+    data = bytearray(raw)
+    data[-3] ^= 0xFF
+    (tmp_path / "d.safetensors").write_bytes(bytes(data))
     fresh = Chat(model, tok)
-    for name in ("b.safetensors", "c.safetensors"):
-        with pytest.raises(ValueError, match="damaged saved chat: layer 1"):
+    for name, why in [("b.safetensors", "conv states is malformed"), ("c.safetensors", "holds 8|its shape needs"),
+                      ("d.safetensors", "checksum mismatch")]:
+        with pytest.raises(ValueError, match=why):
             fresh.load(tmp_path / name)
     assert fresh.messages == []

@@ -17,7 +17,7 @@ import pytest
 from conftest import tiny_config
 from mlx_lfm2.engine.cache_files import CacheFileError, SafeTensors, write
 from mlx_lfm2.engine.disk_cache import BLOCK, BlockStore
-from mlx_lfm2.engine.generation import generate_step, prefill
+from mlx_lfm2.engine.decode import generate_step, prefill
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +191,7 @@ WRITER = """
 import sys, mlx.core as mx, numpy as np
 from mlx_lfm2 import load
 from mlx_lfm2.engine.disk_cache import BlockStore, block_keys
-from mlx_lfm2.engine.generation import prefill
+from mlx_lfm2.engine.decode import prefill
 model, tok = load(sys.argv[1])
 store = BlockStore(sys.argv[2], model, tok)
 seeds = [int(s) for s in sys.argv[3].split(",")]

@@ -9,7 +9,8 @@ import pytest
 
 from conftest import ScriptedModel as MockModel, reference_dir, tiny_config
 from mlx_lfm2 import Chat, generate, load, stream_generate
-from mlx_lfm2.engine.generation import PromptTooLongError, generate_step
+from mlx_lfm2.engine.decode import generate_step
+from mlx_lfm2.engine.request import PromptTooLongError
 from mlx_lfm2.engine.sample import make_logits_processors, make_sampler
 
 

@@ -70,13 +70,13 @@ def test_prompt_text_keeps_its_spans_through_slices_and_additions(ours):
 
 
 def test_prompt_cache_never_reuses_a_prefix_that_differs_only_in_spans(chat_model):
-    from mlx_lfm2.engine.session import PromptCache
+    from mlx_lfm2.engine.prompt_cache import PromptCache
 
     model, tok, _ = chat_model
     text = tok.apply_chat_template([{"role": "user", "content": ATTACK}])
     pc = PromptCache(model)
     ids = pc.new_tokens(tok, text)
-    from mlx_lfm2.engine.generation import prefill
+    from mlx_lfm2.engine.decode import prefill
     import mlx.core as mx
 
     prefill(model, mx.array(ids), pc.cache)

@@ -73,7 +73,7 @@ def test_old_and_new_config_keys_describe_the_same_model_to_every_reader():
 def hub_source(checkpoint, monkeypatch):
     """A repo id that resolves to a local random checkpoint (no network)."""
     folder = checkpoint(tiny_config("tiny-moe", hidden_size=128, moe_intermediate_size=64), tokenizer=True)
-    monkeypatch.setattr(conversion, "resolve", lambda path, revision=None: folder)
+    monkeypatch.setattr(conversion, "resolve", lambda path, revision=None, flag="--model": folder)
     return "LiquidAI/LFM2-Tiny-Test"
 
 

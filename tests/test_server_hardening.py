@@ -265,14 +265,15 @@ def test_a_signal_stops_the_server_with_requests_in_flight(folder, sig):
 
 
 def test_an_engine_value_error_before_the_first_token_is_a_400(chat_model):
+    from mlx_lfm2.engine.sample import SamplingParams
     from mlx_lfm2.serve.boundary import APIError
     from mlx_lfm2.serve.scheduler import DONE, Job, Scheduler
 
     model, tok, _ = chat_model
     engine = Scheduler(model, tok, "m").start()
 
-    async def run(kwargs):
-        job = Job("hello", kwargs, None, asyncio.get_running_loop())
+    async def run(settings):
+        job = Job("hello", SamplingParams(**settings), None, asyncio.get_running_loop())
         engine.submit(job)
         items = []
         while (item := await job.out.get()) is not DONE:

@@ -8,7 +8,7 @@ import pytest
 from conftest import tiny_config
 from mlx_lfm2 import load
 from mlx_lfm2.model.cache import ConvCache, can_rewind, reachable, rewind
-from mlx_lfm2.engine.generation import prefill
+from mlx_lfm2.engine.decode import prefill
 
 
 def _states(cache):

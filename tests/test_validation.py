@@ -10,7 +10,7 @@ import pytest
 
 from conftest import ROOT, ScriptedModel, reference_dir, tiny_config
 from mlx_lfm2 import TokenIdError, load, stream_generate
-from mlx_lfm2.engine.generation import generate_step
+from mlx_lfm2.engine.decode import generate_step
 from mlx_lfm2.engine.sample import make_logits_processors
 from mlx_lfm2.model.config import ConfigError
 from mlx_lfm2.text.tokenizer import load_tokenizer

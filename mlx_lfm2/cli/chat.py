@@ -9,7 +9,6 @@ and ``[conceal]`` cannot hide a tool call's arguments from the user asked to app
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import inspect
 import os
@@ -321,6 +320,8 @@ def main(argv=None) -> None:
     tools = load_tools(args.tools) if args.tools else {}
     from ..weights.loader import load, load_draft
     from ..engine.distributed import from_leader, group, leader
+    from ..engine.generation import default_sampling
+    from ..engine.sample import SamplingParams
     from ..engine.session import Chat
 
     t_load = time.perf_counter()
@@ -342,12 +343,13 @@ def main(argv=None) -> None:
                                       seed=args.seed).items() if v is not None}
     if args.json_schema:
         sampling["json_schema"] = read_schema(args.json_schema, tokenizer)
+    sampling = SamplingParams(**default_sampling(model)).replace(**sampling)  # parsed once, here
     try:
         draft = load_draft(args.draft_model, model, args.prompt_lookup)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: draft model: {e}")
     chat = Chat(model, tokenizer, system=args.system, tools=list(tools.values()) or None, draft_model=draft,
-                num_draft_tokens=args.num_draft_tokens, prompt_lookup=args.prompt_lookup, **sampling)
+                num_draft_tokens=args.num_draft_tokens, prompt_lookup=args.prompt_lookup, sampling=sampling)
     startup = time.perf_counter() - t0 - load_s
     console.print(f"[bold]mlx_lfm2[/] · {escape(args.model or Path(source).name)} · weights {load_s:.1f}s · "
                   f"start-up {startup:.2f}s · /help for commands"

@@ -40,6 +40,8 @@ def parse_args(argv=None):
     p.add_argument("--num-draft-tokens", type=int, help="tokens drafted per step (default: adaptive from 3)")
     p.add_argument("--prompt-lookup", action="store_true",
                    help="speculative decoding with drafts from n-grams of the prompt (no draft model)")
+    p.add_argument("--prompt-cache-file", help="continue a prompt cached by cache_prompt (ours or mlx-lm's): "
+                   "the prompt is appended to the cached user message")
     p.add_argument("--verbose", type=str2bool, default=True,
                    help="'False'/'F': print only the completion, no separators or stats")
     return p.parse_args(argv)
@@ -55,6 +57,27 @@ def build_prompt(tokenizer, prompt: str, system, ignore_chat_template: bool) -> 
     return tokenizer.encode(text, add_special_tokens=False)  # the template writes BOS itself
 
 
+def continue_cached(model, tokenizer, args, prompt: str):
+    """mlx-lm's ``--prompt-cache-file``: the cache (validated) and the ids that follow it, the
+    rest of a user message whose start is cached."""
+    from ..engine.cache_files import CacheFileError, load_mlx_lm
+    from ..engine.cache_files import layout
+    from ..engine.disk_cache import model_digest
+    from .cache_prompt import split_template
+
+    try:
+        cache, meta = load_mlx_lm(args.prompt_cache_file, layout(model), model.args.max_position_embeddings)
+    except (CacheFileError, OSError) as e:
+        raise SystemExit(f"error: --prompt-cache-file: {e}")
+    if meta.get("mlx_lfm2_model", model_digest(model, tokenizer)) != model_digest(model, tokenizer):
+        raise SystemExit(f"error: {args.prompt_cache_file} was made with other weights than {args.model}")
+    if args.ignore_chat_template or not tokenizer.chat_template:
+        return cache, tokenizer.encode(prompt, add_special_tokens=False)
+    messages = ([{"role": "system", "content": args.system}] if args.system is not None else [])
+    _, after = split_template(tokenizer, messages + [{"role": "user", "content": prompt}], True)
+    return cache, tokenizer.encode(prompt + after, add_special_tokens=False)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.max_tokens < 1:
@@ -67,6 +90,7 @@ def main(argv=None) -> None:
                          "never closes it: pass the prompt as --prompt TEXT")
     prompt = sys.stdin.read() if prompt == "-" else prompt
     from ..engine.generation import stream_generate
+    from ..engine.sample import SamplingParams
     from ..weights.loader import load, load_draft
 
     try:
@@ -82,18 +106,22 @@ def main(argv=None) -> None:
         draft = load_draft(args.draft_model, model, args.prompt_lookup)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: draft model: {e}")
-    ids = build_prompt(tokenizer, prompt, args.system, args.ignore_chat_template)
-    sampling = dict(temperature=args.temp, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
-                    repetition_penalty=args.repetition_penalty, seed=args.seed,
-                    prefill_step_size=args.prefill_step_size, draft_model=draft,
-                    num_draft_tokens=args.num_draft_tokens, prompt_lookup=args.prompt_lookup)
+    cache = None
+    if args.prompt_cache_file:
+        cache, ids = continue_cached(model, tokenizer, args, prompt)
+    else:
+        ids = build_prompt(tokenizer, prompt, args.system, args.ignore_chat_template)
+    sampling = SamplingParams(max_tokens=args.max_tokens, temperature=args.temp, top_p=args.top_p, top_k=args.top_k,
+                              min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+    speculative = dict(draft_model=draft, num_draft_tokens=args.num_draft_tokens, prompt_lookup=args.prompt_lookup)
 
     show = leader()  # under mlx.launch rank 0 alone prints the completion; every rank its stats
     if args.verbose and show:
         print(SEPARATOR)
     text, last = "", None
     try:
-        for r in stream_generate(model, tokenizer, ids, args.max_tokens, **sampling):
+        for r in stream_generate(model, tokenizer, ids, sampling=sampling, prefill_step_size=args.prefill_step_size,
+                                 cache=cache, **speculative):
             if args.verbose and show:
                 print(r.text, end="", flush=True)
             text += r.text

@@ -5,7 +5,9 @@
   every decoding row (one token each) and then at most one prefill chunk of the oldest
   waiting prompt, so a newcomer's prefill is interleaved with the others' decode steps
   instead of stalling them. ``remove(uid)`` drops a row at any time.
-* ``batch_generate`` (text): many prompts to many completions, in prompt order, with stats.
+* ``batch_generate`` (text): many prompts to many completions, in prompt order, with stats,
+  each built by the request builder (``request.build_request``) and read through its own
+  ``generation.TextStream``.
 
 Each prompt is prefilled alone into an ordinary cache, exactly as ``generate_step`` does
 (chunks of ``prompt[:-1]``, then the last token), and only then joins the batched cache
@@ -22,17 +24,17 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
 
 import mlx.core as mx
 
 from ..model import batch_cache
 from ..model.cache import checkpoint
-from ..text.constraints import make_constraint
-from .generation import (GenerationResponse, Prompt, PromptTooLongError, _held_back, context_length,
-                         default_prefill_step, encode_prompt)
-from .sample import make_logits_processors, make_sampler
+from .decode import Picker, default_prefill_step, pick_rows
+from .generation import Prompt, TextStream, encode_prompt
+from .request import Request, build_request
+from .sample import SamplingParams
 from .validate import check_token_ids, vocab_rows
 
 
@@ -50,11 +52,9 @@ class _Seq:
     uid: int
     prompt: list[int]
     max_tokens: int
-    sampler: Optional[Callable]  # None: greedy
-    processors: list
+    picker: Picker  # its sampler, processors and history (prompt + generated ids)
     stop_tokens: frozenset
     cache: Optional[list]  # the ordinary cache while prefilling
-    history: mx.array = None  # prompt + generated ids, for the logits processors
     pos: int = 0  # prompt tokens prefilled
     n: int = 0  # tokens returned
 
@@ -84,10 +84,15 @@ class BatchGenerator:
         if max_tokens < 1:
             raise ValueError("max_tokens must be >= 1")
         uid, self._next_uid = self._next_uid, self._next_uid + 1
-        self.waiting.append(_Seq(uid, prompt, max_tokens, sampler, list(logits_processors), frozenset(stop_tokens),
-                                 cache if cache is not None else self.model.make_cache(),
-                                 history=mx.array(prompt, dtype=mx.uint32)))
+        picker = Picker(sampler, list(logits_processors), mx.array(prompt, dtype=mx.uint32))
+        self.waiting.append(_Seq(uid, prompt, max_tokens, picker, frozenset(stop_tokens),
+                                 cache if cache is not None else self.model.make_cache()))
         return uid
+
+    def add(self, request: Request, cache: Optional[list] = None) -> int:
+        """Queue a built request (``request.build_request``) -> uid."""
+        return self.insert(request.ids, max_tokens=request.max_tokens, sampler=request.sampler,
+                           logits_processors=request.processors, stop_tokens=request.stop_tokens, cache=cache)
 
     def remove(self, uid: int) -> Optional[list]:
         """Stop ``uid`` wherever it is; a decoding row returns its cache (ordinary), else None."""
@@ -115,7 +120,7 @@ class BatchGenerator:
         if self.rows:
             y, logprobs = self.y, self.logprobs
             logits = self.model(y[:, None], cache=self.cache)[:, -1, :]
-            self.y, self.logprobs = self._sample(self.rows, logits)
+            self.y, self.logprobs = pick_rows([s.picker for s in self.rows], logits)
             mx.async_eval(self.y, self.logprobs)
             keep = []
             for i, (s, t) in enumerate(zip(self.rows, y.tolist())):
@@ -156,7 +161,7 @@ class BatchGenerator:
             if s.pos < body:
                 return  # the next chunk waits for the next step
         logits = self.model(mx.array(s.prompt[-1:], dtype=mx.uint32)[None], cache=s.cache)[:, -1, :]
-        y, logprobs = self._sample([s], logits)
+        y, logprobs = s.picker.pick(logits)
         if self.cache is None:
             self.cache = batch_cache.make_batch_cache(s.cache)
         batch_cache.join(self.cache, s.cache)
@@ -165,125 +170,6 @@ class BatchGenerator:
         self.logprobs = logprobs if self.logprobs is None else mx.concatenate([self.logprobs, logprobs])
         mx.async_eval(self.y, self.logprobs)
         s.cache, self.prefilling = None, None
-
-    @staticmethod
-    def _sample(rows: list[_Seq], logits: mx.array):
-        """Each row's processors and sampler on its own row of ``logits`` ``[B, V]``."""
-        if all(s.sampler is None and not s.processors for s in rows):
-            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-            return mx.argmax(logprobs, axis=-1), logprobs
-        parts = []
-        for i, s in enumerate(rows):
-            row = logits[i : i + 1]
-            for proc in s.processors:
-                row = proc(s.history, row)
-            parts.append(row)
-        logits = mx.concatenate(parts)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        ys = []
-        for i, s in enumerate(rows):
-            y = s.sampler(logprobs[i : i + 1]) if s.sampler else mx.argmax(logprobs[i : i + 1], axis=-1)
-            if s.processors:
-                s.history = mx.concatenate([s.history, y.astype(s.history.dtype)])
-            ys.append(y)
-        return mx.concatenate(ys), logprobs
-
-
-def sampling_for(prompt_tokens: int, temperature: Optional[float] = None, top_p: float = 1.0, top_k: int = 0,
-                 min_p: float = 0.0, repetition_penalty: Optional[float] = None, repetition_context_size: int = 64,
-                 logit_bias: Optional[dict] = None, frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
-                 seed: Optional[int] = None, vocab_size: Optional[int] = None) -> dict:
-    """``stream_generate``'s sampling arguments as ``BatchGenerator.insert`` keywords."""
-    sampler = make_sampler(temperature, top_p, top_k, min_p, seed) if temperature else None
-    processors = make_logits_processors(repetition_penalty, repetition_context_size, logit_bias, frequency_penalty,
-                                        presence_penalty, prompt_tokens=prompt_tokens, vocab_size=vocab_size)
-    return {"sampler": sampler, "logits_processors": processors}
-
-
-def request_for(model, tokenizer, ids: Sequence[int], held: int = 0, max_tokens: int = 256, *, json_schema=None,
-                regex: Optional[str] = None, grammar: Optional[str] = None, **sampling) -> dict:
-    """``BatchGenerator.insert`` keywords for ``ids`` after ``held`` cached tokens, checked and
-    built as ``stream_generate`` does (ids in range, the context, the limit clamped to it, the
-    sampling arguments, a constraint from ``json_schema`` / ``regex`` / ``grammar``)."""
-    rows = vocab_rows(model)
-    ids = check_token_ids(ids, rows, "prompt token id")
-    if held + len(ids) + 1 > context_length(model):
-        raise PromptTooLongError(
-            f"prompt of {len(ids)} tokens (+{held} cached) does not fit the model's context of "
-            f"{context_length(model)} tokens: shorten it or start a new conversation")
-    kwargs = sampling_for(len(ids), vocab_size=rows, **sampling)
-    max_tokens = max(0, min(max_tokens, context_length(model) - held - len(ids)))
-    constraint = make_constraint(tokenizer, json_schema=json_schema, regex=regex, grammar=grammar,
-                                 prompt_tokens=len(ids), max_tokens=max_tokens)
-    if constraint is not None:
-        kwargs["logits_processors"].append(constraint)  # last: it masks what the others produced
-    return {"prompt": ids, "max_tokens": max_tokens,
-            "stop_tokens": check_token_ids(tokenizer.eos_token_ids, rows, "stop token id"), **kwargs}
-
-
-@dataclass
-class TextStream:
-    """One request's text over ``BatchToken``s, by ``stream_generate``'s rules: the streaming
-    detokenizer, stop ids and stop strings (never shown, a possible stop's start held back)."""
-
-    tokenizer: object
-    stops: list
-    prompt_tokens: int
-    start: float = field(default_factory=time.perf_counter)
-    text: str = ""
-    shown: int = 0
-    n: int = 0
-    first: Optional[float] = None  # when the first token arrived
-    last: Optional[float] = None  # when the latest one did
-    finish_reason: Optional[str] = None
-
-    def __post_init__(self):
-        self.detok = self.tokenizer.detokenizer()
-        self.eos = set(self.tokenizer.eos_token_ids)
-        self.stops = [self.stops] if isinstance(self.stops, str) else [s for s in (self.stops or []) if s]
-
-    @property
-    def ttft(self) -> Optional[float]:
-        return None if self.first is None else self.first - self.start
-
-    def _response(self, segment, token, logprobs, reason, stop_sequence=None) -> GenerationResponse:
-        prompt_tps = self.prompt_tokens / max(self.ttft, 1e-9) if self.first else 0.0
-        if reason:
-            self.finish_reason = reason
-        return GenerationResponse(segment, token, logprobs, reason, self.prompt_tokens, self.n, prompt_tps,
-                                  self.generation_tps, mx.get_peak_memory() / 1e9, stop_sequence)
-
-    @property
-    def generation_tps(self) -> float:
-        return (self.n - 1) / max(self.last - self.first, 1e-9) if self.first else 0.0
-
-    def feed(self, token: int, logprobs, finish: Optional[str]) -> list[GenerationResponse]:
-        """The responses for one generated token (the last one carries ``finish_reason``)."""
-        self.last = time.perf_counter()
-        self.first = self.first or self.last
-        self.n += 1
-        if token in self.eos or finish == "stop":
-            self.text += self.detok.finalize()
-            return [self._response(self.text[self.shown :], token, None, "stop")]
-        self.text += self.detok.add_token(token)
-        hits = [(i, s) for i, s in ((self.text.find(s, self.shown), s) for s in self.stops) if i >= 0]
-        if hits:
-            cut, stop = min(hits)
-            self.text = self.text[:cut]
-            return [self._response(self.text[self.shown :], None, None, "stop", stop)]
-        visible = len(self.text) - _held_back(self.text, self.stops)
-        out = [self._response(self.text[self.shown : visible], token, logprobs, None)]
-        self.shown = max(self.shown, visible)
-        if finish == "length":
-            out.append(self.end("length"))
-        return out
-
-    def end(self, reason: str) -> GenerationResponse:
-        """The last response when generation ends without a token (length, cancelled)."""
-        self.text += self.detok.finalize()
-        r = self._response(self.text[self.shown :], None, None, reason)
-        self.shown = len(self.text)
-        return r
 
 
 @dataclass
@@ -297,29 +183,30 @@ class BatchResponse:
 
 
 def batch_generate(model, tokenizer, prompts: Sequence[Prompt], max_tokens: Union[int, Sequence[int]] = 256, *,
-                   max_batch: Optional[int] = None, stop: Union[str, Sequence[str], None] = None,
+                   max_batch: Optional[int] = None, sampling: Optional[SamplingParams] = None,
                    prefill_step_size: Optional[int] = None, tools=None, verbose: bool = False,
-                   **sampling) -> BatchResponse:
+                   **settings) -> BatchResponse:
     """Complete every prompt (text, ids or chat messages), decoding them together in batches
-    of up to ``max_batch`` (default: all). ``sampling``: ``stream_generate``'s arguments, the
-    same for every prompt (each prompt gets its own sampler: a ``seed`` gives each the same
-    draws as alone). Greedy when ``temperature`` is left out."""
+    of up to ``max_batch`` (default: all). ``sampling`` / ``settings``: as for
+    ``stream_generate``, the same for every prompt (each prompt gets its own sampler: a
+    ``seed`` gives each the same draws as alone). Greedy when ``temperature`` is left out."""
+    params = (sampling or SamplingParams()).replace(**settings)
     ids = [encode_prompt(tokenizer, p, tools) for p in prompts]
     limits = [max_tokens] * len(ids) if isinstance(max_tokens, int) else list(max_tokens)
     if len(limits) != len(ids):
         raise ValueError(f"{len(limits)} max_tokens for {len(ids)} prompts")
-    requests = [request_for(model, tokenizer, p, max_tokens=n, **sampling) for p, n in zip(ids, limits)]
+    requests = [build_request(model, tokenizer, p, params.replace(max_tokens=n)) for p, n in zip(ids, limits)]
     gen = BatchGenerator(model, max_batch or max(1, len(ids)), prefill_step_size)
     streams, by_uid = [], {}
     mx.reset_peak_memory()
     tic = time.perf_counter()
     for req in requests:
-        stream = TextStream(tokenizer, stop, len(req["prompt"]))
+        stream = TextStream(tokenizer, params.stop, len(req.ids))
         streams.append(stream)
-        if req["max_tokens"] == 0:
+        if req.max_tokens == 0:
             stream.end("length")
         else:
-            by_uid[gen.insert(**req)] = stream
+            by_uid[gen.add(req)] = stream
     while by_uid:
         for t in gen.step():
             stream = by_uid[t.uid]

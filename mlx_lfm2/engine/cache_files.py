@@ -24,6 +24,8 @@ from typing import Optional
 import mlx.core as mx
 import numpy as np
 
+from ..model.cache import ConvCache, KVCache
+
 MAX_HEADER = 16 << 20  # bytes of JSON header; ours are a few KiB, mlx-lm's too
 # safetensors dtype name -> (numpy dtype of the raw bytes, MLX dtype)
 DTYPES = {"F32": (np.float32, mx.float32), "F16": (np.float16, mx.float16), "BF16": (np.uint16, mx.bfloat16),
@@ -47,24 +49,27 @@ def _raw(a: mx.array) -> bytes:
     return np.array(a).tobytes()
 
 
-def write(path, arrays: dict, metadata: Optional[dict] = None, checksum: bool = True) -> int:
-    """Write ``arrays`` (name -> mx.array) and string ``metadata`` atomically; returns the size.
-
-    ``checksum`` adds ``sha256`` of the data section to the metadata.
-    """
-    path = Path(path)
+def serialize(arrays: dict) -> list[tuple[str, str, tuple, bytes]]:
+    """``(name, dtype, shape, raw bytes)`` per array: the device work of a write, done by
+    the caller's thread (MLX arrays stay on the thread that made them)."""
     mx.eval(list(arrays.values()))
-    header, blobs, at = {}, [], 0
-    for name, a in arrays.items():
-        raw = _raw(a)
-        header[name] = {"dtype": dtype_name(a), "shape": list(a.shape), "data_offsets": [at, at + len(raw)]}
-        blobs.append(raw)
+    return [(name, dtype_name(a), tuple(a.shape), _raw(a)) for name, a in arrays.items()]
+
+
+def write(path, arrays, metadata: Optional[dict] = None, checksum: bool = True) -> int:
+    """Write ``arrays`` (name -> mx.array, or ``serialize``'s list) and string ``metadata``
+    atomically; returns the file's size. ``checksum`` adds ``sha256`` of the data section."""
+    path = Path(path)
+    entries = serialize(arrays) if isinstance(arrays, dict) else arrays
+    header, at = {}, 0
+    for name, dtype, shape, raw in entries:
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [at, at + len(raw)]}
         at += len(raw)
     meta = {k: str(v) for k, v in (metadata or {}).items()}
     if checksum:
         h = hashlib.sha256()
-        for b in blobs:
-            h.update(b)
+        for *_, raw in entries:
+            h.update(raw)
         meta["sha256"] = h.hexdigest()
     header["__metadata__"] = meta
     head = json.dumps(header, separators=(",", ":")).encode()
@@ -73,8 +78,8 @@ def write(path, arrays: dict, metadata: Optional[dict] = None, checksum: bool = 
     try:
         with open(tmp, "wb") as f:
             f.write(struct.pack("<Q", len(head)) + head)
-            for b in blobs:
-                f.write(b)
+            for *_, raw in entries:
+                f.write(raw)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -141,6 +146,11 @@ class SafeTensors:
         if want is not None and hashlib.sha256(memoryview(self._data)[self._start :]).hexdigest() != want:
             raise CacheFileError(f"{self.path}: checksum mismatch (the file is corrupted)")
 
+    def int_scalar(self, name: str) -> int:
+        """An I32 scalar's value, read without MLX (check its entry first)."""
+        a, _ = self._ranges[name]
+        return int(np.frombuffer(self._data, "<i4", count=1, offset=self._start + a)[0])
+
     def arrays(self) -> dict:
         self.verify()
         out = {}
@@ -168,3 +178,175 @@ def _check_tensor(path, name, t) -> tuple:
     if offsets[1] - offsets[0] != size:
         raise CacheFileError(f"{path}: tensor {name!r:.40} holds {offsets[1] - offsets[0]} bytes, its shape needs {size}")
     return (dtype, tuple(shape)), tuple(offsets)
+
+
+# -- a model cache as named arrays: "k.i"/"v.i" (attention layer i's K/V rows) and "c.i@o"
+# (conv layer i's state at offset o). ``layout`` says what this model's arrays look like,
+# ``cache_spec`` what a file must then hold, before any of its data is read.
+
+def layout(model) -> list[tuple]:
+    """Per layer, what its arrays look like in this process: ``("kv", dtype, H, Dk, Dv)`` or
+    ``("conv", dtype, K - 1, D)``, from one token through a fresh cache."""
+    cache = model.make_cache()
+    model(mx.array([[0]], dtype=mx.uint32), cache=cache)
+    out = []
+    for c in cache:
+        if isinstance(c, KVCache):
+            k, v = c.state
+            out.append(("kv", dtype_name(k), k.shape[1], k.shape[3], v.shape[3]))
+        else:
+            (s,) = c.state
+            out.append(("conv", dtype_name(s), s.shape[1], s.shape[2]))
+    return out
+
+
+def cache_spec(layout: list, rows: int, conv_at: list[int]) -> dict:
+    """name -> (dtype, shape) of ``rows`` K/V positions and the conv states at ``conv_at``."""
+    want = {}
+    for i, spec in enumerate(layout):
+        if spec[0] == "kv":
+            _, dt, H, dk, dv = spec
+            want[f"k.{i}"], want[f"v.{i}"] = (dt, (1, H, rows, dk)), (dt, (1, H, rows, dv))
+        else:
+            _, dt, k1, d = spec
+            want.update({f"c.{i}@{o}": (dt, (1, k1, d)) for o in conv_at})
+    return want
+
+
+def cache_slice(cache: list, start: int, end: int, conv_at: list[int]) -> Optional[dict]:
+    """The arrays of positions ``[start, end)`` and the conv states at ``conv_at`` (each
+    the current offset or a kept checkpoint); None if the cache does not hold them all."""
+    out = {}
+    for i, c in enumerate(cache):
+        if isinstance(c, KVCache):
+            if c.keys is None or c.offset < end:
+                return None
+            out[f"k.{i}"], out[f"v.{i}"] = c.keys[..., start:end, :], c.values[..., start:end, :]
+            continue
+        for o in conv_at:
+            state = c.conv_state if c.offset == o else c.checkpoints.get(o)
+            if state is None:
+                return None  # this offset's state was not kept
+            out[f"c.{i}@{o}"] = state
+    return out
+
+
+def cache_from_arrays(layout: list, arrays: dict, n: int, conv_at: list[int]) -> list:
+    """A cache holding ``n`` tokens from arrays that passed ``cache_spec`` (``n`` in ``conv_at``:
+    the conv states there; the others become checkpoints)."""
+    cache = []
+    for i, spec in enumerate(layout):
+        if spec[0] == "kv":
+            cache.append(KVCache.from_state((arrays[f"k.{i}"], arrays[f"v.{i}"]), n))
+        else:
+            c = ConvCache.from_state((arrays[f"c.{i}@{n}"],), n)
+            c.checkpoints = {o: arrays[f"c.{i}@{o}"] for o in conv_at}
+            cache.append(c)
+    return cache
+
+
+# -- mlx-lm's prompt-cache files (``mlx_lm.cache_prompt``, ``mlx_lm.generate --prompt-cache-file``)
+# mlx-lm flattens ``[c.state for c in cache]``: a KVCache is ``(keys, values, offset)`` ("i.0",
+# "i.1", "i.2"; older files lack the offset), an LFM2 conv layer an ArraysCache ``([state],
+# None, None)`` ("i.0.0", "i.1", "i.2"); the metadata flattens ``[user metadata, class names,
+# scalar markers]`` into "0.*", "1.*" and "2.*" keys.
+MLX_LM_CLASSES = {"KVCache": "kv", "ArraysCache": "conv"}
+FLOATS = ("F32", "F16", "BF16")
+
+
+def save_mlx_lm(path, cache: list, metadata: Optional[dict] = None) -> int:
+    arrays, meta, scalars = {}, {f"0.{k}": str(v) for k, v in (metadata or {}).items()}, []
+    for i, c in enumerate(cache):
+        if isinstance(c, KVCache):
+            arrays[f"{i}.0"], arrays[f"{i}.1"] = c.state
+            arrays[f"{i}.2"] = mx.array(c.offset, dtype=mx.int32)
+            scalars.append((f"{i}.2", "scalar"))
+        else:
+            arrays[f"{i}.0.0"] = c.conv_state
+            for j in (1, 2):  # left_padding, lengths: None
+                arrays[f"{i}.{j}"] = mx.array([], dtype=mx.float32)
+                scalars.append((f"{i}.{j}", "none"))
+        meta[f"1.{i}"] = "KVCache" if isinstance(c, KVCache) else "ArraysCache"
+    meta["2.0"] = ""
+    for j, (name, kind) in enumerate(scalars, start=1):
+        meta[f"2.{j}.0"], meta[f"2.{j}.1"] = name, kind
+    return write(path, arrays, meta, checksum=False)  # a top-level key would break mlx-lm's reader
+
+
+def load_mlx_lm(path, layout: list, max_tokens: int) -> tuple[list, dict]:
+    """A cache from an mlx-lm prompt-cache file, checked against ``layout`` (see
+    ``disk_cache.layout``) before any array is read; returns ``(cache, user metadata)``."""
+    f = SafeTensors.open(path)
+    classes = [f.metadata.get(f"1.{i}") for i in range(len(layout))]
+    kinds = [MLX_LM_CLASSES.get(c) for c in classes]
+    if kinds != [spec[0] for spec in layout] or f"1.{len(layout)}" in f.metadata:
+        raise CacheFileError(f"{path} holds caches {classes}, this model's layers need "
+                             f"{['KVCache' if s[0] == 'kv' else 'ArraysCache' for s in layout]}")
+    want, offsets = {}, []
+    for i, spec in enumerate(layout):
+        if spec[0] == "kv":
+            _, _, H, dk, dv = spec
+            got = f.tensors.get(f"{i}.0", ("?", ()))
+            T = got[1][2] if len(got[1]) == 4 else -1
+            if not 0 <= T <= max_tokens or got[0] not in FLOATS:
+                raise CacheFileError(f"{path}: layer {i} keys are {got}, expected [1, {H}, T, {dk}] floats")
+            want[f"{i}.0"], want[f"{i}.1"] = (got[0], (1, H, T, dk)), (got[0], (1, H, T, dv))
+            if f"{i}.2" in f.tensors:
+                want[f"{i}.2"] = ("I32", ())
+                offsets.append(f.int_scalar(f"{i}.2") if f.tensors[f"{i}.2"] == ("I32", ()) else -1)
+            else:
+                offsets.append(T)
+            if not 0 <= offsets[-1] <= T:
+                raise CacheFileError(f"{path}: layer {i} offset {offsets[-1]} is outside its {T} positions")
+        else:
+            _, _, k1, d = spec
+            got = f.tensors.get(f"{i}.0.0", ("?", ()))
+            want[f"{i}.0.0"] = (got[0] if got[0] in FLOATS else "F32", (1, k1, d))
+            for j in (1, 2):
+                if f"{i}.{j}" in f.tensors:
+                    want[f"{i}.{j}"] = ("F32", (0,))
+    f.expect(want)
+    if len(set(offsets)) > 1:
+        raise CacheFileError(f"{path}: its layers hold different numbers of tokens {sorted(set(offsets))}")
+    n = offsets[0] if offsets else 0
+    arrays, cache = f.arrays(), []
+    for i, spec in enumerate(layout):
+        dt = DTYPES[spec[1]][1]
+        if spec[0] == "kv":
+            k, v = (arrays[f"{i}.{j}"][..., :n, :].astype(dt) for j in (0, 1))
+            cache.append(KVCache.from_state((k, v), n))
+        else:
+            cache.append(ConvCache.from_state((arrays[f"{i}.0.0"].astype(dt),), n))
+    user = {k[2:]: v for k, v in f.metadata.items() if k.startswith("0.")}
+    return cache, user
+
+
+# -- a conversation's cache (chat.py /save): every position, and the conv states at the
+# checkpoints (turn ends, block boundaries) so a loaded chat can still rewind to them.
+
+def save_session(path, cache: list, metadata: dict) -> int:
+    n = cache[0].offset if cache else 0
+    conv = [c for c in cache if isinstance(c, ConvCache)]
+    kept = set.intersection(*(set(c.checkpoints) for c in conv)) if conv else set()
+    conv_at = sorted({o for o in kept if 0 < o < n} | ({n} if n else set()))
+    arrays = cache_slice(cache, 0, n, conv_at) if n else {}
+    if arrays is None:
+        raise ValueError("this cache does not hold every position it has seen")
+    return write(path, arrays, {**metadata, "conv_at": json.dumps(conv_at)})
+
+
+def session_cache(f: SafeTensors, layout: list, n: int) -> list:
+    """The cache of a saved session of ``n`` tokens, its arrays checked before they are read."""
+    try:
+        conv_at = json.loads(f.metadata.get("conv_at", "null"))
+    except ValueError:
+        conv_at = None
+    ok = (isinstance(conv_at, list) and all(type(o) is int and 0 < o <= n for o in conv_at)
+          and conv_at == sorted(set(conv_at)) and len(conv_at) <= ConvCache.max_checkpoints + 1
+          and (n == 0) == (not conv_at) and (n == 0 or conv_at[-1] == n))
+    if not ok:
+        raise CacheFileError(f"{f.path}: its list of conv states is malformed")
+    f.expect(cache_spec(layout, n, conv_at) if n else {})
+    if n == 0:
+        return [KVCache() if s[0] == "kv" else ConvCache() for s in layout]
+    return cache_from_arrays(layout, f.arrays(), n, conv_at)

@@ -31,6 +31,8 @@ import hashlib
 import json
 import logging
 import os
+import queue
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,8 +42,9 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from ..model.cache import ConvCache, KVCache
-from .cache_files import CacheFileError, SafeTensors, dtype_name, write
+from ..model.cache import ConvCache, rewind
+from .cache_files import (CacheFileError, SafeTensors, cache_from_arrays, cache_slice, cache_spec, layout,
+                          serialize, write)
 
 FORMAT = "mlx_lfm2.prompt_block/1"
 BLOCK = ConvCache.block
@@ -72,25 +75,10 @@ def model_digest(model, tokenizer=None) -> str:
     return h.hexdigest()
 
 
-def layout(model) -> list[tuple]:
-    """Per layer, what its arrays look like in this process: ``("kv", dtype, H, Dk, Dv)`` or
-    ``("conv", dtype, K - 1, D)``, from one token through a fresh cache."""
-    cache = model.make_cache()
-    model(mx.array([[0]], dtype=mx.uint32), cache=cache)
-    out = []
-    for c in cache:
-        if isinstance(c, KVCache):
-            k, v = c.state
-            out.append(("kv", dtype_name(k), k.shape[1], k.shape[3], v.shape[3]))
-        else:
-            (s,) = c.state
-            out.append(("conv", dtype_name(s), s.shape[1], s.shape[2]))
-    return out
-
-
-def block_keys(identity: str, tokens, block: int = BLOCK) -> list[str]:
-    """The chain of keys of the full blocks of ``tokens``."""
-    h, keys = hashlib.sha256(identity.encode()).digest(), []
+def block_keys(identity: str, tokens, block: int = BLOCK, namespace: str = "") -> list[str]:
+    """The chain of keys of the full blocks of ``tokens`` (``namespace``: what else the cache
+    depends on, an adapter say; "" is the base model)."""
+    h, keys = hashlib.sha256(f"{identity}\0{namespace}".encode()).digest(), []
     for s in range(0, len(tokens) - block + 1, block):
         h = hashlib.sha256(h + np.asarray(tokens[s : s + block], dtype="<u4").tobytes()).digest()
         keys.append(h.hex())
@@ -100,7 +88,8 @@ def block_keys(identity: str, tokens, block: int = BLOCK) -> list[str]:
 class BlockStore:
     """Blocks of one model in ``folder`` (shared with other processes and models)."""
 
-    def __init__(self, folder, model, tokenizer=None, max_bytes: int = DEFAULT_BYTES, block: int = BLOCK):
+    def __init__(self, folder, model, tokenizer=None, max_bytes: int = DEFAULT_BYTES, block: int = BLOCK,
+                 background: bool = False):
         if block != ConvCache.block:
             raise ValueError(f"blocks must be ConvCache.block ({ConvCache.block}) tokens: "
                              "conv states are kept at those boundaries only")
@@ -110,6 +99,13 @@ class BlockStore:
         self.identity = model_digest(model, tokenizer)
         self.layout = layout(model)
         self._refused: set[str] = set()  # keys whose file failed a read: the next save rewrites them
+        # background: files are hashed and written by a thread (``flush`` waits for it); the
+        # caller's thread only copies the arrays out, so a server's next step is not held up.
+        self._writes: Optional[queue.Queue] = None
+        self._pending: set[str] = set()  # keys queued for the writer
+        if background:
+            self._writes = queue.Queue()
+            threading.Thread(target=self._writer, daemon=True, name="mlx_lfm2-disk-cache").start()
         self.stats = {"blocks_read": 0, "blocks_written": 0, "blocks_skipped": 0, "blocks_evicted": 0}
 
     def path(self, key: str) -> Path:
@@ -117,17 +113,6 @@ class BlockStore:
 
     def _pin_path(self, key: str) -> Path:
         return self.folder / f"pin-{key}"
-
-    def _expected(self) -> dict:
-        want = {}
-        for i, spec in enumerate(self.layout):
-            if spec[0] == "kv":
-                _, dt, H, dk, dv = spec
-                want[f"k.{i}"], want[f"v.{i}"] = (dt, (1, H, self.block, dk)), (dt, (1, H, self.block, dv))
-            else:
-                _, dt, k1, d = spec
-                want[f"c.{i}"] = (dt, (1, k1, d))
-        return want
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -147,7 +132,7 @@ class BlockStore:
                 raise CacheFileError(f"{path} holds another block")
             if m.get("tokens") != json.dumps(list(tokens)):
                 raise CacheFileError(f"{path} holds other tokens than its key says")
-            f.expect(self._expected())
+            f.expect(cache_spec(self.layout, self.block, [(index + 1) * self.block]))
             return f.arrays()
         except CacheFileError as e:
             if path.exists():  # gone meanwhile: another process evicted it, a plain miss
@@ -156,20 +141,20 @@ class BlockStore:
                 log.warning("prompt cache: skipped a block: %s", e)
             return None
 
-    def chain_length(self, tokens) -> int:
+    def chain_length(self, tokens, namespace: str = "") -> int:
         """Tokens of ``tokens`` covered by stored blocks (without reading them)."""
         n = 0
-        for key in block_keys(self.identity, tokens, self.block):
+        for key in block_keys(self.identity, tokens, self.block, namespace):
             if not self.path(key).exists():
                 break
             n += self.block
         return n
 
-    def lookup(self, tokens, limit: Optional[int] = None) -> tuple[Optional[list], int]:
+    def lookup(self, tokens, limit: Optional[int] = None, namespace: str = "") -> tuple[Optional[list], int]:
         """``(cache, n)``: a cache holding the first ``n`` tokens of ``tokens`` (``n <= limit``,
         a multiple of the block), from the longest valid stored chain; ``(None, 0)`` if none."""
         limit = len(tokens) if limit is None else min(limit, len(tokens))
-        keys = block_keys(self.identity, tokens[:limit], self.block)
+        keys = block_keys(self.identity, tokens[:limit], self.block, namespace)
         blocks = []
         for i, key in enumerate(keys):
             arrays = self._read(key, i, tokens[i * self.block : (i + 1) * self.block])
@@ -183,51 +168,35 @@ class BlockStore:
         return self._assemble(blocks), len(blocks) * self.block
 
     def _assemble(self, blocks: list[dict]) -> list:
-        n, cache = len(blocks) * self.block, []
-        for i, spec in enumerate(self.layout):
-            if spec[0] == "kv":
-                k = mx.concatenate([b[f"k.{i}"] for b in blocks], axis=2)
-                v = mx.concatenate([b[f"v.{i}"] for b in blocks], axis=2)
-                cache.append(KVCache.from_state((k, v), n))
-            else:
-                c = ConvCache.from_state((blocks[-1][f"c.{i}"],), n)
-                c.checkpoints = {(j + 1) * self.block: b[f"c.{i}"] for j, b in enumerate(blocks)}
-                cache.append(c)
+        ends = [(j + 1) * self.block for j in range(len(blocks))]
+        merged = {}
+        for b in blocks:
+            for name, a in b.items():
+                merged.setdefault(name, []).append(a)
+        arrays = {k: mx.concatenate(v, axis=2) if k[0] in "kv" else v[0] for k, v in merged.items()}
+        cache = cache_from_arrays(self.layout, arrays, ends[-1], ends)
         mx.eval([c.state for c in cache])
         return cache
 
     # -- writing ---------------------------------------------------------------------------
 
-    def _block_arrays(self, cache: list, i: int) -> Optional[dict]:
-        s, e = i * self.block, (i + 1) * self.block
-        out = {}
-        for j, c in enumerate(cache):
-            if isinstance(c, KVCache):
-                if c.keys is None or c.offset < e:
-                    return None
-                out[f"k.{j}"], out[f"v.{j}"] = c.keys[..., s:e, :], c.values[..., s:e, :]
-            else:
-                state = c.conv_state if c.offset == e else c.checkpoints.get(e)
-                if state is None:
-                    return None  # this boundary's state was not kept: the chain stops here
-                out[f"c.{j}"] = state
-        return out
-
-    def save(self, tokens, cache: list, pin: bool = False) -> int:
+    def save(self, tokens, cache: list, pin: bool = False, namespace: str = "") -> int:
         """Store the full blocks of ``tokens`` (what ``cache`` consumed) not stored yet;
         returns how many were written. ``pin``: keep them past unpinned blocks."""
         held = min(len(tokens), min((c.offset for c in cache), default=0))
-        keys = block_keys(self.identity, tokens[:held], self.block)
-        written, budget = 0, self.max_bytes
+        keys = block_keys(self.identity, tokens[:held], self.block, namespace)
+        jobs, budget = [], self.max_bytes
         for i, key in enumerate(keys):
             path = self.path(key)
+            if key in self._pending:
+                continue
             if key not in self._refused:
                 try:
                     budget -= path.stat().st_size
                     continue
                 except OSError:
                     pass  # not stored (or evicted just now): write it
-            arrays = self._block_arrays(cache, i)
+            arrays = cache_slice(cache, i * self.block, (i + 1) * self.block, [(i + 1) * self.block])
             if arrays is None:
                 keys = keys[:i]
                 break
@@ -237,21 +206,48 @@ class BlockStore:
             if size > budget:  # the chain would not fit the folder's bound
                 keys = keys[:i]
                 break
-            budget -= write(path, arrays, meta)
+            budget -= size
+            jobs.append((path, serialize(arrays), meta))
+            self._pending.add(key)
             self._refused.discard(key)
-            written += 1
+        self.stats["blocks_written"] += len(jobs)
+        if self._writes is not None:
+            self._writes.put((jobs, keys, pin))
+        else:
+            self._write(jobs, keys, pin)
+        return len(jobs)
+
+    def _write(self, jobs: list, keys: list[str], pin: bool) -> None:
+        try:
+            for path, entries, meta in jobs:
+                write(path, entries, meta)
+        finally:
+            self._pending.difference_update(m["key"] for _, _, m in jobs)
         if pin:
             for key in keys:
                 self._pin_path(key).touch()
         self._touch(keys)
-        self.stats["blocks_written"] += written
-        if written:
+        if jobs:
             self.evict()
-        return written
 
-    def pin(self, tokens) -> None:
+    def _writer(self) -> None:
+        while True:
+            job = self._writes.get()
+            try:
+                self._write(*job)
+            except OSError as e:  # a full disk, say: the blocks are simply not stored
+                log.warning("prompt cache: could not write to %s: %s", self.folder, e)
+            finally:
+                self._writes.task_done()
+
+    def flush(self) -> None:
+        """Wait until every block saved so far is on disk."""
+        if self._writes is not None:
+            self._writes.join()
+
+    def pin(self, tokens, namespace: str = "") -> None:
         """Mark the stored blocks of ``tokens`` as pinned (evicted after every other block)."""
-        for key in block_keys(self.identity, tokens, self.block):
+        for key in block_keys(self.identity, tokens, self.block, namespace):
             if not self.path(key).exists():
                 break
             self._pin_path(key).touch()
@@ -304,3 +300,54 @@ class BlockStore:
         self.stats["blocks_evicted"] += removed
         return removed
 
+
+
+class DiskTier:
+    """``BlockStore`` as the tier under the in-memory ``PromptCacheStore``
+    (``engine/prompt_cache.py``): prompts in as text, ``PromptCache`` entries out."""
+
+    def __init__(self, store: BlockStore, tokenizer, draft_model=None):
+        self.disk, self.tokenizer, self.draft_model = store, tokenizer, draft_model
+
+    def lookup(self, namespace: str, text: str, longer_than: int = 0):
+        """The longest stored prefix of ``text`` as a ``PromptCache`` (at least one token of
+        ``text`` left to prefill), or None; ``longer_than``: characters a better entry
+        already shares, so the blocks are read only when they beat it."""
+        from .prompt_cache import PromptCache
+
+        tok = self.tokenizer
+        ids = tok.encode(text, add_special_tokens=False)  # the template writes BOS itself
+        block = self.disk.block
+        n = min(self.disk.chain_length(ids, namespace), len(ids) - 1) // block * block
+        if n == 0 or len(tok.decode(ids[:n])) <= longer_than:
+            return None  # nothing stored, or no more than memory holds: read nothing
+        cache, n = self.disk.lookup(ids, n, namespace)  # shorter if a block fails its checks
+        while n > 0 and not text.startswith(tok.decode(ids[:n])):  # a character split at the end
+            rewind(cache, block)
+            n -= block
+        if n == 0:
+            return None
+        return PromptCache(self.disk.model, cache, text[: len(tok.decode(ids[:n]))], ids[:n],
+                           draft_model=self.draft_model)
+
+    def store(self, namespace: str, pc, pin: bool = False) -> None:
+        self.disk.save(pc.tokens, pc.cache, pin=pin, namespace=namespace)
+
+
+def default_folder() -> Path:
+    """Where the server keeps blocks unless told otherwise: next to the models the first
+    run downloads (``MLX_LFM2_HOME``, by default ``~/.cache/mlx_lfm2``)."""
+    return Path(os.environ.get("MLX_LFM2_HOME", Path.home() / ".cache" / "mlx_lfm2")) / "prompt-cache"
+
+
+def parse_bytes(text: str) -> int:
+    """``"8G"``, ``"512M"``, ``"1000000"`` -> bytes (binary units)."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    try:
+        n = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a size: write e.g. 8G, 512M or a number of bytes") from None
+    if n < 0:
+        raise ValueError(f"{text!r}: a size cannot be negative")
+    return int(n)

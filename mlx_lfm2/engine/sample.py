@@ -1,13 +1,21 @@
-"""Samplers and logits processors: pure functions of arrays, no text.
+"""Sampling settings (``SamplingParams``), samplers and logits processors.
+
+``SamplingParams`` is how one request picks its tokens and when it stops, as one value
+(vLLM's pattern): each front end (the OpenAI and Anthropic routes, the chat REPL, the
+generate CLI) parses its own spelling into it once, and it travels unchanged to the engine,
+into a batch row, and across ranks under ``mlx.launch`` (``to_json`` / ``from_json``).
 
 A sampler maps log-probabilities ``[B, V]`` to tokens ``[B]``; a logits processor maps
-``(history [T], logits [B, V])`` to new logits. Sampling with a ``seed`` draws from its
-own key sequence, so a seeded run is reproducible whatever else uses ``mx.random``.
+``(history [T], logits [B, V])`` to new logits: pure functions of arrays, no text. Sampling
+with a ``seed`` draws from its own key sequence, so a seeded run is reproducible whatever
+else uses ``mx.random``.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable, Mapping, Optional, Sequence, Union
 
 import mlx.core as mx
 
@@ -15,6 +23,75 @@ from .validate import TokenIdError, check_logit_bias, check_number, check_seed
 
 Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """One request's sampling, limit, stop strings and output constraint.
+
+    Values are checked where they are used (``sampler``, ``processors``, the constraint's
+    compiler), so a bad one is a ``ValueError`` from the engine before the first token.
+    ``temperature`` 0 (or None) is greedy; ``json_schema`` (a dict), ``regex`` or ``grammar``
+    (llguidance Lark) constrain the reply (see ``text.constraints``).
+    """
+
+    max_tokens: int = 256
+    temperature: Optional[float] = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: Optional[float] = None
+    repetition_context_size: int = 64
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: Optional[Mapping[int, float]] = None
+    seed: Optional[int] = None
+    stop: Union[str, Sequence[str], None] = ()  # kept as a tuple of non-empty strings
+    json_schema: Optional[dict] = None
+    regex: Optional[str] = None
+    grammar: Optional[str] = None
+
+    def __post_init__(self):
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or ())
+        object.__setattr__(self, "stop", tuple(s for s in stop if s))
+        object.__setattr__(self, "temperature", self.temperature or 0.0)
+
+    def replace(self, **changes) -> "SamplingParams":
+        """A copy with ``changes`` (any other keyword is a TypeError)."""
+        return dataclasses.replace(self, **changes) if changes else self
+
+    @property
+    def greedy(self) -> bool:
+        return not self.temperature
+
+    @property
+    def constraint(self) -> dict:
+        """``make_constraint``'s keywords: the output constraint, if any."""
+        return {k: v for k in ("json_schema", "regex", "grammar") if (v := getattr(self, k)) is not None}
+
+    def sampler(self) -> Sampler:
+        return make_sampler(self.temperature, self.top_p, self.top_k, self.min_p, self.seed)
+
+    def distribution(self) -> Optional[Callable[[mx.array], mx.array]]:
+        return make_distribution(self.temperature, self.top_p, self.top_k, self.min_p)
+
+    def processors(self, prompt_tokens: int, vocab_size: Optional[int] = None) -> list[LogitsProcessor]:
+        """The logits processors, for a prompt of ``prompt_tokens`` (the OpenAI penalties skip it)."""
+        return make_logits_processors(self.repetition_penalty, self.repetition_context_size, self.logit_bias,
+                                      self.frequency_penalty, self.presence_penalty, prompt_tokens=prompt_tokens,
+                                      vocab_size=vocab_size)
+
+    def to_json(self) -> dict:
+        """A JSON-able form (``logit_bias`` as pairs: JSON keys are strings)."""
+        out = dataclasses.asdict(self)
+        out["logit_bias"] = [[int(k), float(v)] for k, v in self.logit_bias.items()] if self.logit_bias else None
+        out["stop"] = list(self.stop)
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict) -> "SamplingParams":
+        bias = data.get("logit_bias")
+        return cls(**{**data, "logit_bias": {int(k): v for k, v in bias} if bias else None})
 
 
 def _top_k(logprobs: mx.array, k: int) -> mx.array:

@@ -1,17 +1,12 @@
 """Conversations that keep their cache, so turn N prefills only turn N.
 
-``PromptCache`` pairs a model cache with the exact prompt text it has consumed. A new
-prompt that extends that text costs only its suffix; one that does not (a regenerated
-reply, an edited or dropped message) rewinds the cache to the longest common prefix it
-can reach (``cache.py``: anywhere in the last few tokens, or a checkpoint such as the end
-of a prompt or of a turn) and prefills the rest. Matching on rendered text rather than
-token ids keeps this exact even when a sampled reply is not tokenized the way its
-re-rendered text would be.
-
-``Chat`` copies the cache at each turn boundary (arrays are immutable, the copy is cheap):
-a reply interrupted mid-step (Ctrl-C) restores that copy, and the partial reply is kept in
-the transcript for the next turn to prefill. ``retry()`` and ``undo()`` edit the transcript;
-the next prompt then rewinds instead of prefilling the conversation again.
+``Chat`` keeps its conversation's cache in a one-entry ``prompt_cache.PromptCacheStore``
+(which extends it, or rewinds it to the longest common prefix it can reach) and works on a
+copy each turn (arrays are immutable, the copy is cheap): a reply interrupted mid-step
+(Ctrl-C) leaves the stored turn as it was, and the partial reply is kept in the transcript
+for the next turn to prefill. ``retry()`` and ``undo()`` edit the transcript; the next
+prompt then rewinds instead of prefilling the conversation again. ``save``/``load`` write
+and check the transcript, cache and model identity.
 """
 
 from __future__ import annotations
@@ -19,17 +14,19 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Iterator, Optional
 
 import mlx.core as mx
 
-from ..model.cache import KVCache, checkpoint, copy_cache, load_cache, reachable, rewind, save_cache
 from ..text.tokenizer import RenderedPrompt, plain_spans
+from .cache_files import CacheFileError, SafeTensors, layout, save_session, session_cache
+from .disk_cache import model_digest
 from .generation import GenerationResponse, default_sampling, stream_generate
+from .prompt_cache import PromptCache, PromptCacheStore
+from .sample import SamplingParams
 
-FORMAT = "mlx_lfm2.chat/2"  # /2 records the model's identity
+FORMAT = "mlx_lfm2.chat/3"  # /2 records the model's identity, /3 checksums and its weights' digest
 
 
 def model_identity(model) -> dict:
@@ -44,25 +41,6 @@ def model_identity(model) -> dict:
             "config_hash": digest}
 
 
-def _cache_problem(model, cache: list, n_tokens: int) -> Optional[str]:
-    """What is wrong with a loaded cache for ``model`` holding ``n_tokens`` tokens, or None."""
-    a = model.args
-    for i, c in enumerate(cache):
-        if c.offset != n_tokens:
-            return f"layer {i} holds {c.offset} positions, the transcript {n_tokens} tokens"
-        if not c.state:
-            if n_tokens:
-                return f"layer {i} has no state"
-            continue
-        if isinstance(c, KVCache):
-            want = [(1, a.num_key_value_heads, n_tokens, a.head_dim)] * 2
-        else:
-            want = [(1, a.conv_L_cache - 1, a.hidden_size)]
-        if [tuple(x.shape) for x in c.state] != want:
-            return f"layer {i} arrays are {[tuple(x.shape) for x in c.state]}, expected {want}"
-    return None
-
-
 def _mismatch(saved: dict, ours: dict) -> str:
     diffs = [k for k in ours if k != "config_hash" and saved.get(k) != ours[k]]
     if diffs:
@@ -70,110 +48,28 @@ def _mismatch(saved: dict, ours: dict) -> str:
     return f"config hash {saved.get('config_hash')} there vs {ours['config_hash']} here"
 
 
-class PromptCache:
-    """A model cache, the token ids it has consumed, and the prompt text they spell."""
-
-    def __init__(self, model, cache=None, text: str = "", tokens=(), draft_model=None, draft_cache=None):
-        self.model, self.draft_model = model, draft_model
-        self.cache = cache if cache is not None else model.make_cache()
-        self.text, self.tokens = text, list(tokens)
-        # A draft model's cache (speculative decoding) holds what ``cache`` holds.
-        self.draft_cache = draft_cache
-        if draft_model is not None and (draft_cache is None or draft_cache[0].offset != self.offset):
-            self.draft_cache = draft_model.make_cache()
-            if self.tokens:
-                from .generation import prefill
-
-                prefill(draft_model, mx.array(self.tokens, dtype=mx.uint32), self.draft_cache)
-
-    @property
-    def offset(self) -> int:
-        return self.cache[0].offset if self.cache else 0
-
-    def copy(self) -> "PromptCache":
-        draft = copy_cache(self.draft_cache) if self.draft_cache is not None else None
-        return PromptCache(self.model, copy_cache(self.cache), self.text, self.tokens, self.draft_model, draft)
-
-    @property
-    def _caches(self) -> list:
-        return self.cache + (self.draft_cache or [])
-
-    def reusable(self, tokenizer, prompt_text: str) -> int:
-        """How many cached tokens ``prompt_text`` could reuse (what ``new_tokens`` keeps).
-
-        A shared prefix must agree on the untrusted-content spans too: the same characters
-        typed by a user and written by the template are different tokens.
-        """
-        if self.offset != len(self.tokens) or not self.tokens:
-            return 0
-
-        def same(n: int) -> bool:  # the first n characters: same text, same untrusted spans
-            return prompt_text.startswith(self.text[:n]) and plain_spans(prompt_text[:n]) == plain_spans(self.text[:n])
-
-        if len(prompt_text) > len(self.text) and same(len(self.text)):
-            return len(self.tokens)
-
-        def fits(p: int) -> bool:
-            prefix = tokenizer.decode(self.tokens[:p])
-            return len(prefix) < len(prompt_text) and self.text.startswith(prefix) and same(len(prefix))
-
-        # The longest token prefix that spells a proper prefix of the prompt (binary search),
-        # then the nearest offset below it that every layer can rewind to.
-        lo, hi = 0, len(self.tokens)
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
-        p = reachable(self._caches, lo)
-        while p > 0 and not fits(p):  # a split multi-byte character: step back
-            p = reachable(self._caches, p - 1)
-        return p
-
-    def new_tokens(self, tokenizer, prompt_text: str) -> list[int]:
-        """Ids of the part of ``prompt_text`` not yet in the cache: the cache is extended,
-        rewound to the longest common prefix it can reach, or reset."""
-        self.trim(tokenizer, prompt_text)
-        return tokenizer.encode(prompt_text[len(self.text):], add_special_tokens=False)
-
-    def trim(self, tokenizer, prompt_text: str) -> None:
-        """Keep only what ``prompt_text`` can reuse: rewind to the longest common prefix the
-        cache can reach, or reset."""
-        keep = self.reusable(tokenizer, prompt_text)
-        if keep == 0:
-            self.cache, self.text, self.tokens = self.model.make_cache(), "", []
-            if self.draft_model is not None:
-                self.draft_cache = self.draft_model.make_cache()
-        elif keep < len(self.tokens):
-            rewind(self.cache, self.offset - keep)
-            if self.draft_cache is not None:
-                rewind(self.draft_cache, self.draft_cache[0].offset - keep)
-            self.tokens = self.tokens[:keep]
-            self.text = prompt_text[: len(tokenizer.decode(self.tokens))]  # keeps the spans
-
-    def commit(self, tokenizer, prompt_text: str, prompt_ids: list[int], generated: list[int]) -> None:
-        """After generation: record what the cache consumed (the prompt, and most of the reply)."""
-        fed = (list(prompt_ids) + list(generated))[: self.offset - len(self.tokens)]
-        self.tokens += fed
-        self.text = prompt_text + tokenizer.decode(fed[len(prompt_ids):])
-        checkpoint(self._caches)  # the end of this turn: where a later edit can come back to
-
-
 class Chat:
     """A multi-turn conversation: ``for r in chat.send("hi"): print(r.text, end="")``."""
 
     def __init__(self, model, tokenizer, system: Optional[str] = None, tools=None, draft_model=None,
-                 num_draft_tokens: Optional[int] = None, prompt_lookup: bool = False, **sampling):
+                 num_draft_tokens: Optional[int] = None, prompt_lookup: bool = False,
+                 sampling: Optional[SamplingParams] = None, **settings):
+        """``sampling`` (default: the model card's) and ``settings`` (its fields by name) are
+        used for every reply; ``send``/``reply``/``retry`` take more settings for one reply."""
         self.model, self.tokenizer, self.tools = model, tokenizer, tools
         self.draft_model = draft_model
         self.speculative = dict(num_draft_tokens=num_draft_tokens, prompt_lookup=prompt_lookup)
-        self.sampling = {**default_sampling(model), **sampling}
+        self.sampling = (sampling or SamplingParams(**default_sampling(model))).replace(**settings)
         self.system = system
+        # One conversation: the store holds its cache as of the last whole turn.
+        self.store = PromptCacheStore(model, entries=1, draft_model=draft_model)
         self.reset()
 
     def reset(self, system: Optional[str] = None) -> None:
         if system is not None:
             self.system = system
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
-        self.prompt_cache = PromptCache(self.model, draft_model=self.draft_model)
+        self.store.clear()
         self._stats: list[tuple[int, GenerationResponse]] = []  # (index of the reply in messages, its stats)
 
     @property
@@ -187,21 +83,26 @@ class Chat:
         self.messages = self.messages[:index]
         self._stats = [(i, r) for i, r in self._stats if i < index]
 
+    @property
+    def prompt_cache(self) -> PromptCache:
+        """The conversation's cache as of its last whole turn."""
+        return self.store.latest() or self.store.fresh()
+
     def send(self, content, role: str = "user", **overrides) -> Iterator[GenerationResponse]:
         """Add a message (user, or tool result) and stream the assistant's reply."""
         self.messages.append({"role": role, "content": content})
         return self.reply(**overrides)
 
     def reply(self, **overrides) -> Iterator[GenerationResponse]:
-        tok, pc = self.tokenizer, self.prompt_cache
+        tok = self.tokenizer
         prompt = tok.apply_chat_template(self.messages, tools=self.tools, add_generation_prompt=True)
-        snapshot = pc.copy()
+        pc = self.store.take(prompt)  # a copy: the stored turn stays as it was until this one ends
         ids = pc.new_tokens(tok, prompt)
         reply, generated, finished, latest = "", [], False, None
         try:
             spec = dict(self.speculative, draft_model=self.draft_model, draft_cache=pc.draft_cache)
-            for latest in stream_generate(self.model, tok, ids, cache=pc.cache, **spec,
-                                          **{**self.sampling, **overrides}):
+            for latest in stream_generate(self.model, tok, ids, cache=pc.cache,
+                                          sampling=self.sampling.replace(**overrides), **spec):
                 reply += latest.text
                 if latest.token is not None:
                     generated.append(latest.token)
@@ -217,8 +118,9 @@ class Chat:
                 self._stats.append((len(self.messages) - 1, dataclasses.replace(latest, finish_reason="interrupted")))
             if finished:
                 pc.commit(tok, prompt, ids, generated)
-            else:  # interrupted inside a step: the cache may be half-updated
-                self.prompt_cache = snapshot
+                self.store.keep(pc)
+            # else: interrupted inside a step, the copy may be half-updated; the store keeps
+            # the last whole turn, and the partial reply is prefilled with the next one.
 
     def retry(self, **overrides) -> Iterator[GenerationResponse]:
         """Regenerate the last reply (the cache rewinds to the end of its prompt)."""
@@ -238,7 +140,10 @@ class Chat:
         # The cache keeps only what the remaining conversation can reuse (what /stats counts).
         rest = (self.tokenizer.apply_chat_template(self.messages, tools=self.tools, add_generation_prompt=False)
                 if self.messages else "")
-        self.prompt_cache.trim(self.tokenizer, rest)
+        pc = self.store.take(rest)
+        pc.trim(self.tokenizer, rest)
+        self.store.clear()
+        self.store.keep(pc)  # (nothing when no token of it remains)
         return dropped
 
     @property
@@ -246,8 +151,9 @@ class Chat:
         return self.prompt_cache.offset
 
     def save(self, path) -> None:
-        """Transcript, cache and model identity in one safetensors file, written atomically:
-        a failed save (missing folder, a directory in the way, a full disk) leaves nothing."""
+        """Transcript, cache and model identity in one checksummed safetensors file, written
+        atomically: a failed save (missing folder, a directory in the way, a full disk)
+        leaves nothing."""
         path = Path(path).expanduser()
         if path.is_dir():
             raise IsADirectoryError(f"{path} is a folder: give a file name, e.g. {path / 'chat.safetensors'}")
@@ -255,43 +161,47 @@ class Chat:
             raise FileNotFoundError(f"folder {path.parent} does not exist: create it first")
         pc = self.prompt_cache
         meta = {"messages": json.dumps(self.messages, ensure_ascii=False), "text": str(pc.text),
-                "plain": json.dumps(plain_spans(pc.text)),
-                "tokens": json.dumps(pc.tokens), "model": json.dumps(model_identity(self.model)),
+                "plain": json.dumps(plain_spans(pc.text)), "tokens": json.dumps(pc.tokens),
+                "model": json.dumps(model_identity(self.model)), "weights": model_digest(self.model, self.tokenizer),
                 "system": self.system or "", "format": FORMAT}
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.safetensors")
-        try:
-            save_cache(str(tmp), self.prompt_cache.cache, meta)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        save_session(path, pc.cache, meta)
 
     def load(self, path) -> None:
-        """Replace the conversation by a saved one; refused (ValueError) if another model saved it."""
+        """Replace the conversation by a saved one; refused (ValueError) if another model saved
+        it. Saved by another copy of the same model (another quantization, say), the transcript
+        loads and its cache does not: the next turn prefills it again, so replies stay exact."""
         path = Path(path).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"no saved chat at {path}")
         try:
-            cache, meta = load_cache(str(path))
-        except Exception as e:
+            f = SafeTensors.open(path)
+        except CacheFileError as e:
             raise ValueError(f"{path} is not a saved mlx_lfm2 chat: {e}") from e
+        meta = f.metadata
         if meta.get("format") != FORMAT:
             raise ValueError(f"{path} is not a saved mlx_lfm2 chat of this version "
-                             f"(format {meta.get('format')!r}, expected {FORMAT!r})")
+                             f"(format {meta.get('format')!r:.40}, expected {FORMAT!r})")
         try:
             saved = json.loads(meta["model"])
             messages, tokens = json.loads(meta["messages"]), json.loads(meta["tokens"])
             text = RenderedPrompt(meta["text"], [(int(a), int(b)) for a, b in json.loads(meta.get("plain", "[]"))])
+            if not (isinstance(messages, list) and isinstance(tokens, list) and all(type(t) is int for t in tokens)):
+                raise TypeError("messages or tokens of the wrong type")
         except (KeyError, ValueError, TypeError) as e:
             raise ValueError(f"{path} is a damaged saved chat: {e}") from e
         ours = model_identity(self.model)
         if saved != ours:
             raise ValueError(f"{path} was saved with another model ({_mismatch(saved, ours)}): "
                              "load it with the model that saved it")
-        if [type(c) for c in cache] != [type(c) for c in self.model.make_cache()]:
-            raise ValueError(f"{path} was saved from a model with a different layer layout")
-        problem = _cache_problem(self.model, cache, len(tokens))
-        if problem:  # the cache's offsets index its arrays: a damaged file must not reach them
-            raise ValueError(f"{path} is a damaged saved chat: {problem}")
+        if meta.get("weights") == model_digest(self.model, self.tokenizer):
+            try:  # the offsets index the arrays: shapes are checked before any is read
+                cache = session_cache(f, layout(self.model), len(tokens))
+            except CacheFileError as e:
+                raise ValueError(f"{path} is a damaged saved chat: {e}") from e
+            pc = PromptCache(self.model, cache, text, tokens, draft_model=self.draft_model)
+        else:
+            pc = PromptCache(self.model, draft_model=self.draft_model)
         self.messages, self._stats = messages, []
         self.system = meta.get("system") or None
-        self.prompt_cache = PromptCache(self.model, cache, text, tokens, draft_model=self.draft_model)
+        self.store.clear()
+        self.store.keep(pc)

@@ -33,6 +33,7 @@ from typing import Iterator, Optional
 import mlx.core as mx
 
 from ..model.cache import ConvCache, can_rewind, rewind
+from .decode import Picker, prefill
 from .sample import make_sampler
 
 MAX_DRAFT = ConvCache.window - 1  # a block of k + 1 tokens must fit the conv rewind window
@@ -119,8 +120,6 @@ class DraftModel:
     def catch_up(self, hist: list[int]) -> None:
         """Prefill what the draft has not seen (tokens decoded without it), all but the last."""
         if len(hist) - 1 > self.fed:
-            from .generation import prefill
-
             prefill(self.model, mx.array(hist[self.fed : -1], dtype=mx.uint32), self.cache, self.step)
             self.fed = len(hist) - 1
 
@@ -156,8 +155,6 @@ class DraftModel:
             rewind(self.cache, self.fed - n)
             self.fed = n
         elif self.fed < n:
-            from .generation import prefill
-
             prefill(self.model, mx.array(hist[self.fed : n], dtype=mx.uint32), self.cache, self.step)
             self.fed = n
 
@@ -186,8 +183,6 @@ def speculative_generate_step(prompt: mx.array, model, cache: list, *, draft_mod
     (None: a fresh one, which then sees only ``prompt``); it is left holding what ``cache``
     holds. ``stats`` gets ``drafted`` and ``accepted`` counts.
     """
-    from .generation import prefill
-
     if prompt.size == 0:
         raise ValueError("prompt is empty: nothing to continue from")
     if (draft_model is None) == (not prompt_lookup):
@@ -211,15 +206,16 @@ def speculative_generate_step(prompt: mx.array, model, cache: list, *, draft_mod
     else:
         own, drafter = True, PromptLookup()
 
+    picker = Picker(sampler, procs)
+
     def process(logits: mx.array, extra: list) -> mx.array:
         """Processed log-probs ``[1, V]`` of the row that follows ``hist + extra``."""
+        h = None
         if procs:
             h = mx.array(hist, dtype=mx.uint32)
             if extra:
                 h = mx.concatenate([h, *[e.astype(mx.uint32) for e in extra]])
-            for proc in procs:
-                logits = proc(h, logits)
-        return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        return picker.score(logits, h)
 
     def plain_step(tok: mx.array, extra: list):
         logprobs = process(model(tok[None], cache=cache)[:, -1, :], extra)

@@ -28,8 +28,8 @@ anywhere. A conv cache can go back to an offset it can rebuild the state for:
 ``can_rewind(cache, n)`` says whether every layer can go back ``n`` tokens,
 ``reachable(cache, target)`` is the largest offset ``<= target`` that all can reach, and
 ``rewind(cache, n)`` does it. Both kinds track ``offset`` (tokens seen) and expose
-``state`` / ``from_state`` for saving (the window and checkpoints are not saved: a loaded
-conv cache can only be extended until it has a new window).
+``state`` / ``from_state`` for saving (``engine/cache_files.py`` writes and validates the
+files; a loaded conv cache can go back to the checkpoints saved with it).
 """
 
 from __future__ import annotations
@@ -245,25 +245,3 @@ def rewind(cache: Cache, n: int) -> None:
         raise ValueError(f"the cache cannot rewind {n} tokens")
     for c in cache:
         c.trim(n)
-
-
-def save_cache(path: str, cache: Cache, metadata: Optional[dict] = None) -> None:
-    """Write a cache to a safetensors file (``metadata`` values must be strings)."""
-    arrays, meta = {}, dict(metadata or {})
-    for i, c in enumerate(cache):
-        meta[f"layer.{i}"] = f"{type(c).__name__}:{c.offset}"
-        for j, a in enumerate(c.state):
-            arrays[f"{i}.{j}"] = a
-    mx.save_safetensors(path, arrays, metadata=meta)
-
-
-def load_cache(path: str) -> tuple[Cache, dict]:
-    arrays, meta = mx.load(path, format="safetensors", return_metadata=True)
-    cache, i = [], 0
-    kinds = {"KVCache": KVCache, "ConvCache": ConvCache}
-    while f"layer.{i}" in meta:
-        kind, offset = meta.pop(f"layer.{i}").split(":")
-        state = [arrays[k] for k in (f"{i}.0", f"{i}.1") if k in arrays]
-        cache.append(kinds[kind].from_state(state, int(offset)))
-        i += 1
-    return cache, meta

@@ -13,7 +13,7 @@ One forward call, per rank:
     rank r > 0:       send(h, to r-1); logits = a placeholder that depends on the send
     rank 0:           logits = head(norm(h))
 
-Every rank runs the same token loop (``engine.generation.generate_step``): after sampling,
+Every rank runs the same token loop (``engine.decode.generate_step``): after sampling,
 ``share_token`` replaces each rank's token by rank 0's with an ``all_sum`` (rank 0 adds its
 token, the others zeros), together with rank 0's stop flag, so all ranks feed the same token
 to their caches and stop at the same step. The placeholder logits make the other ranks'

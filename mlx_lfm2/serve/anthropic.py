@@ -26,6 +26,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from ..engine.sample import SamplingParams
 from ..text.tool_grammar import MAX_CALLS, forced_tool_opening, tool_call_grammar
 from .boundary import APIError, exception_handlers, internal_error
 from .openai_api import ChatRequest, to_template_messages
@@ -65,7 +66,7 @@ class ToolChoice(_Lenient):
 
 
 class Message(_Lenient):
-    role: Literal["user", "assistant"]
+    role: Literal["user", "assistant", "system"]  # system: mid-conversation system text (Claude Code)
     content: Union[str, list[dict]]
 
 
@@ -109,13 +110,9 @@ class MessagesRequest(_Lenient):
     def limit(self) -> int:
         return self.max_tokens
 
-    def sampling_kwargs(self, defaults: dict) -> dict:
-        kw = dict(defaults)
-        kw.update({k: getattr(self, k) for k in ("top_p", "top_k") if getattr(self, k) is not None})
-        if self.temperature is not None:
-            kw["temperature"] = self.temperature
-        kw["stop"] = [s for s in self.stop_sequences or [] if s] or None
-        return kw
+    def sampling(self, defaults: SamplingParams) -> SamplingParams:
+        given = {k: getattr(self, k) for k in ("temperature", "top_p", "top_k") if getattr(self, k) is not None}
+        return defaults.replace(**given, stop=tuple(self.stop_sequences or ()))
 
     @property
     def offered_tools(self) -> Optional[list[dict]]:
@@ -154,32 +151,61 @@ class MessagesRequest(_Lenient):
         return bool(self.tool_choice and self.tool_choice.disable_parallel_tool_use)
 
 
+BILLING_HEADER = "x-anthropic-billing-header:"  # Claude Code's first system block: a per-request nonce
+OMITTED = "[{kind} omitted: this model reads text only]"
+
+
 def _text(blocks, where: str) -> str:
-    """Text blocks (or a string) as one string; anything else is refused."""
+    """Text blocks (or a string) as one string. An image, or a document that is not plain
+    text, becomes a placeholder saying it was left out; any other block is refused."""
     if isinstance(blocks, str):
         return blocks
     parts = []
     for b in blocks:
         kind = b.get("type") if isinstance(b, dict) else type(b).__name__
-        if kind != "text" or not isinstance(b.get("text"), str):
+        if kind == "text" and isinstance(b.get("text"), str):
+            parts.append(b["text"])
+        elif kind in ("image", "document"):
+            source = b.get("source") if isinstance(b.get("source"), dict) else {}
+            plain = kind == "document" and source.get("type") == "text" and isinstance(source.get("data"), str)
+            parts.append(source["data"] if plain else OMITTED.format(kind=kind))
+        else:
             raise APIError(400, f"{where}: content block type {kind!r} is not supported here "
-                                "(text blocks only)")
-        parts.append(b["text"])
+                                "(text, image and document blocks)")
     return "\n\n".join(parts)
 
 
+def _system_text(blocks, where: str) -> str:
+    """System text without Claude Code's billing header: it changes with every request, so
+    rendering it would make no two prompts share a cached prefix."""
+    if not isinstance(blocks, str):
+        blocks = [b for b in blocks if not (isinstance(b, dict) and isinstance(b.get("text"), str)
+                                             and b["text"].startswith(BILLING_HEADER))]
+    elif blocks.startswith(BILLING_HEADER):
+        blocks = ""
+    return _text(blocks, where)
+
+
 def to_chat_messages(req: MessagesRequest) -> list[dict]:
-    """Anthropic messages -> OpenAI-shaped messages (tool calls and results included)."""
-    out = [{"role": "system", "content": _text(req.system, "system")}] if req.system else []
+    """Anthropic messages -> OpenAI-shaped messages (tool calls and results included). A
+    ``system`` message inside ``messages`` stays a system message where it stands (LFM2's
+    template renders one anywhere)."""
+    system = _system_text(req.system, "system") if req.system else ""
+    out = [{"role": "system", "content": system}] if system else []
     for i, m in enumerate(req.messages):
         where = f"messages.{i}"
+        if m.role == "system":
+            text = _system_text(m.content, where)
+            if text:
+                out.append({"role": "system", "content": text})
+            continue
         if isinstance(m.content, str):
             out.append({"role": m.role, "content": m.content})
             continue
         texts, calls = [], []
         for j, b in enumerate(m.content):
             kind = b.get("type")
-            if kind == "text":
+            if kind in ("text", "image", "document"):
                 texts.append(b)
             elif kind in ("thinking", "redacted_thinking"):
                 continue  # another model's reasoning: LFM2's template has no place for it
@@ -195,7 +221,7 @@ def to_chat_messages(req: MessagesRequest) -> list[dict]:
                             "content": ("Error: " + result) if b.get("is_error") else result})
             else:
                 raise APIError(400, f"{where}.content.{j}: a {m.role} message cannot hold a {kind!r} block "
-                                    "(text, tool_use in assistant turns, tool_result in user turns)")
+                                    "(text, image, document, tool_use in assistant turns, tool_result in user turns)")
         if texts or calls:
             msg = {"role": m.role, "content": _text(texts, where)}
             if calls:
@@ -332,5 +358,5 @@ class Messages:
             yield event("content_block_stop", index=index)
         reason, sequence = stop_reason(last, n_calls)
         yield event("message_delta", delta={"stop_reason": reason, "stop_sequence": sequence},
-                    usage={"output_tokens": last.generation_tokens})
+                    usage=usage(job, last.generation_tokens))  # whole: some clients read only this one
         yield event("message_stop")

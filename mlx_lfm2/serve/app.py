@@ -17,7 +17,7 @@ that leaves stops its job.
 
 from __future__ import annotations
 
-import argparse
+import os
 import sys
 from typing import Optional
 
@@ -26,7 +26,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from ..engine.distributed import leader
-from . import anthropic, openai
+from . import anthropic, openai, responses
 from .boundary import BODY_TIMEOUT, HEADER_TIMEOUT, make_server
 from .scheduler import DEFAULT_MAX_TOKENS, Scheduler
 from .service import Service
@@ -46,7 +46,7 @@ def create_app(scheduler: Scheduler, api_key: Optional[str] = None, body_timeout
                              "mlx_cache_mb": round(mx.get_cache_memory() / 2**20, 1)})
 
     return ByPrefix(openai.app(service, routes=(Route("/health", health, methods=["GET"]),)),
-                    {anthropic.PREFIX: anthropic.app(service)})
+                    {anthropic.PREFIX: anthropic.app(service), responses.PREFIX: responses.app(service)})
 
 
 class ByPrefix:
@@ -64,12 +64,22 @@ class ByPrefix:
         return await self.default(scope, receive, send)
 
 
+def served_name(model: str, given: Optional[str] = None) -> str:
+    """The model's id in the API: a name, never a local path (which would tell every client
+    where the server's files live): ``--served-model-name``, a folder's name, or the repo id."""
+    if given:
+        return given
+    path = os.path.expanduser(model)
+    return os.path.basename(os.path.normpath(os.path.abspath(path))) if os.path.exists(path) else model
+
+
 def main(argv=None) -> None:
     from ..command import parser
 
     p = parser("mlx_lfm2.server", "Serve an LFM2 model over HTTP: the OpenAI API (/v1/chat/completions, "
-               "/v1/completions, /v1/models) and the Anthropic Messages API (/v1/messages), with continuous batching.")
+               "/v1/completions, /v1/responses, /v1/models) and the Anthropic Messages API (/v1/messages), with continuous batching.")
     p.add_argument("--model", required=True, help="model folder or hub repo id")
+    p.add_argument("--served-model-name", help="the model's name in the API (default: the folder's name or the repo id)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--port", type=int, default=8080, help="TCP port")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or 'x-api-key: KEY')")
@@ -103,7 +113,7 @@ def main(argv=None) -> None:
         draft = load_draft(a.draft_model, model, a.prompt_lookup)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: draft model: {e}")
-    scheduler = Scheduler(model, tokenizer, a.model, a.queue_size, a.cache_entries, a.max_context,
+    scheduler = Scheduler(model, tokenizer, served_name(a.model, a.served_model_name), a.queue_size, a.cache_entries, a.max_context,
                           a.default_max_tokens, a.max_batch, draft, a.prompt_lookup, a.num_draft_tokens)
     if not leader():  # mlx.launch: rank 0 serves HTTP, the others serve their layers
         return scheduler.follow()

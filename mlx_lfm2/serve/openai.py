@@ -1,4 +1,5 @@
-"""OpenAI's routes: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``.
+"""OpenAI's routes: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models[/{id}]``
+(the Responses API is ``responses.py``).
 
 Requests are validated by the models in ``openai_api`` and served through ``service``
 (auth, prepare, the reply assembler); replies are Chat Completions and Completions objects,
@@ -8,6 +9,7 @@ whole or streamed as server-sent events ending in ``[DONE]``. Errors have OpenAI
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from typing import Optional
@@ -19,6 +21,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from ..text.constraints import schema_errors
+from ..engine.distributed import group
 from .boundary import APIError, exception_handlers, internal_error, no_reply
 from .openai_api import (ChatRequest, CompletionRequest, chat_chunk, new_id, openai_tool_calls,
                          to_template_messages, usage)
@@ -30,7 +33,8 @@ def app(service: Service, routes: tuple = ()) -> Starlette:
     api = OpenAI(service)
     return Starlette(routes=[Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
                              Route("/v1/completions", api.completions, methods=["POST"]),
-                             Route("/v1/models", api.models, methods=["GET"]), *routes],
+                             Route("/v1/models", api.models, methods=["GET"]),
+                             Route("/v1/models/{name:path}", api.model, methods=["GET"]), *routes],
                      exception_handlers=exception_handlers())
 
 
@@ -93,39 +97,85 @@ class OpenAI:
         yield "[DONE]"
 
     async def completions(self, request: Request):
-        sv = self.service
-        req = await sv.read(request, CompletionRequest)
-        prompt = req.prompt if isinstance(req.prompt, str) else sv.tokenizer.decode(req.prompt)
-        job = await sv.prepare(req, prompt, (req.logprobs or 0) if req.logprobs else None)
-        cid, model_id = new_id("cmpl"), self.scheduler.model_id
-
-        def body(text, finish, lps=None):
-            return {"id": cid, "object": "text_completion", "created": int(time.time()), "model": model_id,
-                    "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": lps}]}
-
+        """One choice per prompt, ``index`` in order; a batch of prompts in flight at a time."""
+        req = await self.service.read(request, CompletionRequest)
+        if req.echo and req.top is not None and group() is not None:  # the other ranks cannot follow
+            raise APIError(400, "echo with logprobs (scoring a prompt) is not available under mlx.launch",
+                           param="echo", code="unsupported")
+        cid = new_id("cmpl")
         if req.stream:
-            async def events():
-                last = None
-                async for p in sv.pieces(job):
-                    last = p.response
-                    if p.text:
-                        yield json.dumps(body(p.text, None))
-                if last is None:
-                    raise no_reply(self.scheduler)
-                yield json.dumps(body("", _finish(last.finish_reason)))
-                yield "[DONE]"
-            return EventSourceResponse(sse_events(events()), ping=15)
-        reply = await sv.whole(request, job, prompt if req.echo else "")
-        lps = {"tokens": [e["token"] for e in reply.logprobs],
-               "token_logprobs": [e["logprob"] for e in reply.logprobs]} if req.logprobs else None
-        out = body(reply.text, _finish(reply.last.finish_reason), lps)
-        out["usage"] = usage(job.prompt_tokens, reply.last.generation_tokens, job.cached_tokens)
+            if len(req.prompts) > 1:
+                raise APIError(400, "stream takes one prompt (a list of prompts is answered whole)", param="prompt")
+            text, ids = self._text_and_ids(req.prompts[0])
+            job = await self.service.prepare(req, text, req.top, score_ids=ids if req.echo else None)
+            return EventSourceResponse(sse_events(self._stream_completion(job, req, cid, text, ids)), ping=15)
+        done, step = [], self.scheduler.batch.max_batch
+        for start in range(0, len(req.prompts), step):
+            done += await asyncio.gather(*(self._completion(request, req, p)
+                                           for p in req.prompts[start: start + step]))
+        out = completion_body(cid, self.scheduler.model_id,
+                              [{**c, "index": i} for i, (c, _) in enumerate(done)])
+        jobs = [(job, reply) for _, (job, reply) in done]
+        out["usage"] = usage(sum(j.prompt_tokens for j, _ in jobs), sum(r.last.generation_tokens for _, r in jobs),
+                             sum(j.cached_tokens for j, _ in jobs))
         return JSONResponse(out)
+
+    def _text_and_ids(self, prompt) -> tuple[str, list[int]]:
+        """Text as given, or ids as given (scored exactly as sent; decoded for generation)."""
+        tok = self.service.tokenizer
+        if isinstance(prompt, str):
+            return prompt, tok.encode(prompt, add_special_tokens=False)
+        return tok.decode(prompt), list(prompt)
+
+    async def _completion(self, request: Request, req: CompletionRequest, prompt):
+        text, ids = self._text_and_ids(prompt)
+        job = await self.service.prepare(req, text, req.top, score_ids=ids if req.echo else None)
+        reply = await self.service.whole(request, job, text if req.echo else "")
+        lps = None
+        if req.top is not None:
+            lps = logprobs_block(self.service.tokenizer, ids if req.echo else None, job.scores, reply.logprobs)
+        return completion_choice(reply.text, _finish(reply.last.finish_reason), lps), (job, reply)
+
+    async def _stream_completion(self, job, req: CompletionRequest, cid: str, text: str, ids: list):
+        model_id, tok = self.scheduler.model_id, self.service.tokenizer
+        last, first = None, True
+        async for p in self.service.pieces(job):
+            last = p.response
+            lps = None
+            if req.top is not None:
+                lps = logprobs_block(tok, ids if req.echo and first else None, job.scores,
+                                     [p.logprob] if p.logprob else [])
+            piece = (text if req.echo and first else "") + p.text
+            if piece or lps:
+                yield json.dumps(completion_body(cid, model_id, [completion_choice(piece, None, lps)]))
+            first = False
+        if last is None:
+            raise no_reply(self.scheduler)
+        yield json.dumps(completion_body(cid, model_id, [completion_choice("", _finish(last.finish_reason))]))
+        if (req.stream_options or {}).get("include_usage"):
+            chunk = completion_body(cid, model_id, [])
+            chunk["usage"] = usage(job.prompt_tokens, last.generation_tokens, job.cached_tokens)
+            yield json.dumps(chunk)
+        yield "[DONE]"
+
+    def model_card(self) -> dict:
+        """OpenAI's model object, with the fields Anthropic's clients read (Claude Code lists models)."""
+        name = self.scheduler.model_id
+        return {"id": name, "object": "model", "created": 0, "owned_by": "mlx_lfm2", "type": "model",
+                "display_name": name, "created_at": "1970-01-01T00:00:00Z"}
 
     async def models(self, request: Request):
         self.service.authorize(request)
-        return JSONResponse({"object": "list", "data": [
-            {"id": self.scheduler.model_id, "object": "model", "created": 0, "owned_by": "mlx_lfm2"}]})
+        name = self.scheduler.model_id
+        return JSONResponse({"object": "list", "data": [self.model_card()], "has_more": False,
+                             "first_id": name, "last_id": name})
+
+    async def model(self, request: Request):
+        self.service.authorize(request)
+        if request.path_params["name"] != self.scheduler.model_id:
+            raise APIError(404, f"model {request.path_params['name']!r} not found: this server serves "
+                                f"{self.scheduler.model_id!r}", type_="not_found_error", code="model_not_found")
+        return JSONResponse(self.model_card())
 
 
 async def sse_events(events):
@@ -138,6 +188,45 @@ async def sse_events(events):
         yield json.dumps(e.body())
     except Exception as e:
         yield json.dumps(internal_error(e).body())
+
+
+def completion_body(cid: str, model_id: str, choices: list[dict]) -> dict:
+    return {"id": cid, "object": "text_completion", "created": int(time.time()), "model": model_id,
+            "choices": choices}
+
+
+def completion_choice(text: str, finish: Optional[str], logprobs: Optional[dict] = None) -> dict:
+    return {"index": 0, "text": text, "finish_reason": finish, "logprobs": logprobs}
+
+
+def _top(chosen: str, logprob: float, alternatives) -> dict:
+    """A position's ``top_logprobs``: the alternatives and the chosen token (as vLLM answers,
+    so ``logprobs: 0`` still names the token, and the likeliest is always among them)."""
+    return {**dict(alternatives), chosen: logprob}
+
+
+def logprobs_block(tokenizer, prompt_ids: Optional[list[int]], scores, generated: list[dict]) -> dict:
+    """Completions' ``logprobs``: the prompt's tokens (with ``echo``: the first has no
+    context, so null, as OpenAI answered; ``scores`` from ``engine.score``), then the
+    generated ones (the chat route's entries)."""
+    tokens, lps, tops = [], [], []
+    if prompt_ids is not None:
+        strings = [tokenizer.decode([i]) for i in prompt_ids]
+        tokens += strings
+        lps.append(None)
+        tops.append(None)
+        for text, s in zip(strings[1:], scores):
+            lps.append(s.logprob)
+            tops.append(_top(text, s.logprob, ((tokenizer.decode([t]), lp) for t, lp in s.top)))
+    for e in generated:
+        tokens.append(e["token"])
+        lps.append(e["logprob"])
+        tops.append(_top(e["token"], e["logprob"], ((t["token"], t["logprob"]) for t in e["top_logprobs"])))
+    offsets, at = [], 0
+    for t in tokens:
+        offsets.append(at)
+        at += len(t)
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
 
 def _finish(reason: Optional[str]) -> Optional[str]:

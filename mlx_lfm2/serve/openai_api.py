@@ -20,9 +20,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from ..text.tool_grammar import MAX_CALLS, forced_tool_opening, tool_call_grammar
 from ..text.tools import format_pythonic_call
+from ..engine.sample import SamplingParams
 from .boundary import APIError, loads
 
 
+SAMPLING = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "frequency_penalty",
+            "presence_penalty")  # the fields named as in SamplingParams
 MAX_SEED = 2**64 - 1
 MAX_STOP = 1024
 
@@ -140,16 +143,13 @@ class Sampling(_Lenient):
             raise ValueError(f"a stop sequence is at most {MAX_STOP} characters")
         return stops
 
-    def sampling_kwargs(self, defaults: dict) -> dict:
-        kw = dict(defaults)
-        for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed",
-                     "frequency_penalty", "presence_penalty"):
-            if getattr(self, name) is not None:
-                kw[name] = getattr(self, name)
+    def sampling(self, defaults: SamplingParams) -> SamplingParams:
+        """This request's sampling over the server's ``defaults`` (the limit and constraint are
+        set by ``service.prepare``)."""
+        given = {name: getattr(self, name) for name in SAMPLING if getattr(self, name) is not None}
         if self.logit_bias:
-            kw["logit_bias"] = {int(k): float(v) for k, v in self.logit_bias.items()}
-        kw["stop"] = self.stop or None
-        return kw
+            given["logit_bias"] = {int(k): float(v) for k, v in self.logit_bias.items()}
+        return defaults.replace(**given, stop=self.stop or ())
 
     @property
     def response_schema(self) -> Optional[dict]:
@@ -243,22 +243,42 @@ class ChatRequest(Sampling):
         return self.max_completion_tokens or self.max_tokens
 
 
+MAX_PROMPTS = 256  # prompts in one request: each is a job, at most a batch of them at a time
+
+
 class CompletionRequest(Sampling):
-    prompt: Union[str, list[int]]
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    max_tokens: Optional[int] = Field(None, ge=0)  # 0: score the prompt, generate nothing
     echo: bool = False
+    suffix: Optional[str] = None  # accepted for compatibility; LFM2 has no infilling
 
     @field_validator("prompt")
     @classmethod
     def _prompt(cls, prompt, info: ValidationInfo):
-        if not prompt:
+        prompts = prompt if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else [prompt]
+        if not prompt or any(not p for p in prompts):
             raise ValueError("prompt is empty: give text or token ids to continue")
-        if isinstance(prompt, list):
-            check_ids(prompt, _vocab(info), "prompt id")
+        if len(prompts) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts in one request")
+        for p in prompts:
+            if isinstance(p, list):
+                check_ids(p, _vocab(info), "prompt id")
         return prompt
+
+    @property
+    def prompts(self) -> list[Union[str, list[int]]]:
+        p = self.prompt
+        return p if isinstance(p, list) and not isinstance(p[0], int) else [p]
 
     @property
     def limit(self) -> Optional[int]:
         return self.max_tokens
+
+    @property
+    def top(self) -> Optional[int]:
+        """Alternatives per token (0: the token's own logprob only); None: no logprobs."""
+        lp = self.logprobs
+        return None if lp is None or lp is False else (0 if lp is True else int(lp))
 
 
 def _text_of(content) -> str:

@@ -13,26 +13,27 @@ modes, chosen once in ``start``:
 Tokens travel back to each job's coroutine through an asyncio queue; a client that
 disconnects sets its job's stop event, which takes its row out of the batch at the next step.
 
-Prompt reuse: after each request the worker keeps its ``PromptCache`` (cache plus the text
-it consumed); a later prompt copies the one that shares the longest prefix with it, which
-extends, or rewinds to the longest common prefix it can reach, and prefills only the rest.
+Prompt reuse (``engine.prompt_cache``): after each request the worker keeps its cache in
+the store; a later prompt takes a copy of the one that shares the longest prefix with it,
+which extends, or rewinds to the longest common prefix it can reach, and prefills the rest.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
-import os
 import queue
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ..engine.batch import BatchGenerator, TextStream, request_for
+from ..engine.batch import BatchGenerator
 from ..engine.distributed import broadcast, group
-from ..engine.generation import default_sampling, stream_generate
-from ..engine.session import PromptCache
+from ..engine.generation import TextStream, default_sampling, stream_request
+from ..engine.request import PromptTooLongError, build_request
+from ..engine.sample import SamplingParams
+from ..engine.prompt_cache import PromptCache, PromptCacheStore
+from ..engine.score import score_prompt
 from .boundary import APIError
 
 DEFAULT_MAX_TOKENS = 2048
@@ -43,15 +44,19 @@ IMPOSSIBLE = -9999.0  # the logprob OpenAI reports for a token that cannot be sa
 @dataclass
 class Job:
     prompt_text: str
-    kwargs: dict
+    params: SamplingParams
     top_logprobs: Optional[int]  # None: no logprobs
     loop: asyncio.AbstractEventLoop
+    ids: Optional[list] = None  # prompt_text's ids, when the front end tokenized it already
+    constraint: Optional[object] = None  # params' constraint, compiled by the front end
     out: asyncio.Queue = field(default_factory=asyncio.Queue)
     stop: threading.Event = field(default_factory=threading.Event)
     prompt_tokens: int = 0
     cached_tokens: int = 0
     started: bool = False  # a token was generated
     schema_warnings: list = field(default_factory=list)  # what a lenient schema's constraint skips
+    score_ids: Optional[list] = None  # score these prompt ids first (completions' echo with logprobs)
+    scores: list = field(default_factory=list)  # their ``engine.score.TokenScore``s, before the first token
 
     def emit(self, item) -> None:
         self.loop.call_soon_threadsafe(self.out.put_nowait, item)
@@ -59,6 +64,13 @@ class Job:
 
 def failed(e: Exception) -> APIError:
     return APIError(500, f"generation failed: {type(e).__name__}: {e}", type_="server_error")
+
+
+def refused(e: ValueError) -> APIError:
+    """The request's fault, found by the engine before its first token: a 400."""
+    if isinstance(e, PromptTooLongError):
+        return APIError(400, str(e), param="messages", code="context_length_exceeded")
+    return APIError(400, str(e), code="invalid_value")
 
 
 class Scheduler:
@@ -80,10 +92,9 @@ class Scheduler:
         self.current: Optional[Job] = None  # the job of the serial mode
         self.batch = BatchGenerator(model, max_batch)
         self.closed = False
-        self.defaults = default_sampling(model)
+        self.defaults = SamplingParams(**default_sampling(model))
         self.jobs: queue.Queue = queue.Queue(maxsize=queue_size)
-        self.caches: OrderedDict[str, PromptCache] = OrderedDict()
-        self.cache_entries = cache_entries
+        self.caches = PromptCacheStore(model, cache_entries, draft_model)
         self.stats = {"completed": 0, "cancelled": 0, "active": 0, "peak_batch": 0}
         self.template_renders_tool_calls = "tool_calls" in (tokenizer.chat_template or "")
         self._worker: Optional[threading.Thread] = None
@@ -128,31 +139,19 @@ class Scheduler:
 
     # Prompt caches --------------------------------------------------------------------------
 
-    def _take_cache(self, text: str) -> PromptCache:
-        """A copy of the cached prompt sharing the longest prefix with ``text`` (or a fresh one);
-        ``PromptCache.new_tokens`` then extends it or rewinds it to what it can reuse."""
-        shared = {k: len(os.path.commonprefix([k, text])) for k in self.caches}
-        best = max(shared, key=shared.get, default=None)
-        if best is None or shared[best] == 0:
-            return PromptCache(self.model, draft_model=self.draft_model)
-        self.caches.move_to_end(best)
-        return self.caches[best].copy()
-
-    def _keep_cache(self, pc: PromptCache) -> None:
-        if pc.offset == len(pc.tokens) and pc.text:
-            self.caches[pc.text] = pc
-            self.caches.move_to_end(pc.text)
-            while len(self.caches) > self.cache_entries:
-                self.caches.popitem(last=False)
-
-    def _prompt_cache(self, prompt_text: str):
-        """The cached conversation sharing the most of ``prompt_text``, and the ids still to feed."""
-        pc = self._take_cache(prompt_text)
-        ids = pc.new_tokens(self.tokenizer, prompt_text)
+    def _request(self, job: Job):
+        """The cached conversation sharing the most of the job's prompt, and the request for
+        the ids still to feed (built and checked by the engine's one request builder)."""
+        pc = self.caches.take(job.prompt_text)
+        ids = pc.new_tokens(self.tokenizer, job.prompt_text, job.ids)
         if not ids:  # a cache that consumed this whole prompt leaves nothing to sample from
-            pc = PromptCache(self.model, draft_model=self.draft_model)
-            ids = pc.new_tokens(self.tokenizer, prompt_text)
-        return pc, ids
+            pc = self.caches.fresh()
+            ids = pc.new_tokens(self.tokenizer, job.prompt_text, job.ids)
+        request = build_request(self.model, self.tokenizer, ids, job.params, held=pc.offset,
+                                context=self.max_context, constraint=job.constraint)
+        job.cached_tokens = pc.offset
+        job.prompt_tokens = pc.offset + len(ids)
+        return pc, request
 
     def _emit(self, job: Job, r) -> None:
         """One response to its job, with its logprob entry when the job asked for logprobs."""
@@ -205,28 +204,27 @@ class Scheduler:
                 continue
             try:
                 self._insert(job)
-            except ValueError as e:  # the request's fault, found before its first token: a 400
-                job.emit(APIError(400, str(e), code="invalid_value"))
+            except ValueError as e:  # the request's fault, found before its first token
+                job.emit(refused(e))
                 job.emit(DONE)
             except Exception as e:
                 job.emit(failed(e))
                 job.emit(DONE)
 
+    def _score(self, job: Job) -> None:
+        if job.score_ids is not None and job.top_logprobs is not None:
+            job.scores = score_prompt(self.model, job.score_ids, job.top_logprobs)
+
     def _insert(self, job: Job) -> None:
-        tok = self.tokenizer
-        pc, ids = self._prompt_cache(job.prompt_text)
-        kwargs = dict(job.kwargs)
-        stop = kwargs.pop("stop", None)
-        request = request_for(self.model, tok, ids, held=pc.offset, **kwargs)
-        job.cached_tokens = pc.offset
-        job.prompt_tokens = pc.offset + len(ids)
-        live = _Live(job, pc, ids, TextStream(tok, stop, len(ids)))
-        if request["max_tokens"] == 0:
+        self._score(job)
+        pc, request = self._request(job)
+        live = _Live(job, pc, request.ids, TextStream(self.tokenizer, job.params.stop, len(request.ids)))
+        if request.max_tokens == 0:
             job.emit((live.text.end("length"), None))
             self.stats["completed"] += 1
             job.emit(DONE)
             return
-        uid = self.batch.insert(**request, cache=pc.cache)
+        uid = self.batch.add(request, pc.cache)
         self.live[uid] = live
         self.stats["active"] = len(self.live)
 
@@ -245,7 +243,7 @@ class Scheduler:
         if cache is not None:  # None: it left before its prefill finished
             live.pc.cache = cache
             live.pc.commit(self.tokenizer, live.job.prompt_text, live.ids, live.generated)
-            self._keep_cache(live.pc)
+            self.caches.keep(live.pc)
         live.job.emit(DONE)
 
     # Serial mode ----------------------------------------------------------------------------
@@ -260,7 +258,7 @@ class Scheduler:
             self.stats["active"], self.current = 1, job
             try:
                 if group() is not None:  # mlx.launch: the other ranks run it with us (follow())
-                    broadcast({"prompt_text": job.prompt_text, "kwargs": job.kwargs})
+                    broadcast({"prompt_text": job.prompt_text, "ids": job.ids, "params": job.params.to_json()})
                 self._run(job)
             except ValueError as e:
                 # The engine checks its inputs before the first token: a ValueError then is
@@ -268,7 +266,7 @@ class Scheduler:
                 if job.started:
                     job.emit(APIError(500, f"generation failed: {e}", type_="server_error"))
                 else:
-                    job.emit(APIError(400, str(e), code="invalid_value"))
+                    job.emit(refused(e))
             except Exception as e:  # report it to that request; the worker lives on
                 job.emit(failed(e))
             finally:
@@ -277,29 +275,25 @@ class Scheduler:
 
     def _run(self, job: Job) -> None:
         tok = self.tokenizer
-        pc, ids = self._prompt_cache(job.prompt_text)
-        job.cached_tokens = pc.offset
-        job.prompt_tokens = pc.offset + len(ids)
+        self._score(job)
+        pc, request = self._request(job)
         generated, finished = [], False
         spec = dict(self.speculative, draft_model=self.draft_model, draft_cache=pc.draft_cache)
-        for r in stream_generate(self.model, tok, ids, cache=pc.cache, stop_event=job.stop, **spec, **job.kwargs):
+        for r in stream_request(self.model, tok, request, pc.cache, stop_event=job.stop, **spec):
             if r.token is not None:
                 generated.append(r.token)
             self._emit(job, r)
             finished = r.finish_reason is not None
         self.stats["cancelled" if job.stop.is_set() else "completed"] += 1
         if finished:
-            pc.commit(tok, job.prompt_text, ids, generated)
-            self._keep_cache(pc)
+            pc.commit(tok, job.prompt_text, request.ids, generated)
+            self.caches.keep(pc)
 
     def follow(self) -> None:
         """Ranks other than 0 under mlx.launch: run each job rank 0 runs, with no client."""
         while True:
             spec = broadcast()
-            kwargs = spec["kwargs"]
-            if kwargs.get("logit_bias"):  # JSON made its token ids strings
-                kwargs["logit_bias"] = {int(k): v for k, v in kwargs["logit_bias"].items()}
-            job = Job(spec["prompt_text"], kwargs, None, loop=None)
+            job = Job(spec["prompt_text"], SamplingParams.from_json(spec["params"]), None, loop=None, ids=spec["ids"])
             job.emit = lambda item: None
             try:
                 self._run(job)

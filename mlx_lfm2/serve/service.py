@@ -7,8 +7,9 @@ steps in between are written once here:
   compared in constant time;
 * ``read``: auth, the body (``boundary.read_body``) and its validation;
 * ``render``: the chat template, whose refusal is a 400;
-* ``prepare``: the constraint compiled off the event loop (a bad schema is a 400 before any
-  streaming starts), the context check, the reply limit, the job queued;
+* ``prepare``: off the event loop, the prompt tokenized (once: the worker reuses the ids), the
+  context checked and the constraint compiled (once: the worker uses it), so a prompt over the
+  context or a bad schema is a 400 before any streaming starts; then the job queued;
 * the reply assembler: ``pieces`` drains a job into text and tool calls as they close (the
   stream), ``whole`` into one parsed reply (a plain answer), both with the forced opening of a
   required tool call fed first and the tool-call markup never shown as text.
@@ -24,6 +25,7 @@ from typing import AsyncIterator, Optional
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
+from ..engine.request import PromptTooLongError, check_context
 from ..text.constraints import ConstraintError, make_constraint
 from ..text.tools import ToolCallStream, parse_tool_calls
 from .boundary import APIError, BODY_TIMEOUT, no_reply, read_body, validate, watch
@@ -49,6 +51,7 @@ class Reply:
     calls: list
     last: object  # the last ``GenerationResponse``
     logprobs: list = field(default_factory=list)
+    written: str = ""  # the reply as the model wrote it, markup and all (what a transcript keeps)
 
 
 class Service:
@@ -80,33 +83,35 @@ class Service:
         except Exception as e:
             raise APIError(400, f"the chat template rejected these messages: {e}", param="messages")
 
-    async def constrained(self, req) -> tuple[dict, list]:
-        """The request's constraint (``response_format``, forced tool call), compiled here off
-        the event loop (the first builds llguidance's view of the vocabulary, ~1 s), so a bad
-        schema is a 400 naming the problem before any streaming starts; and what it skips
-        (a lenient schema's unsupported keywords)."""
+    def _compile(self, req, prompt_text: str):
+        """Off the event loop: the prompt's ids (the worker reuses them), the context check,
+        the constraint compiled (the first builds llguidance's view of the vocabulary, ~1 s)."""
+        s = self.scheduler
+        ids = self.tokenizer.encode(prompt_text, add_special_tokens=False)
+        try:
+            check_context(s.model, len(ids), context=s.max_context)
+        except PromptTooLongError as e:
+            raise APIError(400, str(e), param="messages", code="context_length_exceeded")
         param = "tools" if isinstance(req, ChatRequest) and req.forced_tool_call() else "response_format"
         try:
-            constraint = req.constraint()
-            if not constraint:
-                return constraint, []
-            compiled = await run_in_threadpool(lambda: make_constraint(self.tokenizer, **constraint))
+            spec = req.constraint()
+            return ids, spec, make_constraint(self.tokenizer, **spec) if spec else None
         except ConstraintError as e:
             raise APIError(400, f"{param}: {e}", param=param, code="invalid_schema")
-        return constraint, compiled.warnings
 
-    async def prepare(self, req, prompt_text: str, top_logprobs: Optional[int] = None) -> Job:
-        """Queue ``prompt_text`` with ``req``'s sampling, limit and constraint -> its job."""
+    async def prepare(self, req, prompt_text: str, top_logprobs: Optional[int] = None,
+                      score_ids: Optional[list] = None) -> Job:
+        """Queue ``prompt_text`` with ``req``'s sampling, limit and constraint -> its job. What
+        can be refused is refused here, before any streaming starts: a prompt over the context,
+        a bad schema (400s naming the problem); the worker builds the request from the ids and
+        the constraint compiled here. ``score_ids``: the prompt's ids, scored first into
+        ``job.scores`` (completions' echo with logprobs)."""
         s = self.scheduler
-        constraint, warnings = await self.constrained(req)
-        n_prompt = len(self.tokenizer.encode(prompt_text, add_special_tokens=False))
-        if n_prompt + 1 > s.max_context:
-            raise APIError(400, f"this prompt has {n_prompt} tokens, over the model's context of "
-                           f"{s.max_context}", param="messages", code="context_length_exceeded")
-        kwargs = req.sampling_kwargs(s.defaults)
-        kwargs["max_tokens"] = min(req.limit or s.default_max_tokens, s.max_context - n_prompt)
-        kwargs.update(constraint)
-        job = Job(prompt_text, kwargs, top_logprobs, asyncio.get_running_loop(), schema_warnings=warnings)
+        ids, spec, constraint = await run_in_threadpool(self._compile, req, prompt_text)
+        limit = s.default_max_tokens if req.limit is None else req.limit  # 0: score only (completions)
+        params = req.sampling(s.defaults).replace(max_tokens=limit, **spec)
+        job = Job(prompt_text, params, top_logprobs, asyncio.get_running_loop(), ids=ids, constraint=constraint,
+                  schema_warnings=constraint.warnings if constraint is not None else [], score_ids=score_ids)
         s.submit(job)
         return job
 
@@ -149,4 +154,4 @@ class Service:
         if last is None:
             raise no_reply(self.scheduler)
         content, calls = parse_tool_calls(text, bare_names=tools) if tools else (text, [])
-        return Reply(content, calls, last, entries)
+        return Reply(content, calls, last, entries, text)

@@ -1,0 +1,191 @@
+"""Prompt reuse: ``PromptCache`` (one cache and the text it consumed) and ``PromptCacheStore``
+(an LRU of them), used by ``session.Chat`` and the server's scheduler.
+
+``PromptCache`` pairs a model cache with the exact prompt text it has consumed. A new
+prompt that extends that text costs only its suffix; one that does not (a regenerated
+reply, an edited or dropped message) rewinds the cache to the longest common prefix it
+can reach (``cache.py``: anywhere in the last few tokens, or a checkpoint such as the end
+of a prompt or of a turn) and prefills the rest. Matching on rendered text rather than
+token ids keeps this exact even when a sampled reply is not tokenized the way its
+re-rendered text would be.
+
+``PromptCacheStore`` keeps up to ``entries`` of them, keyed by ``(namespace, text)``:
+
+* ``take(text, namespace)``: a copy of the entry sharing the longest prefix with ``text``
+  (copies are cheap: MLX arrays are immutable), or a fresh cache; ``PromptCache.new_tokens``
+  then extends or rewinds it. The caller owns the copy: one that fails midway is dropped.
+* ``keep(pc, namespace)``: after generation, store a cache whose tokens are all consumed;
+  the least recently used entry beyond ``entries`` goes.
+* ``namespace``: what else the cache depends on besides the text (an adapter, say): entries
+  of another namespace are never reused. "" is the base model.
+* ``lower``: an optional slower tier under the memory (a disk cache), any object with
+  ``lookup(namespace, text) -> PromptCache | None`` (its entry sharing the longest prefix
+  with ``text``) and ``store(namespace, pc)`` (called for each kept entry). ``take`` asks it
+  when it may hold a longer prefix than memory does.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from typing import Optional, Protocol
+
+import mlx.core as mx
+
+from ..model.cache import checkpoint, copy_cache, reachable, rewind
+from ..text.tokenizer import plain_spans
+from .decode import prefill
+
+
+class PromptCache:
+    """A model cache, the token ids it has consumed, and the prompt text they spell."""
+
+    def __init__(self, model, cache=None, text: str = "", tokens=(), draft_model=None, draft_cache=None):
+        self.model, self.draft_model = model, draft_model
+        self.cache = cache if cache is not None else model.make_cache()
+        self.text, self.tokens = text, list(tokens)
+        # A draft model's cache (speculative decoding) holds what ``cache`` holds.
+        self.draft_cache = draft_cache
+        if draft_model is not None and (draft_cache is None or draft_cache[0].offset != self.offset):
+            self.draft_cache = draft_model.make_cache()
+            if self.tokens:
+                prefill(draft_model, mx.array(self.tokens, dtype=mx.uint32), self.draft_cache)
+
+    @property
+    def offset(self) -> int:
+        return self.cache[0].offset if self.cache else 0
+
+    def copy(self) -> "PromptCache":
+        draft = copy_cache(self.draft_cache) if self.draft_cache is not None else None
+        return PromptCache(self.model, copy_cache(self.cache), self.text, self.tokens, self.draft_model, draft)
+
+    @property
+    def _caches(self) -> list:
+        return self.cache + (self.draft_cache or [])
+
+    def reusable(self, tokenizer, prompt_text: str) -> int:
+        """How many cached tokens ``prompt_text`` could reuse (what ``new_tokens`` keeps).
+
+        A shared prefix must agree on the untrusted-content spans too: the same characters
+        typed by a user and written by the template are different tokens.
+        """
+        if self.offset != len(self.tokens) or not self.tokens:
+            return 0
+
+        def same(n: int) -> bool:  # the first n characters: same text, same untrusted spans
+            return prompt_text.startswith(self.text[:n]) and plain_spans(prompt_text[:n]) == plain_spans(self.text[:n])
+
+        if len(prompt_text) > len(self.text) and same(len(self.text)):
+            return len(self.tokens)
+
+        def fits(p: int) -> bool:
+            prefix = tokenizer.decode(self.tokens[:p])
+            return len(prefix) < len(prompt_text) and self.text.startswith(prefix) and same(len(prefix))
+
+        # The longest token prefix that spells a proper prefix of the prompt (binary search),
+        # then the nearest offset below it that every layer can rewind to.
+        lo, hi = 0, len(self.tokens)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+        p = reachable(self._caches, lo)
+        while p > 0 and not fits(p):  # a split multi-byte character: step back
+            p = reachable(self._caches, p - 1)
+        return p
+
+    def new_tokens(self, tokenizer, prompt_text: str, ids: Optional[list[int]] = None) -> list[int]:
+        """Ids of the part of ``prompt_text`` not yet in the cache: the cache is extended,
+        rewound to the longest common prefix it can reach, or reset. ``ids``: the whole
+        prompt's ids, if already known (used as they are when nothing is reused)."""
+        self.trim(tokenizer, prompt_text)
+        if ids is not None and not self.text:
+            return list(ids)
+        return tokenizer.encode(prompt_text[len(self.text):], add_special_tokens=False)
+
+    def trim(self, tokenizer, prompt_text: str) -> None:
+        """Keep only what ``prompt_text`` can reuse: rewind to the longest common prefix the
+        cache can reach, or reset."""
+        keep = self.reusable(tokenizer, prompt_text)
+        if keep == 0:
+            self.cache, self.text, self.tokens = self.model.make_cache(), "", []
+            if self.draft_model is not None:
+                self.draft_cache = self.draft_model.make_cache()
+        elif keep < len(self.tokens):
+            rewind(self.cache, self.offset - keep)
+            if self.draft_cache is not None:
+                rewind(self.draft_cache, self.draft_cache[0].offset - keep)
+            self.tokens = self.tokens[:keep]
+            self.text = prompt_text[: len(tokenizer.decode(self.tokens))]  # keeps the spans
+
+    def commit(self, tokenizer, prompt_text: str, prompt_ids: list[int], generated: list[int]) -> None:
+        """After generation: record what the cache consumed (the prompt, and most of the reply)."""
+        fed = (list(prompt_ids) + list(generated))[: self.offset - len(self.tokens)]
+        self.tokens += fed
+        self.text = prompt_text + tokenizer.decode(fed[len(prompt_ids):])
+        checkpoint(self._caches)  # the end of this turn: where a later edit can come back to
+
+
+class CacheTier(Protocol):
+    """A tier under ``PromptCacheStore`` (see the module docstring)."""
+
+    def lookup(self, namespace: str, text: str) -> Optional[PromptCache]: ...
+
+    def store(self, namespace: str, pc: PromptCache) -> None: ...
+
+
+class PromptCacheStore:
+    """An LRU of ``PromptCache`` keyed by ``(namespace, text)`` (see the module docstring)."""
+
+    def __init__(self, model, entries: int = 8, draft_model=None, lower: Optional[CacheTier] = None):
+        self.model, self.entries, self.draft_model, self.lower = model, entries, draft_model, lower
+        self._entries: OrderedDict[tuple[str, str], PromptCache] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def fresh(self) -> PromptCache:
+        return PromptCache(self.model, draft_model=self.draft_model)
+
+    def lookup(self, text: str, namespace: str = "") -> tuple[Optional[PromptCache], int]:
+        """The entry sharing the longest prefix with ``text`` (not a copy) and that prefix's
+        length in characters; (None, 0) when none shares any."""
+        best, shared = None, 0
+        for (ns, key), pc in self._entries.items():
+            n = len(os.path.commonprefix([key, text])) if ns == namespace else 0
+            if n > shared:
+                best, shared = pc, n
+        if self.lower is not None:
+            below = self.lower.lookup(namespace, text)
+            n = len(os.path.commonprefix([below.text, text])) if below is not None else 0
+            if n > shared:
+                best, shared = below, n
+        return best, shared
+
+    def take(self, text: str, namespace: str = "") -> PromptCache:
+        """A copy of the best entry for ``text`` (see ``lookup``), or a fresh cache."""
+        best, _ = self.lookup(text, namespace)
+        if best is None:
+            return self.fresh()
+        key = (namespace, str(best.text))
+        if self._entries.get(key) is best:
+            self._entries.move_to_end(key)
+        return best.copy()
+
+    def keep(self, pc: PromptCache, namespace: str = "") -> None:
+        """Store ``pc`` if it is whole (every token it holds consumed and recorded)."""
+        if pc.offset != len(pc.tokens) or not pc.text:
+            return
+        key = (namespace, str(pc.text))
+        self._entries[key] = pc
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.entries:
+            self._entries.popitem(last=False)
+        if self.lower is not None:
+            self.lower.store(namespace, pc)
+
+    def latest(self) -> Optional[PromptCache]:
+        """The entry kept or taken last, if any."""
+        return next(reversed(self._entries.values()), None)
+
+    def clear(self) -> None:
+        self._entries.clear()
