@@ -223,8 +223,12 @@ def test_cpu_stream_split_matches_single_stream(source, tmp_path, monkeypatch):
 
     if len(parallel.cpu_streams()) < 2:
         monkeypatch.setattr(parallel, "_streams", [mx.default_stream(mx.cpu), mx.new_stream(mx.cpu)])
+    from mlx_lfm2.model.layers import SplitQuantizedEmbedding, SplitQuantizedLinear
+
     model, _ = load(convert(source, tmp_path / "q", quantize=True, progress=False))
     assert model.compute_dtype == mx.float32  # quantized on the CPU: float32 activations
+    assert isinstance(model.layers[0].op.out_proj, SplitQuantizedLinear)  # swapped in by layers.specialize
+    assert isinstance(model.model.embed_tokens, SplitQuantizedEmbedding)
     ids = mx.array(np.random.default_rng(1).integers(0, 5000, (1, 40)))  # sorted (prefill) expert path
     monkeypatch.setattr(parallel, "MIN_WEIGHTS", 1 << 62)
     single = [np.array(model(ids)), np.array(model(ids[:, :1]))]

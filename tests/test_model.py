@@ -141,3 +141,58 @@ def test_matches_mlx_lm_on_hub_checkpoint(checkpoint):
     theirs, _ = mlx_lm_utils.load_model(folder)
     ids = mx.array(np.random.default_rng(7).integers(0, 1000, (2, 20)))
     np.testing.assert_allclose(np.array(load_model(folder)(ids)), np.array(theirs(ids)), atol=1e-4, rtol=0)
+
+
+def test_the_attention_mask_is_built_once_per_forward_call(checkpoint):
+    """The backbone asks one cache for the mask and hands it to every attention layer."""
+    from mlx_lfm2.model.cache import KVCache
+
+    model = load_model(checkpoint(tiny_config("tiny-moe", num_hidden_layers=6, layer_types=[
+        "conv", "full_attention", "conv", "full_attention", "full_attention", "conv"])))
+    cache, asked = model.make_cache(), []
+    for c in cache:
+        if isinstance(c, KVCache):
+            c.make_mask = lambda L, c=c: asked.append(L) or KVCache.make_mask(c, L)
+    ids = mx.array([[3, 4, 5, 6]])
+    mx.eval(model(ids, cache=cache), model(ids[:, :1], cache=cache))
+    assert asked == [4, 1]
+
+
+def test_the_model_package_imports_nothing_from_the_engine_or_the_batch_caches():
+    """model/ sits below engine/: its modules import only each other (the batch caches, which
+    only the engine drives, are imported by none of them)."""
+    import ast
+
+    from conftest import ROOT
+
+    found = {}
+    for f in sorted((ROOT / "mlx_lfm2" / "model").glob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level:
+                target = "." * node.level + node.module
+                if node.level > 1 or target == ".batch_cache":
+                    found.setdefault(f.name, []).append(target)
+            elif isinstance(node, (ast.Import, ast.ImportFrom)) and "mlx_lfm2" in ast.unparse(node):
+                found.setdefault(f.name, []).append(ast.unparse(node))
+    assert found == {}
+
+
+def test_a_block_called_alone_attends_causally_as_in_the_model(checkpoint):
+    """Layer-by-layer callers (calibration, sensitivity) call a block without the backbone: its
+    default mask must be the causal one the backbone would build."""
+    model = load_model(checkpoint(tiny_config("tiny-moe")))
+    ids = mx.array([[3, 4, 5, 6, 7]])
+    h = model.model.embed(ids)
+    for layer in model.layers:
+        h = layer(h)
+    np.testing.assert_allclose(np.array(model.head(model.model.embedding_norm(h))), np.array(model(ids)), atol=1e-5)
+
+
+def test_one_process_model_has_the_pipeline_stage_interface_as_identities(checkpoint):
+    """A decode loop calls share_prompt / share_token on any model; alone, nothing is shared."""
+    from mlx_lfm2.model.pipeline import PipelineModel
+
+    model = load_model(checkpoint(tiny_config("tiny-dense")))
+    prompt, y = mx.array([1, 2, 3]), mx.array([4])
+    assert model.share_prompt(prompt) is prompt and model.share_token(y, True) == (y, None)
+    assert not model.shares_tokens and PipelineModel.shares_tokens

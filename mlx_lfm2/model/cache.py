@@ -27,7 +27,8 @@ anywhere. A conv cache can go back to an offset it can rebuild the state for:
 
 ``can_rewind(cache, n)`` says whether every layer can go back ``n`` tokens,
 ``reachable(cache, target)`` is the largest offset ``<= target`` that all can reach, and
-``rewind(cache, n)`` does it. Both kinds track ``offset`` (tokens seen) and expose
+``rewind(cache, n)`` does it. Both kinds track ``offset`` (tokens seen; attention reads it as
+the RoPE position, and asks a KV cache for its mask with ``make_mask(L)``) and expose
 ``state`` / ``from_state`` for saving (``engine/cache_files.py`` writes and validates the
 files; a loaded conv cache can go back to the checkpoints saved with it).
 """
@@ -46,6 +47,11 @@ class KVCache:
         self.keys: Optional[mx.array] = None
         self.values: Optional[mx.array] = None
         self.offset = 0
+
+    def make_mask(self, L: int):
+        """The attention mask for ``L`` new queries (what ``scaled_dot_product_attention``
+        takes): "causal" aligns them with the last ``L`` keys; one query sees every key."""
+        return "causal" if L > 1 else None
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         """Append ``keys``/``values`` ``[B, H_kv, L, D]``; return all cached so far."""

@@ -82,27 +82,10 @@ class ModelArgs:
         heads = int(need("num_attention_heads", "num_heads"))
         kv_heads = int(cfg.get("num_key_value_heads") or heads)
 
-        layer_types = cfg.get("layer_types")
-        if layer_types is None:
-            idxs = cfg.get("full_attn_idxs")
-            idxs = list(range(n_layers)) if idxs is None else idxs
-            layer_types = ["full_attention" if i in idxs else "conv" for i in range(n_layers)]
-        layer_types = list(layer_types)
-        if len(layer_types) != n_layers or set(layer_types) - {"conv", "full_attention"}:
-            raise ConfigError(
-                f"layer_types must list 'conv' or 'full_attention' for each of the "
-                f"{n_layers} layers, got {layer_types}"
-            )
-
+        layer_types = _layer_types(cfg, n_layers)
         ff = int(need("intermediate_size", "block_ff_dim"))
         if model_type == "lfm2" and cfg.get("block_auto_adjust_ff_dim", True):
-            # Same arithmetic as transformers' Lfm2MLP (rounding only with a multiplier).
-            ff = int(2 * ff / 3)
-            mult = cfg.get("block_ffn_dim_multiplier", 1.0)
-            if mult is not None:
-                multiple_of = int(cfg.get("block_multiple_of", 256))
-                ff = int(mult * ff)
-                ff = multiple_of * ((ff + multiple_of - 1) // multiple_of)
+            ff = _auto_adjusted_ff(cfg, ff)
 
         rope = cfg.get("rope_parameters") or {}
         rope_theta = rope.get("rope_theta", cfg.get("rope_theta", 1_000_000.0))
@@ -129,20 +112,7 @@ class ModelArgs:
             pad_token_id=cfg.get("pad_token_id", 0),
             quantization=cfg.get("quantization"),
         )
-        if model_type == "lfm2_moe":
-            args.update(
-                num_dense_layers=int(cfg.get("num_dense_layers", 2)),
-                num_experts=int(need("num_experts")),
-                num_experts_per_tok=int(need("num_experts_per_tok")),
-                moe_intermediate_size=int(need("moe_intermediate_size")),
-                use_expert_bias=bool(cfg.get("use_expert_bias", True)),
-                norm_topk_prob=bool(cfg.get("norm_topk_prob", True)),
-                routed_scaling_factor=float(cfg.get("routed_scaling_factor", 1.0)),
-            )
-            if not 0 < args["num_experts_per_tok"] <= args["num_experts"]:
-                raise ConfigError("num_experts_per_tok must be between 1 and num_experts")
-        else:
-            args["num_dense_layers"] = n_layers
+        args.update(_moe_fields(cfg, need) if model_type == "lfm2_moe" else dict(num_dense_layers=n_layers))
         if hidden % heads or heads % kv_heads:
             raise ConfigError(
                 f"hidden_size {hidden} must divide into {heads} heads, "
@@ -151,3 +121,47 @@ class ModelArgs:
         known = {f.name for f in dataclasses.fields(cls)}
         args["extra"] = {k: v for k, v in cfg.items() if k not in known}
         return cls(**args)
+
+
+def _layer_types(cfg: dict, n_layers: int) -> list[str]:
+    """``layer_types``, or the old ``full_attn_idxs`` (absent: every layer attends)."""
+    layer_types = cfg.get("layer_types")
+    if layer_types is None:
+        idxs = cfg.get("full_attn_idxs")
+        idxs = list(range(n_layers)) if idxs is None else idxs
+        layer_types = ["full_attention" if i in idxs else "conv" for i in range(n_layers)]
+    layer_types = list(layer_types)
+    if len(layer_types) != n_layers or set(layer_types) - {"conv", "full_attention"}:
+        raise ConfigError(
+            f"layer_types must list 'conv' or 'full_attention' for each of the "
+            f"{n_layers} layers, got {layer_types}"
+        )
+    return layer_types
+
+
+def _auto_adjusted_ff(cfg: dict, ff: int) -> int:
+    """Dense LFM2's FFN width: the same arithmetic as transformers' Lfm2MLP (rounding only
+    with a multiplier)."""
+    ff = int(2 * ff / 3)
+    mult = cfg.get("block_ffn_dim_multiplier", 1.0)
+    if mult is not None:
+        multiple_of = int(cfg.get("block_multiple_of", 256))
+        ff = int(mult * ff)
+        ff = multiple_of * ((ff + multiple_of - 1) // multiple_of)
+    return ff
+
+
+def _moe_fields(cfg: dict, need) -> dict:
+    """The LFM2-MoE fields (``need(name)``: a required key's value)."""
+    moe = dict(
+        num_dense_layers=int(cfg.get("num_dense_layers", 2)),
+        num_experts=int(need("num_experts")),
+        num_experts_per_tok=int(need("num_experts_per_tok")),
+        moe_intermediate_size=int(need("moe_intermediate_size")),
+        use_expert_bias=bool(cfg.get("use_expert_bias", True)),
+        norm_topk_prob=bool(cfg.get("norm_topk_prob", True)),
+        routed_scaling_factor=float(cfg.get("routed_scaling_factor", 1.0)),
+    )
+    if not 0 < moe["num_experts_per_tok"] <= moe["num_experts"]:
+        raise ConfigError("num_experts_per_tok must be between 1 and num_experts")
+    return moe

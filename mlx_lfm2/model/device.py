@@ -23,9 +23,12 @@ one-token decode                   plain ops                       ``mx.compile`
 prompt chunk                       128 tokens                      2048 tokens
 =================================  ==============================  ===========================
 
-``kind()`` is ``mx.default_device()``'s type unless overridden: ``MLX_LFM2_DEVICE=gpu`` or
-``with assume("gpu"):`` make every check answer "gpu" while the ops still run on the real
-device, so a CPU-only machine can build (and check) the GPU path's graph and numbers.
+The choices that swap in other layers (split quantized matmuls, fused matmuls, compiled
+pieces) are applied once, after loading, by ``layers.specialize``; the others are read where
+they apply. ``kind()`` is ``mx.default_device()``'s type unless overridden:
+``MLX_LFM2_DEVICE=gpu`` or ``with assume("gpu"):`` make every check answer "gpu" while the ops
+still run on the real device, so a CPU-only machine can build (and check) the GPU path's graph
+and numbers.
 """
 
 from __future__ import annotations
@@ -35,7 +38,6 @@ from contextlib import contextmanager
 from typing import Callable, Optional
 
 import mlx.core as mx
-import mlx.nn as nn
 
 KINDS = ("cpu", "gpu")
 _assumed: Optional[str] = os.environ.get("MLX_LFM2_DEVICE") or None
@@ -95,6 +97,12 @@ def float32_gather_mm(dtype: mx.Dtype) -> bool:
     return on_cpu() and dtype != mx.float32
 
 
+def split_matmuls() -> bool:
+    """Quantized linear layers (and the tied head) split their rows across CPU streams
+    (``split``); a GPU runs each as one op."""
+    return on_cpu()
+
+
 def fuse_matmuls() -> bool:
     """One matmul for gate and up (experts and dense FFNs) and one for q, k and v (weights
     concatenated at load): fewer launches on a GPU; on the CPU the fused expert matmul measured
@@ -106,18 +114,6 @@ def compile_decode() -> bool:
     """``mx.compile`` the fixed-shape pieces of a one-token step (GPU): elementwise chains
     fuse into one kernel each, so a step launches fewer kernels."""
     return not on_cpu()
-
-
-def decode_compiled(owner: nn.Module, name: str, fn: Callable, x: mx.array, inputs=None) -> Callable:
-    """``fn`` itself, or (one-token steps, ``x`` ``[..., 1, D]``, when ``compile_decode()``)
-    ``fn`` compiled once per ``owner`` with ``inputs`` (default: the owner's arrays) as live
-    inputs, so weights loaded later are seen rather than frozen into the compiled graph."""
-    if x.shape[-2] != 1 or not compile_decode():
-        return fn
-    compiled = owner.__dict__.setdefault("_compiled", {})
-    if name not in compiled:
-        compiled[name] = mx.compile(fn, inputs=owner if inputs is None else inputs)
-    return compiled[name]
 
 
 # --- CPU streams -------------------------------------------------------------------------
@@ -153,45 +149,3 @@ def split(part: Callable[[int, int], mx.array], n: int, work: int, axis: int = -
         with mx.stream(s):
             outs.append(part(lo, hi))
     return mx.concatenate(outs, axis=axis)
-
-
-# --- layers whose matmuls go through split() (subclasses, so nn.quantize and checkpoints
-# see MLX's parameters) ---------------------------------------------------------------------
-
-
-def quantized_matmul(layer, x: mx.array) -> mx.array:
-    """``x @ W.T`` for a quantized layer's ``[rows, in]`` weight, rows split across streams."""
-    w, s, b = layer["weight"], layer["scales"], layer.get("biases")
-    rows = w.shape[0]
-
-    def part(lo, hi):
-        pw, ps, pb = (w, s, b) if (lo, hi) == (0, rows) else (w[lo:hi], s[lo:hi], None if b is None else b[lo:hi])
-        return mx.quantized_matmul(x, pw, ps, pb, transpose=True, group_size=layer.group_size, bits=layer.bits,
-                                   mode=layer.mode)
-
-    return split(part, rows, rows * s.shape[1] * layer.group_size)
-
-
-class QuantizedLinear(nn.QuantizedLinear):
-    def __call__(self, x: mx.array) -> mx.array:
-        y = quantized_matmul(self, x)
-        return y + self["bias"] if "bias" in self else y
-
-
-class Linear(nn.Linear):
-    def to_quantized(self, group_size=None, bits=None, mode="affine", quantize_input=False):
-        if quantize_input:
-            return super().to_quantized(group_size, bits, mode, quantize_input)
-        return QuantizedLinear.from_linear(self, group_size, bits, mode)
-
-
-class QuantizedEmbedding(nn.QuantizedEmbedding):
-    def as_linear(self, x: mx.array) -> mx.array:
-        return quantized_matmul(self, x)
-
-
-class Embedding(nn.Embedding):
-    def to_quantized(self, group_size=None, bits=None, mode="affine", quantize_input=False):
-        if quantize_input:
-            raise ValueError("quantized input is not supported for embeddings")
-        return QuantizedEmbedding.from_embedding(self, group_size, bits, mode)

@@ -4,8 +4,8 @@ Every expert's weight lives in one ``[E, out, in]`` array (quantized: packed ``u
 plus scales/biases), so routing is an index, not a Python loop. For long inputs the
 (token, expert) pairs are sorted by expert first, so each expert's weights are read once
 as a contiguous run (``sorted_indices=True``); a single decode token skips the sort.
-Device-specific variants (CPU decode copying the chosen experts first, a fused gate+up
-matmul on GPUs) are chosen in ``device``.
+Device-specific variants (CPU decode copying the chosen experts first; a fused gate+up
+matmul on GPUs, swapped in by ``layers.specialize``) are chosen in ``device``.
 
 Dimensions: N tokens (flattened), K experts per token, E experts, D in, F out.
 """
@@ -102,43 +102,14 @@ class QuantizedSwitchLinear(nn.Module):
         return device.split(part, K, K * F * self["scales"].shape[-1] * self.group_size, axis=-3)
 
 
-def same_format(*layers: nn.Module) -> bool:
-    """Layers whose arrays can be concatenated: one class, one quantization, the same arrays."""
-    return len({(type(l), getattr(l, "group_size", None), getattr(l, "bits", None), getattr(l, "mode", None),
-                 tuple(sorted(l.keys()))) for l in layers}) == 1
-
-
-def concat_outputs(*layers: nn.Module, axis: int) -> nn.Module:
-    """One layer computing ``layers``' outputs side by side (``same_format`` ones): every array
-    concatenated along the output axis (0 for a Linear's ``[out, in]``, 1 for experts' ``[E, out, in]``)."""
-    a = layers[0]
-    fused = type(a).__new__(type(a))
-    nn.Module.__init__(fused)
-    fused.__dict__.update({k: v for k, v in a.__dict__.items() if not k.startswith("_")})
-    for k in a:
-        fused[k] = mx.concatenate([l[k] for l in layers], axis=axis)
-    if "scales" in a:  # quantized layers keep their arrays frozen
-        fused.freeze()
-    return fused
-
-
 class SwitchGLU(nn.Module):
-    """``E`` SwiGLU experts: ``w2[e](silu(w1[e] x) * w3[e] x)`` for the chosen ``e``.
-
-    ``fuse_gate_up()`` replaces ``w1`` and ``w3`` by one ``w13`` (outputs ``[gate | up]``),
-    a runtime layout for GPUs (see ``device.fuse_matmuls``); checkpoints keep w1/w3.
-    """
+    """``E`` SwiGLU experts: ``w2[e](silu(w1[e] x) * w3[e] x)`` for the chosen ``e``."""
 
     def __init__(self, dims: int, hidden: int, num_experts: int):
         super().__init__()
         self.w1 = SwitchLinear(dims, hidden, num_experts)
         self.w3 = SwitchLinear(dims, hidden, num_experts)
         self.w2 = SwitchLinear(hidden, dims, num_experts)
-
-    def fuse_gate_up(self) -> None:
-        if "w13" not in self and same_format(self.w1, self.w3):
-            self.w13 = concat_outputs(self.w1, self.w3, axis=1)
-            del self["w1"], self["w3"]
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         """x ``[..., D]``, indices ``[..., K]`` -> ``[..., K, D]``."""
@@ -152,12 +123,10 @@ class SwitchGLU(nn.Module):
             inv_order = mx.argsort(order)
             x = x.flatten(0, -3)[order // K]  # [N*K, 1, D], grouped by expert
             idx = flat[order]
-        if "w13" in self:
-            gate, up = mx.split(self.w13(x, idx, do_sort), 2, axis=-1)
-            h = swiglu(gate, up)
-        else:
-            h = swiglu(self.w1(x, idx, do_sort), self.w3(x, idx, do_sort))
-        y = self.w2(h, idx, do_sort)  # [..., 1, D]
+        y = self.w2(self.glu(x, idx, do_sort), idx, do_sort)  # [..., 1, D]
         if do_sort:
             y = y[inv_order].reshape(*lead, K, 1, -1)
         return y.squeeze(-2)
+
+    def glu(self, x: mx.array, indices: mx.array, sorted_indices: bool) -> mx.array:
+        return swiglu(self.w1(x, indices, sorted_indices), self.w3(x, indices, sorted_indices))

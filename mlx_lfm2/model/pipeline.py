@@ -117,8 +117,11 @@ class PipelineModel(Model):
     """``Model`` holding one stage: same call and cache contract, logits real on rank 0 only.
 
     Unowned layers are ``None`` so parameter paths keep the checkpoint's layer numbers;
-    ``make_cache`` returns caches for the owned layers only.
+    ``layers`` and ``make_cache`` cover the owned layers only, and the forward call runs them
+    with the backbone's own loop (``Backbone.run``).
     """
+
+    shares_tokens = True
 
     def __init__(self, args: ModelArgs, group, stages: Sequence[range], wire_dtype: mx.Dtype):
         super().__init__(args)
@@ -130,19 +133,13 @@ class PipelineModel(Model):
         self.is_first, self.is_last = self.stage == 0, self.stage == self.size - 1
         m = self.model
         m.layers = [l if i in self.owned else None for i, l in enumerate(m.layers)][: self.owned.stop]
+        m.first_layer = self.owned.start
         if not self.is_last:
             del m.embedding_norm
             if "lm_head" in self:
                 del self.lm_head
         if not self.is_first and not (self.is_last and args.tie_word_embeddings):
             del m.embed_tokens
-
-    @property
-    def layers(self):
-        return self.model.layers[self.owned.start :]
-
-    def make_cache(self) -> list:
-        return [KVCache() if l.is_attention else ConvCache() for l in self.layers]
 
     def __call__(self, inputs: mx.array, cache=None) -> mx.array:
         B, L = inputs.shape
@@ -152,17 +149,17 @@ class PipelineModel(Model):
             h = m.embed_tokens(inputs).astype(dtype)
         else:
             h = mx.distributed.recv((B, L, D), dtype, self.rank + 1, group=self.group)
-        cache = cache if cache is not None else [None] * len(self.layers)
-        for layer, c in zip(self.layers, cache):
-            h = layer(h, c)
+        h = m.run(h, cache)
         if not self.is_last:
             sent = mx.distributed.send(h.astype(dtype), self.rank - 1, group=self.group)
-            if cache[-1] is not None:
+            if cache is not None and cache[-1] is not None:
                 _depend(cache[-1], sent)  # prefill evaluates the caches: that sends h
             # Logits here are never used; they only carry the send into the sampled token.
             return mx.broadcast_to(mx.depends(mx.zeros((1, 1, 1), dtype), sent), (B, L, self.args.vocab_size))
-        h = m.embedding_norm(h)
-        return self.lm_head(h) if "lm_head" in self else m.embed_tokens.as_linear(h)
+        return self.head(m.embedding_norm(h))
+
+    def sync_ranks(self) -> None:
+        mx.eval(mx.distributed.all_sum(mx.array(1), group=self.group, stream=mx.cpu))
 
     def share_token(self, y: mx.array, stop: bool) -> tuple[mx.array, mx.array]:
         """Rank 0's sampled token ``y`` and stop flag on every rank, lazily (one ``all_sum``)."""

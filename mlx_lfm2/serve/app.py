@@ -5,8 +5,8 @@ Assembly only; each job has its module:
 * ``scheduler``: the worker thread that owns the model (continuous batching, or one job at a
   time for speculative decoding and ``mlx.launch``), the job queue, the prompt caches;
 * ``service``: what both APIs do with a request (auth, prepare, the reply assembler);
-* ``openai`` (request models in ``openai_api``) and ``anthropic``: one module per API, each an
-  app with its own routes and error shape;
+* ``openai`` (request models in ``openai_api``), ``responses`` (OpenAI's Responses API) and
+  ``anthropic``: one module per API, each an app with its own routes and error shape;
 * ``boundary``: the HTTP error type, bodies, validation, disconnects, the uvicorn server.
 
 Limits (see README, "Security model", and ``boundary``): bodies are JSON of bounded size read
@@ -46,6 +46,7 @@ def create_app(scheduler: Scheduler, api_key: Optional[str] = None, body_timeout
 
         return JSONResponse({"status": "ok", "queued": scheduler.jobs.qsize(), **scheduler.stats,
                              "batch": scheduler.batch.status, "cached_prompts": len(scheduler.caches),
+                             "prompt_cache_disk": dict(scheduler.disk.blocks.stats) if scheduler.disk else None,
                              "mlx_active_mb": round(mx.get_active_memory() / 2**20, 1),
                              "mlx_cache_mb": round(mx.get_cache_memory() / 2**20, 1)})
 
@@ -124,6 +125,7 @@ def main(argv=None) -> None:
     p.add_argument("--header-timeout", type=float, default=HEADER_TIMEOUT,
                    help=f"seconds to receive a request head (default {HEADER_TIMEOUT:g})")
     p.add_argument("--draft-model", help="a small LFM2 with the same tokenizer for speculative decoding")
+    p.add_argument("--adapter-path", help="a LoRA/DoRA adapter folder (mlx-lm's layout or PEFT's) to apply")
     p.add_argument("--num-draft-tokens", type=int, help="tokens drafted per step (default: adaptive)")
     p.add_argument("--prompt-lookup", action="store_true", help="speculative decoding from n-grams of the prompt")
     p.add_argument("--log-content", action="store_true",
@@ -136,7 +138,7 @@ def main(argv=None) -> None:
     from ..weights.loader import load, load_draft
 
     try:
-        model, tokenizer = load(a.model)
+        model, tokenizer = load(a.model, adapter_path=a.adapter_path)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     if a.max_batch < 1:
