@@ -26,7 +26,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from ..engine.distributed import group, leader
-from . import anthropic, openai, responses
+from . import anthropic, ollama, openai, responses
 from .boundary import BODY_TIMEOUT, HEADER_TIMEOUT, make_server
 from .metrics import Metrics, Observer, configure, model_bytes
 from .scheduler import DEFAULT_MAX_TOKENS, Scheduler
@@ -52,7 +52,8 @@ def create_app(scheduler: Scheduler, api_key: Optional[str] = None, body_timeout
 
     routes = (Route("/health", health, methods=["GET"]), Route("/metrics", metrics.endpoint(), methods=["GET"]))
     return Observer(ByPrefix(openai.app(service, routes=routes),
-                             {anthropic.PREFIX: anthropic.app(service), responses.PREFIX: responses.app(service)}),
+                             {anthropic.PREFIX: anthropic.app(service), responses.PREFIX: responses.app(service),
+                              ollama.PREFIX: ollama.app(service)}),
                     metrics, log)
 
 

@@ -26,7 +26,8 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _current: contextvars.ContextVar = contextvars.ContextVar("mlx_lfm2_request", default=None)
 _ids = itertools.count(1)
 ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/messages",
-                    "/v1/messages/count_tokens", "/v1/responses", "/health", "/metrics"})
+                    "/v1/messages/count_tokens", "/v1/responses", "/health", "/metrics", "/api/chat",
+                    "/api/generate", "/api/tags", "/api/show", "/api/ps", "/api/version"})
 
 
 @dataclass
