@@ -81,3 +81,4 @@ def test_tools_and_tool_history_render_as_the_openai_route_does(live):
                                                            "temperature": 0}).json()
     assert r.prompt_eval_count == want["usage"]["prompt_tokens"]
     assert r.message.content == (want["choices"][0]["message"]["content"] or "")
+

@@ -91,7 +91,7 @@ class Ollama:
         if not isinstance(options, dict):
             raise APIError(400, "options: an object", param="options")
         mapped = {OPTIONS[k]: v for k, v in options.items() if k in OPTIONS and v is not None}
-        if mapped.get("max_tokens", 0) is not None and mapped.get("max_tokens", 0) < 0:  # -1: no limit
+        if isinstance(mapped.get("max_tokens"), int) and mapped["max_tokens"] < 0:  # -1, -2: the server's limit
             mapped.pop("max_tokens")
         chat = {"messages": messages or _messages(body.get("messages")), "tools": body.get("tools") or None,
                 "response_format": _format(body.get("format")), **mapped}
