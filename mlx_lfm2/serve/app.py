@@ -28,14 +28,18 @@ from starlette.routing import Route
 from ..engine.distributed import group, leader
 from . import anthropic, openai, responses
 from .boundary import BODY_TIMEOUT, HEADER_TIMEOUT, make_server
+from .metrics import Metrics, Observer, configure, model_bytes
 from .scheduler import DEFAULT_MAX_TOKENS, Scheduler
 from .service import Service
 
 
-def create_app(scheduler: Scheduler, api_key: Optional[str] = None, body_timeout: float = BODY_TIMEOUT):
-    """The ASGI app: each API's app under its path prefix (OpenAI's takes the rest, and
-    ``/health``), over one service; starts the scheduler's worker."""
+def create_app(scheduler: Scheduler, api_key: Optional[str] = None, body_timeout: float = BODY_TIMEOUT,
+               log=None):
+    """The ASGI app: each API's app under its path prefix (OpenAI's takes the rest, ``/health``
+    and ``/metrics``), over one service, each request logged (``log(line)``, default stderr) and
+    counted; starts the scheduler's worker."""
     service = Service(scheduler.start(), api_key, body_timeout)
+    metrics = Metrics(scheduler)
 
     async def health(request: Request):
         import mlx.core as mx
@@ -46,8 +50,10 @@ def create_app(scheduler: Scheduler, api_key: Optional[str] = None, body_timeout
                              "mlx_active_mb": round(mx.get_active_memory() / 2**20, 1),
                              "mlx_cache_mb": round(mx.get_cache_memory() / 2**20, 1)})
 
-    return ByPrefix(openai.app(service, routes=(Route("/health", health, methods=["GET"]),)),
-                    {anthropic.PREFIX: anthropic.app(service), responses.PREFIX: responses.app(service)})
+    routes = (Route("/health", health, methods=["GET"]), Route("/metrics", metrics.endpoint(), methods=["GET"]))
+    return Observer(ByPrefix(openai.app(service, routes=routes),
+                             {anthropic.PREFIX: anthropic.app(service), responses.PREFIX: responses.app(service)}),
+                    metrics, log)
 
 
 class ByPrefix:
@@ -122,7 +128,10 @@ def main(argv=None) -> None:
     p.add_argument("--adapter-path", help="a LoRA/DoRA adapter folder (mlx-lm's layout or PEFT's) to apply")
     p.add_argument("--num-draft-tokens", type=int, help="tokens drafted per step (default: adaptive)")
     p.add_argument("--prompt-lookup", action="store_true", help="speculative decoding from n-grams of the prompt")
+    p.add_argument("--log-content", action="store_true",
+                   help="log each request's prompt and reply (default: counts and timings only)")
     a = p.parse_args(argv)
+    configure(a.log_content)
     if a.host not in ("127.0.0.1", "localhost", "::1") and not a.api_key:
         print(f"warning: serving on {a.host} without --api-key: anyone who can reach this port can use the model",
               file=sys.stderr)
@@ -144,7 +153,34 @@ def main(argv=None) -> None:
     if not leader():  # mlx.launch: rank 0 serves HTTP, the others serve their layers
         return scheduler.follow()
     app = create_app(scheduler, a.api_key, a.body_timeout)
-    make_server(scheduler, app, a.host, a.port, a.header_timeout).run()
+    server = make_server(scheduler, app, a.host, a.port, a.header_timeout)
+    import asyncio
+    asyncio.run(_serve(server, startup_line(a.host, a.port, scheduler)))
+
+
+async def _serve(server, line: str) -> None:
+    """Run ``server``, printing ``line`` once it listens."""
+    import asyncio
+
+    async def announce():
+        while not server.started and not server.should_exit:
+            await asyncio.sleep(0.05)
+        if server.started:
+            print(line, file=sys.stderr, flush=True)
+
+    task = asyncio.create_task(announce())
+    await server.serve()
+    task.cancel()
+
+
+def startup_line(host: str, port: int, scheduler: Scheduler) -> str:
+    """``listening on http://127.0.0.1:8080 model=NAME weights=.. GB mlx_active=.. GB``."""
+    import mlx.core as mx
+
+    shown = f"[{host}]" if ":" in host else host
+    return (f"listening on http://{shown}:{port} model={scheduler.model_id} "
+            f"weights={model_bytes(scheduler.model) / 2**30:.2f} GB "
+            f"mlx_active={mx.get_active_memory() / 2**30:.2f} GB max_batch={scheduler.batch.max_batch}")
 
 
 if __name__ == "__main__":
