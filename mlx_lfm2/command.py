@@ -24,6 +24,17 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         return super()._get_help_string(action)
 
 
+def positive_int(text: str) -> int:
+    """An argparse ``type``: a whole number above 0 (else argparse's usage error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def version() -> str:
     """``mlx-lfm2 X (mlx Y)`` from the installed distributions."""
     from importlib.metadata import PackageNotFoundError

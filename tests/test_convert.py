@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -323,3 +324,33 @@ def test_a_partial_folder_from_other_options_is_not_resumed(source, tmp_path, mo
     np.testing.assert_array_equal(
         logits(load_model(tmp_path / "out")),
         logits(load_model(convert(source, tmp_path / "ref", quantize=True, progress=False))))
+
+
+def test_a_source_linking_outside_itself_is_refused_and_nothing_is_copied(source, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the hub")
+    linked = tmp_path / "linked"
+    shutil.copytree(source, linked)
+    (linked / "chat_template.jinja").unlink()
+    (linked / "chat_template.jinja").symlink_to(secret)
+    with pytest.raises(ConversionError, match="chat_template.jinja resolves to .*secret.txt, outside the source"):
+        convert(linked, tmp_path / "out", progress=False)
+    (linked / "chat_template.jinja").unlink()
+    shutil.copyfile(source / "chat_template.jinja", linked / "chat_template.jinja")
+    (linked / "model.safetensors").rename(tmp_path / "weights.safetensors")
+    (linked / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "../weights.safetensors"}}))
+    with pytest.raises(ConversionError, match="weights.safetensors, outside the source"):
+        convert(linked, tmp_path / "out", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["linked", "secret.txt", "weights.safetensors"]
+
+
+def test_a_hub_snapshot_linking_into_its_blobs_converts(source, tmp_path):
+    repo = tmp_path / "models--me--tiny"
+    snap, blobs = repo / "snapshots" / "abc", repo / "blobs"
+    snap.mkdir(parents=True)
+    blobs.mkdir()
+    for f in source.iterdir():
+        shutil.copyfile(f, blobs / f.name)
+        (snap / f.name).symlink_to(Path("../../blobs") / f.name)
+    out = convert(snap, tmp_path / "out", progress=False)
+    assert (out / "tokenizer.json").read_bytes() == (source / "tokenizer.json").read_bytes()

@@ -89,3 +89,24 @@ def test_same_command_same_text_and_same_lines_as_mlx_lm(checkpoint, tmp_path):
     assert ours[:-4] == theirs[:-4]  # separators and completion
     assert [NUMBER.sub("N", line) for line in ours[-4:]] == [NUMBER.sub("N", line) for line in theirs[-4:]]
     assert ours[-4].split(",")[0] == theirs[-4].split(",")[0]  # same prompt token count
+
+
+def test_undecodable_stdin_is_a_clear_error(monkeypatch):
+    import io
+
+    from mlx_lfm2.cli import generate
+
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"caf\xe9 au lait")))
+    with pytest.raises(SystemExit, match=r"error: the prompt on stdin is not UTF-8 text \(byte 3 is b'\\xe9'\)"):
+        generate.main(["--model", "unused", "--prompt", "-"])
+
+
+@pytest.mark.parametrize("value, message", [("0", "must be at least 1, not 0"), ("-5", "must be at least 1, not -5"),
+                                            ("big", "'big' is not a whole number")])
+def test_non_positive_prefill_step_size_is_a_usage_error(value, message, capsys):
+    from mlx_lfm2.cli import generate
+
+    with pytest.raises(SystemExit) as e:
+        generate.parse_args(["--model", "m", "--prefill-step-size", value])
+    assert e.value.code == 2
+    assert f"argument --prefill-step-size: {message}" in capsys.readouterr().err

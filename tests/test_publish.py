@@ -150,3 +150,19 @@ def test_convert_cli_uploads_through_huggingface_hub(hub_source, tmp_path, monke
     finally:
         StubHub.fail = False
     assert (tmp_path / "up2" / "README.md").exists()
+
+
+def test_upload_refuses_a_folder_with_a_link_outside_it(tmp_path, monkeypatch):
+    import huggingface_hub
+    from mlx_lfm2.weights.publish import upload_to_hub
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", StubHub)
+    StubHub.calls = []
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (tmp_path / "token").write_text("hf_secret")
+    (folder / "notes.txt").symlink_to(tmp_path / "token")
+    with pytest.raises(ValueError, match="not uploading .*notes.txt is a symlink to a file outside it"):
+        upload_to_hub(folder, "me/tiny")
+    assert StubHub.calls == []

@@ -129,3 +129,21 @@ def test_sampling_arguments_are_checked_by_the_engine(kwargs, message, tok):
         next(stream_generate(model, tok, [1, 2], **kwargs))
     seeded = list(stream_generate(model, tok, [1, 2], max_tokens=2, temperature=0.5, seed=(1 << 64) - 1))
     assert seeded[-1].finish_reason == "length"
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(num_attention_heads=0), "'num_attention_heads' must be a whole number above 0, not 0"),
+    (dict(num_key_value_heads=-2), "'num_key_value_heads' must be a whole number above 0, not -2"),
+    (dict(hidden_size="64"), "'hidden_size' must be a whole number above 0, not '64'"),
+    (dict(vocab_size=1.5), "'vocab_size' must be a whole number above 0, not 1.5"),
+    (dict(layer_types="conv"), "'layer_types' must be a list, not str"),
+    (dict(layer_types=None, full_attn_idxs=3), "'full_attn_idxs' must be a list, not int"),
+    (dict(num_experts=0), "'num_experts' must be a whole number above 0, not 0"),
+    (dict(num_dense_layers=-1), "'num_dense_layers' must be a whole number above 0, not -1"),
+])
+def test_bad_config_values_raise_config_error_naming_the_key(change, message):
+    from conftest import tiny_config
+    from mlx_lfm2.model.config import ModelArgs
+
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        ModelArgs.from_dict({**tiny_config("tiny-moe"), **change})

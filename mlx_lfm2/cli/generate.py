@@ -18,7 +18,7 @@ def str2bool(text: str) -> bool:
 
 
 def parse_args(argv=None):
-    from ..command import parser
+    from ..command import parser, positive_int
 
     p = parser("mlx_lfm2.generate", "One completion from an LFM2 model, printed with its speed and memory: "
                "mlx_lm.generate's flags, defaults (greedy, 100 tokens) and output, so the same command line runs both.")
@@ -35,7 +35,7 @@ def parse_args(argv=None):
     p.add_argument("--ignore-chat-template", action="store_true",
                    help="use the raw prompt without the tokenizer's chat template")
     p.add_argument("--extra-eos-token", nargs="+", default=None, help="more tokens that end generation")
-    p.add_argument("--prefill-step-size", type=int, help="prompt tokens per prefill chunk (default: the device's)")
+    p.add_argument("--prefill-step-size", type=positive_int, help="prompt tokens per prefill chunk (default: the device's)")
     p.add_argument("--draft-model", help="a small LFM2 with the same tokenizer for speculative decoding")
     p.add_argument("--adapter-path", help="a LoRA/DoRA adapter folder (mlx-lm's layout or PEFT's) to apply")
     p.add_argument("--num-draft-tokens", type=int, help="tokens drafted per step (default: adaptive from 3)")
@@ -46,6 +46,16 @@ def parse_args(argv=None):
     p.add_argument("--verbose", type=str2bool, default=True,
                    help="'False'/'F': print only the completion, no separators or stats")
     return p.parse_args(argv)
+
+
+def read_stdin() -> str:
+    """The prompt piped in, as UTF-8 text (undecodable bytes: a clear exit, not a traceback)."""
+    data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SystemExit(f"error: the prompt on stdin is not UTF-8 text (byte {e.start} is "
+                         f"{data[e.start:e.start + 1]!r}): convert it first, e.g. with iconv -t UTF-8") from None
 
 
 def build_prompt(tokenizer, prompt: str, system, ignore_chat_template: bool) -> list[int]:
@@ -89,7 +99,7 @@ def main(argv=None) -> None:
     if prompt == "-" and group() is not None:
         raise SystemExit("error: --prompt - cannot be used under mlx.launch, which forwards stdin but "
                          "never closes it: pass the prompt as --prompt TEXT")
-    prompt = sys.stdin.read() if prompt == "-" else prompt
+    prompt = read_stdin() if prompt == "-" else prompt
     from ..engine.generation import stream_generate
     from ..engine.sample import SamplingParams
     from ..weights.loader import load, load_draft

@@ -74,16 +74,16 @@ class ModelArgs:
         def need(*names):
             for n in names:
                 if cfg.get(n) is not None:
-                    return cfg[n]
+                    return _positive(n, cfg[n])
             raise ConfigError(f"config.json has no {' / '.join(names)} (model_type {model_type})")
 
-        n_layers = int(need("num_hidden_layers"))
-        hidden = int(need("hidden_size", "block_dim"))
-        heads = int(need("num_attention_heads", "num_heads"))
-        kv_heads = int(cfg.get("num_key_value_heads") or heads)
+        n_layers = need("num_hidden_layers")
+        hidden = need("hidden_size", "block_dim")
+        heads = need("num_attention_heads", "num_heads")
+        kv_heads = _positive("num_key_value_heads", cfg.get("num_key_value_heads") or heads)
 
         layer_types = _layer_types(cfg, n_layers)
-        ff = int(need("intermediate_size", "block_ff_dim"))
+        ff = need("intermediate_size", "block_ff_dim")
         if model_type == "lfm2" and cfg.get("block_auto_adjust_ff_dim", True):
             ff = _auto_adjusted_ff(cfg, ff)
 
@@ -94,7 +94,7 @@ class ModelArgs:
 
         args = dict(
             model_type=model_type,
-            vocab_size=int(need("vocab_size")),
+            vocab_size=need("vocab_size"),
             hidden_size=hidden,
             num_hidden_layers=n_layers,
             num_attention_heads=heads,
@@ -104,9 +104,9 @@ class ModelArgs:
             norm_eps=float(eps),
             rope_theta=float(rope_theta),
             conv_bias=bool(cfg.get("conv_bias", False)),
-            conv_L_cache=int(cfg.get("conv_L_cache", 3)),
+            conv_L_cache=_positive("conv_L_cache", cfg.get("conv_L_cache", 3)),
             tie_word_embeddings=bool(tie),
-            max_position_embeddings=int(cfg.get("max_position_embeddings", 128_000)),
+            max_position_embeddings=_positive("max_position_embeddings", cfg.get("max_position_embeddings", 128_000)),
             bos_token_id=cfg.get("bos_token_id", 1),
             eos_token_id=cfg.get("eos_token_id", 7),
             pad_token_id=cfg.get("pad_token_id", 0),
@@ -123,12 +123,28 @@ class ModelArgs:
         return cls(**args)
 
 
+def _positive(key: str, value) -> int:
+    """A count from config.json: a whole number above zero, or ConfigError naming ``key``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 1:
+        raise ConfigError(f"config.json: {key!r} must be a whole number above 0, not {value!r}")
+    return int(value)
+
+
+def _whole(key: str, value) -> int:
+    """A count that may be zero."""
+    return 0 if value == 0 and not isinstance(value, bool) else _positive(key, value)
+
+
 def _layer_types(cfg: dict, n_layers: int) -> list[str]:
     """``layer_types``, or the old ``full_attn_idxs`` (absent: every layer attends)."""
     layer_types = cfg.get("layer_types")
+    if layer_types is not None and not isinstance(layer_types, list):
+        raise ConfigError(f"config.json: 'layer_types' must be a list, not {type(layer_types).__name__}")
     if layer_types is None:
         idxs = cfg.get("full_attn_idxs")
         idxs = list(range(n_layers)) if idxs is None else idxs
+        if not isinstance(idxs, list):
+            raise ConfigError(f"config.json: 'full_attn_idxs' must be a list, not {type(idxs).__name__}")
         layer_types = ["full_attention" if i in idxs else "conv" for i in range(n_layers)]
     layer_types = list(layer_types)
     if len(layer_types) != n_layers or set(layer_types) - {"conv", "full_attention"}:
@@ -154,10 +170,10 @@ def _auto_adjusted_ff(cfg: dict, ff: int) -> int:
 def _moe_fields(cfg: dict, need) -> dict:
     """The LFM2-MoE fields (``need(name)``: a required key's value)."""
     moe = dict(
-        num_dense_layers=int(cfg.get("num_dense_layers", 2)),
-        num_experts=int(need("num_experts")),
-        num_experts_per_tok=int(need("num_experts_per_tok")),
-        moe_intermediate_size=int(need("moe_intermediate_size")),
+        num_dense_layers=_whole("num_dense_layers", cfg.get("num_dense_layers", 2)),
+        num_experts=need("num_experts"),
+        num_experts_per_tok=need("num_experts_per_tok"),
+        moe_intermediate_size=need("moe_intermediate_size"),
         use_expert_bias=bool(cfg.get("use_expert_bias", True)),
         norm_topk_prob=bool(cfg.get("norm_topk_prob", True)),
         routed_scaling_factor=float(cfg.get("routed_scaling_factor", 1.0)),

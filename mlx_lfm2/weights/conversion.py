@@ -25,7 +25,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ..model.config import ModelArgs
-from .loader import TOKENIZER_FILES, load_config, resolve
+from .loader import TOKENIZER_FILES, links_outside, load_config, resolve
 from ..model.blocks import Block, Model
 from .publish import compatible_config, convert_command, upload_to_hub, write_model_card
 from .layouts import load_group, load_safetensors, safetensors_files, to_mlx_lm_name
@@ -167,6 +167,7 @@ def convert(hf_path: Union[str, Path], mlx_path: Union[str, Path], quantize: boo
     src = resolve(hf_path, revision, flag="--hf-path")
     if mlx_path.exists():
         check_replaceable(mlx_path, src)  # before hours of work, and again before the swap
+    _check_confined(src)
     config = load_config(src)
     args = ModelArgs.from_dict(config)
     if args.quantization:
@@ -248,6 +249,16 @@ def convert(hf_path: Union[str, Path], mlx_path: Union[str, Path], quantize: boo
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return mlx_path
+
+
+def _check_confined(src: Path) -> None:
+    """Refuse a source whose files (read, or copied into the output) link outside it."""
+    names = ["config.json", "model.safetensors.index.json", *TOKENIZER_FILES]
+    outside = links_outside(src, [src / n for n in names])
+    outside = outside or links_outside(src, safetensors_files(src))
+    if outside:
+        raise ConversionError(f"{outside[0]} resolves to {outside[0].resolve()}, outside the source "
+                              f"folder {src}: copy the file into the folder to convert it")
 
 
 def load_sizes(files) -> list:

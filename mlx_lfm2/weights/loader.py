@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 from typing import Optional, Union
@@ -43,6 +44,14 @@ def resolve(path_or_repo: Union[str, Path], revision: Optional[str] = None, flag
         return Path(snapshot_download(name, revision=revision, allow_patterns=HUB_PATTERNS))
     except Exception as e:
         raise hub_error(name, e, flag) from e
+
+
+def links_outside(folder: Path, paths) -> list[Path]:
+    """Those of ``paths`` (names in ``folder``) that resolve outside it: symlinks out, ``../``.
+    A hub snapshot's links into its repo's ``blobs/`` count as inside (the repo cache is the root)."""
+    folder = Path(folder).resolve()
+    root = folder.parent.parent if folder.parent.name == "snapshots" else folder
+    return [Path(p) for p in paths if os.path.lexists(p) and not Path(p).resolve().is_relative_to(root)]
 
 
 def load_config(folder: Path) -> dict:

@@ -16,6 +16,8 @@ import shlex
 from pathlib import Path
 from typing import Optional
 
+from .loader import links_outside
+
 # transformers' Lfm2Config defaults for the keys that only old configs spell out.
 _LFM2_BLOCK_DEFAULTS = {"block_multiple_of": 256, "block_ffn_dim_multiplier": 1.0,
                         "block_auto_adjust_ff_dim": True}
@@ -172,6 +174,9 @@ def upload_to_hub(folder, repo: str, private: bool = False) -> str:
     folder = Path(folder)
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"{folder} is not a converted model folder (no config.json)")
+    outside = links_outside(folder, folder.rglob("*"))
+    if outside:  # upload_folder would publish the target's contents
+        raise ValueError(f"not uploading {folder}: {outside[0]} is a symlink to a file outside it")
     card_path = folder / "README.md"
     if card_path.exists():  # name the card after the repo, so its snippets load it from the hub
         card = ModelCard.load(card_path)
