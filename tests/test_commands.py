@@ -23,7 +23,7 @@ HELP = {
                           "prompt caches kept for reuse (default: 8)", "the OpenAI API", "the Anthropic Messages API"]),
     "cache_prompt": (cache_prompt.main, ["model folder or hub repo id (default: mlx_model)",
                                          "mlx_lm.cache_prompt's flags and file"]),
-    "convert": (conversion.main, ["default: the mode's (affine: 4)", "(default: uniform)", "mlx-lm's layout"]),
+    "convert": (conversion.main, ["bits per quantized weight (default: 4)", "(default: uniform)", "mlx-lm's layout"]),
     "random_checkpoint": (random_checkpoint.main, ["out                   folder to write (created if needed)",
                                                    "model shape (default: tiny-moe)", "trying the commands offline"]),
 }

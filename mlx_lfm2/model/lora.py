@@ -240,7 +240,7 @@ def merge(model: nn.Module) -> int:
         if isinstance(m, LoRASwitchLinear):
             new = SwitchLinear(w.shape[2], w.shape[1], w.shape[0])
         else:
-            new = device.Linear(w.shape[1], w.shape[0], bias="bias" in m.linear)
+            new = nn.Linear(w.shape[1], w.shape[0], bias="bias" in m.linear)
         new.weight = w
         if "bias" in m.linear:
             new.bias = m.linear["bias"]

@@ -27,7 +27,6 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from ..model import device
 from ..model.experts import SwitchLinear
 from ..model.lora import adapter_layers, adapters_off, merge
 from ..weights.layouts import to_mlx_lm_name
@@ -66,9 +65,9 @@ def dequantize_all(model) -> None:
         if w.ndim == 3:
             new = SwitchLinear(w.shape[2], w.shape[1], w.shape[0])
         elif hasattr(m, "as_linear"):
-            new = device.Embedding(w.shape[0], w.shape[1])
+            new = nn.Embedding(w.shape[0], w.shape[1])
         else:
-            new = device.Linear(w.shape[1], w.shape[0], bias="bias" in m)
+            new = nn.Linear(w.shape[1], w.shape[0], bias="bias" in m)
             if "bias" in m:
                 new.bias = m["bias"]
         new.weight = w
