@@ -4,6 +4,7 @@ Writes random checkpoints with the real per-layer shapes of LFM2-24B-A2B (one bf
 model.safetensors each, as the hub ships it) and converts each to 4-bit in a fresh process.
 
     python bench/convert_memory.py --layers 3 6
+    python bench/convert_memory.py --layers 3 6 --method awq   # calibrated: the same bound
 """
 
 import argparse
@@ -19,7 +20,7 @@ sys.path.insert(0, {root!r} + "/bench")
 from common import peak_rss_gb
 from mlx_lfm2 import convert
 t = time.perf_counter()
-convert({src!r}, {dst!r}, quantize=True, force=True, progress=False)
+convert({src!r}, {dst!r}, quantize=True, force=True, progress=False, **{kw!r})
 print(json.dumps({{"seconds": time.perf_counter() - t,
                    "peak_rss_gb": peak_rss_gb()}}))
 """
@@ -46,6 +47,9 @@ def main():
     p.add_argument("--preset", default="24b-a2b")
     p.add_argument("--layers", type=int, nargs="+", default=[3, 6])
     p.add_argument("--keep", action="store_true", help="keep the checkpoints afterwards")
+    p.add_argument("--method", default="rtn", choices=["rtn", "awq", "dynamic-awq"],
+                   help="awq: --q-method awq; dynamic-awq: and --target-bpw 4.5 (two passes)")
+    p.add_argument("--calibration-tokens", type=int, default=1024)
     a = p.parse_args()
     from common import ROOT
 
@@ -53,14 +57,16 @@ def main():
     for n in a.layers:
         src = checkpoint(a.preset, n)
         dst = OUT / f"{src.name}-convert-memory-q4"
-        r = run_json(["-c", WORKER.format(root=str(ROOT), src=str(src), dst=str(dst))])
+        kw = {} if a.method == "rtn" else dict(q_method="awq", calibration_tokens=a.calibration_tokens,
+                                                **({"target_bpw": 4.5} if a.method == "dynamic-awq" else {}))
+        r = run_json(["-c", WORKER.format(root=str(ROOT), src=str(src), dst=str(dst), kw=kw)])
         size = (src / "model.safetensors").stat().st_size / 1e9
         rows.append({"layers": n, "checkpoint_gb": size, "largest_layer_gb": largest_layer_gb(src),
                      "output_gb": sum(f.stat().st_size for f in dst.glob("*.safetensors")) / 1e9, **r})
         shutil.rmtree(dst, ignore_errors=True)
         if not a.keep:
             shutil.rmtree(src, ignore_errors=True)
-    print(json.dumps({"bench": "convert_memory", "preset": a.preset, "runs": rows}))
+    print(json.dumps({"bench": "convert_memory", "preset": a.preset, "method": a.method, "runs": rows}))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ tier's bytes per 1k tokens, and the tokens each reply says came from the cache.
 
     python bench/prompt_cache.py                      # 24b-a2b-narrow shapes, 4-bit, both servers
     python bench/prompt_cache.py --engines mlx_lfm2   # ours only
+    python bench/prompt_cache.py --layers 2 --system-tokens 1500 --agent-tokens 3000   # a loaded CPU
 """
 
 import json
@@ -42,18 +43,16 @@ def words(n_tokens: int, tokenizer, seed: int) -> str:
     return text
 
 
-def requests(tokenizer) -> dict:
-    system = words(6000, tokenizer, 1)
+def requests(tokenizer, system_tokens: int, agent_tokens: int) -> dict:
+    system = words(system_tokens, tokenizer, 1)
     tools = [{**TOOL, "function": {**TOOL["function"], "name": f"tool_{i}"}} for i in range(40)]
-    history = []
-    for i in range(12):
-        history += [{"role": "user", "content": words(400, tokenizer, 10 + i)},
-                    {"role": "assistant", "content": words(300, tokenizer, 50 + i)}]
-    agent = [{"role": "system", "content": "You are a coding agent.\n" + json.dumps(tools)}] + history
-    while len(tokenizer.encode(tokenizer.apply_chat_template(agent), add_special_tokens=False)) < 16000:
-        agent.append({"role": "user", "content": words(300, tokenizer, len(agent))})
-    return {"system_6k": [{"role": "system", "content": system}, {"role": "user", "content": "Hello."}],
-            "agent_16k": agent + [{"role": "user", "content": "Go on."}]}
+    agent = [{"role": "system", "content": "You are a coding agent.\n" + json.dumps(tools)}]
+    turn = max(50, agent_tokens // 40)
+    while len(tokenizer.encode(tokenizer.apply_chat_template(agent), add_special_tokens=False)) < agent_tokens:
+        agent += [{"role": "user", "content": words(turn, tokenizer, len(agent))},
+                  {"role": "assistant", "content": words(turn // 2, tokenizer, len(agent) + 1)}]
+    return {f"system_{system_tokens}": [{"role": "system", "content": system}, {"role": "user", "content": "Hello."}],
+            f"agent_{agent_tokens}": agent + [{"role": "user", "content": "Go on."}]}
 
 
 def start(engine: str, model: Path, port: int, cache_dir: Path) -> subprocess.Popen:
@@ -94,12 +93,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def ask(port: int, messages: list) -> tuple[float, dict]:
+def ask(port: int, messages: list, model: str) -> tuple[float, dict]:
     import httpx
 
-    t = time.perf_counter()
+    t = time.perf_counter()  # mlx-lm's server loads the model a request names: name its folder
     r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=3600,
-                   json={"model": "m", "messages": messages, "max_tokens": 1, "temperature": 0})
+                   json={"model": model, "messages": messages, "max_tokens": 1, "temperature": 0})
     if r.status_code != 200:
         raise RuntimeError(f"{r.status_code}: {r.text[:500]}")
     return time.perf_counter() - t, r.json().get("usage", {})
@@ -110,24 +109,26 @@ def measure(engine: str, model: Path, messages: list, prompt_tokens: int) -> dic
     port = free_port()
     proc = start(engine, model, port, cache_dir)
     try:
-        cold, _ = ask(port, messages)
+        cold, _ = ask(port, messages, str(model))
     finally:
         stop(proc)
     proc = start(engine, model, port, cache_dir)
     try:
-        warm, use = ask(port, messages)
+        warm, use = ask(port, messages, str(model))
     finally:
         stop(proc)
     disk = sum(f.stat().st_size for f in cache_dir.glob("blk-*"))
     cached = (use.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
     return {"cold_s": round(cold, 3), "after_restart_s": round(warm, 3), "ratio": round(warm / cold, 4),
-            "cached_tokens": cached, "prompt_tokens": prompt_tokens,
+            "cached_tokens": cached, "prompt_tokens": prompt_tokens, "prefilled_after_restart": prompt_tokens - cached,
             "disk_bytes_per_1k_tokens": round(disk / max(cached, 1) * 1000) if disk else 0}
 
 
 def main() -> None:
     p = model_parser(__doc__, runs=1)
     p.add_argument("--engines", nargs="*", default=["mlx_lfm2", "mlx_lm"])
+    p.add_argument("--system-tokens", type=int, default=6000)
+    p.add_argument("--agent-tokens", type=int, default=16000, help="tool schemas and a conversation")
     a = p.parse_args()
     # The real tokenizer's 65536 ids must all be embedding rows (the narrow preset has 8192).
     src = checkpoint(a.preset, a.layers, vocab_size=65536)
@@ -135,8 +136,9 @@ def main() -> None:
     from mlx_lfm2.text.tokenizer import load_tokenizer
 
     tok = load_tokenizer(model)
-    out = {"machine": platform.platform(), "model": f"{a.preset} {a.layers} layers, {a.bits}-bit", "results": {}}
-    for name, messages in requests(tok).items():
+    out = {"machine": platform.platform(), "model": f"{a.preset} {a.layers} layers, {a.bits}-bit",
+           "command": " ".join(sys.argv), "results": {}}
+    for name, messages in requests(tok, a.system_tokens, a.agent_tokens).items():
         n = len(tok.encode(tok.apply_chat_template(messages), add_special_tokens=False))
         for engine in a.engines:
             out["results"][f"{name}/{engine}"] = r = measure(engine, model, messages, n)

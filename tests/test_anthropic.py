@@ -306,12 +306,12 @@ def test_forced_tool_use_follows_the_input_schema_and_output_format_gives_json(r
     assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
 
 
-def claude_code_request(nonce: str, turns: list) -> dict:
+def claude_code_request(nonce: str, turns: list, max_tokens: int = 64000) -> dict:
     """The shape of Claude Code's requests (recorded from ``claude -p``, 2.1.x): a billing
     header with a per-request nonce as the first system block, a system message inside
     ``messages``, betas in fields the server does not use."""
     return {
-        "model": "claude-opus-4-8", "max_tokens": 64000, "stream": True,
+        "model": "claude-opus-4-8", "max_tokens": max_tokens, "stream": True,
         "system": [{"type": "text", "text": f"x-anthropic-billing-header: cc_version=2.1.197.{nonce}; cc_entrypoint=sdk-cli;"},
                    {"type": "text", "text": "You are a Claude agent.", "cache_control": {"type": "ephemeral"}}],
         "messages": [{"role": "user", "content": [{"type": "text", "text": "<system-reminder>today</system-reminder>"},
@@ -338,10 +338,11 @@ def test_claude_code_requests_are_served_and_turn_two_reuses_turn_one(real, toke
     usages = []
     turns = ["say hi"]
     for nonce in ("123", "9f2"):
-        with httpx.stream("POST", base + "/v1/messages?beta=true", json=claude_code_request(nonce, turns),
+        with httpx.stream("POST", base + "/v1/messages?beta=true", json=claude_code_request(nonce, turns, 24),
                           headers={"x-api-key": "sekrit", "anthropic-beta": "claude-code-20250219"}, timeout=60) as r:
             assert r.status_code == 200, r.read()
             events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+        assert events[0]["type"] == "message_start", events[:2]
         start = events[0]["message"]["usage"]
         delta = next(e for e in events if e["type"] == "message_delta")["usage"]
         assert delta["input_tokens"] == start["input_tokens"]  # complete usage in message_delta

@@ -124,3 +124,23 @@ def test_lm_eval_local_completions_loglikelihood_equals_the_models_log_softmax(s
         want = sum(float(ref[i - 1, ids[i]]) for i in positions)
         assert logprob == pytest.approx(want, abs=1e-3), (ctx, cont)
         assert greedy == all(ids[i] == int(ref[i - 1].argmax()) for i in positions)
+
+
+def test_logprobs_are_the_models_own_while_sampling_keeps_the_penalties(served):
+    """The model card's repetition penalty (applied by default), a request's penalties and
+    its logit_bias shape what is sampled, not what is reported: each reported logprob is the
+    model's own log-softmax at that position (vLLM's default)."""
+    base, client, model, tok, _ = served
+    prompt = tok.encode("la la la la la la", add_special_tokens=False)
+    ref = log_softmax(model, prompt)[-1]
+    greedy = int(ref.argmax())
+    r = client.completions.create(model="m", prompt=prompt, max_tokens=1, temperature=0, logprobs=1,
+                                  extra_body={"frequency_penalty": 1.0})
+    assert r.choices[0].logprobs.token_logprobs[0] == pytest.approx(float(ref[greedy]), abs=2e-4)
+    banned = client.completions.create(model="m", prompt=prompt, max_tokens=1, temperature=0, logprobs=2,
+                                       logit_bias={str(greedy): -100})
+    lp = banned.choices[0].logprobs
+    second = int(np.argsort(-ref)[1])
+    assert lp.tokens == [tok.decode([second])]  # the bias steered the sampling...
+    assert lp.token_logprobs[0] == pytest.approx(float(ref[second]), abs=2e-4)  # ...not the report
+    assert lp.top_logprobs[0][tok.decode([greedy])] == pytest.approx(float(ref[greedy]), abs=2e-4)

@@ -149,6 +149,8 @@ BAD_TOOLS = [
     ({"name": "f", "parameters": {"$defs": [], "properties": {}}}, r"tool f: \$defs must be an object"),
     ({"name": "f", "parameters": {"properties": {"a": {}}, "required": "a"}}, "tool f: required must be a list"),
     ({"name": "f", "parameters": {"properties": {"a": {}}, "required": ["b"]}}, "required parameter 'b'"),
+    ({"name": "f", "parameters": {"properties": {"a": {}}, "required": [{}]}}, "required must list parameter names"),
+    ({"name": "f", "parameters": {"properties": {"a": {"type": {"x": 1}}}}}, "type must be a string or a list"),
     ({"name": "f", "parameters": {"properties": {"a": {"enum": "xy"}}}}, "tool f: enum must be a list"),
     ({"name": "f", "parameters": {"properties": {"a": {"type": "array", "items": {}, "minItems": "2"}}}},
      "minItems must be a non-negative integer"),

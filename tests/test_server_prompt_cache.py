@@ -52,6 +52,9 @@ def test_after_a_restart_the_prefix_comes_from_disk_and_the_reply_equals_a_cold_
     proc, base = served(folder, "--prompt-cache-dir", str(tmp_path))
     try:
         again, use2 = ask_openai(base)
+        import httpx
+
+        assert httpx.get(base + "/health").json()["prompt_cache_disk"]["blocks_read"] == len(blocks)
     finally:
         stop(proc)
     assert again == cold

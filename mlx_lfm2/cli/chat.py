@@ -63,6 +63,7 @@ def parse_args(argv=None):
     p.add_argument("--json-schema", type=Path, metavar="FILE",
                    help="a JSON schema file: every reply is JSON that validates against it")
     p.add_argument("--draft-model", help="a small LFM2 with the same tokenizer for speculative decoding")
+    p.add_argument("--adapter-path", help="a LoRA/DoRA adapter folder (mlx-lm's layout or PEFT's) to apply")
     p.add_argument("--num-draft-tokens", type=int, help="tokens drafted per step (default: adaptive from 3)")
     p.add_argument("--prompt-lookup", action="store_true",
                    help="speculative decoding with drafts from n-grams of the conversation (no draft model)")
@@ -348,7 +349,7 @@ def main(argv=None) -> None:
         if args.model:
             check_model(console, args.model, args.yes)
         source = args.model or default_model(console, args.yes)
-        model, tokenizer = load(source)
+        model, tokenizer = load(source, adapter_path=args.adapter_path)
     except (OSError, ValueError, RuntimeError) as e:
         raise SystemExit(f"error: {e}")
     load_s = time.perf_counter() - t_load

@@ -37,6 +37,7 @@ def parse_args(argv=None):
     p.add_argument("--extra-eos-token", nargs="+", default=None, help="more tokens that end generation")
     p.add_argument("--prefill-step-size", type=positive_int, help="prompt tokens per prefill chunk (default: the device's)")
     p.add_argument("--draft-model", help="a small LFM2 with the same tokenizer for speculative decoding")
+    p.add_argument("--adapter-path", help="a LoRA/DoRA adapter folder (mlx-lm's layout or PEFT's) to apply")
     p.add_argument("--num-draft-tokens", type=int, help="tokens drafted per step (default: adaptive from 3)")
     p.add_argument("--prompt-lookup", action="store_true",
                    help="speculative decoding with drafts from n-grams of the prompt (no draft model)")
@@ -104,7 +105,7 @@ def main(argv=None) -> None:
     from ..weights.loader import load, load_draft
 
     try:
-        model, tokenizer = load(args.model)
+        model, tokenizer = load(args.model, adapter_path=args.adapter_path)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     for token in args.extra_eos_token or ():

@@ -6,7 +6,8 @@ nothing of caches, and this module nothing of text.
 * ``prefill``: a prompt into a cache in chunks, checkpointing each chunk's end (a later
   prompt that shares the prefix rewinds there).
 * ``Picker``: one sequence's way of choosing its next token: logits processors over its
-  history, normalized to log-probabilities, then the sampler (greedy when it has none).
+  history, normalized to log-probabilities, then the sampler (greedy when it has none); the
+  log-probabilities it reports are the model's own, before the processors.
   ``pick`` is the step; ``pick_rows`` is the same for a batch, row by row, so a sequence picks
   the same tokens in a batch as alone; speculative decoding scores its drafts with ``score``.
 * ``generate_step``: the plain decode loop, which queues step n+1's graph
@@ -23,7 +24,6 @@ import mlx.core as mx
 
 from ..model import device
 from ..model.cache import checkpoint
-from ..model.pipeline import PipelineModel
 from .validate import check_token_ids, vocab_rows
 
 
@@ -68,12 +68,15 @@ class Picker:
 
     def pick(self, logits: mx.array) -> tuple[mx.array, mx.array]:
         """The step: ``(token [1], logprobs [1, V])`` for ``logits`` ``[1, V]``; the token joins
-        the history."""
-        logprobs = self.score(logits)
+        the history. The token is drawn from the processed distribution (penalties, bias,
+        constraints, then the sampler's temperature); the logprobs returned, the ones reported,
+        are the model's own (vLLM's default), which a grammar or a penalty does not change."""
+        own = normalize(logits)
+        logprobs = self.score(logits) if self.processors else own
         y = self.sampler(logprobs) if self.sampler is not None else mx.argmax(logprobs, axis=-1)
         if self.processors:
             self.history = mx.concatenate([self.history, y.astype(self.history.dtype)])
-        return y, logprobs
+        return y, own
 
 
 def pick_rows(pickers: list[Picker], logits: mx.array) -> tuple[mx.array, mx.array]:
@@ -99,7 +102,7 @@ def generate_step(prompt: mx.array, model, cache: list, *, max_tokens: int = 256
     # Under mlx.launch every rank runs this loop; rank 0's prompt, tokens and stop decisions
     # are shared so the ranks stay in step (see model.pipeline); a stop_event then ends it a token
     # or two later than in one process (the flag travels with a token).
-    shared = isinstance(model, PipelineModel)
+    shared = getattr(model, "shares_tokens", False)  # a pipeline stage (stand-in models lack it)
     if shared:
         prompt = model.share_prompt(prompt)
     picker = Picker(sampler, list(logits_processors), prompt)

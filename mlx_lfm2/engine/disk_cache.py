@@ -315,7 +315,7 @@ class DiskTier:
     (``engine/prompt_cache.py``): prompts in as text, ``PromptCache`` entries out."""
 
     def __init__(self, store: BlockStore, tokenizer, draft_model=None):
-        self.disk, self.tokenizer, self.draft_model = store, tokenizer, draft_model
+        self.blocks, self.tokenizer, self.draft_model = store, tokenizer, draft_model
 
     def lookup(self, namespace: str, text: str, longer_than: int = 0):
         """The longest stored prefix of ``text`` as a ``PromptCache`` (at least one token of
@@ -325,21 +325,21 @@ class DiskTier:
 
         tok = self.tokenizer
         ids = tok.encode(text, add_special_tokens=False)  # the template writes BOS itself
-        block = self.disk.block
-        n = min(self.disk.chain_length(ids, namespace), len(ids) - 1) // block * block
+        block = self.blocks.block
+        n = min(self.blocks.chain_length(ids, namespace), len(ids) - 1) // block * block
         if n == 0 or len(tok.decode(ids[:n])) <= longer_than:
             return None  # nothing stored, or no more than memory holds: read nothing
-        cache, n = self.disk.lookup(ids, n, namespace)  # shorter if a block fails its checks
+        cache, n = self.blocks.lookup(ids, n, namespace)  # shorter if a block fails its checks
         while n > 0 and not text.startswith(tok.decode(ids[:n])):  # a character split at the end
             rewind(cache, block)
             n -= block
         if n == 0:
             return None
-        return PromptCache(self.disk.model, cache, text[: len(tok.decode(ids[:n]))], ids[:n],
+        return PromptCache(self.blocks.model, cache, text[: len(tok.decode(ids[:n]))], ids[:n],
                            draft_model=self.draft_model)
 
     def store(self, namespace: str, pc, pin: bool = False) -> None:
-        self.disk.save(pc.tokens, pc.cache, pin=pin, namespace=namespace)
+        self.blocks.save(pc.tokens, pc.cache, pin=pin, namespace=namespace)
 
 
 def default_folder() -> Path:

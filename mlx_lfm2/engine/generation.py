@@ -24,7 +24,6 @@ from typing import Iterator, Optional, Sequence, Union
 
 import mlx.core as mx
 
-from ..model.pipeline import PipelineModel
 from .decode import generate_step
 from .request import Request, build_request
 from .sample import SamplingParams
@@ -193,7 +192,7 @@ def stream_request(model, tokenizer, request: Request, cache: list, *, stop_even
     prompt = mx.array(request.ids, dtype=mx.uint32)
     spec = {}
     speculate = (draft_model is not None or prompt_lookup) and request.constraint is None \
-        and not isinstance(model, PipelineModel)
+        and not getattr(model, "shares_tokens", False)
     if speculate:
         stepper = speculative_generate_step(
             prompt, model, cache, draft_model=draft_model, draft_cache=draft_cache, prompt_lookup=prompt_lookup,

@@ -33,7 +33,7 @@ from typing import Iterator, Optional, Protocol
 import mlx.core as mx
 
 from ..model.cache import ConvCache, can_rewind, rewind
-from .decode import Picker, prefill
+from .decode import Picker, normalize, prefill
 from .sample import make_sampler
 
 MAX_DRAFT = ConvCache.window - 1  # a block of k + 1 tokens must fit the conv rewind window
@@ -197,7 +197,7 @@ def verify(model, cache: list, y: int, drafts: list, q: Optional[mx.array], proc
     """One verify round: ``[y, d1..dk]`` through the target in one call, the drafts kept by the
     rule (greedy: equal to the argmax; sampling: ``accept_drafts``), the cache rewound to
     what was kept. Returns (kept, the tokens to emit: kept drafts + one of the target's,
-    their processed log-probs ``[k + 1, V]``)."""
+    the model's own log-probs ``[k + 1, V]`` to report; the processed ones only decide)."""
     k = len(drafts)
     block = mx.concatenate([mx.array([y], dtype=mx.uint32), *drafts])
     logits = model(block[None], cache=cache)[0]  # [k + 1, V]
@@ -212,7 +212,7 @@ def verify(model, cache: list, y: int, drafts: list, q: Optional[mx.array], proc
     else:
         a, last = accept_drafts(distribution(rows), draft_ids, q, key)
     rewind(cache, k - a)
-    return a, draft_ids[:a] + [last], rows
+    return a, draft_ids[:a] + [last], normalize(logits)
 
 
 class Pace:
@@ -346,9 +346,9 @@ class _Run:
         """Plain pipelined steps (``mx.async_eval``) after the newest token, at most ``left``,
         until the pace allows a draft and the drafter has one."""
 
-        def step(tok: mx.array, extra: list):
-            logprobs = self.process(self.model(tok[None], cache=self.cache)[:, -1, :], extra)
-            return self.picker.sampler(logprobs).astype(mx.uint32), logprobs
+        def step(tok: mx.array, extra: list):  # sampled from the processed, reported: the model's own
+            logits = self.model(tok[None], cache=self.cache)[:, -1, :]
+            return self.picker.sampler(self.process(logits, extra)).astype(mx.uint32), normalize(logits)
 
         tok, lp = step(mx.array([self.hist[-1]], dtype=mx.uint32), [])
         mx.async_eval(tok, lp)

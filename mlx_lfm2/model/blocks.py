@@ -178,7 +178,9 @@ class SparseMoE(nn.Module):
         K = self.top_k
         probs = mx.sigmoid(self.gate(x).astype(mx.float32))  # [B, L, E]
         choice = probs + self.expert_bias if "expert_bias" in self else probs
-        inds = mx.argpartition(choice, kth=-K, axis=-1)[..., -K:]  # [B, L, K]
+        # Which experts is a choice, not a function of the weights: without stop_gradient the
+        # backward pass would differentiate the gathers with respect to these indices (and fail).
+        inds = mx.stop_gradient(mx.argpartition(choice, kth=-K, axis=-1)[..., -K:])  # [B, L, K]
         w = mx.take_along_axis(probs, inds, axis=-1)
         if self.norm_topk_prob:
             w = w / (w.sum(axis=-1, keepdims=True) + 1e-6)

@@ -16,7 +16,7 @@ weights are loaded, so forward code never asks which device it runs on:
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Callable
+from typing import Callable, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -168,10 +168,13 @@ def swap(module: nn.Module, *mixins: type) -> None:
         module.__class__ = _variant(type(module), mixins)
 
 
-def specialize(model: Model, evaluate: bool = True) -> Model:
+def specialize(model: Model, evaluate: bool = True, fuse: Optional[bool] = None) -> Model:
     """Swap in the variants ``device`` chooses, layer by layer (when ``evaluate``, each layer's
-    new arrays are evaluated before the next, so only one layer's old and new arrays coexist)."""
-    fuse, compile_ = device.fuse_matmuls(), device.compile_decode()
+    new arrays are evaluated before the next, so only one layer's old and new arrays coexist).
+    ``fuse``: the fused q/k/v and gate/up layouts (None: ``device.fuse_matmuls()``; a model
+    with adapters, or one to train, stays unfused)."""
+    fuse = device.fuse_matmuls() if fuse is None else fuse
+    compile_ = device.compile_decode()
     for layer in model.layers:
         op, ffn = layer.op, layer.feed_forward
         glu = ffn.experts if "experts" in ffn else ffn

@@ -5,8 +5,8 @@ Assembly only; each job has its module:
 * ``scheduler``: the worker thread that owns the model (continuous batching, or one job at a
   time for speculative decoding and ``mlx.launch``), the job queue, the prompt caches;
 * ``service``: what both APIs do with a request (auth, prepare, the reply assembler);
-* ``openai`` (request models in ``openai_api``) and ``anthropic``: one module per API, each an
-  app with its own routes and error shape;
+* ``openai`` (request models in ``openai_api``), ``responses`` (OpenAI's Responses API) and
+  ``anthropic``: one module per API, each an app with its own routes and error shape;
 * ``boundary``: the HTTP error type, bodies, validation, disconnects, the uvicorn server.
 
 Limits (see README, "Security model", and ``boundary``): bodies are JSON of bounded size read
@@ -26,27 +26,35 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from ..engine.distributed import group, leader
-from . import anthropic, openai, responses
+from . import anthropic, ollama, openai, responses
 from .boundary import BODY_TIMEOUT, HEADER_TIMEOUT, make_server
+from .metrics import Metrics, Observer, configure, model_bytes
 from .scheduler import DEFAULT_MAX_TOKENS, Scheduler
 from .service import Service
 
 
-def create_app(scheduler: Scheduler, api_key: Optional[str] = None, body_timeout: float = BODY_TIMEOUT):
-    """The ASGI app: each API's app under its path prefix (OpenAI's takes the rest, and
-    ``/health``), over one service; starts the scheduler's worker."""
+def create_app(scheduler: Scheduler, api_key: Optional[str] = None, body_timeout: float = BODY_TIMEOUT,
+               log=None):
+    """The ASGI app: each API's app under its path prefix (OpenAI's takes the rest, ``/health``
+    and ``/metrics``), over one service, each request logged (``log(line)``, default stderr) and
+    counted; starts the scheduler's worker."""
     service = Service(scheduler.start(), api_key, body_timeout)
+    metrics = Metrics(scheduler)
 
     async def health(request: Request):
         import mlx.core as mx
 
         return JSONResponse({"status": "ok", "queued": scheduler.jobs.qsize(), **scheduler.stats,
                              "batch": scheduler.batch.status, "cached_prompts": len(scheduler.caches),
+                             "prompt_cache_disk": dict(scheduler.disk.blocks.stats) if scheduler.disk else None,
                              "mlx_active_mb": round(mx.get_active_memory() / 2**20, 1),
                              "mlx_cache_mb": round(mx.get_cache_memory() / 2**20, 1)})
 
-    return ByPrefix(openai.app(service, routes=(Route("/health", health, methods=["GET"]),)),
-                    {anthropic.PREFIX: anthropic.app(service), responses.PREFIX: responses.app(service)})
+    routes = (Route("/health", health, methods=["GET"]), Route("/metrics", metrics.endpoint(), methods=["GET"]))
+    return Observer(ByPrefix(openai.app(service, routes=routes),
+                             {anthropic.PREFIX: anthropic.app(service), responses.PREFIX: responses.app(service),
+                              ollama.PREFIX: ollama.app(service)}),
+                    metrics, log)
 
 
 class ByPrefix:
@@ -118,16 +126,20 @@ def main(argv=None) -> None:
     p.add_argument("--header-timeout", type=float, default=HEADER_TIMEOUT,
                    help=f"seconds to receive a request head (default {HEADER_TIMEOUT:g})")
     p.add_argument("--draft-model", help="a small LFM2 with the same tokenizer for speculative decoding")
+    p.add_argument("--adapter-path", help="a LoRA/DoRA adapter folder (mlx-lm's layout or PEFT's) to apply")
     p.add_argument("--num-draft-tokens", type=int, help="tokens drafted per step (default: adaptive)")
     p.add_argument("--prompt-lookup", action="store_true", help="speculative decoding from n-grams of the prompt")
+    p.add_argument("--log-content", action="store_true",
+                   help="log each request's prompt and reply (default: counts and timings only)")
     a = p.parse_args(argv)
+    configure(a.log_content)
     if a.host not in ("127.0.0.1", "localhost", "::1") and not a.api_key:
         print(f"warning: serving on {a.host} without --api-key: anyone who can reach this port can use the model",
               file=sys.stderr)
     from ..weights.loader import load, load_draft
 
     try:
-        model, tokenizer = load(a.model)
+        model, tokenizer = load(a.model, adapter_path=a.adapter_path)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     if a.max_batch < 1:
@@ -142,7 +154,34 @@ def main(argv=None) -> None:
     if not leader():  # mlx.launch: rank 0 serves HTTP, the others serve their layers
         return scheduler.follow()
     app = create_app(scheduler, a.api_key, a.body_timeout)
-    make_server(scheduler, app, a.host, a.port, a.header_timeout).run()
+    server = make_server(scheduler, app, a.host, a.port, a.header_timeout)
+    import asyncio
+    asyncio.run(_serve(server, startup_line(a.host, a.port, scheduler)))
+
+
+async def _serve(server, line: str) -> None:
+    """Run ``server``, printing ``line`` once it listens."""
+    import asyncio
+
+    async def announce():
+        while not server.started and not server.should_exit:
+            await asyncio.sleep(0.05)
+        if server.started:
+            print(line, file=sys.stderr, flush=True)
+
+    task = asyncio.create_task(announce())
+    await server.serve()
+    task.cancel()
+
+
+def startup_line(host: str, port: int, scheduler: Scheduler) -> str:
+    """``listening on http://127.0.0.1:8080 model=NAME weights=.. GB mlx_active=.. GB``."""
+    import mlx.core as mx
+
+    shown = f"[{host}]" if ":" in host else host
+    return (f"listening on http://{shown}:{port} model={scheduler.model_id} "
+            f"weights={model_bytes(scheduler.model) / 2**30:.2f} GB "
+            f"mlx_active={mx.get_active_memory() / 2**30:.2f} GB max_batch={scheduler.batch.max_batch}")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from typing import Literal, Optional, Union
+from typing import Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from sse_starlette.sse import EventSourceResponse
@@ -177,6 +177,10 @@ def usage(prompt_tokens: int, output_tokens: int, cached: int) -> dict:
             "total_tokens": prompt_tokens + output_tokens}
 
 
+def _event(kind: str, **data) -> dict:
+    return {"type": kind, **data}
+
+
 class ReplyItems:
     """A reply's output items as it is written, with the stream events each step makes.
 
@@ -189,9 +193,6 @@ class ReplyItems:
         self.items: list[dict] = []
         self._open: Optional[dict] = None  # the message item being written
 
-    def _event(self, kind: str, **data) -> dict:
-        return {"type": kind, **data}
-
     def text(self, piece: str) -> list[dict]:
         if not piece:
             return []
@@ -200,14 +201,14 @@ class ReplyItems:
             self._open = {"type": "message", "id": new_id("msg"), "status": "in_progress", "role": "assistant",
                           "content": []}
             self.items.append(self._open)
-            events.append(self._event("response.output_item.added", output_index=len(self.items) - 1,
+            events.append(_event("response.output_item.added", output_index=len(self.items) - 1,
                                       item={**self._open, "content": []}))
             self._open["content"].append({"type": "output_text", "text": "", "annotations": [], "logprobs": []})
-            events.append(self._event("response.content_part.added", item_id=self._open["id"],
+            events.append(_event("response.content_part.added", item_id=self._open["id"],
                                       output_index=len(self.items) - 1, content_index=0,
                                       part={"type": "output_text", "text": "", "annotations": []}))
         self._open["content"][0]["text"] += piece
-        events.append(self._event("response.output_text.delta", item_id=self._open["id"],
+        events.append(_event("response.output_text.delta", item_id=self._open["id"],
                                   output_index=len(self.items) - 1, content_index=0, delta=piece, logprobs=[]))
         return events
 
@@ -217,11 +218,11 @@ class ReplyItems:
         item, self._open = self._open, None
         item["status"] = "completed"
         index, part = self.items.index(item), item["content"][0]
-        return [self._event("response.output_text.done", item_id=item["id"], output_index=index, content_index=0,
+        return [_event("response.output_text.done", item_id=item["id"], output_index=index, content_index=0,
                             text=part["text"], logprobs=[]),
-                self._event("response.content_part.done", item_id=item["id"], output_index=index, content_index=0,
+                _event("response.content_part.done", item_id=item["id"], output_index=index, content_index=0,
                             part=part),
-                self._event("response.output_item.done", output_index=index, item=item)]
+                _event("response.output_item.done", output_index=index, item=item)]
 
     def call(self, name: str, arguments: dict) -> list[dict]:
         events = self.close()
@@ -231,12 +232,12 @@ class ReplyItems:
         self.items.append(item)
         index = len(self.items) - 1
         return events + [
-            self._event("response.output_item.added", output_index=index,
+            _event("response.output_item.added", output_index=index,
                         item={**item, "arguments": "", "status": "in_progress"}),
-            self._event("response.function_call_arguments.delta", item_id=item["id"], output_index=index, delta=args),
-            self._event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
+            _event("response.function_call_arguments.delta", item_id=item["id"], output_index=index, delta=args),
+            _event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
                         name=name, arguments=args),
-            self._event("response.output_item.done", output_index=index, item=item)]
+            _event("response.output_item.done", output_index=index, item=item)]
 
 def response_body(rid: str, req: ResponsesRequest, model_id: str, items: list, status: str,
                   usage_: Optional[dict] = None, incomplete: Optional[str] = None) -> dict:
@@ -294,12 +295,6 @@ def sse(event: dict, seq: int) -> dict:
     return {"event": event["type"], "data": json.dumps({**event, "sequence_number": seq}, ensure_ascii=False)}
 
 
-FinishKind = Literal["completed", "incomplete"]
-
-
-def finish_status(finish_reason: Optional[str]) -> tuple[FinishKind, Optional[str]]:
-    """``status`` and ``incomplete_details.reason`` for the engine's finish reason."""
-    return ("incomplete", "max_output_tokens") if finish_reason == "length" else ("completed", None)
 
 
 PREFIX = "/v1/responses"
@@ -366,7 +361,8 @@ class Turn:
     def finish(self, last, written: str) -> dict:
         """The closing event (``response.completed`` or ``.incomplete``); stores the response."""
         calls = any(i["type"] == "function_call" for i in self.reply.items)
-        status, why = finish_status(None if calls else last.finish_reason)
+        cut = last.finish_reason == "length" and not calls  # the token limit: "incomplete"
+        status, why = ("incomplete", "max_output_tokens") if cut else ("completed", None)
         body = self.body(status, last, why)
         if self.req.store:  # the reply as written, so the next turn's prompt extends this one's
             self.api.store.put(body, self.conversation + [{"role": "assistant", "content": written}])

@@ -58,8 +58,11 @@ class Job:
     score_ids: Optional[list] = None  # score these prompt ids first (completions' echo with logprobs)
     scores: list = field(default_factory=list)  # their ``engine.score.TokenScore``s, before the first token
     pin: bool = False  # keep this prompt in the disk cache after unpinned ones
+    timing: Optional[object] = None  # serve.metrics.JobTiming: its tokens' times, when observed
 
     def emit(self, item) -> None:
+        if self.timing is not None and isinstance(item, tuple) and item[0].token is not None:
+            self.timing.token(item[0].text)
         self.loop.call_soon_threadsafe(self.out.put_nowait, item)
 
 

@@ -29,6 +29,7 @@ from ..engine.request import PromptTooLongError, check_context
 from ..text.constraints import ConstraintError, make_constraint
 from ..text.tools import ToolCallStream, parse_tool_calls
 from .boundary import APIError, BODY_TIMEOUT, no_reply, read_body, validate, watch
+from .metrics import track
 from .openai_api import ChatRequest
 from .scheduler import DONE, Job, Scheduler
 
@@ -113,6 +114,7 @@ class Service:
         job = Job(prompt_text, params, top_logprobs, asyncio.get_running_loop(), ids=ids, constraint=constraint,
                   schema_warnings=constraint.warnings if constraint is not None else [], score_ids=score_ids)
         job.pin = req.pin_cache
+        track(job)
         s.submit(job)
         return job
 

@@ -12,9 +12,11 @@ tokens is accepted):
 - the grammar's special tokens (``<|tool_call_end|>``) count as one token;
 - the walk ends where a stop token is allowed; the bytes are then tokenized as the tokenizer
   writes them and a stop token added.
-The result is a completion, not always the shortest (a string closes at its first quote, an
-object writes its required keys only, a list its minItems), and never longer than the
-closing bytes plus one stop token. The cost is one mask and one token per byte not forced.
+The result is a short completion (an object gets its required keys only, a list its
+minItems, a string closes at the first quote allowed), not always the shortest one: where a
+value must be written the walk takes the first byte of its order, not the one that ends
+soonest, and a tokenization of fewer tokens may exist. It costs one mask and one consumed
+token per byte not forced (plus a mask per closing byte tried).
 """
 
 from __future__ import annotations

@@ -15,9 +15,10 @@ still end within it: it keeps a completion of the current state (``closing.Close
 that close what is open, as tokens, then a stop token). While more than ``window`` tokens are to
 spare the mask is the grammar's; within ``window`` it keeps only the next token of that
 completion and those of the model's ``TOP`` choices after which a completion still fits; with
-nothing to spare, only the completion's next token. So a reply whose grammar can end within
-``max_tokens`` does (a single token that lengthens the way to the end by more than ``window``,
-an object of many required keys opened at once, widens ``window`` for the rest of the reply).
+nothing to spare, only the completion's next token; when even that completion does not fit,
+the grammar's mask from there on (the reply ends "length"). So a reply whose grammar can end
+within ``max_tokens`` does (a single token that lengthens the way to the end by more than
+``window``, an object of many required keys opened at once, widens ``window`` for the rest).
 
 What a grammar may cost is bounded (``LIMITS``, ``MAX_SCHEMA_CHARS``, ``MAX_SCHEMA_DEPTH``), and
 every number a JSON schema admits has bounded digits (``bounded_number``).
@@ -207,6 +208,7 @@ class Constraint:
     LOOK_BACK = 32
     TOP = 8  # the model's choices checked for room to finish, within the window
     WINDOW, MAX_WINDOW = 8, 64  # tokens to spare below which the budget shapes the mask (it grows, see above)
+    MAX_REACH = 4096  # bytes a completion walk may write (~40 us each): a longer end lets the budget go
 
     def __init__(self, tokenizer, source: str, prompt_tokens: int = 0, what: str = "constraint",
                  max_tokens: Optional[int] = None):
@@ -220,11 +222,15 @@ class Constraint:
         self.prompt_tokens, self.max_tokens = prompt_tokens, max_tokens
         self.tokens: list[int] = []  # the generated ids the matcher has consumed
         self.closer, self.window = Closer(self.ll, source), self.WINDOW
-        reach = 4096 if max_tokens is None else 8 * max_tokens + 64
-        self.plan = self.closer.complete(self.matcher, reach)  # a completion of the current state
+        self.plan = self.closer.complete(self.matcher, self.reach)  # a completion of the current state
         self.plan_at, self.fresh = 0, True  # len(self.tokens) when ``plan`` was made; see ``completion``
         if self.plan is None and not self.closer.gave_up:
             raise ConstraintError(f"{what} admits no output: no text ends it")
+
+    @property
+    def reach(self) -> int:
+        """The bytes a completion may take (more than the budget could hold; at most ``MAX_REACH``)."""
+        return self.MAX_REACH if self.max_tokens is None else min(self.MAX_REACH, 8 * self.max_tokens + 64)
 
     @property
     def done(self) -> bool:
@@ -258,12 +264,15 @@ class Constraint:
         old = self.plan
         if old is not None and new is not None:
             followed = old[:len(new)] == new
-            rest, kept_fresh = (old[len(new):], self.fresh) if followed else (old, False)
-            if (kept_fresh or not fresh) and rest and self.matcher.validate_tokens(rest) == len(rest):
-                self.plan, self.plan_at, self.fresh = rest, len(self.tokens), kept_fresh
-                return rest
-        reach = 4096 if self.max_tokens is None else 8 * self.max_tokens + 64
-        self.plan, self.plan_at, self.fresh = self.closer.complete(self.matcher, reach), len(self.tokens), True
+            if followed:
+                tries = [old[len(new):]] if self.fresh or not fresh else []
+            else:  # the reply left it: it may still hold, or do once the reply wrote its first tokens
+                tries = [] if fresh else [old, old[1:], old[2:]]
+            for rest in tries:
+                if rest and self.matcher.validate_tokens(rest) == len(rest):
+                    self.plan, self.plan_at, self.fresh = rest, len(self.tokens), followed and self.fresh
+                    return rest
+        self.plan, self.plan_at, self.fresh = self.closer.complete(self.matcher, self.reach), len(self.tokens), True
         if old is not None and self.plan is not None and new is not None:  # how far one step set the end back
             grew = len(self.plan) - len(old) + len(new) + 1
             self.window = min(max(self.window, grew), self.MAX_WINDOW)
@@ -272,10 +281,11 @@ class Constraint:
     def budget(self, mask: np.ndarray, logits: mx.array, left: int) -> np.ndarray:
         """``mask`` less the tokens after which the reply could not end in the ``left`` tokens."""
         plan = self.completion()
-        if plan is None or len(plan) < left - self.window:
+        if plan is not None and len(plan) < left - self.window:
             return mask
         plan = self.completion(fresh=True)
-        if plan is None:
+        if plan is None or len(plan) > left:  # no end in reach of the budget: the grammar's mask from here on
+            self.max_tokens = None
             return mask
         keep = np.zeros_like(mask)
         keep[plan[0]] = True

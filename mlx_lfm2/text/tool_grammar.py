@@ -42,6 +42,13 @@ def _lit(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
+def _required(s: dict, what: str) -> list:
+    names = _expect(s.get("required", []), list, f"{what}: required")
+    if not all(isinstance(n, str) for n in names):
+        raise ConstraintError(f"{what}: required must list parameter names (strings)")
+    return names
+
+
 def _expect(value, kind, what: str):
     if not isinstance(value, kind):
         names = {dict: "an object", list: "a list", str: "a string", int: "an integer"}
@@ -113,6 +120,8 @@ class _PythonicGrammar:
                     raise ConstraintError(f"{self.where}: an empty {key} admits no value")
                 return "(" + " | ".join(self.value(sub, depth) for sub in subs) + ")"
         kind = s.get("type")
+        if not (kind is None or isinstance(kind, str) or isinstance(kind, list) and all(isinstance(k, str) for k in kind)):
+            raise ConstraintError(f"{self.where}: type must be a string or a list of strings, not {kind!r:.60}")
         if isinstance(kind, list):
             if not kind:
                 raise ConstraintError(f"{self.where}: an empty list of types admits no value")
@@ -128,7 +137,7 @@ class _PythonicGrammar:
         if kind == "array" and isinstance(s.get("items"), dict):
             return self.array(s, depth)
         if kind == "object" and isinstance(s.get("properties"), dict):
-            required = _expect(s.get("required", []), list, f"{self.where}: required")
+            required = _required(s, self.where)
             fields = [(_lit(_lit(k) + ": "), self.value(v, depth), k in required) for k, v in s["properties"].items()]
             return self.rule(f'"{{" {self.fields(fields)} "}}"')
         if kind in ("array", "object"):
@@ -182,7 +191,7 @@ def _arguments(g: _PythonicGrammar, f: dict) -> str:
     if props is None:  # no declared parameters: any keyword arguments
         return '(PY_NAME "=" py_any (", " PY_NAME "=" py_any)*)?'
     _expect(props, dict, f"tool {f['name']}: properties")
-    required = _expect(params.get("required", []), list, f"tool {f['name']}: required")
+    required = _required(params, f"tool {f['name']}")
     for key in props:
         if not str(key).isidentifier():
             raise ConstraintError(f"tool {f['name']}: parameter {key!r} is not a Python name, "

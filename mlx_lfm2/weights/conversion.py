@@ -321,8 +321,10 @@ def main(argv=None) -> None:
     p.add_argument("--q-mode", default="affine", choices=list(MODES),
                    help="affine: 2-8 bits, groups 32/64/128; mxfp4 (group 32), nvfp4 (group 16): 4-bit floats; "
                         "mxfp8: 8-bit floats (group 32)")
-    p.add_argument("--q-bits", type=int, choices=[2, 3, 4, 5, 6, 8], help="default: the mode's (affine: 4)")
-    p.add_argument("--q-group-size", type=int, choices=[16, 32, 64, 128], help="default: the mode's (affine: 64)")
+    p.add_argument("--q-bits", type=int, choices=[2, 3, 4, 5, 6, 8],
+                   help="bits per quantized weight (default: 4); mxfp4/nvfp4 take 4, mxfp8 8")
+    p.add_argument("--q-group-size", type=int, choices=[16, 32, 64, 128],
+                   help="weights sharing one scale (default: 64); mxfp4/mxfp8 take 32, nvfp4 16")
     p.add_argument("--quant-recipe", default="uniform", choices=sorted(RECIPES),
                    help="uniform: all at --q-bits; mixed_6/mixed_8: experts at --q-bits, the rest at 6/8")
     p.add_argument("--q-method", default="rtn", choices=METHODS,

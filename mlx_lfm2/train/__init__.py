@@ -1,0 +1,1 @@
+"""Fine-tuning: data, losses, the training loop and the lora / fuse commands."""
