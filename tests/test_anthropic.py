@@ -368,3 +368,23 @@ def test_images_and_documents_become_placeholders_or_their_text(tokenizer):
         {"role": "tool", "tool_call_id": "t", "content": "[image omitted: this model reads text only]"},
         {"role": "user", "content": "[image omitted: this model reads text only]\n\nThe notes.\n\n"
                                     "[document omitted: this model reads text only]\n\nWhat do they say?"}]
+
+
+@pytest.mark.parametrize("stops, message", [(["s"] * 5, "at most 4 stop sequences"),
+                                            (["x" * 1025], "a stop sequence is at most 1024 characters")])
+def test_stop_sequences_have_the_openai_routes_bounds_and_each_api_answers_in_its_shape(real, stops, message):
+    import openai
+
+    base, client = real
+    with pytest.raises(anthropic.BadRequestError) as e:
+        client.messages.create(model="m", max_tokens=3, messages=[{"role": "user", "content": "x"}],
+                               stop_sequences=stops)
+    assert e.value.body["type"] == "error" and e.value.body["error"]["type"] == "invalid_request_error"
+    assert message in e.value.message
+    oai = openai.OpenAI(base_url=base + "/v1", api_key="sekrit", max_retries=0)
+    with pytest.raises(openai.UnprocessableEntityError) as e:  # the OpenAI route's validation status
+        oai.chat.completions.create(model="m", max_tokens=3, messages=[{"role": "user", "content": "x"}], stop=stops)
+    assert e.value.body["type"] == "invalid_request_error" and message in e.value.body["message"]
+    r = client.messages.create(model="m", max_tokens=2, messages=[{"role": "user", "content": "x"}],
+                               stop_sequences=["s"] * 3 + ["x" * 1024])  # at the bounds: served
+    assert r.stop_reason in ("max_tokens", "end_turn", "stop_sequence")

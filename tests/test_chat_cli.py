@@ -282,3 +282,38 @@ def test_a_damaged_saved_cache_is_refused(chat_model, tmp_path):
         with pytest.raises(ValueError, match=why):
             fresh.load(tmp_path / name)
     assert fresh.messages == []
+
+def test_a_message_beyond_the_context_is_refused_and_the_conversation_kept(checkpoint):
+    from rich.console import Console
+
+    from mlx_lfm2 import load
+    from mlx_lfm2.cli.chat import Repl
+    from mlx_lfm2.engine.session import Chat
+
+    model, tok = load(checkpoint(tiny_config("tiny-moe", max_position_embeddings=96), tokenizer=True))
+    chat = Chat(model, tok, temperature=0.0)
+    console = Console(record=True, width=300)
+    repl = Repl(chat, console, {}, markdown=False, max_tokens=4)
+    repl.turn("hi")
+    before, cached = list(chat.messages), chat.cached_tokens
+    repl.turn("word " * 200)
+    out = console.export_text()
+    assert "not sent: prompt of" in out and "does not fit the model's context of 96 tokens" in out
+    assert chat.messages == before and chat.cached_tokens == cached
+    repl.turn("ok")  # and the conversation goes on
+    assert [m["role"] for m in chat.messages] == ["user", "assistant"] * 2
+
+
+def test_tools_on_a_folder_or_a_failing_file_is_a_clear_error(tmp_path):
+    from mlx_lfm2.cli.chat import load_tools
+
+    with pytest.raises(SystemExit, match="--tools takes a Python file, and .* is a folder"):
+        load_tools(tmp_path)
+    broken = tmp_path / "tools.py"
+    broken.write_text("import no_such_module_here\n")
+    with pytest.raises(SystemExit, match="importing the tools file .*tools.py failed: ModuleNotFoundError: "
+                                         "No module named 'no_such_module_here'"):
+        load_tools(broken)
+    broken.write_text("def f(:\n")
+    with pytest.raises(SystemExit, match="tools.py failed: SyntaxError"):
+        load_tools(broken)

@@ -139,7 +139,7 @@ def test_sampling_arguments_are_checked_by_the_engine(kwargs, message, tok):
     (dict(layer_types="conv"), "'layer_types' must be a list, not str"),
     (dict(layer_types=None, full_attn_idxs=3), "'full_attn_idxs' must be a list, not int"),
     (dict(num_experts=0), "'num_experts' must be a whole number above 0, not 0"),
-    (dict(num_dense_layers=-1), "'num_dense_layers' must be a whole number above 0, not -1"),
+    (dict(num_dense_layers=-1), "'num_dense_layers' must be a whole number 0 or more, not -1"),
 ])
 def test_bad_config_values_raise_config_error_naming_the_key(change, message):
     from conftest import tiny_config

@@ -14,6 +14,7 @@ import inspect
 import os
 import re
 import time
+from importlib.machinery import SourceFileLoader
 from pathlib import Path
 
 from rich.markup import escape
@@ -120,9 +121,14 @@ def load_tools(path: Path) -> dict:
     """Public functions defined in a Python file (their docstrings describe them to the model)."""
     if not path.exists():
         raise SystemExit(f"error: no tools file at {path}")
-    spec = importlib.util.spec_from_file_location(path.stem, path)
+    if not path.is_file():
+        raise SystemExit(f"error: --tools takes a Python file, and {path} is a folder")
+    spec = importlib.util.spec_from_file_location(path.stem, path, loader=SourceFileLoader(path.stem, str(path)))
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # the user's code: whatever it raises, say where and stop cleanly
+        raise SystemExit(f"error: importing the tools file {path} failed: {type(e).__name__}: {e}") from None
     return {name: fn for name, fn in vars(module).items()
             if inspect.isfunction(fn) and fn.__module__ == module.__name__ and not name.startswith("_")}
 
@@ -222,6 +228,17 @@ class Repl:
         return shown
 
     def turn(self, text: str) -> None:
+        """One user message and the tool rounds it leads to; a message that does not fit the
+        context is dropped with its turn, and the conversation stays as it was."""
+        from ..engine.request import PromptTooLongError
+
+        try:
+            self._turn(text)
+        except PromptTooLongError as e:
+            self.chat.undo()
+            self.console.print(Text(f"not sent: {e} (/reset starts one)", style="red"))
+
+    def _turn(self, text: str) -> None:
         self.stream(self.chat.send(text, max_tokens=self.max_tokens))
         for _ in range(8):  # a few rounds of tool use per user turn at most
             from ..engine.distributed import from_leader

@@ -123,16 +123,12 @@ class ModelArgs:
         return cls(**args)
 
 
-def _positive(key: str, value) -> int:
-    """A count from config.json: a whole number above zero, or ConfigError naming ``key``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 1:
-        raise ConfigError(f"config.json: {key!r} must be a whole number above 0, not {value!r}")
+def _positive(key: str, value, least: int = 1) -> int:
+    """A count from config.json: a whole number, at least ``least``, or ConfigError naming ``key``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < least:
+        bound = "above 0" if least == 1 else f"{least} or more"
+        raise ConfigError(f"config.json: {key!r} must be a whole number {bound}, not {value!r}")
     return int(value)
-
-
-def _whole(key: str, value) -> int:
-    """A count that may be zero."""
-    return 0 if value == 0 and not isinstance(value, bool) else _positive(key, value)
 
 
 def _layer_types(cfg: dict, n_layers: int) -> list[str]:
@@ -170,7 +166,7 @@ def _auto_adjusted_ff(cfg: dict, ff: int) -> int:
 def _moe_fields(cfg: dict, need) -> dict:
     """The LFM2-MoE fields (``need(name)``: a required key's value)."""
     moe = dict(
-        num_dense_layers=_whole("num_dense_layers", cfg.get("num_dense_layers", 2)),
+        num_dense_layers=_positive("num_dense_layers", cfg.get("num_dense_layers", 2), least=0),
         num_experts=need("num_experts"),
         num_experts_per_tok=need("num_experts_per_tok"),
         moe_intermediate_size=need("moe_intermediate_size"),

@@ -29,7 +29,7 @@ from starlette.routing import Route
 from ..engine.sample import SamplingParams
 from ..text.tool_grammar import MAX_CALLS, forced_tool_opening, tool_call_grammar
 from .boundary import APIError, exception_handlers, internal_error
-from .openai_api import ChatRequest, to_template_messages
+from .openai_api import ChatRequest, checked_stops, to_template_messages
 from .service import Service
 
 PREFIX = "/v1/messages"
@@ -75,7 +75,7 @@ class MessagesRequest(_Lenient):
     max_tokens: int = Field(ge=1)
     messages: list[Message] = Field(min_length=1)
     system: Union[str, list[dict], None] = None
-    stop_sequences: Optional[list[str]] = Field(None, max_length=32)
+    stop_sequences: Optional[list[str]] = None
     stream: bool = False
     temperature: Optional[float] = Field(None, ge=0, le=1)
     top_p: Optional[float] = Field(None, gt=0, le=1)
@@ -84,6 +84,11 @@ class MessagesRequest(_Lenient):
     tool_choice: Optional[ToolChoice] = None
     output_config: Optional[dict] = None  # structured outputs: {"format": {"type": "json_schema", ...}}
     output_format: Optional[dict] = None  # the same, as the beta spelled it
+
+    @field_validator("stop_sequences")
+    @classmethod
+    def _stops(cls, stops):
+        return checked_stops(stops or [])
 
     @field_validator("output_config", "output_format")
     @classmethod

@@ -28,6 +28,16 @@ SAMPLING = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "see
             "presence_penalty")  # the fields named as in SamplingParams
 MAX_SEED = 2**64 - 1
 MAX_STOP = 1024
+MAX_STOPS = 4
+
+
+def checked_stops(stops: list[str]) -> list[str]:
+    """Stop sequences within the bounds every API shares (a pydantic validator's ValueError)."""
+    if len(stops) > MAX_STOPS:
+        raise ValueError(f"at most {MAX_STOPS} stop sequences")
+    if any(len(x) > MAX_STOP for x in stops):  # each token rescans the reply's tail per stop
+        raise ValueError(f"a stop sequence is at most {MAX_STOP} characters")
+    return stops
 
 
 def _vocab(info: ValidationInfo) -> Optional[int]:
@@ -141,12 +151,7 @@ class Sampling(_Lenient):
     @field_validator("stop")
     @classmethod
     def _stops(cls, stop):
-        stops = [stop] if isinstance(stop, str) else (stop or [])
-        if len(stops) > 4:
-            raise ValueError("at most 4 stop sequences")
-        if any(len(x) > MAX_STOP for x in stops):  # each token rescans the reply's tail per stop
-            raise ValueError(f"a stop sequence is at most {MAX_STOP} characters")
-        return stops
+        return checked_stops([stop] if isinstance(stop, str) else (stop or []))
 
     def sampling(self, defaults: SamplingParams) -> SamplingParams:
         """This request's sampling over the server's ``defaults`` (the limit and constraint are
