@@ -28,6 +28,7 @@ from starlette.routing import Route
 from ..engine.distributed import group, leader
 from ..engine.memory import budget_bytes
 from . import anthropic, ollama, openai, responses
+from .admission import Admission
 from .boundary import BODY_TIMEOUT, HEADER_TIMEOUT, make_server
 from .metrics import Metrics, Observer, configure, model_bytes
 from .scheduler import DEFAULT_MAX_TOKENS, Scheduler
@@ -49,7 +50,9 @@ def create_app(scheduler: Scheduler, api_key: Optional[str] = None, body_timeout
                              "batch": scheduler.batch.status, "cached_prompts": len(scheduler.caches),
                              "prompt_cache_disk": dict(scheduler.disk.blocks.stats) if scheduler.disk else None,
                              "mlx_active_mb": round(mx.get_active_memory() / 2**20, 1),
-                             "mlx_cache_mb": round(mx.get_cache_memory() / 2**20, 1)})
+                             "mlx_cache_mb": round(mx.get_cache_memory() / 2**20, 1),
+                             "memory": scheduler.admission and scheduler.admission.status(scheduler.reserved,
+                                                                                         scheduler.held is not None)})
 
     routes = (Route("/health", health, methods=["GET"]), Route("/metrics", metrics.endpoint(), methods=["GET"]))
     return Observer(ByPrefix(openai.app(service, routes=routes),
@@ -159,6 +162,7 @@ def main(argv=None) -> None:
     scheduler = Scheduler(model, tokenizer, served_name(a.model, a.served_model_name), a.queue_size, a.cache_entries, a.max_context,
                           a.default_max_tokens, a.max_batch, draft, a.prompt_lookup, a.num_draft_tokens,
                           disk_tier(a, model, tokenizer, draft))
+    scheduler.admission = Admission(model, a.memory_budget, scheduler.max_context)
     if not leader():  # mlx.launch: rank 0 serves HTTP, the others serve their layers
         return scheduler.follow()
     app = create_app(scheduler, a.api_key, a.body_timeout)

@@ -141,6 +141,11 @@ class _Gauges:
         g.add_metric([s.model_id], model_bytes(s.model))
         yield g
         yield gauge("mlx_lfm2_resident_models", "models loaded", 1)
+        admission = getattr(s, "admission", None)
+        if admission is not None:
+            yield gauge("mlx_lfm2_memory_budget_bytes", "the memory budget (--memory-budget)", admission.budget)
+            yield gauge("mlx_lfm2_memory_reserved_bytes", "predicted peak bytes of the requests running", s.reserved)
+            yield gauge("mlx_lfm2_memory_waiting_requests", "requests waiting for memory", int(s.held is not None))
         yield gauge("mlx_lfm2_mlx_active_memory_bytes", "MLX active memory", mx.get_active_memory())
         yield gauge("mlx_lfm2_mlx_peak_memory_bytes", "MLX peak memory", mx.get_peak_memory())
         yield gauge("mlx_lfm2_mlx_cache_memory_bytes", "MLX buffer cache", mx.get_cache_memory())

@@ -59,6 +59,7 @@ class Job:
     scores: list = field(default_factory=list)  # their ``engine.score.TokenScore``s, before the first token
     pin: bool = False  # keep this prompt in the disk cache after unpinned ones
     timing: Optional[object] = None  # serve.metrics.JobTiming: its tokens' times, when observed
+    memory: int = 0  # its predicted peak bytes (serve.admission), reserved while it runs
 
     def emit(self, item) -> None:
         if self.timing is not None and isinstance(item, tuple) and item[0].token is not None:
@@ -103,6 +104,8 @@ class Scheduler:
         self.stats = {"completed": 0, "cancelled": 0, "active": 0, "peak_batch": 0}
         self.template_renders_tool_calls = "tool_calls" in (tokenizer.chat_template or "")
         self._worker: Optional[threading.Thread] = None
+        self.admission = None  # serve.admission.Admission: requests join when their memory fits
+        self.held: Optional[Job] = None  # the queue's head, waiting for memory
 
     @property
     def serial(self) -> bool:
@@ -139,6 +142,8 @@ class Scheduler:
             job.emit(DONE)
         for live in self.live.copy().values():  # copy(): atomic while the worker changes it
             live.job.stop.set()
+        if self.held is not None:
+            self.held.stop.set()
         if self.current is not None:
             self.current.stop.set()
 
@@ -211,13 +216,16 @@ class Scheduler:
         """Move queued requests into the batch while it has room; wait for one when idle."""
         while len(self.live) < self.batch.max_batch:
             try:
-                job = self.jobs.get(block=not self.live)
+                job, self.held = self.held or self.jobs.get(block=not self.live), None
             except queue.Empty:
                 return
             if job.stop.is_set():  # its client left while it waited
                 self.stats["cancelled"] += 1
                 job.emit(DONE)
                 continue
+            if self.admission is not None and self.live and not self.admission.fits(job.memory, self.reserved):
+                self.held = job  # it waits for memory, and those behind it wait too (see serve.admission)
+                return
             try:
                 self._insert(job)
             except ValueError as e:  # the request's fault, found before its first token
@@ -226,6 +234,11 @@ class Scheduler:
             except Exception as e:
                 job.emit(failed(e))
                 job.emit(DONE)
+
+    @property
+    def reserved(self) -> int:
+        """The predicted bytes of the requests in the batch."""
+        return sum(live.job.memory for live in self.live.copy().values())
 
     def _score(self, job: Job) -> None:
         if job.score_ids is not None and job.top_logprobs is not None:
