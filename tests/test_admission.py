@@ -39,12 +39,12 @@ def measured_peak(model, prompt_tokens: int, max_tokens: int, chunk: int) -> int
 
 
 @pytest.mark.parametrize("prompt_tokens", [300, 1500, 4000])
-def test_predicted_peak_is_within_a_quarter_of_the_measured_one(tiny, prompt_tokens):
+def test_predicted_peak_is_within_15_percent_of_the_measured_one(tiny, prompt_tokens):
     model = tiny[0]
     shapes = Shapes.of(model)
     measured = measured_peak(model, prompt_tokens, 16, shapes.prefill_step)
     predicted = predict(model.args, prompt_tokens, 16, shapes)
-    assert 0.75 < predicted / measured < 1.25, (predicted, measured)
+    assert 0.85 < predicted / measured < 1.15, (predicted, measured)
 
 
 def test_prediction_grows_with_the_reply_by_its_kv_cache(tiny):
@@ -72,8 +72,7 @@ def test_a_request_that_cannot_fit_alone_is_a_400_naming_the_numbers(tiny):
 
     model, _, folder = tiny
     admission = Admission(model, model_bytes(model) + (8 << 20))
-    need = admission.bytes(1, 100_000)
-    assert need > 8 << 20 > admission.bytes(1, 16)
+    assert admission.bytes(1, 20_000) > 8 << 20 > admission.bytes(64, 16)
     proc, base, _ = start_server(folder, "--memory-budget", str(model_bytes(model) + (8 << 20)))
     try:
         oa = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0)
@@ -85,7 +84,7 @@ def test_a_request_that_cannot_fit_alone_is_a_400_naming_the_numbers(tiny):
         assert "8 MB are available" in err["message"]
         an = anthropic.Anthropic(base_url=base, api_key="x", max_retries=0)
         with pytest.raises(anthropic.BadRequestError) as e:
-            an.messages.create(model="m", max_tokens=100_000, messages=[{"role": "user", "content": "hi"}])
+            an.messages.create(model="m", max_tokens=20_000, messages=[{"role": "user", "content": "hi"}])
         assert e.value.body["type"] == "error" and "lower max_tokens" in e.value.body["error"]["message"]
         # a request that fits is served, and /health shows the budget
         ok = oa.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=4)

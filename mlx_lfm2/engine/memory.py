@@ -36,7 +36,7 @@ from .disk_cache import parse_bytes
 # MLX's temporaries beyond the buffers named above (copies made by split matmuls and their
 # concatenation across CPU streams, casts, the allocator's rounding): a multiple of a layer's
 # named activations, measured with bench/memory_predict.py.
-TEMPORARIES = 2.0
+TEMPORARIES = 1.5
 SCORES = 1  # score matrices alive at once in unfused attention (masked and softmaxed in place)
 
 
