@@ -17,8 +17,8 @@ than ``function`` (``web_search``, ``namespace``, hosted tools) are not offered 
 
 ``store`` (default true) keeps a response, and the conversation that led to it, in memory
 (the last ``MAX_STORED``, within ``MAX_STORED_BYTES`` of JSON): ``previous_response_id``
-continues that conversation, so its
-prompt extends the one before and the prompt cache prefills only the new turn.
+continues that conversation, so its prompt extends the one before and the prompt cache
+prefills only the new turn.
 """
 
 from __future__ import annotations
