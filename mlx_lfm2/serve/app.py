@@ -26,6 +26,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from ..engine.distributed import group, leader
+from ..engine.memory import budget_bytes
 from . import anthropic, ollama, openai, responses
 from .boundary import BODY_TIMEOUT, HEADER_TIMEOUT, make_server
 from .metrics import Metrics, Observer, configure, model_bytes
@@ -129,9 +130,16 @@ def main(argv=None) -> None:
     p.add_argument("--adapter-path", help="a LoRA/DoRA adapter folder (mlx-lm's layout or PEFT's) to apply")
     p.add_argument("--num-draft-tokens", type=int, help="tokens drafted per step (default: adaptive)")
     p.add_argument("--prompt-lookup", action="store_true", help="speculative decoding from n-grams of the prompt")
+    p.add_argument("--memory-budget", help="memory the server may use, weights included, e.g. 24G: a request "
+                   "whose predicted peak cannot fit is refused (400), one that fits later waits "
+                   "(default: the GPU's recommended working set, else system memory)")
     p.add_argument("--log-content", action="store_true",
                    help="log each request's prompt and reply (default: counts and timings only)")
     a = p.parse_args(argv)
+    try:
+        a.memory_budget = budget_bytes(a.memory_budget)
+    except ValueError as e:
+        raise SystemExit(f"error: --memory-budget: {e}")
     configure(a.log_content)
     if a.host not in ("127.0.0.1", "localhost", "::1") and not a.api_key:
         print(f"warning: serving on {a.host} without --api-key: anyone who can reach this port can use the model",
