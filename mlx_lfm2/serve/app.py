@@ -37,7 +37,7 @@ from .service import Service
 def create_app(scheduler: Scheduler, api_key: Optional[str] = None, body_timeout: float = BODY_TIMEOUT,
                log=None):
     """The ASGI app: each API's app under its path prefix (OpenAI's takes the rest, ``/health``
-    and ``/metrics``), over one service, each request logged (``log(line)``, default stderr) and
+    and ``/metrics``), over one service, each request logged (``log(line)``, default the ``mlx_lfm2.server`` logger) and
     counted; starts the scheduler's worker."""
     service = Service(scheduler.start(), api_key, body_timeout)
     metrics = Metrics(scheduler)
