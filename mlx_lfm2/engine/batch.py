@@ -4,7 +4,9 @@
   sampler, logits processors, stop ids and limit -> uid; each ``step()`` runs one forward of
   every decoding row (one token each) and then at most one prefill chunk of the oldest
   waiting prompt, so a newcomer's prefill is interleaved with the others' decode steps
-  instead of stalling them. ``remove(uid)`` drops a row at any time.
+  instead of stalling them. ``remove(uid)`` drops a row at any time; ``park(uid)`` takes a
+  decoding row out of the forward (its reader is behind) and ``unpark(uid)`` puts it back,
+  to decode on exactly as if it had never left.
 * ``batch_generate`` (text): many prompts to many completions, in prompt order, with stats,
   each built by the request builder (``request.build_request``) and read through its own
   ``generation.TextStream``.
@@ -73,6 +75,7 @@ class BatchGenerator:
         self.cache: Optional[list] = None  # batched, one row per entry of self.rows
         self.y: Optional[mx.array] = None  # [B] sampled, not yet returned: the next forward's input
         self.logprobs: Optional[mx.array] = None  # [B, V]
+        self.parked: dict = {}  # uid -> (_Seq holding its ordinary cache, its next y [1], logprobs [1, V])
         self._next_uid = 0
 
     def insert(self, prompt: Sequence[int], *, max_tokens: int = 256, sampler=None, logits_processors=(),
@@ -96,6 +99,8 @@ class BatchGenerator:
 
     def remove(self, uid: int) -> Optional[list]:
         """Stop ``uid`` wherever it is; a decoding row returns its cache (ordinary), else None."""
+        if uid in self.parked:
+            return self.parked.pop(uid)[0].cache
         for i, s in enumerate(self.rows):
             if s.uid == uid:
                 cache = batch_cache.extract(self.cache, i)
@@ -106,13 +111,39 @@ class BatchGenerator:
         self.waiting = deque(s for s in self.waiting if s.uid != uid)
         return None
 
+    def park(self, uid: int) -> bool:
+        """Take decoding row ``uid`` out of the forward until ``unpark``; the others go on.
+        It keeps its cache (ordinary) and the token already sampled for it. False: not decoding."""
+        for i, s in enumerate(self.rows):
+            if s.uid == uid:
+                s.cache = batch_cache.extract(self.cache, i)
+                self.parked[uid] = (s, self.y[i : i + 1], self.logprobs[i : i + 1])
+                self._keep([j for j in range(len(self.rows)) if j != i])
+                return True
+        return False
+
+    def unpark(self, uid: int) -> None:
+        """Row ``uid`` rejoins the forward where it left off."""
+        s, y, logprobs = self.parked.pop(uid)
+        self._join(s, y, logprobs)
+
+    def _join(self, s: _Seq, y: mx.array, logprobs: mx.array) -> None:
+        if self.cache is None:
+            self.cache = batch_cache.make_batch_cache(s.cache)
+        batch_cache.join(self.cache, s.cache)
+        self.rows.append(s)
+        self.y = y if self.y is None else mx.concatenate([self.y, y])
+        self.logprobs = logprobs if self.logprobs is None else mx.concatenate([self.logprobs, logprobs])
+        mx.async_eval(self.y, self.logprobs)
+        s.cache = None
+
     @property
     def status(self) -> dict:
         return {"decoding": len(self.rows), "prefilling": int(self.prefilling is not None),
-                "waiting": len(self.waiting), "max_batch": self.max_batch}
+                "waiting": len(self.waiting), "parked": len(self.parked), "max_batch": self.max_batch}
 
     def __len__(self) -> int:
-        return len(self.rows) + (self.prefilling is not None) + len(self.waiting)
+        return len(self.rows) + (self.prefilling is not None) + len(self.waiting) + len(self.parked)
 
     def step(self) -> list[BatchToken]:
         """One token for every decoding row (in join order), then one prefill chunk."""
@@ -147,7 +178,7 @@ class BatchGenerator:
 
     def _prefill(self) -> None:
         if self.prefilling is None:
-            if not self.waiting or len(self.rows) >= self.max_batch:
+            if not self.waiting or len(self.rows) + len(self.parked) >= self.max_batch:
                 return
             self.prefilling = self.waiting.popleft()
         s = self.prefilling
@@ -162,14 +193,8 @@ class BatchGenerator:
                 return  # the next chunk waits for the next step
         logits = self.model(mx.array(s.prompt[-1:], dtype=mx.uint32)[None], cache=s.cache)[:, -1, :]
         y, logprobs = s.picker.pick(logits)
-        if self.cache is None:
-            self.cache = batch_cache.make_batch_cache(s.cache)
-        batch_cache.join(self.cache, s.cache)
-        self.rows.append(s)
-        self.y = y if self.y is None else mx.concatenate([self.y, y])
-        self.logprobs = logprobs if self.logprobs is None else mx.concatenate([self.logprobs, logprobs])
-        mx.async_eval(self.y, self.logprobs)
-        s.cache, self.prefilling = None, None
+        self._join(s, y, logprobs)
+        self.prefilling = None
 
 
 @dataclass

@@ -30,6 +30,7 @@ from ..engine.memory import budget_bytes
 from . import anthropic, ollama, openai, responses
 from .boundary import BODY_TIMEOUT, HEADER_TIMEOUT, make_server
 from .metrics import Metrics, Observer, configure, model_bytes
+from .outbox import MAX_ITEMS, STALL_TIMEOUT
 from .scheduler import DEFAULT_MAX_TOKENS, Scheduler
 from .service import Service
 
@@ -126,6 +127,10 @@ def main(argv=None) -> None:
                    help=f"seconds to receive a request body (default {BODY_TIMEOUT:g})")
     p.add_argument("--header-timeout", type=float, default=HEADER_TIMEOUT,
                    help=f"seconds to receive a request head (default {HEADER_TIMEOUT:g})")
+    p.add_argument("--max-buffered-tokens", type=int, default=MAX_ITEMS,
+                   help=f"tokens a stream may hold unsent before its row pauses (default {MAX_ITEMS})")
+    p.add_argument("--stall-timeout", type=float, default=STALL_TIMEOUT,
+                   help=f"seconds a paused stream waits for its reader before it is cancelled (default {STALL_TIMEOUT:g})")
     p.add_argument("--draft-model", help="a small LFM2 with the same tokenizer for speculative decoding")
     p.add_argument("--adapter-path", help="a LoRA/DoRA adapter folder (mlx-lm's layout or PEFT's) to apply")
     p.add_argument("--num-draft-tokens", type=int, help="tokens drafted per step (default: adaptive)")
@@ -152,13 +157,15 @@ def main(argv=None) -> None:
         raise SystemExit(f"error: {e}")
     if a.max_batch < 1:
         raise SystemExit("error: --max-batch must be at least 1")
+    if a.max_buffered_tokens < 2 or not a.stall_timeout > 0:
+        raise SystemExit("error: --max-buffered-tokens must be at least 2 and --stall-timeout above 0")
     try:
         draft = load_draft(a.draft_model, model, a.prompt_lookup)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: draft model: {e}")
     scheduler = Scheduler(model, tokenizer, served_name(a.model, a.served_model_name), a.queue_size, a.cache_entries, a.max_context,
                           a.default_max_tokens, a.max_batch, draft, a.prompt_lookup, a.num_draft_tokens,
-                          disk_tier(a, model, tokenizer, draft))
+                          disk_tier(a, model, tokenizer, draft), a.stall_timeout, a.max_buffered_tokens)
     if not leader():  # mlx.launch: rank 0 serves HTTP, the others serve their layers
         return scheduler.follow()
     app = create_app(scheduler, a.api_key, a.body_timeout)
