@@ -36,6 +36,13 @@ from .lora import (EXPERT_TYPES, adaptable_modules, expert_lora, lora_delta, lor
                    stacked_delta)
 
 
+class NotLoaded(KeyError):
+    """A row names an adapter that is not resident."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 class _Slots(nn.Module):
     """A base layer and its adapters' stacks (``stack_a`` / ``stack_b``, absent while no
     resident adapter targets it)."""
@@ -172,7 +179,7 @@ class AdapterSet:
         if name is None:
             return 0
         if name not in self.info:
-            raise KeyError(f"adapter {name!r} is not loaded (loaded: {', '.join(self.loaded) or 'none'})")
+            raise NotLoaded(f"adapter {name!r} is not loaded (loaded: {', '.join(self.loaded) or 'none'})")
         return self.names.index(name)
 
     def use(self, names: Sequence[Optional[str]]) -> None:
@@ -254,20 +261,36 @@ class AdapterSet:
 
 def attach(model: nn.Module) -> AdapterSet:
     """The model's ``AdapterSet`` (made on first call)."""
-    aset = model.__dict__.get("adapter_set")
+    aset = adapter_set(model)
     if aset is None:
         aset = AdapterSet(model)
         model.adapter_set = aset
     return aset
 
 
+def adapter_set(model) -> Optional[AdapterSet]:
+    """The model's resident adapters, None when it keeps none (``attach`` makes them)."""
+    return model.__dict__.get("adapter_set")
+
+
 def select(model, names: Sequence[Optional[str]]) -> None:
     """Say which adapter each row of the next forwards takes (None: the base); a model without
     resident adapters takes only None."""
-    aset = getattr(model, "adapter_set", None)
+    aset = adapter_set(model)
     if aset is not None:
         aset.use(names)
     elif any(n is not None for n in names):
-        raise KeyError(f"adapter {next(n for n in names if n is not None)!r} is not loaded: "
-                       "this model has no resident adapters")
+        raise NotLoaded(f"adapter {next(n for n in names if n is not None)!r} is not loaded: "
+                        "this model has no resident adapters")
+
+
+def namespace(model, name: Optional[str]) -> str:
+    """What a prompt cache computed with adapter ``name`` is filed under: "" for the base, else
+    the adapter's content (its fingerprint), so a prefix cached under one adapter is never
+    reused under another, even one loaded later under the same name."""
+    if name is None:
+        return ""
+    aset = adapter_set(model)
+    info = aset.info.get(name, {}) if aset is not None else {}
+    return "lora:" + info.get("fingerprint", name)
 
