@@ -333,7 +333,7 @@ class Responses:
         tools = chat.tool_names if chat.tools and chat.tool_choice != "none" else frozenset()
         messages = to_template_messages(chat, self.scheduler.template_renders_tool_calls)
         forced = chat.forced_tool_call()
-        job = await sv.prepare(chat, sv.render(messages, chat.tools if tools else None) + forced)
+        job = await sv.prepare(chat, sv.render(messages, chat.tools if tools else None) + forced, model=req.model)
         turn = Turn(self, req, conversation, job, forced)
         if req.stream:
             return EventSourceResponse(turn.stream(sv.pieces(job, forced, tools)), ping=15)
