@@ -216,6 +216,12 @@ class Scheduler:
         if job.pin and self.disk is not None:  # cache_control / prompt_cache_key: evicted last
             self.disk.store(ns, pc, pin=True)
 
+    def finish_writes(self, timeout: float = 120.0) -> None:
+        """At exit: let the disk tier's queued blocks land (the replies that made them are
+        sent; without this a restart finds the chain cut where the writer thread was)."""
+        if self.disk is not None:
+            self.disk.flush(timeout)
+
     def _emit(self, job: Job, r) -> None:
         """One response to its job, with its logprob entry when the job asked for logprobs."""
         job.started = True
