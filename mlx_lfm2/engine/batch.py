@@ -35,7 +35,7 @@ import mlx.core as mx
 from ..model import batch_cache
 from ..model.cache import checkpoint
 from ..model.lora_rows import select
-from .decode import Picker, default_prefill_step, pick_rows
+from .decode import Picker, chunk_end, default_prefill_step, pick_rows
 from .generation import Prompt, TextStream, encode_prompt
 from .request import Request, build_request
 from .sample import SamplingParams
@@ -193,7 +193,7 @@ class BatchGenerator:
         select(self.model, [s.adapter])
         body = len(s.prompt) - 1
         if s.pos < body:
-            end = min(s.pos + self.prefill_step_size, body)
+            end = chunk_end(s.cache[0].offset if s.cache else 0, s.pos, body, self.prefill_step_size)
             self.model(mx.array(s.prompt[s.pos : end], dtype=mx.uint32)[None], cache=s.cache)
             mx.eval([c.state for c in s.cache])
             checkpoint(s.cache)  # as ``prefill`` does: a later prompt sharing this prefix rewinds here

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..engine.batch import BatchGenerator
+from ..engine.decode import default_prefill_step
 from ..engine.distributed import broadcast, group
 from ..engine.generation import TextStream, default_sampling, stream_request
 from ..engine.request import PromptTooLongError, build_request
@@ -194,12 +195,13 @@ class Scheduler:
         """The cached conversation sharing the most of the job's prompt, and the request for
         the ids still to feed (built and checked by the engine's one request builder)."""
         pc = self.caches.take(job.prompt_text, namespace(self.model, job.adapter))
-        ids = pc.new_tokens(self.tokenizer, job.prompt_text, job.ids)
+        grid = default_prefill_step() if job.params.seed is not None else None  # reproducible hit or miss
+        ids = pc.new_tokens(self.tokenizer, job.prompt_text, job.ids, grid=grid)
         # A sampled reply need not be tokenized as its text re-encodes: a cache holding one can
         # overflow the context where the fresh prompt fits. Keep less of it until it fits.
         excess = pc.offset + len(ids) + 1 - self.max_context
         while excess > 0 and pc.offset > 0:
-            ids = pc.new_tokens(self.tokenizer, job.prompt_text, job.ids, at_most=pc.offset - excess)
+            ids = pc.new_tokens(self.tokenizer, job.prompt_text, job.ids, at_most=pc.offset - excess, grid=grid)
             excess = pc.offset + len(ids) + 1 - self.max_context
         if not ids:  # a cache that consumed this whole prompt leaves nothing to sample from
             pc = self.caches.fresh()
