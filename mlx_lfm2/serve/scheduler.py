@@ -51,7 +51,7 @@ from .outbox import MAX_ITEMS, STALL_TIMEOUT, Outbox
 DEFAULT_MAX_TOKENS = 2048
 DONE = object()  # a job's last item
 IMPOSSIBLE = -9999.0  # the logprob OpenAI reports for a token that cannot be sampled
-IDLE_POLL = 0.05  # seconds an idle worker waits for a job before it looks for ``call``ed work
+WAKE = object()  # put in the job queue to wake an idle worker: ``call``ed work, or ``close``
 
 
 @dataclass
@@ -145,7 +145,15 @@ class Scheduler:
         """Run ``fn()`` on the worker between two steps (never during a forward) -> its future."""
         future: Future = Future()
         self.controls.put((fn, future))
+        self._wake()
         return future
+
+    def _wake(self) -> None:
+        """Wake the worker if it waits for a job (a full queue: it is busy, and looks anyway)."""
+        try:
+            self.jobs.put_nowait(WAKE)
+        except queue.Full:
+            pass
 
     def _run_controls(self) -> None:
         while True:
@@ -162,7 +170,7 @@ class Scheduler:
         """How many requests, running or queued, use ``adapter`` (call on the worker)."""
         with self.jobs.mutex:
             queued = list(self.jobs.queue)
-        return sum(j.adapter == adapter for j in queued) + sum(l.job.adapter == adapter for l in self.live.values())
+        return sum(j is not WAKE and j.adapter == adapter for j in queued) + sum(l.job.adapter == adapter for l in self.live.values())
 
     def submit(self, job: Job) -> None:
         if self.closed:
@@ -182,12 +190,14 @@ class Scheduler:
                 job = self.jobs.get_nowait()
             except queue.Empty:
                 break
-            job.stop.set()
-            job.emit(DONE)
+            if job is not WAKE:
+                job.stop.set()
+                job.emit(DONE)
         for live in self.live.copy().values():  # copy(): atomic while the worker changes it
             live.job.stop.set()
         if self.current is not None:
             self.current.stop.set()
+        self._wake()  # an idle worker returns (a running one once its rows end)
 
     # Prompt caches --------------------------------------------------------------------------
 
@@ -236,7 +246,7 @@ class Scheduler:
     # Batched mode ---------------------------------------------------------------------------
 
     def _work_batched(self) -> None:
-        while True:
+        while not (self.closed and not self.live):
             self._run_controls()
             self._admit()
             for uid, live in list(self.live.items()):
@@ -288,8 +298,10 @@ class Scheduler:
         """Move queued requests into the batch while it has room; wait for one when idle."""
         while len(self.live) < self.batch.max_batch:
             try:
-                job = self.jobs.get(timeout=IDLE_POLL) if not self.live else self.jobs.get_nowait()
+                job = self.jobs.get() if not self.live else self.jobs.get_nowait()
             except queue.Empty:
+                return
+            if job is WAKE:
                 return
             if job.stop.is_set():  # its client left while it waited
                 self.stats["cancelled"] += 1
@@ -346,8 +358,11 @@ class Scheduler:
     # Serial mode ----------------------------------------------------------------------------
 
     def _work_serial(self) -> None:
-        while True:
+        while not self.closed:
+            self._run_controls()
             job = self.jobs.get()
+            if job is WAKE:
+                continue
             if job.stop.is_set():  # its client left while it waited
                 self.stats["cancelled"] += 1
                 job.emit(DONE)
