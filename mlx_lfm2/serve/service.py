@@ -85,11 +85,13 @@ class Service:
         except Exception as e:
             raise APIError(400, f"the chat template rejected these messages: {e}", param="messages")
 
-    def _compile(self, req, prompt_text: str):
-        """Off the event loop: the prompt's ids (the worker reuses them), the context check,
-        the constraint compiled (the first builds llguidance's view of the vocabulary, ~1 s)."""
+    def _compile(self, req, prompt_text: str, ids: Optional[list] = None):
+        """Off the event loop: the prompt's ids (the worker reuses them; given: taken as they
+        are), the context check, the constraint compiled (the first builds llguidance's view
+        of the vocabulary, ~1 s)."""
         s = self.scheduler
-        ids = self.tokenizer.encode(prompt_text, add_special_tokens=False)
+        if ids is None:
+            ids = self.tokenizer.encode(prompt_text, add_special_tokens=False)
         try:
             check_context(s.model, len(ids), context=s.max_context)
         except PromptTooLongError as e:
@@ -102,19 +104,21 @@ class Service:
             raise APIError(400, f"{param}: {e}", param=param, code="invalid_schema")
 
     async def prepare(self, req, prompt_text: str, top_logprobs: Optional[int] = None,
-                      score_ids: Optional[list] = None) -> Job:
+                      score_ids: Optional[list] = None, ids: Optional[list] = None) -> Job:
         """Queue ``prompt_text`` with ``req``'s sampling, limit and constraint -> its job. What
         can be refused is refused here, before any streaming starts: a prompt over the context,
         a bad schema (400s naming the problem); the worker builds the request from the ids and
         the constraint compiled here. ``score_ids``: the prompt's ids, scored first into
-        ``job.scores`` (completions' echo with logprobs)."""
+        ``job.scores`` (completions' echo with logprobs). ``ids``: the prompt as token ids
+        (completions), which the model then sees exactly; ``prompt_text`` is their decoding."""
         s = self.scheduler
-        ids, spec, constraint = await run_in_threadpool(self._compile, req, prompt_text)
+        exact = ids is not None
+        ids, spec, constraint = await run_in_threadpool(self._compile, req, prompt_text, ids)
         limit = s.default_max_tokens if req.limit is None else req.limit  # 0: score only (completions)
         params = req.sampling(s.defaults).replace(max_tokens=limit, **spec)
         job = Job(prompt_text, params, top_logprobs, asyncio.get_running_loop(), ids=ids, constraint=constraint,
                   schema_warnings=constraint.warnings if constraint is not None else [], score_ids=score_ids,
-                  out=Outbox(s.max_buffered))
+                  out=Outbox(s.max_buffered), exact_ids=exact)
         job.pin = req.pin_cache
         track(job)
         s.submit(job)
