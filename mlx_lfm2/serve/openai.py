@@ -48,7 +48,7 @@ class OpenAI:
         req = await sv.read(request, ChatRequest)
         tools = req.tool_names if req.tools and req.tool_choice != "none" else frozenset()
         messages = to_template_messages(req, self.scheduler.template_renders_tool_calls)
-        prompt = sv.render(messages, req.tools if tools else None)
+        prompt = await sv.render(messages, req.tools if tools else None)
         top = (req.top_logprobs or 0) if req.logprobs else None
         forced = req.forced_tool_call()  # the reply's opening, written for the model
         job = await sv.prepare(req, prompt + forced, top)

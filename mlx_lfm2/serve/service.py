@@ -5,8 +5,9 @@ steps in between are written once here:
 
 * ``authorize``: the API key, from ``Authorization: Bearer KEY`` or ``x-api-key: KEY``,
   compared in constant time;
-* ``read``: auth, the body (``boundary.read_body``) and its validation;
-* ``render``: the chat template, whose refusal is a 400;
+* ``read``: auth, the body (``boundary.read_body``) and its validation (off the event loop);
+* ``render``: the chat template, off the event loop (bounded in time and size:
+  ``text.template_limits``), whose refusal is a 400; ``count``: a prompt's tokens, off the loop;
 * ``prepare``: off the event loop, the prompt tokenized (once: the worker reuses the ids), the
   context checked and the constraint compiled (once: the worker uses it), so a prompt over the
   context or a bad schema is a 400 before any streaming starts; then the job queued;
@@ -77,13 +78,20 @@ class Service:
         """The request's body as ``model_cls`` (``overrides``: keys set whatever the body says)."""
         self.authorize(request)
         body = await read_body(request, self.body_timeout)
-        return validate(model_cls, {**body, **(overrides or {})}, self.scheduler.vocab)
+        return await run_in_threadpool(validate, model_cls, {**body, **(overrides or {})}, self.scheduler.vocab)
 
-    def render(self, messages: list[dict], tools=None) -> str:
+    async def render(self, messages: list[dict], tools=None) -> str:
+        """The prompt, rendered in a worker thread: a multi-MB body never stalls the loop."""
+        return await run_in_threadpool(self.render_now, messages, tools)
+
+    def render_now(self, messages: list[dict], tools=None) -> str:
         try:
             return self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True)
         except Exception as e:
             raise APIError(400, f"the chat template rejected these messages: {e}", param="messages")
+
+    async def count(self, prompt: str) -> int:
+        return len(await run_in_threadpool(self.tokenizer.encode, prompt, add_special_tokens=False))
 
     def _compile(self, req, prompt_text: str, ids: Optional[list] = None):
         """Off the event loop: the prompt's ids (the worker reuses them; given: taken as they
