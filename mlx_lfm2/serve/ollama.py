@@ -17,6 +17,7 @@ import json
 import time
 from datetime import datetime, timezone
 
+from starlette.concurrency import run_in_threadpool
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
@@ -108,16 +109,17 @@ class Ollama:
         sv.authorize(request)
         body = await read_body(request, sv.body_timeout)
         if chat:
-            req = self._request(body, [])
+            req = await run_in_threadpool(self._request, body, [])
         else:
             if not isinstance(body.get("prompt", ""), str):
                 raise APIError(400, "prompt: a string", param="prompt")
             system = [{"role": "system", "content": body["system"]}] if body.get("system") else []
-            req = self._request(body, system + [{"role": "user", "content": body.get("prompt", "")}])
+            user = [{"role": "user", "content": body.get("prompt", "")}]
+            req = await run_in_threadpool(self._request, body, system + user)
         tools = req.tool_names if req.tools else frozenset()
         if chat or not body.get("raw"):
-            prompt = sv.render(to_template_messages(req, self.scheduler.template_renders_tool_calls),
-                               req.tools if tools else None)
+            prompt = await sv.render(to_template_messages(req, self.scheduler.template_renders_tool_calls),
+                                     req.tools if tools else None)
         else:
             prompt = body.get("prompt", "")
         started = time.perf_counter_ns()

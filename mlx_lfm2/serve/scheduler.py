@@ -61,6 +61,7 @@ class Job:
     top_logprobs: Optional[int]  # None: no logprobs
     loop: asyncio.AbstractEventLoop
     ids: Optional[list] = None  # prompt_text's ids, when the front end tokenized it already
+    exact_ids: bool = False  # ids are the prompt as sent (token ids): the model sees exactly them
     constraint: Optional[object] = None  # params' constraint, compiled by the front end
     out: Outbox = field(default_factory=Outbox)
     stop: threading.Event = field(default_factory=threading.Event)
@@ -213,7 +214,8 @@ class Scheduler:
         while excess > 0 and pc.offset > 0:
             ids = pc.new_tokens(self.tokenizer, job.prompt_text, job.ids, at_most=pc.offset - excess, grid=grid)
             excess = pc.offset + len(ids) + 1 - self.max_context
-        if not ids:  # a cache that consumed this whole prompt leaves nothing to sample from
+        exact = job.exact_ids and pc.tokens + ids != list(job.ids)  # a text match, other ids: not these
+        if not ids or exact:  # a cache that consumed this whole prompt leaves nothing to sample from
             pc = self.caches.fresh()
             ids = pc.new_tokens(self.tokenizer, job.prompt_text, job.ids)
         request = build_request(self.model, self.tokenizer, ids, job.params, held=pc.offset,
