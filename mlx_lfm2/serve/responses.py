@@ -37,6 +37,7 @@ from starlette.routing import Route
 
 from .boundary import APIError, exception_handlers, internal_error, no_reply
 from .openai_api import MAX_SEED, ChatRequest, to_template_messages
+from .service import Routed
 
 MAX_STORED = 256
 OMITTED = "[{kind} omitted: this model reads text only]"
@@ -310,10 +311,9 @@ def app(service) -> Starlette:
                      exception_handlers=exception_handlers())
 
 
-class Responses:
+class Responses(Routed):
     def __init__(self, service, store: Store):
         self.service, self.store = service, store
-        self.scheduler = service.scheduler
 
     async def create(self, request):
         sv = self.service

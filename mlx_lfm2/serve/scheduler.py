@@ -38,6 +38,7 @@ from .boundary import APIError
 
 DEFAULT_MAX_TOKENS = 2048
 DONE = object()  # a job's last item
+STOP = object()  # in the job queue: the worker ends there (``shutdown``)
 IMPOSSIBLE = -9999.0  # the logprob OpenAI reports for a token that cannot be sampled
 
 
@@ -103,6 +104,7 @@ class Scheduler:
         self.stats = {"completed": 0, "cancelled": 0, "active": 0, "peak_batch": 0}
         self.template_renders_tool_calls = "tool_calls" in (tokenizer.chat_template or "")
         self._worker: Optional[threading.Thread] = None
+        self._stopping = False  # the worker took STOP: it ends once the batch is empty
 
     @property
     def serial(self) -> bool:
@@ -126,17 +128,32 @@ class Scheduler:
             raise APIError(429, "the server is busy: too many queued requests, retry shortly",
                            type_="rate_limit_error", code="queue_full")
 
+    def shutdown(self) -> None:
+        """End the worker once the jobs in hand are done (``serve.models`` unloading the model):
+        new jobs are refused, and the thread lets go of the model when it returns."""
+        self.closed = True
+        if self._worker is not None:
+            self.jobs.put(STOP)
+            self._worker.join()
+            self._worker = None
+
     def close(self) -> None:
         """Stop the running job and drop the queued ones (on SIGTERM/SIGINT): their handlers
         return at once, so the server's graceful shutdown does not wait on generation."""
         self.closed = True
+        stopping = False
         while True:
             try:
                 job = self.jobs.get_nowait()
             except queue.Empty:
                 break
+            if job is STOP:  # a shutdown waits on the worker: it still gets its STOP
+                stopping = True
+                continue
             job.stop.set()
             job.emit(DONE)
+        if stopping:
+            self.jobs.put(STOP)
         for live in self.live.copy().values():  # copy(): atomic while the worker changes it
             live.job.stop.set()
         if self.current is not None:
@@ -180,7 +197,7 @@ class Scheduler:
     # Batched mode ---------------------------------------------------------------------------
 
     def _work_batched(self) -> None:
-        while True:
+        while not (self._stopping and not self.live):
             self._admit()
             for uid, live in list(self.live.items()):
                 if live.job.stop.is_set():  # its client left: out of the batch now
@@ -209,10 +226,13 @@ class Scheduler:
 
     def _admit(self) -> None:
         """Move queued requests into the batch while it has room; wait for one when idle."""
-        while len(self.live) < self.batch.max_batch:
+        while len(self.live) < self.batch.max_batch and not self._stopping:
             try:
                 job = self.jobs.get(block=not self.live)
             except queue.Empty:
+                return
+            if job is STOP:
+                self._stopping = True
                 return
             if job.stop.is_set():  # its client left while it waited
                 self.stats["cancelled"] += 1
@@ -267,6 +287,8 @@ class Scheduler:
     def _work_serial(self) -> None:
         while True:
             job = self.jobs.get()
+            if job is STOP:
+                return
             if job.stop.is_set():  # its client left while it waited
                 self.stats["cancelled"] += 1
                 job.emit(DONE)

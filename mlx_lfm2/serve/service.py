@@ -29,9 +29,19 @@ from ..engine.request import PromptTooLongError, check_context
 from ..text.constraints import ConstraintError, make_constraint
 from ..text.tools import ToolCallStream, parse_tool_calls
 from .boundary import APIError, BODY_TIMEOUT, no_reply, read_body, validate, watch
-from .metrics import track
+from .metrics import note_model, track
+from .models import UNSET, Models, current
 from .openai_api import ChatRequest
 from .scheduler import DONE, Job, Scheduler
+
+
+class Routed:
+    """For an API's handler class (with ``self.service``): ``scheduler`` is the model the
+    current request was routed to."""
+
+    @property
+    def scheduler(self) -> Scheduler:
+        return self.service.scheduler
 
 
 @dataclass
@@ -56,11 +66,27 @@ class Reply:
 
 
 class Service:
-    """The steps both APIs share, over one scheduler."""
+    """The steps every API shares, over the served models (``models.Models``)."""
 
-    def __init__(self, scheduler: Scheduler, api_key: Optional[str] = None, body_timeout: float = BODY_TIMEOUT):
-        self.scheduler, self.api_key, self.body_timeout = scheduler, api_key, body_timeout
-        self.tokenizer = scheduler.tokenizer
+    def __init__(self, models: Models, api_key: Optional[str] = None, body_timeout: float = BODY_TIMEOUT):
+        self.models, self.api_key, self.body_timeout = models, api_key, body_timeout
+
+    @property
+    def scheduler(self) -> Scheduler:
+        """The scheduler of the model this request was routed to (``route``)."""
+        return current()
+
+    @property
+    def tokenizer(self):
+        return self.scheduler.tokenizer
+
+    async def route(self, name: Optional[str], keep_alive=UNSET) -> tuple[Scheduler, None]:
+        """The one place a request's ``model`` is resolved: ``(scheduler, adapter)``, the model
+        loaded if need be and held until the response ends (``models``: unknown names are a
+        404 listing the valid ones). ``keep_alive``: how long it stays loaded once idle."""
+        entry = await self.models.acquire(name, keep_alive)
+        note_model(entry.name)
+        return entry.scheduler, None
 
     def authorize(self, request: Request) -> None:
         if not self.api_key:
@@ -73,10 +99,12 @@ class Service:
                            type_="authentication_error", code="invalid_api_key")
 
     async def read(self, request: Request, model_cls, overrides: Optional[dict] = None):
-        """The request's body as ``model_cls`` (``overrides``: keys set whatever the body says)."""
+        """The request's body as ``model_cls`` (``overrides``: keys set whatever the body says),
+        its ``model`` routed (``keep_alive``: an extension on every API, as on Ollama's)."""
         self.authorize(request)
         body = await read_body(request, self.body_timeout)
-        return validate(model_cls, {**body, **(overrides or {})}, self.scheduler.vocab)
+        scheduler, _ = await self.route(body.get("model"), body.pop("keep_alive", UNSET))
+        return validate(model_cls, {**body, **(overrides or {})}, scheduler.vocab)
 
     def render(self, messages: list[dict], tools=None) -> str:
         try:
@@ -84,11 +112,11 @@ class Service:
         except Exception as e:
             raise APIError(400, f"the chat template rejected these messages: {e}", param="messages")
 
-    def _compile(self, req, prompt_text: str):
+    @staticmethod
+    def _compile(s: Scheduler, req, prompt_text: str):
         """Off the event loop: the prompt's ids (the worker reuses them), the context check,
         the constraint compiled (the first builds llguidance's view of the vocabulary, ~1 s)."""
-        s = self.scheduler
-        ids = self.tokenizer.encode(prompt_text, add_special_tokens=False)
+        ids = s.tokenizer.encode(prompt_text, add_special_tokens=False)
         try:
             check_context(s.model, len(ids), context=s.max_context)
         except PromptTooLongError as e:
@@ -96,7 +124,7 @@ class Service:
         param = "tools" if isinstance(req, ChatRequest) and req.forced_tool_call() else "response_format"
         try:
             spec = req.constraint()
-            return ids, spec, make_constraint(self.tokenizer, **spec) if spec else None
+            return ids, spec, make_constraint(s.tokenizer, **spec) if spec else None
         except ConstraintError as e:
             raise APIError(400, f"{param}: {e}", param=param, code="invalid_schema")
 
@@ -108,7 +136,7 @@ class Service:
         the constraint compiled here. ``score_ids``: the prompt's ids, scored first into
         ``job.scores`` (completions' echo with logprobs)."""
         s = self.scheduler
-        ids, spec, constraint = await run_in_threadpool(self._compile, req, prompt_text)
+        ids, spec, constraint = await run_in_threadpool(self._compile, s, req, prompt_text)
         limit = s.default_max_tokens if req.limit is None else req.limit  # 0: score only (completions)
         params = req.sampling(s.defaults).replace(max_tokens=limit, **spec)
         job = Job(prompt_text, params, top_logprobs, asyncio.get_running_loop(), ids=ids, constraint=constraint,
