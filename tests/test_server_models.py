@@ -144,6 +144,14 @@ def test_keep_alive_0_unloads_after_the_reply_and_a_duration_sets_the_expiry(ser
             break
         time.sleep(0.1)
     assert loaded(base) == ["a"]
+    assert client.generate(model="b").done_reason == "load"  # no prompt: Ollama's way to load a model
+    assert sorted(loaded(base)) == ["a", "b"]
+    assert client.generate(model="b", keep_alive=0).done_reason == "unload"
+    for _ in range(50):
+        if loaded(base) == ["a"]:
+            break
+        time.sleep(0.1)
+    assert loaded(base) == ["a"]
     bad = httpx.post(base + "/v1/chat/completions", json={"model": "a", "messages": ASK, "keep_alive": "soon"})
     assert bad.status_code == 400 and "keep_alive" in bad.json()["error"]["message"]
 
@@ -183,6 +191,11 @@ def test_the_ollama_client_picks_models_by_name(server, folders):
         assert "".join(p.response for p in streamed) == want[name]
     assert sorted(m.model for m in client.ps().models) == ["a", "b"]
     assert client.show("b").modelinfo["context_length"] > 0
+    from prometheus_client.parser import text_string_to_metric_families
+
+    gauges = {f.name: f.samples for f in text_string_to_metric_families(httpx.get(base + "/metrics").text)}
+    assert gauges["mlx_lfm2_resident_models"][0].value == 2
+    assert sorted(x.labels["model"] for x in gauges["mlx_lfm2_resident_model_bytes"]) == ["a", "b"]
 
 
 def test_a_model_loaded_again_reads_its_prefix_from_the_disk_cache(server, folders):

@@ -115,6 +115,7 @@ class Models:
         self._room: Optional[asyncio.Lock] = None  # made on the loop: one load or unload at a time
         self._released: Optional[asyncio.Event] = None
         self._reaper: Optional[asyncio.Task] = None
+        self._tasks: set = set()
 
     @classmethod
     def single(cls, scheduler) -> "Models":
@@ -159,14 +160,14 @@ class Models:
     async def acquire(self, name, keep_alive=UNSET) -> Entry:
         """The loaded model for ``name``, held by the current request until its response ends."""
         e = self.entry(name)
-        ka = self.idle_unload if keep_alive is UNSET else parse_keep_alive(keep_alive)
+        ka = self.idle_unload if keep_alive is UNSET or keep_alive is None else parse_keep_alive(keep_alive)
         held = _held.get()
         e.users += 1
         try:
             deadline = time.monotonic() + self.load_timeout
             while e.scheduler is None:
                 if e.loading is None:
-                    e.loading = asyncio.ensure_future(self._load(e, deadline))
+                    e.loading = self._spawn(self._load(e, deadline))
                 try:
                     await asyncio.wait_for(asyncio.shield(e.loading), max(0.0, deadline - time.monotonic()))
                 except asyncio.TimeoutError:
@@ -187,7 +188,15 @@ class Models:
         e.last_used = time.monotonic()
         self._signal()
         if e.users == 0 and e.keep_alive == 0 and e.scheduler is not None:
-            asyncio.ensure_future(self._unload_idle(e))
+            self._spawn(self._unload_idle(e))
+
+    def _spawn(self, coroutine) -> asyncio.Task:
+        """A task kept until it ends (the loop holds tasks weakly), its failure read by whoever
+        awaits it or dropped (a load whose requests all gave up)."""
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(lambda t: (self._tasks.discard(t), t.cancelled() or t.exception()))
+        return task
 
     def _signal(self) -> None:
         self._lock()
