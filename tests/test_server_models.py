@@ -268,7 +268,7 @@ async def _holding(models, name, release: asyncio.Event):
 
     held = []
     _held.set(held)
-    e = await models.acquire(name)
+    e = await models.acquire(models.entries[name])
     await release.wait()
     for x in held:
         models._release(x)
@@ -286,7 +286,7 @@ def test_a_model_being_loaded_makes_its_requests_wait_with_a_bound():
         models = _registry(slow, load_timeout=0.2)
         go = asyncio.Event()
         with pytest.raises(APIError) as e:
-            await models.acquire("a")
+            await models.acquire(models.entries["a"])
         assert e.value.status == 503 and "not loaded yet" in str(e.value)
         await asyncio.sleep(0.6)  # the load went on without the request that gave up
         models.load_timeout = 5

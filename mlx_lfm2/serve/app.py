@@ -4,7 +4,8 @@ Assembly only; each job has its module:
 
 * ``scheduler``: the worker thread that owns the model (continuous batching, or one job at a
   time for speculative decoding and ``mlx.launch``), the job queue, the prompt caches;
-* ``service``: what both APIs do with a request (auth, prepare, the reply assembler);
+* ``service``: what both APIs do with a request (auth, model names, prepare, the reply assembler);
+* ``adapters``: resident adapters by name (``--adapter``), hot load and unload;
 * ``openai`` (request models in ``openai_api``), ``responses`` (OpenAI's Responses API) and
   ``anthropic``: one module per API, each an app with its own routes and error shape;
 * ``boundary``: the HTTP error type, bodies, validation, disconnects, the uvicorn server.
@@ -27,20 +28,28 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from ..engine.distributed import group, leader
+from ..engine.memory import budget_bytes
 from . import anthropic, ollama, openai, responses
+from .adapters import DEFAULT_MAX_ADAPTERS, AdapterTable, parse_adapter_flags, routes as adapter_routes
 from .boundary import BODY_TIMEOUT, HEADER_TIMEOUT, make_server
 from .metrics import Metrics, Observer, configure
 from .models import DEFAULT_LOAD_TIMEOUT, Holds, Models
+from .outbox import MAX_ITEMS, STALL_TIMEOUT
 from .scheduler import DEFAULT_MAX_TOKENS, Scheduler
 from .service import Service
 
 
-def create_app(served, api_key: Optional[str] = None, body_timeout: float = BODY_TIMEOUT, log=None):
-    """The ASGI app: each API's app under its path prefix (OpenAI's takes the rest, ``/health``
-    and ``/metrics``), over one service, each request logged (``log(line)``, default stderr) and
-    counted. ``served``: the models (``models.Models``), or one model's ``Scheduler``."""
+def create_app(served, api_key: Optional[str] = None, body_timeout: float = BODY_TIMEOUT, log=None,
+               adapters: Optional[AdapterTable] = None):
+    """The ASGI app: each API's app under its path prefix (OpenAI's takes the rest, ``/health``,
+    ``/metrics`` and the adapter routes), over one service, each request logged (``log(line)``,
+    default the ``mlx_lfm2.server`` logger) and counted. ``served``: the models
+    (``models.Models``), or one model's ``Scheduler``. ``adapters``: the table behind
+    ``/v1/load_lora_adapter`` (default: one with hot loading off, on a model loaded at startup)."""
     models = served if isinstance(served, Models) else Models.single(served)
     service = Service(models, api_key, body_timeout)
+    loaded = models.loaded()
+    adapters = adapters or (AdapterTable(loaded[0].scheduler) if loaded else None)
     metrics = Metrics(models)
 
     async def health(request: Request):
@@ -52,7 +61,8 @@ def create_app(served, api_key: Optional[str] = None, body_timeout: float = BODY
                              "mlx_active_mb": round(mx.get_active_memory() / 2**20, 1),
                              "mlx_cache_mb": round(mx.get_cache_memory() / 2**20, 1)})
 
-    routes = (Route("/health", health, methods=["GET"]), Route("/metrics", metrics.endpoint(), methods=["GET"]))
+    routes = (Route("/health", health, methods=["GET"]), Route("/metrics", metrics.endpoint(), methods=["GET"]),
+              *(adapter_routes(service, adapters) if adapters is not None else ()))
     return Holds(Observer(ByPrefix(openai.app(service, routes=routes),
                                    {anthropic.PREFIX: anthropic.app(service), responses.PREFIX: responses.app(service),
                                     ollama.PREFIX: ollama.app(service)}),
@@ -135,48 +145,59 @@ def build_scheduler(a, name: str, path: str) -> Scheduler:
     """Load the model at ``path`` and its scheduler, as the flags ``a`` say (OSError, ValueError)."""
     from ..weights.loader import load, load_draft
 
-    model, tokenizer = load(path, adapter_path=a.adapter_path)
+    model, tokenizer = load(path, adapter_path=a.adapter_path, adapters=a.resident_adapters)
     try:
         draft = load_draft(a.draft_model, model, a.prompt_lookup)
     except (OSError, ValueError) as e:
         raise ValueError(f"draft model: {e}") from e
     return Scheduler(model, tokenizer, name, a.queue_size, a.cache_entries, a.max_context, a.default_max_tokens,
-                     a.max_batch, draft, a.prompt_lookup, a.num_draft_tokens, disk_tier(a, model, tokenizer, draft))
+                     a.max_batch, draft, a.prompt_lookup, a.num_draft_tokens, disk_tier(a, model, tokenizer, draft),
+                     a.stall_timeout, a.max_buffered_tokens)
+
+
+def check_single_model_flags(a, paths: dict) -> None:
+    """The flags that serve one model, and the adapters' (``a.resident_adapters``: the
+    ``--adapter`` folders by name, {} for ``--adapter-dir`` alone, None without)."""
+    named = parse_adapter_flags(a.adapter)
+    resident = bool(named) or a.adapter_dir is not None
+    if len(paths) > 1 and (a.served_model_name or a.draft_model or a.adapter_path or a.prompt_lookup or resident):
+        raise SystemExit("error: --served-model-name, --draft-model, --adapter-path, --prompt-lookup, --adapter and "
+                         "--adapter-dir serve one model: name several with --model NAME=PATH")
+    if len(paths) > 1 and group() is not None:
+        raise SystemExit("error: under mlx.launch the server serves one model")
+    if resident and (a.adapter_path or a.draft_model or a.prompt_lookup or group() is not None):
+        raise SystemExit("error: --adapter/--adapter-dir serve adapters side by side in one batch: they exclude "
+                         "--adapter-path, speculative decoding and mlx.launch")
+    if a.adapter_dir is not None and not os.path.isdir(os.path.expanduser(a.adapter_dir)):
+        raise SystemExit(f"error: --adapter-dir {a.adapter_dir}: not a folder")
+    if len(named) > a.max_adapters:
+        raise SystemExit(f"error: {len(named)} --adapter given, more than --max-adapters {a.max_adapters}")
+    if next(iter(paths)) in named:
+        raise SystemExit("error: an --adapter has the base model's name: give it another (or --served-model-name)")
+    a.resident_adapters = named if resident else None
 
 
 def registry(a) -> Models:
     """The served models from the flags; the first ``--model`` loaded now (a folder that does
-    not load is an error at startup, as with one model), the rest on first use."""
+    not load is an error at startup, as with one model), the rest on first use. A model
+    serving adapters stays loaded (the adapter table is its scheduler's)."""
     from ..engine.disk_cache import parse_bytes
 
     try:
         a.prompt_cache_limit = parse_bytes(a.prompt_cache_bytes)
-        budget = parse_bytes(a.memory_budget) if a.memory_budget else default_budget()
         paths = model_paths(a.model or [], a.models_dir, a.served_model_name)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
-    if len(paths) > 1 and (a.served_model_name or a.draft_model or a.adapter_path or a.prompt_lookup):
-        raise SystemExit("error: --served-model-name, --draft-model, --adapter-path and --prompt-lookup serve one "
-                         "model: name models with --model NAME=PATH")
-    if len(paths) > 1 and group() is not None:
-        raise SystemExit("error: under mlx.launch the server serves one model")
-    models = Models(paths, lambda name, path: build_scheduler(a, name, path), a.max_loaded_models, budget,
+    check_single_model_flags(a, paths)
+    models = Models(paths, lambda name, path: build_scheduler(a, name, path), a.max_loaded_models, a.memory_budget,
                     a.idle_unload, a.load_timeout)
     if a.model:
         name = next(iter(paths))
         try:
-            models.adopt(name, build_scheduler(a, name, paths[name]), paths[name])
+            models.adopt(name, build_scheduler(a, name, paths[name]), pinned=a.resident_adapters is not None)
         except (OSError, ValueError) as e:
             raise SystemExit(f"error: {e}")
     return models
-
-
-def default_budget() -> int:
-    """Bytes of weights resident at once: what the first run's memory probe says a model may
-    use here (``weights.provision.machine``), less its margin for caches and activations."""
-    from ..weights.provision import GB, MARGIN_GB, machine
-
-    return int(max(machine().working_set_gb - MARGIN_GB, 1.0) * GB)
 
 
 def arguments(argv=None):
@@ -189,8 +210,6 @@ def arguments(argv=None):
                    "several (the first loads at startup, the others on first use)")
     p.add_argument("--models-dir", help="serve every model folder under DIR by its folder name (loaded on first use)")
     p.add_argument("--max-loaded-models", type=positive_int, help="models loaded at once (default: as the budget allows)")
-    p.add_argument("--memory-budget", help="bytes of model weights loaded at once, e.g. 24G (default: this "
-                   "machine's working set less 2 GB); the least recently used idle model unloads to make room")
     p.add_argument("--idle-unload", type=non_negative_float, metavar="SECONDS",
                    help="unload a model idle this long (default: never; a request's keep_alive overrides it)")
     p.add_argument("--load-timeout", type=non_negative_float, default=DEFAULT_LOAD_TIMEOUT, metavar="SECONDS",
@@ -214,17 +233,37 @@ def arguments(argv=None):
                    help=f"seconds to receive a request body (default {BODY_TIMEOUT:g})")
     p.add_argument("--header-timeout", type=float, default=HEADER_TIMEOUT,
                    help=f"seconds to receive a request head (default {HEADER_TIMEOUT:g})")
+    p.add_argument("--max-buffered-tokens", type=int, default=MAX_ITEMS,
+                   help=f"tokens a stream may hold unsent before its row pauses (default {MAX_ITEMS})")
+    p.add_argument("--stall-timeout", type=float, default=STALL_TIMEOUT,
+                   help=f"seconds a paused stream waits for its reader before it is cancelled (default {STALL_TIMEOUT:g})")
     p.add_argument("--draft-model", help="a small LFM2 with the same tokenizer for speculative decoding")
     p.add_argument("--adapter-path", help="a LoRA/DoRA adapter folder (mlx-lm's layout or PEFT's) to apply")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                   help="a LoRA adapter served as model NAME next to the base (repeat for more; mlx-lm's layout "
+                        "or PEFT's); rows on different adapters decode in one batch")
+    p.add_argument("--adapter-dir", help="folder that POST /v1/load_lora_adapter may load adapters from")
+    p.add_argument("--max-adapters", type=int, default=DEFAULT_MAX_ADAPTERS,
+                   help=f"resident adapters at most (default {DEFAULT_MAX_ADAPTERS})")
     p.add_argument("--num-draft-tokens", type=int, help="tokens drafted per step (default: adaptive)")
     p.add_argument("--prompt-lookup", action="store_true", help="speculative decoding from n-grams of the prompt")
+    p.add_argument("--memory-budget", help="memory the server may use, weights included, e.g. 24G: a request "
+                   "whose predicted peak cannot fit is refused (400), one that fits later waits, a model that "
+                   "does not fit beside the loaded ones unloads the least recently used idle one "
+                   "(default: the GPU's recommended working set, else system memory)")
     p.add_argument("--log-content", action="store_true",
                    help="log each request's prompt and reply (default: counts and timings only)")
     a = p.parse_args(argv)
     if not a.model and not a.models_dir:
         p.error("give --model PATH_OR_REPO (repeatable) or --models-dir DIR")
+    try:
+        a.memory_budget = budget_bytes(a.memory_budget)
+    except ValueError as e:
+        raise SystemExit(f"error: --memory-budget: {e}")
     if a.max_batch < 1:
         raise SystemExit("error: --max-batch must be at least 1")
+    if a.max_buffered_tokens < 2 or not a.stall_timeout > 0:
+        raise SystemExit("error: --max-buffered-tokens must be at least 2 and --stall-timeout above 0")
     return a
 
 
@@ -237,7 +276,8 @@ def main(argv=None) -> None:
     models = registry(a)
     if not leader():  # mlx.launch: rank 0 serves HTTP, the others serve their layers
         return models.loaded()[0].scheduler.follow()
-    app = create_app(models, a.api_key, a.body_timeout)
+    table = AdapterTable(models.loaded()[0].scheduler, a.adapter_dir, a.max_adapters) if a.model else None
+    app = create_app(models, a.api_key, a.body_timeout, adapters=table)
     server = make_server(models, app, a.host, a.port, a.header_timeout)
     import asyncio
     asyncio.run(_serve(server, startup_line(a.host, a.port, models, a.max_batch)))
@@ -267,8 +307,10 @@ def startup_line(host: str, port: int, models: Models, max_batch: int) -> str:
     loaded = models.loaded()
     names = (f"model={models.names[0]}" if len(models.names) == 1 else
              f"models={','.join(models.names)} loaded={','.join(e.name for e in loaded) or '-'}")
+    adapters = [n for e in loaded if e.scheduler.adapters is not None for n in e.scheduler.adapters.loaded]
     return (f"listening on http://{shown}:{port} {names} weights={sum(e.size for e in loaded) / 2**30:.2f} GB "
-            f"mlx_active={mx.get_active_memory() / 2**30:.2f} GB max_batch={max_batch}")
+            f"mlx_active={mx.get_active_memory() / 2**30:.2f} GB max_batch={max_batch}"
+            + (f" adapters={','.join(adapters) or '-'}" if any(e.scheduler.adapters is not None for e in loaded) else ""))
 
 
 if __name__ == "__main__":

@@ -19,9 +19,7 @@ one ``Scheduler`` per loaded model, with its own worker thread, prompt caches an
   last request's ``keep_alive`` (Ollama's field: seconds or a duration like ``"5m"``; negative:
   forever; 0: unload after the reply), else ``--idle-unload`` (None: kept).
 
-A server of one model answers to any name (clients such as Claude Code send their own); a
-server of several answers a missing name with its first model and an unknown one with a 404
-listing the names.
+Which entry a request's ``model`` names is ``Service.route``'s to say (adapters are names too).
 """
 
 from __future__ import annotations
@@ -65,12 +63,13 @@ def parse_keep_alive(value) -> Optional[float]:
     return None if value < 0 else float(value)
 
 
-@dataclass
+@dataclass(eq=False)
 class Entry:
     """One model the server can serve."""
 
     name: str
-    path: Optional[str]  # where it loads from (None: handed over loaded, never unloaded)
+    path: Optional[str]  # where it loads from (None: handed over loaded)
+    pinned: bool = False  # never unloaded (a model handed over loaded, one serving adapters)
     scheduler: Optional[object] = None  # serve.scheduler.Scheduler, while loaded
     size: int = 0  # bytes of weights: measured once loaded, the weight files before
     users: int = 0  # requests holding it
@@ -81,7 +80,7 @@ class Entry:
     @property
     def expires(self) -> Optional[float]:
         """When an idle unload is due (time.monotonic()), None: never."""
-        if self.path is None or self.keep_alive is None:
+        if self.pinned or self.keep_alive is None:
             return None
         return self.last_used + self.keep_alive
 
@@ -121,15 +120,16 @@ class Models:
     def single(cls, scheduler) -> "Models":
         """One model, loaded already (tests, and servers built in code)."""
         models = cls({}, build=None)
-        models.adopt(scheduler.model_id, scheduler)
+        models.adopt(scheduler.model_id, scheduler, pinned=True)
         return models
 
-    def adopt(self, name: str, scheduler, path: Optional[str] = None) -> None:
+    def adopt(self, name: str, scheduler, pinned: bool = False) -> None:
         """``scheduler`` (started here) as the loaded model ``name``."""
         from .metrics import model_bytes
 
-        e = self.entries.setdefault(name, Entry(name, path, keep_alive=self.idle_unload))
+        e = self.entries.setdefault(name, Entry(name, None, keep_alive=self.idle_unload))
         e.scheduler, e.size, e.last_used = scheduler.start(), model_bytes(scheduler.model), time.monotonic()
+        e.pinned = e.pinned or pinned
 
     @property
     def names(self) -> list[str]:
@@ -138,30 +138,15 @@ class Models:
     def loaded(self) -> list[Entry]:
         return [e for e in self.entries.values() if e.scheduler is not None]
 
-    def entry(self, name) -> Entry:
-        """The model ``name`` picks (see the module docstring); a 404 listing the names."""
-        if name is not None and not isinstance(name, str):
-            raise APIError(400, "model: a string", param="model")
-        if len(self.entries) == 1:
-            return next(iter(self.entries.values()))
-        if name is None:
-            return next(iter(self.entries.values()))
-        e = self.entries.get(name)
-        if e is None:
-            raise self.unknown(name)
-        return e
-
-    def unknown(self, name: str) -> APIError:
-        return APIError(404, f"model {name!r:.80} not found: this server serves {', '.join(map(repr, self.entries))}",
-                        type_="not_found_error", param="model", code="model_not_found")
-
     # Requests ------------------------------------------------------------------------------
 
-    async def acquire(self, name, keep_alive=UNSET) -> Entry:
-        """The loaded model for ``name``, held by the current request until its response ends."""
-        e = self.entry(name)
-        ka = self.idle_unload if keep_alive is UNSET or keep_alive is None else parse_keep_alive(keep_alive)
+    async def acquire(self, e: Entry, keep_alive=UNSET) -> Entry:
+        """``e`` loaded, held by the current request until its response ends (once: a request
+        that routes again gets what it holds)."""
         held = _held.get()
+        if held is not None and e in held:
+            return e
+        ka = self.idle_unload if keep_alive is UNSET or keep_alive is None else parse_keep_alive(keep_alive)
         e.users += 1
         try:
             deadline = time.monotonic() + self.load_timeout
@@ -214,7 +199,7 @@ class Models:
             async with self._lock():
                 await self._make_room(e, deadline)
                 scheduler = await asyncio.to_thread(self.build, e.name, e.path)
-                self.adopt(e.name, scheduler, e.path)
+                self.adopt(e.name, scheduler)
         except APIError:
             raise
         except Exception as err:  # a folder that fails to load: the request says why, the server serves on
@@ -234,7 +219,7 @@ class Models:
     async def _make_room(self, e: Entry, deadline: float) -> None:
         """Unload least recently used idle models until ``e`` fits; wait while all are busy."""
         while self._too_many(e):
-            idle = sorted((x for x in self.loaded() if x is not e and x.users == 0 and x.path is not None),
+            idle = sorted((x for x in self.loaded() if x is not e and x.users == 0 and not x.pinned),
                           key=lambda x: x.last_used)
             if idle:
                 await self._unload(idle[0])
@@ -258,7 +243,7 @@ class Models:
 
     async def _unload_idle(self, e: Entry) -> None:
         async with self._lock():
-            if e.users == 0 and e.scheduler is not None and e.path is not None:
+            if e.users == 0 and e.scheduler is not None and not e.pinned:
                 await self._unload(e)
 
     async def reap(self, tick: float = 0.25) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import time
 from datetime import datetime, timezone
+from typing import Optional
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -120,10 +121,11 @@ class Ollama(Routed):
         sv = self.service
         sv.authorize(request)
         body = await read_body(request, sv.body_timeout)
-        await sv.route(body.get("model"), body.get("keep_alive", UNSET))
+        s, adapter = await sv.route(body.get("model"), body.get("keep_alive", UNSET))
+        item = self._chat_item if chat else self._generate_item
         if _loads_only(body, chat):  # Ollama's way to load (or, keep_alive 0, unload) a model
-            return JSONResponse({**(self._chat_item if chat else self._generate_item)("", []),
-                                 "done": True, "done_reason": "unload" if body.get("keep_alive") == 0 else "load"})
+            return JSONResponse({**item(adapter or s.model_id, "", []), "done": True,
+                                 "done_reason": "unload" if body.get("keep_alive") == 0 else "load"})
         if chat:
             req = self._request(body, [])
         else:
@@ -138,21 +140,22 @@ class Ollama(Routed):
         else:
             prompt = body.get("prompt", "")
         started = time.perf_counter_ns()
-        job = await sv.prepare(req, prompt)
-        shape = self._chat_item if chat else self._generate_item
+        name = body.get("model")
+        job = await sv.prepare(req, prompt, model=name if isinstance(name, str) else None)
+        shape = lambda text, calls: item(job.model, text, calls)  # noqa: E731
         if body.get("stream", True):
             return StreamingResponse(self._lines(job, tools, shape, started), media_type="application/x-ndjson")
         reply = await sv.whole(request, job, "", tools)
         return JSONResponse({**shape(reply.text, reply.calls), **self._final(job, reply.last, started)})
 
-    def _chat_item(self, text: str, calls: list) -> dict:
+    def _chat_item(self, model: str, text: str, calls: list) -> dict:
         message = {"role": "assistant", "content": text}
         if calls:
             message["tool_calls"] = [{"function": {"name": c["name"], "arguments": c["arguments"]}} for c in calls]
-        return {"model": self.scheduler.model_id, "created_at": _now(), "message": message}
+        return {"model": model, "created_at": _now(), "message": message}
 
-    def _generate_item(self, text: str, calls: list) -> dict:
-        return {"model": self.scheduler.model_id, "created_at": _now(), "response": text}
+    def _generate_item(self, model: str, text: str, calls: list) -> dict:
+        return {"model": model, "created_at": _now(), "response": text}
 
     def _final(self, job, last, started: int) -> dict:
         total = time.perf_counter_ns() - started
@@ -178,23 +181,32 @@ class Ollama(Routed):
 
     # The served models --------------------------------------------------------------------
 
-    def _entry(self, e) -> dict:
-        """``/api/tags``' item for registry entry ``e`` (loaded or not)."""
+    def _entry(self, e, name: Optional[str] = None) -> dict:
+        """``/api/tags``' item for registry entry ``e`` (loaded or not), or for ``name``, an
+        adapter on it."""
         config = vars(e.scheduler.model.args) if e.scheduler is not None else folder_config(e.path)
         kind = config.get("model_type", "lfm2")
         details = {"format": "mlx", "family": kind, "families": [kind], "parameter_size": "",
                    "quantization_level": "Q4" if config.get("quantization") else "F16"}
-        return {"name": e.name, "model": e.name, "modified_at": _now(), "size": e.size, "digest": "",
-                "details": details}
+        name = name or e.name
+        return {"name": name, "model": name, "modified_at": _now(), "size": e.size, "digest": "", "details": details}
+
+    def _entries(self, entries) -> list[dict]:
+        """Each entry's item, then one per adapter resident on it."""
+        items = [(e, self._entry(e)) for e in entries]
+        for e in entries:
+            if e.scheduler is not None and e.scheduler.adapters is not None:
+                items += [(e, self._entry(e, n)) for n in e.scheduler.adapters.loaded]
+        return items
 
     async def tags(self, request: Request):
         self.service.authorize(request)
-        return JSONResponse({"models": [self._entry(e) for e in self.service.models.entries.values()]})
+        return JSONResponse({"models": [item for _, item in self._entries(list(self.service.models.entries.values()))]})
 
     async def ps(self, request: Request):
         self.service.authorize(request)
-        return JSONResponse({"models": [{**self._entry(e), "expires_at": _expiry(e.expires), "size_vram": e.size}
-                                        for e in self.service.models.loaded()]})
+        return JSONResponse({"models": [{**item, "expires_at": _expiry(e.expires), "size_vram": e.size}
+                                        for e, item in self._entries(self.service.models.loaded())]})
 
     async def show(self, request: Request):
         self.service.authorize(request)
@@ -202,7 +214,7 @@ class Ollama(Routed):
         s, _ = await self.service.route(body.get("model") or body.get("name"))
         args = s.model.args
         return JSONResponse({"modelfile": "", "parameters": "", "template": s.tokenizer.chat_template or "",
-                             "details": self._entry(self.service.models.entry(s.model_id))["details"],
+                             "details": self._entry(self.service.models.entries[s.model_id])["details"],
                              "capabilities": ["completion", "tools"],
                              "model_info": {"general.architecture": getattr(args, "model_type", "lfm2"),
                                             "context_length": s.max_context}})

@@ -51,7 +51,7 @@ class OpenAI(Routed):
         top = (req.top_logprobs or 0) if req.logprobs else None
         forced = req.forced_tool_call()  # the reply's opening, written for the model
         job = await sv.prepare(req, prompt + forced, top)
-        cid, model_id = new_id("chatcmpl"), self.scheduler.model_id
+        cid, model_id = new_id("chatcmpl"), job.model
         headers = _warning_headers(job)
         if req.stream:
             return EventSourceResponse(sse_events(self._stream_chat(job, cid, req, forced, tools)), ping=15,
@@ -70,7 +70,7 @@ class OpenAI(Routed):
                             headers=headers)
 
     async def _stream_chat(self, job, cid: str, req: ChatRequest, forced: str, tools: frozenset):
-        model_id = self.scheduler.model_id
+        model_id = job.model
         yield json.dumps(chat_chunk(cid, model_id, {"role": "assistant", "content": ""}))
         n_calls, last, text = 0, None, []
         async for p in self.service.pieces(job, forced, tools):
@@ -112,9 +112,9 @@ class OpenAI(Routed):
         for start in range(0, len(req.prompts), step):
             done += await asyncio.gather(*(self._completion(request, req, p)
                                            for p in req.prompts[start: start + step]))
-        out = completion_body(cid, self.scheduler.model_id,
-                              [{**c, "index": i} for i, (c, _) in enumerate(done)])
         jobs = [(job, reply) for _, (job, reply) in done]
+        out = completion_body(cid, jobs[0][0].model if jobs else self.scheduler.model_id,
+                              [{**c, "index": i} for i, (c, _) in enumerate(done)])
         out["usage"] = usage(sum(j.prompt_tokens for j, _ in jobs), sum(r.last.generation_tokens for _, r in jobs),
                              sum(j.cached_tokens for j, _ in jobs))
         return JSONResponse(out)
@@ -136,7 +136,7 @@ class OpenAI(Routed):
         return completion_choice(reply.text, _finish(reply.last.finish_reason), lps), (job, reply)
 
     async def _stream_completion(self, job, req: CompletionRequest, cid: str, text: str, ids: list):
-        model_id, tok = self.scheduler.model_id, self.service.tokenizer
+        model_id, tok = job.model, self.service.tokenizer
         last, first = None, True
         async for p in self.service.pieces(job):
             last = p.response
@@ -165,15 +165,15 @@ class OpenAI(Routed):
 
     async def models(self, request: Request):
         self.service.authorize(request)
-        names = self.service.models.names
+        names = self.service.names()  # the models, then each resident adapter
         return JSONResponse({"object": "list", "data": [self.model_card(n) for n in names], "has_more": False,
                              "first_id": names[0], "last_id": names[-1]})
 
     async def model(self, request: Request):
         self.service.authorize(request)
-        name, names = request.path_params["name"], self.service.models.names
-        if name not in names:
-            raise self.service.models.unknown(name)
+        name = request.path_params["name"]
+        if name not in self.service.names():
+            raise self.service.unknown(name)
         return JSONResponse(self.model_card(name))
 
 

@@ -6,6 +6,8 @@ steps in between are written once here:
 * ``authorize``: the API key, from ``Authorization: Bearer KEY`` or ``x-api-key: KEY``,
   compared in constant time;
 * ``read``: auth, the body (``boundary.read_body``) and its validation;
+* ``route``: a request's ``model`` name -> the scheduler serving it and the adapter to use
+  (the one place names are resolved);
 * ``render``: the chat template, whose refusal is a 400;
 * ``prepare``: off the event loop, the prompt tokenized (once: the worker reuses the ids), the
   context checked and the constraint compiled (once: the worker uses it), so a prompt over the
@@ -31,6 +33,7 @@ from ..text.tools import ToolCallStream, parse_tool_calls
 from .boundary import APIError, BODY_TIMEOUT, no_reply, read_body, validate, watch
 from .metrics import note_model, track
 from .models import UNSET, Models, current
+from .outbox import Outbox
 from .openai_api import ChatRequest
 from .scheduler import DONE, Job, Scheduler
 
@@ -80,13 +83,40 @@ class Service:
     def tokenizer(self):
         return self.scheduler.tokenizer
 
-    async def route(self, name: Optional[str], keep_alive=UNSET) -> tuple[Scheduler, None]:
-        """The one place a request's ``model`` is resolved: ``(scheduler, adapter)``, the model
-        loaded if need be and held until the response ends (``models``: unknown names are a
-        404 listing the valid ones). ``keep_alive``: how long it stays loaded once idle."""
-        entry = await self.models.acquire(name, keep_alive)
-        note_model(entry.name)
-        return entry.scheduler, None
+    def names(self) -> list[str]:
+        """Every name a request may give as ``model``: each served model's, then each resident
+        adapter's (adapters sit on a loaded model)."""
+        adapters = [n for e in self.models.loaded() if e.scheduler.adapters is not None
+                    for n in e.scheduler.adapters.loaded]
+        return [*self.models.names, *adapters]
+
+    async def route(self, name: Optional[str], keep_alive=UNSET) -> tuple[Scheduler, Optional[str]]:
+        """The one place a request's ``model`` is resolved: ``(scheduler, adapter name or None)``,
+        the model loaded if need be and held until the response ends (``models``), ``keep_alive``:
+        how long it stays loaded once idle. With one name to serve, any name (or none) is the
+        model: clients send their own names (Claude Code's, say); with several, no name is the
+        first model and a name that is none of ``names()`` is a 404 listing them."""
+        if name is not None and not isinstance(name, str):
+            raise APIError(400, "model: a string", param="model")
+        entry, adapter = self._resolve(name)
+        await self.models.acquire(entry, keep_alive)
+        note_model(adapter or entry.name)
+        return entry.scheduler, adapter
+
+    def _resolve(self, name: Optional[str]):
+        for e in self.models.loaded():
+            if e.scheduler.adapters is not None and name in e.scheduler.adapters:
+                return e, name
+        if name in self.models.entries:
+            return self.models.entries[name], None
+        names = self.names()
+        if not name or len(names) == 1:
+            return self.models.entries[names[0]], None
+        raise self.unknown(name)
+
+    def unknown(self, name: str) -> APIError:
+        return APIError(404, f"model {name!r:.80} not found: this server serves {', '.join(map(repr, self.names()))}",
+                        param="model", type_="not_found_error", code="model_not_found")
 
     def authorize(self, request: Request) -> None:
         if not self.api_key:
@@ -129,60 +159,13 @@ class Service:
             raise APIError(400, f"{param}: {e}", param=param, code="invalid_schema")
 
     async def prepare(self, req, prompt_text: str, top_logprobs: Optional[int] = None,
-                      score_ids: Optional[list] = None) -> Job:
+                      score_ids: Optional[list] = None, model: Optional[str] = None) -> Job:
         """Queue ``prompt_text`` with ``req``'s sampling, limit and constraint -> its job. What
         can be refused is refused here, before any streaming starts: a prompt over the context,
         a bad schema (400s naming the problem); the worker builds the request from the ids and
         the constraint compiled here. ``score_ids``: the prompt's ids, scored first into
-        ``job.scores`` (completions' echo with logprobs)."""
-        s = self.scheduler
+        ``job.scores`` (completions' echo with logprobs). ``model``: the name asked for (default
+        ``req.model``), resolved by ``route`` (held already when ``read`` routed it)."""
+        name = model if model is not None else getattr(req, "model", None)
+        s, adapter = await self.route(name)
         ids, spec, constraint = await run_in_threadpool(self._compile, s, req, prompt_text)
-        limit = s.default_max_tokens if req.limit is None else req.limit  # 0: score only (completions)
-        params = req.sampling(s.defaults).replace(max_tokens=limit, **spec)
-        job = Job(prompt_text, params, top_logprobs, asyncio.get_running_loop(), ids=ids, constraint=constraint,
-                  schema_warnings=constraint.warnings if constraint is not None else [], score_ids=score_ids)
-        job.pin = req.pin_cache
-        track(job)
-        s.submit(job)
-        return job
-
-    @staticmethod
-    async def results(job: Job):
-        """(response, logprob entry) pairs until done. Whoever drives this stops the job when
-        the client leaves: ``watch`` for a plain reply, sse-starlette for a stream."""
-        try:
-            while True:
-                item = await job.out.get()
-                if item is DONE:
-                    return
-                if isinstance(item, APIError):
-                    raise item
-                yield item
-        finally:
-            job.stop.set()  # a no-op when finished; frees the worker when the client is gone
-
-    async def pieces(self, job: Job, forced: str = "", tools: frozenset = frozenset()) -> AsyncIterator[Piece]:
-        """The reply as it streams. ``tools``: the offered tools' names (empty: no tool calls,
-        the text as it comes); ``forced``: the reply's opening already in the prompt."""
-        calls = ToolCallStream(bare_names=tools) if tools else None
-        if calls:
-            calls.feed(forced)  # held back like any call until it closes
-        async for r, entry in self.results(job):
-            text = calls.feed(r.text) if calls else r.text
-            if calls and r.finish_reason:
-                text += calls.finish()
-            yield Piece(text, calls.new_calls() if calls else [], entry, r)
-
-    async def whole(self, request: Request, job: Job, forced: str = "", tools: frozenset = frozenset()) -> Reply:
-        """The whole reply (the client is watched meanwhile: hanging up stops the job)."""
-        text, entries, last = forced, [], None
-        async with watch(request, job):
-            async for r, entry in self.results(job):
-                text += r.text
-                last = r
-                if entry:
-                    entries.append(entry)
-        if last is None:
-            raise no_reply(self.scheduler)
-        content, calls = parse_tool_calls(text, bare_names=tools) if tools else (text, [])
-        return Reply(content, calls, last, entries, text)
