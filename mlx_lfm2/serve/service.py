@@ -169,3 +169,54 @@ class Service:
         name = model if model is not None else getattr(req, "model", None)
         s, adapter = await self.route(name)
         ids, spec, constraint = await run_in_threadpool(self._compile, s, req, prompt_text)
+        limit = s.default_max_tokens if req.limit is None else req.limit  # 0: score only (completions)
+        params = req.sampling(s.defaults).replace(max_tokens=limit, **spec)
+        job = Job(prompt_text, params, top_logprobs, asyncio.get_running_loop(), ids=ids, constraint=constraint,
+                  schema_warnings=constraint.warnings if constraint is not None else [], score_ids=score_ids,
+                  out=Outbox(s.max_buffered))
+        job.pin = req.pin_cache
+        job.adapter, job.model = adapter, adapter or s.model_id
+        track(job)
+        s.submit(job)
+        return job
+
+    @staticmethod
+    async def results(job: Job):
+        """(response, logprob entry) pairs until done. Whoever drives this stops the job when
+        the client leaves: ``watch`` for a plain reply, sse-starlette for a stream."""
+        try:
+            while True:
+                item = await job.out.get()
+                if item is DONE:
+                    return
+                if isinstance(item, APIError):
+                    raise item
+                yield item
+        finally:
+            job.stop.set()  # a no-op when finished; frees the worker when the client is gone
+
+    async def pieces(self, job: Job, forced: str = "", tools: frozenset = frozenset()) -> AsyncIterator[Piece]:
+        """The reply as it streams. ``tools``: the offered tools' names (empty: no tool calls,
+        the text as it comes); ``forced``: the reply's opening already in the prompt."""
+        calls = ToolCallStream(bare_names=tools) if tools else None
+        if calls:
+            calls.feed(forced)  # held back like any call until it closes
+        async for r, entry in self.results(job):
+            text = calls.feed(r.text) if calls else r.text
+            if calls and r.finish_reason:
+                text += calls.finish()
+            yield Piece(text, calls.new_calls() if calls else [], entry, r)
+
+    async def whole(self, request: Request, job: Job, forced: str = "", tools: frozenset = frozenset()) -> Reply:
+        """The whole reply (the client is watched meanwhile: hanging up stops the job)."""
+        text, entries, last = forced, [], None
+        async with watch(request, job):
+            async for r, entry in self.results(job):
+                text += r.text
+                last = r
+                if entry:
+                    entries.append(entry)
+        if last is None:
+            raise no_reply(self.scheduler)
+        content, calls = parse_tool_calls(text, bare_names=tools) if tools else (text, [])
+        return Reply(content, calls, last, entries, text)
