@@ -31,7 +31,7 @@ from ..engine.sample import SamplingParams
 from ..text.tool_grammar import MAX_CALLS, forced_tool_opening, tool_call_grammar
 from .boundary import APIError, exception_handlers, internal_error
 from .openai_api import ChatRequest, checked_stops, to_template_messages
-from .service import Service
+from .service import Routed, Service
 
 PREFIX = "/v1/messages"
 
@@ -299,10 +299,9 @@ def app(service: Service) -> Starlette:
                      exception_handlers=exception_handlers(render_error))
 
 
-class Messages:
+class Messages(Routed):
     def __init__(self, service: Service):
         self.service = service
-        self.scheduler = service.scheduler
 
     async def parse(self, request: Request, overrides: Optional[dict] = None) -> tuple[MessagesRequest, str]:
         req = await self.service.read(request, MessagesRequest, overrides)

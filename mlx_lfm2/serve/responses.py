@@ -39,6 +39,7 @@ from starlette.routing import Route
 
 from .boundary import APIError, exception_handlers, internal_error, no_reply
 from .openai_api import MAX_SEED, ChatRequest, to_template_messages
+from .service import Routed
 
 MAX_STORED = 256
 MAX_STORED_BYTES = 64 << 20  # their JSON, conversations included (each holds its whole history)
@@ -321,10 +322,9 @@ def app(service) -> Starlette:
                      exception_handlers=exception_handlers())
 
 
-class Responses:
+class Responses(Routed):
     def __init__(self, service, store: Store):
         self.service, self.store = service, store
-        self.scheduler = service.scheduler
 
     async def create(self, request):
         sv = self.service

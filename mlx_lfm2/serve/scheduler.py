@@ -50,8 +50,9 @@ from .outbox import MAX_ITEMS, STALL_TIMEOUT, Outbox
 
 DEFAULT_MAX_TOKENS = 2048
 DONE = object()  # a job's last item
+STOP = object()  # in the job queue: the worker ends there (``shutdown``)
 IMPOSSIBLE = -9999.0  # the logprob OpenAI reports for a token that cannot be sampled
-WAKE = object()  # put in the job queue to wake an idle worker: ``call``ed work, or ``close``
+WAKE = object()  # put in the job queue to wake an idle worker for ``call``ed work
 
 
 @dataclass
@@ -123,6 +124,7 @@ class Scheduler:
         self.max_buffered = max_buffered  # tokens a job's outbox holds before its row is parked
         self.template_renders_tool_calls = "tool_calls" in (tokenizer.chat_template or "")
         self._worker: Optional[threading.Thread] = None
+        self._stopping = False  # the worker took STOP: it ends once the batch is empty
 
     @property
     def serial(self) -> bool:
@@ -171,7 +173,8 @@ class Scheduler:
         """How many requests, running or queued, use ``adapter`` (call on the worker)."""
         with self.jobs.mutex:
             queued = list(self.jobs.queue)
-        return sum(j is not WAKE and j.adapter == adapter for j in queued) + sum(l.job.adapter == adapter for l in self.live.values())
+        return (sum(isinstance(j, Job) and j.adapter == adapter for j in queued)
+                + sum(l.job.adapter == adapter for l in self.live.values()))
 
     def submit(self, job: Job) -> None:
         if self.closed:
@@ -182,6 +185,15 @@ class Scheduler:
             raise APIError(429, "the server is busy: too many queued requests, retry shortly",
                            type_="rate_limit_error", code="queue_full")
 
+    def shutdown(self) -> None:
+        """End the worker once the jobs in hand are done (``serve.models`` unloading the model):
+        new jobs are refused, and the thread lets go of the model when it returns."""
+        self.closed = True
+        if self._worker is not None:
+            self.jobs.put(STOP)
+            self._worker.join()
+            self._worker = None
+
     def close(self) -> None:
         """Stop the running job and drop the queued ones (on SIGTERM/SIGINT): their handlers
         return at once, so the server's graceful shutdown does not wait on generation."""
@@ -191,14 +203,18 @@ class Scheduler:
                 job = self.jobs.get_nowait()
             except queue.Empty:
                 break
-            if job is not WAKE:
-                job.stop.set()
-                job.emit(DONE)
+            if job is STOP or job is WAKE:  # the worker gets its STOP below
+                continue
+            job.stop.set()
+            job.emit(DONE)
         for live in self.live.copy().values():  # copy(): atomic while the worker changes it
             live.job.stop.set()
         if self.current is not None:
             self.current.stop.set()
-        self._wake()  # an idle worker returns (a running one once its rows end)
+        try:  # the worker ends, once its rows have (an idle one at once)
+            self.jobs.put_nowait(STOP)
+        except queue.Full:  # a submit raced the drain: the worker still finds STOP after it
+            self.jobs.put(STOP)
 
     # Prompt caches --------------------------------------------------------------------------
 
@@ -248,7 +264,7 @@ class Scheduler:
     # Batched mode ---------------------------------------------------------------------------
 
     def _work_batched(self) -> None:
-        while not (self.closed and not self.live):
+        while not (self._stopping and not self.live):
             self._run_controls()
             self._admit()
             for uid, live in list(self.live.items()):
@@ -298,12 +314,15 @@ class Scheduler:
 
     def _admit(self) -> None:
         """Move queued requests into the batch while it has room; wait for one when idle."""
-        while len(self.live) < self.batch.max_batch:
+        while len(self.live) < self.batch.max_batch and not self._stopping:
             try:
                 job = self.jobs.get() if not self.live else self.jobs.get_nowait()
             except queue.Empty:
                 return
             if job is WAKE:
+                return
+            if job is STOP:
+                self._stopping = True
                 return
             if job.stop.is_set():  # its client left while it waited
                 self.stats["cancelled"] += 1
@@ -360,11 +379,13 @@ class Scheduler:
     # Serial mode ----------------------------------------------------------------------------
 
     def _work_serial(self) -> None:
-        while not self.closed:
+        while True:
             self._run_controls()
             job = self.jobs.get()
             if job is WAKE:
                 continue
+            if job is STOP:
+                return
             if job.stop.is_set():  # its client left while it waited
                 self.stats["cancelled"] += 1
                 job.emit(DONE)
