@@ -5,6 +5,7 @@ model loaded again reads its prefix from the disk cache, unknown names are 404s 
 names, and requests wait (boundedly) for a model being loaded or for a busy one to finish."""
 
 import asyncio
+import functools
 import threading
 import time
 
@@ -255,11 +256,17 @@ def _registry(build, **kw):
     return Models({"a": "a", "b": "b"}, build, **kw)
 
 
-def _scheduler(name):
-    from mlx_lfm2.serve.scheduler import Scheduler
+@functools.lru_cache(maxsize=1)
+def _tokenizer():
     from mlx_lfm2.text.tokenizer import load_tokenizer
 
-    return Scheduler(ScriptedModel([5]), load_tokenizer(reference_dir()), name)
+    return load_tokenizer(reference_dir())  # once: seconds on a loaded machine, which the timings below are not about
+
+
+def _scheduler(name):
+    from mlx_lfm2.serve.scheduler import Scheduler
+
+    return Scheduler(ScriptedModel([5]), _tokenizer(), name)
 
 
 async def _holding(models, name, release: asyncio.Event):
@@ -303,13 +310,16 @@ def test_a_busy_model_is_never_unloaded_the_load_waits_for_it():
         models = _registry(lambda name, path: _scheduler(name), max_loaded=1, load_timeout=5)
         done_a = asyncio.Event()
         a = asyncio.ensure_future(_holding(models, "a", done_a))
-        await asyncio.sleep(0.2)
+        for _ in range(200):  # a loads (however slow this machine is today)
+            if models.entries["a"].scheduler is not None:
+                break
+            await asyncio.sleep(0.05)
         b = asyncio.ensure_future(_holding(models, "b", asyncio.Event()))
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.5)
         assert [e.name for e in models.loaded()] == ["a"] and not b.done()  # waiting for a to finish
         done_a.set()
         await a
-        for _ in range(50):
+        for _ in range(200):
             if [e.name for e in models.loaded()] == ["b"]:
                 break
             await asyncio.sleep(0.05)
