@@ -322,26 +322,31 @@ class DiskTier:
     def __init__(self, store: BlockStore, tokenizer, draft_model=None):
         self.blocks, self.tokenizer, self.draft_model = store, tokenizer, draft_model
 
-    def lookup(self, namespace: str, text: str, longer_than: int = 0):
+    def lookup(self, namespace: str, text: str, longer_than: int = 0, ids: Optional[list] = None):
         """The longest stored prefix of ``text`` as a ``PromptCache`` (at least one token of
         ``text`` left to prefill), or None; ``longer_than``: characters a better entry
-        already shares, so the blocks are read only when they beat it."""
+        already shares, so the blocks are read only when they beat it; ``ids``: ``text``'s
+        ids when the caller has them (a long prompt takes a while to encode)."""
         from .prompt_cache import PromptCache
 
         tok = self.tokenizer
-        ids = tok.encode(text, add_special_tokens=False)  # the template writes BOS itself
+        if ids is None:
+            ids = tok.encode(text, add_special_tokens=False)  # the template writes BOS itself
         block = self.blocks.block
         n = min(self.blocks.chain_length(ids, namespace), len(ids) - 1) // block * block
-        if n == 0 or len(tok.decode(ids[:n])) <= longer_than:
+        prefix = tok.decode(ids[:n]) if n else ""
+        if n == 0 or len(prefix) <= longer_than:
             return None  # nothing stored, or no more than memory holds: read nothing
-        cache, n = self.blocks.lookup(ids, n, namespace)  # shorter if a block fails its checks
-        while n > 0 and not text.startswith(tok.decode(ids[:n])):  # a character split at the end
+        cache, got = self.blocks.lookup(ids, n, namespace)  # shorter if a block fails its checks
+        if got != n:
+            n, prefix = got, tok.decode(ids[:got])
+        while n > 0 and not text.startswith(prefix):  # a character split at the end
             rewind(cache, block)
             n -= block
+            prefix = tok.decode(ids[:n])
         if n == 0:
             return None
-        return PromptCache(self.blocks.model, cache, text[: len(tok.decode(ids[:n]))], ids[:n],
-                           draft_model=self.draft_model)
+        return PromptCache(self.blocks.model, cache, text[: len(prefix)], ids[:n], draft_model=self.draft_model)
 
     def store(self, namespace: str, pc, pin: bool = False) -> None:
         self.blocks.save(pc.tokens, pc.cache, pin=pin, namespace=namespace)

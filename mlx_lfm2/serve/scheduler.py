@@ -147,7 +147,7 @@ class Scheduler:
     def _request(self, job: Job):
         """The cached conversation sharing the most of the job's prompt, and the request for
         the ids still to feed (built and checked by the engine's one request builder)."""
-        pc = self.caches.take(job.prompt_text)
+        pc = self.caches.take(job.prompt_text, ids=job.ids)
         ids = pc.new_tokens(self.tokenizer, job.prompt_text, job.ids)
         # A sampled reply need not be tokenized as its text re-encodes: a cache holding one can
         # overflow the context where the fresh prompt fits. Keep less of it until it fits.
