@@ -191,9 +191,13 @@ class BlockStore:
     def save(self, tokens, cache: list, pin: bool = False, namespace: str = "") -> int:
         """Store the full blocks of ``tokens`` (what ``cache`` consumed) not stored yet;
         returns how many were written. ``pin``: keep them past unpinned blocks."""
+        return len(self.save_blocks(tokens, cache, pin, namespace))
+
+    def save_blocks(self, tokens, cache: list, pin: bool = False, namespace: str = "") -> list[int]:
+        """``save``, returning the indices of the blocks it writes."""
         held = min(len(tokens), min((c.offset for c in cache), default=0))
         keys = block_keys(self.identity, tokens[:held], self.block, namespace)
-        jobs, budget = [], self.max_bytes
+        jobs, budget, written = [], self.max_bytes, []
         for i, key in enumerate(keys):
             path = self.path(key)
             if key in self._pending:
@@ -216,6 +220,7 @@ class BlockStore:
                 break
             budget -= size
             jobs.append((path, serialize(arrays), meta))
+            written.append(i)
             self._pending.add(key)
             self._refused.discard(key)
         self.stats["blocks_written"] += len(jobs)
@@ -223,7 +228,7 @@ class BlockStore:
             self._writes.put((jobs, keys, pin))
         else:
             self._write(jobs, keys, pin)
-        return len(jobs)
+        return written
 
     def _write(self, jobs: list, keys: list[str], pin: bool) -> None:
         try:
@@ -348,8 +353,10 @@ class DiskTier:
             return None
         return PromptCache(self.blocks.model, cache, text[: len(prefix)], ids[:n], draft_model=self.draft_model)
 
-    def store(self, namespace: str, pc, pin: bool = False) -> None:
-        self.blocks.save(pc.tokens, pc.cache, pin=pin, namespace=namespace)
+    def store(self, namespace: str, pc, pin: bool = False) -> list[tuple[int, int]]:
+        """Store ``pc``'s blocks not stored yet; returns the token ranges written."""
+        b = self.blocks.block
+        return [(i * b, (i + 1) * b) for i in self.blocks.save_blocks(pc.tokens, pc.cache, pin=pin, namespace=namespace)]
 
     def flush(self, timeout: Optional[float] = None) -> bool:
         """Wait for the queued writes (see ``BlockStore.flush``); a log line if some remain."""

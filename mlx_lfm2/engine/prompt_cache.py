@@ -149,7 +149,7 @@ class CacheTier(Protocol):
     def lookup(self, namespace: str, text: str, longer_than: int = 0,
                ids: Optional[list] = None) -> Optional[PromptCache]: ...
 
-    def store(self, namespace: str, pc: PromptCache) -> None: ...
+    def store(self, namespace: str, pc: PromptCache) -> Optional[list]: ...
 
 
 class PromptCacheStore:
@@ -191,17 +191,17 @@ class PromptCacheStore:
             self._entries.move_to_end(key)
         return best.copy()
 
-    def keep(self, pc: PromptCache, namespace: str = "") -> None:
-        """Store ``pc`` if it is whole (every token it holds consumed and recorded)."""
+    def keep(self, pc: PromptCache, namespace: str = "") -> list:
+        """Store ``pc`` if it is whole (every token it holds consumed and recorded); returns
+        the token ranges ``(start, end)`` the lower tier wrote for it (new disk blocks)."""
         if pc.offset != len(pc.tokens) or not pc.text:
-            return
+            return []
         key = (namespace, str(pc.text))
         self._entries[key] = pc
         self._entries.move_to_end(key)
         while len(self._entries) > self.entries:
             self._entries.popitem(last=False)
-        if self.lower is not None:
-            self.lower.store(namespace, pc)
+        return (self.lower.store(namespace, pc) or []) if self.lower is not None else []
 
     def latest(self) -> Optional[PromptCache]:
         """The entry kept or taken last, if any."""

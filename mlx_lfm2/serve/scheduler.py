@@ -53,6 +53,7 @@ class Job:
     stop: threading.Event = field(default_factory=threading.Event)
     prompt_tokens: int = 0
     cached_tokens: int = 0
+    cache_written: int = 0  # prompt tokens this job's new disk-cache blocks hold
     started: bool = False  # a token was generated
     schema_warnings: list = field(default_factory=list)  # what a lenient schema's constraint skips
     score_ids: Optional[list] = None  # score these prompt ids first (completions' echo with logprobs)
@@ -165,9 +166,10 @@ class Scheduler:
         return pc, request
 
     def _keep(self, pc: PromptCache, job: Job) -> None:
-        self.caches.keep(pc)
+        written = self.caches.keep(pc)
         if job.pin and self.disk is not None:  # cache_control / prompt_cache_key: evicted last
-            self.disk.store("", pc, pin=True)
+            written += self.disk.store("", pc, pin=True)
+        job.cache_written = sum(max(0, min(e, job.prompt_tokens) - s) for s, e in written)
 
     def finish_writes(self, timeout: float = 120.0) -> None:
         """At exit: let the disk tier's queued blocks land (the replies that made them are
