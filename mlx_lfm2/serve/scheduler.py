@@ -68,6 +68,7 @@ class Job:
     stop: threading.Event = field(default_factory=threading.Event)
     prompt_tokens: int = 0
     cached_tokens: int = 0
+    cache_written: int = 0  # prompt tokens this job's new disk-cache blocks hold
     started: bool = False  # a token was generated
     schema_warnings: list = field(default_factory=list)  # what a lenient schema's constraint skips
     score_ids: Optional[list] = None  # score these prompt ids first (completions' echo with logprobs)
@@ -221,7 +222,7 @@ class Scheduler:
     def _request(self, job: Job):
         """The cached conversation sharing the most of the job's prompt, and the request for
         the ids still to feed (built and checked by the engine's one request builder)."""
-        pc = self.caches.take(job.prompt_text, namespace(self.model, job.adapter))
+        pc = self.caches.take(job.prompt_text, namespace(self.model, job.adapter), ids=job.ids)
         grid = default_prefill_step() if job.params.seed is not None else None  # reproducible hit or miss
         ids = pc.new_tokens(self.tokenizer, job.prompt_text, job.ids, grid=grid)
         # A sampled reply need not be tokenized as its text re-encodes: a cache holding one can
@@ -242,9 +243,10 @@ class Scheduler:
 
     def _keep(self, pc: PromptCache, job: Job) -> None:
         ns = namespace(self.model, job.adapter)
-        self.caches.keep(pc, ns)
+        written = self.caches.keep(pc, ns)
         if job.pin and self.disk is not None:  # cache_control / prompt_cache_key: evicted last
-            self.disk.store(ns, pc, pin=True)
+            written += self.disk.store(ns, pc, pin=True)
+        job.cache_written = sum(max(0, min(e, job.prompt_tokens) - s) for s, e in written)
 
     def finish_writes(self, timeout: float = 120.0) -> None:
         """At exit: let the disk tier's queued blocks land (the replies that made them are
