@@ -6,7 +6,8 @@
   waiting prompt, so a newcomer's prefill is interleaved with the others' decode steps
   instead of stalling them. ``remove(uid)`` drops a row at any time; ``park(uid)`` takes a
   decoding row out of the forward (its reader is behind) and ``unpark(uid)`` puts it back,
-  to decode on exactly as if it had never left.
+  to decode on exactly as if it had never left. A row may name a resident adapter
+  (``model.lora_rows``): rows on different adapters share each forward.
 * ``batch_generate`` (text): many prompts to many completions, in prompt order, with stats,
   each built by the request builder (``request.build_request``) and read through its own
   ``generation.TextStream``.
@@ -33,6 +34,7 @@ import mlx.core as mx
 
 from ..model import batch_cache
 from ..model.cache import checkpoint
+from ..model.lora_rows import select
 from .decode import Picker, chunk_end, default_prefill_step, pick_rows
 from .generation import Prompt, TextStream, encode_prompt
 from .request import Request, build_request
@@ -57,6 +59,7 @@ class _Seq:
     picker: Picker  # its sampler, processors and history (prompt + generated ids)
     stop_tokens: frozenset
     cache: Optional[list]  # the ordinary cache while prefilling
+    adapter: Optional[str] = None  # its resident adapter (model.lora_rows), None: the base
     pos: int = 0  # prompt tokens prefilled
     n: int = 0  # tokens returned
 
@@ -79,23 +82,27 @@ class BatchGenerator:
         self._next_uid = 0
 
     def insert(self, prompt: Sequence[int], *, max_tokens: int = 256, sampler=None, logits_processors=(),
-               stop_tokens=(), cache: Optional[list] = None) -> int:
-        """Queue a prompt (ids; with ``cache``, the ids that follow what it holds) -> uid."""
+               stop_tokens=(), cache: Optional[list] = None, adapter: Optional[str] = None) -> int:
+        """Queue a prompt (ids; with ``cache``, the ids that follow what it holds) -> uid.
+        ``adapter``: a resident adapter's name (``model.lora_rows``; the row decodes with it in
+        the same forward as rows on other adapters), None for the base."""
         prompt = check_token_ids(prompt, vocab_rows(self.model), "prompt token id")
         if not prompt:
             raise ValueError("prompt is empty: nothing to continue from")
         if max_tokens < 1:
             raise ValueError("max_tokens must be >= 1")
+        select(self.model, [adapter])  # a name that is not loaded fails here, not mid-batch
         uid, self._next_uid = self._next_uid, self._next_uid + 1
         picker = Picker(sampler, list(logits_processors), mx.array(prompt, dtype=mx.uint32))
         self.waiting.append(_Seq(uid, prompt, max_tokens, picker, frozenset(stop_tokens),
-                                 cache if cache is not None else self.model.make_cache()))
+                                 cache if cache is not None else self.model.make_cache(), adapter))
         return uid
 
-    def add(self, request: Request, cache: Optional[list] = None) -> int:
+    def add(self, request: Request, cache: Optional[list] = None, adapter: Optional[str] = None) -> int:
         """Queue a built request (``request.build_request``) -> uid."""
         return self.insert(request.ids, max_tokens=request.max_tokens, sampler=request.sampler,
-                           logits_processors=request.processors, stop_tokens=request.stop_tokens, cache=cache)
+                           logits_processors=request.processors, stop_tokens=request.stop_tokens, cache=cache,
+                           adapter=adapter)
 
     def remove(self, uid: int) -> Optional[list]:
         """Stop ``uid`` wherever it is; a decoding row returns its cache (ordinary), else None."""
@@ -150,6 +157,7 @@ class BatchGenerator:
         out = []
         if self.rows:
             y, logprobs = self.y, self.logprobs
+            select(self.model, [s.adapter for s in self.rows])
             logits = self.model(y[:, None], cache=self.cache)[:, -1, :]
             self.y, self.logprobs = pick_rows([s.picker for s in self.rows], logits)
             mx.async_eval(self.y, self.logprobs)
@@ -182,6 +190,7 @@ class BatchGenerator:
                 return
             self.prefilling = self.waiting.popleft()
         s = self.prefilling
+        select(self.model, [s.adapter])
         body = len(s.prompt) - 1
         if s.pos < body:
             end = chunk_end(s.cache[0].offset if s.cache else 0, s.pos, body, self.prefill_step_size)
@@ -210,28 +219,32 @@ class BatchResponse:
 def batch_generate(model, tokenizer, prompts: Sequence[Prompt], max_tokens: Union[int, Sequence[int]] = 256, *,
                    max_batch: Optional[int] = None, sampling: Optional[SamplingParams] = None,
                    prefill_step_size: Optional[int] = None, tools=None, verbose: bool = False,
-                   **settings) -> BatchResponse:
+                   adapters: Optional[Sequence[Optional[str]]] = None, **settings) -> BatchResponse:
     """Complete every prompt (text, ids or chat messages), decoding them together in batches
     of up to ``max_batch`` (default: all). ``sampling`` / ``settings``: as for
     ``stream_generate``, the same for every prompt (each prompt gets its own sampler: a
-    ``seed`` gives each the same draws as alone). Greedy when ``temperature`` is left out."""
+    ``seed`` gives each the same draws as alone). Greedy when ``temperature`` is left out.
+    ``adapters``: per prompt, a resident adapter's name or None (the base)."""
     params = (sampling or SamplingParams()).replace(**settings)
     ids = [encode_prompt(tokenizer, p, tools) for p in prompts]
     limits = [max_tokens] * len(ids) if isinstance(max_tokens, int) else list(max_tokens)
     if len(limits) != len(ids):
         raise ValueError(f"{len(limits)} max_tokens for {len(ids)} prompts")
+    adapters = list(adapters) if adapters is not None else [None] * len(ids)
+    if len(adapters) != len(ids):
+        raise ValueError(f"{len(adapters)} adapters for {len(ids)} prompts")
     requests = [build_request(model, tokenizer, p, params.replace(max_tokens=n)) for p, n in zip(ids, limits)]
     gen = BatchGenerator(model, max_batch or max(1, len(ids)), prefill_step_size)
     streams, by_uid = [], {}
     mx.reset_peak_memory()
     tic = time.perf_counter()
-    for req in requests:
+    for req, adapter in zip(requests, adapters):
         stream = TextStream(tokenizer, params.stop, len(req.ids))
         streams.append(stream)
         if req.max_tokens == 0:
             stream.end("length")
         else:
-            by_uid[gen.add(req)] = stream
+            by_uid[gen.add(req, adapter=adapter)] = stream
     while by_uid:
         for t in gen.step():
             stream = by_uid[t.uid]

@@ -18,6 +18,10 @@ others decode on) until the client reads again, and cancelled after ``stall_time
 Prompt reuse (``engine.prompt_cache``): after each request the worker keeps its cache in
 the store; a later prompt takes a copy of the one that shares the longest prefix with it,
 which extends, or rewinds to the longest common prefix it can reach, and prefills the rest.
+A job may name a resident adapter (``model.lora_rows``): its row decodes with it, and its
+caches are filed under that adapter's namespace (never reused by another adapter or the base).
+Work that must not race a forward (loading an adapter) is handed to the worker (``call``),
+which runs it between two steps.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import math
 import queue
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -39,12 +44,14 @@ from ..engine.request import PromptTooLongError, build_request
 from ..engine.sample import SamplingParams
 from ..engine.prompt_cache import PromptCache, PromptCacheStore
 from ..engine.score import score_prompt
+from ..model.lora_rows import NotLoaded, adapter_set, namespace, select
 from .boundary import APIError
 from .outbox import MAX_ITEMS, STALL_TIMEOUT, Outbox
 
 DEFAULT_MAX_TOKENS = 2048
 DONE = object()  # a job's last item
 IMPOSSIBLE = -9999.0  # the logprob OpenAI reports for a token that cannot be sampled
+IDLE_POLL = 0.05  # seconds an idle worker waits for a job before it looks for ``call``ed work
 
 
 @dataclass
@@ -66,6 +73,8 @@ class Job:
     scores: list = field(default_factory=list)  # their ``engine.score.TokenScore``s, before the first token
     pin: bool = False  # keep this prompt in the disk cache after unpinned ones
     timing: Optional[object] = None  # serve.metrics.JobTiming: its tokens' times, when observed
+    adapter: Optional[str] = None  # a resident adapter's name (None: the base)
+    model: str = ""  # the name the request asked for, as its reply reports it
 
     def emit(self, item) -> None:
         if self.timing is not None and isinstance(item, tuple) and item[0].token is not None:
@@ -106,6 +115,7 @@ class Scheduler:
         self.closed = False
         self.defaults = SamplingParams(**default_sampling(model))
         self.jobs: queue.Queue = queue.Queue(maxsize=queue_size)
+        self.controls: queue.Queue = queue.Queue()  # (fn, future): run by the worker between steps
         self.disk = disk  # engine.disk_cache.DiskTier under the memory entries, or None
         self.caches = PromptCacheStore(model, cache_entries, draft_model, lower=disk)
         self.stats = {"completed": 0, "cancelled": 0, "active": 0, "peak_batch": 0, "paused": 0, "stalled": 0}
@@ -126,6 +136,34 @@ class Scheduler:
             self._worker = threading.Thread(target=work, daemon=True, name="mlx_lfm2-worker")
             self._worker.start()
         return self
+
+    @property
+    def adapters(self):
+        """The model's resident adapters (``model.lora_rows.AdapterSet``), None without."""
+        return adapter_set(self.model)
+
+    def call(self, fn) -> Future:
+        """Run ``fn()`` on the worker between two steps (never during a forward) -> its future."""
+        future: Future = Future()
+        self.controls.put((fn, future))
+        return future
+
+    def _run_controls(self) -> None:
+        while True:
+            try:
+                fn, future = self.controls.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                future.set_result(fn())
+            except BaseException as e:  # the caller reports it; the worker lives on
+                future.set_exception(e)
+
+    def in_use(self, adapter: str) -> int:
+        """How many requests, running or queued, use ``adapter`` (call on the worker)."""
+        with self.jobs.mutex:
+            queued = list(self.jobs.queue)
+        return sum(j.adapter == adapter for j in queued) + sum(l.job.adapter == adapter for l in self.live.values())
 
     def submit(self, job: Job) -> None:
         if self.closed:
@@ -157,7 +195,7 @@ class Scheduler:
     def _request(self, job: Job):
         """The cached conversation sharing the most of the job's prompt, and the request for
         the ids still to feed (built and checked by the engine's one request builder)."""
-        pc = self.caches.take(job.prompt_text)
+        pc = self.caches.take(job.prompt_text, namespace(self.model, job.adapter))
         grid = default_prefill_step() if job.params.seed is not None else None  # reproducible hit or miss
         ids = pc.new_tokens(self.tokenizer, job.prompt_text, job.ids, grid=grid)
         # A sampled reply need not be tokenized as its text re-encodes: a cache holding one can
@@ -177,9 +215,16 @@ class Scheduler:
         return pc, request
 
     def _keep(self, pc: PromptCache, job: Job) -> None:
-        self.caches.keep(pc)
+        ns = namespace(self.model, job.adapter)
+        self.caches.keep(pc, ns)
         if job.pin and self.disk is not None:  # cache_control / prompt_cache_key: evicted last
-            self.disk.store("", pc, pin=True)
+            self.disk.store(ns, pc, pin=True)
+
+    def finish_writes(self, timeout: float = 120.0) -> None:
+        """At exit: let the disk tier's queued blocks land (the replies that made them are
+        sent; without this a restart finds the chain cut where the writer thread was)."""
+        if self.disk is not None:
+            self.disk.flush(timeout)
 
     def _emit(self, job: Job, r) -> None:
         """One response to its job, with its logprob entry when the job asked for logprobs."""
@@ -194,6 +239,7 @@ class Scheduler:
 
     def _work_batched(self) -> None:
         while True:
+            self._run_controls()
             self._admit()
             for uid, live in list(self.live.items()):
                 if live.job.stop.is_set():  # its client left: out of the batch now
@@ -244,7 +290,7 @@ class Scheduler:
         """Move queued requests into the batch while it has room; wait for one when idle."""
         while len(self.live) < self.batch.max_batch:
             try:
-                job = self.jobs.get(block=not self.live)
+                job = self.jobs.get(timeout=IDLE_POLL) if not self.live else self.jobs.get_nowait()
             except queue.Empty:
                 return
             if job.stop.is_set():  # its client left while it waited
@@ -256,12 +302,16 @@ class Scheduler:
             except ValueError as e:  # the request's fault, found before its first token
                 job.emit(refused(e))
                 job.emit(DONE)
+            except NotLoaded as e:  # unloaded while the job waited
+                job.emit(APIError(404, str(e), type_="not_found_error", code="model_not_found"))
+                job.emit(DONE)
             except Exception as e:
                 job.emit(failed(e))
                 job.emit(DONE)
 
     def _score(self, job: Job) -> None:
         if job.score_ids is not None and job.top_logprobs is not None:
+            select(self.model, [job.adapter])
             job.scores = score_prompt(self.model, job.score_ids, job.top_logprobs)
 
     def _insert(self, job: Job) -> None:
@@ -273,7 +323,7 @@ class Scheduler:
             self.stats["completed"] += 1
             job.emit(DONE)
             return
-        uid = self.batch.add(request, pc.cache)
+        uid = self.batch.add(request, pc.cache, job.adapter)
         self.live[uid] = live
         self.stats["active"] = len(self.live)
 

@@ -6,6 +6,8 @@ steps in between are written once here:
 * ``authorize``: the API key, from ``Authorization: Bearer KEY`` or ``x-api-key: KEY``,
   compared in constant time;
 * ``read``: auth, the body (``boundary.read_body``) and its validation (off the event loop);
+* ``route``: a request's ``model`` name -> the scheduler serving it and the adapter to use
+  (the one place names are resolved);
 * ``render``: the chat template, off the event loop (bounded in time and size:
   ``text.template_limits``), whose refusal is a 400; ``count``: a prompt's tokens, off the loop;
 * ``prepare``: off the event loop, the prompt tokenized (once: the worker reuses the ids), the
@@ -64,6 +66,24 @@ class Service:
         self.scheduler, self.api_key, self.body_timeout = scheduler, api_key, body_timeout
         self.tokenizer = scheduler.tokenizer
 
+    def names(self) -> list[str]:
+        """Every name a request may give as ``model``: the base's, then each resident adapter's."""
+        s = self.scheduler
+        return [s.model_id, *(s.adapters.loaded if s.adapters is not None else [])]
+
+    def route(self, name: Optional[str]) -> tuple[Scheduler, Optional[str]]:
+        """``(scheduler, adapter name or None)`` for a request's ``model``. With one name to
+        serve, any name (or none) is the model: clients send their own names (Claude Code's,
+        say). With adapters resident, a name that is none of ``names()`` is a 404 listing them."""
+        s = self.scheduler
+        if s.adapters is not None and name in s.adapters:
+            return s, name
+        names = self.names()
+        if not name or name == s.model_id or len(names) == 1:
+            return s, None
+        raise APIError(404, f"model {name!r} not found: this server serves {', '.join(map(repr, names))}",
+                       param="model", type_="not_found_error", code="model_not_found")
+
     def authorize(self, request: Request) -> None:
         if not self.api_key:
             return
@@ -112,14 +132,17 @@ class Service:
             raise APIError(400, f"{param}: {e}", param=param, code="invalid_schema")
 
     async def prepare(self, req, prompt_text: str, top_logprobs: Optional[int] = None,
-                      score_ids: Optional[list] = None, ids: Optional[list] = None) -> Job:
+                      score_ids: Optional[list] = None, model: Optional[str] = None,
+                      ids: Optional[list] = None) -> Job:
         """Queue ``prompt_text`` with ``req``'s sampling, limit and constraint -> its job. What
         can be refused is refused here, before any streaming starts: a prompt over the context,
         a bad schema (400s naming the problem); the worker builds the request from the ids and
         the constraint compiled here. ``score_ids``: the prompt's ids, scored first into
-        ``job.scores`` (completions' echo with logprobs). ``ids``: the prompt as token ids
-        (completions), which the model then sees exactly; ``prompt_text`` is their decoding."""
-        s = self.scheduler
+        ``job.scores`` (completions' echo with logprobs). ``model``: the name asked for (default
+        ``req.model``), resolved by ``route``. ``ids``: the prompt as token ids (completions),
+        which the model then sees exactly; ``prompt_text`` is their decoding."""
+        name = model if model is not None else getattr(req, "model", None)
+        s, adapter = self.route(name)
         exact = ids is not None
         ids, spec, constraint = await run_in_threadpool(self._compile, req, prompt_text, ids)
         limit = s.default_max_tokens if req.limit is None else req.limit  # 0: score only (completions)
@@ -128,6 +151,7 @@ class Service:
                   schema_warnings=constraint.warnings if constraint is not None else [], score_ids=score_ids,
                   out=Outbox(s.max_buffered), exact_ids=exact)
         job.pin = req.pin_cache
+        job.adapter, job.model = adapter, adapter or s.model_id
         track(job)
         s.submit(job)
         return job
