@@ -179,6 +179,9 @@ def _text(blocks, where: str) -> str:
     text, becomes a placeholder saying it was left out; any other block is refused."""
     if isinstance(blocks, str):
         return blocks
+    if not isinstance(blocks, list):
+        raise APIError(400, f"{where}: content is a string or a list of content blocks, not "
+                            f"{type(blocks).__name__}")
     parts = []
     for b in blocks:
         kind = b.get("type") if isinstance(b, dict) else type(b).__name__
