@@ -11,13 +11,16 @@ batched cache (model/batch_cache.py) and decodes one token a step. Its peak is t
   so one layer holds both for a moment), each conv layer's state, checkpoints (every chunk's
   end and every ``ConvCache.block``) and the chunk's conv inputs that ``ConvCache.recent``
   keeps (views of whole-chunk arrays), and the activations of the layer at work: where
-  attention is not fused (the CPU) its scores against the prefix, ``H x chunk x T``, twice
-  (masked, softmaxed) and a contiguous copy of the layer's keys and values; a feed-forward's
-  ``chunk x F`` buffers, or the MoE's routed copies ``chunk x K x (D, F)`` (tokens sorted by
-  expert) and, for a quantized model on float32 activations, its scales and biases in float32;
+  attention is not fused (the CPU) its scores against the prefix, ``H x chunk x T`` (MLX masks
+  and softmaxes them in place: one copy, measured); a feed-forward's ``chunk x F`` buffers, or
+  the MoE's routed copies ``chunk x K x (D, F)`` (tokens sorted by expert) and, for a quantized
+  model on float32 activations, its scales and biases cast to float32;
 * join and decode: the batched KV buffer at ``prompt + max_tokens`` positions (rounded up to
-  the step, plus one layer's old buffer while it grows), the single-sequence cache it was
-  copied from while the copy is made, and the step's logits (``vocab`` float32 per row).
+  the step) and one layer's buffer more (joining copies the single cache in a layer at a time,
+  growing copies a layer), and the step's logits (``vocab`` float32 per row).
+
+A batch's peak is the sum of its rows' (``serve.admission``); a row prefills while the others
+decode, so this slightly over-counts rows that are past their prefill.
 
 Dimensions: P prompt tokens, M max_tokens, T = P + M, C prefill chunk, D hidden, H / H_kv
 query / key-value heads, Dh head dim, F FFN width, E experts, K experts per token, V vocab.
@@ -33,9 +36,9 @@ from ..model.cache import ConvCache, KVCache
 from ..model.config import ModelArgs
 from .disk_cache import parse_bytes
 
-# MLX's temporaries beyond the buffers named above (copies made by split matmuls and their
-# concatenation across CPU streams, casts, the allocator's rounding): a multiple of a layer's
-# named activations, measured with bench/memory_predict.py.
+# MLX's temporaries beyond a feed-forward's named buffers (copies made by split matmuls and
+# their concatenation across CPU streams, casts): a multiple of them, measured with
+# bench/memory_predict.py (24B-A2B-narrow: 0.98 of the measured peak at 1k tokens).
 TEMPORARIES = 1.5
 SCORES = 1  # score matrices alive at once in unfused attention (masked and softmaxed in place)
 
