@@ -19,8 +19,9 @@ batched cache (model/batch_cache.py) and decodes one token a step. Its peak is t
   the step) and one layer's buffer more (joining copies the single cache in a layer at a time,
   growing copies a layer), and the step's logits (``vocab`` float32 per row).
 
-A batch's peak is the sum of its rows' (``serve.admission``); a row prefills while the others
-decode, so this slightly over-counts rows that are past their prefill.
+``serve.admission`` counts a batch as the sum of its rows' peaks. That over-counts prefill
+(one row prefills at a time) but under-counts the KV of a short row beside a long one: the
+batched cache left-pads every row to the longest (model/batch_cache.py).
 
 Dimensions: P prompt tokens, M max_tokens, T = P + M, C prefill chunk, D hidden, H / H_kv
 query / key-value heads, Dh head dim, F FFN width, E experts, K experts per token, V vocab.
