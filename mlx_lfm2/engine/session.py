@@ -7,6 +7,11 @@ copy each turn (arrays are immutable, the copy is cheap): a reply interrupted mi
 for the next turn to prefill. ``retry()`` and ``undo()`` edit the transcript; the next
 prompt then rewinds instead of prefilling the conversation again. ``save``/``load`` write
 and check the transcript, cache and model identity.
+
+With resident adapters (``model.lora_rows``), ``use_adapter(name)`` switches the adapter the
+next replies use. A cache computed under one adapter is not valid under another, so the
+store keeps one conversation cache per adapter (the base's included): a switch resumes from
+what that adapter last cached of this conversation, and re-prefills the rest.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Iterator, Optional
 
 import mlx.core as mx
 
+from ..model.lora_rows import adapter_set, namespace, select
 from ..text.tokenizer import RenderedPrompt, plain_spans
 from .cache_files import CacheFileError, SafeTensors, layout, save_session, session_cache
 from .disk_cache import model_digest
@@ -61,8 +67,11 @@ class Chat:
         self.speculative = dict(num_draft_tokens=num_draft_tokens, prompt_lookup=prompt_lookup)
         self.sampling = (sampling or SamplingParams(**default_sampling(model))).replace(**settings)
         self.system = system
-        # One conversation: the store holds its cache as of the last whole turn.
-        self.store = PromptCacheStore(model, entries=1, draft_model=draft_model)
+        # One conversation: the store holds its cache as of the last whole turn (per adapter).
+        resident = adapter_set(model)
+        self.adapter: Optional[str] = None  # the resident adapter replies use (None: the base)
+        self.store = PromptCacheStore(model, entries=1 + len(resident.loaded if resident else []),
+                                      draft_model=draft_model)
         self.reset()
 
     def reset(self, system: Optional[str] = None) -> None:
@@ -96,7 +105,9 @@ class Chat:
     def reply(self, **overrides) -> Iterator[GenerationResponse]:
         tok = self.tokenizer
         prompt = tok.apply_chat_template(self.messages, tools=self.tools, add_generation_prompt=True)
-        pc = self.store.take(prompt)  # a copy: the stored turn stays as it was until this one ends
+        ns = namespace(self.model, self.adapter)
+        select(self.model, [self.adapter])
+        pc = self.store.take(prompt, ns)  # a copy: the stored turn stays as it was until this one ends
         ids = pc.new_tokens(tok, prompt)
         reply, generated, finished, latest = "", [], False, None
         try:
@@ -118,9 +129,22 @@ class Chat:
                 self._stats.append((len(self.messages) - 1, dataclasses.replace(latest, finish_reason="interrupted")))
             if finished:
                 pc.commit(tok, prompt, ids, generated)
-                self.store.keep(pc)
+                self.store.keep(pc, ns)
             # else: interrupted inside a step, the copy may be half-updated; the store keeps
             # the last whole turn, and the partial reply is prefilled with the next one.
+
+    def use_adapter(self, name: Optional[str]) -> tuple[int, int]:
+        """Reply with resident adapter ``name`` from now on (None: the base) -> ``(tokens of the
+        conversation so far, of those cached under that adapter)``: the difference is what the
+        next turn re-prefills."""
+        select(self.model, [name])  # not loaded: KeyError (model.lora_rows.NotLoaded), nothing changed
+        self.adapter = name
+        if not self.messages:
+            return 0, 0
+        rest = self.tokenizer.apply_chat_template(self.messages, tools=self.tools, add_generation_prompt=False)
+        pc = self.store.take(rest, namespace(self.model, name))  # a copy: what the next turn starts from
+        fed = pc.new_tokens(self.tokenizer, rest)
+        return pc.offset + len(fed), pc.offset
 
     def retry(self, **overrides) -> Iterator[GenerationResponse]:
         """Regenerate the last reply (the cache rewinds to the end of its prompt)."""
@@ -140,10 +164,11 @@ class Chat:
         # The cache keeps only what the remaining conversation can reuse (what /stats counts).
         rest = (self.tokenizer.apply_chat_template(self.messages, tools=self.tools, add_generation_prompt=False)
                 if self.messages else "")
-        pc = self.store.take(rest)
+        ns = namespace(self.model, self.adapter)
+        pc = self.store.take(rest, ns)
         pc.trim(self.tokenizer, rest)
         self.store.clear()
-        self.store.keep(pc)  # (nothing when no token of it remains)
+        self.store.keep(pc, ns)  # (nothing when no token of it remains)
         return dropped
 
     @property

@@ -28,7 +28,7 @@ from starlette.routing import Route
 
 from ..engine.distributed import group, leader
 from . import anthropic, ollama, openai, responses
-from .adapters import DEFAULT_MAX_ADAPTERS, AdapterTable, parse_adapter_flags, routes as adapter_routes
+from .adapters import DEFAULT_MAX_ADAPTERS, AdapterTable, routes as adapter_routes
 from .boundary import BODY_TIMEOUT, HEADER_TIMEOUT, make_server
 from .metrics import Metrics, Observer, configure, model_bytes
 from .scheduler import DEFAULT_MAX_TOKENS, Scheduler
@@ -106,7 +106,7 @@ def served_name(model: str, given: Optional[str] = None) -> str:
 
 
 def main(argv=None) -> None:
-    from ..command import parser
+    from ..command import adapters_by_name, named_adapter, parser
 
     p = parser("mlx_lfm2.server", "Serve an LFM2 model over HTTP: the OpenAI API (/v1/chat/completions, "
                "/v1/completions, /v1/responses, /v1/models) and the Anthropic Messages API (/v1/messages), with continuous batching.")
@@ -132,7 +132,7 @@ def main(argv=None) -> None:
                    help=f"seconds to receive a request head (default {HEADER_TIMEOUT:g})")
     p.add_argument("--draft-model", help="a small LFM2 with the same tokenizer for speculative decoding")
     p.add_argument("--adapter-path", help="a LoRA/DoRA adapter folder (mlx-lm's layout or PEFT's) to apply")
-    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH", type=named_adapter,
                    help="a LoRA adapter served as model NAME next to the base (repeat for more; mlx-lm's layout "
                         "or PEFT's); rows on different adapters decode in one batch")
     p.add_argument("--adapter-dir", help="folder that POST /v1/load_lora_adapter may load adapters from")
@@ -149,7 +149,7 @@ def main(argv=None) -> None:
               file=sys.stderr)
     from ..weights.loader import load, load_draft
 
-    named = parse_adapter_flags(a.adapter)
+    named = adapters_by_name(a.adapter)
     resident = bool(named) or a.adapter_dir is not None
     if resident and (a.adapter_path or a.draft_model or a.prompt_lookup or group() is not None):
         raise SystemExit("error: --adapter/--adapter-dir serve adapters side by side in one batch: they exclude "
