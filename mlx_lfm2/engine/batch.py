@@ -4,8 +4,10 @@
   sampler, logits processors, stop ids and limit -> uid; each ``step()`` runs one forward of
   every decoding row (one token each) and then at most one prefill chunk of the oldest
   waiting prompt, so a newcomer's prefill is interleaved with the others' decode steps
-  instead of stalling them. ``remove(uid)`` drops a row at any time. A row may name a
-  resident adapter (``model.lora_rows``): rows on different adapters share each forward.
+  instead of stalling them. ``remove(uid)`` drops a row at any time; ``park(uid)`` takes a
+  decoding row out of the forward (its reader is behind) and ``unpark(uid)`` puts it back,
+  to decode on exactly as if it had never left. A row may name a resident adapter
+  (``model.lora_rows``): rows on different adapters share each forward.
 * ``batch_generate`` (text): many prompts to many completions, in prompt order, with stats,
   each built by the request builder (``request.build_request``) and read through its own
   ``generation.TextStream``.
@@ -33,7 +35,7 @@ import mlx.core as mx
 from ..model import batch_cache
 from ..model.cache import checkpoint
 from ..model.lora_rows import select
-from .decode import Picker, default_prefill_step, pick_rows
+from .decode import Picker, chunk_end, default_prefill_step, pick_rows
 from .generation import Prompt, TextStream, encode_prompt
 from .request import Request, build_request
 from .sample import SamplingParams
@@ -76,6 +78,7 @@ class BatchGenerator:
         self.cache: Optional[list] = None  # batched, one row per entry of self.rows
         self.y: Optional[mx.array] = None  # [B] sampled, not yet returned: the next forward's input
         self.logprobs: Optional[mx.array] = None  # [B, V]
+        self.parked: dict = {}  # uid -> (_Seq holding its ordinary cache, its next y [1], logprobs [1, V])
         self._next_uid = 0
 
     def insert(self, prompt: Sequence[int], *, max_tokens: int = 256, sampler=None, logits_processors=(),
@@ -103,6 +106,8 @@ class BatchGenerator:
 
     def remove(self, uid: int) -> Optional[list]:
         """Stop ``uid`` wherever it is; a decoding row returns its cache (ordinary), else None."""
+        if uid in self.parked:
+            return self.parked.pop(uid)[0].cache
         for i, s in enumerate(self.rows):
             if s.uid == uid:
                 cache = batch_cache.extract(self.cache, i)
@@ -113,13 +118,39 @@ class BatchGenerator:
         self.waiting = deque(s for s in self.waiting if s.uid != uid)
         return None
 
+    def park(self, uid: int) -> bool:
+        """Take decoding row ``uid`` out of the forward until ``unpark``; the others go on.
+        It keeps its cache (ordinary) and the token already sampled for it. False: not decoding."""
+        for i, s in enumerate(self.rows):
+            if s.uid == uid:
+                s.cache = batch_cache.extract(self.cache, i)
+                self.parked[uid] = (s, self.y[i : i + 1], self.logprobs[i : i + 1])
+                self._keep([j for j in range(len(self.rows)) if j != i])
+                return True
+        return False
+
+    def unpark(self, uid: int) -> None:
+        """Row ``uid`` rejoins the forward where it left off."""
+        s, y, logprobs = self.parked.pop(uid)
+        self._join(s, y, logprobs)
+
+    def _join(self, s: _Seq, y: mx.array, logprobs: mx.array) -> None:
+        if self.cache is None:
+            self.cache = batch_cache.make_batch_cache(s.cache)
+        batch_cache.join(self.cache, s.cache)
+        self.rows.append(s)
+        self.y = y if self.y is None else mx.concatenate([self.y, y])
+        self.logprobs = logprobs if self.logprobs is None else mx.concatenate([self.logprobs, logprobs])
+        mx.async_eval(self.y, self.logprobs)
+        s.cache = None
+
     @property
     def status(self) -> dict:
         return {"decoding": len(self.rows), "prefilling": int(self.prefilling is not None),
-                "waiting": len(self.waiting), "max_batch": self.max_batch}
+                "waiting": len(self.waiting), "parked": len(self.parked), "max_batch": self.max_batch}
 
     def __len__(self) -> int:
-        return len(self.rows) + (self.prefilling is not None) + len(self.waiting)
+        return len(self.rows) + (self.prefilling is not None) + len(self.waiting) + len(self.parked)
 
     def step(self) -> list[BatchToken]:
         """One token for every decoding row (in join order), then one prefill chunk."""
@@ -155,14 +186,14 @@ class BatchGenerator:
 
     def _prefill(self) -> None:
         if self.prefilling is None:
-            if not self.waiting or len(self.rows) >= self.max_batch:
+            if not self.waiting or len(self.rows) + len(self.parked) >= self.max_batch:
                 return
             self.prefilling = self.waiting.popleft()
         s = self.prefilling
         select(self.model, [s.adapter])
         body = len(s.prompt) - 1
         if s.pos < body:
-            end = min(s.pos + self.prefill_step_size, body)
+            end = chunk_end(s.cache[0].offset if s.cache else 0, s.pos, body, self.prefill_step_size)
             self.model(mx.array(s.prompt[s.pos : end], dtype=mx.uint32)[None], cache=s.cache)
             mx.eval([c.state for c in s.cache])
             checkpoint(s.cache)  # as ``prefill`` does: a later prompt sharing this prefix rewinds here
@@ -171,14 +202,8 @@ class BatchGenerator:
                 return  # the next chunk waits for the next step
         logits = self.model(mx.array(s.prompt[-1:], dtype=mx.uint32)[None], cache=s.cache)[:, -1, :]
         y, logprobs = s.picker.pick(logits)
-        if self.cache is None:
-            self.cache = batch_cache.make_batch_cache(s.cache)
-        batch_cache.join(self.cache, s.cache)
-        self.rows.append(s)
-        self.y = y if self.y is None else mx.concatenate([self.y, y])
-        self.logprobs = logprobs if self.logprobs is None else mx.concatenate([self.logprobs, logprobs])
-        mx.async_eval(self.y, self.logprobs)
-        s.cache, self.prefilling = None, None
+        self._join(s, y, logprobs)
+        self.prefilling = None
 
 
 @dataclass

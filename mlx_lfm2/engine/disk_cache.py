@@ -248,10 +248,15 @@ class BlockStore:
             finally:
                 self._writes.task_done()
 
-    def flush(self) -> None:
-        """Wait until every block saved so far is on disk."""
-        if self._writes is not None:
-            self._writes.join()
+    def flush(self, timeout: Optional[float] = None) -> bool:
+        """Wait until every block saved so far is on disk (at most ``timeout`` seconds);
+        whether they all are. A process about to exit calls it: the writer is a daemon
+        thread, and blocks still queued would be lost, cutting the stored chain short."""
+        if self._writes is None:
+            return True
+        done = self._writes.all_tasks_done
+        with done:
+            return done.wait_for(lambda: not self._writes.unfinished_tasks, timeout)
 
     def pin(self, tokens, namespace: str = "") -> None:
         """Mark the stored blocks of ``tokens`` as pinned (evicted after every other block)."""
@@ -340,6 +345,13 @@ class DiskTier:
 
     def store(self, namespace: str, pc, pin: bool = False) -> None:
         self.blocks.save(pc.tokens, pc.cache, pin=pin, namespace=namespace)
+
+    def flush(self, timeout: Optional[float] = None) -> bool:
+        """Wait for the queued writes (see ``BlockStore.flush``); a log line if some remain."""
+        if self.blocks.flush(timeout):
+            return True
+        log.warning("prompt cache: still writing after %g s; the last blocks are not stored", timeout)
+        return False
 
 
 def default_folder() -> Path:

@@ -27,10 +27,12 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from ..engine.distributed import group, leader
+from ..engine.memory import budget_bytes
 from . import anthropic, ollama, openai, responses
 from .adapters import DEFAULT_MAX_ADAPTERS, AdapterTable, routes as adapter_routes
 from .boundary import BODY_TIMEOUT, HEADER_TIMEOUT, make_server
 from .metrics import Metrics, Observer, configure, model_bytes
+from .outbox import MAX_ITEMS, STALL_TIMEOUT
 from .scheduler import DEFAULT_MAX_TOKENS, Scheduler
 from .service import Service
 
@@ -39,8 +41,8 @@ def create_app(scheduler: Scheduler, api_key: Optional[str] = None, body_timeout
                log=None, adapters: Optional[AdapterTable] = None):
     """The ASGI app: each API's app under its path prefix (OpenAI's takes the rest, ``/health``,
     ``/metrics`` and the adapter routes), over one service, each request logged (``log(line)``,
-    default stderr) and counted; starts the scheduler's worker. ``adapters``: the table behind
-    ``/v1/load_lora_adapter`` (default: one with hot loading off)."""
+    default the ``mlx_lfm2.server`` logger) and counted; starts the scheduler's worker.
+    ``adapters``: the table behind ``/v1/load_lora_adapter`` (default: one with hot loading off)."""
     service = Service(scheduler.start(), api_key, body_timeout)
     adapters = adapters or AdapterTable(scheduler)
     metrics = Metrics(scheduler)
@@ -130,6 +132,10 @@ def main(argv=None) -> None:
                    help=f"seconds to receive a request body (default {BODY_TIMEOUT:g})")
     p.add_argument("--header-timeout", type=float, default=HEADER_TIMEOUT,
                    help=f"seconds to receive a request head (default {HEADER_TIMEOUT:g})")
+    p.add_argument("--max-buffered-tokens", type=int, default=MAX_ITEMS,
+                   help=f"tokens a stream may hold unsent before its row pauses (default {MAX_ITEMS})")
+    p.add_argument("--stall-timeout", type=float, default=STALL_TIMEOUT,
+                   help=f"seconds a paused stream waits for its reader before it is cancelled (default {STALL_TIMEOUT:g})")
     p.add_argument("--draft-model", help="a small LFM2 with the same tokenizer for speculative decoding")
     p.add_argument("--adapter-path", help="a LoRA/DoRA adapter folder (mlx-lm's layout or PEFT's) to apply")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH", type=named_adapter,
@@ -140,9 +146,16 @@ def main(argv=None) -> None:
                    help=f"resident adapters at most (default {DEFAULT_MAX_ADAPTERS})")
     p.add_argument("--num-draft-tokens", type=int, help="tokens drafted per step (default: adaptive)")
     p.add_argument("--prompt-lookup", action="store_true", help="speculative decoding from n-grams of the prompt")
+    p.add_argument("--memory-budget", help="memory the server may use, weights included, e.g. 24G: a request "
+                   "whose predicted peak cannot fit is refused (400), one that fits later waits "
+                   "(default: the GPU's recommended working set, else system memory)")
     p.add_argument("--log-content", action="store_true",
                    help="log each request's prompt and reply (default: counts and timings only)")
     a = p.parse_args(argv)
+    try:
+        a.memory_budget = budget_bytes(a.memory_budget)
+    except ValueError as e:
+        raise SystemExit(f"error: --memory-budget: {e}")
     configure(a.log_content)
     if a.host not in ("127.0.0.1", "localhost", "::1") and not a.api_key:
         print(f"warning: serving on {a.host} without --api-key: anyone who can reach this port can use the model",
@@ -166,13 +179,15 @@ def main(argv=None) -> None:
         raise SystemExit(f"error: {e}")
     if a.max_batch < 1:
         raise SystemExit("error: --max-batch must be at least 1")
+    if a.max_buffered_tokens < 2 or not a.stall_timeout > 0:
+        raise SystemExit("error: --max-buffered-tokens must be at least 2 and --stall-timeout above 0")
     try:
         draft = load_draft(a.draft_model, model, a.prompt_lookup)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: draft model: {e}")
     scheduler = Scheduler(model, tokenizer, served_name(a.model, a.served_model_name), a.queue_size, a.cache_entries, a.max_context,
                           a.default_max_tokens, a.max_batch, draft, a.prompt_lookup, a.num_draft_tokens,
-                          disk_tier(a, model, tokenizer, draft))
+                          disk_tier(a, model, tokenizer, draft), a.stall_timeout, a.max_buffered_tokens)
     if not leader():  # mlx.launch: rank 0 serves HTTP, the others serve their layers
         return scheduler.follow()
     app = create_app(scheduler, a.api_key, a.body_timeout,

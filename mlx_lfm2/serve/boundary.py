@@ -221,6 +221,12 @@ def make_server(scheduler, app, host: str = "127.0.0.1", port: int = 8080,
             threading.Thread(target=scheduler.close, daemon=True).start()
             super().handle_exit(sig, frame)
 
+        async def shutdown(self, sockets=None) -> None:
+            await super().shutdown(sockets)
+            # Before uvicorn re-raises the signal that ends the process: the blocks the
+            # disk prompt cache still has queued are written (off the loop).
+            await asyncio.to_thread(scheduler.finish_writes)
+
     return Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
                                  http=_h11_with_header_deadline(header_timeout),
                                  timeout_keep_alive=keep_alive, timeout_graceful_shutdown=graceful))

@@ -32,6 +32,7 @@ from ..text.constraints import ConstraintError, make_constraint
 from ..text.tools import ToolCallStream, parse_tool_calls
 from .boundary import APIError, BODY_TIMEOUT, no_reply, read_body, validate, watch
 from .metrics import track
+from .outbox import Outbox
 from .openai_api import ChatRequest
 from .scheduler import DONE, Job, Scheduler
 
@@ -134,7 +135,8 @@ class Service:
         limit = s.default_max_tokens if req.limit is None else req.limit  # 0: score only (completions)
         params = req.sampling(s.defaults).replace(max_tokens=limit, **spec)
         job = Job(prompt_text, params, top_logprobs, asyncio.get_running_loop(), ids=ids, constraint=constraint,
-                  schema_warnings=constraint.warnings if constraint is not None else [], score_ids=score_ids)
+                  schema_warnings=constraint.warnings if constraint is not None else [], score_ids=score_ids,
+                  out=Outbox(s.max_buffered))
         job.pin = req.pin_cache
         job.adapter, job.model = adapter, adapter or s.model_id
         track(job)
