@@ -52,6 +52,7 @@ def create_app(scheduler: Scheduler, api_key: Optional[str] = None, body_timeout
 
         return JSONResponse({"status": "ok", "queued": scheduler.jobs.qsize(), **scheduler.stats,
                              "batch": scheduler.batch.status, "cached_prompts": len(scheduler.caches),
+                             "adapters": scheduler.adapters.loaded if scheduler.adapters is not None else None,
                              "prompt_cache_disk": dict(scheduler.disk.blocks.stats) if scheduler.disk else None,
                              "mlx_active_mb": round(mx.get_active_memory() / 2**20, 1),
                              "mlx_cache_mb": round(mx.get_cache_memory() / 2**20, 1)})

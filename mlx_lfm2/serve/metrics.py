@@ -158,8 +158,9 @@ def model_bytes(model) -> int:
 def log_line(record: Record, model_id: str) -> str:
     """One request's line: never its content unless ``--log-content``."""
     elapsed = time.perf_counter() - record.started
-    parts = [f"request {record.id}", record.route, f"status={record.status}", f"model={model_id}"]
     jobs = record.jobs
+    model_id = getattr(jobs[0], "model", "") or model_id if jobs else model_id  # an adapter's name, if routed to one
+    parts = [f"request {record.id}", record.route, f"status={record.status}", f"model={model_id}"]
     if jobs:
         timings = [j.timing for j in jobs if getattr(j, "timing", None) is not None]
         generated = sum(t.tokens for t in timings)
