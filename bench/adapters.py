@@ -24,7 +24,7 @@ import statistics
 import sys
 import time
 
-from common import OUT, checkpoint, converted, model_parser
+from common import OUT, ROOT, checkpoint, converted, model_parser
 
 RANK = 8
 
@@ -137,7 +137,7 @@ def servers(folder, adapters: dict, max_tokens: int = 24) -> dict:
 
     import httpx
 
-    sys.path.insert(0, str(OUT.parents[1] / "tests"))
+    sys.path.insert(0, str(ROOT / "tests"))
     from conftest import free_port
 
     names = list(adapters)[:8]
