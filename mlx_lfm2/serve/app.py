@@ -27,11 +27,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from ..command import adapters_by_name, named_adapter
 from ..engine.distributed import group, leader
 from ..engine.memory import budget_bytes
 from . import anthropic, ollama, openai, responses
-from ..command import adapters_by_name, named_adapter
 from .adapters import DEFAULT_MAX_ADAPTERS, AdapterTable, routes as adapter_routes
+from .admission import Admission
 from .boundary import BODY_TIMEOUT, HEADER_TIMEOUT, make_server
 from .metrics import Metrics, Observer, configure
 from .models import DEFAULT_LOAD_TIMEOUT, Holds, Models
@@ -74,7 +75,8 @@ def scheduler_health(s: Scheduler) -> dict:
     """One loaded model's part of ``/health``."""
     return {"queued": s.jobs.qsize(), **s.stats, "batch": s.batch.status, "cached_prompts": len(s.caches),
             "prompt_cache_disk": dict(s.disk.blocks.stats) if s.disk else None,
-            "adapters": s.adapters.loaded if s.adapters is not None else None}
+            "adapters": s.adapters.loaded if s.adapters is not None else None,
+            "memory": s.admission.status(s.reserved, s.held is not None) if s.admission is not None else None}
 
 
 class ByPrefix:
@@ -152,9 +154,11 @@ def build_scheduler(a, name: str, path: str) -> Scheduler:
         draft = load_draft(a.draft_model, model, a.prompt_lookup)
     except (OSError, ValueError) as e:
         raise ValueError(f"draft model: {e}") from e
-    return Scheduler(model, tokenizer, name, a.queue_size, a.cache_entries, a.max_context, a.default_max_tokens,
-                     a.max_batch, draft, a.prompt_lookup, a.num_draft_tokens, disk_tier(a, model, tokenizer, draft),
-                     a.stall_timeout, a.max_buffered_tokens)
+    scheduler = Scheduler(model, tokenizer, name, a.queue_size, a.cache_entries, a.max_context, a.default_max_tokens,
+                          a.max_batch, draft, a.prompt_lookup, a.num_draft_tokens, disk_tier(a, model, tokenizer, draft),
+                          a.stall_timeout, a.max_buffered_tokens)
+    scheduler.admission = Admission(model, a.memory_budget, scheduler.max_context)
+    return scheduler
 
 
 def check_single_model_flags(a, paths: dict) -> None:

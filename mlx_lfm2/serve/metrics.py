@@ -154,6 +154,13 @@ class _Gauges:
             g.add_metric([e.name], e.size)
         yield g
         yield gauge("mlx_lfm2_resident_models", "models loaded", len(loaded))
+        admitting = [s for s in schedulers if getattr(s, "admission", None) is not None]
+        if admitting:
+            yield gauge("mlx_lfm2_memory_budget_bytes", "the memory budget (--memory-budget)", admitting[0].admission.budget)
+            yield gauge("mlx_lfm2_memory_reserved_bytes", "predicted peak bytes of the requests running",
+                        sum(s.reserved for s in admitting))
+            yield gauge("mlx_lfm2_memory_waiting_requests", "requests waiting for memory",
+                        sum(s.held is not None for s in admitting))
         yield gauge("mlx_lfm2_mlx_active_memory_bytes", "MLX active memory", mx.get_active_memory())
         yield gauge("mlx_lfm2_mlx_peak_memory_bytes", "MLX peak memory", mx.get_peak_memory())
         yield gauge("mlx_lfm2_mlx_cache_memory_bytes", "MLX buffer cache", mx.get_cache_memory())

@@ -77,6 +77,7 @@ class Job:
     timing: Optional[object] = None  # serve.metrics.JobTiming: its tokens' times, when observed
     adapter: Optional[str] = None  # a resident adapter's name (None: the base)
     model: str = ""  # the name the request asked for, as its reply reports it
+    memory: int = 0  # its predicted peak bytes (serve.admission), reserved while it runs
 
     def emit(self, item) -> None:
         if self.timing is not None and isinstance(item, tuple) and item[0].token is not None:
@@ -126,6 +127,8 @@ class Scheduler:
         self.template_renders_tool_calls = "tool_calls" in (tokenizer.chat_template or "")
         self._worker: Optional[threading.Thread] = None
         self._stopping = False  # the worker took STOP: it ends once the batch is empty
+        self.admission = None  # serve.admission.Admission: requests join when their memory fits
+        self.held: Optional[Job] = None  # the queue's head, waiting for memory
 
     @property
     def serial(self) -> bool:
@@ -210,6 +213,8 @@ class Scheduler:
             job.emit(DONE)
         for live in self.live.copy().values():  # copy(): atomic while the worker changes it
             live.job.stop.set()
+        if self.held is not None:
+            self.held.stop.set()
         if self.current is not None:
             self.current.stop.set()
         try:  # the worker ends, once its rows have (an idle one at once)
@@ -318,7 +323,7 @@ class Scheduler:
         """Move queued requests into the batch while it has room; wait for one when idle."""
         while len(self.live) < self.batch.max_batch and not self._stopping:
             try:
-                job = self.jobs.get() if not self.live else self.jobs.get_nowait()
+                job, self.held = self.held or (self.jobs.get() if not self.live else self.jobs.get_nowait()), None
             except queue.Empty:
                 return
             if job is WAKE:
@@ -330,6 +335,9 @@ class Scheduler:
                 self.stats["cancelled"] += 1
                 job.emit(DONE)
                 continue
+            if self.admission is not None and self.live and not self.admission.fits(job.memory, self.reserved):
+                self.held = job  # it waits for memory, and those behind it wait too (see serve.admission)
+                return
             try:
                 self._insert(job)
             except ValueError as e:  # the request's fault, found before its first token
@@ -341,6 +349,11 @@ class Scheduler:
             except Exception as e:
                 job.emit(failed(e))
                 job.emit(DONE)
+
+    @property
+    def reserved(self) -> int:
+        """The predicted bytes of the requests in the batch."""
+        return sum(live.job.memory for live in self.live.copy().values())
 
     def _score(self, job: Job) -> None:
         if job.score_ids is not None and job.top_logprobs is not None:
