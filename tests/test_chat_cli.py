@@ -249,7 +249,8 @@ def test_a_conversation_saved_with_another_model_is_refused(chat_model, checkpoi
     assert reloaded.messages == chat.messages
 
 
-def test_a_damaged_saved_cache_is_refused(chat_model, tmp_path):
+def _saved_chat(chat_model, tmp_path):
+    """A short chat saved to ``a.chat``: its bytes, header length and parsed header."""
     import json
     import struct
 
@@ -261,7 +262,17 @@ def test_a_damaged_saved_cache_is_refused(chat_model, tmp_path):
     chat.save(tmp_path / "a.chat")
     raw = (tmp_path / "a.chat").read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8 : 8 + n])
+    return raw, n, json.loads(raw[8 : 8 + n])
+
+
+def test_a_damaged_saved_cache_is_refused(chat_model, tmp_path):
+    import json
+    import struct
+
+    from mlx_lfm2.engine.session import Chat
+
+    model, tok, _ = chat_model
+    raw, n, header = _saved_chat(chat_model, tmp_path)
 
     def variant(name, change):
         h = json.loads(json.dumps(header))
@@ -329,12 +340,7 @@ def test_a_crafted_saved_chat_is_refused_at_load_and_the_conversation_kept(chat_
     from mlx_lfm2.engine.session import Chat
 
     model, tok, _ = chat_model
-    saver = Chat(model, tok, temperature=0.0)
-    list(saver.send("hi", max_tokens=2))
-    saver.save(tmp_path / "a.chat")
-    raw = (tmp_path / "a.chat").read_bytes()
-    (n,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8 : 8 + n])
+    raw, n, header = _saved_chat(chat_model, tmp_path)
     meta = header["__metadata__"]
     crafted = {
         "messages": ([5], "message 0 is not a {role, content} pair"),
