@@ -78,6 +78,12 @@ def test_anthropic_cache_control_pins_and_reports_cache_read_tokens(folder, tmp_
     finally:
         stop(proc)
     assert first.usage.cache_read_input_tokens == 0 and list(tmp_path.glob("pin-*"))
+    # The blocks this request wrote, counted in prompt tokens (the last one may hold some of
+    # the reply: the cache holds the prompt and the reply's tokens but the last).
+    prompt = first.usage.input_tokens + first.usage.cache_creation_input_tokens
+    blocks = len(list(tmp_path.glob("blk-*")))
+    assert blocks == (prompt + first.usage.output_tokens - 1) // 256 > 0
+    assert first.usage.cache_creation_input_tokens == min(blocks * 256, prompt)
     proc, base = served(folder, "--prompt-cache-dir", str(tmp_path))
     try:
         again = ask(base)
@@ -85,7 +91,8 @@ def test_anthropic_cache_control_pins_and_reports_cache_read_tokens(folder, tmp_
         stop(proc)
     assert again.content[0].text == first.content[0].text
     assert again.usage.cache_read_input_tokens >= 512
-    assert again.usage.input_tokens == first.usage.input_tokens - again.usage.cache_read_input_tokens
+    assert again.usage.cache_creation_input_tokens == 0  # every block was stored already
+    assert again.usage.input_tokens + again.usage.cache_read_input_tokens == prompt
 
 
 def test_bad_prompt_cache_flags_say_what_to_do(folder, tmp_path):

@@ -34,7 +34,6 @@ re-rendered text would be.
 
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 from typing import Optional, Protocol
 
@@ -155,12 +154,26 @@ class PromptCache:
         checkpoint(self._caches)  # the end of this turn: where a later edit can come back to
 
 
+def shared_chars(a: str, b: str) -> int:
+    """The length of the common prefix of ``a`` and ``b``, at C speed (a prompt is ~100k
+    characters; ``os.path.commonprefix`` compares them one by one in Python)."""
+    a, b = str(a), str(b)
+    if b.startswith(a):
+        return len(a)
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:  # the longest equal prefix, by halving
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if a[:mid] == b[:mid] else (lo, mid - 1)
+    return lo
+
+
 class CacheTier(Protocol):
     """A tier under ``PromptCacheStore`` (see the module docstring)."""
 
-    def lookup(self, namespace: str, text: str, longer_than: int = 0) -> Optional[PromptCache]: ...
+    def lookup(self, namespace: str, text: str, longer_than: int = 0,
+               ids: Optional[list] = None) -> Optional[PromptCache]: ...
 
-    def store(self, namespace: str, pc: PromptCache) -> None: ...
+    def store(self, namespace: str, pc: PromptCache) -> Optional[list]: ...
 
 
 class PromptCacheStore:
@@ -176,24 +189,25 @@ class PromptCacheStore:
     def fresh(self) -> PromptCache:
         return PromptCache(self.model, draft_model=self.draft_model)
 
-    def lookup(self, text: str, namespace: str = "") -> tuple[Optional[PromptCache], int]:
+    def lookup(self, text: str, namespace: str = "", ids: Optional[list] = None) -> tuple[Optional[PromptCache], int]:
         """The entry sharing the longest prefix with ``text`` (not a copy) and that prefix's
         length in characters; (None, 0) when none shares any."""
         best, shared = None, 0
         for (ns, key), pc in self._entries.items():
-            n = len(os.path.commonprefix([key, text])) if ns == namespace else 0
+            n = shared_chars(key, text) if ns == namespace else 0
             if n > shared:
                 best, shared = pc, n
         if self.lower is not None:
-            below = self.lower.lookup(namespace, text, shared)
-            n = len(os.path.commonprefix([below.text, text])) if below is not None else 0
+            below = self.lower.lookup(namespace, text, shared, ids=ids)
+            n = shared_chars(below.text, text) if below is not None else 0
             if n > shared:
                 best, shared = below, n
         return best, shared
 
-    def take(self, text: str, namespace: str = "") -> PromptCache:
-        """A copy of the best entry for ``text`` (see ``lookup``), or a fresh cache."""
-        best, _ = self.lookup(text, namespace)
+    def take(self, text: str, namespace: str = "", ids: Optional[list] = None) -> PromptCache:
+        """A copy of the best entry for ``text`` (see ``lookup``), or a fresh cache
+        (``ids``: ``text``'s ids, when known: a lower tier need not encode it again)."""
+        best, _ = self.lookup(text, namespace, ids)
         if best is None:
             return self.fresh()
         key = (namespace, str(best.text))
@@ -201,17 +215,17 @@ class PromptCacheStore:
             self._entries.move_to_end(key)
         return best.copy()
 
-    def keep(self, pc: PromptCache, namespace: str = "") -> None:
-        """Store ``pc`` if it is whole (every token it holds consumed and recorded)."""
+    def keep(self, pc: PromptCache, namespace: str = "") -> list:
+        """Store ``pc`` if it is whole (every token it holds consumed and recorded); returns
+        the token ranges ``(start, end)`` the lower tier wrote for it (new disk blocks)."""
         if pc.offset != len(pc.tokens) or not pc.text:
-            return
+            return []
         key = (namespace, str(pc.text))
         self._entries[key] = pc
         self._entries.move_to_end(key)
         while len(self._entries) > self.entries:
             self._entries.popitem(last=False)
-        if self.lower is not None:
-            self.lower.store(namespace, pc)
+        return (self.lower.store(namespace, pc) or []) if self.lower is not None else []
 
     def latest(self) -> Optional[PromptCache]:
         """The entry kept or taken last, if any."""

@@ -25,7 +25,7 @@ from ..engine.distributed import group
 from .boundary import APIError, exception_handlers, internal_error, no_reply
 from .openai_api import (ChatRequest, CompletionRequest, chat_chunk, new_id, openai_tool_calls,
                          to_template_messages, usage)
-from .service import Service
+from .service import Routed, Service
 
 
 def app(service: Service, routes: tuple = ()) -> Starlette:
@@ -38,10 +38,9 @@ def app(service: Service, routes: tuple = ()) -> Starlette:
                      exception_handlers=exception_handlers())
 
 
-class OpenAI:
+class OpenAI(Routed):
     def __init__(self, service: Service):
         self.service = service
-        self.scheduler = service.scheduler
 
     async def chat_completions(self, request: Request):
         sv = self.service
@@ -161,23 +160,23 @@ class OpenAI:
             yield json.dumps(chunk)
         yield "[DONE]"
 
-    def model_card(self, name: str) -> dict:
+    @staticmethod
+    def model_card(name: str) -> dict:
         """OpenAI's model object, with the fields Anthropic's clients read (Claude Code lists models)."""
         return {"id": name, "object": "model", "created": 0, "owned_by": "mlx_lfm2", "type": "model",
                 "display_name": name, "created_at": "1970-01-01T00:00:00Z"}
 
     async def models(self, request: Request):
         self.service.authorize(request)
-        names = self.service.names()  # the base, then each resident adapter
+        names = self.service.names()  # the models, then each resident adapter
         return JSONResponse({"object": "list", "data": [self.model_card(n) for n in names], "has_more": False,
                              "first_id": names[0], "last_id": names[-1]})
 
     async def model(self, request: Request):
         self.service.authorize(request)
-        name, names = request.path_params["name"], self.service.names()
-        if name not in names:
-            raise APIError(404, f"model {name!r} not found: this server serves {', '.join(map(repr, names))}",
-                           type_="not_found_error", code="model_not_found")
+        name = request.path_params["name"]
+        if name not in self.service.names():
+            raise self.service.unknown(name)
         return JSONResponse(self.model_card(name))
 
 

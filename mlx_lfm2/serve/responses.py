@@ -39,6 +39,7 @@ from starlette.routing import Route
 
 from .boundary import APIError, exception_handlers, internal_error, no_reply
 from .openai_api import MAX_SEED, ChatRequest, to_template_messages
+from .service import Routed
 
 MAX_STORED = 256
 MAX_STORED_BYTES = 64 << 20  # their JSON, conversations included (each holds its whole history)
@@ -321,10 +322,9 @@ def app(service) -> Starlette:
                      exception_handlers=exception_handlers())
 
 
-class Responses:
+class Responses(Routed):
     def __init__(self, service, store: Store):
         self.service, self.store = service, store
-        self.scheduler = service.scheduler
 
     async def create(self, request):
         sv = self.service
@@ -334,8 +334,7 @@ class Responses:
         tools = chat.tool_names if chat.tools and chat.tool_choice != "none" else frozenset()
         messages = to_template_messages(chat, self.scheduler.template_renders_tool_calls)
         forced = chat.forced_tool_call()
-        prompt = await sv.render(messages, chat.tools if tools else None)
-        job = await sv.prepare(chat, prompt + forced, model=req.model)
+        job = await sv.prepare(chat, await sv.render(messages, chat.tools if tools else None) + forced, model=req.model)
         turn = Turn(self, req, conversation, job, forced)
         if req.stream:
             return EventSourceResponse(turn.stream(sv.pieces(job, forced, tools)), ping=15)

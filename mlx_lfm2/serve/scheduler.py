@@ -50,8 +50,9 @@ from .outbox import MAX_ITEMS, STALL_TIMEOUT, Outbox
 
 DEFAULT_MAX_TOKENS = 2048
 DONE = object()  # a job's last item
+STOP = object()  # in the job queue: the worker ends there (``shutdown``)
 IMPOSSIBLE = -9999.0  # the logprob OpenAI reports for a token that cannot be sampled
-IDLE_POLL = 0.05  # seconds an idle worker waits for a job before it looks for ``call``ed work
+WAKE = object()  # put in the job queue to wake an idle worker for ``call``ed work
 
 
 @dataclass
@@ -67,6 +68,7 @@ class Job:
     stop: threading.Event = field(default_factory=threading.Event)
     prompt_tokens: int = 0
     cached_tokens: int = 0
+    cache_written: int = 0  # prompt tokens this job's new disk-cache blocks hold
     started: bool = False  # a token was generated
     schema_warnings: list = field(default_factory=list)  # what a lenient schema's constraint skips
     score_ids: Optional[list] = None  # score these prompt ids first (completions' echo with logprobs)
@@ -123,6 +125,7 @@ class Scheduler:
         self.max_buffered = max_buffered  # tokens a job's outbox holds before its row is parked
         self.template_renders_tool_calls = "tool_calls" in (tokenizer.chat_template or "")
         self._worker: Optional[threading.Thread] = None
+        self._stopping = False  # the worker took STOP: it ends once the batch is empty
 
     @property
     def serial(self) -> bool:
@@ -146,7 +149,15 @@ class Scheduler:
         """Run ``fn()`` on the worker between two steps (never during a forward) -> its future."""
         future: Future = Future()
         self.controls.put((fn, future))
+        self._wake()
         return future
+
+    def _wake(self) -> None:
+        """Wake the worker if it waits for a job (a full queue: it is busy, and looks anyway)."""
+        try:
+            self.jobs.put_nowait(WAKE)
+        except queue.Full:
+            pass
 
     def _run_controls(self) -> None:
         while True:
@@ -163,7 +174,8 @@ class Scheduler:
         """How many requests, running or queued, use ``adapter`` (call on the worker)."""
         with self.jobs.mutex:
             queued = list(self.jobs.queue)
-        return sum(j.adapter == adapter for j in queued) + sum(l.job.adapter == adapter for l in self.live.values())
+        return (sum(isinstance(j, Job) and j.adapter == adapter for j in queued)
+                + sum(l.job.adapter == adapter for l in self.live.values()))
 
     def submit(self, job: Job) -> None:
         if self.closed:
@@ -174,6 +186,15 @@ class Scheduler:
             raise APIError(429, "the server is busy: too many queued requests, retry shortly",
                            type_="rate_limit_error", code="queue_full")
 
+    def shutdown(self) -> None:
+        """End the worker once the jobs in hand are done (``serve.models`` unloading the model):
+        new jobs are refused, and the thread lets go of the model when it returns."""
+        self.closed = True
+        if self._worker is not None:
+            self.jobs.put(STOP)
+            self._worker.join()
+            self._worker = None
+
     def close(self) -> None:
         """Stop the running job and drop the queued ones (on SIGTERM/SIGINT): their handlers
         return at once, so the server's graceful shutdown does not wait on generation."""
@@ -183,19 +204,25 @@ class Scheduler:
                 job = self.jobs.get_nowait()
             except queue.Empty:
                 break
+            if job is STOP or job is WAKE:  # the worker gets its STOP below
+                continue
             job.stop.set()
             job.emit(DONE)
         for live in self.live.copy().values():  # copy(): atomic while the worker changes it
             live.job.stop.set()
         if self.current is not None:
             self.current.stop.set()
+        try:  # the worker ends, once its rows have (an idle one at once)
+            self.jobs.put_nowait(STOP)
+        except queue.Full:  # a submit raced the drain: the worker still finds STOP after it
+            self.jobs.put(STOP)
 
     # Prompt caches --------------------------------------------------------------------------
 
     def _request(self, job: Job):
         """The cached conversation sharing the most of the job's prompt, and the request for
         the ids still to feed (built and checked by the engine's one request builder)."""
-        pc = self.caches.take(job.prompt_text, namespace(self.model, job.adapter))
+        pc = self.caches.take(job.prompt_text, namespace(self.model, job.adapter), ids=job.ids)
         grid = default_prefill_step() if job.params.seed is not None else None  # reproducible hit or miss
         ids = pc.new_tokens(self.tokenizer, job.prompt_text, job.ids, grid=grid)
         # A sampled reply need not be tokenized as its text re-encodes: a cache holding one can
@@ -216,9 +243,10 @@ class Scheduler:
 
     def _keep(self, pc: PromptCache, job: Job) -> None:
         ns = namespace(self.model, job.adapter)
-        self.caches.keep(pc, ns)
+        written = self.caches.keep(pc, ns)
         if job.pin and self.disk is not None:  # cache_control / prompt_cache_key: evicted last
-            self.disk.store(ns, pc, pin=True)
+            written += self.disk.store(ns, pc, pin=True)
+        job.cache_written = sum(max(0, min(e, job.prompt_tokens) - s) for s, e in written)
 
     def finish_writes(self, timeout: float = 120.0) -> None:
         """At exit: let the disk tier's queued blocks land (the replies that made them are
@@ -238,7 +266,7 @@ class Scheduler:
     # Batched mode ---------------------------------------------------------------------------
 
     def _work_batched(self) -> None:
-        while True:
+        while not (self._stopping and not self.live):
             self._run_controls()
             self._admit()
             for uid, live in list(self.live.items()):
@@ -288,10 +316,15 @@ class Scheduler:
 
     def _admit(self) -> None:
         """Move queued requests into the batch while it has room; wait for one when idle."""
-        while len(self.live) < self.batch.max_batch:
+        while len(self.live) < self.batch.max_batch and not self._stopping:
             try:
-                job = self.jobs.get(timeout=IDLE_POLL) if not self.live else self.jobs.get_nowait()
+                job = self.jobs.get() if not self.live else self.jobs.get_nowait()
             except queue.Empty:
+                return
+            if job is WAKE:
+                return
+            if job is STOP:
+                self._stopping = True
                 return
             if job.stop.is_set():  # its client left while it waited
                 self.stats["cancelled"] += 1
@@ -349,7 +382,12 @@ class Scheduler:
 
     def _work_serial(self) -> None:
         while True:
+            self._run_controls()
             job = self.jobs.get()
+            if job is WAKE:
+                continue
+            if job is STOP:
+                return
             if job.stop.is_set():  # its client left while it waited
                 self.stats["cancelled"] += 1
                 job.emit(DONE)

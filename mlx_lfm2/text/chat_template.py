@@ -313,3 +313,14 @@ def get_json_schema(func: Callable) -> dict:
             ret["description"] = returns
         out["return"] = ret
     return {"type": "function", "function": out}
+
+
+QUERY = "<query>"  # mlx-lm's marker for where the user's text goes (its prompt caches)
+
+
+def split_template(tokenizer, messages: list, add_generation_prompt: bool) -> tuple[str, str]:
+    """The rendered chat with its last message's content as ``QUERY``: (text before, text after)."""
+    text = str(tokenizer.apply_chat_template(messages[:-1] + [{**messages[-1], "content": QUERY}],
+                                             add_generation_prompt=add_generation_prompt))
+    i = text.index(QUERY)
+    return text[:i], text[i + len(QUERY):]
