@@ -210,7 +210,8 @@ class Repl:
         from ..text.tools import ToolCallStream
 
         calls, shown = ToolCallStream(bare_names=self.tools), ""  # names: LFM2.5's unmarked calls
-        render = (lambda s: Markdown(visible(s))) if self.markdown else (lambda s: Text(visible(s)))
+        # hyperlinks=False: a link shows as "text (url)", its real target, never a hidden one.
+        render = (lambda s: Markdown(visible(s), hyperlinks=False)) if self.markdown else (lambda s: Text(visible(s)))
         interrupted = (lambda s: s + "\n\n*[interrupted]*") if self.markdown else (lambda s: s + " [interrupted]")
         try:
             with Live(render(""), console=self.console, refresh_per_second=12,

@@ -35,6 +35,7 @@ from .generation import GenerationResponse, default_sampling, stream_generate
 from .prompt_cache import PromptCache, PromptCacheStore
 from .sample import SamplingParams
 
+ROLES = ("system", "user", "assistant", "tool")
 FORMAT = "mlx_lfm2.chat/3"  # /2 records the model's identity, /3 checksums and its weights' digest
 
 
@@ -233,6 +234,26 @@ class Chat:
                 "system": self.system or "", "head": str(self.head), "format": FORMAT}
         save_session(path, pc.cache, meta)
 
+    def _check_transcript(self, path, messages: list, tokens: list, text) -> None:
+        """What a crafted file could hold that would pass ``load`` and break the next turn:
+        messages that are not role/content strings, ones this template cannot render, token
+        ids past the embedding rows (MLX does not bounds-check), spans outside the text."""
+        for i, m in enumerate(messages):
+            if not (isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)
+                    and set(m) == {"role", "content"}):
+                raise ValueError(f"{path} is a damaged saved chat: message {i} is not a "
+                                 f"{{role, content}} pair of strings ({str(m)[:60]})")
+        vocab = getattr(self.model.args, "vocab_size", None) or self.tokenizer.vocab_size  # embedding rows
+        if any(not 0 <= t < vocab for t in tokens):
+            raise ValueError(f"{path} is a damaged saved chat: a token id outside the vocabulary of {vocab}")
+        if any(not 0 <= a <= b <= len(text) for a, b in text.plain):
+            raise ValueError(f"{path} is a damaged saved chat: a content span outside its text")
+        try:
+            self.tokenizer.apply_chat_template(messages + [{"role": "user", "content": "?"}], tools=self.tools,
+                                               add_generation_prompt=True)
+        except Exception as e:  # the template's own refusal (raise_exception), a limit, a bad value
+            raise ValueError(f"{path}: this model's chat template cannot render its conversation: {e}") from e
+
     def load(self, path, model_name: Optional[str] = None) -> None:
         """Replace the conversation by a saved one; refused (ValueError) if another model saved
         it. Saved by another copy of the same model (another quantization, say), the transcript
@@ -263,6 +284,7 @@ class Chat:
                 raise ValueError(f"a head of {head} tokens that the tokens do not start with")
         except (KeyError, ValueError, TypeError) as e:
             raise ValueError(f"{path} is a damaged saved chat: {e}") from e
+        self._check_transcript(path, messages, tokens, text)
         ours = model_identity(self.model)
         if saved != ours:
             raise ValueError(f"{path} was saved with another model ({_mismatch(saved, ours)}): "
