@@ -206,11 +206,6 @@ def test_dpo_starts_at_log2_and_raises_the_chosen_margin(models, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "open defect: the loss falls to ~log(13)/10 nats a token (every token but the value's digit) and "
-    "plateaus there, 120-300 steps, packed or not: the adapted model does not learn which value a key "
-    "maps to, and greedy replies give one value for every key. Gradients reach every adapter "
-    "(attention included); undiagnosed. strict: this fails the suite once it passes."))
 @pytest.mark.parametrize("kind", ["tiny-dense", "tiny-moe", "tiny-moe-4bit"])
 def test_overfitting_twenty_rows_then_greedy_reproduces_them(models, tmp_path, kind):
     folder = models[kind.replace("-4bit", "")]
@@ -225,7 +220,12 @@ def test_overfitting_twenty_rows_then_greedy_reproduces_them(models, tmp_path, k
     apply_lora(model, -1, rank=16, scale=20.0)
     trainable_adapters(model)
     sets = load_datasets(str(tmp_path / "data"), tok, mask_prompt=True)
-    cfg = TrainConfig(batch_size=4, iters=120, learning_rate=1e-2, max_grad_norm=1.0, pack=True, max_seq_length=128,
+    # lr 3e-4 at scale 20: at 1e-3 and above Adam's steps grow the adapters' output until the
+    # residual stream is ~1e11 (this random base's tied head predicts the input token; swamping the
+    # residual before the final norm is the quickest way off that), the key's signal drowns in the
+    # float32 norm and every key gets one value. mlx_lm.lora does the same on this data at 1e-2
+    # (residual 8e10, one value for every key) and learns it at 3e-4 (docs/BENCHMARKS.md).
+    cfg = TrainConfig(batch_size=4, iters=80, learning_rate=3e-4, max_grad_norm=1.0, pack=True, max_seq_length=128,
                       adapter_path=str(tmp_path / "a"), steps_per_report=1000, save_every=1000)
     batches = Batches(sets["train"], cfg, 0, pack=False)
     start = evaluate(model, batches, -1, loss_fn(cfg))
@@ -233,14 +233,17 @@ def test_overfitting_twenty_rows_then_greedy_reproduces_them(models, tmp_path, k
 
     train(model, cfg, sets["train"], [], 0, adapter_config(model, "lora", -1, {"rank": 16, "scale": 20.0}),
           out=lambda s: None)
-    assert evaluate(model, batches, -1, loss_fn(cfg)) < 0.05 * start
+    end = evaluate(model, batches, -1, loss_fn(cfg))
+    # Below log(13)/10, the plateau of a model that learned everything but which value a key maps to.
+    assert end < 0.05 < np.log(13) / 10 and start > 20, (start, end)
     from mlx_lfm2 import generate
 
     def reply(r):  # greedy (the default without a generation_config)
         prompt = tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True)
         return generate(model, tok, prompt, max_tokens=12)
 
-    assert sum(reply(r) == r["completion"] for r in data[::4]) >= 4, [reply(r) for r in data[::4]]
+    replies = [reply(r) for r in data]
+    assert sum(a == r["completion"] for a, r in zip(replies, data)) >= 19, replies
 
 
 def test_lora_cli_with_yaml_config_trains_on_the_tool_calling_fixture(models, tmp_path):
