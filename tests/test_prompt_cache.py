@@ -43,7 +43,7 @@ def test_a_lower_tier_gets_every_kept_entry_and_serves_a_longer_prefix():
         def __init__(self):
             self.stored, self.asked = [], []
 
-        def lookup(self, namespace, text, longer_than=0):
+        def lookup(self, namespace, text, longer_than=0, ids=None):
             self.asked.append((namespace, text, longer_than))
             fits = [pc for ns, pc in self.stored if ns == namespace and text.startswith(pc.text)
                     and len(pc.text) > longer_than]

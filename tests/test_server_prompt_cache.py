@@ -78,6 +78,12 @@ def test_anthropic_cache_control_pins_and_reports_cache_read_tokens(folder, tmp_
     finally:
         stop(proc)
     assert first.usage.cache_read_input_tokens == 0 and list(tmp_path.glob("pin-*"))
+    # The blocks this request wrote, counted in prompt tokens (the last one may hold some of
+    # the reply: the cache holds the prompt and the reply's tokens but the last).
+    prompt = first.usage.input_tokens + first.usage.cache_creation_input_tokens
+    blocks = len(list(tmp_path.glob("blk-*")))
+    assert blocks == (prompt + first.usage.output_tokens - 1) // 256 > 0
+    assert first.usage.cache_creation_input_tokens == min(blocks * 256, prompt)
     proc, base = served(folder, "--prompt-cache-dir", str(tmp_path))
     try:
         again = ask(base)
@@ -85,7 +91,8 @@ def test_anthropic_cache_control_pins_and_reports_cache_read_tokens(folder, tmp_
         stop(proc)
     assert again.content[0].text == first.content[0].text
     assert again.usage.cache_read_input_tokens >= 512
-    assert again.usage.input_tokens == first.usage.input_tokens - again.usage.cache_read_input_tokens
+    assert again.usage.cache_creation_input_tokens == 0  # every block was stored already
+    assert again.usage.input_tokens + again.usage.cache_read_input_tokens == prompt
 
 
 def test_bad_prompt_cache_flags_say_what_to_do(folder, tmp_path):
@@ -98,3 +105,69 @@ def test_bad_prompt_cache_flags_say_what_to_do(folder, tmp_path):
         p = subprocess.run([sys.executable, "-m", "mlx_lfm2.server", "--model", str(folder), *args],
                            capture_output=True, text=True, timeout=300)
         assert p.returncode != 0 and says in p.stderr, p.stderr
+
+
+# The server with each block write slowed down (a loaded disk), so that replies are sent
+# while blocks are still queued for the writer thread.
+SLOW_WRITES = ("import runpy, time; import mlx_lfm2.engine.disk_cache as d; w = d.write; "
+               "d.write = lambda *a, **k: (time.sleep(0.3), w(*a, **k))[1]; "
+               "runpy.run_module('mlx_lfm2.server', run_name='__main__')")
+
+
+def served_slow_writes(folder, *args):
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from conftest import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_WRITES, "--model", str(folder), "--port", str(port), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            if httpx.get(base + "/health", timeout=1).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    proc.kill()
+    pytest.fail("server did not start: " + proc.stdout.read().decode())
+
+
+def greedy_tokens(base, messages):
+    from openai import OpenAI
+
+    r = OpenAI(base_url=base + "/v1", api_key="x").chat.completions.create(
+        model="m", messages=messages, max_tokens=8, temperature=0, logprobs=True)
+    return [t.token for t in r.choices[0].logprobs.content], r.usage
+
+
+@pytest.mark.slow
+def test_a_prefix_of_many_prefill_chunks_is_whole_after_a_restart_right_after_the_reply(folder, tmp_path):
+    """The server is stopped (SIGTERM) as soon as its reply arrives: the blocks still queued
+    for the disk are written before it exits, so the restart reuses the whole block-aligned
+    prefix (here 9 of the CPU's 128-token prefill chunks and more) and answers as a cold run."""
+    lines = " ".join(f"Line {i}: the value of key {i} is {i * 7 % 13}." for i in range(200))
+    messages = [{"role": "system", "content": lines}, {"role": "user", "content": "Key 5?"}]
+    proc, base = served(folder, "--prompt-cache-bytes", "0")
+    try:
+        cold, use = greedy_tokens(base, messages)
+    finally:
+        stop(proc)
+    assert use.prompt_tokens > 2048 + 256  # past the first 2048-token chunk of a GPU's prefill
+    proc, base = served_slow_writes(folder, "--prompt-cache-dir", str(tmp_path))
+    try:
+        first, _ = greedy_tokens(base, messages)
+    finally:
+        stop(proc)
+    assert first == cold
+    proc, base = served(folder, "--prompt-cache-dir", str(tmp_path))
+    try:
+        again, use2 = greedy_tokens(base, messages)
+    finally:
+        stop(proc)
+    assert use2.prompt_tokens_details.cached_tokens == (use.prompt_tokens - 1) // 256 * 256
+    assert again == cold

@@ -14,7 +14,7 @@ import json
 import sys
 import time
 
-QUERY = "<query>"  # mlx-lm's marker for where the user's text goes
+from ..text.chat_template import split_template  # noqa: F401  (cli.generate uses it from here)
 
 
 def parse_args(argv=None):
@@ -31,14 +31,6 @@ def parse_args(argv=None):
     for flag in ("--adapter-path", "--max-kv-size", "--kv-bits"):
         p.add_argument(flag, help=argparse.SUPPRESS)
     return p.parse_args(argv)
-
-
-def split_template(tokenizer, messages: list, add_generation_prompt: bool) -> tuple[str, str]:
-    """The rendered chat with its last message's content as ``QUERY``: (text before, text after)."""
-    text = str(tokenizer.apply_chat_template(messages[:-1] + [{**messages[-1], "content": QUERY}],
-                                             add_generation_prompt=add_generation_prompt))
-    i = text.index(QUERY)
-    return text[:i], text[i + len(QUERY):]
 
 
 def cached_prompt_ids(tokenizer, prompt: str) -> list[int]:

@@ -28,7 +28,7 @@ Commands in the chat:
   /reset          forget the conversation (keeps the system prompt)
   /system TEXT    set the system prompt and reset
   /save PATH      save the conversation (transcript and cache)
-  /load PATH      load a saved conversation
+  /load PATH      load a saved conversation, or a prompt cached by mlx_lm.cache_prompt
   /retry          regenerate the last reply (rewinds the cache, no re-prefill)
   /undo           drop the last exchange (your message and the reply)
   /stats          speed and memory of the last reply, messages and cached tokens
@@ -67,6 +67,9 @@ def parse_args(argv=None):
     p.add_argument("--num-draft-tokens", type=int, help="tokens drafted per step (default: adaptive from 3)")
     p.add_argument("--prompt-lookup", action="store_true",
                    help="speculative decoding with drafts from n-grams of the conversation (no draft model)")
+    p.add_argument("--prompt-cache-file", type=Path, metavar="FILE",
+                   help="start from a saved chat (/save) or a prompt cached by mlx_lm.cache_prompt or "
+                   "mlx_lfm2.cache_prompt: the first message continues its cached text")
     p.add_argument("--yes", action="store_true",
                    help=f"download a model over {ASK_GB:g} GB without asking (needed when stdin is not a terminal)")
     return p.parse_args(argv)
@@ -189,6 +192,8 @@ def stats_line(r) -> str:
 
 
 class Repl:
+    model_name = None  # the --model given (or chosen): what an mlx-lm prompt cache must name
+
     def __init__(self, chat, console, tools: dict, markdown: bool, max_tokens: int):
         self.chat, self.console, self.tools = chat, console, tools
         self.markdown, self.max_tokens = markdown, max_tokens
@@ -286,8 +291,8 @@ class Repl:
                 self.console.print(Text(f"could not save: {e}", style="red"))
         elif cmd == "/load":
             try:
-                self.chat.load(arg)
-                self.console.print(f"[dim]loaded {len(self.chat.messages)} messages from {escape(arg)}[/]")
+                self.chat.load(arg, self.model_name)
+                self.console.print(f"[dim]{loaded_line(self.chat, arg)}[/]")
             except (OSError, ValueError) as e:
                 self.console.print(Text(str(e), style="red"))
         elif cmd == "/retry":
@@ -373,7 +378,23 @@ def main(argv=None) -> None:
                   f"start-up {startup:.2f}s · /help for commands"
                   + (f" · tools: {escape(', '.join(tools))}" if tools else "")
                   + (f" · replies follow {escape(str(args.json_schema))}" if args.json_schema else ""))
-    Repl(chat, console, tools, markdown=not args.no_markdown, max_tokens=args.max_tokens).run()
+    repl = Repl(chat, console, tools, markdown=not args.no_markdown, max_tokens=args.max_tokens)
+    repl.model_name = str(source)
+    if args.prompt_cache_file:
+        try:
+            chat.load(args.prompt_cache_file, repl.model_name)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: --prompt-cache-file: {e}")
+        console.print(f"[dim]{loaded_line(chat, str(args.prompt_cache_file))}[/]")
+    repl.run()
+
+
+def loaded_line(chat, path: str) -> str:
+    """What ``/load`` or ``--prompt-cache-file`` brought in."""
+    if chat.head and not chat.messages:
+        return (f"loaded {escape(path)}: {chat.head} cached tokens, no transcript "
+                "(your first message continues the cached text)")
+    return f"loaded {len(chat.messages)} messages from {escape(path)}"
 
 
 if __name__ == "__main__":

@@ -191,9 +191,13 @@ class BlockStore:
     def save(self, tokens, cache: list, pin: bool = False, namespace: str = "") -> int:
         """Store the full blocks of ``tokens`` (what ``cache`` consumed) not stored yet;
         returns how many were written. ``pin``: keep them past unpinned blocks."""
+        return len(self.save_blocks(tokens, cache, pin, namespace))
+
+    def save_blocks(self, tokens, cache: list, pin: bool = False, namespace: str = "") -> list[int]:
+        """``save``, returning the indices of the blocks it writes."""
         held = min(len(tokens), min((c.offset for c in cache), default=0))
         keys = block_keys(self.identity, tokens[:held], self.block, namespace)
-        jobs, budget = [], self.max_bytes
+        jobs, budget, written = [], self.max_bytes, []
         for i, key in enumerate(keys):
             path = self.path(key)
             if key in self._pending:
@@ -216,6 +220,7 @@ class BlockStore:
                 break
             budget -= size
             jobs.append((path, serialize(arrays), meta))
+            written.append(i)
             self._pending.add(key)
             self._refused.discard(key)
         self.stats["blocks_written"] += len(jobs)
@@ -223,7 +228,7 @@ class BlockStore:
             self._writes.put((jobs, keys, pin))
         else:
             self._write(jobs, keys, pin)
-        return len(jobs)
+        return written
 
     def _write(self, jobs: list, keys: list[str], pin: bool) -> None:
         try:
@@ -241,6 +246,9 @@ class BlockStore:
     def _writer(self) -> None:
         while True:
             job = self._writes.get()
+            if job is None:  # ``close``
+                self._writes.task_done()
+                return
             try:
                 self._write(*job)
             except OSError as e:  # a full disk, say: the blocks are simply not stored
@@ -248,10 +256,23 @@ class BlockStore:
             finally:
                 self._writes.task_done()
 
-    def flush(self) -> None:
-        """Wait until every block saved so far is on disk."""
+    def flush(self, timeout: Optional[float] = None) -> bool:
+        """Wait until every block saved so far is on disk (at most ``timeout`` seconds);
+        whether they all are. A process about to exit calls it: the writer is a daemon
+        thread, and blocks still queued would be lost, cutting the stored chain short."""
+        if self._writes is None:
+            return True
+        done = self._writes.all_tasks_done
+        with done:
+            return done.wait_for(lambda: not self._writes.unfinished_tasks, timeout)
+
+    def close(self) -> None:
+        """Write what is pending, then end the writer thread (which holds this store, and so
+        the model, until it ends)."""
         if self._writes is not None:
+            self._writes.put(None)
             self._writes.join()
+            self._writes = None
 
     def pin(self, tokens, namespace: str = "") -> None:
         """Mark the stored blocks of ``tokens`` as pinned (evicted after every other block)."""
@@ -317,29 +338,43 @@ class DiskTier:
     def __init__(self, store: BlockStore, tokenizer, draft_model=None):
         self.blocks, self.tokenizer, self.draft_model = store, tokenizer, draft_model
 
-    def lookup(self, namespace: str, text: str, longer_than: int = 0):
+    def lookup(self, namespace: str, text: str, longer_than: int = 0, ids: Optional[list] = None):
         """The longest stored prefix of ``text`` as a ``PromptCache`` (at least one token of
         ``text`` left to prefill), or None; ``longer_than``: characters a better entry
-        already shares, so the blocks are read only when they beat it."""
+        already shares, so the blocks are read only when they beat it; ``ids``: ``text``'s
+        ids when the caller has them (a long prompt takes a while to encode)."""
         from .prompt_cache import PromptCache
 
         tok = self.tokenizer
-        ids = tok.encode(text, add_special_tokens=False)  # the template writes BOS itself
+        if ids is None:
+            ids = tok.encode(text, add_special_tokens=False)  # the template writes BOS itself
         block = self.blocks.block
         n = min(self.blocks.chain_length(ids, namespace), len(ids) - 1) // block * block
-        if n == 0 or len(tok.decode(ids[:n])) <= longer_than:
+        prefix = tok.decode(ids[:n]) if n else ""
+        if n == 0 or len(prefix) <= longer_than:
             return None  # nothing stored, or no more than memory holds: read nothing
-        cache, n = self.blocks.lookup(ids, n, namespace)  # shorter if a block fails its checks
-        while n > 0 and not text.startswith(tok.decode(ids[:n])):  # a character split at the end
+        cache, got = self.blocks.lookup(ids, n, namespace)  # shorter if a block fails its checks
+        if got != n:
+            n, prefix = got, tok.decode(ids[:got])
+        while n > 0 and not text.startswith(prefix):  # a character split at the end
             rewind(cache, block)
             n -= block
+            prefix = tok.decode(ids[:n])
         if n == 0:
             return None
-        return PromptCache(self.blocks.model, cache, text[: len(tok.decode(ids[:n]))], ids[:n],
-                           draft_model=self.draft_model)
+        return PromptCache(self.blocks.model, cache, text[: len(prefix)], ids[:n], draft_model=self.draft_model)
 
-    def store(self, namespace: str, pc, pin: bool = False) -> None:
-        self.blocks.save(pc.tokens, pc.cache, pin=pin, namespace=namespace)
+    def store(self, namespace: str, pc, pin: bool = False) -> list[tuple[int, int]]:
+        """Store ``pc``'s blocks not stored yet; returns the token ranges written."""
+        b = self.blocks.block
+        return [(i * b, (i + 1) * b) for i in self.blocks.save_blocks(pc.tokens, pc.cache, pin=pin, namespace=namespace)]
+
+    def flush(self, timeout: Optional[float] = None) -> bool:
+        """Wait for the queued writes (see ``BlockStore.flush``); a log line if some remain."""
+        if self.blocks.flush(timeout):
+            return True
+        log.warning("prompt cache: still writing after %g s; the last blocks are not stored", timeout)
+        return False
 
 
 def default_folder() -> Path:

@@ -6,7 +6,8 @@ copy each turn (arrays are immutable, the copy is cheap): a reply interrupted mi
 (Ctrl-C) leaves the stored turn as it was, and the partial reply is kept in the transcript
 for the next turn to prefill. ``retry()`` and ``undo()`` edit the transcript; the next
 prompt then rewinds instead of prefilling the conversation again. ``save``/``load`` write
-and check the transcript, cache and model identity.
+and check the transcript, cache and model identity; ``load`` also reads mlx-lm's
+prompt-cache files, which hold a cache and no transcript (see ``Chat.head``).
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from typing import Iterator, Optional
 
 import mlx.core as mx
 
+from ..model.cache import checkpoint, rewind
+from ..text.chat_template import split_template
 from ..text.tokenizer import RenderedPrompt, plain_spans
-from .cache_files import CacheFileError, SafeTensors, layout, save_session, session_cache
+from .cache_files import CacheFileError, SafeTensors, layout, load_mlx_lm, save_session, session_cache
 from .disk_cache import model_digest
 from .generation import GenerationResponse, default_sampling, stream_generate
 from .prompt_cache import PromptCache, PromptCacheStore
@@ -61,6 +64,10 @@ class Chat:
         self.speculative = dict(num_draft_tokens=num_draft_tokens, prompt_lookup=prompt_lookup)
         self.sampling = (sampling or SamplingParams(**default_sampling(model))).replace(**settings)
         self.system = system
+        # Tokens a loaded mlx-lm prompt cache holds, of a text nobody recorded: the opening
+        # of a first user message (``head_opening``) and part of its content. The messages
+        # then continue it; the prompt spells those tokens with a placeholder (``head_text``).
+        self.head = 0
         # One conversation: the store holds its cache as of the last whole turn.
         self.store = PromptCacheStore(model, entries=1, draft_model=draft_model)
         self.reset()
@@ -69,6 +76,7 @@ class Chat:
         if system is not None:
             self.system = system
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
+        self.head = 0
         self.store.clear()
         self._stats: list[tuple[int, GenerationResponse]] = []  # (index of the reply in messages, its stats)
 
@@ -93,10 +101,42 @@ class Chat:
         self.messages.append({"role": role, "content": content})
         return self.reply(**overrides)
 
+    @property
+    def head_text(self) -> str:
+        """The placeholder text of the head's tokens (the pad token, as decoded)."""
+        return self.tokenizer.decode([self.tokenizer.pad_token_id] * self.head) if self.head else ""
+
+    def head_opening(self) -> str:
+        """What an mlx-lm prompt cache holds before its text: a first user message's opening."""
+        return split_template(self.tokenizer, [{"role": "user", "content": "x"}], False)[0]
+
+    def render(self, messages: list, add_generation_prompt: bool = True) -> str:
+        """The prompt of ``messages``; with a head, its placeholder then what follows the
+        cached text (the first message's content continues it)."""
+        if self.head and not messages:
+            return self.head_text
+        text = self.tokenizer.apply_chat_template(messages, tools=self.tools, add_generation_prompt=add_generation_prompt)
+        if not self.head:
+            return text
+        opening = self.head_opening()
+        if not text.startswith(opening):
+            raise ValueError("this conversation continues a cached prompt (an mlx-lm prompt-cache file): "
+                             "it starts with that user message, so it takes no system prompt or tools")
+        return self.head_text + text[len(opening):]
+
+    def _head_only(self) -> PromptCache:
+        """The conversation's cache rewound to its head (where it was loaded)."""
+        pc = self.prompt_cache.copy()
+        rewind(pc._caches, pc.offset - self.head)  # the head's end is a checkpoint (load_mlx_lm)
+        pc.tokens, pc.text = pc.tokens[: self.head], self.head_text
+        return pc
+
     def reply(self, **overrides) -> Iterator[GenerationResponse]:
         tok = self.tokenizer
-        prompt = tok.apply_chat_template(self.messages, tools=self.tools, add_generation_prompt=True)
+        prompt = self.render(self.messages)
         pc = self.store.take(prompt)  # a copy: the stored turn stays as it was until this one ends
+        if pc.offset < self.head:  # never re-prefill the placeholder: go back to the head
+            pc = self._head_only()
         ids = pc.new_tokens(tok, prompt)
         reply, generated, finished, latest = "", [], False, None
         try:
@@ -138,10 +178,12 @@ class Chat:
         dropped = self.messages[users[-1]:]
         self._forget_from(users[-1])
         # The cache keeps only what the remaining conversation can reuse (what /stats counts).
-        rest = (self.tokenizer.apply_chat_template(self.messages, tools=self.tools, add_generation_prompt=False)
-                if self.messages else "")
-        pc = self.store.take(rest)
-        pc.trim(self.tokenizer, rest)
+        rest = self.render(self.messages, add_generation_prompt=False) if self.messages or self.head else ""
+        if self.head and not self.messages:
+            pc = self._head_only()
+        else:
+            pc = self.store.take(rest)
+            pc.trim(self.tokenizer, rest)
         self.store.clear()
         self.store.keep(pc)  # (nothing when no token of it remains)
         return dropped
@@ -163,13 +205,15 @@ class Chat:
         meta = {"messages": json.dumps(self.messages, ensure_ascii=False), "text": str(pc.text),
                 "plain": json.dumps(plain_spans(pc.text)), "tokens": json.dumps(pc.tokens),
                 "model": json.dumps(model_identity(self.model)), "weights": model_digest(self.model, self.tokenizer),
-                "system": self.system or "", "format": FORMAT}
+                "system": self.system or "", "head": str(self.head), "format": FORMAT}
         save_session(path, pc.cache, meta)
 
-    def load(self, path) -> None:
+    def load(self, path, model_name: Optional[str] = None) -> None:
         """Replace the conversation by a saved one; refused (ValueError) if another model saved
         it. Saved by another copy of the same model (another quantization, say), the transcript
-        loads and its cache does not: the next turn prefills it again, so replies stay exact."""
+        loads and its cache does not: the next turn prefills it again, so replies stay exact.
+        An mlx-lm prompt-cache file (``mlx_lm.cache_prompt``, ``mlx_lfm2.cache_prompt``) loads
+        as a head with no transcript (``load_prompt_cache``)."""
         path = Path(path).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"no saved chat at {path}")
@@ -178,6 +222,8 @@ class Chat:
         except CacheFileError as e:
             raise ValueError(f"{path} is not a saved mlx_lfm2 chat: {e}") from e
         meta = f.metadata
+        if meta.get("format") is None and "1.0" in meta:  # mlx-lm's class names: "1.<layer>"
+            return self.load_prompt_cache(path, model_name)
         if meta.get("format") != FORMAT:
             raise ValueError(f"{path} is not a saved mlx_lfm2 chat of this version "
                              f"(format {meta.get('format')!r:.40}, expected {FORMAT!r})")
@@ -185,8 +231,11 @@ class Chat:
             saved = json.loads(meta["model"])
             messages, tokens = json.loads(meta["messages"]), json.loads(meta["tokens"])
             text = RenderedPrompt(meta["text"], [(int(a), int(b)) for a, b in json.loads(meta.get("plain", "[]"))])
+            head = int(meta.get("head", "0"))
             if not (isinstance(messages, list) and isinstance(tokens, list) and all(type(t) is int for t in tokens)):
                 raise TypeError("messages or tokens of the wrong type")
+            if not 0 <= head <= len(tokens) or tokens[:head] != [self.tokenizer.pad_token_id] * head:
+                raise ValueError(f"a head of {head} tokens that the tokens do not start with")
         except (KeyError, ValueError, TypeError) as e:
             raise ValueError(f"{path} is a damaged saved chat: {e}") from e
         ours = model_identity(self.model)
@@ -199,9 +248,56 @@ class Chat:
             except CacheFileError as e:
                 raise ValueError(f"{path} is a damaged saved chat: {e}") from e
             pc = PromptCache(self.model, cache, text, tokens, draft_model=self.draft_model)
+        elif head:
+            raise ValueError(f"{path} continues a cached prompt made with other weights: "
+                             "load it with the model that saved it")
         else:
             pc = PromptCache(self.model, draft_model=self.draft_model)
-        self.messages, self._stats = messages, []
+        self.messages, self._stats, self.head = messages, [], head
         self.system = meta.get("system") or None
         self.store.clear()
         self.store.keep(pc)
+
+    def load_prompt_cache(self, path, model_name: Optional[str] = None) -> int:
+        """Start a conversation from an mlx-lm prompt-cache file: its cache is the head (the
+        opening of a user message and part of its content, as ``cache_prompt`` wrote it); the
+        next message continues that content. Refused (ValueError) if its metadata names other
+        weights (our digest), another model than ``model_name``, or an EOS token this tokenizer
+        lacks. Returns the cached tokens."""
+        try:
+            cache, meta = load_mlx_lm(path, layout(self.model), self.model.args.max_position_embeddings)
+        except CacheFileError as e:
+            raise ValueError(f"{path} is not a prompt cache for this model: {e}") from e
+        check_prompt_cache_meta(path, meta, self.model, self.tokenizer, model_name)
+        n = cache[0].offset if cache else 0
+        if n == 0 or self.tokenizer.pad_token_id is None:
+            raise ValueError(f"{path} holds no cached tokens" if n == 0 else "this tokenizer has no pad token")
+        checkpoint(cache)  # undo and retry can come back to the head's end
+        self.messages, self._stats, self.system = [], [], None
+        self.head = n
+        self.store.clear()
+        self.store.keep(PromptCache(self.model, cache, self.head_text, [self.tokenizer.pad_token_id] * n,
+                                    draft_model=self.draft_model))
+        return n
+
+
+def check_prompt_cache_meta(path, meta: dict, model, tokenizer, model_name: Optional[str]) -> None:
+    """An mlx-lm prompt-cache file's metadata against this model (see ``load_prompt_cache``)."""
+    import os
+
+    digest = meta.get("mlx_lfm2_model")  # written by mlx_lfm2.cache_prompt
+    if digest is not None and digest != model_digest(model, tokenizer):
+        raise ValueError(f"{path} was made with other weights than this model's")
+    named = meta.get("model")
+    if digest is None and named and model_name and named != model_name:
+        same = os.path.exists(named) and os.path.exists(model_name) and os.path.samefile(named, model_name)
+        if not same:
+            raise ValueError(f"{path} was made with the model {named!r:.200}, not {model_name!r:.200}: "
+                             "chat with --model set to that model")
+    try:
+        config = json.loads(meta.get("tokenizer_config", "{}"))
+    except ValueError:
+        raise ValueError(f"{path}: its tokenizer_config is not JSON") from None
+    eos = config.get("eos_token") if isinstance(config, dict) else None
+    if eos is not None and tokenizer.convert_tokens_to_ids(str(eos)) is None:
+        raise ValueError(f"{path} was made with the EOS token {eos!r:.40}, which this tokenizer lacks")

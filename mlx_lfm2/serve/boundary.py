@@ -22,6 +22,7 @@ import threading
 from typing import Any, Callable, Optional
 
 from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -140,7 +141,7 @@ async def read_body(request: Request, timeout: float = BODY_TIMEOUT) -> dict:
         raw = await asyncio.wait_for(read(), timeout)
     except asyncio.TimeoutError:
         raise APIError(408, f"the body did not arrive within {timeout:g} s", code="request_timeout")
-    body = loads(raw)
+    body = await run_in_threadpool(loads, raw)  # a 4 MiB body parses off the event loop
     if not isinstance(body, dict):
         raise APIError(400, "the body must be a JSON object", code="invalid_json")
     return body
@@ -220,6 +221,12 @@ def make_server(scheduler, app, host: str = "127.0.0.1", port: int = 8080,
             # Not inline: the signal may interrupt the event loop while it holds the queue's lock.
             threading.Thread(target=scheduler.close, daemon=True).start()
             super().handle_exit(sig, frame)
+
+        async def shutdown(self, sockets=None) -> None:
+            await super().shutdown(sockets)
+            # Before uvicorn re-raises the signal that ends the process: the blocks the
+            # disk prompt cache still has queued are written (off the loop).
+            await asyncio.to_thread(scheduler.finish_writes)
 
     return Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
                                  http=_h11_with_header_deadline(header_timeout),

@@ -2,8 +2,9 @@
 
 ``Observer`` is an ASGI wrapper around the whole app. For each HTTP request it opens a
 ``Record`` (an id, the route, the status) that ``Service.prepare`` finds through a context
-variable and fills with the request's job; when the response ends it writes one line to
-stderr (id, route, model, prompt/cached/generated tokens, TTFT, tok/s, status) and updates
+variable and fills with the request's job; when the response ends it logs one line (the
+``mlx_lfm2.server`` logger, stderr under the command: id, route, model, prompt/cached/generated
+tokens, TTFT, tok/s, status) and updates
 the counters and histograms. Content (the prompt, the reply) is logged only when asked
 (``--log-content``). Gauges (queue depth, batch occupancy, resident models and their bytes,
 MLX active/peak memory) are read when ``/metrics`` is scraped.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import contextvars
 import itertools
+import logging
 import sys
 import time
 from dataclasses import dataclass, field
@@ -25,6 +27,7 @@ from starlette.responses import Response
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _current: contextvars.ContextVar = contextvars.ContextVar("mlx_lfm2_request", default=None)
 _ids = itertools.count(1)
+log_request = logging.getLogger("mlx_lfm2.server")  # one line per request (``configure`` shows them)
 ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/messages",
                     "/v1/messages/count_tokens", "/v1/responses", "/health", "/metrics", "/api/chat",
                     "/api/generate", "/api/tags", "/api/show", "/api/ps", "/api/version"})
@@ -39,6 +42,14 @@ class Record:
     started: float = field(default_factory=time.perf_counter)
     status: int = 0
     jobs: list = field(default_factory=list)
+    model: str = "-"  # the served model it was routed to
+
+
+def note_model(name: str) -> None:
+    """The model the HTTP request being served was routed to (no-op outside one)."""
+    record = _current.get()
+    if record is not None:
+        record.model = name
 
 
 def track(job) -> None:
@@ -80,8 +91,7 @@ class _Settings:
 class Metrics:
     """The registry, the per-request counters and histograms, and the scrape-time gauges."""
 
-    def __init__(self, scheduler):
-        self.scheduler = scheduler
+    def __init__(self, models):
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("mlx_lfm2_requests", "HTTP requests by route and status",
@@ -94,7 +104,7 @@ class Metrics:
         self.cached_tokens = Counter("mlx_lfm2_prompt_cache_hit_tokens", "prompt tokens reused from the prompt cache",
                                      registry=r)
         self.generated = Counter("mlx_lfm2_generation_tokens", "tokens generated", registry=r)
-        r.register(_Gauges(scheduler))
+        r.register(_Gauges(models))
 
     def observe(self, record: Record) -> None:
         # A label per path a client sends would grow without bound: unknown paths are "other".
@@ -119,43 +129,48 @@ class Metrics:
 
 
 class _Gauges:
-    """Values read at scrape time from the scheduler and MLX."""
+    """Values read at scrape time from the loaded models' schedulers (``models.Models``) and MLX."""
 
-    def __init__(self, scheduler):
-        self.scheduler = scheduler
+    def __init__(self, models):
+        self.models = models
 
     def collect(self):
         import mlx.core as mx
 
-        s = self.scheduler
+        loaded = self.models.loaded()
 
         def gauge(name, doc, value):
             g = GaugeMetricFamily(name, doc)
             g.add_metric([], value)
             return g
 
-        yield gauge("mlx_lfm2_queue_depth", "requests waiting for the worker", s.jobs.qsize())
-        yield gauge("mlx_lfm2_batch_occupancy", "requests decoding in the batch", len(s.live) or int(s.current is not None))
-        yield gauge("mlx_lfm2_batch_capacity", "rows of the batch", s.batch.max_batch)
+        schedulers = [e.scheduler for e in loaded]
+        yield gauge("mlx_lfm2_queue_depth", "requests waiting for the workers", sum(s.jobs.qsize() for s in schedulers))
+        yield gauge("mlx_lfm2_batch_occupancy", "requests decoding in the batches",
+                    sum(len(s.live) or int(s.current is not None) for s in schedulers))
+        yield gauge("mlx_lfm2_batch_capacity", "rows of the batches", sum(s.batch.max_batch for s in schedulers))
         g = GaugeMetricFamily("mlx_lfm2_resident_model_bytes", "bytes of each loaded model's weights", labels=["model"])
-        g.add_metric([s.model_id], model_bytes(s.model))
+        for e in loaded:
+            g.add_metric([e.name], e.size)
         yield g
-        yield gauge("mlx_lfm2_resident_models", "models loaded", 1)
+        yield gauge("mlx_lfm2_resident_models", "models loaded", len(loaded))
         yield gauge("mlx_lfm2_mlx_active_memory_bytes", "MLX active memory", mx.get_active_memory())
         yield gauge("mlx_lfm2_mlx_peak_memory_bytes", "MLX peak memory", mx.get_peak_memory())
         yield gauge("mlx_lfm2_mlx_cache_memory_bytes", "MLX buffer cache", mx.get_cache_memory())
 
 
 def model_bytes(model) -> int:
+    """Bytes of ``model``'s weights (0 for a stand-in without parameters, as tests use)."""
     from mlx.utils import tree_flatten
 
-    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    parameters = getattr(model, "parameters", None)
+    return sum(v.nbytes for _, v in tree_flatten(parameters())) if parameters is not None else 0
 
 
-def log_line(record: Record, model_id: str) -> str:
+def log_line(record: Record) -> str:
     """One request's line: never its content unless ``--log-content``."""
     elapsed = time.perf_counter() - record.started
-    parts = [f"request {record.id}", record.route, f"status={record.status}", f"model={model_id}"]
+    parts = [f"request {record.id}", record.route, f"status={record.status}", f"model={record.model}"]
     jobs = record.jobs
     if jobs:
         timings = [j.timing for j in jobs if getattr(j, "timing", None) is not None]
@@ -182,7 +197,7 @@ class Observer:
 
     def __init__(self, app, metrics: Metrics, log=None):
         self.app, self.metrics = app, metrics
-        self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.log = log or log_request.info
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -201,9 +216,16 @@ class Observer:
             _current.reset(token)
             record.status = record.status or 500
             if scope.get("path") not in ("/metrics", "/health"):  # scrapes and probes: counted, not logged
-                self.log(log_line(record, self.metrics.scheduler.model_id))
+                self.log(log_line(record))
             self.metrics.observe(record)
 
 
 def configure(log_content: bool) -> None:
+    """The command's settings: the request lines go to stderr (a library user, or a test,
+    gets them through ``logging`` as ``mlx_lfm2.server``, shown nowhere unless configured)."""
     _Settings.log_content = log_content
+    if not log_request.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log_request.addHandler(handler)
+        log_request.setLevel(logging.INFO)

@@ -25,7 +25,7 @@ from ..engine.distributed import group
 from .boundary import APIError, exception_handlers, internal_error, no_reply
 from .openai_api import (ChatRequest, CompletionRequest, chat_chunk, new_id, openai_tool_calls,
                          to_template_messages, usage)
-from .service import Service
+from .service import Routed, Service
 
 
 def app(service: Service, routes: tuple = ()) -> Starlette:
@@ -38,21 +38,20 @@ def app(service: Service, routes: tuple = ()) -> Starlette:
                      exception_handlers=exception_handlers())
 
 
-class OpenAI:
+class OpenAI(Routed):
     def __init__(self, service: Service):
         self.service = service
-        self.scheduler = service.scheduler
 
     async def chat_completions(self, request: Request):
         sv = self.service
         req = await sv.read(request, ChatRequest)
         tools = req.tool_names if req.tools and req.tool_choice != "none" else frozenset()
         messages = to_template_messages(req, self.scheduler.template_renders_tool_calls)
-        prompt = sv.render(messages, req.tools if tools else None)
+        prompt = await sv.render(messages, req.tools if tools else None)
         top = (req.top_logprobs or 0) if req.logprobs else None
         forced = req.forced_tool_call()  # the reply's opening, written for the model
         job = await sv.prepare(req, prompt + forced, top)
-        cid, model_id = new_id("chatcmpl"), self.scheduler.model_id
+        cid, model_id = new_id("chatcmpl"), job.model
         headers = _warning_headers(job)
         if req.stream:
             return EventSourceResponse(sse_events(self._stream_chat(job, cid, req, forced, tools)), ping=15,
@@ -71,7 +70,7 @@ class OpenAI:
                             headers=headers)
 
     async def _stream_chat(self, job, cid: str, req: ChatRequest, forced: str, tools: frozenset):
-        model_id = self.scheduler.model_id
+        model_id = job.model
         yield json.dumps(chat_chunk(cid, model_id, {"role": "assistant", "content": ""}))
         n_calls, last, text = 0, None, []
         async for p in self.service.pieces(job, forced, tools):
@@ -107,21 +106,23 @@ class OpenAI:
             if len(req.prompts) > 1:
                 raise APIError(400, "stream takes one prompt (a list of prompts is answered whole)", param="prompt")
             text, ids = self._text_and_ids(req.prompts[0])
-            job = await self.service.prepare(req, text, req.top, score_ids=ids if req.echo else None)
+            job = await self.service.prepare(req, text, req.top, score_ids=ids if req.echo else None,
+                                             ids=None if isinstance(req.prompts[0], str) else ids)
             return EventSourceResponse(sse_events(self._stream_completion(job, req, cid, text, ids)), ping=15)
         done, step = [], self.scheduler.batch.max_batch
         for start in range(0, len(req.prompts), step):
             done += await asyncio.gather(*(self._completion(request, req, p)
                                            for p in req.prompts[start: start + step]))
-        out = completion_body(cid, self.scheduler.model_id,
-                              [{**c, "index": i} for i, (c, _) in enumerate(done)])
         jobs = [(job, reply) for _, (job, reply) in done]
+        out = completion_body(cid, jobs[0][0].model if jobs else self.scheduler.model_id,
+                              [{**c, "index": i} for i, (c, _) in enumerate(done)])
         out["usage"] = usage(sum(j.prompt_tokens for j, _ in jobs), sum(r.last.generation_tokens for _, r in jobs),
                              sum(j.cached_tokens for j, _ in jobs))
         return JSONResponse(out)
 
     def _text_and_ids(self, prompt) -> tuple[str, list[int]]:
-        """Text as given, or ids as given (scored exactly as sent; decoded for generation)."""
+        """Text as given, or ids as given (scored and continued exactly as sent; their decoding
+        is the text the prompt cache matches on)."""
         tok = self.service.tokenizer
         if isinstance(prompt, str):
             return prompt, tok.encode(prompt, add_special_tokens=False)
@@ -129,7 +130,8 @@ class OpenAI:
 
     async def _completion(self, request: Request, req: CompletionRequest, prompt):
         text, ids = self._text_and_ids(prompt)
-        job = await self.service.prepare(req, text, req.top, score_ids=ids if req.echo else None)
+        job = await self.service.prepare(req, text, req.top, score_ids=ids if req.echo else None,
+                                         ids=None if isinstance(prompt, str) else ids)
         reply = await self.service.whole(request, job, text if req.echo else "")
         lps = None
         if req.top is not None:
@@ -137,7 +139,7 @@ class OpenAI:
         return completion_choice(reply.text, _finish(reply.last.finish_reason), lps), (job, reply)
 
     async def _stream_completion(self, job, req: CompletionRequest, cid: str, text: str, ids: list):
-        model_id, tok = self.scheduler.model_id, self.service.tokenizer
+        model_id, tok = job.model, self.service.tokenizer
         last, first = None, True
         async for p in self.service.pieces(job):
             last = p.response
@@ -158,24 +160,24 @@ class OpenAI:
             yield json.dumps(chunk)
         yield "[DONE]"
 
-    def model_card(self) -> dict:
+    @staticmethod
+    def model_card(name: str) -> dict:
         """OpenAI's model object, with the fields Anthropic's clients read (Claude Code lists models)."""
-        name = self.scheduler.model_id
         return {"id": name, "object": "model", "created": 0, "owned_by": "mlx_lfm2", "type": "model",
                 "display_name": name, "created_at": "1970-01-01T00:00:00Z"}
 
     async def models(self, request: Request):
         self.service.authorize(request)
-        name = self.scheduler.model_id
-        return JSONResponse({"object": "list", "data": [self.model_card()], "has_more": False,
-                             "first_id": name, "last_id": name})
+        names = self.service.names()  # the models, then each resident adapter
+        return JSONResponse({"object": "list", "data": [self.model_card(n) for n in names], "has_more": False,
+                             "first_id": names[0], "last_id": names[-1]})
 
     async def model(self, request: Request):
         self.service.authorize(request)
-        if request.path_params["name"] != self.scheduler.model_id:
-            raise APIError(404, f"model {request.path_params['name']!r} not found: this server serves "
-                                f"{self.scheduler.model_id!r}", type_="not_found_error", code="model_not_found")
-        return JSONResponse(self.model_card())
+        name = request.path_params["name"]
+        if name not in self.service.names():
+            raise self.service.unknown(name)
+        return JSONResponse(self.model_card(name))
 
 
 async def sse_events(events):
