@@ -21,6 +21,7 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from sse_starlette.sse import EventSourceResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -304,12 +305,12 @@ class Messages(Routed):
 
     async def parse(self, request: Request, overrides: Optional[dict] = None) -> tuple[MessagesRequest, str]:
         req = await self.service.read(request, MessagesRequest, overrides)
-        messages = template_messages(req, self.scheduler.template_renders_tool_calls)
-        return req, self.service.render(messages, req.offered_tools)
+        messages = await run_in_threadpool(template_messages, req, self.scheduler.template_renders_tool_calls)
+        return req, await self.service.render(messages, req.offered_tools)
 
     async def count_tokens(self, request: Request):
         _, prompt = await self.parse(request, {"max_tokens": 1})  # count_tokens takes no max_tokens
-        return JSONResponse({"input_tokens": len(self.service.tokenizer.encode(prompt, add_special_tokens=False))})
+        return JSONResponse({"input_tokens": await self.service.count(prompt)})
 
     async def messages(self, request: Request):
         req, prompt = await self.parse(request)

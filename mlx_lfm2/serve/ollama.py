@@ -18,6 +18,7 @@ import time
 from datetime import datetime, timezone
 from typing import Optional
 
+from starlette.concurrency import run_in_threadpool
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
@@ -127,16 +128,17 @@ class Ollama(Routed):
             return JSONResponse({**item(adapter or s.model_id, "", []), "done": True,
                                  "done_reason": "unload" if body.get("keep_alive") == 0 else "load"})
         if chat:
-            req = self._request(body, [])
+            req = await run_in_threadpool(self._request, body, [])
         else:
             if not isinstance(body.get("prompt", ""), str):
                 raise APIError(400, "prompt: a string", param="prompt")
             system = [{"role": "system", "content": body["system"]}] if body.get("system") else []
-            req = self._request(body, system + [{"role": "user", "content": body.get("prompt", "")}])
+            user = [{"role": "user", "content": body.get("prompt", "")}]
+            req = await run_in_threadpool(self._request, body, system + user)
         tools = req.tool_names if req.tools else frozenset()
         if chat or not body.get("raw"):
-            prompt = sv.render(to_template_messages(req, self.scheduler.template_renders_tool_calls),
-                               req.tools if tools else None)
+            prompt = await sv.render(to_template_messages(req, self.scheduler.template_renders_tool_calls),
+                                     req.tools if tools else None)
         else:
             prompt = body.get("prompt", "")
         started = time.perf_counter_ns()

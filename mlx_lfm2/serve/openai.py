@@ -47,7 +47,7 @@ class OpenAI(Routed):
         req = await sv.read(request, ChatRequest)
         tools = req.tool_names if req.tools and req.tool_choice != "none" else frozenset()
         messages = to_template_messages(req, self.scheduler.template_renders_tool_calls)
-        prompt = sv.render(messages, req.tools if tools else None)
+        prompt = await sv.render(messages, req.tools if tools else None)
         top = (req.top_logprobs or 0) if req.logprobs else None
         forced = req.forced_tool_call()  # the reply's opening, written for the model
         job = await sv.prepare(req, prompt + forced, top)
@@ -106,7 +106,8 @@ class OpenAI(Routed):
             if len(req.prompts) > 1:
                 raise APIError(400, "stream takes one prompt (a list of prompts is answered whole)", param="prompt")
             text, ids = self._text_and_ids(req.prompts[0])
-            job = await self.service.prepare(req, text, req.top, score_ids=ids if req.echo else None)
+            job = await self.service.prepare(req, text, req.top, score_ids=ids if req.echo else None,
+                                             ids=None if isinstance(req.prompts[0], str) else ids)
             return EventSourceResponse(sse_events(self._stream_completion(job, req, cid, text, ids)), ping=15)
         done, step = [], self.scheduler.batch.max_batch
         for start in range(0, len(req.prompts), step):
@@ -120,7 +121,8 @@ class OpenAI(Routed):
         return JSONResponse(out)
 
     def _text_and_ids(self, prompt) -> tuple[str, list[int]]:
-        """Text as given, or ids as given (scored exactly as sent; decoded for generation)."""
+        """Text as given, or ids as given (scored and continued exactly as sent; their decoding
+        is the text the prompt cache matches on)."""
         tok = self.service.tokenizer
         if isinstance(prompt, str):
             return prompt, tok.encode(prompt, add_special_tokens=False)
@@ -128,7 +130,8 @@ class OpenAI(Routed):
 
     async def _completion(self, request: Request, req: CompletionRequest, prompt):
         text, ids = self._text_and_ids(prompt)
-        job = await self.service.prepare(req, text, req.top, score_ids=ids if req.echo else None)
+        job = await self.service.prepare(req, text, req.top, score_ids=ids if req.echo else None,
+                                         ids=None if isinstance(prompt, str) else ids)
         reply = await self.service.whole(request, job, text if req.echo else "")
         lps = None
         if req.top is not None:

@@ -32,6 +32,7 @@ from typing import Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from sse_starlette.sse import EventSourceResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.applications import Starlette
 from starlette.responses import JSONResponse
 from starlette.routing import Route
@@ -329,11 +330,11 @@ class Responses(Routed):
         sv = self.service
         req = await sv.read(request, ResponsesRequest)
         earlier = self.store.conversation(req.previous_response_id) if req.previous_response_id else []
-        chat, conversation = req.chat_request(earlier)
+        chat, conversation = await run_in_threadpool(req.chat_request, earlier)
         tools = chat.tool_names if chat.tools and chat.tool_choice != "none" else frozenset()
         messages = to_template_messages(chat, self.scheduler.template_renders_tool_calls)
         forced = chat.forced_tool_call()
-        job = await sv.prepare(chat, sv.render(messages, chat.tools if tools else None) + forced, model=req.model)
+        job = await sv.prepare(chat, await sv.render(messages, chat.tools if tools else None) + forced, model=req.model)
         turn = Turn(self, req, conversation, job, forced)
         if req.stream:
             return EventSourceResponse(turn.stream(sv.pieces(job, forced, tools)), ping=15)

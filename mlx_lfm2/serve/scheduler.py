@@ -52,7 +52,7 @@ DEFAULT_MAX_TOKENS = 2048
 DONE = object()  # a job's last item
 STOP = object()  # in the job queue: the worker ends there (``shutdown``)
 IMPOSSIBLE = -9999.0  # the logprob OpenAI reports for a token that cannot be sampled
-IDLE_POLL = 0.05  # seconds an idle worker waits for a job before it looks for ``call``ed work
+WAKE = object()  # put in the job queue to wake an idle worker for ``call``ed work
 
 
 @dataclass
@@ -62,6 +62,7 @@ class Job:
     top_logprobs: Optional[int]  # None: no logprobs
     loop: asyncio.AbstractEventLoop
     ids: Optional[list] = None  # prompt_text's ids, when the front end tokenized it already
+    exact_ids: bool = False  # ids are the prompt as sent (token ids): the model sees exactly them
     constraint: Optional[object] = None  # params' constraint, compiled by the front end
     out: Outbox = field(default_factory=Outbox)
     stop: threading.Event = field(default_factory=threading.Event)
@@ -147,7 +148,15 @@ class Scheduler:
         """Run ``fn()`` on the worker between two steps (never during a forward) -> its future."""
         future: Future = Future()
         self.controls.put((fn, future))
+        self._wake()
         return future
+
+    def _wake(self) -> None:
+        """Wake the worker if it waits for a job (a full queue: it is busy, and looks anyway)."""
+        try:
+            self.jobs.put_nowait(WAKE)
+        except queue.Full:
+            pass
 
     def _run_controls(self) -> None:
         while True:
@@ -164,7 +173,8 @@ class Scheduler:
         """How many requests, running or queued, use ``adapter`` (call on the worker)."""
         with self.jobs.mutex:
             queued = list(self.jobs.queue)
-        return sum(j.adapter == adapter for j in queued) + sum(l.job.adapter == adapter for l in self.live.values())
+        return (sum(isinstance(j, Job) and j.adapter == adapter for j in queued)
+                + sum(l.job.adapter == adapter for l in self.live.values()))
 
     def submit(self, job: Job) -> None:
         if self.closed:
@@ -188,23 +198,23 @@ class Scheduler:
         """Stop the running job and drop the queued ones (on SIGTERM/SIGINT): their handlers
         return at once, so the server's graceful shutdown does not wait on generation."""
         self.closed = True
-        stopping = False
         while True:
             try:
                 job = self.jobs.get_nowait()
             except queue.Empty:
                 break
-            if job is STOP:  # a shutdown waits on the worker: it still gets its STOP
-                stopping = True
+            if job is STOP or job is WAKE:  # the worker gets its STOP below
                 continue
             job.stop.set()
             job.emit(DONE)
-        if stopping:
-            self.jobs.put(STOP)
         for live in self.live.copy().values():  # copy(): atomic while the worker changes it
             live.job.stop.set()
         if self.current is not None:
             self.current.stop.set()
+        try:  # the worker ends, once its rows have (an idle one at once)
+            self.jobs.put_nowait(STOP)
+        except queue.Full:  # a submit raced the drain: the worker still finds STOP after it
+            self.jobs.put(STOP)
 
     # Prompt caches --------------------------------------------------------------------------
 
@@ -220,7 +230,8 @@ class Scheduler:
         while excess > 0 and pc.offset > 0:
             ids = pc.new_tokens(self.tokenizer, job.prompt_text, job.ids, at_most=pc.offset - excess, grid=grid)
             excess = pc.offset + len(ids) + 1 - self.max_context
-        if not ids:  # a cache that consumed this whole prompt leaves nothing to sample from
+        exact = job.exact_ids and pc.tokens + ids != list(job.ids)  # a text match, other ids: not these
+        if not ids or exact:  # a cache that consumed this whole prompt leaves nothing to sample from
             pc = self.caches.fresh()
             ids = pc.new_tokens(self.tokenizer, job.prompt_text, job.ids)
         request = build_request(self.model, self.tokenizer, ids, job.params, held=pc.offset,
@@ -305,8 +316,10 @@ class Scheduler:
         """Move queued requests into the batch while it has room; wait for one when idle."""
         while len(self.live) < self.batch.max_batch and not self._stopping:
             try:
-                job = self.jobs.get(timeout=IDLE_POLL) if not self.live else self.jobs.get_nowait()
+                job = self.jobs.get() if not self.live else self.jobs.get_nowait()
             except queue.Empty:
+                return
+            if job is WAKE:
                 return
             if job is STOP:
                 self._stopping = True
@@ -367,7 +380,10 @@ class Scheduler:
 
     def _work_serial(self) -> None:
         while True:
+            self._run_controls()
             job = self.jobs.get()
+            if job is WAKE:
+                continue
             if job is STOP:
                 return
             if job.stop.is_set():  # its client left while it waited

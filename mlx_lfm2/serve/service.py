@@ -5,10 +5,11 @@ steps in between are written once here:
 
 * ``authorize``: the API key, from ``Authorization: Bearer KEY`` or ``x-api-key: KEY``,
   compared in constant time;
-* ``read``: auth, the body (``boundary.read_body``) and its validation;
+* ``read``: auth, the body (``boundary.read_body``) and its validation (off the event loop);
 * ``route``: a request's ``model`` name -> the scheduler serving it and the adapter to use
   (the one place names are resolved);
-* ``render``: the chat template, whose refusal is a 400;
+* ``render``: the chat template, off the event loop (bounded in time and size:
+  ``text.template_limits``), whose refusal is a 400; ``count``: a prompt's tokens, off the loop;
 * ``prepare``: off the event loop, the prompt tokenized (once: the worker reuses the ids), the
   context checked and the constraint compiled (once: the worker uses it), so a prompt over the
   context or a bad schema is a 400 before any streaming starts; then the job queued;
@@ -134,19 +135,31 @@ class Service:
         self.authorize(request)
         body = await read_body(request, self.body_timeout)
         scheduler, _ = await self.route(body.get("model"), body.pop("keep_alive", UNSET))
-        return validate(model_cls, {**body, **(overrides or {})}, scheduler.vocab)
+        return await run_in_threadpool(validate, model_cls, {**body, **(overrides or {})}, scheduler.vocab)
 
-    def render(self, messages: list[dict], tools=None) -> str:
+    async def render(self, messages: list[dict], tools=None) -> str:
+        """The prompt, rendered in a worker thread (by the routed model's tokenizer, taken
+        here): a multi-MB body never stalls the loop."""
+        return await run_in_threadpool(self._render, self.tokenizer, messages, tools)
+
+    @staticmethod
+    def _render(tokenizer, messages: list[dict], tools=None) -> str:
         try:
-            return self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True)
+            return tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True)
         except Exception as e:
             raise APIError(400, f"the chat template rejected these messages: {e}", param="messages")
 
+    async def count(self, prompt: str) -> int:
+        """``prompt``'s tokens (the routed model's), counted in a worker thread."""
+        return len(await run_in_threadpool(self.tokenizer.encode, prompt, add_special_tokens=False))
+
     @staticmethod
-    def _compile(s: Scheduler, req, prompt_text: str):
-        """Off the event loop: the prompt's ids (the worker reuses them), the context check,
-        the constraint compiled (the first builds llguidance's view of the vocabulary, ~1 s)."""
-        ids = s.tokenizer.encode(prompt_text, add_special_tokens=False)
+    def _compile(s: Scheduler, req, prompt_text: str, ids: Optional[list] = None):
+        """Off the event loop: the prompt's ids (the worker reuses them; given: taken as they
+        are), the context check, the constraint compiled (the first builds llguidance's view
+        of the vocabulary, ~1 s)."""
+        if ids is None:
+            ids = s.tokenizer.encode(prompt_text, add_special_tokens=False)
         try:
             check_context(s.model, len(ids), context=s.max_context)
         except PromptTooLongError as e:
@@ -159,21 +172,25 @@ class Service:
             raise APIError(400, f"{param}: {e}", param=param, code="invalid_schema")
 
     async def prepare(self, req, prompt_text: str, top_logprobs: Optional[int] = None,
-                      score_ids: Optional[list] = None, model: Optional[str] = None) -> Job:
+                      score_ids: Optional[list] = None, ids: Optional[list] = None,
+                      model: Optional[str] = None) -> Job:
         """Queue ``prompt_text`` with ``req``'s sampling, limit and constraint -> its job. What
         can be refused is refused here, before any streaming starts: a prompt over the context,
         a bad schema (400s naming the problem); the worker builds the request from the ids and
         the constraint compiled here. ``score_ids``: the prompt's ids, scored first into
-        ``job.scores`` (completions' echo with logprobs). ``model``: the name asked for (default
-        ``req.model``), resolved by ``route`` (held already when ``read`` routed it)."""
+        ``job.scores`` (completions' echo with logprobs). ``ids``: the prompt as token ids
+        (completions), which the model then sees exactly; ``prompt_text`` is their decoding.
+        ``model``: the name asked for (default ``req.model``), resolved by ``route`` (held
+        already when ``read`` routed it)."""
         name = model if model is not None else getattr(req, "model", None)
         s, adapter = await self.route(name)
-        ids, spec, constraint = await run_in_threadpool(self._compile, s, req, prompt_text)
+        exact = ids is not None
+        ids, spec, constraint = await run_in_threadpool(self._compile, s, req, prompt_text, ids)
         limit = s.default_max_tokens if req.limit is None else req.limit  # 0: score only (completions)
         params = req.sampling(s.defaults).replace(max_tokens=limit, **spec)
         job = Job(prompt_text, params, top_logprobs, asyncio.get_running_loop(), ids=ids, constraint=constraint,
                   schema_warnings=constraint.warnings if constraint is not None else [], score_ids=score_ids,
-                  out=Outbox(s.max_buffered))
+                  out=Outbox(s.max_buffered), exact_ids=exact)
         job.pin = req.pin_cache
         job.adapter, job.model = adapter, adapter or s.model_id
         track(job)
