@@ -303,13 +303,16 @@ def test_a_busy_model_is_never_unloaded_the_load_waits_for_it():
         models = _registry(lambda name, path: _scheduler(name), max_loaded=1, load_timeout=5)
         done_a = asyncio.Event()
         a = asyncio.ensure_future(_holding(models, "a", done_a))
-        await asyncio.sleep(0.2)
+        for _ in range(200):  # its load reads a real tokenizer: a second or more on a busy machine
+            if models.loaded():
+                break
+            await asyncio.sleep(0.05)
         b = asyncio.ensure_future(_holding(models, "b", asyncio.Event()))
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.5)
         assert [e.name for e in models.loaded()] == ["a"] and not b.done()  # waiting for a to finish
         done_a.set()
         await a
-        for _ in range(50):
+        for _ in range(200):
             if [e.name for e in models.loaded()] == ["b"]:
                 break
             await asyncio.sleep(0.05)
