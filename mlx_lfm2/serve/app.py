@@ -1,9 +1,11 @@
-"""The server: ``python -m mlx_lfm2.server --model PATH_OR_REPO`` (OpenAI and Anthropic APIs).
+"""The server: ``python -m mlx_lfm2.server --model PATH_OR_REPO [--model NAME=PATH ...]``
+(OpenAI, Anthropic and Ollama APIs).
 
 Assembly only; each job has its module:
 
-* ``scheduler``: the worker thread that owns the model (continuous batching, or one job at a
-  time for speculative decoding and ``mlx.launch``), the job queue, the prompt caches;
+* ``models``: the served models by name, loaded on first use, unloaded to a budget or when idle;
+* ``scheduler``: the worker thread that owns a loaded model (continuous batching, or one job at
+  a time for speculative decoding and ``mlx.launch``), the job queue, the prompt caches;
 * ``service``: what both APIs do with a request (auth, model names, prepare, the reply assembler);
 * ``adapters``: resident adapters by name (``--adapter``), hot load and unload;
 * ``openai`` (request models in ``openai_api``), ``responses`` (OpenAI's Responses API) and
