@@ -176,6 +176,21 @@ def test_fuse_refuses_when_requantizing_loses_the_adapter(folders, tmp_path):
     assert "quantization" not in json.loads((tmp_path / "out/config.json").read_text())
 
 
+def test_fuse_refuses_a_base_whose_tokenizer_links_outside_it(folders, tmp_path):
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(folders["moe"], base)
+    secret = tmp_path / "elsewhere/tokenizer.json"
+    secret.parent.mkdir()
+    shutil.move(base / "tokenizer.json", secret)
+    (base / "tokenizer.json").symlink_to(secret)
+    make_adapter(base, tmp_path / "a", b_scale=0.5)
+    r = run_fuse("--model", base, "--adapter-path", tmp_path / "a", "--save-path", tmp_path / "out")
+    assert r.returncode == 2 and "outside the model folder" in r.stderr and str(secret) in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_generate_cli_applies_the_adapter(folders, tmp_path):
     import subprocess
     import sys

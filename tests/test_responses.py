@@ -160,3 +160,17 @@ def test_openai_agents_sdk_runs_a_function_tool(agent_server):
                          model_settings=agents.ModelSettings(max_tokens=64))
     result = agents.Runner.run_sync(agent, "Weather in Paris?", run_config=agents.RunConfig(tracing_disabled=True))
     assert calls == ["Paris"] and result.final_output == ANSWER
+
+
+def test_the_store_is_bounded_by_bytes_keeping_the_newest():
+    from mlx_lfm2.serve.responses import Store
+
+    store = Store(limit=100, max_bytes=10_000)
+    turn = {"role": "user", "content": "x" * 1000}
+    for i in range(30):  # a chain: each response stores the whole conversation so far
+        store.put({"id": f"r{i}"}, [turn] * (i + 1))
+        assert store.bytes <= 10_000 or len(store._entries) == 1
+    assert store.get("r29") is not None and store.get("r0") is None
+    with pytest.raises(Exception, match="the latest 100 within"):
+        store.conversation("r0")
+    assert store.delete("r29") and store.bytes == 0

@@ -59,13 +59,16 @@ def test_single_turn_mask_equals_mlx_lm_offsets(models):
 
 @pytest.mark.parametrize("line,message", [
     ("{not json", "train.jsonl:2: not valid JSON"),
+    ("[1, 2]", "train.jsonl:2: expected a JSON object on each line, not list"),
+    (b"\xff\xfe", "train.jsonl:2: not UTF-8 text"),
     ('{"messages": [{"role": "robot", "content": "x"}]}', "train.jsonl:2: messages[0] must be an object"),
     ('{"prompt": "a"}', "train.jsonl:2: 'completion' must be a string"),
     ('{"input": "a"}', "train.jsonl:2: a row needs 'messages'"),
 ])
 def test_bad_rows_name_file_and_line(models, tmp_path, line, message):
     _, tok = load(models["tiny-dense"])
-    (tmp_path / "train.jsonl").write_text('{"text": "fine"}\n' + line + "\n")
+    line = line if isinstance(line, bytes) else line.encode()
+    (tmp_path / "train.jsonl").write_bytes(b'{"text": "fine"}\n' + line + b"\n")
     with pytest.raises(DataError, match=message.replace("[", r"\[").replace("]", r"\]")):
         load_datasets(str(tmp_path), tok)
 

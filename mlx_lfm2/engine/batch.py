@@ -4,7 +4,10 @@
   sampler, logits processors, stop ids and limit -> uid; each ``step()`` runs one forward of
   every decoding row (one token each) and then at most one prefill chunk of the oldest
   waiting prompt, so a newcomer's prefill is interleaved with the others' decode steps
-  instead of stalling them. ``remove(uid)`` drops a row at any time.
+  instead of stalling them. ``remove(uid)`` drops a row at any time; ``park(uid)`` takes a
+  decoding row out of the forward (its reader is behind) and ``unpark(uid)`` puts it back,
+  to decode on exactly as if it had never left. A row may name a resident adapter
+  (``model.lora_rows``): rows on different adapters share each forward.
 * ``batch_generate`` (text): many prompts to many completions, in prompt order, with stats,
   each built by the request builder (``request.build_request``) and read through its own
   ``generation.TextStream``.
@@ -31,7 +34,8 @@ import mlx.core as mx
 
 from ..model import batch_cache
 from ..model.cache import checkpoint
-from .decode import Picker, default_prefill_step, pick_rows
+from ..model.lora_rows import select
+from .decode import Picker, chunk_end, default_prefill_step, pick_rows
 from .generation import Prompt, TextStream, encode_prompt
 from .request import Request, build_request
 from .sample import SamplingParams
@@ -55,6 +59,7 @@ class _Seq:
     picker: Picker  # its sampler, processors and history (prompt + generated ids)
     stop_tokens: frozenset
     cache: Optional[list]  # the ordinary cache while prefilling
+    adapter: Optional[str] = None  # its resident adapter (model.lora_rows), None: the base
     pos: int = 0  # prompt tokens prefilled
     n: int = 0  # tokens returned
 
@@ -73,29 +78,36 @@ class BatchGenerator:
         self.cache: Optional[list] = None  # batched, one row per entry of self.rows
         self.y: Optional[mx.array] = None  # [B] sampled, not yet returned: the next forward's input
         self.logprobs: Optional[mx.array] = None  # [B, V]
+        self.parked: dict = {}  # uid -> (_Seq holding its ordinary cache, its next y [1], logprobs [1, V])
         self._next_uid = 0
 
     def insert(self, prompt: Sequence[int], *, max_tokens: int = 256, sampler=None, logits_processors=(),
-               stop_tokens=(), cache: Optional[list] = None) -> int:
-        """Queue a prompt (ids; with ``cache``, the ids that follow what it holds) -> uid."""
+               stop_tokens=(), cache: Optional[list] = None, adapter: Optional[str] = None) -> int:
+        """Queue a prompt (ids; with ``cache``, the ids that follow what it holds) -> uid.
+        ``adapter``: a resident adapter's name (``model.lora_rows``; the row decodes with it in
+        the same forward as rows on other adapters), None for the base."""
         prompt = check_token_ids(prompt, vocab_rows(self.model), "prompt token id")
         if not prompt:
             raise ValueError("prompt is empty: nothing to continue from")
         if max_tokens < 1:
             raise ValueError("max_tokens must be >= 1")
+        select(self.model, [adapter])  # a name that is not loaded fails here, not mid-batch
         uid, self._next_uid = self._next_uid, self._next_uid + 1
         picker = Picker(sampler, list(logits_processors), mx.array(prompt, dtype=mx.uint32))
         self.waiting.append(_Seq(uid, prompt, max_tokens, picker, frozenset(stop_tokens),
-                                 cache if cache is not None else self.model.make_cache()))
+                                 cache if cache is not None else self.model.make_cache(), adapter))
         return uid
 
-    def add(self, request: Request, cache: Optional[list] = None) -> int:
+    def add(self, request: Request, cache: Optional[list] = None, adapter: Optional[str] = None) -> int:
         """Queue a built request (``request.build_request``) -> uid."""
         return self.insert(request.ids, max_tokens=request.max_tokens, sampler=request.sampler,
-                           logits_processors=request.processors, stop_tokens=request.stop_tokens, cache=cache)
+                           logits_processors=request.processors, stop_tokens=request.stop_tokens, cache=cache,
+                           adapter=adapter)
 
     def remove(self, uid: int) -> Optional[list]:
         """Stop ``uid`` wherever it is; a decoding row returns its cache (ordinary), else None."""
+        if uid in self.parked:
+            return self.parked.pop(uid)[0].cache
         for i, s in enumerate(self.rows):
             if s.uid == uid:
                 cache = batch_cache.extract(self.cache, i)
@@ -106,19 +118,46 @@ class BatchGenerator:
         self.waiting = deque(s for s in self.waiting if s.uid != uid)
         return None
 
+    def park(self, uid: int) -> bool:
+        """Take decoding row ``uid`` out of the forward until ``unpark``; the others go on.
+        It keeps its cache (ordinary) and the token already sampled for it. False: not decoding."""
+        for i, s in enumerate(self.rows):
+            if s.uid == uid:
+                s.cache = batch_cache.extract(self.cache, i)
+                self.parked[uid] = (s, self.y[i : i + 1], self.logprobs[i : i + 1])
+                self._keep([j for j in range(len(self.rows)) if j != i])
+                return True
+        return False
+
+    def unpark(self, uid: int) -> None:
+        """Row ``uid`` rejoins the forward where it left off."""
+        s, y, logprobs = self.parked.pop(uid)
+        self._join(s, y, logprobs)
+
+    def _join(self, s: _Seq, y: mx.array, logprobs: mx.array) -> None:
+        if self.cache is None:
+            self.cache = batch_cache.make_batch_cache(s.cache)
+        batch_cache.join(self.cache, s.cache)
+        self.rows.append(s)
+        self.y = y if self.y is None else mx.concatenate([self.y, y])
+        self.logprobs = logprobs if self.logprobs is None else mx.concatenate([self.logprobs, logprobs])
+        mx.async_eval(self.y, self.logprobs)
+        s.cache = None
+
     @property
     def status(self) -> dict:
         return {"decoding": len(self.rows), "prefilling": int(self.prefilling is not None),
-                "waiting": len(self.waiting), "max_batch": self.max_batch}
+                "waiting": len(self.waiting), "parked": len(self.parked), "max_batch": self.max_batch}
 
     def __len__(self) -> int:
-        return len(self.rows) + (self.prefilling is not None) + len(self.waiting)
+        return len(self.rows) + (self.prefilling is not None) + len(self.waiting) + len(self.parked)
 
     def step(self) -> list[BatchToken]:
         """One token for every decoding row (in join order), then one prefill chunk."""
         out = []
         if self.rows:
             y, logprobs = self.y, self.logprobs
+            select(self.model, [s.adapter for s in self.rows])
             logits = self.model(y[:, None], cache=self.cache)[:, -1, :]
             self.y, self.logprobs = pick_rows([s.picker for s in self.rows], logits)
             mx.async_eval(self.y, self.logprobs)
@@ -147,13 +186,14 @@ class BatchGenerator:
 
     def _prefill(self) -> None:
         if self.prefilling is None:
-            if not self.waiting or len(self.rows) >= self.max_batch:
+            if not self.waiting or len(self.rows) + len(self.parked) >= self.max_batch:
                 return
             self.prefilling = self.waiting.popleft()
         s = self.prefilling
+        select(self.model, [s.adapter])
         body = len(s.prompt) - 1
         if s.pos < body:
-            end = min(s.pos + self.prefill_step_size, body)
+            end = chunk_end(s.cache[0].offset if s.cache else 0, s.pos, body, self.prefill_step_size)
             self.model(mx.array(s.prompt[s.pos : end], dtype=mx.uint32)[None], cache=s.cache)
             mx.eval([c.state for c in s.cache])
             checkpoint(s.cache)  # as ``prefill`` does: a later prompt sharing this prefix rewinds here
@@ -162,14 +202,8 @@ class BatchGenerator:
                 return  # the next chunk waits for the next step
         logits = self.model(mx.array(s.prompt[-1:], dtype=mx.uint32)[None], cache=s.cache)[:, -1, :]
         y, logprobs = s.picker.pick(logits)
-        if self.cache is None:
-            self.cache = batch_cache.make_batch_cache(s.cache)
-        batch_cache.join(self.cache, s.cache)
-        self.rows.append(s)
-        self.y = y if self.y is None else mx.concatenate([self.y, y])
-        self.logprobs = logprobs if self.logprobs is None else mx.concatenate([self.logprobs, logprobs])
-        mx.async_eval(self.y, self.logprobs)
-        s.cache, self.prefilling = None, None
+        self._join(s, y, logprobs)
+        self.prefilling = None
 
 
 @dataclass
@@ -185,28 +219,32 @@ class BatchResponse:
 def batch_generate(model, tokenizer, prompts: Sequence[Prompt], max_tokens: Union[int, Sequence[int]] = 256, *,
                    max_batch: Optional[int] = None, sampling: Optional[SamplingParams] = None,
                    prefill_step_size: Optional[int] = None, tools=None, verbose: bool = False,
-                   **settings) -> BatchResponse:
+                   adapters: Optional[Sequence[Optional[str]]] = None, **settings) -> BatchResponse:
     """Complete every prompt (text, ids or chat messages), decoding them together in batches
     of up to ``max_batch`` (default: all). ``sampling`` / ``settings``: as for
     ``stream_generate``, the same for every prompt (each prompt gets its own sampler: a
-    ``seed`` gives each the same draws as alone). Greedy when ``temperature`` is left out."""
+    ``seed`` gives each the same draws as alone). Greedy when ``temperature`` is left out.
+    ``adapters``: per prompt, a resident adapter's name or None (the base)."""
     params = (sampling or SamplingParams()).replace(**settings)
     ids = [encode_prompt(tokenizer, p, tools) for p in prompts]
     limits = [max_tokens] * len(ids) if isinstance(max_tokens, int) else list(max_tokens)
     if len(limits) != len(ids):
         raise ValueError(f"{len(limits)} max_tokens for {len(ids)} prompts")
+    adapters = list(adapters) if adapters is not None else [None] * len(ids)
+    if len(adapters) != len(ids):
+        raise ValueError(f"{len(adapters)} adapters for {len(ids)} prompts")
     requests = [build_request(model, tokenizer, p, params.replace(max_tokens=n)) for p, n in zip(ids, limits)]
     gen = BatchGenerator(model, max_batch or max(1, len(ids)), prefill_step_size)
     streams, by_uid = [], {}
     mx.reset_peak_memory()
     tic = time.perf_counter()
-    for req in requests:
+    for req, adapter in zip(requests, adapters):
         stream = TextStream(tokenizer, params.stop, len(req.ids))
         streams.append(stream)
         if req.max_tokens == 0:
             stream.end("length")
         else:
-            by_uid[gen.add(req)] = stream
+            by_uid[gen.add(req, adapter=adapter)] = stream
     while by_uid:
         for t in gen.step():
             stream = by_uid[t.uid]

@@ -32,13 +32,24 @@ def default_prefill_step() -> int:
     return device.prefill_step()
 
 
+def chunk_end(offset: int, start: int, end: int, step_size: int) -> int:
+    """Where the prefill chunk from ``start`` ends, for a cache at ``offset``: at the next
+    multiple of ``step_size`` in absolute positions, so a prompt is cut into the same chunks
+    whatever prefix a cache held (a seeded reply is then the same hit or miss)."""
+    return min(start + step_size - offset % step_size, end)
+
+
 def prefill(model, tokens: mx.array, cache: list, step_size: Optional[int] = None) -> None:
-    """Run ``tokens`` ``[L]`` through the model into ``cache``, ``step_size`` at a time."""
+    """Run ``tokens`` ``[L]`` through the model into ``cache``, in chunks of ``step_size`` on
+    the absolute grid (``chunk_end``)."""
     step_size = step_size or default_prefill_step()
-    for start in range(0, tokens.size, step_size):
-        model(tokens[None, start : start + step_size], cache=cache)
+    start = 0
+    while start < tokens.size:
+        end = chunk_end(cache[0].offset if cache else 0, start, tokens.size, step_size)
+        model(tokens[None, start:end], cache=cache)
         mx.eval([c.state for c in cache])
         checkpoint(cache)  # a later prompt that shares this prefix can rewind to here
+        start = end
 
 
 def normalize(logits: mx.array) -> mx.array:

@@ -2,7 +2,7 @@
 
 ``TextStream`` turns one sequence's tokens into text: the streaming detokenizer (multi-byte
 characters never split), stop ids and stop strings (never shown; a possible stop's start is
-held back until it cannot be one), and the stats (time to first token, tokens per second).
+held back until it cannot be one; found in linear time by ``stops.StopMatcher``), and the stats (time to first token, tokens per second).
 It is the one text layer under ``stream_generate``, ``batch_generate``, speculative decoding
 and the server. The token loops below it (``decode``, ``speculative``, ``batch``) know
 nothing of text.
@@ -27,6 +27,7 @@ import mlx.core as mx
 from .decode import generate_step
 from .request import Request, build_request
 from .sample import SamplingParams
+from .stops import StopMatcher
 from .speculative import speculative_generate_step
 
 Prompt = Union[str, Sequence[int], Sequence[dict]]
@@ -66,17 +67,6 @@ class GenerationResponse:
         return self.accepted_tokens / self.draft_tokens if self.draft_tokens else None
 
 
-def held_back(text: str, stops: Sequence[str]) -> int:
-    """How many trailing characters could still begin a stop string."""
-    n = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:k]):
-                n = max(n, k)
-                break
-    return n
-
-
 @dataclass
 class TextStream:
     """One sequence's text over its tokens (see the module docstring). ``feed`` each token,
@@ -87,8 +77,7 @@ class TextStream:
     prompt_tokens: int
     spec: dict = field(default_factory=dict)
     start: float = field(default_factory=time.perf_counter)
-    text: str = ""
-    shown: int = 0
+    shown: int = 0  # characters returned so far
     n: int = 0
     first: Optional[float] = None  # when the first token arrived
     last: Optional[float] = None  # when the latest one did
@@ -98,6 +87,14 @@ class TextStream:
         self.detok = self.tokenizer.detokenizer()
         self.eos = set(self.tokenizer.eos_token_ids)
         self.stops = [self.stops] if isinstance(self.stops, str) else [s for s in (self.stops or []) if s]
+        self.matcher = StopMatcher(self.stops)
+        self._shown: list[str] = []  # the text returned, in pieces (no copy of all of it per token)
+        self.tail = ""  # the text not yet returned: a possible stop's start, held back
+
+    @property
+    def text(self) -> str:
+        """All the text so far (a stop string and what followed it cut off)."""
+        return "".join(self._shown) + self.tail
 
     @property
     def ttft(self) -> Optional[float]:
@@ -123,27 +120,30 @@ class TextStream:
         self.first = self.first or self.last
         self.n += 1
         if token in self.eos or finish == "stop":
-            self.text += self.detok.finalize()
-            return [self._response(self.text[self.shown :], token, None, "stop")]
-        self.text += self.detok.add_token(token)
+            self.tail += self.detok.finalize()
+            return [self._response(self.tail, token, None, "stop")]
+        new = self.detok.add_token(token)
+        hit = self.matcher.feed(new)
+        self.tail += new  # at most the longest stop's length before ``new``
         # A stop string can only begin in the unshown tail: any earlier start was held back.
-        hits = [(i, s) for i, s in ((self.text.find(s, self.shown), s) for s in self.stops) if i >= 0]
-        if hits:
-            cut, stop = min(hits)
-            self.text = self.text[:cut]
-            return [self._response(self.text[self.shown :], None, None, "stop", stop)]
-        visible = len(self.text) - held_back(self.text, self.stops)
-        out = [self._response(self.text[self.shown : visible], token, logprobs, None, from_draft=from_draft)]
-        self.shown = max(self.shown, visible)
+        if hit:
+            self.tail = self.tail[: hit[0] - self.shown]
+            return [self._response(self.tail, None, None, "stop", hit[1])]
+        visible = len(self.tail) - self.matcher.held
+        segment, self.tail = self.tail[:visible], self.tail[visible:]
+        self._shown.append(segment)
+        self.shown += visible
+        out = [self._response(segment, token, logprobs, None, from_draft=from_draft)]
         if finish == "length":
             out.append(self.end("length"))
         return out
 
     def end(self, reason: str) -> GenerationResponse:
         """The last response when generation ends without a token (length, cancelled)."""
-        self.text += self.detok.finalize()
-        r = self._response(self.text[self.shown :], None, None, reason)
-        self.shown = len(self.text)
+        self.tail += self.detok.finalize()
+        r = self._response(self.tail, None, None, reason)
+        self._shown.append(self.tail)
+        self.shown, self.tail = self.shown + len(self.tail), ""
         return r
 
 

@@ -16,6 +16,13 @@ re-rendered text would be.
   then extends or rewinds it. The caller owns the copy: one that fails midway is dropped.
 * ``keep(pc, namespace)``: after generation, store a cache whose tokens are all consumed;
   the least recently used entry beyond ``entries`` goes.
+* seeded requests (``grid``): a reply drawn with a seed must not depend on whether its prompt
+  was cached, and a row's numbers depend on the shape of the forward that computed it (a
+  prefill chunk, a decode step). So ``chunked`` records how many leading tokens were computed
+  by whole prefill chunks on the absolute grid (``decode.prefill``: chunk ends at multiples of
+  the prefill step), and a seeded request reuses only such a prefix, cut at a grid point:
+  it then prefills exactly the chunks a cold run would, and its logits are bit for bit a cold
+  run's. Unseeded requests reuse as much as they can.
 * ``namespace``: what else the cache depends on besides the text (an adapter, say): entries
   of another namespace are never reused. "" is the base model.
 * ``lower``: an optional slower tier under the memory (a disk cache, ``disk_cache.DiskTier``),
@@ -34,16 +41,18 @@ import mlx.core as mx
 
 from ..model.cache import checkpoint, copy_cache, reachable, rewind
 from ..text.tokenizer import plain_spans
-from .decode import prefill
+from .decode import default_prefill_step, prefill
 
 
 class PromptCache:
     """A model cache, the token ids it has consumed, and the prompt text they spell."""
 
-    def __init__(self, model, cache=None, text: str = "", tokens=(), draft_model=None, draft_cache=None):
+    def __init__(self, model, cache=None, text: str = "", tokens=(), draft_model=None, draft_cache=None,
+                 chunked: int = 0):
         self.model, self.draft_model = model, draft_model
         self.cache = cache if cache is not None else model.make_cache()
         self.text, self.tokens = text, list(tokens)
+        self.chunked = chunked  # leading tokens computed by whole prefill chunks on the grid (module docstring)
         # A draft model's cache (speculative decoding) holds what ``cache`` holds.
         self.draft_cache = draft_cache
         if draft_model is not None and (draft_cache is None or draft_cache[0].offset != self.offset):
@@ -57,15 +66,16 @@ class PromptCache:
 
     def copy(self) -> "PromptCache":
         draft = copy_cache(self.draft_cache) if self.draft_cache is not None else None
-        return PromptCache(self.model, copy_cache(self.cache), self.text, self.tokens, self.draft_model, draft)
+        return PromptCache(self.model, copy_cache(self.cache), self.text, self.tokens, self.draft_model, draft,
+                           self.chunked)
 
     @property
     def _caches(self) -> list:
         return self.cache + (self.draft_cache or [])
 
-    def reusable(self, tokenizer, prompt_text: str, at_most: Optional[int] = None) -> int:
+    def reusable(self, tokenizer, prompt_text: str, at_most: Optional[int] = None, grid: Optional[int] = None) -> int:
         """How many cached tokens ``prompt_text`` could reuse (what ``new_tokens`` keeps), at
-        most ``at_most``.
+        most ``at_most``; ``grid`` (a seeded request): a multiple of it, within ``chunked``.
 
         A shared prefix must agree on the untrusted-content spans too: the same characters
         typed by a user and written by the template are different tokens.
@@ -73,6 +83,14 @@ class PromptCache:
         if self.offset != len(self.tokens) or not self.tokens or (at_most is not None and at_most <= 0):
             return 0
         cap = len(self.tokens) if at_most is None else min(at_most, len(self.tokens))
+        if grid:
+            cap = min(cap, self.chunked)
+
+        def down(n: int) -> int:  # the nearest offset <= n every layer reaches (on the grid, if one)
+            n = reachable(self._caches, n - n % grid if grid else n)
+            while grid and n % grid:
+                n = reachable(self._caches, n - n % grid)
+            return n
 
         def same(n: int) -> bool:  # the first n characters: same text, same untrusted spans
             return prompt_text.startswith(self.text[:n]) and plain_spans(prompt_text[:n]) == plain_spans(self.text[:n])
@@ -90,27 +108,28 @@ class PromptCache:
         while lo < hi:
             mid = (lo + hi + 1) // 2
             lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
-        p = reachable(self._caches, lo)
+        p = down(lo)
         while p > 0 and not fits(p):  # a split multi-byte character: step back
-            p = reachable(self._caches, p - 1)
+            p = down(p - 1)
         return p
 
     def new_tokens(self, tokenizer, prompt_text: str, ids: Optional[list[int]] = None,
-                   at_most: Optional[int] = None) -> list[int]:
+                   at_most: Optional[int] = None, grid: Optional[int] = None) -> list[int]:
         """Ids of the part of ``prompt_text`` not yet in the cache: the cache is extended,
         rewound to the longest common prefix it can reach (keeping at most ``at_most``
         tokens), or reset. ``ids``: the whole
         prompt's ids, if already known (their tail is used when the kept tokens start them,
-        so the prompt is fed as a cold run would feed it)."""
-        self.trim(tokenizer, prompt_text, at_most)
+        so the prompt is fed as a cold run would feed it). ``grid``: see ``reusable``."""
+        self.trim(tokenizer, prompt_text, at_most, grid)
         if ids is not None and list(ids[: len(self.tokens)]) == self.tokens:
             return list(ids[len(self.tokens):])
         return tokenizer.encode(prompt_text[len(self.text):], add_special_tokens=False)
 
-    def trim(self, tokenizer, prompt_text: str, at_most: Optional[int] = None) -> None:
+    def trim(self, tokenizer, prompt_text: str, at_most: Optional[int] = None, grid: Optional[int] = None) -> None:
         """Keep only what ``prompt_text`` can reuse (at most ``at_most`` tokens): rewind to the
         longest common prefix the cache can reach, or reset."""
-        keep = self.reusable(tokenizer, prompt_text, at_most)
+        keep = self.reusable(tokenizer, prompt_text, at_most, grid)
+        self.chunked = min(self.chunked, keep)
         if keep == 0:
             self.cache, self.text, self.tokens = self.model.make_cache(), "", []
             if self.draft_model is not None:
@@ -124,6 +143,11 @@ class PromptCache:
 
     def commit(self, tokenizer, prompt_text: str, prompt_ids: list[int], generated: list[int]) -> None:
         """After generation: record what the cache consumed (the prompt, and most of the reply)."""
+        held, step = len(self.tokens), default_prefill_step()
+        if held <= self.chunked and held % step == 0:  # the prompt's prefill started on the grid
+            self.chunked = held + (len(prompt_ids) - 1) // step * step  # its whole chunks
+        else:
+            self.chunked = min(self.chunked, held - held % step)
         fed = (list(prompt_ids) + list(generated))[: self.offset - len(self.tokens)]
         self.tokens += fed
         self.text = prompt_text + tokenizer.decode(fed[len(prompt_ids):])

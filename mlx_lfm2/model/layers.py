@@ -168,13 +168,15 @@ def swap(module: nn.Module, *mixins: type) -> None:
         module.__class__ = _variant(type(module), mixins)
 
 
-def specialize(model: Model, evaluate: bool = True, fuse: Optional[bool] = None) -> Model:
+def specialize(model: Model, evaluate: bool = True, fuse: Optional[bool] = None,
+               compile_: Optional[bool] = None) -> Model:
     """Swap in the variants ``device`` chooses, layer by layer (when ``evaluate``, each layer's
     new arrays are evaluated before the next, so only one layer's old and new arrays coexist).
     ``fuse``: the fused q/k/v and gate/up layouts (None: ``device.fuse_matmuls()``; a model
-    with adapters, or one to train, stays unfused)."""
+    with adapters, or one to train, stays unfused). ``compile_``: the compiled one-token pieces
+    (None: ``device.compile_decode()``; a model whose adapters change per forward goes without)."""
     fuse = device.fuse_matmuls() if fuse is None else fuse
-    compile_ = device.compile_decode()
+    compile_ = device.compile_decode() if compile_ is None else compile_
     for layer in model.layers:
         op, ffn = layer.op, layer.feed_forward
         glu = ffn.experts if "experts" in ffn else ffn

@@ -7,9 +7,10 @@ and shapes, so an adapter's parameter paths are the base layer's path plus ``.lo
     y = linear(x) + scale * (dropout(x) @ A) @ B                 dense: A [in, r], B [r, out]
     y = linear(x, e) + scale * (x @ A[e].T) @ B[e].T             experts: A [E, r, in], B [E, out, r]
 
-The delta is one function of (x, A, B) so several adapters can share one forward later:
-``stacked_delta`` takes a stack of A/B (``[N, in, r]``, ``[N, r, out]``) and an adapter index
-per batch row (a zero adapter in the stack stands for the base). ``adapters_off(model)``
+The deltas are functions of (x, A, B) (``lora_delta``, ``expert_lora``) so several adapters
+share one forward: ``stacked_delta`` takes a stack of A/B (``[N, in, r]``, ``[N, r, out]``) and
+an adapter index per batch row (a zero adapter in the stack stands for the base); ``lora_rows``
+keeps adapters resident that way. ``adapters_off(model)``
 switches every adapter off for a block (DPO's reference model is the base, no second copy).
 
 Dimensions: B batch rows, L tokens, r rank, E experts, N adapters in a stack.
@@ -48,12 +49,34 @@ def stacked_delta(x: mx.array, a: mx.array, b: mx.array, scale: mx.array, rows: 
     return (scale[rows][:, None, None] * z).astype(x.dtype)
 
 
+def expert_lora(x: mx.array, a: mx.array, b: mx.array, indices: mx.array, sorted_indices: bool) -> mx.array:
+    """The unscaled per-expert delta ``(x @ a[e].T) @ b[e].T`` for the routed ``e``: x
+    ``[..., 1, in]``, a ``[E, r, in]``, b ``[E, out, r]`` -> ``[..., K, 1, out]`` (float32 where
+    the CPU's gather_mm needs it)."""
+    if device.float32_gather_mm(x.dtype):
+        x = x.astype(mx.float32)
+    a, b = a.swapaxes(-1, -2).astype(x.dtype), b.swapaxes(-1, -2).astype(x.dtype)
+    z = mx.gather_mm(x, a, rhs_indices=indices, sorted_indices=sorted_indices)  # [..., 1, r]
+    return mx.gather_mm(z, b, rhs_indices=indices, sorted_indices=sorted_indices)  # [..., 1, out]
+
+
 def dense_dims(layer: nn.Module) -> tuple[int, int]:
     """(in, out) of a dense or quantized ``[out, in]`` layer."""
     out_dims, in_dims = layer["weight"].shape
     if "scales" in layer:
         in_dims = in_dims * 32 // layer.bits
     return in_dims, out_dims
+
+
+def lora_shapes(layer: nn.Module, rank: int) -> tuple[tuple, tuple]:
+    """The shapes of A and B for ``layer``: dense ``[in, r]``, ``[r, out]``; experts
+    ``[E, r, in]``, ``[E, out, r]``."""
+    if layer["weight"].ndim == 3:
+        E, out_dims, in_dims = layer["weight"].shape
+        in_dims = in_dims * 32 // layer.bits if "scales" in layer else in_dims
+        return (E, rank, in_dims), (E, out_dims, rank)
+    in_dims, out_dims = dense_dims(layer)
+    return (in_dims, rank), (rank, out_dims)
 
 
 def dequantized(layer: nn.Module) -> mx.array:
@@ -125,23 +148,16 @@ class LoRASwitchLinear(_Adapter):
 
     def __init__(self, base: nn.Module, rank: int = 8, scale: float = 20.0, dropout: float = 0.0):
         super().__init__(base, rank, scale, dropout)
-        E, out_dims, in_dims = base["weight"].shape
-        if "scales" in base:
-            in_dims = in_dims * 32 // base.bits
-        bound = 1 / math.sqrt(in_dims)
-        self.lora_a = mx.random.uniform(-bound, bound, (E, rank, in_dims))
-        self.lora_b = mx.zeros((E, out_dims, rank))
+        a_shape, b_shape = lora_shapes(base, rank)
+        bound = 1 / math.sqrt(a_shape[-1])
+        self.lora_a = mx.random.uniform(-bound, bound, a_shape)
+        self.lora_b = mx.zeros(b_shape)
 
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
         y = self.linear(x, indices, sorted_indices=sorted_indices)
         if not self.active:
             return y
-        xs = self.dropout(x)
-        if device.float32_gather_mm(xs.dtype):
-            xs = xs.astype(mx.float32)
-        a, b = self.lora_a.swapaxes(-1, -2).astype(xs.dtype), self.lora_b.swapaxes(-1, -2).astype(xs.dtype)
-        z = mx.gather_mm(xs, a, rhs_indices=indices, sorted_indices=sorted_indices)  # [..., 1, r]
-        z = mx.gather_mm(z, b, rhs_indices=indices, sorted_indices=sorted_indices)  # [..., 1, out]
+        z = expert_lora(self.dropout(x), self.lora_a, self.lora_b, indices, sorted_indices)
         return y + (self.scale * z).astype(y.dtype)
 
     def delta_weight(self) -> mx.array:
@@ -163,10 +179,7 @@ def adaptable(module: nn.Module) -> bool:
 def default_keys(model: nn.Module) -> list[str]:
     """Every matmul layer inside a block, as paths relative to the block (mlx-lm's default:
     attention, conv projections, FFN, router and experts)."""
-    keys = set()
-    for layer in model.layers:
-        keys.update(k for k, m in layer.named_modules() if adaptable(m))
-    return sorted(keys)
+    return sorted(set().union(*adaptable_modules(model)[0]))
 
 
 def wrap(module: nn.Module, rank: int, scale: float, dropout: float, dora: bool,
@@ -189,20 +202,35 @@ def apply_lora(model: nn.Module, num_layers: int, rank: int = 8, scale: float = 
     wrapped. Freezes nothing: the caller decides what trains (``trainable_adapters``)."""
     if any("qkv_proj" in k or "w13" in k for k, _ in model.named_modules()):
         raise ValueError("the model is in a fused runtime layout; load it without fusing to add adapters")
-    keys = set(default_keys(model) if keys is None else keys)
-    layers = model.layers if num_layers < 0 else model.layers[len(model.layers) - min(num_layers, len(model.layers)):]
-    count = 0
-    for block in layers:
-        found = [(k, wrap(m, rank, scale, dropout, dora, expert_rank)) for k, m in block.named_modules()
-                 if k in keys and adaptable(m)]
+    blocks, top = adaptable_modules(model)
+    chosen = select_targets(blocks, top, num_layers, keys)
+    for i, block in enumerate(model.layers):
+        found = [(k, wrap(m, rank, scale, dropout, dora, expert_rank)) for k, m in chosen.get(i, {}).items()]
         if found:
             block.update_modules(tree_unflatten(found))
-            count += len(found)
-    top = [(k, wrap(m, rank, scale, dropout, dora, expert_rank)) for k, m in model.named_modules()
-           if k in keys and adaptable(m)]
-    if top:
-        model.update_modules(tree_unflatten(top))
-    return count + len(top)
+    found = [(k, wrap(m, rank, scale, dropout, dora, expert_rank)) for k, m in chosen.get(None, {}).items()]
+    if found:
+        model.update_modules(tree_unflatten(found))
+    return sum(len(v) for v in chosen.values())
+
+
+def adaptable_modules(model: nn.Module) -> tuple[list[dict], dict]:
+    """The layers an adapter can wrap: per block ``{path inside the block: module}``, and
+    those outside the blocks ``{path from the root: module}`` (``lm_head``)."""
+    blocks = [{k: m for k, m in block.named_modules() if adaptable(m)} for block in model.layers]
+    top = {k: m for k, m in model.named_modules() if adaptable(m) and ".layers." not in f".{k}"}
+    return blocks, top
+
+
+def select_targets(blocks: list[dict], top: dict, num_layers: int, keys: Optional[Iterable[str]] = None) -> dict:
+    """mlx-lm's rule: ``keys`` (default: every adaptable path of a block) in the last
+    ``num_layers`` blocks (-1: all), and the keys outside the blocks matched from the root ->
+    ``{block index: {path: module}}``, the root's under ``None``."""
+    keys = set(sorted(set().union(*blocks)) if keys is None else keys)
+    first = 0 if num_layers < 0 else len(blocks) - min(num_layers, len(blocks))
+    chosen = {i: {k: m for k, m in blocks[i].items() if k in keys} for i in range(first, len(blocks))}
+    chosen[None] = {k: m for k, m in top.items() if k in keys}
+    return {i: v for i, v in chosen.items() if v}
 
 
 def trainable_adapters(model: nn.Module) -> None:

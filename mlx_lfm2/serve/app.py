@@ -4,7 +4,8 @@ Assembly only; each job has its module:
 
 * ``scheduler``: the worker thread that owns the model (continuous batching, or one job at a
   time for speculative decoding and ``mlx.launch``), the job queue, the prompt caches;
-* ``service``: what both APIs do with a request (auth, prepare, the reply assembler);
+* ``service``: what both APIs do with a request (auth, model names, prepare, the reply assembler);
+* ``adapters``: resident adapters by name (``--adapter``), hot load and unload;
 * ``openai`` (request models in ``openai_api``), ``responses`` (OpenAI's Responses API) and
   ``anthropic``: one module per API, each an app with its own routes and error shape;
 * ``boundary``: the HTTP error type, bodies, validation, disconnects, the uvicorn server.
@@ -26,19 +27,24 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from ..engine.distributed import group, leader
+from ..engine.memory import budget_bytes
 from . import anthropic, ollama, openai, responses
+from .adapters import DEFAULT_MAX_ADAPTERS, AdapterTable, parse_adapter_flags, routes as adapter_routes
 from .boundary import BODY_TIMEOUT, HEADER_TIMEOUT, make_server
 from .metrics import Metrics, Observer, configure, model_bytes
+from .outbox import MAX_ITEMS, STALL_TIMEOUT
 from .scheduler import DEFAULT_MAX_TOKENS, Scheduler
 from .service import Service
 
 
 def create_app(scheduler: Scheduler, api_key: Optional[str] = None, body_timeout: float = BODY_TIMEOUT,
-               log=None):
-    """The ASGI app: each API's app under its path prefix (OpenAI's takes the rest, ``/health``
-    and ``/metrics``), over one service, each request logged (``log(line)``, default stderr) and
-    counted; starts the scheduler's worker."""
+               log=None, adapters: Optional[AdapterTable] = None):
+    """The ASGI app: each API's app under its path prefix (OpenAI's takes the rest, ``/health``,
+    ``/metrics`` and the adapter routes), over one service, each request logged (``log(line)``,
+    default the ``mlx_lfm2.server`` logger) and counted; starts the scheduler's worker.
+    ``adapters``: the table behind ``/v1/load_lora_adapter`` (default: one with hot loading off)."""
     service = Service(scheduler.start(), api_key, body_timeout)
+    adapters = adapters or AdapterTable(scheduler)
     metrics = Metrics(scheduler)
 
     async def health(request: Request):
@@ -50,7 +56,8 @@ def create_app(scheduler: Scheduler, api_key: Optional[str] = None, body_timeout
                              "mlx_active_mb": round(mx.get_active_memory() / 2**20, 1),
                              "mlx_cache_mb": round(mx.get_cache_memory() / 2**20, 1)})
 
-    routes = (Route("/health", health, methods=["GET"]), Route("/metrics", metrics.endpoint(), methods=["GET"]))
+    routes = (Route("/health", health, methods=["GET"]), Route("/metrics", metrics.endpoint(), methods=["GET"]),
+              *adapter_routes(service, adapters))
     return Observer(ByPrefix(openai.app(service, routes=routes),
                              {anthropic.PREFIX: anthropic.app(service), responses.PREFIX: responses.app(service),
                               ollama.PREFIX: ollama.app(service)}),
@@ -125,35 +132,66 @@ def main(argv=None) -> None:
                    help=f"seconds to receive a request body (default {BODY_TIMEOUT:g})")
     p.add_argument("--header-timeout", type=float, default=HEADER_TIMEOUT,
                    help=f"seconds to receive a request head (default {HEADER_TIMEOUT:g})")
+    p.add_argument("--max-buffered-tokens", type=int, default=MAX_ITEMS,
+                   help=f"tokens a stream may hold unsent before its row pauses (default {MAX_ITEMS})")
+    p.add_argument("--stall-timeout", type=float, default=STALL_TIMEOUT,
+                   help=f"seconds a paused stream waits for its reader before it is cancelled (default {STALL_TIMEOUT:g})")
     p.add_argument("--draft-model", help="a small LFM2 with the same tokenizer for speculative decoding")
     p.add_argument("--adapter-path", help="a LoRA/DoRA adapter folder (mlx-lm's layout or PEFT's) to apply")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                   help="a LoRA adapter served as model NAME next to the base (repeat for more; mlx-lm's layout "
+                        "or PEFT's); rows on different adapters decode in one batch")
+    p.add_argument("--adapter-dir", help="folder that POST /v1/load_lora_adapter may load adapters from")
+    p.add_argument("--max-adapters", type=int, default=DEFAULT_MAX_ADAPTERS,
+                   help=f"resident adapters at most (default {DEFAULT_MAX_ADAPTERS})")
     p.add_argument("--num-draft-tokens", type=int, help="tokens drafted per step (default: adaptive)")
     p.add_argument("--prompt-lookup", action="store_true", help="speculative decoding from n-grams of the prompt")
+    p.add_argument("--memory-budget", help="memory the server may use, weights included, e.g. 24G: a request "
+                   "whose predicted peak cannot fit is refused (400), one that fits later waits "
+                   "(default: the GPU's recommended working set, else system memory)")
     p.add_argument("--log-content", action="store_true",
                    help="log each request's prompt and reply (default: counts and timings only)")
     a = p.parse_args(argv)
+    try:
+        a.memory_budget = budget_bytes(a.memory_budget)
+    except ValueError as e:
+        raise SystemExit(f"error: --memory-budget: {e}")
     configure(a.log_content)
     if a.host not in ("127.0.0.1", "localhost", "::1") and not a.api_key:
         print(f"warning: serving on {a.host} without --api-key: anyone who can reach this port can use the model",
               file=sys.stderr)
     from ..weights.loader import load, load_draft
 
+    named = parse_adapter_flags(a.adapter)
+    resident = bool(named) or a.adapter_dir is not None
+    if resident and (a.adapter_path or a.draft_model or a.prompt_lookup or group() is not None):
+        raise SystemExit("error: --adapter/--adapter-dir serve adapters side by side in one batch: they exclude "
+                         "--adapter-path, speculative decoding and mlx.launch")
+    if a.adapter_dir is not None and not os.path.isdir(os.path.expanduser(a.adapter_dir)):
+        raise SystemExit(f"error: --adapter-dir {a.adapter_dir}: not a folder")
+    if len(named) > a.max_adapters:
+        raise SystemExit(f"error: {len(named)} --adapter given, more than --max-adapters {a.max_adapters}")
+    if served_name(a.model, a.served_model_name) in named:
+        raise SystemExit("error: an --adapter has the base model's name: give it another (or --served-model-name)")
     try:
-        model, tokenizer = load(a.model, adapter_path=a.adapter_path)
+        model, tokenizer = load(a.model, adapter_path=a.adapter_path, adapters=named if resident else None)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     if a.max_batch < 1:
         raise SystemExit("error: --max-batch must be at least 1")
+    if a.max_buffered_tokens < 2 or not a.stall_timeout > 0:
+        raise SystemExit("error: --max-buffered-tokens must be at least 2 and --stall-timeout above 0")
     try:
         draft = load_draft(a.draft_model, model, a.prompt_lookup)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: draft model: {e}")
     scheduler = Scheduler(model, tokenizer, served_name(a.model, a.served_model_name), a.queue_size, a.cache_entries, a.max_context,
                           a.default_max_tokens, a.max_batch, draft, a.prompt_lookup, a.num_draft_tokens,
-                          disk_tier(a, model, tokenizer, draft))
+                          disk_tier(a, model, tokenizer, draft), a.stall_timeout, a.max_buffered_tokens)
     if not leader():  # mlx.launch: rank 0 serves HTTP, the others serve their layers
         return scheduler.follow()
-    app = create_app(scheduler, a.api_key, a.body_timeout)
+    app = create_app(scheduler, a.api_key, a.body_timeout,
+                     adapters=AdapterTable(scheduler, a.adapter_dir, a.max_adapters))
     server = make_server(scheduler, app, a.host, a.port, a.header_timeout)
     import asyncio
     asyncio.run(_serve(server, startup_line(a.host, a.port, scheduler)))
@@ -181,7 +219,8 @@ def startup_line(host: str, port: int, scheduler: Scheduler) -> str:
     shown = f"[{host}]" if ":" in host else host
     return (f"listening on http://{shown}:{port} model={scheduler.model_id} "
             f"weights={model_bytes(scheduler.model) / 2**30:.2f} GB "
-            f"mlx_active={mx.get_active_memory() / 2**30:.2f} GB max_batch={scheduler.batch.max_batch}")
+            f"mlx_active={mx.get_active_memory() / 2**30:.2f} GB max_batch={scheduler.batch.max_batch}"
+            + (f" adapters={','.join(scheduler.adapters.loaded) or '-'}" if scheduler.adapters is not None else ""))
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
 ``Observer`` is an ASGI wrapper around the whole app. For each HTTP request it opens a
 ``Record`` (an id, the route, the status) that ``Service.prepare`` finds through a context
-variable and fills with the request's job; when the response ends it writes one line to
-stderr (id, route, model, prompt/cached/generated tokens, TTFT, tok/s, status) and updates
+variable and fills with the request's job; when the response ends it logs one line (the
+``mlx_lfm2.server`` logger, stderr under the command: id, route, model, prompt/cached/generated
+tokens, TTFT, tok/s, status) and updates
 the counters and histograms. Content (the prompt, the reply) is logged only when asked
 (``--log-content``). Gauges (queue depth, batch occupancy, resident models and their bytes,
 MLX active/peak memory) are read when ``/metrics`` is scraped.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import contextvars
 import itertools
+import logging
 import sys
 import time
 from dataclasses import dataclass, field
@@ -25,6 +27,7 @@ from starlette.responses import Response
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _current: contextvars.ContextVar = contextvars.ContextVar("mlx_lfm2_request", default=None)
 _ids = itertools.count(1)
+log_request = logging.getLogger("mlx_lfm2.server")  # one line per request (``configure`` shows them)
 ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/messages",
                     "/v1/messages/count_tokens", "/v1/responses", "/health", "/metrics", "/api/chat",
                     "/api/generate", "/api/tags", "/api/show", "/api/ps", "/api/version"})
@@ -182,7 +185,7 @@ class Observer:
 
     def __init__(self, app, metrics: Metrics, log=None):
         self.app, self.metrics = app, metrics
-        self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.log = log or log_request.info
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -206,4 +209,11 @@ class Observer:
 
 
 def configure(log_content: bool) -> None:
+    """The command's settings: the request lines go to stderr (a library user, or a test,
+    gets them through ``logging`` as ``mlx_lfm2.server``, shown nowhere unless configured)."""
     _Settings.log_content = log_content
+    if not log_request.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log_request.addHandler(handler)
+        log_request.setLevel(logging.INFO)

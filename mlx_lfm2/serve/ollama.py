@@ -121,21 +121,23 @@ class Ollama:
         else:
             prompt = body.get("prompt", "")
         started = time.perf_counter_ns()
-        job = await sv.prepare(req, prompt)
-        shape = self._chat_item if chat else self._generate_item
+        name = body.get("model")
+        job = await sv.prepare(req, prompt, model=name if isinstance(name, str) else None)
+        item = self._chat_item if chat else self._generate_item
+        shape = lambda text, calls: item(job.model, text, calls)  # noqa: E731
         if body.get("stream", True):
             return StreamingResponse(self._lines(job, tools, shape, started), media_type="application/x-ndjson")
         reply = await sv.whole(request, job, "", tools)
         return JSONResponse({**shape(reply.text, reply.calls), **self._final(job, reply.last, started)})
 
-    def _chat_item(self, text: str, calls: list) -> dict:
+    def _chat_item(self, model: str, text: str, calls: list) -> dict:
         message = {"role": "assistant", "content": text}
         if calls:
             message["tool_calls"] = [{"function": {"name": c["name"], "arguments": c["arguments"]}} for c in calls]
-        return {"model": self.scheduler.model_id, "created_at": _now(), "message": message}
+        return {"model": model, "created_at": _now(), "message": message}
 
-    def _generate_item(self, text: str, calls: list) -> dict:
-        return {"model": self.scheduler.model_id, "created_at": _now(), "response": text}
+    def _generate_item(self, model: str, text: str, calls: list) -> dict:
+        return {"model": model, "created_at": _now(), "response": text}
 
     def _final(self, job, last, started: int) -> dict:
         total = time.perf_counter_ns() - started
@@ -167,19 +169,18 @@ class Ollama:
         return {"format": "mlx", "family": kind, "families": [kind], "parameter_size": "",
                 "quantization_level": "Q4" if getattr(args, "quantization", None) else "F16"}
 
-    def _entry(self) -> dict:
-        name = self.scheduler.model_id
+    def _entry(self, name: str) -> dict:
         return {"name": name, "model": name, "modified_at": _now(), "size": model_bytes(self.scheduler.model),
                 "digest": "", "details": self._details()}
 
     async def tags(self, request: Request):
         self.service.authorize(request)
-        return JSONResponse({"models": [self._entry()]})
+        return JSONResponse({"models": [self._entry(n) for n in self.service.names()]})
 
     async def ps(self, request: Request):
         self.service.authorize(request)
-        entry = self._entry()
-        return JSONResponse({"models": [{**entry, "expires_at": "2318-01-01T00:00:00Z", "size_vram": entry["size"]}]})
+        return JSONResponse({"models": [{**e, "expires_at": "2318-01-01T00:00:00Z", "size_vram": e["size"]}
+                                        for e in map(self._entry, self.service.names())]})
 
     async def show(self, request: Request):
         self.service.authorize(request)

@@ -52,7 +52,7 @@ class OpenAI:
         top = (req.top_logprobs or 0) if req.logprobs else None
         forced = req.forced_tool_call()  # the reply's opening, written for the model
         job = await sv.prepare(req, prompt + forced, top)
-        cid, model_id = new_id("chatcmpl"), self.scheduler.model_id
+        cid, model_id = new_id("chatcmpl"), job.model
         headers = _warning_headers(job)
         if req.stream:
             return EventSourceResponse(sse_events(self._stream_chat(job, cid, req, forced, tools)), ping=15,
@@ -71,7 +71,7 @@ class OpenAI:
                             headers=headers)
 
     async def _stream_chat(self, job, cid: str, req: ChatRequest, forced: str, tools: frozenset):
-        model_id = self.scheduler.model_id
+        model_id = job.model
         yield json.dumps(chat_chunk(cid, model_id, {"role": "assistant", "content": ""}))
         n_calls, last, text = 0, None, []
         async for p in self.service.pieces(job, forced, tools):
@@ -113,9 +113,9 @@ class OpenAI:
         for start in range(0, len(req.prompts), step):
             done += await asyncio.gather(*(self._completion(request, req, p)
                                            for p in req.prompts[start: start + step]))
-        out = completion_body(cid, self.scheduler.model_id,
-                              [{**c, "index": i} for i, (c, _) in enumerate(done)])
         jobs = [(job, reply) for _, (job, reply) in done]
+        out = completion_body(cid, jobs[0][0].model if jobs else self.scheduler.model_id,
+                              [{**c, "index": i} for i, (c, _) in enumerate(done)])
         out["usage"] = usage(sum(j.prompt_tokens for j, _ in jobs), sum(r.last.generation_tokens for _, r in jobs),
                              sum(j.cached_tokens for j, _ in jobs))
         return JSONResponse(out)
@@ -137,7 +137,7 @@ class OpenAI:
         return completion_choice(reply.text, _finish(reply.last.finish_reason), lps), (job, reply)
 
     async def _stream_completion(self, job, req: CompletionRequest, cid: str, text: str, ids: list):
-        model_id, tok = self.scheduler.model_id, self.service.tokenizer
+        model_id, tok = job.model, self.service.tokenizer
         last, first = None, True
         async for p in self.service.pieces(job):
             last = p.response
@@ -158,24 +158,24 @@ class OpenAI:
             yield json.dumps(chunk)
         yield "[DONE]"
 
-    def model_card(self) -> dict:
+    def model_card(self, name: str) -> dict:
         """OpenAI's model object, with the fields Anthropic's clients read (Claude Code lists models)."""
-        name = self.scheduler.model_id
         return {"id": name, "object": "model", "created": 0, "owned_by": "mlx_lfm2", "type": "model",
                 "display_name": name, "created_at": "1970-01-01T00:00:00Z"}
 
     async def models(self, request: Request):
         self.service.authorize(request)
-        name = self.scheduler.model_id
-        return JSONResponse({"object": "list", "data": [self.model_card()], "has_more": False,
-                             "first_id": name, "last_id": name})
+        names = self.service.names()  # the base, then each resident adapter
+        return JSONResponse({"object": "list", "data": [self.model_card(n) for n in names], "has_more": False,
+                             "first_id": names[0], "last_id": names[-1]})
 
     async def model(self, request: Request):
         self.service.authorize(request)
-        if request.path_params["name"] != self.scheduler.model_id:
-            raise APIError(404, f"model {request.path_params['name']!r} not found: this server serves "
-                                f"{self.scheduler.model_id!r}", type_="not_found_error", code="model_not_found")
-        return JSONResponse(self.model_card())
+        name, names = request.path_params["name"], self.service.names()
+        if name not in names:
+            raise APIError(404, f"model {name!r} not found: this server serves {', '.join(map(repr, names))}",
+                           type_="not_found_error", code="model_not_found")
+        return JSONResponse(self.model_card(name))
 
 
 async def sse_events(events):

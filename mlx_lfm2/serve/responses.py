@@ -16,8 +16,9 @@ than ``function`` (``web_search``, ``namespace``, hosted tools) are not offered 
 ``client_metadata`` are accepted and not used.
 
 ``store`` (default true) keeps a response, and the conversation that led to it, in memory
-(the last ``MAX_STORED``): ``previous_response_id`` continues that conversation, so its
-prompt extends the one before and the prompt cache prefills only the new turn.
+(the last ``MAX_STORED``, within ``MAX_STORED_BYTES`` of JSON): ``previous_response_id``
+continues that conversation, so its prompt extends the one before and the prompt cache
+prefills only the new turn.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from .boundary import APIError, exception_handlers, internal_error, no_reply
 from .openai_api import MAX_SEED, ChatRequest, to_template_messages
 
 MAX_STORED = 256
+MAX_STORED_BYTES = 64 << 20  # their JSON, conversations included (each holds its whole history)
 OMITTED = "[{kind} omitted: this model reads text only]"
 TEXT_PARTS = ("input_text", "output_text", "text", "refusal")
 
@@ -254,18 +256,23 @@ def response_body(rid: str, req: ResponsesRequest, model_id: str, items: list, s
 
 
 class Store:
-    """Stored responses (``store: true``), the newest ``limit``: each with the conversation
-    that led to it, for ``previous_response_id``. Thread-safe; evicts the oldest."""
+    """Stored responses (``store: true``), the newest ``limit`` within ``max_bytes`` of JSON:
+    each with the conversation that led to it, for ``previous_response_id``. Thread-safe;
+    evicts the oldest (the newest is always kept)."""
 
-    def __init__(self, limit: int = MAX_STORED):
-        self.limit, self._lock = limit, threading.Lock()
-        self._entries: OrderedDict[str, tuple[dict, list]] = OrderedDict()
+    def __init__(self, limit: int = MAX_STORED, max_bytes: int = MAX_STORED_BYTES):
+        self.limit, self.max_bytes, self._lock = limit, max_bytes, threading.Lock()
+        self._entries: OrderedDict[str, tuple[dict, list, int]] = OrderedDict()
+        self.bytes = 0
 
     def put(self, body: dict, conversation: list[dict]) -> None:
+        size = len(json.dumps(body, ensure_ascii=False)) + len(json.dumps(conversation, ensure_ascii=False))
         with self._lock:
-            self._entries[body["id"]] = (body, conversation)
-            while len(self._entries) > self.limit:
-                self._entries.popitem(last=False)
+            old = self._entries.pop(body["id"], None)
+            self.bytes += size - (old[2] if old else 0)
+            self._entries[body["id"]] = (body, conversation, size)
+            while len(self._entries) > 1 and (len(self._entries) > self.limit or self.bytes > self.max_bytes):
+                self.bytes -= self._entries.popitem(last=False)[1][2]
 
     def get(self, rid: str) -> Optional[tuple[dict, list]]:
         with self._lock:
@@ -273,13 +280,16 @@ class Store:
 
     def delete(self, rid: str) -> bool:
         with self._lock:
-            return self._entries.pop(rid, None) is not None
+            entry = self._entries.pop(rid, None)
+            if entry is not None:
+                self.bytes -= entry[2]
+            return entry is not None
 
     def conversation(self, rid: str) -> list[dict]:
         entry = self.get(rid)
         if entry is None:
             raise APIError(404, f"previous response {rid!r} not found (responses are kept only with store: true, "
-                                f"the latest {self.limit}, until the server restarts)",
+                                f"the latest {self.limit} within {self.max_bytes >> 20} MiB, until the server restarts)",
                            param="previous_response_id", code="previous_response_not_found")
         return entry[1]
 
@@ -323,7 +333,7 @@ class Responses:
         tools = chat.tool_names if chat.tools and chat.tool_choice != "none" else frozenset()
         messages = to_template_messages(chat, self.scheduler.template_renders_tool_calls)
         forced = chat.forced_tool_call()
-        job = await sv.prepare(chat, sv.render(messages, chat.tools if tools else None) + forced)
+        job = await sv.prepare(chat, sv.render(messages, chat.tools if tools else None) + forced, model=req.model)
         turn = Turn(self, req, conversation, job, forced)
         if req.stream:
             return EventSourceResponse(turn.stream(sv.pieces(job, forced, tools)), ping=15)

@@ -10,35 +10,48 @@ modes, chosen once in ``start``:
   (``--draft-model``, ``--prompt-lookup``) and under ``mlx.launch``, whose ranks must run the
   same steps (rank 0 broadcasts each job; the other ranks ``follow``).
 
-Tokens travel back to each job's coroutine through an asyncio queue; a client that
+Tokens travel back to each job's coroutine through its bounded ``outbox.Outbox``; a client that
 disconnects sets its job's stop event, which takes its row out of the batch at the next step.
+A client that stops reading fills its outbox: its row is parked (out of the forward, the
+others decode on) until the client reads again, and cancelled after ``stall_timeout`` s.
 
 Prompt reuse (``engine.prompt_cache``): after each request the worker keeps its cache in
 the store; a later prompt takes a copy of the one that shares the longest prefix with it,
 which extends, or rewinds to the longest common prefix it can reach, and prefills the rest.
+A job may name a resident adapter (``model.lora_rows``): its row decodes with it, and its
+caches are filed under that adapter's namespace (never reused by another adapter or the base).
+Work that must not race a forward (loading an adapter) is handed to the worker (``call``),
+which runs it between two steps.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import queue
 import threading
+import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Optional
 
 from ..engine.batch import BatchGenerator
+from ..engine.decode import default_prefill_step
 from ..engine.distributed import broadcast, group
 from ..engine.generation import TextStream, default_sampling, stream_request
 from ..engine.request import PromptTooLongError, build_request
 from ..engine.sample import SamplingParams
 from ..engine.prompt_cache import PromptCache, PromptCacheStore
 from ..engine.score import score_prompt
+from ..model.lora_rows import NotLoaded, adapter_set, namespace, select
 from .boundary import APIError
+from .outbox import MAX_ITEMS, STALL_TIMEOUT, Outbox
 
 DEFAULT_MAX_TOKENS = 2048
 DONE = object()  # a job's last item
 IMPOSSIBLE = -9999.0  # the logprob OpenAI reports for a token that cannot be sampled
+IDLE_POLL = 0.05  # seconds an idle worker waits for a job before it looks for ``call``ed work
 
 
 @dataclass
@@ -49,7 +62,7 @@ class Job:
     loop: asyncio.AbstractEventLoop
     ids: Optional[list] = None  # prompt_text's ids, when the front end tokenized it already
     constraint: Optional[object] = None  # params' constraint, compiled by the front end
-    out: asyncio.Queue = field(default_factory=asyncio.Queue)
+    out: Outbox = field(default_factory=Outbox)
     stop: threading.Event = field(default_factory=threading.Event)
     prompt_tokens: int = 0
     cached_tokens: int = 0
@@ -60,11 +73,13 @@ class Job:
     scores: list = field(default_factory=list)  # their ``engine.score.TokenScore``s, before the first token
     pin: bool = False  # keep this prompt in the disk cache after unpinned ones
     timing: Optional[object] = None  # serve.metrics.JobTiming: its tokens' times, when observed
+    adapter: Optional[str] = None  # a resident adapter's name (None: the base)
+    model: str = ""  # the name the request asked for, as its reply reports it
 
     def emit(self, item) -> None:
         if self.timing is not None and isinstance(item, tuple) and item[0].token is not None:
             self.timing.token(item[0].text)
-        self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+        self.out.put(item, self.loop)
 
 
 def failed(e: Exception) -> APIError:
@@ -84,7 +99,8 @@ class Scheduler:
     def __init__(self, model, tokenizer, model_id: str, queue_size: int = 16, cache_entries: int = 8,
                  max_context: Optional[int] = None, default_max_tokens: int = DEFAULT_MAX_TOKENS,
                  max_batch: int = 8, draft_model=None, prompt_lookup: bool = False,
-                 num_draft_tokens: Optional[int] = None, disk=None):
+                 num_draft_tokens: Optional[int] = None, disk=None, stall_timeout: float = STALL_TIMEOUT,
+                 max_buffered: int = MAX_ITEMS):
         self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
         self.draft_model = draft_model
         self.speculative = dict(prompt_lookup=prompt_lookup, num_draft_tokens=num_draft_tokens)
@@ -99,9 +115,12 @@ class Scheduler:
         self.closed = False
         self.defaults = SamplingParams(**default_sampling(model))
         self.jobs: queue.Queue = queue.Queue(maxsize=queue_size)
+        self.controls: queue.Queue = queue.Queue()  # (fn, future): run by the worker between steps
         self.disk = disk  # engine.disk_cache.DiskTier under the memory entries, or None
         self.caches = PromptCacheStore(model, cache_entries, draft_model, lower=disk)
-        self.stats = {"completed": 0, "cancelled": 0, "active": 0, "peak_batch": 0}
+        self.stats = {"completed": 0, "cancelled": 0, "active": 0, "peak_batch": 0, "paused": 0, "stalled": 0}
+        self.stall_timeout = stall_timeout  # seconds a reader may leave its outbox full
+        self.max_buffered = max_buffered  # tokens a job's outbox holds before its row is parked
         self.template_renders_tool_calls = "tool_calls" in (tokenizer.chat_template or "")
         self._worker: Optional[threading.Thread] = None
 
@@ -117,6 +136,34 @@ class Scheduler:
             self._worker = threading.Thread(target=work, daemon=True, name="mlx_lfm2-worker")
             self._worker.start()
         return self
+
+    @property
+    def adapters(self):
+        """The model's resident adapters (``model.lora_rows.AdapterSet``), None without."""
+        return adapter_set(self.model)
+
+    def call(self, fn) -> Future:
+        """Run ``fn()`` on the worker between two steps (never during a forward) -> its future."""
+        future: Future = Future()
+        self.controls.put((fn, future))
+        return future
+
+    def _run_controls(self) -> None:
+        while True:
+            try:
+                fn, future = self.controls.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                future.set_result(fn())
+            except BaseException as e:  # the caller reports it; the worker lives on
+                future.set_exception(e)
+
+    def in_use(self, adapter: str) -> int:
+        """How many requests, running or queued, use ``adapter`` (call on the worker)."""
+        with self.jobs.mutex:
+            queued = list(self.jobs.queue)
+        return sum(j.adapter == adapter for j in queued) + sum(l.job.adapter == adapter for l in self.live.values())
 
     def submit(self, job: Job) -> None:
         if self.closed:
@@ -148,13 +195,14 @@ class Scheduler:
     def _request(self, job: Job):
         """The cached conversation sharing the most of the job's prompt, and the request for
         the ids still to feed (built and checked by the engine's one request builder)."""
-        pc = self.caches.take(job.prompt_text, ids=job.ids)
-        ids = pc.new_tokens(self.tokenizer, job.prompt_text, job.ids)
+        pc = self.caches.take(job.prompt_text, namespace(self.model, job.adapter), ids=job.ids)
+        grid = default_prefill_step() if job.params.seed is not None else None  # reproducible hit or miss
+        ids = pc.new_tokens(self.tokenizer, job.prompt_text, job.ids, grid=grid)
         # A sampled reply need not be tokenized as its text re-encodes: a cache holding one can
         # overflow the context where the fresh prompt fits. Keep less of it until it fits.
         excess = pc.offset + len(ids) + 1 - self.max_context
         while excess > 0 and pc.offset > 0:
-            ids = pc.new_tokens(self.tokenizer, job.prompt_text, job.ids, at_most=pc.offset - excess)
+            ids = pc.new_tokens(self.tokenizer, job.prompt_text, job.ids, at_most=pc.offset - excess, grid=grid)
             excess = pc.offset + len(ids) + 1 - self.max_context
         if not ids:  # a cache that consumed this whole prompt leaves nothing to sample from
             pc = self.caches.fresh()
@@ -166,9 +214,10 @@ class Scheduler:
         return pc, request
 
     def _keep(self, pc: PromptCache, job: Job) -> None:
-        written = self.caches.keep(pc)
+        ns = namespace(self.model, job.adapter)
+        written = self.caches.keep(pc, ns)
         if job.pin and self.disk is not None:  # cache_control / prompt_cache_key: evicted last
-            written += self.disk.store("", pc, pin=True)
+            written += self.disk.store(ns, pc, pin=True)
         job.cache_written = sum(max(0, min(e, job.prompt_tokens) - s) for s, e in written)
 
     def finish_writes(self, timeout: float = 120.0) -> None:
@@ -183,17 +232,23 @@ class Scheduler:
         entry = None
         if job.top_logprobs is not None and r.logprobs is not None and not r.finish_reason:
             entry = logprob_entry(self.tokenizer, r.token, r.logprobs, job.top_logprobs)
-        job.emit((r, entry))
+        # Without its vocabulary-sized row: the queue holds only what the reply needs.
+        job.emit((dataclasses.replace(r, logprobs=None) if r.logprobs is not None else r, entry))
 
     # Batched mode ---------------------------------------------------------------------------
 
     def _work_batched(self) -> None:
         while True:
+            self._run_controls()
             self._admit()
             for uid, live in list(self.live.items()):
                 if live.job.stop.is_set():  # its client left: out of the batch now
                     self._end(uid, self.batch.remove(uid), [live.text.end("cancelled")])
             if not self.live:
+                continue
+            self._backpressure()
+            if not self.batch.rows and self.batch.prefilling is None and not self.batch.waiting:
+                time.sleep(0.01)  # every row waits on its reader
                 continue
             try:
                 tokens = self.batch.step()
@@ -215,11 +270,27 @@ class Scheduler:
                 else:
                     self._emit_all(live, out)
 
+    def _backpressure(self) -> None:
+        """Park the rows whose readers are behind (a full outbox), resume those that caught
+        up, cancel those stalled past ``stall_timeout``."""
+        now = time.monotonic()
+        for uid, live in self.live.items():
+            full = live.job.out.full
+            if full and live.parked is None and self.batch.park(uid):
+                live.parked = now
+                self.stats["paused"] += 1
+            elif live.parked is not None and not full:
+                self.batch.unpark(uid)
+                live.parked = None
+            elif live.parked is not None and now - live.parked > self.stall_timeout:
+                self.stats["stalled"] += 1
+                live.job.stop.set()  # out of the batch at the next step, its cache kept
+
     def _admit(self) -> None:
         """Move queued requests into the batch while it has room; wait for one when idle."""
         while len(self.live) < self.batch.max_batch:
             try:
-                job = self.jobs.get(block=not self.live)
+                job = self.jobs.get(timeout=IDLE_POLL) if not self.live else self.jobs.get_nowait()
             except queue.Empty:
                 return
             if job.stop.is_set():  # its client left while it waited
@@ -231,12 +302,16 @@ class Scheduler:
             except ValueError as e:  # the request's fault, found before its first token
                 job.emit(refused(e))
                 job.emit(DONE)
+            except NotLoaded as e:  # unloaded while the job waited
+                job.emit(APIError(404, str(e), type_="not_found_error", code="model_not_found"))
+                job.emit(DONE)
             except Exception as e:
                 job.emit(failed(e))
                 job.emit(DONE)
 
     def _score(self, job: Job) -> None:
         if job.score_ids is not None and job.top_logprobs is not None:
+            select(self.model, [job.adapter])
             job.scores = score_prompt(self.model, job.score_ids, job.top_logprobs)
 
     def _insert(self, job: Job) -> None:
@@ -248,7 +323,7 @@ class Scheduler:
             self.stats["completed"] += 1
             job.emit(DONE)
             return
-        uid = self.batch.add(request, pc.cache)
+        uid = self.batch.add(request, pc.cache, job.adapter)
         self.live[uid] = live
         self.stats["active"] = len(self.live)
 
@@ -308,6 +383,11 @@ class Scheduler:
                 generated.append(r.token)
             self._emit(job, r)
             finished = r.finish_reason is not None
+            if job.out.full and not finished:  # its reader is behind: wait for it, not past the timeout
+                self.stats["paused"] += 1
+                if not job.out.wait_room(self.stall_timeout):
+                    self.stats["stalled"] += 1
+                    job.stop.set()
         self.stats["cancelled" if job.stop.is_set() else "completed"] += 1
         if finished:
             pc.commit(tok, job.prompt_text, request.ids, generated)
@@ -332,6 +412,7 @@ class _Live:
     ids: list  # the prompt ids prefilled (those after the cached prefix)
     text: TextStream
     generated: list = field(default_factory=list)
+    parked: Optional[float] = None  # when its row left the forward for a full outbox (monotonic s)
 
 
 def logprob_entry(tokenizer, token: int, logprobs, top: int) -> dict:

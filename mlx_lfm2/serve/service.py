@@ -6,6 +6,8 @@ steps in between are written once here:
 * ``authorize``: the API key, from ``Authorization: Bearer KEY`` or ``x-api-key: KEY``,
   compared in constant time;
 * ``read``: auth, the body (``boundary.read_body``) and its validation;
+* ``route``: a request's ``model`` name -> the scheduler serving it and the adapter to use
+  (the one place names are resolved);
 * ``render``: the chat template, whose refusal is a 400;
 * ``prepare``: off the event loop, the prompt tokenized (once: the worker reuses the ids), the
   context checked and the constraint compiled (once: the worker uses it), so a prompt over the
@@ -30,6 +32,7 @@ from ..text.constraints import ConstraintError, make_constraint
 from ..text.tools import ToolCallStream, parse_tool_calls
 from .boundary import APIError, BODY_TIMEOUT, no_reply, read_body, validate, watch
 from .metrics import track
+from .outbox import Outbox
 from .openai_api import ChatRequest
 from .scheduler import DONE, Job, Scheduler
 
@@ -61,6 +64,24 @@ class Service:
     def __init__(self, scheduler: Scheduler, api_key: Optional[str] = None, body_timeout: float = BODY_TIMEOUT):
         self.scheduler, self.api_key, self.body_timeout = scheduler, api_key, body_timeout
         self.tokenizer = scheduler.tokenizer
+
+    def names(self) -> list[str]:
+        """Every name a request may give as ``model``: the base's, then each resident adapter's."""
+        s = self.scheduler
+        return [s.model_id, *(s.adapters.loaded if s.adapters is not None else [])]
+
+    def route(self, name: Optional[str]) -> tuple[Scheduler, Optional[str]]:
+        """``(scheduler, adapter name or None)`` for a request's ``model``. With one name to
+        serve, any name (or none) is the model: clients send their own names (Claude Code's,
+        say). With adapters resident, a name that is none of ``names()`` is a 404 listing them."""
+        s = self.scheduler
+        if s.adapters is not None and name in s.adapters:
+            return s, name
+        names = self.names()
+        if not name or name == s.model_id or len(names) == 1:
+            return s, None
+        raise APIError(404, f"model {name!r} not found: this server serves {', '.join(map(repr, names))}",
+                       param="model", type_="not_found_error", code="model_not_found")
 
     def authorize(self, request: Request) -> None:
         if not self.api_key:
@@ -101,19 +122,23 @@ class Service:
             raise APIError(400, f"{param}: {e}", param=param, code="invalid_schema")
 
     async def prepare(self, req, prompt_text: str, top_logprobs: Optional[int] = None,
-                      score_ids: Optional[list] = None) -> Job:
+                      score_ids: Optional[list] = None, model: Optional[str] = None) -> Job:
         """Queue ``prompt_text`` with ``req``'s sampling, limit and constraint -> its job. What
         can be refused is refused here, before any streaming starts: a prompt over the context,
         a bad schema (400s naming the problem); the worker builds the request from the ids and
         the constraint compiled here. ``score_ids``: the prompt's ids, scored first into
-        ``job.scores`` (completions' echo with logprobs)."""
-        s = self.scheduler
+        ``job.scores`` (completions' echo with logprobs). ``model``: the name asked for (default
+        ``req.model``), resolved by ``route``."""
+        name = model if model is not None else getattr(req, "model", None)
+        s, adapter = self.route(name)
         ids, spec, constraint = await run_in_threadpool(self._compile, req, prompt_text)
         limit = s.default_max_tokens if req.limit is None else req.limit  # 0: score only (completions)
         params = req.sampling(s.defaults).replace(max_tokens=limit, **spec)
         job = Job(prompt_text, params, top_logprobs, asyncio.get_running_loop(), ids=ids, constraint=constraint,
-                  schema_warnings=constraint.warnings if constraint is not None else [], score_ids=score_ids)
+                  schema_warnings=constraint.warnings if constraint is not None else [], score_ids=score_ids,
+                  out=Outbox(s.max_buffered))
         job.pin = req.pin_cache
+        job.adapter, job.model = adapter, adapter or s.model_id
         track(job)
         s.submit(job)
         return job

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from ..jsonl import objects
 from ..text.tools import format_pythonic_call
 
 SPLITS = ("train", "valid", "test")
@@ -55,21 +56,7 @@ class Pair:
 
 def read_jsonl(path: Path, limit: int = 10_000_000) -> list[tuple[int, dict]]:
     """``(line number, object)`` for each non-blank line."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as e:
-                raise DataError(f"{path}:{n}: not valid JSON ({e})") from e
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{n}: each line must be a JSON object, not {type(row).__name__}")
-            rows.append((n, row))
-            if len(rows) > limit:
-                raise DataError(f"{path}: more than {limit} rows")
-    return rows
+    return list(objects(path, DataError, limit))
 
 
 def resolve_data(data: str) -> Path:

@@ -16,7 +16,6 @@ LM Studio load it.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -30,7 +29,8 @@ from mlx.utils import tree_flatten, tree_unflatten
 from ..model.experts import SwitchLinear
 from ..model.lora import adapter_layers, adapters_off, merge
 from ..weights.layouts import to_mlx_lm_name
-from ..weights.loader import TOKENIZER_FILES, load, resolve
+from ..command import parser
+from ..weights.loader import TOKENIZER_FILES, links_outside, load, resolve
 from ..weights.publish import compatible_config
 
 PROBE = ("<|im_start|>user\nSummarise the report and call the right tool.<|im_end|>\n"
@@ -133,7 +133,7 @@ def card(base: Path, adapter: Path, dequantize: bool, n: dict, config: dict) -> 
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mlx_lfm2.fuse", description=__doc__.split("\n\n")[0])
+    p = parser("mlx_lfm2.fuse", __doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="the base model folder or hub repo the adapter was trained on")
     p.add_argument("--adapter-path", default="adapters", help="adapter folder (mlx-lm's layout or PEFT's)")
     p.add_argument("--save-path", default="fused_model", help="output folder (must not exist)")
@@ -146,6 +146,11 @@ def main(argv=None) -> int:
         print(f"error: {out} exists; choose a new --save-path (nothing is overwritten)", file=sys.stderr)
         return 2
     base = resolve(a.model)
+    outside = links_outside(base, [base / n for n in TOKENIZER_FILES])
+    if outside:  # the tokenizer files are copied into the output: never from outside the base
+        print(f"error: {outside[0]} resolves to {outside[0].resolve()}, outside the model folder {base}; "
+              "copy the file into the folder to fuse it (nothing written)", file=sys.stderr)
+        return 2
     model, tokenizer = load(base, adapter_path=a.adapter_path, fuse=False)
     ids = mx.array([tokenizer.encode(PROBE)])
     numbers = fuse(model, ids, a.dequantize)

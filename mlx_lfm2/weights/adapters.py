@@ -18,6 +18,7 @@ Every file is validated (header, names, shapes, dtypes) before MLX reads a byte 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -159,19 +160,25 @@ def read_weights(path: Path) -> dict:
 def check_against(model: nn.Module, weights: dict, where: Path, full: bool) -> None:
     """Every tensor names a parameter of the (wrapped) model with its shape and a float dtype."""
     params = dict(tree_flatten(model.parameters()))
+    if not full:
+        params = {k: v for k, v in params.items() if k.rsplit(".", 1)[-1] in ADAPTER_LEAVES}
+    check_shapes({k: tuple(v.shape) for k, v in params.items()}, weights, where, require_all=not full)
+
+
+def check_shapes(expected: dict, weights: dict, where: Path, require_all: bool = True) -> None:
+    """Every tensor is one of ``expected`` ``{name: shape}``, with its shape and a float dtype
+    (and, ``require_all``, every expected one is there)."""
     errors = []
     for name, w in sorted(weights.items()):
-        if name not in params or (not full and name.rsplit(".", 1)[-1] not in ADAPTER_LEAVES):
+        if name not in expected:
             errors.append(f"{name}: not an adapter parameter of this model")
-        elif tuple(w.shape) != tuple(params[name].shape):
-            errors.append(f"{name}: shape {tuple(w.shape)}, the model's is {tuple(params[name].shape)}")
+        elif tuple(w.shape) != tuple(expected[name]):
+            errors.append(f"{name}: shape {tuple(w.shape)}, the model's is {tuple(expected[name])}")
         elif not mx.issubdtype(w.dtype, mx.floating):
             errors.append(f"{name}: dtype {w.dtype} is not a float type")
-    if not full:
-        expected = {k for k in params if k.rsplit(".", 1)[-1] in ADAPTER_LEAVES}
-        missing = sorted(expected - set(weights))
-        if missing:
-            errors.append(f"{len(missing)} adapter arrays missing, e.g. {missing[:3]}")
+    missing = sorted(set(expected) - set(weights)) if require_all else []
+    if missing:
+        errors.append(f"{len(missing)} adapter arrays missing, e.g. {missing[:3]}")
     if errors:
         shown = "\n  ".join(errors[:8]) + (f"\n  ... and {len(errors) - 8} more" if len(errors) > 8 else "")
         raise AdapterError(f"adapter {where} does not fit this model:\n  {shown}")
@@ -199,3 +206,52 @@ def load_adapters(model: nn.Module, path: Union[str, Path]) -> dict:
     mx.eval(model.parameters())
     return {**cfg, "fine_tune_type": kind, "num_layers": num_layers, "lora_parameters": lora}
 
+
+
+# --- resident adapters (several on one base, chosen per batch row) ---------------------------
+
+
+def read_resident(adapters, path: Union[str, Path]) -> tuple[dict, float, dict]:
+    """An adapter folder (mlx-lm's layout or PEFT's) read for a ``model.lora_rows.AdapterSet``:
+    ``({module path: (A, B)}, scale, info)``, every array checked against the base's layers
+    (names, shapes, dtypes; the file's header and size before MLX reads it)."""
+    folder = Path(path).expanduser()
+    cfg = read_config(folder)
+    weights, file = None, folder / WEIGHTS
+    if "peft_type" in cfg:
+        from .peft import peft_to_mlx_lm
+
+        cfg, weights = peft_to_mlx_lm(folder, cfg, adapters.model)
+        file = folder / PEFT_WEIGHTS
+    kind, num_layers, lora = check_lora_config(cfg, folder / CONFIG)
+    if kind != "lora":
+        raise AdapterError(f"{folder}: a {kind} adapter cannot share the base with other adapters (only LoRA can): "
+                           "serve it alone with --adapter-path, or fuse it into the model (python -m mlx_lfm2.fuse)")
+    if weights is None:
+        weights = read_weights(file)
+    weights = {from_mlx_lm_name(k): v for k, v in weights.items()}
+    keys = None if lora.get("keys") is None else [inner_key(k) for k in lora["keys"]]
+    targets = adapters.targets(num_layers, keys, lora["rank"], lora.get("expert_rank"))
+    check_shapes({f"{p}.{leaf}": shape for p, shapes in targets.items() for leaf, shape in zip(ADAPTER_LEAVES, shapes)},
+                 weights, folder)
+    arrays = {p: (weights[f"{p}.lora_a"], weights[f"{p}.lora_b"]) for p in targets}
+    info = {"path": str(folder), "rank": lora["rank"], "scale": float(lora["scale"]),
+            "fingerprint": fingerprint([folder / CONFIG, file])}
+    return arrays, float(lora["scale"]), info
+
+
+def fingerprint(files) -> str:
+    """What identifies an adapter's content (its prompt caches' namespace): a hash of its files."""
+    h = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def add_resident(adapters, name: str, path: Union[str, Path]) -> dict:
+    """Read ``path`` (``read_resident``) and make it resident as ``name``; returns its info."""
+    arrays, scale, info = read_resident(adapters, path)
+    adapters.add(name, arrays, scale, info)
+    return info

@@ -13,12 +13,13 @@ KL(unquantized || quantized) written to the model card is measured on it.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
 import numpy as np
+
+from ..jsonl import objects
 
 BUNDLED = Path(__file__).parent / "data" / "calibration.jsonl"
 HELD_OUT_EVERY = 4
@@ -37,28 +38,11 @@ class CalibrationSet:
 
 def rows(path: Union[str, Path]) -> Iterator[tuple[int, str]]:
     """(line number, text) of each non-blank line of a jsonl file, validated as it is read."""
-    path = Path(path)
-    try:
-        f = open(path, "rb")
-    except OSError as e:
-        raise CalibrationError(f"cannot read calibration file {path}: {e.strerror or e}") from e
-    with f:
-        for n, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8").strip()
-            except UnicodeDecodeError:
-                raise CalibrationError(f"{path}:{n}: not UTF-8 text") from None
-            if line:
-                yield n, _row_text(line, f"{path}:{n}")
+    for n, row in objects(path, CalibrationError):
+        yield n, _row_text(row, f"{path}:{n}")
 
 
-def _row_text(line: str, where: str) -> str:
-    try:
-        row = json.loads(line)
-    except ValueError as e:
-        raise CalibrationError(f"{where}: not valid JSON ({e})") from None
-    if not isinstance(row, dict):
-        raise CalibrationError(f"{where}: expected a JSON object with \"text\" or \"messages\"")
+def _row_text(row: dict, where: str) -> str:
     if "text" in row:
         if not isinstance(row["text"], str) or not row["text"].strip():
             raise CalibrationError(f"{where}: \"text\" must be a non-empty string")

@@ -72,11 +72,15 @@ def default_compute_dtype(args: ModelArgs) -> Optional[mx.Dtype]:
 def load_model(folder: Union[str, Path], dtype: Optional[mx.Dtype] = None, lazy: bool = False,
                compute_dtype: Union[mx.Dtype, None, str] = "auto",
                pipeline: Optional[bool] = None, adapter_path: Union[str, Path, None] = None,
-               fuse: Optional[bool] = None) -> Model:
+               fuse: Optional[bool] = None, adapters: Optional[dict] = None) -> Model:
     """``pipeline``: this rank's stage of the model (see ``model.pipeline``); None: when launched
     by ``mlx.launch`` with more than one process. ``adapter_path``: an adapter folder (mlx-lm's
     layout or PEFT's, see ``weights.adapters``) added to the model, which then stays unfused.
-    ``fuse``: the fused runtime layout (None: ``device.fuse_matmuls()``; training wants False)."""
+    ``fuse``: the fused runtime layout (None: ``device.fuse_matmuls()``; training wants False).
+    ``adapters``: ``{name: folder}`` kept resident side by side, chosen per batch row
+    (``model.lora_rows``; ``{}``: none yet, more added later), the model unfused and uncompiled."""
+    if adapters is not None and adapter_path is not None:
+        raise ValueError("give one adapter to apply (adapter_path) or several to keep resident (adapters), not both")
     folder = Path(folder)
     args = ModelArgs.from_dict(load_config(folder))
     if pipeline or (pipeline is None and launched()):
@@ -90,7 +94,16 @@ def load_model(folder: Union[str, Path], dtype: Optional[mx.Dtype] = None, lazy:
 
         load_adapters(model, adapter_path)
     # The device's layer variants; a model with adapters stays unfused (LoRA wraps q/k/v, w1/w3).
-    specialize(model, evaluate=not lazy, fuse=False if adapter_path is not None else fuse)
+    resident = adapters is not None
+    specialize(model, evaluate=not lazy, fuse=False if adapter_path is not None or resident else fuse,
+               compile_=False if resident else None)
+    if resident:
+        from ..model.lora_rows import attach
+        from .adapters import add_resident
+
+        aset = attach(model)
+        for name, path in adapters.items():
+            add_resident(aset, name, path)
     if not lazy:
         mx.eval(model.parameters())
     model.sync_ranks()  # a pipeline: wait for the slowest rank's load before any recv
@@ -129,20 +142,21 @@ def load_stage(folder: Path, args: ModelArgs, dtype: Optional[mx.Dtype] = None, 
 def load(path_or_repo: Union[str, Path], dtype: Optional[mx.Dtype] = None, lazy: bool = False,
          revision: Optional[str] = None, compute_dtype: Union[mx.Dtype, None, str] = "auto",
          pipeline: Optional[bool] = None, adapter_path: Union[str, Path, None] = None,
-         fuse: Optional[bool] = None):
+         fuse: Optional[bool] = None, adapters: Optional[dict] = None):
     """Load a model folder or hub repo; returns ``(model, tokenizer)``.
 
     ``dtype`` casts floating weights (the router's expert_bias stays float32); ``lazy``
     leaves weights unread until first used; ``compute_dtype`` sets the activation dtype
     ("auto": ``default_compute_dtype``); ``pipeline`` loads only this rank's layers (default:
     whenever ``mlx.launch`` started several processes; False opts out); ``adapter_path`` adds
-    a LoRA/DoRA adapter folder (mlx-lm's layout or PEFT's).
+    a LoRA/DoRA adapter folder (mlx-lm's layout or PEFT's); ``adapters`` ``{name: folder}``
+    keeps several LoRAs resident, chosen per batch row (``model.lora_rows``).
     """
     from ..text.tokenizer import load_tokenizer
 
     folder = resolve(path_or_repo, revision)
     model = load_model(folder, dtype=dtype, lazy=lazy, compute_dtype=compute_dtype, pipeline=pipeline,
-                       adapter_path=adapter_path, fuse=fuse)
+                       adapter_path=adapter_path, fuse=fuse, adapters=adapters)
     tokenizer = load_tokenizer(folder, model.args)
     check_vocab(tokenizer, model.args.vocab_size, folder)
     return model, tokenizer

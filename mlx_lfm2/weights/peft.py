@@ -91,6 +91,7 @@ def fill_layers(model, weights: dict, rank: int, scale: float, cfg: dict) -> tup
 
 
 def zero_adapter(module, rank: int):
+    module = module["linear"] if "linear" in module else module  # a resident adapters' slot layer: its base
     w = module["weight"]
     in_dims = w.shape[-1] * (32 // module.bits if "scales" in module else 1)
     if w.ndim == 3:

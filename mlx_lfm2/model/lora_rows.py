@@ -1,0 +1,296 @@
+"""Many LoRA adapters resident on one base model, chosen per batch row.
+
+``attach(model)`` gives an unfused model an ``AdapterSet`` (``model.adapter_set``). Each
+matmul layer an adapter targets becomes a slot layer (``DenseSlots``, ``ExpertSlots``) that
+keeps its base as ``linear`` and the A/B of every resident adapter stacked: slot 0 is zeros
+(the base), slot n the n-th adapter (zeros where that adapter leaves the layer alone; ranks
+zero-padded to the layer's largest). Before a forward the caller says which adapter each
+batch row takes, ``adapter_set.use([name or None, ...])``; the model never learns who calls
+it. A forward then runs in one of three modes:
+
+* every row the base: the slot layers compute exactly as their base;
+* every row one adapter n (a prefill, a batch of one adapter): ``base(x) + s_n (x A_n) B_n``,
+  what ``LoRALinear`` / ``LoRASwitchLinear`` compute;
+* rows on different adapters: the deltas are gathered per row (``lora.stacked_delta``). For
+  experts the expert index and the row's slot are folded into one, ``expert * N + slot``
+  (``RowsGLU``), and the stacks are laid out ``[E, N, ...]``: the sort by expert that long
+  inputs take then sorts the folded index too, and each (token, expert) pair keeps its slot.
+
+Adapters are added and removed between forwards (``add`` / ``remove``: the touched layers'
+stacks are rebuilt). DoRA (its norm is of the whole merged weight) and full fine-tunes cannot
+share a base this way; ``weights.adapters.read_resident`` refuses them.
+
+Dimensions: B rows, L tokens, N slots (the base and the resident adapters), E experts, r rank.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_unflatten
+
+from .experts import SwitchGLU
+from .lora import (EXPERT_TYPES, adaptable_modules, expert_lora, lora_delta, lora_shapes, select_targets,
+                   stacked_delta)
+
+
+class NotLoaded(KeyError):
+    """A row names an adapter that is not resident."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class _Slots(nn.Module):
+    """A base layer and its adapters' stacks (``stack_a`` / ``stack_b``, absent while no
+    resident adapter targets it)."""
+
+    stack_axis = 0  # where the slots lie in a stack
+    rank_axes = (2, 1)  # the rank axis of stack_a, of stack_b
+
+    def __init__(self, base: nn.Module, adapters: "AdapterSet"):
+        super().__init__()
+        self.linear = base
+        self.adapters = adapters  # a plain attribute: not part of the parameter tree
+
+    @property
+    def rank(self) -> int:
+        return self["stack_a"].shape[self.rank_axes[0]] if "stack_a" in self else 0
+
+    def append(self, a: Optional[mx.array], b: Optional[mx.array], slots: int) -> None:
+        """Add one slot: ``a``/``b`` in ``LoRALinear``'s (``LoRASwitchLinear``'s) layout, or
+        None for zeros; ``slots``: how many the stacks hold now (the base's included)."""
+        if a is None and "stack_a" not in self:
+            return  # still no adapter here: nothing to stack
+        ax, (ra, rb) = self.stack_axis, self.rank_axes
+        if a is None:
+            a = mx.zeros_like(mx.take(self["stack_a"], 0, axis=ax))
+            b = mx.zeros_like(mx.take(self["stack_b"], 0, axis=ax))
+        a, b = mx.expand_dims(a, ax), mx.expand_dims(b, ax)
+        if "stack_a" not in self:  # the first adapter here: zeros for the slots before it
+            self.stack_a = mx.repeat(mx.zeros_like(a), slots, axis=ax)
+            self.stack_b = mx.repeat(mx.zeros_like(b), slots, axis=ax)
+        rank = max(self.rank, a.shape[ra])
+        # One dtype per stack: the adapters' own, or float32 when they differ.
+        dt = a.dtype if a.dtype == self["stack_a"].dtype else mx.float32
+        self.stack_a = mx.concatenate([_pad_rank(self["stack_a"], ra, rank).astype(dt),
+                                       _pad_rank(a, ra, rank).astype(dt)], axis=ax)
+        self.stack_b = mx.concatenate([_pad_rank(self["stack_b"], rb, rank).astype(dt),
+                                       _pad_rank(b, rb, rank).astype(dt)], axis=ax)
+
+    def drop(self, slot: int) -> None:
+        if "stack_a" not in self:
+            return
+        ax, n = self.stack_axis, self["stack_a"].shape[self.stack_axis]
+        keep = mx.array([i for i in range(n) if i != slot])
+        self.stack_a = mx.take(self["stack_a"], keep, axis=ax)
+        self.stack_b = mx.take(self["stack_b"], keep, axis=ax)
+        if n - 1 == 1:  # only the base's zeros left
+            del self["stack_a"], self["stack_b"]
+
+
+def _pad_rank(x: mx.array, axis: int, rank: int) -> mx.array:
+    if x.shape[axis] >= rank:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, rank - x.shape[axis])
+    return mx.pad(x, widths)
+
+
+class DenseSlots(_Slots):
+    """A dense (or quantized) layer with stacks ``[N, in, r]`` / ``[N, r, out]``."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = self.linear(x)
+        mode = self.adapters.mode
+        if mode is None or "stack_a" not in self:
+            return y
+        if isinstance(mode, int):
+            return y + lora_delta(x, self["stack_a"][mode], self["stack_b"][mode], self.adapters.scales[mode])
+        return y + stacked_delta(x, self["stack_a"], self["stack_b"], self.adapters.scale_array, mode)
+
+
+class ExpertSlots(_Slots):
+    """Stacked experts with stacks ``[E, N, r, in]`` / ``[E, N, out, r]``. In the mixed mode its
+    indices are folded (``expert * N + slot``, see ``RowsGLU``)."""
+
+    stack_axis = 1
+    rank_axes = (2, 3)
+
+    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
+        aset = self.adapters
+        mode = aset.mode
+        mixed = isinstance(mode, mx.array)
+        y = self.linear(x, indices // aset.n if mixed else indices, sorted_indices=sorted_indices)
+        if mode is None or "stack_a" not in self:
+            return y
+        a, b = self["stack_a"], self["stack_b"]
+        if not mixed:
+            z = expert_lora(x, a[:, mode], b[:, mode], indices, sorted_indices)
+            return y + (aset.scales[mode] * z).astype(y.dtype)
+        E, N = a.shape[:2]
+        z = expert_lora(x, a.reshape(E * N, *a.shape[2:]), b.reshape(E * N, *b.shape[2:]), indices, sorted_indices)
+        scale = aset.scale_array[indices % N]  # per (token, expert) pair
+        return y + (scale[..., None, None] * z).astype(y.dtype)
+
+
+class RowsGLU:
+    """A ``SwitchGLU`` whose experts are ``ExpertSlots``: with rows on different adapters, each
+    row's slot is folded into its expert indices before the experts run."""
+
+    def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
+        mode = self.adapters.mode
+        if isinstance(mode, mx.array):  # [B] slots
+            indices = indices * self.adapters.n + mode.reshape(-1, *([1] * (indices.ndim - 1)))
+        return super().__call__(x, indices)
+
+
+class AdapterSet:
+    """The resident adapters of one model and the rows' choice for the next forwards."""
+
+    def __init__(self, model: nn.Module):
+        if any("qkv_proj" in k or "w13" in k for k, _ in model.named_modules()):
+            raise ValueError("the model is in a fused runtime layout; load it unfused to keep adapters resident")
+        if any("_compiled" in m.__dict__ or type(m).__name__.startswith("Compiled") for _, m in model.named_modules()):
+            raise ValueError("the model has compiled decode pieces; load it without them to keep adapters resident")
+        self.model = model
+        self.blocks, self.top = adaptable_modules(model)  # the base layers, before any slot replaces them
+        self.names: list[Optional[str]] = [None]  # slot -> adapter name (0: the base)
+        self.scales: list[float] = [0.0]
+        self.scale_array = mx.array([0.0])
+        self.info: dict[str, dict] = {}  # name -> what the loader recorded (path, rank, fingerprint)
+        self.slots: dict[str, _Slots] = {}  # path from the root -> slot layer
+        self.mode = None  # None: the base; int: every row that slot; mx.array [B]: a slot per row
+
+    @property
+    def n(self) -> int:
+        return len(self.names)
+
+    def __contains__(self, name) -> bool:
+        return name in self.info
+
+    @property
+    def loaded(self) -> list[str]:
+        return [n for n in self.names[1:]]
+
+    def slot(self, name: Optional[str]) -> int:
+        if name is None:
+            return 0
+        if name not in self.info:
+            raise NotLoaded(f"adapter {name!r} is not loaded (loaded: {', '.join(self.loaded) or 'none'})")
+        return self.names.index(name)
+
+    def use(self, names: Sequence[Optional[str]]) -> None:
+        """The adapter of each row of the next forwards (None: the base)."""
+        slots = [self.slot(n) for n in names]
+        if not any(slots):
+            self.mode = None
+        elif len(set(slots)) == 1:
+            self.mode = slots[0]
+        else:
+            self.mode = mx.array(slots, dtype=mx.uint32)
+
+    def targets(self, num_layers: int, keys, rank: int, expert_rank: Optional[int] = None) -> dict:
+        """``{path from the root: (A shape, B shape)}`` of the layers an adapter config wraps
+        (mlx-lm's rule, ``lora.select_targets``, over the base layers)."""
+        out = {}
+        for i, chosen in select_targets(self.blocks, self.top, num_layers, keys).items():
+            prefix = "" if i is None else f"model.layers.{i}."
+            for k, m in chosen.items():
+                r = expert_rank or rank if isinstance(m, EXPERT_TYPES) else rank
+                out[prefix + k] = lora_shapes(m, r)
+        return out
+
+    def add(self, name: str, arrays: dict, scale: float, info: Optional[dict] = None) -> None:
+        """Make ``name`` resident: ``arrays`` ``{path from the root: (A, B)}`` (shapes as
+        ``targets`` says, checked by the caller), ``scale`` its LoRA scale."""
+        if not name or name in self.info:
+            raise ValueError(f"adapter name {name!r} is empty or already loaded")
+        modules = dict(self.model.named_modules())
+        for path in arrays:
+            self._slot_layer(path, modules)
+        for path, layer in self.slots.items():
+            a, b = arrays.get(path, (None, None))
+            layer.append(a, b, self.n)
+        self.names.append(name)
+        self.scales.append(float(scale))
+        self.scale_array = mx.array(self.scales, dtype=mx.float32)
+        self.info[name] = dict(info or {})
+        mx.eval([(l["stack_a"], l["stack_b"]) for l in self.slots.values() if "stack_a" in l])
+
+    def remove(self, name: str) -> None:
+        slot = self.slot(name)
+        if slot == 0:
+            raise ValueError("the base cannot be removed")
+        for layer in self.slots.values():
+            layer.drop(slot)
+        del self.names[slot], self.scales[slot], self.info[name]
+        self.scale_array = mx.array(self.scales, dtype=mx.float32)
+        self.mode = None
+        mx.eval([(l["stack_a"], l["stack_b"]) for l in self.slots.values() if "stack_a" in l])
+
+    def nbytes(self, name: Optional[str] = None) -> int:
+        """Bytes the stacks hold (one slot's share with ``name``)."""
+        total = sum(l["stack_a"].nbytes + l["stack_b"].nbytes for l in self.slots.values() if "stack_a" in l)
+        return total if name is None else total // self.n
+
+    def _slot_layer(self, path: str, modules: dict) -> None:
+        """Replace the base layer at ``path`` by a slot layer (experts: all of the GLU's, and
+        the GLU folds each row's slot into its indices)."""
+        if path in self.slots:
+            return
+        parent_path, leaf = path.rsplit(".", 1) if "." in path else ("", path)
+        parent = modules[parent_path] if parent_path else self.model
+        base = parent[leaf]
+        if not isinstance(base, EXPERT_TYPES):
+            slot = DenseSlots(base, self)
+            parent.update_modules({leaf: slot})
+            self.slots[path] = slot
+            return
+        if not isinstance(parent, SwitchGLU):
+            raise ValueError(f"{path}: experts outside a SwitchGLU cannot take per-row adapters")
+        for sib in ("w1", "w2", "w3"):
+            slot = ExpertSlots(parent[sib], self)
+            parent.update_modules({sib: slot})
+            self.slots[f"{parent_path}.{sib}"] = slot
+        parent.adapters = self
+        parent.__class__ = type("Rows" + type(parent).__name__, (RowsGLU, type(parent)), {})
+
+
+def attach(model: nn.Module) -> AdapterSet:
+    """The model's ``AdapterSet`` (made on first call)."""
+    aset = adapter_set(model)
+    if aset is None:
+        aset = AdapterSet(model)
+        model.adapter_set = aset
+    return aset
+
+
+def adapter_set(model) -> Optional[AdapterSet]:
+    """The model's resident adapters, None when it keeps none (``attach`` makes them)."""
+    return model.__dict__.get("adapter_set")
+
+
+def select(model, names: Sequence[Optional[str]]) -> None:
+    """Say which adapter each row of the next forwards takes (None: the base); a model without
+    resident adapters takes only None."""
+    aset = adapter_set(model)
+    if aset is not None:
+        aset.use(names)
+    elif any(n is not None for n in names):
+        raise NotLoaded(f"adapter {next(n for n in names if n is not None)!r} is not loaded: "
+                        "this model has no resident adapters")
+
+
+def namespace(model, name: Optional[str]) -> str:
+    """What a prompt cache computed with adapter ``name`` is filed under: "" for the base, else
+    the adapter's content (its fingerprint), so a prefix cached under one adapter is never
+    reused under another, even one loaded later under the same name."""
+    if name is None:
+        return ""
+    aset = adapter_set(model)
+    info = aset.info.get(name, {}) if aset is not None else {}
+    return "lora:" + info.get("fingerprint", name)
+
