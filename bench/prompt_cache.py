@@ -10,7 +10,8 @@ tier's bytes per 1k tokens, and the tokens each reply says came from the cache.
 
     python bench/prompt_cache.py                      # 24b-a2b-narrow shapes, 4-bit, both servers
     python bench/prompt_cache.py --engines mlx_lfm2   # ours only
-    python bench/prompt_cache.py --layers 2 --system-tokens 1500 --agent-tokens 3000   # a loaded CPU
+    python bench/prompt_cache.py --layers 2 --engines mlx_lfm2                # a 2-core CPU
+    python bench/prompt_cache.py --layers 2 --engines mlx_lm --prompts system
 """
 
 import json
@@ -129,6 +130,8 @@ def main() -> None:
     p.add_argument("--engines", nargs="*", default=["mlx_lfm2", "mlx_lm"])
     p.add_argument("--system-tokens", type=int, default=6000)
     p.add_argument("--agent-tokens", type=int, default=16000, help="tool schemas and a conversation")
+    p.add_argument("--prompts", nargs="*", choices=["system", "agent"], default=["system", "agent"],
+                   help="which prefixes to time (default both)")
     a = p.parse_args()
     # The real tokenizer's 65536 ids must all be embedding rows (the narrow preset has 8192).
     src = checkpoint(a.preset, a.layers, vocab_size=65536)
@@ -139,12 +142,18 @@ def main() -> None:
     out = {"machine": platform.platform(), "model": f"{a.preset} {a.layers} layers, {a.bits}-bit",
            "command": " ".join(sys.argv), "results": {}}
     for name, messages in requests(tok, a.system_tokens, a.agent_tokens).items():
+        if name.split("_")[0] not in a.prompts:
+            continue
         n = len(tok.encode(tok.apply_chat_template(messages), add_special_tokens=False))
         for engine in a.engines:
-            out["results"][f"{name}/{engine}"] = r = measure(engine, model, messages, n)
+            out["results"][f"{name}/{engine}"] = r = {**measure(engine, model, messages, n), "command": out["command"]}
             print(name, engine, r, flush=True)
     (ROOT / "bench" / "results").mkdir(exist_ok=True)
-    (ROOT / "bench" / "results" / "prompt_cache.json").write_text(json.dumps(out, indent=1) + "\n")
+    path = ROOT / "bench" / "results" / "prompt_cache.json"
+    old = json.loads(path.read_text()) if path.exists() else {}
+    if old.get("model") == out["model"]:  # runs of one model add up (each row says its command)
+        out["results"] = {**old.get("results", {}), **out["results"]}
+    path.write_text(json.dumps(out, indent=1) + "\n")
     print(json.dumps(out))
 
 

@@ -1,9 +1,11 @@
-"""The server: ``python -m mlx_lfm2.server --model PATH_OR_REPO`` (OpenAI and Anthropic APIs).
+"""The server: ``python -m mlx_lfm2.server --model PATH_OR_REPO [--model NAME=PATH ...]``
+(OpenAI, Anthropic and Ollama APIs).
 
 Assembly only; each job has its module:
 
-* ``scheduler``: the worker thread that owns the model (continuous batching, or one job at a
-  time for speculative decoding and ``mlx.launch``), the job queue, the prompt caches;
+* ``models``: the served models by name, loaded on first use, unloaded to a budget or when idle;
+* ``scheduler``: the worker thread that owns a loaded model (continuous batching, or one job at
+  a time for speculative decoding and ``mlx.launch``), the job queue, the prompt caches;
 * ``service``: what both APIs do with a request (auth, model names, prepare, the reply assembler);
 * ``adapters``: resident adapters by name (``--adapter``), hot load and unload;
 * ``openai`` (request models in ``openai_api``), ``responses`` (OpenAI's Responses API) and
@@ -27,10 +29,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from ..command import adapters_by_name, named_adapter
 from ..engine.distributed import group, leader
 from ..engine.memory import budget_bytes
 from . import anthropic, ollama, openai, responses
-from .adapters import DEFAULT_MAX_ADAPTERS, AdapterTable, parse_adapter_flags, routes as adapter_routes
+from .adapters import DEFAULT_MAX_ADAPTERS, AdapterTable, routes as adapter_routes
 from .admission import Admission
 from .boundary import BODY_TIMEOUT, HEADER_TIMEOUT, make_server
 from .metrics import Metrics, Observer, configure
@@ -74,6 +77,7 @@ def scheduler_health(s: Scheduler) -> dict:
     """One loaded model's part of ``/health``."""
     return {"queued": s.jobs.qsize(), **s.stats, "batch": s.batch.status, "cached_prompts": len(s.caches),
             "prompt_cache_disk": dict(s.disk.blocks.stats) if s.disk else None,
+            "adapters": s.adapters.loaded if s.adapters is not None else None,
             "memory": s.admission.status(s.reserved, s.held is not None) if s.admission is not None else None}
 
 
@@ -162,7 +166,7 @@ def build_scheduler(a, name: str, path: str) -> Scheduler:
 def check_single_model_flags(a, paths: dict) -> None:
     """The flags that serve one model, and the adapters' (``a.resident_adapters``: the
     ``--adapter`` folders by name, {} for ``--adapter-dir`` alone, None without)."""
-    named = parse_adapter_flags(a.adapter)
+    named = adapters_by_name(a.adapter)
     resident = bool(named) or a.adapter_dir is not None
     if len(paths) > 1 and (a.served_model_name or a.draft_model or a.adapter_path or a.prompt_lookup or resident):
         raise SystemExit("error: --served-model-name, --draft-model, --adapter-path, --prompt-lookup, --adapter and "
@@ -243,7 +247,7 @@ def arguments(argv=None):
                    help=f"seconds a paused stream waits for its reader before it is cancelled (default {STALL_TIMEOUT:g})")
     p.add_argument("--draft-model", help="a small LFM2 with the same tokenizer for speculative decoding")
     p.add_argument("--adapter-path", help="a LoRA/DoRA adapter folder (mlx-lm's layout or PEFT's) to apply")
-    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH", type=named_adapter,
                    help="a LoRA adapter served as model NAME next to the base (repeat for more; mlx-lm's layout "
                         "or PEFT's); rows on different adapters decode in one batch")
     p.add_argument("--adapter-dir", help="folder that POST /v1/load_lora_adapter may load adapters from")

@@ -267,6 +267,11 @@ class Models:
         for e in self.loaded():
             e.scheduler.close()
 
+    def finish_writes(self, timeout: float = 120.0) -> None:
+        """Before the process exits: each loaded model's queued disk-cache blocks written."""
+        for e in self.loaded():
+            e.scheduler.finish_writes(timeout)
+
 
 def retire(scheduler) -> None:
     """A model's worker ended and its disk writes done: nothing of it still runs."""

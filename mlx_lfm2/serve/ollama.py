@@ -7,8 +7,9 @@ editor plugins, Aider's ``ollama_chat/``) can use the model.
 ``ChatRequest`` and go through the service (prepare, the reply assembler), streaming NDJSON
 lines by default as Ollama does (``"stream": false``: one object). ``/api/tags``, ``/api/show``,
 ``/api/ps`` and ``/api/version`` describe the served models (``models``: ``model`` picks one,
-``keep_alive`` says how long it stays loaded once idle; a request with no prompt only loads it). Errors have Ollama's shape, ``{"error": "message"}``, also as the last
-line of a stream that has begun.
+``keep_alive`` says how long it stays loaded once idle; a request with no prompt only loads it).
+Errors have Ollama's shape, ``{"error": "message"}``, also as the last line of a stream that
+has begun.
 """
 
 from __future__ import annotations
