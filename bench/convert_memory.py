@@ -55,7 +55,7 @@ def main():
 
     rows = []
     for n in a.layers:
-        src = checkpoint(a.preset, n)
+        src = checkpoint(a.preset, n, vocab_size=65536)  # the LFM2 tokenizer's: calibration text needs it
         dst = OUT / f"{src.name}-convert-memory-q4"
         kw = {} if a.method == "rtn" else dict(q_method="awq", calibration_tokens=a.calibration_tokens,
                                                 **({"target_bpw": 4.5} if a.method == "dynamic-awq" else {}))
