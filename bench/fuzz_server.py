@@ -6,9 +6,12 @@ Starts ``python -m mlx_lfm2.server`` on loopback with a random tiny checkpoint a
 LFM2 tokenizer, then sends a seeded mix of valid requests and abuse: malformed and truncated
 bodies, wrong content types, random fields replaced by junk (huge, negative, NaN-like,
 wrongly typed), out-of-range token ids, deep nesting, oversized bodies, clients that hang up
-mid-stream or before a plain reply, stalled request heads, Anthropic-shaped ``/v1/messages``. Reports (last stdout line, JSON):
+mid-stream or before a plain reply, stalled request heads, Anthropic-shaped ``/v1/messages``,
+and (``fuzz_hostile.py``) slow readers of top_logprobs streams, mutated tool and response
+schemas on every API, huge stop lists, multi-MB bodies. Reports (last stdout line, JSON):
 requests sent, status counts, crashes (the server process died), 5xx answers, error events
-inside streams, client timeouts, the server's VmRSS growth and the elapsed time. Exit status
+inside streams, client timeouts, the server's VmRSS growth, the worst /health latency during
+the run and the elapsed time. Exit status
 1 if anything crashed, answered 5xx or hung.
 """
 
@@ -31,6 +34,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, checkpoint  # noqa: E402
+from fuzz_hostile import large_body, schema_request, slow_reader, stop_request  # noqa: E402
 
 VOCAB = 64400  # the real tokenizer's; the random checkpoint has 65,536 embedding rows
 JUNK = [None, True, False, 0, -1, 1, 7, 2**31, 2**63, 2**64, -2**64, 10**400, 1e308, -1e308, 0.5, -0.5, 1e-300,
@@ -159,7 +163,14 @@ def send(client: httpx.Client, base: str, port: int, rng: random.Random, tally: 
     r = rng.random()
     headers, kind, content = {"content-type": "application/json"}, "?", b""
     try:
-        if r < 0.22:
+        if r >= 0.80 and rng.random() < 0.45:  # the hostile classes, in a share of the last fifth
+            h = rng.random()
+            if h < 0.15:
+                return slow_reader(port, rng, tally)
+            (path, body), kind = (schema_request(rng), "schema") if h < 0.6 else \
+                (stop_request(rng), "stops") if h < 0.93 else (large_body(rng), "large-body")
+            content = json.dumps(body).encode()
+        elif r < 0.22:
             path, body = rng.choice([("/v1/chat/completions", valid_chat(rng)), ("/v1/completions", valid_completion(rng))])
             kind, content = "valid", json.dumps(body).encode()
         elif r < 0.47:
@@ -274,7 +285,7 @@ def main(argv=None) -> int:
     log = open(log_path, "w")
     server = subprocess.Popen([sys.executable, "-m", "mlx_lfm2.server", "--model", str(folder), "--port", str(port),
                                "--queue-size", "8", "--max-context", "1024", "--default-max-tokens", "64",
-                               "--body-timeout", "5", "--header-timeout", "5"],
+                               "--body-timeout", "5", "--header-timeout", "5", "--stall-timeout", "5"],
                               cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     try:
         for _ in range(600):
@@ -300,11 +311,19 @@ def main(argv=None) -> int:
 
         trace = []  # (requests sent, VmRSS): growth that levels off is caches, a leak keeps climbing
 
+        health_s = []  # /health latency, sampled through the run: the event loop never waits
+
         def sample():
             nonlocal peak
             while not stop.wait(0.25) and server.poll() is None:
                 trace.append((tally.sent, rss_mb(server.pid)))
                 peak = max(peak, trace[-1][1])
+                t0 = time.perf_counter()
+                try:
+                    httpx.get(base + "/health", timeout=30)
+                    health_s.append(time.perf_counter() - t0)
+                except httpx.HTTPError:
+                    health_s.append(30.0)
 
         def worker(w: int, n: int):
             rng = random.Random(a.seed * 1000 + w)
@@ -343,6 +362,8 @@ def main(argv=None) -> int:
             "worker_idle_after": bool(health and health["active"] == 0 and health["queued"] == 0),
             "rss_cold_mb": round(cold, 1), "rss_baseline_mb": round(baseline, 1), "rss_max_mb": round(peak, 1),
             "rss_growth_mb": round(peak - baseline, 1), "elapsed_s": round(elapsed, 1),
+            "health_worst_s": round(max(health_s, default=0.0), 3),
+            "health_median_s": round(sorted(health_s)[len(health_s) // 2], 3) if health_s else None,
             "rss_mb_at_quarters": [round(([r for n, r in trace if n <= q * tally.sent] or [baseline])[-1], 1)
                                    for q in (0.25, 0.5, 0.75, 1.0)],
             "status": dict(sorted(tally.status.items())), "kinds": dict(sorted(tally.kinds.items())),

@@ -3,12 +3,14 @@ data, adapted keys, rank, batch and sequence length; plus one QLoRA step on the 
 24B-A2B shapes (random 4-bit weights) for its peak memory.
 
     python bench/lora.py --preset 24b-a2b-narrow --layers 8 --steps 4 --runs 3
+    python bench/lora.py --preset lfm2-350m --layers 4 --bits 0   # a dense LFM2 (350M widths)
     python bench/lora.py --full-shapes --layers 4      # QLoRA step, real 24B-A2B shapes
 
 Each run is a fresh process: ``steps`` optimizer steps after one warm-up, reporting trained
 tokens/s (targets the loss counts) and MLX's peak memory. ``--full-shapes`` builds the model
 in memory (no checkpoint on disk), quantizes it layer by layer, and measures one step at
-1, 2 ... ``--layers`` layers: the per-layer growth extrapolates the peak to 40 layers.
+``--layers`` - 1 and ``--layers`` layers (both past the 2 dense layers) with --grad-checkpoint:
+the growth per (MoE) layer extrapolates the peak to 40 layers.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ import time
 from common import alternating_medians, checkpoint, converted, model_parser, ratios, run_json
 
 ROWS = 16
+# LFM2-350M's widths on the tiny dense layout (its layer count comes from --layers).
+DENSE_350M = dict(hidden_size=1024, num_attention_heads=16, num_key_value_heads=8, intermediate_size=4608,
+                  block_dim=1024, block_multiple_of=256, block_ffn_dim_multiplier=1.0)
 
 
 def data_dir(seq: int):
@@ -101,6 +106,7 @@ def full_shapes(layers: int, rank: int, seq: int) -> dict:
     from mlx_lfm2.model.lora import apply_lora, trainable_adapters
     from mlx_lfm2.train.losses import sft_loss
     from mlx_lfm2.train.packing import Batch
+    from mlx_lfm2.train.trainer import checkpointed_blocks
     from mlx_lfm2.weights.random_checkpoint import PRESETS
 
     args = ModelArgs.from_dict(PRESETS["24b-a2b"](layers))
@@ -120,9 +126,10 @@ def full_shapes(layers: int, rank: int, seq: int) -> dict:
     opt = optim.Adam(learning_rate=1e-5)
     mx.reset_peak_memory()
     t0 = time.perf_counter()
-    (loss, _), grads = nn.value_and_grad(model, sft_loss)(model, batch)
-    opt.update(model, grads)
-    mx.eval(model.trainable_parameters(), opt.state, loss)
+    with checkpointed_blocks(model, True):  # --grad-checkpoint
+        (loss, _), grads = nn.value_and_grad(model, sft_loss)(model, batch)
+        opt.update(model, grads)
+        mx.eval(model.trainable_parameters(), opt.state, loss)
     return {"layers": layers, "weights_gb": weights_gb, "peak_gb": mx.get_peak_memory() / 1e9,
             "step_s": time.perf_counter() - t0}
 
@@ -143,7 +150,7 @@ def main() -> None:
     p.add_argument("--full-shapes", action="store_true")
     a = p.parse_args()
     if a.full_shapes:
-        points = [run_json([__file__, "--full-worker", str(n), str(a.rank), str(a.seq)]) for n in range(1, a.layers + 1)]
+        points = [run_json([__file__, "--full-worker", str(n), str(a.rank), str(a.seq)]) for n in (a.layers - 1, a.layers)]
         for r in points:
             print(json.dumps(r))
         if len(points) > 1:
@@ -151,7 +158,9 @@ def main() -> None:
             est = points[-1]["peak_gb"] + per * (40 - points[-1]["layers"])
             print(json.dumps({"per_layer_gb": per, "extrapolated_40_layer_peak_gb": est}))
         return
-    folder = checkpoint(a.preset, a.layers, vocab_size=65536)  # the real vocabulary: the tokenizer's ids fit
+    dense = a.preset == "lfm2-350m"
+    # The real vocabulary: the tokenizer's ids fit.
+    folder = checkpoint("tiny-dense" if dense else a.preset, a.layers, vocab_size=65536, **(DENSE_350M if dense else {}))
     if a.bits:
         folder = converted(folder, a.bits)
     data = str(data_dir(a.seq))

@@ -51,9 +51,10 @@ MLX_LM = {  # name -> command (after python -m)
     "mlx_lm.convert-mxfp4": ["mlx_lm", "convert", "-q", "--q-mode", "mxfp4"],
     "mlx_lm.convert-nvfp4": ["mlx_lm", "convert", "-q", "--q-mode", "nvfp4"],
     "mlx_lm.convert-mxfp8": ["mlx_lm", "convert", "-q", "--q-mode", "mxfp8"],
-    "mlx_lm.dynamic_quant-4.5": ["mlx_lm.quant.dynamic_quant", "--target-bpw", "4.5"],
-    "mlx_lm.awq": ["mlx_lm.quant.awq", "--num-samples", "4", "--sequence-length", "512"],
-    "mlx_lm.dwq": ["mlx_lm.quant.dwq", "--num-samples", "20", "--max-seq-length", "257", "--batch-size", "2"],
+    "mlx_lm.dynamic_quant-4.5": ["mlx_lm", "dynamic_quant", "--target-bpw", "4.5"],
+    "mlx_lm.awq": ["mlx_lm", "awq", "--num-samples", "4", "--sequence-length", "512"],
+    "mlx_lm.dwq": ["mlx_lm", "dwq", "--num-samples", "20", "--max-seq-length", "257", "--batch-size", "2"],
+    "mlx_lm.gptq": ["mlx_lm", "gptq", "--num-samples", "4", "--sequence-length", "512"],
 }
 
 
@@ -95,16 +96,16 @@ def run_mlx_lm(name: str, src: Path, out: Path, home: Path) -> str:
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=home, env=env, timeout=3600)
     if p.returncode == 0 and (out / "config.json").exists():
         return ""
-    lines = [l for l in (p.stderr or p.stdout).strip().splitlines() if l.strip()]
+    lines = [l for l in (p.stderr + p.stdout).strip().splitlines() if l.strip()]
     return lines[-1][:300] if lines else f"exit {p.returncode}"
 
 
-def held_out_ids(src: Path) -> np.ndarray:
+def held_out_ids(src: Path, tokens: int) -> np.ndarray:
     from mlx_lfm2.text.tokenizer import load_tokenizer
     from mlx_lfm2.weights.calibrate import load_calibration
 
     cfg = json.loads((src / "config.json").read_text())
-    return load_calibration(load_tokenizer(src), cfg["vocab_size"], tokens=64, held_out_tokens=512).held_out
+    return load_calibration(load_tokenizer(src), cfg["vocab_size"], tokens=64, held_out_tokens=tokens).held_out
 
 
 def logits(folder: Path, ids: np.ndarray, **kw) -> np.ndarray:
@@ -127,13 +128,14 @@ def bits_per_weight(folder: Path, params: int) -> float:
     return sum(v.nbytes for f in folder.glob("*.safetensors") for v in mx.load(str(f)).values()) * 8 / params
 
 
-def bench_model(name: str, methods: list[str], ours_only: bool, layers: Optional[int], tokens: int) -> list[dict]:
+def bench_model(name: str, methods: list[str], ours_only: bool, layers: Optional[int], tokens: int,
+                held_out: int) -> list[dict]:
     from mlx_lfm2 import convert
     from mlx_lfm2.text.tokenizer import load_tokenizer
 
     src = source(name, layers)
     params = sum(v.size for v in mx.load(str(src / "model.safetensors")).values())
-    ids = held_out_ids(src)
+    ids = held_out_ids(src, held_out)
     ref = logits(src, ids, dtype=mx.bfloat16)
     home = calibration_home(load_tokenizer(src))
     rows = []
@@ -186,9 +188,11 @@ def main():
     p.add_argument("--ours-only", action="store_true")
     p.add_argument("--layers", type=int, help="instead of each model's default")
     p.add_argument("--calibration-tokens", type=int, default=1024, help="for our calibrated methods")
+    p.add_argument("--held-out-tokens", type=int, default=512, help="positions the KL is measured on")
     a = p.parse_args()
     methods = [*OURS, *MLX_LM] if a.methods == ["all"] else a.methods
-    rows = [r for m in a.models for r in bench_model(m, methods, a.ours_only, a.layers, a.calibration_tokens)]
+    rows = [r for m in a.models for r in bench_model(m, methods, a.ours_only, a.layers, a.calibration_tokens,
+                                                   a.held_out_tokens)]
     print(json.dumps({"bench": "quant_quality", "results": rows, "summary": summary(rows)}))
 
 

@@ -7,6 +7,7 @@ convert, random_checkpoint) builds its parser here without importing anything he
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -33,6 +34,38 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
     return value
+
+
+def non_negative_float(text: str) -> float:
+    """An argparse ``type``: a number of seconds, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
+    return value
+
+
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,63}$")
+
+
+def named_adapter(text: str) -> tuple[str, str]:
+    """An argparse ``type`` for ``--adapter NAME=PATH``."""
+    name, sep, path = text.partition("=")
+    if not sep or not path or not ADAPTER_NAME.match(name):
+        raise argparse.ArgumentTypeError(f"{text!r}: give NAME=PATH, NAME of letters, digits and ._:@/- (at most 64)")
+    return name, path
+
+
+def adapters_by_name(pairs) -> dict:
+    """``--adapter`` values (``named_adapter``) -> ``{name: path}``; a name given twice exits."""
+    out = {}
+    for name, path in pairs or []:
+        if name in out:
+            raise SystemExit(f"error: --adapter {name!r} is given twice")
+        out[name] = path
+    return out
 
 
 def version() -> str:

@@ -94,15 +94,17 @@ def test_every_api_routes_by_model_name(server):
     want = chat(server, "b", "hi", n=8).choices[0].message.content
     anthropic = pytest.importorskip("anthropic")
     a = anthropic.Anthropic(base_url=server, api_key="x", max_retries=0)
-    got = a.messages.create(model="b", max_tokens=8, extra_body={"temperature": 0}, messages=[{"role": "user", "content": "hi"}])
+    got = a.messages.create(model="b", max_tokens=8, extra_body={"temperature": 0},
+                            messages=[{"role": "user", "content": "hi"}])
     assert got.content[0].text == want and got.model == "b"
     with pytest.raises(anthropic.NotFoundError, match="model 'nope' not found: this server serves 'm', 'a'"):
         a.messages.create(model="nope", max_tokens=8, messages=[{"role": "user", "content": "hi"}])
     client = openai.OpenAI(base_url=server + "/v1", api_key="x", max_retries=0)
     r = client.responses.create(model="b", input="hi", max_output_tokens=8, temperature=0)
     assert r.output_text == want
-    r = httpx.post(server + "/api/chat", json={"model": "b", "messages": [{"role": "user", "content": "hi"}],
-                                               "stream": False, "options": {"num_predict": 8, "temperature": 0}})
+    body = {"model": "b", "messages": [{"role": "user", "content": "hi"}], "stream": False,
+            "options": {"num_predict": 8, "temperature": 0}}
+    r = httpx.post(server + "/api/chat", json=body)
     assert r.json()["message"]["content"] == want and r.json()["model"] == "b"
     r = httpx.post(server + "/api/chat", json={"model": "nope", "messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 404 and "model 'nope' not found" in r.json()["error"]
@@ -159,7 +161,8 @@ def test_a_load_during_streaming_does_not_disturb_the_stream(server, alone):
 def test_unload_in_use_is_refused_then_done_when_idle(server, folders):
     base, root, _ = folders
     shutil.copytree(root / "a", root / "doomed")
-    assert httpx.post(server + "/v1/load_lora_adapter", json={"lora_name": "doomed", "lora_path": "doomed"}).status_code == 200
+    r = httpx.post(server + "/v1/load_lora_adapter", json={"lora_name": "doomed", "lora_path": "doomed"})
+    assert r.status_code == 200
     refused = {}
 
     def unload():
@@ -167,7 +170,8 @@ def test_unload_in_use_is_refused_then_done_when_idle(server, folders):
 
     got, _ = streamed(stream(server, "doomed", PROMPTS[1], 60), unload)
     assert refused["r"].status_code == 409
-    assert refused["r"].json()["error"]["message"] == "adapter 'doomed' is in use by 1 request(s): unload it when they finish"
+    assert refused["r"].json()["error"]["message"] == ("adapter 'doomed' is in use by 1 request(s): "
+                                                       "unload it when they finish")
     assert len(got) > 3
     r = httpx.post(server + "/v1/unload_lora_adapter", json={"lora_name": "doomed"})
     assert r.status_code == 200 and r.text == "Success: LoRA adapter 'doomed' removed successfully."
@@ -196,8 +200,8 @@ def bad_folders(root, checkpoint, base):
     ("empty", "has no adapter_config.json"),
     ("missing", "no adapter folder 'missing' under --adapter-dir"),
 ])
-def test_a_bad_adapter_is_a_400_naming_the_problem_and_the_server_keeps_serving(server, folders, checkpoint,
-                                                                                path, message):
+def test_a_bad_adapter_is_a_400_naming_the_problem_and_the_server_keeps_serving(server, folders, checkpoint, path,
+                                                                                message):
     base, root, _ = folders
     if not (root / "empty").exists():
         bad_folders(root, checkpoint, base)

@@ -158,7 +158,9 @@ def test_a_client_that_stops_reading_top_logprobs_costs_bounded_memory(checkpoin
         assert again["batch"]["parked"] == 1 and again["active"] == 1, again  # still paused, not growing
         grown = _rss_mb(proc.pid) - before
         assert grown < 150, f"server RSS grew {grown:.0f} MB for one stalled stream"
-        assert max(health) < 2.0, health
+        # /health answered all along (a liveness bound, not a timing: a blocked loop would not
+        # answer at all; this CPU may be shared, so the bound is generous)
+        assert max(health) < 15.0, health
         s.close()
     finally:
         proc.kill()

@@ -249,7 +249,8 @@ def test_a_conversation_saved_with_another_model_is_refused(chat_model, checkpoi
     assert reloaded.messages == chat.messages
 
 
-def test_a_damaged_saved_cache_is_refused(chat_model, tmp_path):
+def _saved_chat(chat_model, tmp_path):
+    """A short chat saved to ``a.chat``: its bytes, header length and parsed header."""
     import json
     import struct
 
@@ -261,7 +262,17 @@ def test_a_damaged_saved_cache_is_refused(chat_model, tmp_path):
     chat.save(tmp_path / "a.chat")
     raw = (tmp_path / "a.chat").read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8 : 8 + n])
+    return raw, n, json.loads(raw[8 : 8 + n])
+
+
+def test_a_damaged_saved_cache_is_refused(chat_model, tmp_path):
+    import json
+    import struct
+
+    from mlx_lfm2.engine.session import Chat
+
+    model, tok, _ = chat_model
+    raw, n, header = _saved_chat(chat_model, tmp_path)
 
     def variant(name, change):
         h = json.loads(json.dumps(header))
@@ -317,3 +328,55 @@ def test_tools_on_a_folder_or_a_failing_file_is_a_clear_error(tmp_path):
     broken.write_text("def f(:\n")
     with pytest.raises(SystemExit, match="tools.py failed: SyntaxError"):
         load_tools(broken)
+
+
+def test_a_crafted_saved_chat_is_refused_at_load_and_the_conversation_kept(chat_model, tmp_path):
+    import json
+    import struct
+
+    from rich.console import Console
+
+    from mlx_lfm2.cli.chat import Repl
+    from mlx_lfm2.engine.session import Chat
+
+    model, tok, _ = chat_model
+    raw, n, header = _saved_chat(chat_model, tmp_path)
+    meta = header["__metadata__"]
+    crafted = {
+        "messages": ([5], "message 0 is not a {role, content} pair"),
+        "messages2": ([{"role": "user"}], "message 0 is not"),
+        "messages3": ([{"role": "user", "content": {"a": 1}}], "message 0 is not"),
+        "messages4": ([{"role": ["user"], "content": "x"}], "message 0 is not"),
+        "tokens": (json.loads(meta["tokens"])[:-1] + [10**9], "outside the vocabulary"),
+        "plain": ([[0, 10**9]], "span outside its text"),
+    }
+    chat = Chat(model, tok, temperature=0.0)
+    console = Console(record=True, width=300)
+    repl = Repl(chat, console, {}, markdown=False, max_tokens=3)
+    repl.turn("my own conversation")
+    before = list(chat.messages)
+    for name, (value, why) in crafted.items():
+        h = json.loads(json.dumps(header))
+        h["__metadata__"][name.rstrip("234")] = json.dumps(value)
+        head = json.dumps(h).encode()
+        (tmp_path / f"{name}.chat").write_bytes(struct.pack("<Q", len(head)) + head + raw[8 + n:])
+        assert repl.command(f"/load {tmp_path / name}.chat")
+        assert why in console.export_text(), (name, console.export_text())
+        assert chat.messages == before
+    repl.turn("and it goes on")  # the next turn runs on the kept conversation
+    assert chat.messages[: len(before)] == before and len(chat.messages) == len(before) + 2
+
+
+def test_markdown_links_show_their_real_target(chat_model, monkeypatch):
+    from rich.console import Console
+
+    from mlx_lfm2.cli.chat import Repl
+
+    chat = _scripted_chat(chat_model, monkeypatch, ["see [the docs](https://evil.example/steal) now"])
+    import io
+
+    raw = io.StringIO()
+    console = Console(file=raw, record=True, width=200, force_terminal=True, color_system="standard")
+    Repl(chat, console, {}, markdown=True, max_tokens=10).turn("hi")
+    assert "the docs (https://evil.example/steal)" in console.export_text()
+    assert "evil.example" in raw.getvalue() and "\x1b]8;" not in raw.getvalue()  # no hidden-target hyperlink

@@ -88,3 +88,19 @@ def test_dora_and_bad_shapes_are_refused(setup, checkpoint, tmp_path):
     with pytest.raises(AdapterError, match="a dora adapter cannot share the base"):
         add_resident(model.adapter_set, "dora", tmp_path / "dora")
     assert model.adapter_set.loaded == ["a", "b", "attn", "experts"]
+
+
+def test_a_quantized_base_takes_resident_adapters_too(checkpoint, tmp_path):
+    from mlx_lfm2.weights.conversion import convert
+
+    q4 = convert(checkpoint(tiny_config("tiny-moe")), tmp_path / "q4", quantize=True, q_group_size=32,
+                 dtype="float32", progress=False)
+    folders = {n: make_adapter(q4, tmp_path / n, seed=s, rank=r) for n, s, r in [("p", 5, 4), ("q", 6, 8)]}
+    model = load_model(q4, adapters=folders)
+    alone = {n: load_model(q4, adapter_path=f) for n, f in folders.items()}
+    names = ["q", None, "p", "q"]
+    ids = mx.array(np.random.default_rng(9).integers(0, 1000, (len(names), 1)))
+    got = run(model, ids, names)
+    for i, n in enumerate(names):
+        want = (alone[n] if n else load_model(q4))(ids[i:i + 1])
+        np.testing.assert_allclose(np.array(got[i:i + 1]), np.array(want), atol=ATOL, rtol=0)

@@ -179,3 +179,19 @@ def test_cli_takes_the_mode_and_method(source, tmp_path, capsys):
     with pytest.raises(SystemExit, match="nvfp4 quantization takes group size 16, not 64"):
         conversion.main(["--hf-path", str(source), "--mlx-path", str(tmp_path / "x"), "-q", "--q-mode", "nvfp4",
                          "--q-group-size", "64"])
+
+
+def test_the_bit_budget_takes_4_bit_groups_of_128_only_where_the_width_allows():
+    from mlx_lfm2.weights import sensitivity
+    from mlx_lfm2.weights.quantize import bits_per_weight
+
+    options = sensitivity.candidates("affine", 64)
+    costs = [bits_per_weight(o) for o in options]
+    assert costs == sorted(costs) and {"group_size": 128, "bits": 4, "mode": "affine"} in options
+    errs = [1 / c for c in costs]  # finer is better
+    wide = options.index({"group_size": 128, "bits": 4, "mode": "affine"})
+    narrow = [e if i != wide else float("inf") for i, e in enumerate(errs)]
+    budget = 1000 * 4.3  # 4.25 bits per weight fit, 4.5 would not
+    assert sensitivity.allocate({"wide": (1000, errs)}, options, budget)["wide"] == options[wide]
+    plan = sensitivity.allocate({"narrow": (1000, narrow)}, options, budget)  # its width takes no group of 128
+    assert plan["narrow"] == {"group_size": 64, "bits": 3, "mode": "affine"}

@@ -264,3 +264,29 @@ def test_completions_models_logprobs_and_json_format(server, client):
     assert content[0].logprob == pytest.approx(content[0].top_logprobs[0].logprob, abs=1e-4)  # greedy = top-1
     r = chat(client, "json please", response_format={"type": "json_object"}, max_tokens=4)
     assert r.choices[0].model_extra["response_format_valid"] in (True, False)
+
+
+def test_a_process_with_an_idle_worker_exits_cleanly(chat_model):
+    """The worker waits on its queue (no polling): a process that leaves it running, or closes
+    it, exits with status 0 rather than aborting in interpreter shutdown."""
+    import subprocess
+    import sys
+
+    _, _, folder = chat_model
+    code = ("import sys, time, asyncio\n"
+            "from mlx_lfm2 import load\n"
+            "from mlx_lfm2.serve.scheduler import DONE, Job, Scheduler\n"
+            "from mlx_lfm2.engine.sample import SamplingParams\n"
+            "model, tok = load(sys.argv[1])\n"
+            "s = Scheduler(model, tok, 'm').start()\n"
+            "idle = Scheduler(model, tok, 'm').start()\n"
+            "async def go():\n"
+            "    job = Job('hello', SamplingParams(max_tokens=3), None, asyncio.get_running_loop())\n"
+            "    s.submit(job)\n"
+            "    while await job.out.get() is not DONE:\n"
+            "        pass\n"
+            "asyncio.run(go())\n"
+            "s.close()\n"
+            "time.sleep(0.3)\n")
+    r = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "terminate called" not in r.stderr, (r.returncode, r.stderr[-2000:])

@@ -156,6 +156,31 @@ def train_run(folder, data_dir, adapter_dir, **kw):
     return model, tok, result
 
 
+def test_grad_checkpoint_gives_the_same_loss_and_gradients_on_a_packed_batch(models):
+    """The recompute in the backward pass keeps the documents apart (it runs after the forward's
+    packing context has exited)."""
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+    from mlx_lfm2.train.trainer import checkpointed_blocks
+
+    model, _ = adapted(models["tiny-moe"])
+    rng = np.random.default_rng(1)
+    batch = collate([[Example(rng.integers(14, 270, n).tolist(), [0] + [1] * (n - 1)) for n in (7, 12)]])
+    grad = nn.value_and_grad(model, lambda m, b: sft_loss(m, b)[0])
+    runs = []
+    for on in (False, True):
+        with checkpointed_blocks(model, on):
+            value, g = grad(model, batch)
+        mx.eval(value, g)
+        runs.append((float(value), dict(tree_flatten(g))))
+    (v0, g0), (v1, g1) = runs
+    assert abs(v0 - v1) < 1e-5 and g0.keys() == g1.keys()
+    bad = [(k, float(np.abs(np.array(g0[k]) - np.array(g1[k])).max()), float(np.abs(np.array(g0[k])).max())) for k in g0
+           if not np.allclose(np.array(g0[k]), np.array(g1[k]), rtol=1e-4, atol=1e-6)]
+    assert not bad, bad
+    assert sum(float(mx.abs(g).sum()) for g in g0.values()) > 0
+
+
 def test_resume_takes_the_same_steps_as_an_uninterrupted_run(models, tmp_path):
     write_jsonl(tmp_path / "data/train.jsonl", rows(12))
     whole, _, _ = train_run(models["tiny-dense"], tmp_path / "data", tmp_path / "whole", pack=True, max_seq_length=128)
@@ -209,11 +234,6 @@ def test_dpo_starts_at_log2_and_raises_the_chosen_margin(models, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "open defect: the loss falls to ~log(13)/10 nats a token (every token but the value's digit) and "
-    "plateaus there, 120-300 steps, packed or not: the adapted model does not learn which value a key "
-    "maps to, and greedy replies give one value for every key. Gradients reach every adapter "
-    "(attention included); undiagnosed. strict: this fails the suite once it passes."))
 @pytest.mark.parametrize("kind", ["tiny-dense", "tiny-moe", "tiny-moe-4bit"])
 def test_overfitting_twenty_rows_then_greedy_reproduces_them(models, tmp_path, kind):
     folder = models[kind.replace("-4bit", "")]
@@ -228,7 +248,12 @@ def test_overfitting_twenty_rows_then_greedy_reproduces_them(models, tmp_path, k
     apply_lora(model, -1, rank=16, scale=20.0)
     trainable_adapters(model)
     sets = load_datasets(str(tmp_path / "data"), tok, mask_prompt=True)
-    cfg = TrainConfig(batch_size=4, iters=120, learning_rate=1e-2, max_grad_norm=1.0, pack=True, max_seq_length=128,
+    # lr 3e-4 at scale 20: at 1e-3 and above Adam's steps grow the adapters' output until the
+    # residual stream is ~1e11 (this random base's tied head predicts the input token; swamping the
+    # residual before the final norm is the quickest way off that), the key's signal drowns in the
+    # float32 norm and every key gets one value. mlx_lm.lora does the same on this data at 1e-2
+    # (residual 8e10, one value for every key) and learns it at 3e-4 (docs/BENCHMARKS.md).
+    cfg = TrainConfig(batch_size=4, iters=80, learning_rate=3e-4, max_grad_norm=1.0, pack=True, max_seq_length=128,
                       adapter_path=str(tmp_path / "a"), steps_per_report=1000, save_every=1000)
     batches = Batches(sets["train"], cfg, 0, pack=False)
     start = evaluate(model, batches, -1, loss_fn(cfg))
@@ -236,14 +261,17 @@ def test_overfitting_twenty_rows_then_greedy_reproduces_them(models, tmp_path, k
 
     train(model, cfg, sets["train"], [], 0, adapter_config(model, "lora", -1, {"rank": 16, "scale": 20.0}),
           out=lambda s: None)
-    assert evaluate(model, batches, -1, loss_fn(cfg)) < 0.05 * start
+    end = evaluate(model, batches, -1, loss_fn(cfg))
+    # Below log(13)/10, the plateau of a model that learned everything but which value a key maps to.
+    assert end < 0.05 < np.log(13) / 10 and start > 20, (start, end)
     from mlx_lfm2 import generate
 
     def reply(r):  # greedy (the default without a generation_config)
         prompt = tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True)
         return generate(model, tok, prompt, max_tokens=12)
 
-    assert sum(reply(r) == r["completion"] for r in data[::4]) >= 4, [reply(r) for r in data[::4]]
+    replies = [reply(r) for r in data]
+    assert sum(a == r["completion"] for a, r in zip(replies, data)) >= 19, replies
 
 
 def test_lora_cli_with_yaml_config_trains_on_the_tool_calling_fixture(models, tmp_path):

@@ -32,6 +32,7 @@ Commands in the chat:
   /retry          regenerate the last reply (rewinds the cache, no re-prefill)
   /undo           drop the last exchange (your message and the reply)
   /stats          speed and memory of the last reply, messages and cached tokens
+  /adapter NAME   reply with adapter NAME (given with --adapter NAME=PATH); /adapter off: the base
   /help           this help
   /quit           leave (or Ctrl-D)
 Multi-line input: end a line with \\ to continue, or wrap a block in triple quotes (\"\"\").
@@ -41,7 +42,7 @@ SAMPLING = "default: the model card's, from generation_config.json"
 
 
 def parse_args(argv=None):
-    from ..command import parser
+    from ..command import named_adapter, parser
     from ..weights.provision import ASK_GB
 
     p = parser("mlx_lfm2.cli.chat", "Chat with an LFM2 model in the terminal: replies stream as Markdown, the "
@@ -64,6 +65,8 @@ def parse_args(argv=None):
                    help="a JSON schema file: every reply is JSON that validates against it")
     p.add_argument("--draft-model", help="a small LFM2 with the same tokenizer for speculative decoding")
     p.add_argument("--adapter-path", help="a LoRA/DoRA adapter folder (mlx-lm's layout or PEFT's) to apply")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH", type=named_adapter,
+                   help="a LoRA adapter kept resident to switch to with /adapter NAME (repeat for more)")
     p.add_argument("--num-draft-tokens", type=int, help="tokens drafted per step (default: adaptive from 3)")
     p.add_argument("--prompt-lookup", action="store_true",
                    help="speculative decoding with drafts from n-grams of the conversation (no draft model)")
@@ -207,7 +210,8 @@ class Repl:
         from ..text.tools import ToolCallStream
 
         calls, shown = ToolCallStream(bare_names=self.tools), ""  # names: LFM2.5's unmarked calls
-        render = (lambda s: Markdown(visible(s))) if self.markdown else (lambda s: Text(visible(s)))
+        # hyperlinks=False: a link shows as "text (url)", its real target, never a hidden one.
+        render = (lambda s: Markdown(visible(s), hyperlinks=False)) if self.markdown else (lambda s: Text(visible(s)))
         interrupted = (lambda s: s + "\n\n*[interrupted]*") if self.markdown else (lambda s: s + " [interrupted]")
         try:
             with Live(render(""), console=self.console, refresh_per_second=12,
@@ -306,6 +310,8 @@ class Repl:
                 self.console.print(f"[dim]dropped {len(dropped)} messages[/]")
             except ValueError as e:
                 self.console.print(Text(str(e), style="dim"))
+        elif cmd == "/adapter":
+            self.switch_adapter(arg)
         elif cmd == "/stats":
             r = self.chat.last
             self.console.print(stats_line(r) if r else "[dim]no reply yet[/]")
@@ -314,6 +320,22 @@ class Repl:
         else:
             self.console.print(Text.assemble((f"unknown command {cmd}", "red"), " (try /help)"))
         return True
+
+    def switch_adapter(self, arg: str) -> None:
+        """``/adapter NAME|off``, and what the next turn re-prefills (a cache made under another
+        adapter is not valid under this one)."""
+        from ..model.lora_rows import NotLoaded
+
+        if not arg:
+            return self.console.print(Text(f"adapter: {self.chat.adapter or 'off'} (/adapter NAME|off)", style="dim"))
+        name = None if arg in ("off", "base") else arg
+        try:
+            total, cached = self.chat.use_adapter(name)
+        except NotLoaded as e:
+            return self.console.print(Text(f"{e} (give it with --adapter NAME=PATH)", style="red"))
+        self.console.print(Text(f"replies now use {f'adapter {name}' if name else 'the base'}" + (
+            f"; the next turn re-prefills {total - cached} of {total} tokens ({cached} cached under it; "
+            "a cache made under another adapter is not valid here)" if total else ""), style="dim"))
 
     def run(self) -> None:
         while True:
@@ -354,7 +376,10 @@ def main(argv=None) -> None:
         if args.model:
             check_model(console, args.model, args.yes)
         source = args.model or default_model(console, args.yes)
-        model, tokenizer = load(source, adapter_path=args.adapter_path)
+        from ..command import adapters_by_name
+
+        named = adapters_by_name(args.adapter)
+        model, tokenizer = load(source, adapter_path=args.adapter_path, adapters=named or None)
     except (OSError, ValueError, RuntimeError) as e:
         raise SystemExit(f"error: {e}")
     load_s = time.perf_counter() - t_load

@@ -246,6 +246,9 @@ class BlockStore:
     def _writer(self) -> None:
         while True:
             job = self._writes.get()
+            if job is None:  # ``close``
+                self._writes.task_done()
+                return
             try:
                 self._write(*job)
             except OSError as e:  # a full disk, say: the blocks are simply not stored
@@ -262,6 +265,14 @@ class BlockStore:
         done = self._writes.all_tasks_done
         with done:
             return done.wait_for(lambda: not self._writes.unfinished_tasks, timeout)
+
+    def close(self) -> None:
+        """Write what is pending, then end the writer thread (which holds this store, and so
+        the model, until it ends)."""
+        if self._writes is not None:
+            self._writes.put(None)
+            self._writes.join()
+            self._writes = None
 
     def pin(self, tokens, namespace: str = "") -> None:
         """Mark the stored blocks of ``tokens`` as pinned (evicted after every other block)."""

@@ -1,15 +1,43 @@
 """Memory: what a request will need at its peak, predicted from the model's config alone, and
 the budget the server admits requests against.
 
-Only the part a request adds is predicted (its KV cache, conv state, prefill activations and
-logits); the weights are counted once, from the loaded arrays (``serve.metrics.model_bytes``).
+Only what a request adds is predicted; the weights are counted once, from the loaded arrays
+(``serve.metrics.model_bytes``). A request runs as the server runs it (engine/batch.py): its
+prompt is prefilled alone in chunks into an ordinary cache (model/cache.py), then joins the
+batched cache (model/batch_cache.py) and decodes one token a step. Its peak is the largest of
+
+* prefill: the chunk that ends the prompt, when the cache holds the whole prefix. Live then:
+  the KV buffer (grown in steps of ``KVCache.step`` positions; growing copies the old buffer,
+  so one layer holds both for a moment), each conv layer's state, checkpoints (every chunk's
+  end and every ``ConvCache.block``) and the chunk's conv inputs that ``ConvCache.recent``
+  keeps (views of whole-chunk arrays), and the activations of the layer at work: where
+  attention is not fused (the CPU) its scores against the prefix, ``H x chunk x T``, twice
+  (masked, softmaxed) and a contiguous copy of the layer's keys and values; a feed-forward's
+  ``chunk x F`` buffers, or the MoE's routed copies ``chunk x K x (D, F)`` (tokens sorted by
+  expert) and, for a quantized model on float32 activations, its scales and biases in float32;
+* join and decode: the batched KV buffer at ``prompt + max_tokens`` positions (rounded up to
+  the step, plus one layer's old buffer while it grows), the single-sequence cache it was
+  copied from while the copy is made, and the step's logits (``vocab`` float32 per row).
+
+Dimensions: P prompt tokens, M max_tokens, T = P + M, C prefill chunk, D hidden, H / H_kv
+query / key-value heads, Dh head dim, F FFN width, E experts, K experts per token, V vocab.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
+from ..model.batch_cache import BatchKVCache
+from ..model.cache import ConvCache, KVCache
+from ..model.config import ModelArgs
 from .disk_cache import parse_bytes
+
+# MLX's temporaries beyond the buffers named above (copies made by split matmuls and their
+# concatenation across CPU streams, casts, the allocator's rounding): a multiple of a layer's
+# named activations, measured with bench/memory_predict.py.
+TEMPORARIES = 1.5
+SCORES = 1  # score matrices alive at once in unfused attention (masked and softmaxed in place)
 
 
 def default_budget() -> int:
@@ -26,3 +54,98 @@ def budget_bytes(text: Optional[str]) -> int:
     if text is None:
         return default_budget()
     return parse_bytes(text)
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """How a model runs, beyond its config: activation bytes (the KV cache's too), the
+    prefill chunk, whether attention materializes its scores, whether MoE scales are cast."""
+
+    act_bytes: int = 2
+    prefill_step: int = 2048
+    fused_attention: bool = True  # GPUs: no H x C x T scores
+    float32_scales: bool = False  # quantized weights, float32 activations: scales cast per call
+    group_size: int = 64
+
+    @classmethod
+    def of(cls, model, prefill_step: Optional[int] = None) -> "Shapes":
+        """The shapes of a loaded ``model`` on this device."""
+        import mlx.core as mx
+
+        from ..model import device
+        from .decode import default_prefill_step
+
+        emb = model.model.embed_tokens
+        dtype = model.compute_dtype or (emb["scales"].dtype if "scales" in emb else emb["weight"].dtype)
+        q = model.args.quantization or {}
+        return cls(dtype.size, prefill_step or default_prefill_step(), not device.on_cpu(),
+                   bool(q) and dtype == mx.float32, int(q.get("group_size", 64)))
+
+
+def kv_capacity(tokens: int, step: int = KVCache.step) -> int:
+    """Positions a KV buffer holds once ``tokens`` are written (grown in ``step``s)."""
+    return -(-tokens // step) * step
+
+
+def _prefill_capacity(body: int, chunk: int, step: int = KVCache.step) -> int:
+    """Positions of the single-sequence KV buffer after ``body`` tokens in ``chunk``s (as
+    ``KVCache.update_and_fetch`` grows it: by whole steps covering the chunk)."""
+    cap = pos = 0
+    while pos < body:
+        L = min(chunk, body - pos)
+        if pos + L > cap:
+            cap += -(-L // step) * step
+        pos += L
+    return cap
+
+
+def predict(args: ModelArgs, prompt_tokens: int, max_tokens: int, shapes: Shapes = Shapes()) -> int:
+    """Peak bytes one request adds while it prefills ``prompt_tokens`` (all of them, cached
+    ones included: the batch holds their KV) and decodes ``max_tokens`` (see the module
+    docstring); the weights are not included."""
+    return max(phases(args, prompt_tokens, max_tokens, shapes).values())
+
+
+def phases(args: ModelArgs, prompt_tokens: int, max_tokens: int, shapes: Shapes = Shapes()) -> dict:
+    """``{"prefill": bytes, "decode": bytes}``: the peak of each phase (``predict``: the larger)."""
+    a, C = shapes.act_bytes, shapes.prefill_step
+    P = max(1, prompt_tokens)
+    T = P + max(0, max_tokens)
+    n_attn = sum(args.is_attention(i) for i in range(args.num_hidden_layers))
+    n_conv = args.num_hidden_layers - n_attn
+    D, K1 = args.hidden_size, args.conv_L_cache - 1
+    kv_token = 2 * args.num_key_value_heads * args.head_dim * a  # one attention layer, one position
+
+    body = P - 1
+    chunk = min(C, body) if body else 1
+    single_cap = max(_prefill_capacity(body, C), kv_capacity(P))
+    single = n_attn * kv_token * single_cap
+    conv = n_conv * K1 * D * a * (1 + min(ConvCache.max_checkpoints, body // C + body // ConvCache.block + 1))
+    recent = n_conv * (2 * chunk + K1) * D * a  # the last chunk's conv inputs (see module docstring)
+    grow = kv_token * single_cap  # one layer's buffer copied (as it grows, or written in place of a view)
+    prefill = single + conv + recent + grow + _layer_peak(args, shapes, chunk, P)
+
+    batch_cap = max(kv_capacity(T, BatchKVCache.step), P + 1)
+    logits = args.vocab_size * 4 * 3  # float32 logits, log-probabilities, the sampler's copy
+    # joining copies the single cache into the batch a layer at a time, growing copies a layer
+    decode = (n_attn + 1) * kv_token * batch_cap + conv + logits + _layer_peak(args, shapes, 1, T)
+    return {"prefill": int(prefill), "decode": int(decode)}
+
+
+def _layer_peak(args: ModelArgs, shapes: Shapes, L: int, T: int) -> int:
+    """The largest of one layer's activations for ``L`` new tokens against ``T`` positions."""
+    a, D = shapes.act_bytes, args.hidden_size
+    H, H_kv, Dh = args.num_attention_heads, args.num_key_value_heads, args.head_dim
+    hidden = 4 * L * D * a  # the residual stream, its norm, the layer's output, the op's output
+    attn = L * (H + 2 * H_kv) * Dh * a  # q, k, v
+    if not shapes.fused_attention:
+        attn += SCORES * H * L * T * a + L * T  # MLX's unfused attention: the scores, the causal mask
+    conv = 4 * L * D * a  # in_proj's three outputs, B * x
+    dense = 3 * L * args.intermediate_size * a  # gate, up, their product
+    moe = 0
+    if args.model_type == "lfm2_moe":
+        E, K, F = args.num_experts, args.num_experts_per_tok, args.moe_intermediate_size
+        moe = 4 * L * E * 4 + L * K * (3 * D + 3 * F) * a  # router (float32); routed copies
+        if shapes.float32_scales:  # scales and biases of one matrix pair, cast to float32
+            moe += 2 * 2 * E * F * (D // shapes.group_size) * 4
+    return hidden + max(attn, conv, TEMPORARIES * max(dense, moe))  # the op's buffers are gone when the FFN runs

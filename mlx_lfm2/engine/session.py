@@ -8,6 +8,11 @@ for the next turn to prefill. ``retry()`` and ``undo()`` edit the transcript; th
 prompt then rewinds instead of prefilling the conversation again. ``save``/``load`` write
 and check the transcript, cache and model identity; ``load`` also reads mlx-lm's
 prompt-cache files, which hold a cache and no transcript (see ``Chat.head``).
+
+With resident adapters (``model.lora_rows``), ``use_adapter(name)`` switches the adapter the
+next replies use. A cache computed under one adapter is not valid under another, so the
+store keeps one conversation cache per adapter (the base's included): a switch resumes from
+what that adapter last cached of this conversation, and re-prefills the rest.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Iterator, Optional
 import mlx.core as mx
 
 from ..model.cache import checkpoint, rewind
+from ..model.lora_rows import adapter_set, namespace, select
 from ..text.chat_template import split_template
 from ..text.tokenizer import RenderedPrompt, plain_spans
 from .cache_files import CacheFileError, SafeTensors, layout, load_mlx_lm, save_session, session_cache
@@ -29,6 +35,7 @@ from .generation import GenerationResponse, default_sampling, stream_generate
 from .prompt_cache import PromptCache, PromptCacheStore
 from .sample import SamplingParams
 
+ROLES = ("system", "user", "assistant", "tool")
 FORMAT = "mlx_lfm2.chat/3"  # /2 records the model's identity, /3 checksums and its weights' digest
 
 
@@ -68,8 +75,11 @@ class Chat:
         # of a first user message (``head_opening``) and part of its content. The messages
         # then continue it; the prompt spells those tokens with a placeholder (``head_text``).
         self.head = 0
-        # One conversation: the store holds its cache as of the last whole turn.
-        self.store = PromptCacheStore(model, entries=1, draft_model=draft_model)
+        # One conversation: the store holds its cache as of the last whole turn (per adapter).
+        resident = adapter_set(model)
+        self.adapter: Optional[str] = None  # the resident adapter replies use (None: the base)
+        self.store = PromptCacheStore(model, entries=1 + len(resident.loaded if resident else []),
+                                      draft_model=draft_model)
         self.reset()
 
     def reset(self, system: Optional[str] = None) -> None:
@@ -134,7 +144,9 @@ class Chat:
     def reply(self, **overrides) -> Iterator[GenerationResponse]:
         tok = self.tokenizer
         prompt = self.render(self.messages)
-        pc = self.store.take(prompt)  # a copy: the stored turn stays as it was until this one ends
+        ns = namespace(self.model, self.adapter)
+        select(self.model, [self.adapter])
+        pc = self.store.take(prompt, ns)  # a copy: the stored turn stays as it was until this one ends
         if pc.offset < self.head:  # never re-prefill the placeholder: go back to the head
             pc = self._head_only()
         ids = pc.new_tokens(tok, prompt)
@@ -158,9 +170,22 @@ class Chat:
                 self._stats.append((len(self.messages) - 1, dataclasses.replace(latest, finish_reason="interrupted")))
             if finished:
                 pc.commit(tok, prompt, ids, generated)
-                self.store.keep(pc)
+                self.store.keep(pc, ns)
             # else: interrupted inside a step, the copy may be half-updated; the store keeps
             # the last whole turn, and the partial reply is prefilled with the next one.
+
+    def use_adapter(self, name: Optional[str]) -> tuple[int, int]:
+        """Reply with resident adapter ``name`` from now on (None: the base) -> ``(tokens of the
+        conversation so far, of those cached under that adapter)``: the difference is what the
+        next turn re-prefills."""
+        select(self.model, [name])  # not loaded: KeyError (model.lora_rows.NotLoaded), nothing changed
+        self.adapter = name
+        if not self.messages:
+            return 0, 0
+        rest = self.render(self.messages, add_generation_prompt=False)
+        pc = self.store.take(rest, namespace(self.model, name))  # a copy: what the next turn starts from
+        fed = pc.new_tokens(self.tokenizer, rest)
+        return pc.offset + len(fed), pc.offset
 
     def retry(self, **overrides) -> Iterator[GenerationResponse]:
         """Regenerate the last reply (the cache rewinds to the end of its prompt)."""
@@ -179,13 +204,14 @@ class Chat:
         self._forget_from(users[-1])
         # The cache keeps only what the remaining conversation can reuse (what /stats counts).
         rest = self.render(self.messages, add_generation_prompt=False) if self.messages or self.head else ""
+        ns = namespace(self.model, self.adapter)
         if self.head and not self.messages:
             pc = self._head_only()
         else:
-            pc = self.store.take(rest)
+            pc = self.store.take(rest, ns)
             pc.trim(self.tokenizer, rest)
         self.store.clear()
-        self.store.keep(pc)  # (nothing when no token of it remains)
+        self.store.keep(pc, ns)  # (nothing when no token of it remains)
         return dropped
 
     @property
@@ -207,6 +233,26 @@ class Chat:
                 "model": json.dumps(model_identity(self.model)), "weights": model_digest(self.model, self.tokenizer),
                 "system": self.system or "", "head": str(self.head), "format": FORMAT}
         save_session(path, pc.cache, meta)
+
+    def _check_transcript(self, path, messages: list, tokens: list, text) -> None:
+        """What a crafted file could hold that would pass ``load`` and break the next turn:
+        messages that are not role/content strings, ones this template cannot render, token
+        ids past the embedding rows (MLX does not bounds-check), spans outside the text."""
+        for i, m in enumerate(messages):
+            if not (isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)
+                    and set(m) == {"role", "content"}):
+                raise ValueError(f"{path} is a damaged saved chat: message {i} is not a "
+                                 f"{{role, content}} pair of strings ({str(m)[:60]})")
+        vocab = getattr(self.model.args, "vocab_size", None) or self.tokenizer.vocab_size  # embedding rows
+        if any(not 0 <= t < vocab for t in tokens):
+            raise ValueError(f"{path} is a damaged saved chat: a token id outside the vocabulary of {vocab}")
+        if any(not 0 <= a <= b <= len(text) for a, b in text.plain):
+            raise ValueError(f"{path} is a damaged saved chat: a content span outside its text")
+        try:
+            self.tokenizer.apply_chat_template(messages + [{"role": "user", "content": "?"}], tools=self.tools,
+                                               add_generation_prompt=True)
+        except Exception as e:  # the template's own refusal (raise_exception), a limit, a bad value
+            raise ValueError(f"{path}: this model's chat template cannot render its conversation: {e}") from e
 
     def load(self, path, model_name: Optional[str] = None) -> None:
         """Replace the conversation by a saved one; refused (ValueError) if another model saved
@@ -238,6 +284,7 @@ class Chat:
                 raise ValueError(f"a head of {head} tokens that the tokens do not start with")
         except (KeyError, ValueError, TypeError) as e:
             raise ValueError(f"{path} is a damaged saved chat: {e}") from e
+        self._check_transcript(path, messages, tokens, text)
         ours = model_identity(self.model)
         if saved != ours:
             raise ValueError(f"{path} was saved with another model ({_mismatch(saved, ours)}): "

@@ -152,8 +152,12 @@ class ConvCache:
             self._keep(o, state)
 
     def _keep(self, offset: int, state: Optional[mx.array]) -> None:
-        # A slice is a view of its whole chunk: a copy keeps only (K - 1) * D numbers alive.
-        self.checkpoints[offset] = None if state is None else mx.contiguous(state)
+        # A slice is a view of its whole chunk: a copy keeps only (K - 1) * D numbers alive, once
+        # evaluated (unevaluated, it would hold its inputs, the chunk's arrays, as long as it is kept).
+        kept = None if state is None else mx.contiguous(state)
+        if kept is not None:
+            mx.async_eval(kept)
+        self.checkpoints[offset] = kept
         while len(self.checkpoints) > self.max_checkpoints:
             self.checkpoints.pop(min(self.checkpoints))  # the oldest prefix matters least
 

@@ -20,7 +20,6 @@ At most ``--max-adapters`` are resident (each holds its A/B for every layer it a
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from pathlib import Path, PurePosixPath
 from typing import Optional
@@ -30,10 +29,10 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
+from ..command import ADAPTER_NAME as NAME
 from ..weights.adapters import AdapterError, add_resident
 from .boundary import APIError
 
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,63}$")
 DEFAULT_MAX_ADAPTERS = 8
 
 
@@ -47,20 +46,6 @@ class UnloadRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     lora_name: str
     lora_int_id: Optional[int] = None  # vLLM's clients may send it; names are what count here
-
-
-def parse_adapter_flags(values: list[str]) -> dict:
-    """``--adapter NAME=PATH`` values -> ``{name: path}`` (SystemExit naming a bad one)."""
-    out = {}
-    for v in values or []:
-        name, sep, path = v.partition("=")
-        if not sep or not path or not NAME.match(name):
-            raise SystemExit(f"error: --adapter {v!r}: give NAME=PATH, NAME of letters, digits and ._:@/- "
-                             "(at most 64)")
-        if name in out:
-            raise SystemExit(f"error: --adapter {name!r} is given twice")
-        out[name] = path
-    return out
 
 
 class AdapterTable:

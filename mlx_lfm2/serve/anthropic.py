@@ -23,6 +23,7 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from sse_starlette.sse import EventSourceResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -32,7 +33,7 @@ from ..engine.sample import SamplingParams
 from ..text.tool_grammar import MAX_CALLS, forced_tool_opening, tool_call_grammar
 from .boundary import APIError, exception_handlers, internal_error
 from .openai_api import ChatRequest, checked_stops, to_template_messages
-from .service import Service
+from .service import Routed, Service
 
 PREFIX = "/v1/messages"
 
@@ -178,6 +179,9 @@ def _text(blocks, where: str) -> str:
     text, becomes a placeholder saying it was left out; any other block is refused."""
     if isinstance(blocks, str):
         return blocks
+    if not isinstance(blocks, list):
+        raise APIError(400, f"{where}: content is a string or a list of content blocks, not "
+                            f"{type(blocks).__name__}")
     parts = []
     for b in blocks:
         kind = b.get("type") if isinstance(b, dict) else type(b).__name__
@@ -300,19 +304,18 @@ def app(service: Service) -> Starlette:
                      exception_handlers=exception_handlers(render_error))
 
 
-class Messages:
+class Messages(Routed):
     def __init__(self, service: Service):
         self.service = service
-        self.scheduler = service.scheduler
 
     async def parse(self, request: Request, overrides: Optional[dict] = None) -> tuple[MessagesRequest, str]:
         req = await self.service.read(request, MessagesRequest, overrides)
-        messages = template_messages(req, self.scheduler.template_renders_tool_calls)
-        return req, self.service.render(messages, req.offered_tools)
+        messages = await run_in_threadpool(template_messages, req, self.scheduler.template_renders_tool_calls)
+        return req, await self.service.render(messages, req.offered_tools)
 
     async def count_tokens(self, request: Request):
         _, prompt = await self.parse(request, {"max_tokens": 1})  # count_tokens takes no max_tokens
-        return JSONResponse({"input_tokens": len(self.service.tokenizer.encode(prompt, add_special_tokens=False))})
+        return JSONResponse({"input_tokens": await self.service.count(prompt)})
 
     async def messages(self, request: Request):
         req, prompt = await self.parse(request)

@@ -22,6 +22,7 @@ import threading
 from typing import Any, Callable, Optional
 
 from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -140,7 +141,7 @@ async def read_body(request: Request, timeout: float = BODY_TIMEOUT) -> dict:
         raw = await asyncio.wait_for(read(), timeout)
     except asyncio.TimeoutError:
         raise APIError(408, f"the body did not arrive within {timeout:g} s", code="request_timeout")
-    body = loads(raw)
+    body = await run_in_threadpool(loads, raw)  # a 4 MiB body parses off the event loop
     if not isinstance(body, dict):
         raise APIError(400, "the body must be a JSON object", code="invalid_json")
     return body

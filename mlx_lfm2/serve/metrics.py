@@ -42,6 +42,14 @@ class Record:
     started: float = field(default_factory=time.perf_counter)
     status: int = 0
     jobs: list = field(default_factory=list)
+    model: str = "-"  # the served model it was routed to
+
+
+def note_model(name: str) -> None:
+    """The model the HTTP request being served was routed to (no-op outside one)."""
+    record = _current.get()
+    if record is not None:
+        record.model = name
 
 
 def track(job) -> None:
@@ -83,8 +91,7 @@ class _Settings:
 class Metrics:
     """The registry, the per-request counters and histograms, and the scrape-time gauges."""
 
-    def __init__(self, scheduler):
-        self.scheduler = scheduler
+    def __init__(self, models):
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("mlx_lfm2_requests", "HTTP requests by route and status",
@@ -97,7 +104,7 @@ class Metrics:
         self.cached_tokens = Counter("mlx_lfm2_prompt_cache_hit_tokens", "prompt tokens reused from the prompt cache",
                                      registry=r)
         self.generated = Counter("mlx_lfm2_generation_tokens", "tokens generated", registry=r)
-        r.register(_Gauges(scheduler))
+        r.register(_Gauges(models))
 
     def observe(self, record: Record) -> None:
         # A label per path a client sends would grow without bound: unknown paths are "other".
@@ -122,43 +129,55 @@ class Metrics:
 
 
 class _Gauges:
-    """Values read at scrape time from the scheduler and MLX."""
+    """Values read at scrape time from the loaded models' schedulers (``models.Models``) and MLX."""
 
-    def __init__(self, scheduler):
-        self.scheduler = scheduler
+    def __init__(self, models):
+        self.models = models
 
     def collect(self):
         import mlx.core as mx
 
-        s = self.scheduler
+        loaded = self.models.loaded()
 
         def gauge(name, doc, value):
             g = GaugeMetricFamily(name, doc)
             g.add_metric([], value)
             return g
 
-        yield gauge("mlx_lfm2_queue_depth", "requests waiting for the worker", s.jobs.qsize())
-        yield gauge("mlx_lfm2_batch_occupancy", "requests decoding in the batch", len(s.live) or int(s.current is not None))
-        yield gauge("mlx_lfm2_batch_capacity", "rows of the batch", s.batch.max_batch)
+        schedulers = [e.scheduler for e in loaded]
+        yield gauge("mlx_lfm2_queue_depth", "requests waiting for the workers", sum(s.jobs.qsize() for s in schedulers))
+        yield gauge("mlx_lfm2_batch_occupancy", "requests decoding in the batches",
+                    sum(len(s.live) or int(s.current is not None) for s in schedulers))
+        yield gauge("mlx_lfm2_batch_capacity", "rows of the batches", sum(s.batch.max_batch for s in schedulers))
         g = GaugeMetricFamily("mlx_lfm2_resident_model_bytes", "bytes of each loaded model's weights", labels=["model"])
-        g.add_metric([s.model_id], model_bytes(s.model))
+        for e in loaded:
+            g.add_metric([e.name], e.size)
         yield g
-        yield gauge("mlx_lfm2_resident_models", "models loaded", 1)
+        yield gauge("mlx_lfm2_resident_models", "models loaded", len(loaded))
+        admitting = [s for s in schedulers if getattr(s, "admission", None) is not None]
+        if admitting:
+            yield gauge("mlx_lfm2_memory_budget_bytes", "the memory budget (--memory-budget)", admitting[0].admission.budget)
+            yield gauge("mlx_lfm2_memory_reserved_bytes", "predicted peak bytes of the requests running",
+                        sum(s.reserved for s in admitting))
+            yield gauge("mlx_lfm2_memory_waiting_requests", "requests waiting for memory",
+                        sum(s.held is not None for s in admitting))
         yield gauge("mlx_lfm2_mlx_active_memory_bytes", "MLX active memory", mx.get_active_memory())
         yield gauge("mlx_lfm2_mlx_peak_memory_bytes", "MLX peak memory", mx.get_peak_memory())
         yield gauge("mlx_lfm2_mlx_cache_memory_bytes", "MLX buffer cache", mx.get_cache_memory())
 
 
 def model_bytes(model) -> int:
+    """Bytes of ``model``'s weights (0 for a stand-in without parameters, as tests use)."""
     from mlx.utils import tree_flatten
 
-    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    parameters = getattr(model, "parameters", None)
+    return sum(v.nbytes for _, v in tree_flatten(parameters())) if parameters is not None else 0
 
 
-def log_line(record: Record, model_id: str) -> str:
+def log_line(record: Record) -> str:
     """One request's line: never its content unless ``--log-content``."""
     elapsed = time.perf_counter() - record.started
-    parts = [f"request {record.id}", record.route, f"status={record.status}", f"model={model_id}"]
+    parts = [f"request {record.id}", record.route, f"status={record.status}", f"model={record.model}"]
     jobs = record.jobs
     if jobs:
         timings = [j.timing for j in jobs if getattr(j, "timing", None) is not None]
@@ -204,7 +223,7 @@ class Observer:
             _current.reset(token)
             record.status = record.status or 500
             if scope.get("path") not in ("/metrics", "/health"):  # scrapes and probes: counted, not logged
-                self.log(log_line(record, self.metrics.scheduler.model_id))
+                self.log(log_line(record))
             self.metrics.observe(record)
 
 

@@ -6,9 +6,10 @@ editor plugins, Aider's ``ollama_chat/``) can use the model.
 ``format``: ``"json"`` or a JSON schema, held by our constraints; ``tools``) onto a
 ``ChatRequest`` and go through the service (prepare, the reply assembler), streaming NDJSON
 lines by default as Ollama does (``"stream": false``: one object). ``/api/tags``, ``/api/show``,
-``/api/ps`` and ``/api/version`` describe the one served model. ``keep_alive`` is accepted (the
-model stays resident). Errors have Ollama's shape, ``{"error": "message"}``, also as the last
-line of a stream that has begun.
+``/api/ps`` and ``/api/version`` describe the served models (``models``: ``model`` picks one,
+``keep_alive`` says how long it stays loaded once idle; a request with no prompt only loads it).
+Errors have Ollama's shape, ``{"error": "message"}``, also as the last line of a stream that
+has begun.
 """
 
 from __future__ import annotations
@@ -16,16 +17,18 @@ from __future__ import annotations
 import json
 import time
 from datetime import datetime, timezone
+from typing import Optional
 
+from starlette.concurrency import run_in_threadpool
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from .boundary import APIError, exception_handlers, no_reply, read_body, validate
-from .metrics import model_bytes
+from .models import UNSET, folder_config
 from .openai_api import ChatRequest, to_template_messages
-from .service import Service
+from .service import Routed, Service
 
 PREFIX = "/api"
 VERSION = "0.12.0"  # the Ollama API version these routes follow
@@ -82,9 +85,22 @@ def _format(fmt):
     raise APIError(400, "format: 'json' or a JSON schema object", param="format")
 
 
-class Ollama:
+def _loads_only(body: dict, chat: bool) -> bool:
+    """A request with nothing to answer: no messages (chat), no prompt (generate)."""
+    return not body.get("messages") if chat else not body.get("prompt") and not body.get("suffix")
+
+
+def _expiry(due) -> str:
+    """A monotonic deadline as Ollama's ``expires_at`` (None: far in the future)."""
+    if due is None:
+        return "2318-01-01T00:00:00Z"
+    at = datetime.now(timezone.utc).timestamp() + due - time.monotonic()
+    return datetime.fromtimestamp(at, timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+class Ollama(Routed):
     def __init__(self, service: Service):
-        self.service, self.scheduler = service, service.scheduler
+        self.service = service
 
     def _request(self, body: dict, messages: list) -> ChatRequest:
         options = body.get("options") or {}
@@ -107,23 +123,28 @@ class Ollama:
         sv = self.service
         sv.authorize(request)
         body = await read_body(request, sv.body_timeout)
+        s, adapter = await sv.route(body.get("model"), body.get("keep_alive", UNSET))
+        item = self._chat_item if chat else self._generate_item
+        if _loads_only(body, chat):  # Ollama's way to load (or, keep_alive 0, unload) a model
+            return JSONResponse({**item(adapter or s.model_id, "", []), "done": True,
+                                 "done_reason": "unload" if body.get("keep_alive") == 0 else "load"})
         if chat:
-            req = self._request(body, [])
+            req = await run_in_threadpool(self._request, body, [])
         else:
             if not isinstance(body.get("prompt", ""), str):
                 raise APIError(400, "prompt: a string", param="prompt")
             system = [{"role": "system", "content": body["system"]}] if body.get("system") else []
-            req = self._request(body, system + [{"role": "user", "content": body.get("prompt", "")}])
+            user = [{"role": "user", "content": body.get("prompt", "")}]
+            req = await run_in_threadpool(self._request, body, system + user)
         tools = req.tool_names if req.tools else frozenset()
         if chat or not body.get("raw"):
-            prompt = sv.render(to_template_messages(req, self.scheduler.template_renders_tool_calls),
-                               req.tools if tools else None)
+            prompt = await sv.render(to_template_messages(req, self.scheduler.template_renders_tool_calls),
+                                     req.tools if tools else None)
         else:
             prompt = body.get("prompt", "")
         started = time.perf_counter_ns()
         name = body.get("model")
         job = await sv.prepare(req, prompt, model=name if isinstance(name, str) else None)
-        item = self._chat_item if chat else self._generate_item
         shape = lambda text, calls: item(job.model, text, calls)  # noqa: E731
         if body.get("stream", True):
             return StreamingResponse(self._lines(job, tools, shape, started), media_type="application/x-ndjson")
@@ -161,35 +182,45 @@ class Ollama:
         except APIError as e:
             yield json.dumps(render(e)[1]) + "\n"
 
-    # The served model ---------------------------------------------------------------------
+    # The served models --------------------------------------------------------------------
 
-    def _details(self) -> dict:
-        args = self.scheduler.model.args
-        kind = getattr(args, "model_type", "lfm2")
-        return {"format": "mlx", "family": kind, "families": [kind], "parameter_size": "",
-                "quantization_level": "Q4" if getattr(args, "quantization", None) else "F16"}
+    def _entry(self, e, name: Optional[str] = None) -> dict:
+        """``/api/tags``' item for registry entry ``e`` (loaded or not), or for ``name``, an
+        adapter on it."""
+        config = vars(e.scheduler.model.args) if e.scheduler is not None else folder_config(e.path)
+        kind = config.get("model_type", "lfm2")
+        details = {"format": "mlx", "family": kind, "families": [kind], "parameter_size": "",
+                   "quantization_level": "Q4" if config.get("quantization") else "F16"}
+        name = name or e.name
+        return {"name": name, "model": name, "modified_at": _now(), "size": e.size, "digest": "", "details": details}
 
-    def _entry(self, name: str) -> dict:
-        return {"name": name, "model": name, "modified_at": _now(), "size": model_bytes(self.scheduler.model),
-                "digest": "", "details": self._details()}
+    def _entries(self, entries) -> list[dict]:
+        """Each entry's item, then one per adapter resident on it."""
+        items = [(e, self._entry(e)) for e in entries]
+        for e in entries:
+            if e.scheduler is not None and e.scheduler.adapters is not None:
+                items += [(e, self._entry(e, n)) for n in e.scheduler.adapters.loaded]
+        return items
 
     async def tags(self, request: Request):
         self.service.authorize(request)
-        return JSONResponse({"models": [self._entry(n) for n in self.service.names()]})
+        return JSONResponse({"models": [item for _, item in self._entries(list(self.service.models.entries.values()))]})
 
     async def ps(self, request: Request):
         self.service.authorize(request)
-        return JSONResponse({"models": [{**e, "expires_at": "2318-01-01T00:00:00Z", "size_vram": e["size"]}
-                                        for e in map(self._entry, self.service.names())]})
+        return JSONResponse({"models": [{**item, "expires_at": _expiry(e.expires), "size_vram": e.size}
+                                        for e, item in self._entries(self.service.models.loaded())]})
 
     async def show(self, request: Request):
         self.service.authorize(request)
-        await read_body(request, self.service.body_timeout)
-        args = self.scheduler.model.args
-        return JSONResponse({"modelfile": "", "parameters": "", "template": self.scheduler.tokenizer.chat_template or "",
-                             "details": self._details(), "capabilities": ["completion", "tools"],
+        body = await read_body(request, self.service.body_timeout)
+        s, _ = await self.service.route(body.get("model") or body.get("name"))
+        args = s.model.args
+        return JSONResponse({"modelfile": "", "parameters": "", "template": s.tokenizer.chat_template or "",
+                             "details": self._entry(self.service.models.entries[s.model_id])["details"],
+                             "capabilities": ["completion", "tools"],
                              "model_info": {"general.architecture": getattr(args, "model_type", "lfm2"),
-                                            "context_length": self.scheduler.max_context}})
+                                            "context_length": s.max_context}})
 
     async def version(self, request: Request):
         return JSONResponse({"version": VERSION})

@@ -25,7 +25,7 @@ from ..engine.distributed import group
 from .boundary import APIError, exception_handlers, internal_error, no_reply
 from .openai_api import (ChatRequest, CompletionRequest, chat_chunk, new_id, openai_tool_calls,
                          to_template_messages, usage)
-from .service import Service
+from .service import Routed, Service
 
 
 def app(service: Service, routes: tuple = ()) -> Starlette:
@@ -38,17 +38,16 @@ def app(service: Service, routes: tuple = ()) -> Starlette:
                      exception_handlers=exception_handlers())
 
 
-class OpenAI:
+class OpenAI(Routed):
     def __init__(self, service: Service):
         self.service = service
-        self.scheduler = service.scheduler
 
     async def chat_completions(self, request: Request):
         sv = self.service
         req = await sv.read(request, ChatRequest)
         tools = req.tool_names if req.tools and req.tool_choice != "none" else frozenset()
         messages = to_template_messages(req, self.scheduler.template_renders_tool_calls)
-        prompt = sv.render(messages, req.tools if tools else None)
+        prompt = await sv.render(messages, req.tools if tools else None)
         top = (req.top_logprobs or 0) if req.logprobs else None
         forced = req.forced_tool_call()  # the reply's opening, written for the model
         job = await sv.prepare(req, prompt + forced, top)
@@ -107,7 +106,8 @@ class OpenAI:
             if len(req.prompts) > 1:
                 raise APIError(400, "stream takes one prompt (a list of prompts is answered whole)", param="prompt")
             text, ids = self._text_and_ids(req.prompts[0])
-            job = await self.service.prepare(req, text, req.top, score_ids=ids if req.echo else None)
+            job = await self.service.prepare(req, text, req.top, score_ids=ids if req.echo else None,
+                                             ids=None if isinstance(req.prompts[0], str) else ids)
             return EventSourceResponse(sse_events(self._stream_completion(job, req, cid, text, ids)), ping=15)
         done, step = [], self.scheduler.batch.max_batch
         for start in range(0, len(req.prompts), step):
@@ -121,7 +121,8 @@ class OpenAI:
         return JSONResponse(out)
 
     def _text_and_ids(self, prompt) -> tuple[str, list[int]]:
-        """Text as given, or ids as given (scored exactly as sent; decoded for generation)."""
+        """Text as given, or ids as given (scored and continued exactly as sent; their decoding
+        is the text the prompt cache matches on)."""
         tok = self.service.tokenizer
         if isinstance(prompt, str):
             return prompt, tok.encode(prompt, add_special_tokens=False)
@@ -129,7 +130,8 @@ class OpenAI:
 
     async def _completion(self, request: Request, req: CompletionRequest, prompt):
         text, ids = self._text_and_ids(prompt)
-        job = await self.service.prepare(req, text, req.top, score_ids=ids if req.echo else None)
+        job = await self.service.prepare(req, text, req.top, score_ids=ids if req.echo else None,
+                                         ids=None if isinstance(prompt, str) else ids)
         reply = await self.service.whole(request, job, text if req.echo else "")
         lps = None
         if req.top is not None:
@@ -158,23 +160,23 @@ class OpenAI:
             yield json.dumps(chunk)
         yield "[DONE]"
 
-    def model_card(self, name: str) -> dict:
+    @staticmethod
+    def model_card(name: str) -> dict:
         """OpenAI's model object, with the fields Anthropic's clients read (Claude Code lists models)."""
         return {"id": name, "object": "model", "created": 0, "owned_by": "mlx_lfm2", "type": "model",
                 "display_name": name, "created_at": "1970-01-01T00:00:00Z"}
 
     async def models(self, request: Request):
         self.service.authorize(request)
-        names = self.service.names()  # the base, then each resident adapter
+        names = self.service.names()  # the models, then each resident adapter
         return JSONResponse({"object": "list", "data": [self.model_card(n) for n in names], "has_more": False,
                              "first_id": names[0], "last_id": names[-1]})
 
     async def model(self, request: Request):
         self.service.authorize(request)
-        name, names = request.path_params["name"], self.service.names()
-        if name not in names:
-            raise APIError(404, f"model {name!r} not found: this server serves {', '.join(map(repr, names))}",
-                           type_="not_found_error", code="model_not_found")
+        name = request.path_params["name"]
+        if name not in self.service.names():
+            raise self.service.unknown(name)
         return JSONResponse(self.model_card(name))
 
 

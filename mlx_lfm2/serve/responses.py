@@ -32,12 +32,14 @@ from typing import Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from sse_starlette.sse import EventSourceResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.applications import Starlette
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from .boundary import APIError, exception_handlers, internal_error, no_reply
 from .openai_api import MAX_SEED, ChatRequest, to_template_messages
+from .service import Routed
 
 MAX_STORED = 256
 MAX_STORED_BYTES = 64 << 20  # their JSON, conversations included (each holds its whole history)
@@ -320,20 +322,19 @@ def app(service) -> Starlette:
                      exception_handlers=exception_handlers())
 
 
-class Responses:
+class Responses(Routed):
     def __init__(self, service, store: Store):
         self.service, self.store = service, store
-        self.scheduler = service.scheduler
 
     async def create(self, request):
         sv = self.service
         req = await sv.read(request, ResponsesRequest)
         earlier = self.store.conversation(req.previous_response_id) if req.previous_response_id else []
-        chat, conversation = req.chat_request(earlier)
+        chat, conversation = await run_in_threadpool(req.chat_request, earlier)
         tools = chat.tool_names if chat.tools and chat.tool_choice != "none" else frozenset()
         messages = to_template_messages(chat, self.scheduler.template_renders_tool_calls)
         forced = chat.forced_tool_call()
-        job = await sv.prepare(chat, sv.render(messages, chat.tools if tools else None) + forced, model=req.model)
+        job = await sv.prepare(chat, await sv.render(messages, chat.tools if tools else None) + forced, model=req.model)
         turn = Turn(self, req, conversation, job, forced)
         if req.stream:
             return EventSourceResponse(turn.stream(sv.pieces(job, forced, tools)), ping=15)

@@ -50,8 +50,9 @@ from .outbox import MAX_ITEMS, STALL_TIMEOUT, Outbox
 
 DEFAULT_MAX_TOKENS = 2048
 DONE = object()  # a job's last item
+STOP = object()  # in the job queue: the worker ends there (``shutdown``)
 IMPOSSIBLE = -9999.0  # the logprob OpenAI reports for a token that cannot be sampled
-IDLE_POLL = 0.05  # seconds an idle worker waits for a job before it looks for ``call``ed work
+WAKE = object()  # put in the job queue to wake an idle worker for ``call``ed work
 
 
 @dataclass
@@ -61,6 +62,7 @@ class Job:
     top_logprobs: Optional[int]  # None: no logprobs
     loop: asyncio.AbstractEventLoop
     ids: Optional[list] = None  # prompt_text's ids, when the front end tokenized it already
+    exact_ids: bool = False  # ids are the prompt as sent (token ids): the model sees exactly them
     constraint: Optional[object] = None  # params' constraint, compiled by the front end
     out: Outbox = field(default_factory=Outbox)
     stop: threading.Event = field(default_factory=threading.Event)
@@ -75,6 +77,7 @@ class Job:
     timing: Optional[object] = None  # serve.metrics.JobTiming: its tokens' times, when observed
     adapter: Optional[str] = None  # a resident adapter's name (None: the base)
     model: str = ""  # the name the request asked for, as its reply reports it
+    memory: int = 0  # its predicted peak bytes (serve.admission), reserved while it runs
 
     def emit(self, item) -> None:
         if self.timing is not None and isinstance(item, tuple) and item[0].token is not None:
@@ -123,6 +126,9 @@ class Scheduler:
         self.max_buffered = max_buffered  # tokens a job's outbox holds before its row is parked
         self.template_renders_tool_calls = "tool_calls" in (tokenizer.chat_template or "")
         self._worker: Optional[threading.Thread] = None
+        self._stopping = False  # the worker took STOP: it ends once the batch is empty
+        self.admission = None  # serve.admission.Admission: requests join when their memory fits
+        self.held: Optional[Job] = None  # the queue's head, waiting for memory
 
     @property
     def serial(self) -> bool:
@@ -146,7 +152,15 @@ class Scheduler:
         """Run ``fn()`` on the worker between two steps (never during a forward) -> its future."""
         future: Future = Future()
         self.controls.put((fn, future))
+        self._wake()
         return future
+
+    def _wake(self) -> None:
+        """Wake the worker if it waits for a job (a full queue: it is busy, and looks anyway)."""
+        try:
+            self.jobs.put_nowait(WAKE)
+        except queue.Full:
+            pass
 
     def _run_controls(self) -> None:
         while True:
@@ -163,7 +177,8 @@ class Scheduler:
         """How many requests, running or queued, use ``adapter`` (call on the worker)."""
         with self.jobs.mutex:
             queued = list(self.jobs.queue)
-        return sum(j.adapter == adapter for j in queued) + sum(l.job.adapter == adapter for l in self.live.values())
+        return (sum(isinstance(j, Job) and j.adapter == adapter for j in queued)
+                + sum(l.job.adapter == adapter for l in self.live.values()))
 
     def submit(self, job: Job) -> None:
         if self.closed:
@@ -174,6 +189,15 @@ class Scheduler:
             raise APIError(429, "the server is busy: too many queued requests, retry shortly",
                            type_="rate_limit_error", code="queue_full")
 
+    def shutdown(self) -> None:
+        """End the worker once the jobs in hand are done (``serve.models`` unloading the model):
+        new jobs are refused, and the thread lets go of the model when it returns."""
+        self.closed = True
+        if self._worker is not None:
+            self.jobs.put(STOP)
+            self._worker.join()
+            self._worker = None
+
     def close(self) -> None:
         """Stop the running job and drop the queued ones (on SIGTERM/SIGINT): their handlers
         return at once, so the server's graceful shutdown does not wait on generation."""
@@ -183,12 +207,20 @@ class Scheduler:
                 job = self.jobs.get_nowait()
             except queue.Empty:
                 break
+            if job is STOP or job is WAKE:  # the worker gets its STOP below
+                continue
             job.stop.set()
             job.emit(DONE)
         for live in self.live.copy().values():  # copy(): atomic while the worker changes it
             live.job.stop.set()
+        if self.held is not None:
+            self.held.stop.set()
         if self.current is not None:
             self.current.stop.set()
+        try:  # the worker ends, once its rows have (an idle one at once)
+            self.jobs.put_nowait(STOP)
+        except queue.Full:  # a submit raced the drain: the worker still finds STOP after it
+            self.jobs.put(STOP)
 
     # Prompt caches --------------------------------------------------------------------------
 
@@ -204,7 +236,8 @@ class Scheduler:
         while excess > 0 and pc.offset > 0:
             ids = pc.new_tokens(self.tokenizer, job.prompt_text, job.ids, at_most=pc.offset - excess, grid=grid)
             excess = pc.offset + len(ids) + 1 - self.max_context
-        if not ids:  # a cache that consumed this whole prompt leaves nothing to sample from
+        exact = job.exact_ids and pc.tokens + ids != list(job.ids)  # a text match, other ids: not these
+        if not ids or exact:  # a cache that consumed this whole prompt leaves nothing to sample from
             pc = self.caches.fresh()
             ids = pc.new_tokens(self.tokenizer, job.prompt_text, job.ids)
         request = build_request(self.model, self.tokenizer, ids, job.params, held=pc.offset,
@@ -238,7 +271,7 @@ class Scheduler:
     # Batched mode ---------------------------------------------------------------------------
 
     def _work_batched(self) -> None:
-        while True:
+        while not (self._stopping and not self.live):
             self._run_controls()
             self._admit()
             for uid, live in list(self.live.items()):
@@ -288,15 +321,23 @@ class Scheduler:
 
     def _admit(self) -> None:
         """Move queued requests into the batch while it has room; wait for one when idle."""
-        while len(self.live) < self.batch.max_batch:
+        while len(self.live) < self.batch.max_batch and not self._stopping:
             try:
-                job = self.jobs.get(timeout=IDLE_POLL) if not self.live else self.jobs.get_nowait()
+                job, self.held = self.held or (self.jobs.get() if not self.live else self.jobs.get_nowait()), None
             except queue.Empty:
+                return
+            if job is WAKE:
+                return
+            if job is STOP:
+                self._stopping = True
                 return
             if job.stop.is_set():  # its client left while it waited
                 self.stats["cancelled"] += 1
                 job.emit(DONE)
                 continue
+            if self.admission is not None and self.live and not self.admission.fits(job.memory, self.reserved):
+                self.held = job  # it waits for memory, and those behind it wait too (see serve.admission)
+                return
             try:
                 self._insert(job)
             except ValueError as e:  # the request's fault, found before its first token
@@ -308,6 +349,11 @@ class Scheduler:
             except Exception as e:
                 job.emit(failed(e))
                 job.emit(DONE)
+
+    @property
+    def reserved(self) -> int:
+        """The predicted bytes of the requests in the batch."""
+        return sum(live.job.memory for live in self.live.copy().values())
 
     def _score(self, job: Job) -> None:
         if job.score_ids is not None and job.top_logprobs is not None:
@@ -349,7 +395,12 @@ class Scheduler:
 
     def _work_serial(self) -> None:
         while True:
+            self._run_controls()
             job = self.jobs.get()
+            if job is WAKE:
+                continue
+            if job is STOP:
+                return
             if job.stop.is_set():  # its client left while it waited
                 self.stats["cancelled"] += 1
                 job.emit(DONE)

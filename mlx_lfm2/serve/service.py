@@ -5,10 +5,11 @@ steps in between are written once here:
 
 * ``authorize``: the API key, from ``Authorization: Bearer KEY`` or ``x-api-key: KEY``,
   compared in constant time;
-* ``read``: auth, the body (``boundary.read_body``) and its validation;
+* ``read``: auth, the body (``boundary.read_body``) and its validation (off the event loop);
 * ``route``: a request's ``model`` name -> the scheduler serving it and the adapter to use
   (the one place names are resolved);
-* ``render``: the chat template, whose refusal is a 400;
+* ``render``: the chat template, off the event loop (bounded in time and size:
+  ``text.template_limits``), whose refusal is a 400; ``count``: a prompt's tokens, off the loop;
 * ``prepare``: off the event loop, the prompt tokenized (once: the worker reuses the ids), the
   context checked and the constraint compiled (once: the worker uses it), so a prompt over the
   context or a bad schema is a 400 before any streaming starts; then the job queued;
@@ -31,10 +32,20 @@ from ..engine.request import PromptTooLongError, check_context
 from ..text.constraints import ConstraintError, make_constraint
 from ..text.tools import ToolCallStream, parse_tool_calls
 from .boundary import APIError, BODY_TIMEOUT, no_reply, read_body, validate, watch
-from .metrics import track
+from .metrics import note_model, track
+from .models import UNSET, Models, current
 from .outbox import Outbox
 from .openai_api import ChatRequest
 from .scheduler import DONE, Job, Scheduler
+
+
+class Routed:
+    """For an API's handler class (with ``self.service``): ``scheduler`` is the model the
+    current request was routed to."""
+
+    @property
+    def scheduler(self) -> Scheduler:
+        return self.service.scheduler
 
 
 @dataclass
@@ -59,29 +70,54 @@ class Reply:
 
 
 class Service:
-    """The steps both APIs share, over one scheduler."""
+    """The steps every API shares, over the served models (``models.Models``)."""
 
-    def __init__(self, scheduler: Scheduler, api_key: Optional[str] = None, body_timeout: float = BODY_TIMEOUT):
-        self.scheduler, self.api_key, self.body_timeout = scheduler, api_key, body_timeout
-        self.tokenizer = scheduler.tokenizer
+    def __init__(self, models: Models, api_key: Optional[str] = None, body_timeout: float = BODY_TIMEOUT):
+        self.models, self.api_key, self.body_timeout = models, api_key, body_timeout
+
+    @property
+    def scheduler(self) -> Scheduler:
+        """The scheduler of the model this request was routed to (``route``)."""
+        return current()
+
+    @property
+    def tokenizer(self):
+        return self.scheduler.tokenizer
 
     def names(self) -> list[str]:
-        """Every name a request may give as ``model``: the base's, then each resident adapter's."""
-        s = self.scheduler
-        return [s.model_id, *(s.adapters.loaded if s.adapters is not None else [])]
+        """Every name a request may give as ``model``: each served model's, then each resident
+        adapter's (adapters sit on a loaded model)."""
+        adapters = [n for e in self.models.loaded() if e.scheduler.adapters is not None
+                    for n in e.scheduler.adapters.loaded]
+        return [*self.models.names, *adapters]
 
-    def route(self, name: Optional[str]) -> tuple[Scheduler, Optional[str]]:
-        """``(scheduler, adapter name or None)`` for a request's ``model``. With one name to
-        serve, any name (or none) is the model: clients send their own names (Claude Code's,
-        say). With adapters resident, a name that is none of ``names()`` is a 404 listing them."""
-        s = self.scheduler
-        if s.adapters is not None and name in s.adapters:
-            return s, name
+    async def route(self, name: Optional[str], keep_alive=UNSET) -> tuple[Scheduler, Optional[str]]:
+        """The one place a request's ``model`` is resolved: ``(scheduler, adapter name or None)``,
+        the model loaded if need be and held until the response ends (``models``), ``keep_alive``:
+        how long it stays loaded once idle. With one name to serve, any name (or none) is the
+        model: clients send their own names (Claude Code's, say); with several, no name is the
+        first model and a name that is none of ``names()`` is a 404 listing them."""
+        if name is not None and not isinstance(name, str):
+            raise APIError(400, "model: a string", param="model")
+        entry, adapter = self._resolve(name)
+        await self.models.acquire(entry, keep_alive)
+        note_model(adapter or entry.name)
+        return entry.scheduler, adapter
+
+    def _resolve(self, name: Optional[str]):
+        for e in self.models.loaded():
+            if e.scheduler.adapters is not None and name in e.scheduler.adapters:
+                return e, name
+        if name in self.models.entries:
+            return self.models.entries[name], None
         names = self.names()
-        if not name or name == s.model_id or len(names) == 1:
-            return s, None
-        raise APIError(404, f"model {name!r} not found: this server serves {', '.join(map(repr, names))}",
-                       param="model", type_="not_found_error", code="model_not_found")
+        if not name or len(names) == 1:
+            return self.models.entries[names[0]], None
+        raise self.unknown(name)
+
+    def unknown(self, name: str) -> APIError:
+        return APIError(404, f"model {name!r:.80} not found: this server serves {', '.join(map(repr, self.names()))}",
+                        param="model", type_="not_found_error", code="model_not_found")
 
     def authorize(self, request: Request) -> None:
         if not self.api_key:
@@ -94,22 +130,36 @@ class Service:
                            type_="authentication_error", code="invalid_api_key")
 
     async def read(self, request: Request, model_cls, overrides: Optional[dict] = None):
-        """The request's body as ``model_cls`` (``overrides``: keys set whatever the body says)."""
+        """The request's body as ``model_cls`` (``overrides``: keys set whatever the body says),
+        its ``model`` routed (``keep_alive``: an extension on every API, as on Ollama's)."""
         self.authorize(request)
         body = await read_body(request, self.body_timeout)
-        return validate(model_cls, {**body, **(overrides or {})}, self.scheduler.vocab)
+        scheduler, _ = await self.route(body.get("model"), body.pop("keep_alive", UNSET))
+        return await run_in_threadpool(validate, model_cls, {**body, **(overrides or {})}, scheduler.vocab)
 
-    def render(self, messages: list[dict], tools=None) -> str:
+    async def render(self, messages: list[dict], tools=None) -> str:
+        """The prompt, rendered in a worker thread (by the routed model's tokenizer, taken
+        here): a multi-MB body never stalls the loop."""
+        return await run_in_threadpool(self._render, self.tokenizer, messages, tools)
+
+    @staticmethod
+    def _render(tokenizer, messages: list[dict], tools=None) -> str:
         try:
-            return self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True)
+            return tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True)
         except Exception as e:
             raise APIError(400, f"the chat template rejected these messages: {e}", param="messages")
 
-    def _compile(self, req, prompt_text: str):
-        """Off the event loop: the prompt's ids (the worker reuses them), the context check,
-        the constraint compiled (the first builds llguidance's view of the vocabulary, ~1 s)."""
-        s = self.scheduler
-        ids = self.tokenizer.encode(prompt_text, add_special_tokens=False)
+    async def count(self, prompt: str) -> int:
+        """``prompt``'s tokens (the routed model's), counted in a worker thread."""
+        return len(await run_in_threadpool(self.tokenizer.encode, prompt, add_special_tokens=False))
+
+    @staticmethod
+    def _compile(s: Scheduler, req, prompt_text: str, ids: Optional[list] = None):
+        """Off the event loop: the prompt's ids (the worker reuses them; given: taken as they
+        are), the context check, the constraint compiled (the first builds llguidance's view
+        of the vocabulary, ~1 s)."""
+        if ids is None:
+            ids = s.tokenizer.encode(prompt_text, add_special_tokens=False)
         try:
             check_context(s.model, len(ids), context=s.max_context)
         except PromptTooLongError as e:
@@ -117,27 +167,32 @@ class Service:
         param = "tools" if isinstance(req, ChatRequest) and req.forced_tool_call() else "response_format"
         try:
             spec = req.constraint()
-            return ids, spec, make_constraint(self.tokenizer, **spec) if spec else None
+            return ids, spec, make_constraint(s.tokenizer, **spec) if spec else None
         except ConstraintError as e:
             raise APIError(400, f"{param}: {e}", param=param, code="invalid_schema")
 
     async def prepare(self, req, prompt_text: str, top_logprobs: Optional[int] = None,
-                      score_ids: Optional[list] = None, model: Optional[str] = None) -> Job:
+                      score_ids: Optional[list] = None, ids: Optional[list] = None,
+                      model: Optional[str] = None) -> Job:
         """Queue ``prompt_text`` with ``req``'s sampling, limit and constraint -> its job. What
         can be refused is refused here, before any streaming starts: a prompt over the context,
         a bad schema (400s naming the problem); the worker builds the request from the ids and
         the constraint compiled here. ``score_ids``: the prompt's ids, scored first into
-        ``job.scores`` (completions' echo with logprobs). ``model``: the name asked for (default
-        ``req.model``), resolved by ``route``."""
+        ``job.scores`` (completions' echo with logprobs). ``ids``: the prompt as token ids
+        (completions), which the model then sees exactly; ``prompt_text`` is their decoding.
+        ``model``: the name asked for (default ``req.model``), resolved by ``route`` (held
+        already when ``read`` routed it)."""
         name = model if model is not None else getattr(req, "model", None)
-        s, adapter = self.route(name)
-        ids, spec, constraint = await run_in_threadpool(self._compile, req, prompt_text)
+        s, adapter = await self.route(name)
+        exact = ids is not None
+        ids, spec, constraint = await run_in_threadpool(self._compile, s, req, prompt_text, ids)
         limit = s.default_max_tokens if req.limit is None else req.limit  # 0: score only (completions)
+        memory = s.admission.check(len(ids), limit) if s.admission is not None else 0  # too big even alone: 400
         params = req.sampling(s.defaults).replace(max_tokens=limit, **spec)
         job = Job(prompt_text, params, top_logprobs, asyncio.get_running_loop(), ids=ids, constraint=constraint,
                   schema_warnings=constraint.warnings if constraint is not None else [], score_ids=score_ids,
-                  out=Outbox(s.max_buffered))
-        job.pin = req.pin_cache
+                  out=Outbox(s.max_buffered), exact_ids=exact)
+        job.pin, job.memory = req.pin_cache, memory
         job.adapter, job.model = adapter, adapter or s.model_id
         track(job)
         s.submit(job)

@@ -4,6 +4,7 @@ The checkpoint's own Jinja template runs in an immutable sandbox with what trans
 gives templates: ``tojson`` (``json.dumps`` semantics, no HTML escaping), ``raise_exception``,
 ``strftime_now``, ``{% generation %}`` blocks, loop controls, ``namespace`` and ``dict``.
 Python functions given as tools become JSON schemas the way ``get_json_schema`` makes them.
+Rendering is bounded in time and output size (``template_limits``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from typing import Any, Callable, Literal, Union, get_args, get_origin, get_type
 
 import jinja2
 import jinja2.ext
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from .template_limits import BoundedSandbox, bounded_render, check_size
 
 # Used when a checkpoint ships no template: the LFM2 format (ChatML with LFM2's tool tokens).
 DEFAULT_TEMPLATE = """{{- bos_token -}}
@@ -69,6 +71,7 @@ class _Namespace(jinja2.utils.Namespace):
 
     def __setitem__(self, name, value):
         _Namespace._check(name)
+        check_size(value)  # a string doubled in a loop stops here
         jinja2.utils.Namespace.__setitem__(self, name, value)
 
     @staticmethod
@@ -87,7 +90,7 @@ def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False
 
 @lru_cache(maxsize=16)
 def compile_template(source: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(
+    env = BoundedSandbox(
         trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, jinja2.ext.loopcontrols]
     )
     env.filters["tojson"] = _tojson
@@ -143,9 +146,9 @@ def render(source: str, messages: list, tools=None, documents=None, add_generati
             raise TypeError(f"chat messages are dicts with 'role' and 'content', got {m!r}")
     # As transformers does: a key set to None (OpenAI's content=None) is a missing key.
     messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
-    return compile_template(source).render(
-        messages=_plain(messages), tools=_plain(tool_schemas(tools)), documents=_plain(documents),
-        add_generation_prompt=add_generation_prompt, **_plain(kwargs),
+    return bounded_render(
+        compile_template(source), messages=_plain(messages), tools=_plain(tool_schemas(tools)),
+        documents=_plain(documents), add_generation_prompt=add_generation_prompt, **_plain(kwargs),
     )
 
 

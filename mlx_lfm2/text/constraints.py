@@ -120,6 +120,8 @@ def bound_numbers(s, depth: int = 0):
     for k in _SCHEMA_MAPS:
         if isinstance(s.get(k), dict):
             out[k] = {name: bound_numbers(v, depth + 1) for name, v in s[k].items()}
+        elif k in s:  # llguidance reads it as a map: anything else is the schema's fault, not ours
+            raise ConstraintError(f"json_schema: {k} must be an object of schemas, not {type(s[k]).__name__}")
     kinds = [k for k in (s.get("type") if isinstance(s.get("type"), list) else [s.get("type")]) if isinstance(k, str)]
     if kinds == ["object"] and "additionalProperties" not in s and "unevaluatedProperties" not in s:
         out["additionalProperties"] = {"$ref": _ANY}
@@ -154,7 +156,22 @@ def _schema(json_schema) -> Union[dict, bool]:
         raise ConstraintError("json_schema must be a JSON object (or true/false)")
     if len(text) > MAX_SCHEMA_CHARS:
         raise ConstraintError(f"json_schema is {len(text)} characters, over the limit of {MAX_SCHEMA_CHARS}")
-    return _with_any(bound_numbers(json_schema))
+    return _with_any(bound_numbers(json_schema))  # llguidance then names what it refuses
+
+
+def check_schema(schema, what: str = "json_schema") -> None:
+    """Refuse a schema that its own draft's metaschema refuses (Draft 2020-12 unless it
+    names another in ``$schema``): a keyword of the wrong JSON type (``"type": 5``,
+    ``"minItems": "2"``, ``"required": "a"``) is the request's fault, said by path. For the
+    tool-call grammar, which reads only some keywords (llguidance checks response formats)."""
+    from jsonschema.exceptions import SchemaError
+    from jsonschema.validators import Draft202012Validator, validator_for
+
+    try:
+        validator_for(schema, default=Draft202012Validator).check_schema(schema)
+    except SchemaError as e:
+        where = "/".join(str(p) for p in e.absolute_path) or "its root"
+        raise ConstraintError(f"{what} is not a valid JSON Schema: at {where}, {e.message[:200]}") from None
 
 
 def grammar_source(*, json_schema: Optional[Schema] = None, regex: Optional[str] = None,

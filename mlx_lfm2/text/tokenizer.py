@@ -141,20 +141,20 @@ class Tokenizer:
         if add_special_tokens and self.bos_token and text.startswith(self.bos_token):
             add_special_tokens = False
         if split_special_tokens:
-            return self._splitting().encode(text, add_special_tokens=add_special_tokens).ids
+            return _encode(self._splitting(), text, add_special_tokens).ids
         spans = plain_spans(text)
         if not any(self._special_re.search(text, a, b) for a, b in spans):
-            return self.backend.encode(str(text), add_special_tokens=add_special_tokens).ids
+            return _encode(self.backend, str(text), add_special_tokens).ids
         # Cut at the template's special tokens (those outside the spans), as the tokenizer
         # itself would, and read each piece between them with specials as plain text.
         pieces, pos = [], 0
         for m in self._special_re.finditer(text):
             if any(a < m.end() and m.start() < b for a, b in spans):
                 continue  # typed inside untrusted content
-            pieces.append(self._splitting().encode(text[pos:m.start()], add_special_tokens=False))
+            pieces.append(_encode(self._splitting(), text[pos:m.start()], False))
             pieces.append(self.backend.encode(m.group(), add_special_tokens=False))
             pos = m.end()
-        pieces.append(self._splitting().encode(text[pos:], add_special_tokens=False))
+        pieces.append(_encode(self._splitting(), text[pos:], False))
         return self.backend.post_process(Encoding.merge(pieces), None, add_special_tokens).ids
 
     def _splitting(self) -> _HFTokenizer:
@@ -200,6 +200,18 @@ class Tokenizer:
         else:
             text = templates.render(source, messages, **kwargs)
         return self.encode(text, add_special_tokens=False) if tokenize else text
+
+
+LONG_TEXT = 1 << 16  # characters: past this, encode through encode_batch
+
+
+def _encode(backend: _HFTokenizer, text: str, add_special_tokens: bool) -> Encoding:
+    """``backend.encode``; a long text through ``encode_batch``, which lets go of the GIL
+    while it works (``encode`` holds it: a multi-MB prompt tokenized in a worker thread
+    would stall the server's event loop for seconds)."""
+    if len(text) > LONG_TEXT:
+        return backend.encode_batch([text], add_special_tokens=add_special_tokens)[0]
+    return backend.encode(text, add_special_tokens=add_special_tokens)
 
 
 def _read_json(path: Path) -> dict:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from typing import Optional
 
-from .constraints import JSON_DEFAULTS, ConstraintError, bounded_number
+from .constraints import JSON_DEFAULTS, ConstraintError, bounded_number, check_schema
 from .tools import CALL_END, CALL_START, py_literal
 
 MAX_CALLS = 4  # calls in one forced block when parallel calls are allowed
@@ -226,6 +226,7 @@ def tool_call_grammar(tools: list, name: Optional[str] = None, opened: bool = Fa
             raise ConstraintError(f"tool name {f.get('name')!r} is not a Python name, so LFM2's call "
                                   "syntax cannot call it")
         calls.append((_lit(f["name"] + "("), f'{_arguments(g, f)} ")"'))
+        check_schema(f.get("parameters") or {}, f"tool {f['name']}: parameters")  # what the grammar did not read
     if name is not None:
         ((head, rest),) = calls[:1]
         body = rest if opened else f"{head} {rest}"

@@ -146,3 +146,27 @@ def packed(model, batch: Batch):
         for c in convs:
             c.__class__ = DepthwiseConv
             object.__delattr__(c, "_positions")
+
+
+def segment_state(block):
+    """What ``packed`` set on a block's conv (None outside ``packed`` or for attention): a
+    checkpointed block is recomputed in the backward pass, after ``packed`` has exited, and
+    must see the same document boundaries (``segments_applied``)."""
+    conv = getattr(getattr(block, "conv", None), "conv", None)
+    return (conv, conv._positions) if isinstance(conv, SegmentedConv) else None
+
+
+@contextmanager
+def segments_applied(state):
+    """Re-apply ``segment_state``'s boundaries for one call (nothing when still set)."""
+    if state is None or isinstance(state[0], SegmentedConv):
+        yield
+        return
+    conv, positions = state
+    conv.__class__ = SegmentedConv
+    object.__setattr__(conv, "_positions", positions)
+    try:
+        yield
+    finally:
+        conv.__class__ = DepthwiseConv
+        object.__delattr__(conv, "_positions")

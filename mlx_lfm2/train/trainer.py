@@ -27,7 +27,7 @@ from ..model.blocks import Block
 from ..weights.adapters import AdapterError, save_adapters, save_safetensors
 from .data import Pair
 from .losses import CHUNK, dpo_loss, sft_loss
-from .packing import collate, epoch_rows
+from .packing import collate, epoch_rows, segment_state, segments_applied
 
 STATE = "training_state.safetensors"
 
@@ -134,10 +134,13 @@ class checkpointed_blocks:
         if self.on:
             original = self.original
 
-            def call(block, x, cache=None):
+            def call(block, x, cache=None, mask="causal"):
+                segments = segment_state(block)  # packed rows: the recompute runs after `packed` exits
+
                 def inner(params, x):
                     block.update(params)
-                    return original(block, x, cache)
+                    with segments_applied(segments):
+                        return original(block, x, cache, mask)
 
                 return mx.checkpoint(inner)(block.trainable_parameters(), x)
 

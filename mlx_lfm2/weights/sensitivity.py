@@ -25,20 +25,29 @@ from mlx.utils import tree_flatten
 from .quantize import ROUTER, bits_per_weight, fake_quantize, is_router, spec
 
 AFFINE_BITS = (3, 4, 5, 6, 8)
+WIDE_GROUP = 128  # 4-bit in groups of 128: 4.25 bits per weight, between 3 and 4 in groups of 64
 
 
 def candidates(mode: str, group_size: int) -> list[dict]:
-    """The precisions a path may get, cheapest first."""
+    """The precisions a path may get, cheapest first (a path whose width the wide group does
+    not divide measures it as unusable: an infinite error)."""
     if mode == "affine":
-        return [spec(b, group_size, "affine") for b in AFFINE_BITS]
+        options = [spec(b, group_size, "affine") for b in AFFINE_BITS]
+        if group_size < WIDE_GROUP:
+            options.append(spec(4, WIDE_GROUP, "affine"))
+        return sorted(options, key=bits_per_weight)
     return [spec(mode=mode)] + ([spec(mode="mxfp8")] if mode != "mxfp8" else [])
+
+
+def _fits(weight: mx.array, choice: dict) -> bool:
+    return weight.shape[-1] % choice["group_size"] == 0
 
 
 def relative_errors(ref: mx.array, fn: Callable, weight: mx.array, options: list[dict]) -> list[float]:
     """``|fn(quantized weight) - ref|^2 / |ref|^2`` for each option (``ref = fn(weight)``)."""
     denom = (ref.astype(mx.float32) ** 2).sum()
     return [float((((fn(fake_quantize(weight, c)) - ref).astype(mx.float32) ** 2).sum() / denom).item())
-            for c in options]
+            if _fits(weight, c) else float("inf") for c in options]
 
 
 def measure_block(block: nn.Module, x: mx.array, prefix: str, options: list[dict], quantized: Callable) -> dict:
@@ -53,6 +62,9 @@ def measure_block(block: nn.Module, x: mx.array, prefix: str, options: list[dict
             continue
         w0, errs = m.weight, []
         for c in options:
+            if not _fits(w0, c):
+                errs.append(float("inf"))
+                continue
             m.weight = fake_quantize(w0, c)
             e = ((block(x) - y_ref).astype(mx.float32) ** 2).mean() / denom
             errs.append(float(e.item()))
@@ -75,7 +87,7 @@ def allocate(errors: dict, options: list[dict], budget_bits: float, dtype_bits: 
             i = level[p]
             for j in range(i + 1, len(options)):
                 extra = n * (cost[j] - cost[i])
-                gain = (errs[i] - errs[j]) / extra
+                gain = (errs[i] - errs[j]) / extra if errs[j] < float("inf") else 0.0
                 if spent + extra <= budget_bits and gain > 0 and (best is None or gain > best[0]):
                     best = (gain, p, j, extra)
         if best is None:

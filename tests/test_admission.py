@@ -1,0 +1,139 @@
+"""Admission by predicted memory: the prediction against MLX's measured peak, the 400 for a
+request that cannot fit alone (OpenAI and Anthropic clients), and a request that waits for
+memory until the one before it finishes, with the same reply as alone."""
+
+import asyncio
+
+import mlx.core as mx
+import pytest
+
+from conftest import start_server, tiny_config
+from mlx_lfm2.engine.batch import BatchGenerator
+from mlx_lfm2.engine.memory import Shapes, budget_bytes, default_budget, kv_capacity, predict
+from mlx_lfm2.serve.admission import Admission
+from mlx_lfm2.serve.metrics import model_bytes
+from mlx_lfm2.serve.scheduler import DONE, Job, Scheduler
+from mlx_lfm2.weights.provision import GB, machine
+
+
+@pytest.fixture(scope="module")
+def tiny(checkpoint):
+    from mlx_lfm2 import load
+
+    folder = checkpoint(tiny_config("tiny-moe"), tokenizer=True)
+    model, tokenizer = load(folder)
+    return model, tokenizer, folder
+
+
+def measured_peak(model, prompt_tokens: int, max_tokens: int, chunk: int) -> int:
+    """MLX's peak above the memory active before one request runs through the batch engine."""
+    gen = BatchGenerator(model, 1, chunk)
+    mx.clear_cache()
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
+    gen.insert(mx.random.randint(10, 1000, (prompt_tokens,), key=mx.random.key(prompt_tokens)).tolist(),
+               max_tokens=max_tokens)
+    while len(gen):
+        gen.step()
+    return mx.get_peak_memory() - base
+
+
+@pytest.mark.parametrize("prompt_tokens", [300, 1500, 4000])
+def test_predicted_peak_is_within_15_percent_of_the_measured_one(tiny, prompt_tokens):
+    model = tiny[0]
+    shapes = Shapes.of(model)
+    measured = measured_peak(model, prompt_tokens, 16, shapes.prefill_step)
+    predicted = predict(model.args, prompt_tokens, 16, shapes)
+    assert 0.85 < predicted / measured < 1.15, (predicted, measured)
+
+
+def test_prediction_grows_with_the_reply_by_its_kv_cache(tiny):
+    model = tiny[0]
+    shapes = Shapes(act_bytes=4, prefill_step=128, fused_attention=True)
+    a = model.args
+    n_attn = sum(a.is_attention(i) for i in range(a.num_hidden_layers))
+    per_token = 2 * a.num_key_value_heads * a.head_dim * 4
+    short, long = predict(a, 100, 20_000, shapes), predict(a, 100, 40_000, shapes)
+    # the batched buffer, and one layer's old buffer while it grows
+    assert long - short == (n_attn + 1) * per_token * (kv_capacity(40_100) - kv_capacity(20_100))
+
+
+def test_default_budget_is_the_first_runs_memory_probe():
+    assert default_budget() == int(machine().working_set_gb * GB)
+    assert budget_bytes(None) == default_budget()
+    assert budget_bytes("24G") == 24 << 30
+    with pytest.raises(ValueError, match="not a size"):
+        budget_bytes("lots")
+
+
+def test_a_request_that_cannot_fit_alone_is_a_400_naming_the_numbers(tiny):
+    import anthropic
+    import openai
+
+    model, _, folder = tiny
+    admission = Admission(model, model_bytes(model) + (8 << 20))
+    assert admission.bytes(1, 20_000) > 8 << 20 > admission.bytes(64, 16)
+    proc, base, _ = start_server(folder, "--memory-budget", str(model_bytes(model) + (8 << 20)))
+    try:
+        oa = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0)
+        with pytest.raises(openai.BadRequestError) as e:
+            oa.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=100_000)
+        err = e.value.body
+        assert err["code"] == "memory_exceeded" and err["param"] == "max_tokens"
+        assert "MB of memory at its peak" in err["message"] and "--memory-budget" in err["message"]
+        assert "8 MB are available" in err["message"]
+        an = anthropic.Anthropic(base_url=base, api_key="x", max_retries=0)
+        with pytest.raises(anthropic.BadRequestError) as e:
+            an.messages.create(model="m", max_tokens=20_000, messages=[{"role": "user", "content": "hi"}])
+        assert e.value.body["type"] == "error" and "lower max_tokens" in e.value.body["error"]["message"]
+        # a request that fits is served, and /health shows the budget
+        ok = oa.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+        assert ok.choices[0].message.content is not None
+        import httpx
+
+        memory = httpx.get(base + "/health").json()["memory"]
+        assert memory["weights_mb"] == round(model_bytes(model) / 2**20, 1) and memory["reserved_mb"] == 0
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def run_jobs(model, tokenizer, budget: int, prompts: list, max_tokens: int):
+    """Each prompt's greedy reply (ids) through one scheduler with ``budget``, all submitted
+    at once; and the scheduler's largest batch."""
+    scheduler = Scheduler(model, tokenizer, "m", max_batch=4, disk=None)
+    scheduler.admission = Admission(model, budget)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        jobs = []
+        for p in prompts:
+            ids = tokenizer.encode(p, add_special_tokens=False)
+            job = Job(p, scheduler.defaults.replace(max_tokens=max_tokens, temperature=0.0), None, loop, ids=ids)
+            job.memory = scheduler.admission.check(len(ids), max_tokens)
+            scheduler.submit(job)
+            jobs.append(job)
+        scheduler.start()
+
+        async def drain(job):
+            out = []
+            while (item := await job.out.get()) is not DONE:
+                assert not isinstance(item, Exception), item
+                out += [item[0].token] if item[0].token is not None else []
+            return out
+
+        return await asyncio.gather(*(drain(j) for j in jobs))
+
+    replies = asyncio.run(main())
+    return replies, scheduler.stats["peak_batch"]
+
+
+def test_a_request_that_fits_only_later_waits_and_replies_as_alone(tiny):
+    model, tokenizer, _ = tiny
+    prompts = ["one two three four five six", "seven eight nine ten"]
+    alone = [run_jobs(model, tokenizer, 1 << 40, [p], 12)[0][0] for p in prompts]
+    need = max(Admission(model, 1 << 40).bytes(len(tokenizer.encode(p, add_special_tokens=False)), 12) for p in prompts)
+    one_at_a_time, peak = run_jobs(model, tokenizer, model_bytes(model) + need + need // 2, prompts, 12)
+    assert peak == 1 and one_at_a_time == alone
+    together, peak = run_jobs(model, tokenizer, model_bytes(model) + 3 * need, prompts, 12)
+    assert peak == 2 and together == alone

@@ -1,0 +1,331 @@
+"""Several models on one server (``serve/models.py``), through the real clients: a request's
+``model`` picks one, a budget of one model swaps them (the other unloaded and loaded again,
+replies unchanged, memory back to its level), idle models unload and free their memory, a
+model loaded again reads its prefix from the disk cache, unknown names are 404s listing the
+names, and requests wait (boundedly) for a model being loaded or for a busy one to finish."""
+
+import asyncio
+import functools
+import threading
+import time
+
+import httpx
+import mlx.core as mx
+import pytest
+
+from conftest import ScriptedModel, free_port, reference_dir, tiny_config
+
+LONG = " ".join(f"Line {i}: the value of key {i} is {i * 7 % 13}." for i in range(60))  # > 256 tokens
+ASK = [{"role": "user", "content": "Hello there"}]
+
+
+@pytest.fixture(scope="module")
+def folders(checkpoint):
+    """Two tiny dense checkpoints that differ only in their random weights."""
+    cfg = tiny_config("tiny-dense")
+    return checkpoint(cfg, tokenizer=True, seed=1), checkpoint(cfg, tokenizer=True, seed=2)
+
+
+@pytest.fixture
+def server(tmp_path):
+    """``server(*flags) -> (base url, models)``: the CLI's registry and app, in this process
+    (so MLX's memory is the server's), on loopback; every model unloaded afterwards."""
+    import uvicorn
+
+    from mlx_lfm2.serve.app import arguments, create_app, registry
+    from mlx_lfm2.serve.models import free_memory, retire
+
+    started = []
+
+    def start(*flags):
+        models = registry(arguments([*flags, "--prompt-cache-dir", str(tmp_path / "prompt-cache")]))
+        port = free_port()
+        srv = uvicorn.Server(uvicorn.Config(create_app(models), host="127.0.0.1", port=port, log_level="warning"))
+        threading.Thread(target=srv.run, daemon=True).start()
+        while not srv.started:
+            time.sleep(0.02)
+        started.append((srv, models))
+        return f"http://127.0.0.1:{port}", models
+
+    yield start
+    for srv, models in started:
+        srv.should_exit = True
+        for e in models.loaded():
+            retire(e.scheduler)
+            e.scheduler = None
+    started.clear()
+    free_memory()
+
+
+def chat(base, model, messages=ASK, n=6, **extra):
+    r = httpx.post(base + "/v1/chat/completions", timeout=120,
+                   json={"model": model, "messages": messages, "max_tokens": n, "temperature": 0, **extra})
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["message"]["content"], r.json()["usage"]
+
+
+def loaded(base) -> list:
+    return [m["name"] for m in httpx.get(base + "/api/ps").json()["models"]]
+
+
+def references(server, folders) -> dict:
+    """Each model's greedy reply on a server of that model alone."""
+    out = {}
+    for name, folder in zip("ab", folders):
+        base, _ = server("--model", str(folder))
+        out[name] = chat(base, "anything")[0]
+    return out
+
+
+def test_a_budget_of_one_swaps_the_models_and_the_replies_stay_those_of_one_model_servers(server, folders):
+    want = references(server, folders)
+    assert want["a"] != want["b"]  # else a request served by the wrong model could pass
+    from mlx_lfm2.serve.models import weight_files_bytes
+
+    budget = weight_files_bytes(str(folders[0])) * 3 // 2  # one model fits, two do not
+    base, models = server("--model", f"a={folders[0]}", "--model", f"b={folders[1]}", "--memory-budget", str(budget))
+    assert [m["id"] for m in httpx.get(base + "/v1/models").json()["data"]] == ["a", "b"]
+    assert [m["name"] for m in httpx.get(base + "/api/tags").json()["models"]] == ["a", "b"]
+    assert loaded(base) == ["a"]  # the first --model loads at startup
+    for name in "abab":
+        assert chat(base, name)[0] == want[name]
+        assert loaded(base) == [name]
+    ps = httpx.get(base + "/api/ps").json()["models"][0]
+    assert ps["size"] == ps["size_vram"] == models.entries["b"].size > 0
+    assert ps["expires_at"].startswith("2318")  # no keep-alive: kept
+
+
+def test_without_a_model_name_the_first_answers(server, folders):
+    base, _ = server("--model", f"a={folders[0]}", "--model", f"b={folders[1]}")
+    r = httpx.post(base + "/v1/chat/completions", json={"messages": ASK, "max_tokens": 6, "temperature": 0})
+    assert r.status_code == 200 and r.json()["model"] == "a"
+
+
+@pytest.mark.slow
+def test_fifty_swaps_leak_no_memory(server, folders):
+    base, models = server("--model", f"a={folders[0]}", "--model", f"b={folders[1]}", "--max-loaded-models", "1",
+                          "--prompt-cache-bytes", "0")
+    want = {}
+    for name in "ab":
+        want[name] = chat(base, name, n=1)[0]
+    level = mx.get_active_memory()  # b loaded, a unloaded, each run once
+    weights = models.entries["b"].size
+    for i in range(50):
+        name = "ab"[i % 2]
+        assert chat(base, name, n=1)[0] == want[name]
+    assert loaded(base) == ["b"]
+    assert abs(mx.get_active_memory() - level) < weights // 8, (mx.get_active_memory(), level, weights)
+
+
+def test_idle_unload_frees_the_models_memory(server, folders):
+    base, models = server("--model", f"a={folders[0]}", "--idle-unload", "0.5")
+    weights = models.entries["a"].size
+    chat(base, "a")
+    held = mx.get_active_memory()
+    for _ in range(100):
+        if not loaded(base):
+            break
+        time.sleep(0.1)
+    assert loaded(base) == []
+    assert held - mx.get_active_memory() >= weights * 0.9
+    assert chat(base, "a")[0]  # loaded again on the next request
+    assert loaded(base) == ["a"]
+
+
+def test_keep_alive_0_unloads_after_the_reply_and_a_duration_sets_the_expiry(server, folders):
+    ollama = pytest.importorskip("ollama")
+    base, _ = server("--model", f"a={folders[0]}", "--model", f"b={folders[1]}")
+    client = ollama.Client(host=base)
+    client.chat(model="b", messages=ASK, options={"num_predict": 3}, keep_alive="10m")
+    expiry = {m.model: m.expires_at for m in client.ps().models}
+    assert set(expiry) == {"a", "b"} and expiry["b"].year < 2300
+    client.chat(model="b", messages=ASK, options={"num_predict": 3}, keep_alive=0)
+    for _ in range(50):
+        if loaded(base) == ["a"]:
+            break
+        time.sleep(0.1)
+    assert loaded(base) == ["a"]
+    assert client.generate(model="b").done_reason == "load"  # no prompt: Ollama's way to load a model
+    assert sorted(loaded(base)) == ["a", "b"]
+    assert client.generate(model="b", keep_alive=0).done_reason == "unload"
+    for _ in range(50):
+        if loaded(base) == ["a"]:
+            break
+        time.sleep(0.1)
+    assert loaded(base) == ["a"]
+    bad = httpx.post(base + "/v1/chat/completions", json={"model": "a", "messages": ASK, "keep_alive": "soon"})
+    assert bad.status_code == 400 and "keep_alive" in bad.json()["error"]["message"]
+
+
+def test_an_unknown_model_is_a_404_listing_the_names_in_each_apis_shape(server, folders):
+    import anthropic
+    import openai
+
+    ollama = pytest.importorskip("ollama")
+    base, _ = server("--model", f"a={folders[0]}", "--model", f"b={folders[1]}")
+    says = "model 'gpt-4' not found: this server serves 'a', 'b'"
+    with pytest.raises(openai.NotFoundError) as e:
+        openai.OpenAI(base_url=base + "/v1", api_key="x").chat.completions.create(model="gpt-4", messages=ASK)
+    assert e.value.body["message"] == says and e.value.body["code"] == "model_not_found"
+    with pytest.raises(anthropic.NotFoundError) as e:
+        anthropic.Anthropic(base_url=base, api_key="x").messages.create(model="gpt-4", max_tokens=4, messages=ASK)
+    assert e.value.body == {"type": "error", "error": {"type": "not_found_error", "message": says}}
+    with pytest.raises(ollama.ResponseError) as e:
+        ollama.Client(host=base).chat(model="gpt-4", messages=ASK)
+    assert e.value.status_code == 404 and e.value.error == says
+    r = httpx.post(base + "/v1/responses", json={"model": "gpt-4", "input": "hi"})
+    assert r.status_code == 404 and r.json()["error"]["message"] == says
+    assert httpx.get(base + "/v1/models/gpt-4").status_code == 404
+
+
+def test_the_ollama_client_picks_models_by_name(server, folders):
+    ollama = pytest.importorskip("ollama")
+    want = references(server, folders)
+    base, _ = server("--model", f"a={folders[0]}", "--model", f"b={folders[1]}")
+    client = ollama.Client(host=base)
+    assert [m.model for m in client.list().models] == ["a", "b"]
+    for name in "ba":
+        got = client.chat(model=name, messages=ASK, options={"num_predict": 6, "temperature": 0})
+        assert got.message.content == want[name] and got.model == name
+        streamed = client.generate(model=name, prompt="Hello there", stream=True,
+                                   options={"num_predict": 6, "temperature": 0})
+        assert "".join(p.response for p in streamed) == want[name]
+    assert sorted(m.model for m in client.ps().models) == ["a", "b"]
+    assert client.show("b").modelinfo["context_length"] > 0
+    from prometheus_client.parser import text_string_to_metric_families
+
+    gauges = {f.name: f.samples for f in text_string_to_metric_families(httpx.get(base + "/metrics").text)}
+    assert gauges["mlx_lfm2_resident_models"][0].value == 2
+    assert sorted(x.labels["model"] for x in gauges["mlx_lfm2_resident_model_bytes"]) == ["a", "b"]
+
+
+def test_a_model_loaded_again_reads_its_prefix_from_the_disk_cache(server, folders):
+    base, _ = server("--model", f"a={folders[0]}", "--model", f"b={folders[1]}", "--max-loaded-models", "1")
+    long = [{"role": "system", "content": LONG}, {"role": "user", "content": "Key 5?"}]
+    first, use = chat(base, "a", long)
+    assert use["prompt_tokens"] > 300 and use["prompt_tokens_details"]["cached_tokens"] == 0
+    chat(base, "b")  # a is unloaded: its caches live on only on disk
+    assert loaded(base) == ["b"]
+    again, use = chat(base, "a", long)
+    assert loaded(base) == ["a"]
+    assert use["prompt_tokens_details"]["cached_tokens"] >= 256 and again == first
+    assert httpx.get(base + "/health").json()["prompt_cache_disk"]["blocks_read"] >= 1
+
+
+def test_models_dir_lists_every_model_folder_and_loads_each_on_first_use(server, folders, tmp_path):
+    root = tmp_path / "models"
+    root.mkdir()
+    for name, folder in zip(("one", "two"), folders):
+        (root / name).symlink_to(folder, target_is_directory=True)
+    (root / "notes").mkdir()  # no config.json: not a model
+    base, _ = server("--models-dir", str(root))
+    assert [m["id"] for m in httpx.get(base + "/v1/models").json()["data"]] == ["one", "two"]
+    assert loaded(base) == []
+    chat(base, "two")
+    assert loaded(base) == ["two"]
+
+
+def test_model_flags_name_models_and_refuse_duplicates(tmp_path, folders):
+    from mlx_lfm2.serve.app import model_paths
+
+    assert model_paths([f"x={folders[0]}", str(folders[1])], None) == {"x": f"{folders[0]}",
+                                                                        folders[1].name: str(folders[1])}
+    assert model_paths(["LiquidAI/LFM2-350M"], None) == {"LiquidAI/LFM2-350M": "LiquidAI/LFM2-350M"}
+    with pytest.raises(ValueError, match="two models are named 'x'"):
+        model_paths([f"x={folders[0]}", f"x={folders[1]}"], None)
+    with pytest.raises(ValueError, match="no model folders"):
+        model_paths([], str(tmp_path))
+
+
+def test_keep_alive_reads_seconds_and_durations():
+    from mlx_lfm2.serve.boundary import APIError
+    from mlx_lfm2.serve.models import parse_keep_alive
+
+    assert [parse_keep_alive(v) for v in (0, 30, "45", "5m", "1h30m", "300ms", -1, "-1m")] == [
+        0.0, 30.0, 45.0, 300.0, 5400.0, 0.3, None, None]
+    for bad in ("soon", "", "5 m", True, [1]):
+        with pytest.raises(APIError, match="keep_alive"):
+            parse_keep_alive(bad)
+
+
+# The registry's waiting rules, on stand-in models ---------------------------------------------
+
+def _registry(build, **kw):
+    from mlx_lfm2.serve.models import Models
+
+    return Models({"a": "a", "b": "b"}, build, **kw)
+
+
+@functools.lru_cache(maxsize=1)
+def _tokenizer():
+    from mlx_lfm2.text.tokenizer import load_tokenizer
+
+    return load_tokenizer(reference_dir())  # once: seconds on a loaded machine, which the timings below are not about
+
+
+def _scheduler(name):
+    from mlx_lfm2.serve.scheduler import Scheduler
+
+    return Scheduler(ScriptedModel([5]), _tokenizer(), name)
+
+
+async def _holding(models, name, release: asyncio.Event):
+    """A request for ``name`` that holds it until ``release``."""
+    from mlx_lfm2.serve.models import _held
+
+    held = []
+    _held.set(held)
+    e = await models.acquire(models.entries[name])
+    await release.wait()
+    for x in held:
+        models._release(x)
+    return e
+
+
+def test_a_model_being_loaded_makes_its_requests_wait_with_a_bound():
+    from mlx_lfm2.serve.boundary import APIError
+
+    def slow(name, path):
+        time.sleep(0.6)
+        return _scheduler(name)
+
+    async def run():
+        models = _registry(slow, load_timeout=0.2)
+        go = asyncio.Event()
+        with pytest.raises(APIError) as e:
+            await models.acquire(models.entries["a"])
+        assert e.value.status == 503 and "not loaded yet" in str(e.value)
+        await asyncio.sleep(0.6)  # the load went on without the request that gave up
+        models.load_timeout = 5
+        go.set()
+        assert (await _holding(models, "a", go)).scheduler is not None
+        for e in models.loaded():
+            e.scheduler.shutdown()
+
+    asyncio.run(run())
+
+
+def test_a_busy_model_is_never_unloaded_the_load_waits_for_it():
+    async def run():
+        models = _registry(lambda name, path: _scheduler(name), max_loaded=1, load_timeout=5)
+        done_a = asyncio.Event()
+        a = asyncio.ensure_future(_holding(models, "a", done_a))
+        for _ in range(200):  # a loads (however slow this machine is today)
+            if models.entries["a"].scheduler is not None:
+                break
+            await asyncio.sleep(0.05)
+        b = asyncio.ensure_future(_holding(models, "b", asyncio.Event()))
+        await asyncio.sleep(0.5)
+        assert [e.name for e in models.loaded()] == ["a"] and not b.done()  # waiting for a to finish
+        done_a.set()
+        await a
+        for _ in range(200):
+            if [e.name for e in models.loaded()] == ["b"]:
+                break
+            await asyncio.sleep(0.05)
+        assert [e.name for e in models.loaded()] == ["b"]
+        b.cancel()
+        for e in models.loaded():
+            e.scheduler.shutdown()
+
+    asyncio.run(run())

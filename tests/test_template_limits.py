@@ -1,0 +1,101 @@
+"""Chat-template rendering is bounded (text/template_limits.py) and runs off the event loop:
+a template that loops or builds a huge string is a clear error (a 400 from the server), and
+a multi-MB body renders and tokenizes while /health keeps answering."""
+
+import copy
+import threading
+import time
+
+import httpx
+import pytest
+
+from mlx_lfm2.text import template_limits
+from mlx_lfm2.text.chat_template import render
+from mlx_lfm2.text.template_limits import TemplateLimitError
+
+USER = [{"role": "user", "content": "hi"}]
+LOOPS = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+HUGE = [
+    '{{ "x" * 1000000000 }}',
+    '{{ [1] * 1000000000 }}',
+    '{{ "x".ljust(1000000000) }}',
+    '{% set ns = namespace(s="x") %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}',
+    '{% for i in range(100000) %}{{ "x" * 1000 }}{% endfor %}',
+]
+
+
+def test_a_template_that_loops_stops_at_the_time_limit(monkeypatch):
+    monkeypatch.setattr(template_limits, "RENDER_TIMEOUT", 0.5)
+    tic = time.monotonic()
+    with pytest.raises(TemplateLimitError, match="ran past the limit of 0.5 s"):
+        render(LOOPS, USER)
+    assert time.monotonic() - tic < 5
+    assert render("{{ messages[0].content }}", USER) == "hi"  # nothing left pending in this thread
+    time.sleep(0.6)
+    assert render("{{ messages[0].content }}", USER) == "hi"
+
+
+@pytest.mark.parametrize("source", HUGE)
+def test_a_template_that_builds_a_huge_string_is_refused_before_it_does(source):
+    tic = time.monotonic()
+    with pytest.raises(TemplateLimitError, match="over the limit of 16777216"):
+        render(source, USER)
+    assert time.monotonic() - tic < 5
+
+
+@pytest.fixture(scope="module")
+def evil(serve, chat_model):
+    model, tok, _ = chat_model
+    bad = copy.copy(tok)
+    bad.chat_template = HUGE[0]
+    base, _ = serve(model, bad)
+    return base
+
+
+def test_the_server_answers_a_runaway_template_with_a_400_in_each_shape(evil):
+    r = httpx.post(evil + "/v1/chat/completions", json={"model": "m", "messages": USER, "max_tokens": 2}, timeout=30)
+    assert r.status_code == 400 and "over the limit of 16777216" in r.json()["error"]["message"], r.text
+    r = httpx.post(evil + "/v1/messages", json={"model": "m", "messages": USER, "max_tokens": 2}, timeout=30)
+    assert r.status_code == 400 and r.json()["type"] == "error", r.text
+    assert "over the limit" in r.json()["error"]["message"]
+    r = httpx.post(evil + "/api/chat", json={"model": "m", "messages": USER, "stream": False}, timeout=30)
+    assert r.status_code == 400 and "over the limit" in r.json()["error"], r.text
+    assert httpx.get(evil + "/health", timeout=5).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def plain(serve, chat_model):
+    model, tok, _ = chat_model
+    base, _ = serve(model, tok)
+    return base
+
+
+@pytest.mark.parametrize("path,extra", [("/v1/chat/completions", {}), ("/v1/messages", {}),
+                                        ("/v1/messages/count_tokens", {}), ("/api/chat", {"stream": False})])
+def test_health_answers_while_a_multi_mb_body_is_rendered_and_tokenized(plain, path, extra):
+    content = "word, " * 600_000  # 3.6 MB: rendered twice (spans), tokenized, then over the context
+    body = {"model": "m", "messages": [{"role": "user", "content": content}], "max_tokens": 2, **extra}
+    done = {}
+
+    def big():
+        tic = time.monotonic()
+        done["status"] = httpx.post(plain + path, json=body, timeout=120).status_code
+        done["s"] = time.monotonic() - tic
+
+    t = threading.Thread(target=big)
+    t.start()
+    worst = 0.0
+    while t.is_alive():
+        tic = time.monotonic()
+        assert httpx.get(plain + "/health", timeout=30).status_code == 200
+        worst = max(worst, time.monotonic() - tic)
+        time.sleep(0.02)
+    t.join()
+    assert done["status"] in (200, 400), done
+    assert worst < max(0.5, done["s"] / 4), (worst, done)  # the loop never waited on the work
+
+
+def test_a_long_text_tokenizes_as_the_tokenizer_itself_does(ours):
+    text = "<|im_start|>user\n" + "Grüße, words and 12345 numbers. " * 4000 + "<|im_end|>\n"
+    assert len(text) > 1 << 16
+    assert ours.encode(text, add_special_tokens=False) == ours.backend.encode(text, add_special_tokens=False).ids
