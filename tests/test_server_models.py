@@ -241,9 +241,9 @@ def test_keep_alive_reads_seconds_and_durations():
     from mlx_lfm2.serve.boundary import APIError
     from mlx_lfm2.serve.models import parse_keep_alive
 
-    assert [parse_keep_alive(v) for v in (0, 30, "45", "5m", "1h30m", "300ms", -1, "-1m")] == [
-        0.0, 30.0, 45.0, 300.0, 5400.0, 0.3, None, None]
-    for bad in ("soon", "", "5 m", True, [1]):
+    assert [parse_keep_alive(v) for v in (0, 30, "45", "5m", "1h30m", "300ms", -1, "-1m", "1e300", "inf")] == [
+        0.0, 30.0, 45.0, 300.0, 5400.0, 0.3, None, None, None, None]  # huge: for ever (/api/ps can show it)
+    for bad in ("soon", "", "5 m", True, [1], "nan", float("nan")):
         with pytest.raises(APIError, match="keep_alive"):
             parse_keep_alive(bad)
 

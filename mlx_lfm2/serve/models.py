@@ -43,6 +43,9 @@ _UNITS = {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 _held: contextvars.ContextVar = contextvars.ContextVar("mlx_lfm2_held_models", default=None)
 
 
+FOREVER = 10 * 365 * 86400.0  # seconds of keep_alive beyond which a model is simply kept
+
+
 def parse_keep_alive(value) -> Optional[float]:
     """Ollama's ``keep_alive`` -> seconds (None: kept for ever): a number of seconds, a
     string of one, or a Go duration (``"5m"``, ``"1h30m"``, ``"300ms"``); negative: for ever."""
@@ -60,7 +63,9 @@ def parse_keep_alive(value) -> Optional[float]:
                 raise APIError(400, f"keep_alive: {value!r:.40} is not a duration (write e.g. '5m', '30s' or 0)",
                                param="keep_alive") from None
             value = sign * sum(float(n) * _UNITS[u] for n, u in parts)
-    return None if value < 0 else float(value)
+    if value != value:  # NaN: no duration at all
+        raise APIError(400, "keep_alive: not a number of seconds", param="keep_alive")
+    return None if value < 0 or value > FOREVER else float(value)  # past FOREVER: kept for ever (and shown so)
 
 
 @dataclass(eq=False)
