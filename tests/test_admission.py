@@ -137,3 +137,28 @@ def test_a_request_that_fits_only_later_waits_and_replies_as_alone(tiny):
     assert peak == 1 and one_at_a_time == alone
     together, peak = run_jobs(model, tokenizer, model_bytes(model) + 3 * need, prompts, 12)
     assert peak == 2 and together == alone
+
+
+def test_with_several_models_loaded_each_admission_counts_all_their_weights(chat_model, tmp_path):
+    from mlx_lfm2.serve.admission import Admission
+    from mlx_lfm2.serve.metrics import model_bytes
+    from mlx_lfm2.serve.models import Models
+    from mlx_lfm2.serve.scheduler import Scheduler
+
+    model, tok, _ = chat_model
+    weights, budget = model_bytes(model), 1 << 34
+    models = Models({"a": str(tmp_path / "a"), "b": str(tmp_path / "b")}, lambda name, path: None)
+    made = []
+    for name in ("a", "b"):
+        s = Scheduler(model, tok, name)
+        s.admission = Admission(model, budget)
+        models.adopt(name, s)
+        made.append(s)
+    try:
+        assert made[0].admission.available == budget - 2 * weights  # its own and b's
+        assert made[0].admission.status(0, False)["weights_mb"] == round(2 * weights / 2**20, 1)
+        models.entries["b"].scheduler = None  # b unloaded: a's requests get its memory back
+        assert made[0].admission.available == budget - weights
+    finally:
+        for s in made:
+            s.close()

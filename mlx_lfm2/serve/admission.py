@@ -17,7 +17,7 @@ The prediction counts every prompt token, cached ones included: the batch holds 
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 from ..engine.memory import Shapes, predict
 from .boundary import APIError
@@ -34,11 +34,12 @@ class Admission:
         self.shapes = Shapes.of(model)
         self.weights = model_bytes(model)
         self.max_context = max_context or model.args.max_position_embeddings
+        self.others: Callable[[], int] = lambda: 0  # the weights of the other loaded models (``models``)
 
     @property
     def available(self) -> int:
-        """Bytes for requests: the budget less the weights."""
-        return self.budget - self.weights
+        """Bytes for requests: the budget less the weights (this model's and the other loaded ones')."""
+        return self.budget - self.weights - self.others()
 
     def bytes(self, prompt_tokens: int, max_tokens: int) -> int:
         """One request's predicted peak (its reply is never longer than the context allows)."""
@@ -52,7 +53,7 @@ class Admission:
             raise APIError(
                 400, f"this request needs about {need / MB:.0f} MB of memory at its peak ({prompt_tokens} prompt "
                 f"tokens + max_tokens {max_tokens}), but {max(0, self.available) / MB:.0f} MB are available "
-                f"(memory budget {self.budget / MB:.0f} MB less {self.weights / MB:.0f} MB of weights): lower "
+                f"(memory budget {self.budget / MB:.0f} MB less {(self.weights + self.others()) / MB:.0f} MB of weights): lower "
                 "max_tokens, shorten the prompt, or start the server with a larger --memory-budget",
                 param="max_tokens", code="memory_exceeded")
         return need
@@ -63,6 +64,6 @@ class Admission:
 
     def status(self, running: int, waiting: bool) -> dict:
         """For ``/health``: the budget, the weights, what the running rows reserve, what is free."""
-        return {"budget_mb": round(self.budget / MB, 1), "weights_mb": round(self.weights / MB, 1),
+        return {"budget_mb": round(self.budget / MB, 1), "weights_mb": round((self.weights + self.others()) / MB, 1),
                 "reserved_mb": round(running / MB, 1), "free_mb": round((self.available - running) / MB, 1),
                 "waiting_for_memory": int(waiting)}

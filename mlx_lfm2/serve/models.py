@@ -135,6 +135,8 @@ class Models:
         e = self.entries.setdefault(name, Entry(name, None, keep_alive=self.idle_unload))
         e.scheduler, e.size, e.last_used = scheduler.start(), model_bytes(scheduler.model), time.monotonic()
         e.pinned = e.pinned or pinned
+        if getattr(scheduler, "admission", None) is not None:  # its requests share the budget with every loaded model
+            scheduler.admission.others = lambda: sum(x.size for x in self.loaded() if x is not e)
 
     @property
     def names(self) -> list[str]:
