@@ -45,6 +45,8 @@ OURS = {  # name -> convert() keywords
     "awq-nvfp4": dict(q_method="awq", q_mode="nvfp4"),
     "dynamic-4.5": dict(target_bpw=4.5), "dynamic-awq-4.5": dict(target_bpw=4.5, q_method="awq"),
     "dynamic-awq-4.25": dict(target_bpw=4.25, q_method="awq"),
+    "gptq": dict(q_method="gptq"), "awq-gptq": dict(q_method="awq-gptq"),
+    "dynamic-awq-gptq-4.5": dict(target_bpw=4.5, q_method="awq-gptq"),
 }
 MLX_LM = {  # name -> command (after python -m)
     "mlx_lm.convert": ["mlx_lm", "convert", "-q"],
@@ -54,7 +56,12 @@ MLX_LM = {  # name -> command (after python -m)
     "mlx_lm.dynamic_quant-4.5": ["mlx_lm", "dynamic_quant", "--target-bpw", "4.5"],
     "mlx_lm.awq": ["mlx_lm", "awq", "--num-samples", "4", "--sequence-length", "512"],
     "mlx_lm.dwq": ["mlx_lm", "dwq", "--num-samples", "20", "--max-seq-length", "257", "--batch-size", "2"],
+    # mlx-lm's gptq quantizes the layers it knows (Linear, SwitchLinear) at --bits and every other
+    # quantizable module, the embedding (= the tied head) included, at --fallback-bits (default 6):
+    # with a large vocabulary that is most of the weights, hence its 6.18 bits at 2 layers. The
+    # -4.5 row puts the fallback at 4 bits too: 4.5 bits per weight, the same as plain 4-bit.
     "mlx_lm.gptq": ["mlx_lm", "gptq", "--num-samples", "4", "--sequence-length", "512"],
+    "mlx_lm.gptq-4.5": ["mlx_lm", "gptq", "--num-samples", "4", "--sequence-length", "512", "--fallback-bits", "4"],
 }
 
 

@@ -144,8 +144,11 @@ print(generate(model, tokenizer, [{{"role": "user", "content": "Hello!"}}], max_
 
 
 _METHODS = {"rtn": "round-to-nearest", "awq": "activation-aware scales (AWQ, fitted per expert)",
-            "dynamic": "sensitivity-driven mixed precision", "dynamic-awq": "sensitivity-driven mixed precision "
-            "with activation-aware scales (AWQ, fitted per expert)"}
+            "gptq": "GPTQ error compensation (Hessians per expert)",
+            "awq-gptq": "activation-aware scales (AWQ) then GPTQ error compensation, both per expert",
+            "dynamic": "sensitivity-driven mixed precision"}
+for _m in ("awq", "gptq", "awq-gptq"):
+    _METHODS[f"dynamic-{_m}"] = f"sensitivity-driven mixed precision with {_METHODS[_m]}"
 
 
 def _quant_text(q: dict) -> str:
