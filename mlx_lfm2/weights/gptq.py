@@ -9,6 +9,13 @@ weights together reproduce ``W X`` far better than each rounded alone. The grid 
 reached, rounded to the stored dtype, and the levels are packed as ``mx.quantize`` packs them,
 so the folder is an ordinary affine-quantized MLX folder.
 
+Calibration text is scarce beside a layer's width (the bundled sample is ~2k tokens; a dense
+down projection takes 11776 inputs), and a Hessian from too few tokens makes GPTQ fit that
+text's noise: worse than plain rounding on any other text. So the Hessian is shrunk towards its
+diagonal (plain rounding) as far as its tokens fall short of its width (``shrink``), and GPTQ is
+kept, per weight and per expert, only where the version fitted on half the calibration text
+beats round-to-nearest on the other half (``quantize_weight``); the card counts how many kept it.
+
 Mixture of experts: each expert gets the Hessian of its own tokens (w1/w3: the normed inputs
 routed to it; w2: its hidden activations), from the router's choices topped up, for an expert
 with few tokens, with the tokens that score it highest (``awq.expert_pairs``), so every expert is
@@ -33,7 +40,7 @@ from .awq import expert_pairs
 from .quantize import is_router
 
 DAMP = 0.01  # of the mean Hessian diagonal, added to the diagonal (GPTQ's default)
-EXPERT_CHUNK = 8
+EXPERT_CHUNK = 4  # experts whose float32 weights and Hessians are held at once
 PRIOR = 1.0  # the all-token Hessian's weight in an expert's, in input widths of tokens
 F32 = mx.float32
 
@@ -46,23 +53,29 @@ def pack(levels: np.ndarray, bits: int) -> mx.array:
     return mx.array(np.ascontiguousarray(stream).view(np.uint32))
 
 
-def _inverse_factor(H: np.ndarray) -> mx.array:
+def _inverse_factor(H: np.ndarray) -> np.ndarray:
     """The upper Cholesky factor ``U`` of ``H^-1`` (``H^-1 = U^T U``), per expert [E, D, D];
     dead inputs (never active) get a unit diagonal, and the damping grows until it factors.
+    Each step is evaluated before the next so that at most two [E, D, D] arrays are alive.
     (MLX's LAPACK calls, not numpy's: numpy's threaded BLAS stalls on a loaded CPU.)"""
-    H = H.astype(np.float32)
     idx = np.arange(H.shape[-1])
-    diag = H[:, idx, idx].copy()
-    H[:, idx, idx] += (diag <= 0)
+    diag = H[:, idx, idx].astype(np.float32)
     mean = np.maximum(diag.mean(-1), 1e-8)[:, None]
     for damp in (DAMP, 0.1, 1.0):
-        Hd = H.copy()
-        Hd[:, idx, idx] += damp * mean
+        add = mx.array(damp * mean + (diag <= 0))  # [E, D]
         with mx.stream(mx.cpu):
-            L = mx.linalg.cholesky(mx.array(Hd))
-            U = mx.linalg.cholesky(mx.linalg.cholesky_inv(L), upper=True)
+            Hd = mx.array(H, dtype=F32) + add[:, :, None] * mx.eye(H.shape[-1])
+            L = mx.linalg.cholesky(Hd)
+            mx.eval(L)
+            del Hd
+            Hinv = mx.linalg.cholesky_inv(L)
+            mx.eval(Hinv)
+            del L
+            U = mx.linalg.cholesky(Hinv, upper=True)
+            mx.eval(U)
+            del Hinv
         if not mx.isnan(U).any().item():
-            return U
+            return np.array(U)
     raise ValueError("the calibration Hessian could not be factored: give more calibration text")
 
 
@@ -72,14 +85,25 @@ def _group_grid(wg: np.ndarray, choice: dict, dtype) -> tuple[mx.array, mx.array
     return s, b
 
 
-def quantize_weight(W: mx.array, H: np.ndarray, choice: dict, dtype) -> tuple[mx.array, mx.array, mx.array]:
+def shrink(H: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    """``H`` [E, D, D] from ``tokens`` [E] tokens' worth, shrunk towards its diagonal by
+    ``D / (D + tokens)``: fewer tokens than inputs cannot pin down the correlations, and a
+    Hessian fitted on them makes GPTQ fit the calibration text's noise (worse than plain
+    rounding on other text). A diagonal Hessian is plain rounding, so the shrinkage moves GPTQ
+    towards round-to-nearest exactly as far as the calibration falls short."""
+    D = H.shape[-1]
+    lam = (D / (D + np.maximum(tokens, 1.0))).astype(np.float32)[:, None, None]
+    idx = np.arange(D)
+    out = (1 - lam) * H
+    out[:, idx, idx] = H[:, idx, idx]
+    return out
+
+
+def _gptq(W: mx.array, H: np.ndarray, choice: dict, dtype) -> tuple[mx.array, mx.array, mx.array]:
     """GPTQ of ``W`` [E, O, D] with Hessians ``H`` [E, D, D]: (packed weight, scales, biases)."""
-    if choice.get("mode", "affine") != "affine":
-        raise ValueError(f"GPTQ quantizes affine grids, not {choice['mode']}")
     g, bits = choice["group_size"], choice["bits"]
     n_levels = 2 ** bits - 1
-    U_mx = _inverse_factor(H)
-    U = np.array(U_mx)
+    U = _inverse_factor(H)
     E, O, D = W.shape
     Wt = np.array(W.astype(F32)).transpose(0, 2, 1).copy()  # [E, D, O]: a column is a contiguous row
     Wt *= (np.einsum("eii->ei", H) > 0)[:, :, None]  # dead inputs carry nothing
@@ -101,40 +125,85 @@ def quantize_weight(W: mx.array, H: np.ndarray, choice: dict, dtype) -> tuple[mx
             Wt[:, k:j] -= U[:, k, k:j][:, :, None] * e
             err[:, k - i] = e[:, 0]
         if j < D:
-            Wt[:, j:] -= np.array(U_mx[:, i:j, j:].swapaxes(1, 2) @ mx.array(err))
+            Wt[:, j:] -= np.array(mx.array(U[:, i:j, j:]).swapaxes(1, 2) @ mx.array(err))
     packed = pack(levels.transpose(0, 2, 1), bits)
     return packed, mx.concatenate(scales, -1), mx.concatenate(biases, -1)
 
 
+def _dequantize(triple, choice: dict) -> mx.array:
+    return mx.dequantize(*triple, group_size=choice["group_size"], bits=choice["bits"]).astype(F32)
+
+
+def _output_error(W: mx.array, M: mx.array, H: np.ndarray) -> np.ndarray:
+    """Per expert, ``tr((W - M) H (W - M)^T)``: the summed squared output error on H's inputs."""
+    d = W.astype(F32) - M
+    return np.array(((d @ mx.array(H)) * d).sum((-2, -1)))
+
+
+def quantize_weight(W: mx.array, halves, choice: dict, dtype):
+    """``W`` [E, O, D] quantized; ``halves``: two (Hessians [E, D, D], tokens [E]) pairs, from
+    two disjoint halves of the calibration text. GPTQ fitted on the first half is checked
+    against round-to-nearest on the second, per expert: where it lowers that output error, the
+    expert gets GPTQ fitted on both halves, elsewhere round-to-nearest (so a Hessian that does
+    not generalise, as on activations without correlations, costs nothing). Returns (packed
+    weight, scales, biases, which experts got GPTQ [E])."""
+    if choice.get("mode", "affine") != "affine":
+        raise ValueError(f"GPTQ quantizes affine grids, not {choice['mode']}")
+    (Ha, na), (Hb, nb) = halves
+    rtn = mx.quantize(W.astype(dtype), group_size=choice["group_size"], bits=choice["bits"])
+    trial = _gptq(W, shrink(Ha, na), choice, dtype)
+    keep = _output_error(W, _dequantize(trial, choice), Hb) < _output_error(W, _dequantize(rtn, choice), Hb)
+    if not keep.any():
+        return (*rtn, keep)
+    idx = mx.array(np.flatnonzero(keep))
+    sel = np.flatnonzero(keep)
+    final = _gptq(W[idx], shrink(Ha[sel] + Hb[sel], na[sel] + nb[sel]), choice, dtype)
+    out = []
+    for r, f in zip(rtn, final):
+        r = mx.array(r)
+        r[idx] = f.astype(r.dtype)
+        out.append(r)
+    return (*out, keep)
+
+
 class _Catcher(nn.Module):
-    """Wraps a linear: sums ``x^T x`` of its inputs while computing as it did."""
+    """Wraps a linear: sums ``x^T x`` of its inputs, even and odd tokens apart, while computing
+    as it did."""
 
     def __init__(self, module: nn.Module):
         super().__init__()
         self.module = module
-        self.H = None
+        self.H, self.n = [0, 0], [0, 0]
 
     def __call__(self, x, *args, **kwargs):
         xf = x.reshape(-1, x.shape[-1]).astype(F32)
-        h = xf.T @ xf
-        self.H = h if self.H is None else self.H + h
+        for p in (0, 1):
+            self.H[p] = self.H[p] + xf[p::2].T @ xf[p::2]
+            self.n[p] += xf[p::2].shape[0]
         return self.module(x, *args, **kwargs)
 
 
 def _linear_hessians(block: Block, x: mx.array, names: list[str]) -> dict:
-    """path -> H [D, D] of each plain linear in ``names``, from one pass of ``x`` [B, L, D]."""
+    """path -> the two halves' (H [1, D, D], tokens [1]) of each plain linear in ``names``,
+    from one pass of ``x`` [B, L, D]."""
     leaves = dict(tree_flatten(block.leaf_modules(), is_leaf=nn.Module.is_module))
     catchers = [(n, _Catcher(leaves[n])) for n in names]
     block.update_modules(tree_unflatten(catchers))
     try:
         mx.eval(block(x))
-        return {n: np.array(c.H)[None] for n, c in catchers}
+        return {n: [(np.array(c.H[p])[None], np.array([c.n[p]], np.float32)) for p in (0, 1)] for n, c in catchers}
     finally:
         block.update_modules(tree_unflatten([(n, c.module) for n, c in catchers]))
 
 
+def _prior_hessian(own: mx.array, every: mx.array, prior: float) -> tuple[mx.array, float]:
+    """``own^T own`` plus ``every``'s Hessian weighted as ``prior`` tokens, and the token count."""
+    return own.T @ own + (prior / every.shape[0]) * (every.T @ every), own.shape[0] + prior
+
+
 def _expert_hessians(moe: SparseMoE, f: mx.array, min_tokens: int):
-    """Per chunk of experts: (first expert, H of w1/w3 [C, D, D], H of w2 [C, F, F]).
+    """Per chunk of experts: (first expert, w1/w3's halves, w2's halves), each half a pair
+    (H [C, D or F, D or F], tokens [C]) from the even or the odd calibration tokens.
 
     An expert's own (token, expert) pairs rarely number more than its input width, too few to
     pin down a Hessian, so each is shrunk towards the expert's Hessian over every calibration
@@ -143,27 +212,29 @@ def _expert_hessians(moe: SparseMoE, f: mx.array, min_tokens: int):
     tok, exp, _ = expert_pairs(moe, f, min_tokens)
     ex = moe.experts
     E, F, D = ex.w1.weight.shape
-    N = f.shape[0]
-    shared = f.T @ f  # [D, D]
     for lo in range(0, E, EXPERT_CHUNK):
-        h13, h2 = [], []
+        h13, h2 = [[], []], [[], []]
         for e in range(lo, min(E, lo + EXPERT_CHUNK)):
             w1, w3 = ex.w1.weight[e].astype(F32).T, ex.w3.weight[e].astype(F32).T
-            fe = f[mx.array(tok[exp == e])]  # [n_e, D]
-            he, ha = swiglu(fe @ w1, fe @ w3), swiglu(f @ w1, f @ w3)  # [n_e, F], [N, F]
-            h13.append(fe.T @ fe + (PRIOR * D / N) * shared)
-            h2.append(he.T @ he + (PRIOR * F / N) * (ha.T @ ha))
-            mx.eval(h13[-1], h2[-1])
-        yield lo, np.stack([np.array(h) for h in h13]), np.stack([np.array(h) for h in h2])
+            for p in (0, 1):
+                mine, every = tok[(exp == e) & (tok % 2 == p)], f[p::2]
+                fe = f[mx.array(mine)] if len(mine) else mx.zeros((0, D))
+                he, ha = swiglu(fe @ w1, fe @ w3), swiglu(every @ w1, every @ w3)  # [n_e, F], [N/2, F]
+                h13[p].append(_prior_hessian(fe, every, PRIOR * D / 2))
+                h2[p].append(_prior_hessian(he, ha, PRIOR * F / 2))
+                mx.eval(h13[p][-1][0], h2[p][-1][0])
+        yield lo, *[[(np.stack([np.array(h) for h, _ in hs[p]]), np.array([n for _, n in hs[p]], np.float32))
+                     for p in (0, 1)] for hs in (h13, h2)]
 
 
 def quantize_block(block: Block, x: mx.array, choice: Callable, min_tokens: int = 16) -> dict:
     """GPTQ of every quantized weight of ``block`` (unquantized, AWQ scales already folded)
-    from its input ``x`` [B, L, D]: path -> (weight, scales, biases) for ``install``. The
-    router and paths not quantized, or not affine, are left to plain quantization."""
+    from its input ``x`` [B, L, D]: (path -> (weight, scales, biases) for ``install``, (weights
+    or experts that kept GPTQ, out of how many)). The router and paths not quantized, or not
+    affine, are left to plain quantization."""
     x = x.astype(F32)
     dtype = block.operator_norm.weight.dtype
-    out = {}
+    out, kept = {}, []
 
     def wanted(path, m):
         c = choice(path, m)
@@ -171,9 +242,10 @@ def quantize_block(block: Block, x: mx.array, choice: Callable, min_tokens: int 
 
     leaves = dict(tree_flatten(block.leaf_modules(), is_leaf=nn.Module.is_module))
     plain = [n for n, m in leaves.items() if isinstance(m, nn.Linear) and wanted(n, m)]
-    for n, H in _linear_hessians(block, x, plain).items():
-        out[n] = quantize_weight(leaves[n].weight[None], H, wanted(n, leaves[n]), dtype)
-        out[n] = tuple(a[0] for a in out[n])
+    for n, halves in _linear_hessians(block, x, plain).items():
+        *triple, keep = quantize_weight(leaves[n].weight[None], halves, wanted(n, leaves[n]), dtype)
+        out[n] = tuple(a[0] for a in triple)
+        kept.append(keep)
     ffn = block.feed_forward
     if isinstance(ffn, SparseMoE):
         h = x + block.op(block.operator_norm(x), None)
@@ -181,14 +253,17 @@ def quantize_block(block: Block, x: mx.array, choice: Callable, min_tokens: int 
         base = "feed_forward.experts."
         todo = {n: wanted(base + n, getattr(ffn.experts, n)) for n in ("w1", "w3", "w2")}
         parts = {n: [] for n in todo if todo[n]}
-        for lo, H13, H2 in _expert_hessians(ffn, f, min_tokens):
+        for lo, h13, h2 in _expert_hessians(ffn, f, min_tokens):
             for n in parts:
-                w = getattr(ffn.experts, n).weight[lo:lo + H13.shape[0]]
-                parts[n].append(quantize_weight(w, H2 if n == "w2" else H13, todo[n], dtype))
-                mx.eval(parts[n][-1])
+                w = getattr(ffn.experts, n).weight[lo:lo + h13[0][0].shape[0]]
+                *triple, keep = quantize_weight(w, h2 if n == "w2" else h13, todo[n], dtype)
+                mx.eval(triple)
+                parts[n].append(triple)
+                kept.append(keep)
         for n, chunks in parts.items():
             out[base + n] = tuple(mx.concatenate(list(a), 0) for a in zip(*chunks))
-    return out
+    kept = np.concatenate(kept) if kept else np.zeros(0, bool)
+    return out, (int(kept.sum()), int(kept.size))
 
 
 def install(block: nn.Module, results: dict) -> None:

@@ -42,6 +42,7 @@ class LayerwiseQuantizer:
         self.calib, self.predicate = calib, predicate
         self.use_awq, self.use_gptq = method in ("awq", "awq-gptq"), method in ("gptq", "awq-gptq")
         self.gptq: dict = {}  # path -> GPTQ's (weight, scales, biases) for the group being converted
+        self.gptq_kept = [0, 0]  # weights (an expert counts as one) where GPTQ beat rounding, of all
         self.min_expert_tokens = min_expert_tokens
         self.x = self.h_fp = self.h_q = None
         self.head_fp: Optional[mx.array] = None
@@ -71,7 +72,8 @@ class LayerwiseQuantizer:
             if covered is not None:
                 self.coverage.append(covered)
         if self.use_gptq:
-            self.gptq = gptq.quantize_block(module, self.x, choices, self.min_expert_tokens)
+            self.gptq, (kept, total) = gptq.quantize_block(module, self.x, choices, self.min_expert_tokens)
+            self.gptq_kept = [self.gptq_kept[0] + kept, self.gptq_kept[1] + total]
         self.x = x_next
 
     def after(self, module: nn.Module, prefix: str) -> None:
@@ -85,6 +87,8 @@ class LayerwiseQuantizer:
         norm = module.model.embedding_norm
         head = module.lm_head if "lm_head" in module else module.model.embed_tokens
         self.result = kl_and_agreement(norm(self.h_fp), norm(self.h_q), self.head_fp, dequantized(head))
+        if self.use_gptq:
+            self.result["gptq_kept"] = f"{self.gptq_kept[0]} of {self.gptq_kept[1]}"
         self.head_fp = None
 
 
