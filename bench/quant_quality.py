@@ -11,6 +11,8 @@ all its mass on the input token and hides quantization error):
   structured       outliers, and embeddings sharing 16 directions (75% of their variance): every
                    layer's inputs correlated, as trained LLMs' anisotropic hidden states are,
                    the structure GPTQ's error compensation exploits
+  tiny-outliers    tests/test_quantize.py's MoE model (hidden 128, 1 dense + 3 MoE layers of 8
+                   experts, top-2) with 4 outlier channels; tiny-structured: and anisotropy 8
   24b              real LFM2-24B-A2B per-layer shapes, 3 layers (2 dense + 1 MoE)
   dense            dense LFM2 at LFM2-350M shapes, 4 layers
 
@@ -39,6 +41,10 @@ MODELS = {
     "narrow": dict(preset="24b-a2b-narrow", layers=6, vocab_size=65536),
     "outliers": dict(preset="24b-a2b-narrow", layers=6, vocab_size=65536, outliers=8),
     "structured": dict(preset="24b-a2b-narrow", layers=6, vocab_size=65536, outliers=8, anisotropy=16),
+    "tiny-outliers": dict(preset="tiny-moe", layers=4, hidden_size=128, intermediate_size=256,
+                          moe_intermediate_size=64, outliers=4),
+    "tiny-structured": dict(preset="tiny-moe", layers=4, hidden_size=128, intermediate_size=256,
+                            moe_intermediate_size=64, outliers=4, anisotropy=8),
     "24b": dict(preset="24b-a2b", layers=3),
     "dense": dict(preset="tiny-dense", layers=4, hidden_size=1024, intermediate_size=4608, num_attention_heads=16,
                   num_key_value_heads=8),
