@@ -11,7 +11,7 @@ it. A forward then runs in one of three modes:
 * every row the base: the slot layers compute exactly as their base;
 * every row one adapter n (a prefill, a batch of one adapter): ``base(x) + s_n (x A_n) B_n``,
   what ``LoRALinear`` / ``LoRASwitchLinear`` compute;
-* rows on different adapters: the deltas are gathered per row (``lora.stacked_delta``). For
+* rows on different adapters: the deltas are gathered per row (``lora.gathered_delta``). For
   experts the expert index and the row's slot are folded into one, ``expert * N + slot``
   (``RowsGLU``), and the stacks are laid out ``[E, N, ...]``: the sort by expert that long
   inputs take then sorts the folded index too, and each (token, expert) pair keeps its slot.
@@ -34,8 +34,8 @@ import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
 from .experts import SwitchGLU
-from .lora import (EXPERT_TYPES, adaptable_modules, expert_lora, lora_delta, lora_shapes, select_targets,
-                   stacked_delta)
+from .lora import (EXPERT_TYPES, adaptable_modules, expert_lora, gathered_delta, lora_delta, lora_shapes,
+                   select_targets)
 
 
 class NotLoaded(KeyError):
@@ -116,9 +116,11 @@ class DenseSlots(_Slots):
         mode = self.adapters.mode
         if mode is None or "stack_a" not in self:
             return y
-        if isinstance(mode, int):
-            return y + lora_delta(x, self["stack_a"][mode], self["stack_b"][mode], self.adapters.scales[mode])
-        return y + stacked_delta(x, self["stack_a"], self["stack_b"], self.adapters.scale_array, mode)
+        if isinstance(mode, int):  # a slice, a view of the stack (an integer index would gather a copy)
+            a, b = (mx.squeeze(s[mode:mode + 1], 0) for s in (self["stack_a"], self["stack_b"]))
+            return y + lora_delta(x, a, b, self.adapters.scales[mode])
+        aset = self.adapters
+        return y + gathered_delta(x, self["stack_a"], self["stack_b"], mode, aset.lhs, aset.row_scale)
 
 
 class ExpertSlots(_Slots):
@@ -132,7 +134,8 @@ class ExpertSlots(_Slots):
         aset = self.adapters
         mode = aset.mode
         mixed = isinstance(mode, mx.array)
-        y = self.linear(x, indices // aset.capacity if mixed else indices, sorted_indices=sorted_indices)
+        experts, scale = aset.unfold(indices) if mixed else (indices, None)
+        y = self.linear(x, experts, sorted_indices=sorted_indices)
         if mode is None or "stack_a" not in self:
             return y
         a, b = self["stack_a"], self["stack_b"]
@@ -141,8 +144,7 @@ class ExpertSlots(_Slots):
             return y + (aset.scales[mode] * z).astype(y.dtype)
         E, N = a.shape[:2]
         z = expert_lora(x, a.reshape(E * N, *a.shape[2:]), b.reshape(E * N, *b.shape[2:]), indices, sorted_indices)
-        scale = aset.scale_array[indices % N]  # per (token, expert) pair
-        return y + (scale[..., None, None] * z).astype(y.dtype)
+        return y + (scale * z).astype(y.dtype)
 
 
 class RowsGLU:
@@ -179,6 +181,7 @@ class AdapterSet:
         self.written: dict[str, list[str]] = {}  # name -> the slot layers its adapter wrote
         self.slots: dict[str, _Slots] = {}  # path from the root -> slot layer
         self.mode = None  # None: the base; int: every row that slot; mx.array [B]: a slot per row
+        self._unfolded = None  # (folded indices, experts, scales) of the MoE layer that ran last
 
     @property
     def capacity(self) -> int:
@@ -202,12 +205,23 @@ class AdapterSet:
     def use(self, names: Sequence[Optional[str]]) -> None:
         """The adapter of each row of the next forwards (None: the base)."""
         slots = [self.slot(n) for n in names]
+        self._unfolded = None
         if not any(slots):
             self.mode = None
         elif len(set(slots)) == 1:
             self.mode = slots[0]
-        else:
+        else:  # what every slot layer of the next forwards shares, made once here
             self.mode = mx.array(slots, dtype=mx.uint32)
+            self.lhs = mx.arange(len(slots), dtype=mx.uint32)
+            self.row_scale = self.scale_array[self.mode].reshape(-1, 1, 1)
+
+    def unfold(self, indices: mx.array) -> tuple[mx.array, mx.array]:
+        """Folded expert indices (``expert * N + slot``) -> ``(expert, each pair's scale
+        [..., 1, 1])``, worked out once per MoE layer: its w1, w3 and w2 take the same indices."""
+        if self._unfolded is None or self._unfolded[0] is not indices:
+            N = self.capacity
+            self._unfolded = (indices, indices // N, self.scale_array[indices % N][..., None, None])
+        return self._unfolded[1:]
 
     def targets(self, num_layers: int, keys, rank: int, expert_rank: Optional[int] = None) -> dict:
         """``{path from the root: (A shape, B shape)}`` of the layers an adapter config wraps
