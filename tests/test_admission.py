@@ -1,15 +1,17 @@
-"""Admission by predicted memory: the prediction against MLX's measured peak, the 400 for a
-request that cannot fit alone (OpenAI and Anthropic clients), and a request that waits for
-memory until the one before it finishes, with the same reply as alone."""
+"""Admission by predicted memory: the prediction against MLX's measured peak (one request, and
+a batch whose short rows are padded to its long one), the 400 for a request that cannot fit
+alone (OpenAI and Anthropic clients), a request that waits for memory until the one before it
+finishes, with the same reply as alone, and prompt caches that give way to requests."""
 
 import asyncio
+import gc
 
 import mlx.core as mx
 import pytest
 
 from conftest import start_server, tiny_config
 from mlx_lfm2.engine.batch import BatchGenerator
-from mlx_lfm2.engine.memory import Shapes, budget_bytes, default_budget, kv_capacity, predict
+from mlx_lfm2.engine.memory import Row, Shapes, batch_peak, budget_bytes, default_budget, kv_capacity, predict
 from mlx_lfm2.serve.admission import Admission
 from mlx_lfm2.serve.metrics import model_bytes
 from mlx_lfm2.serve.scheduler import DONE, Job, Scheduler
@@ -45,6 +47,46 @@ def test_predicted_peak_is_within_15_percent_of_the_measured_one(tiny, prompt_to
     measured = measured_peak(model, prompt_tokens, 16, shapes.prefill_step)
     predicted = predict(model.args, prompt_tokens, 16, shapes)
     assert 0.85 < predicted / measured < 1.15, (predicted, measured)
+
+
+@pytest.fixture(scope="module")
+def kv_heavy(checkpoint):
+    """A dense model whose KV cache outweighs its activations, as at long contexts: a batch's
+    left padding shows in its memory."""
+    from mlx_lfm2 import load
+
+    cfg = tiny_config("tiny-dense", hidden_size=256, num_attention_heads=4, num_key_value_heads=4, intermediate_size=256)
+    return load(checkpoint(cfg, tokenizer=True))
+
+
+def measured_batch_peak(model, rows: list, chunk: int) -> int:
+    """MLX's peak above the memory active before, for ``(prompt, max_tokens)`` rows that join
+    the batch one after the other (each once the one before decodes)."""
+    gen = BatchGenerator(model, len(rows), chunk)
+    gc.collect()  # what earlier tests left for the collector would be freed mid-run, below the baseline
+    mx.clear_cache()
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
+    for P, M in rows:
+        gen.insert(mx.random.randint(10, 1000, (P,), key=mx.random.key(P)).tolist(), max_tokens=M)
+        while gen.prefilling is not None or gen.waiting:
+            gen.step()
+        gen.step()
+    while len(gen):
+        gen.step()
+    return mx.get_peak_memory() - base
+
+
+@pytest.mark.parametrize("rows", [[(16, 40), (1200, 4)], [(1000, 40), (200, 4)]], ids=["long-joins", "short-joins"])
+def test_a_batch_is_predicted_with_its_left_padding_not_as_the_sum_of_its_rows(kv_heavy, rows):
+    model = kv_heavy[0]
+    shapes = Shapes.of(model, 32)
+    measured = measured_batch_peak(model, rows, 32)
+    batch = [Row(P, M, decoding=True) for P, M in rows[:-1]] + [Row(*rows[-1])]
+    assert 0.9 < batch_peak(model.args, batch, shapes) / measured < 1.3
+    # each row alone, summed: the short row's padding to the long one's length is missing
+    assert sum(predict(model.args, P, M, shapes) for P, M in rows) < 0.75 * measured
+    assert batch_peak(model.args, batch[-1:], shapes) == predict(model.args, *rows[-1], shapes)
 
 
 def test_prediction_grows_with_the_reply_by_its_kv_cache(tiny):
@@ -137,6 +179,20 @@ def test_a_request_that_fits_only_later_waits_and_replies_as_alone(tiny):
     assert peak == 1 and one_at_a_time == alone
     together, peak = run_jobs(model, tokenizer, model_bytes(model) + 3 * need, prompts, 12)
     assert peak == 2 and together == alone
+
+
+def test_a_short_request_waits_beside_a_long_one_whose_padded_batch_would_not_fit(kv_heavy):
+    model, tokenizer = kv_heavy
+    prompts = [" ".join(f"word{i}" for i in range(400)), "hi there"]
+    alone = [run_jobs(model, tokenizer, 1 << 40, [p], 12)[0][0] for p in prompts]
+    adm = Admission(model, 1 << 40)
+    rows = [adm.row(len(tokenizer.encode(p, add_special_tokens=False)), 12) for p in prompts]
+    summed = sum(adm.batch([r]) for r in rows)
+    assert rows[0].prompt > 500 and adm.batch(rows) > 1.5 * summed
+    replies, peak = run_jobs(model, tokenizer, model_bytes(model) + int(1.2 * summed), prompts, 12)
+    assert peak == 1 and replies == alone  # the sum of the two would have fit: it ran both at once
+    replies, peak = run_jobs(model, tokenizer, model_bytes(model) + int(1.1 * adm.batch(rows)), prompts, 12)
+    assert peak == 2 and replies == alone
 
 
 def test_with_several_models_loaded_each_admission_counts_all_their_weights(chat_model, tmp_path):

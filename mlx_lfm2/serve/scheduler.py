@@ -33,7 +33,7 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 from ..engine.batch import BatchGenerator
@@ -77,7 +77,7 @@ class Job:
     timing: Optional[object] = None  # serve.metrics.JobTiming: its tokens' times, when observed
     adapter: Optional[str] = None  # a resident adapter's name (None: the base)
     model: str = ""  # the name the request asked for, as its reply reports it
-    memory: int = 0  # its predicted peak bytes (serve.admission), reserved while it runs
+    memory: Optional[object] = None  # engine.memory.Row: its share of the batch's memory (serve.admission)
 
     def emit(self, item) -> None:
         if self.timing is not None and isinstance(item, tuple) and item[0].token is not None:
@@ -335,7 +335,7 @@ class Scheduler:
                 self.stats["cancelled"] += 1
                 job.emit(DONE)
                 continue
-            if self.admission is not None and self.live and not self.admission.fits(job.memory, self.reserved):
+            if self.admission is not None and job.memory is not None and self.live and not self.admission.fits(job.memory, self.rows):
                 self.held = job  # it waits for memory, and those behind it wait too (see serve.admission)
                 return
             try:
@@ -351,9 +351,15 @@ class Scheduler:
                 job.emit(DONE)
 
     @property
+    def rows(self) -> list:
+        """The batch's requests as ``engine.memory.Row``s (those decoding marked so)."""
+        return [replace(live.job.memory, decoding=bool(live.generated)) for live in self.live.copy().values()
+                if live.job.memory is not None]
+
+    @property
     def reserved(self) -> int:
-        """The predicted bytes of the requests in the batch."""
-        return sum(live.job.memory for live in self.live.copy().values())
+        """The predicted peak bytes of the batch (``serve.admission``)."""
+        return self.admission.batch(self.rows) if self.admission is not None else 0
 
     def _score(self, job: Job) -> None:
         if job.score_ids is not None and job.top_logprobs is not None:
