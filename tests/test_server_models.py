@@ -1,8 +1,9 @@
 """Several models on one server (``serve/models.py``), through the real clients: a request's
 ``model`` picks one, a budget of one model swaps them (the other unloaded and loaded again,
-replies unchanged, memory back to its level), idle models unload and free their memory, a
-model loaded again reads its prefix from the disk cache, unknown names are 404s listing the
-names, and requests wait (boundedly) for a model being loaded or for a busy one to finish."""
+replies unchanged, every unloaded model freed, memory back to its level), idle models unload
+and free their memory, a model loaded again reads its prefix from the disk cache, unknown
+names are 404s listing the names, and requests wait (boundedly) for a model being loaded or
+for a busy one to finish."""
 
 import asyncio
 import functools
@@ -102,7 +103,13 @@ def test_without_a_model_name_the_first_answers(server, folders):
 
 
 @pytest.mark.slow
-def test_fifty_swaps_leak_no_memory(server, folders):
+def test_repeated_swaps_free_every_unloaded_model_and_leak_no_memory(server, folders):
+    """Twelve swaps: each unloaded model object is gone (a weak reference to it dies), so any
+    reference kept to a model, whatever its size, fails at the first swap; and MLX's active
+    memory ends within weights/8 of its level, so a leak of over weights/96 a swap fails too."""
+    import gc
+    import weakref
+
     base, models = server("--model", f"a={folders[0]}", "--model", f"b={folders[1]}", "--max-loaded-models", "1",
                           "--prompt-cache-bytes", "0")
     want = {}
@@ -110,10 +117,16 @@ def test_fifty_swaps_leak_no_memory(server, folders):
         want[name] = chat(base, name, n=1)[0]
     level = mx.get_active_memory()  # b loaded, a unloaded, each run once
     weights = models.entries["b"].size
-    for i in range(50):
-        name = "ab"[i % 2]
+    unloaded = []
+    for i in range(12):
+        name, other = "ab"[i % 2], "ab"[(i + 1) % 2]
+        e = models.entries[other]  # loaded, idle: this request unloads it
+        unloaded.append((weakref.ref(e.scheduler), weakref.ref(e.scheduler.model)))
+        del e
         assert chat(base, name, n=1)[0] == want[name]
-    assert loaded(base) == ["b"]
+        assert loaded(base) == [name]
+    gc.collect()
+    assert [(s() is None, m() is None) for s, m in unloaded] == [(True, True)] * 12
     assert abs(mx.get_active_memory() - level) < weights // 8, (mx.get_active_memory(), level, weights)
 
 
