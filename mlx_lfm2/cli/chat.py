@@ -419,7 +419,8 @@ def loaded_line(chat, path: str) -> str:
     if chat.head and not chat.messages:
         return (f"loaded {escape(path)}: {chat.head} cached tokens, no transcript "
                 "(your first message continues the cached text)")
-    return f"loaded {len(chat.messages)} messages from {escape(path)}"
+    return (f"loaded {len(chat.messages)} messages from {escape(path)}"
+            + (f"; replies use adapter {escape(chat.adapter)}" if chat.adapter else ""))
 
 
 if __name__ == "__main__":

@@ -101,12 +101,13 @@ class Service:
         first model and a name that is none of ``names()`` is a 404 listing them."""
         if name is not None and not isinstance(name, str):
             raise APIError(400, "model: a string", param="model")
-        entry, adapter = self._resolve(name)
+        entry, adapter = self.resolve(name)
         await self.models.acquire(entry, keep_alive)
         note_model(adapter or entry.name)
         return entry.scheduler, adapter
 
-    def _resolve(self, name: Optional[str]):
+    def resolve(self, name: Optional[str]):
+        """``(registry entry, adapter name or None)`` that ``name`` picks (see ``route``), nothing loaded."""
         for e in self.models.loaded():
             if e.scheduler.adapters is not None and name in e.scheduler.adapters:
                 return e, name
