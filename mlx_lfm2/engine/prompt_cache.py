@@ -282,6 +282,10 @@ class PromptCacheStore:
         with self._lock:
             return next(reversed(self._entries.values()), None)
 
+    def latest_namespace(self) -> str:
+        """The namespace ``latest()`` is filed under ("" when the store is empty)."""
+        return next(reversed(self._entries), ("", ""))[0]
+
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()

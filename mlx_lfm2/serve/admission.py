@@ -22,6 +22,7 @@ The prediction counts every prompt token, cached ones included: the batch holds 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable, Optional
 
 from ..engine.memory import Row, Shapes, batch_peak
@@ -99,6 +100,15 @@ class Admission:
                 return
             store.shrink(store.nbytes - over)
 
+    def waits(self, row: Optional[Row], live: dict) -> bool:
+        """Whether ``row`` waits for memory beside the batch's ``live`` rows (uid -> the
+        scheduler's row). An empty batch admits any request."""
+        return bool(live) and row is not None and not self.fits(row, rows_of(live))
+
+    def reserved(self, live: dict) -> int:
+        """The predicted peak of the batch's ``live`` rows."""
+        return self.batch(rows_of(live))
+
     def status(self, running: int, waiting: bool) -> dict:
         """For ``/health``: the budget, the weights, what the running rows reserve, the prompt
         caches kept, what is free."""
@@ -106,3 +116,9 @@ class Admission:
         return {"budget_mb": round(self.budget / MB, 1), "weights_mb": round((self.weights + self.others()) / MB, 1),
                 "reserved_mb": round(running / MB, 1), "prompt_caches_mb": round(cached / MB, 1),
                 "free_mb": round((self.available - running - cached) / MB, 1), "waiting_for_memory": int(waiting)}
+
+
+def rows_of(live: dict) -> list:
+    """A batch's requests (uid -> the scheduler's row, holding its job and what it generated)
+    as ``Row``s; read from any thread (``copy()`` is atomic while the worker changes it)."""
+    return [replace(r.job.memory, decoding=bool(r.generated)) for r in live.copy().values() if r.job.memory is not None]

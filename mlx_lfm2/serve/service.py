@@ -30,13 +30,15 @@ from starlette.requests import Request
 
 from ..engine.request import PromptTooLongError, check_context
 from ..text.constraints import ConstraintError, make_constraint
-from ..text.tools import ToolCallStream, parse_tool_calls
+from ..text.tool_stream import ToolCallStream
+from ..text.tools import parse_tool_calls
 from .boundary import APIError, BODY_TIMEOUT, no_reply, read_body, validate, watch
+from .job import DONE, Job
 from .metrics import note_model, track
 from .models import UNSET, Models, current
 from .outbox import Outbox
 from .openai_api import ChatRequest
-from .scheduler import DONE, Job, Scheduler
+from .scheduler import Scheduler
 
 
 class Routed:
