@@ -218,3 +218,60 @@ def test_with_several_models_loaded_each_admission_counts_all_their_weights(chat
     finally:
         for s in made:
             s.close()
+
+
+def kept_caches(model, tokenizer, store, texts: list) -> None:
+    """Each text prefilled alone into ``store`` (as a finished request's cache is kept)."""
+    from mlx_lfm2.engine.decode import prefill
+
+    for text in texts:
+        pc = store.fresh()
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        prefill(model, mx.array(ids, dtype=mx.uint32), pc.cache)
+        pc.text, pc.tokens = text, ids
+        store.keep(pc)
+
+
+def test_kept_prompt_caches_count_in_the_budget_and_give_way_to_an_admitted_request(chat_model):
+    from mlx_lfm2.engine.prompt_cache import PromptCacheStore, entry_bytes
+
+    model, tokenizer, _ = chat_model
+    store = PromptCacheStore(model, entries=8)
+    texts = [f"conversation {i}: " + " ".join(f"w{i}x{j}" for j in range(150)) for i in range(4)]
+    kept_caches(model, tokenizer, store, texts)
+    each = entry_bytes(store.latest())
+    assert len(store) == 4 and store.nbytes == sum(entry_bytes(pc) for pc in store._entries.values()) >= 4 * each // 2
+    probe = Admission(model, 1 << 40)
+    need = probe.batch([probe.row(64, 16)])
+    admission = Admission(model, model_bytes(model) + need + store.nbytes - each // 2, store=store)
+    assert admission.status(0, False)["prompt_caches_mb"] == round(store.nbytes / 2**20, 1)
+    assert admission.check(64, 16) == probe.row(64, 16)  # alone it fits: caches give way, no 400
+    first = list(store._entries)[0]
+    assert admission.fits(admission.row(64, 16), []) and len(store) == 3  # the least recently used went
+    assert first not in store._entries and need + store.nbytes <= admission.available
+    assert not admission.fits(admission.row(64, 10**6), [])  # too big: it waits, nothing more is dropped
+    assert len(store) == 3
+
+
+def test_a_kept_cache_taken_out_of_a_batch_holds_its_own_memory_not_the_batchs(kv_heavy):
+    from mlx_lfm2.engine.prompt_cache import PromptCache, PromptCacheStore, entry_bytes
+
+    model, tokenizer = kv_heavy
+    store = PromptCacheStore(model)
+    gen = BatchGenerator(model, 2, 32)
+    prompts = [list(range(10, 30)), list(range(10, 1010))]
+    for p in prompts:
+        gen.insert(p, max_tokens=4)
+    done = {}
+    while len(gen):
+        done.update({t.uid: t.cache for t in gen.step() if t.cache is not None})
+    pc = PromptCache(model, done[0], "short", prompts[0] + [0] * (done[0][0].offset - len(prompts[0])))
+    del gen, done
+    gc.collect()
+    mx.clear_cache()
+    base = mx.get_active_memory()
+    store.keep(pc)  # the short row's cache is a view of the padded batch's buffer, until kept
+    del pc
+    gc.collect()
+    assert store.nbytes == entry_bytes(store.latest()) < 1 << 20
+    assert mx.get_active_memory() - base < 0  # the batch's buffer is freed once the entry owns its copy
