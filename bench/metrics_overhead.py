@@ -51,7 +51,7 @@ def stream_tps(base: str, max_tokens: int, stops: list) -> dict:
     return {"decode_tps": (len(times) - 1) / (times[-1] - times[0]), "chunks": len(times)}
 
 
-def observer_cost(n: int = 20000) -> dict:
+def observer_cost(max_tokens: int, n: int = 20000) -> dict:
     """Seconds of the observer's work: one token's timing, one request's record (log line and
     histograms over ``max_tokens`` gaps), timed alone."""
     from mlx_lfm2.serve.metrics import JobTiming, Metrics, Record, log_line
@@ -62,6 +62,9 @@ def observer_cost(n: int = 20000) -> dict:
     for _ in range(n):
         t.token("x")
     per_token = (time.perf_counter() - tic) / n
+    t = JobTiming()
+    for _ in range(max_tokens):
+        t.token("x")
 
     class J:  # a finished job as the observer reads it
         prompt_tokens, cached_tokens, model, timing = 20, 0, "m", t
@@ -96,7 +99,7 @@ def main():
     for base in bases.values():  # warm-up: compile, caches
         stream_tps(base, 8, stops)
     med = alternating_medians({k: (lambda b=b: stream_tps(b, a.max_tokens, stops)) for k, b in bases.items()}, a.runs)
-    cost = observer_cost()
+    cost = observer_cost(a.max_tokens)
     step = 1 / med["no_metrics"]["decode_tps"]
     result = {"preset": a.preset, "layers": a.layers, "bits": a.bits, "max_tokens": a.max_tokens, "runs": a.runs,
               "machine": platform.machine(), "medians": med,
