@@ -83,7 +83,7 @@ def test_a_batch_is_predicted_with_its_left_padding_not_as_the_sum_of_its_rows(k
     shapes = Shapes.of(model, 32)
     measured = measured_batch_peak(model, rows, 32)
     batch = [Row(P, M, decoding=True) for P, M in rows[:-1]] + [Row(*rows[-1])]
-    assert 0.9 < batch_peak(model.args, batch, shapes) / measured < 1.3
+    assert 0.9 < batch_peak(model.args, batch, shapes) / measured < 1.5  # above: the safe side (rows at their longest)
     # each row alone, summed: the short row's padding to the long one's length is missing
     assert sum(predict(model.args, P, M, shapes) for P, M in rows) < 0.75 * measured
     assert batch_peak(model.args, batch[-1:], shapes) == predict(model.args, *rows[-1], shapes)

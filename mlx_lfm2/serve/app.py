@@ -44,12 +44,13 @@ from .service import Service
 
 
 def create_app(served, api_key: Optional[str] = None, body_timeout: float = BODY_TIMEOUT, log=None,
-               adapters: Optional[AdapterTable] = None):
+               adapters: Optional[AdapterTable] = None, observe: bool = True):
     """The ASGI app: each API's app under its path prefix (OpenAI's takes the rest, ``/health``,
     ``/metrics`` and the adapter routes), over one service, each request logged (``log(line)``,
     default the ``mlx_lfm2.server`` logger) and counted. ``served``: the models
     (``models.Models``), or one model's ``Scheduler``. ``adapters``: the table behind
-    ``/v1/load_lora_adapter`` (default: one with hot loading off, on a model loaded at startup)."""
+    ``/v1/load_lora_adapter`` (default: one with hot loading off, on a model loaded at startup).
+    ``observe=False``: no request is logged, counted or timed (bench/metrics_overhead.py)."""
     models = served if isinstance(served, Models) else Models.single(served)
     service = Service(models, api_key, body_timeout)
     loaded = models.loaded()
@@ -67,10 +68,10 @@ def create_app(served, api_key: Optional[str] = None, body_timeout: float = BODY
 
     routes = (Route("/health", health, methods=["GET"]), Route("/metrics", metrics.endpoint(), methods=["GET"]),
               *(adapter_routes(service, adapters) if adapters is not None else ()))
-    return Holds(Observer(ByPrefix(openai.app(service, routes=routes),
-                                   {anthropic.PREFIX: anthropic.app(service), responses.PREFIX: responses.app(service),
-                                    ollama.PREFIX: ollama.app(service)}),
-                          metrics, log), models)
+    apis = ByPrefix(openai.app(service, routes=routes), {anthropic.PREFIX: anthropic.app(service),
+                                                         responses.PREFIX: responses.app(service),
+                                                         ollama.PREFIX: ollama.app(service)})
+    return Holds(Observer(apis, metrics, log) if observe else apis, models)
 
 
 def scheduler_health(s: Scheduler) -> dict:
