@@ -243,3 +243,27 @@ def test_hot_loading_needs_the_api_key_and_an_adapter_dir(folders, checkpoint):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_resolving_the_path_stays_off_the_event_loop(tmp_path, monkeypatch):
+    """The path checks stat and list the disk (a slow or network folder): they run in a thread,
+    so the event loop keeps serving meanwhile."""
+    import asyncio
+
+    from mlx_lfm2.serve.adapters import AdapterTable
+    from mlx_lfm2.serve.boundary import APIError
+
+    class Scheduler:
+        adapters, model_id = None, "m"
+
+    table = AdapterTable(Scheduler(), str(tmp_path))
+    seen, real = [], table.resolve
+    monkeypatch.setattr(table, "resolve", lambda given: (seen.append(threading.current_thread()), real(given))[1])
+
+    async def load():
+        with pytest.raises(APIError, match="no adapter folder 'missing' under --adapter-dir"):
+            await table.load("x", "missing")
+        return threading.current_thread()
+
+    loop_thread = asyncio.run(load())
+    assert len(seen) == 1 and seen[0] is not loop_thread

@@ -91,3 +91,37 @@ def test_chat_cli_adapter_command(setup, tmp_path):
         child.expect(pexpect.EOF)
     finally:
         child.close(force=True)
+
+
+def test_a_saved_chat_restores_its_adapter_and_files_its_cache_under_it(setup, tmp_path):
+    """``Chat.save`` records the adapter replies use and the adapter its cache was computed
+    under; ``load`` restores the first and reuses the cache only under that adapter's content."""
+    base, folders = setup
+    model, tok = load(base, adapters=folders)
+    chat = Chat(model, tok, **GREEDY)
+    chat.use_adapter("y")
+    list(chat.send("Hello there", max_tokens=1))
+    chat.save(tmp_path / "y.safetensors")
+    chat.use_adapter(None)  # switched, no turn since: the saved cache is still y's
+    chat.save(tmp_path / "base.safetensors")
+
+    again = Chat(model, tok, **GREEDY)
+    again.load(tmp_path / "y.safetensors")
+    assert again.adapter == "y"
+    total, cached = again.use_adapter("y")
+    assert 0 < cached <= total  # y's cache, filed under y
+    reply = "".join(r.text for r in again.send("Tell me more"))
+    alone = load(base, adapter_path=folders["y"])[0]
+    assert reply == generate(alone, tok, again.messages[:-1], **GREEDY)  # a cold run with y alone
+
+    plain = Chat(model, tok, **GREEDY)
+    plain.load(tmp_path / "base.safetensors")
+    assert plain.adapter is None and plain.use_adapter(None)[1] == 0  # y's cache is never the base's
+    assert plain.use_adapter("y")[1] > 0
+
+    swapped, _ = load(base, adapters={"y": folders["x"]})  # another adapter under the same name
+    other = Chat(swapped, tok, **GREEDY)
+    other.load(tmp_path / "y.safetensors")
+    assert other.adapter == "y" and other.use_adapter("y")[1] == 0  # its content differs: re-prefilled
+    with pytest.raises(ValueError, match=r"replies with adapter 'y', which is not loaded here \(loaded: none\)"):
+        Chat(load(base)[0], tok, **GREEDY).load(tmp_path / "y.safetensors")

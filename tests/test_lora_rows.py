@@ -104,3 +104,66 @@ def test_a_quantized_base_takes_resident_adapters_too(checkpoint, tmp_path):
     for i, n in enumerate(names):
         want = (alone[n] if n else load_model(q4))(ids[i:i + 1])
         np.testing.assert_allclose(np.array(got[i:i + 1]), np.array(want), atol=ATOL, rtol=0)
+
+
+def test_load_unload_reload_leave_the_other_slots_bit_equal(checkpoint, tmp_path):
+    """Slots are written in place: loading, unloading and reloading adapters changes no other
+    adapter's (or the base's) rows by a single bit; a freed slot is the next load's; the stacks
+    grow (2 -> 4 adapters) only when no slot is free, and never past the limit."""
+    base = checkpoint(tiny_config("tiny-moe"))
+    folders = {n: make_adapter(base, tmp_path / n, seed=s, num_layers=-1) for n, s in zip("abcd", (1, 2, 3, 4))}
+    model = load_model(base, adapters={"a": folders["a"], "b": folders["b"]})
+    aset = model.adapter_set
+    aset.limit = 4
+    ids = [mx.array(np.random.default_rng(n).integers(0, 1000, (3, n))) for n in (1, 24)]  # decode, sorted experts
+
+    def outputs(names):
+        return [run(model, x, names) for x in ids]
+
+    def same(got, want):
+        return all(mx.array_equal(g, w) for g, w in zip(got, want))
+
+    before = outputs(["a", None, "b"])
+    assert aset.capacity == 3
+    add_resident(aset, "c", folders["c"])  # no free slot: the stacks grow to 4 adapters
+    assert aset.capacity == 5 and aset.slot("c") == 3
+    assert same(outputs(["a", None, "b"]), before)
+    with_c = outputs(["c", None, "b"])
+    slot_a = aset.slot("a")
+    aset.remove("a")
+    assert same(outputs(["c", None, "b"]), with_c)
+    add_resident(aset, "d", folders["d"])  # takes the freed slot, the stacks keep their size
+    assert aset.slot("d") == slot_a and aset.capacity == 5
+    assert same(outputs(["c", None, "b"]), with_c)
+    alone = load_model(base, adapter_path=folders["d"])
+    np.testing.assert_allclose(np.array(run(model, ids[1], ["d"] * 3)), np.array(alone(ids[1])), atol=ATOL, rtol=0)
+    aset.remove("d")
+    add_resident(aset, "a", folders["a"])  # back in its old slot: a's rows as before, bit for bit
+    assert aset.slot("a") == slot_a
+    assert same(outputs(["a", None, "b"]), before)
+    add_resident(aset, "d", folders["d"])
+    assert aset.capacity == 5 and aset.loaded == ["b", "c", "a", "d"]
+    with pytest.raises(ValueError, match="4 adapters are resident already"):
+        add_resident(aset, "e", folders["d"])
+    assert same(outputs(["a", None, "b"]), before)
+
+
+def test_a_header_whose_byte_range_is_short_of_its_shape_is_refused(setup, tmp_path):
+    """MLX reads what a tensor's shape says from its offset on: a range shorter than that (here
+    one tensor's end moved 4 bytes back, the file's size unchanged) is refused before MLX reads."""
+    import json
+    import shutil
+
+    _, folders, model, _, _ = setup
+    bad = tmp_path / "short"
+    shutil.copytree(folders["a"], bad)
+    raw = (bad / "adapters.safetensors").read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    name = sorted(k for k in header if k != "__metadata__")[0]
+    header[name]["data_offsets"][1] -= 4
+    text = json.dumps(header, separators=(",", ":")).encode().ljust(n)  # the same header length: every offset stays valid
+    (bad / "adapters.safetensors").write_bytes(raw[:8] + text + raw[8 + n:])
+    with pytest.raises(AdapterError, match=f"tensor {name}: shape .* needs .* bytes, its data_offsets hold"):
+        add_resident(model.adapter_set, "short", bad)
+    assert "short" not in model.adapter_set

@@ -207,7 +207,7 @@ class Repl:
         from rich.markdown import Markdown
         from rich.text import Text
 
-        from ..text.tools import ToolCallStream
+        from ..text.tool_stream import ToolCallStream
 
         calls, shown = ToolCallStream(bare_names=self.tools), ""  # names: LFM2.5's unmarked calls
         # hyperlinks=False: a link shows as "text (url)", its real target, never a hidden one.
@@ -419,7 +419,8 @@ def loaded_line(chat, path: str) -> str:
     if chat.head and not chat.messages:
         return (f"loaded {escape(path)}: {chat.head} cached tokens, no transcript "
                 "(your first message continues the cached text)")
-    return f"loaded {len(chat.messages)} messages from {escape(path)}"
+    return (f"loaded {len(chat.messages)} messages from {escape(path)}"
+            + (f"; replies use adapter {escape(chat.adapter)}" if chat.adapter else ""))
 
 
 if __name__ == "__main__":

@@ -231,5 +231,9 @@ class PromptCacheStore:
         """The entry kept or taken last, if any."""
         return next(reversed(self._entries.values()), None)
 
+    def latest_namespace(self) -> str:
+        """The namespace ``latest()`` is filed under ("" when the store is empty)."""
+        return next(reversed(self._entries), ("", ""))[0]
+
     def clear(self) -> None:
         self._entries.clear()

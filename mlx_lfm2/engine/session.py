@@ -221,7 +221,8 @@ class Chat:
     def save(self, path) -> None:
         """Transcript, cache and model identity in one checksummed safetensors file, written
         atomically: a failed save (missing folder, a directory in the way, a full disk)
-        leaves nothing."""
+        leaves nothing. The adapter replies use is recorded, and the adapter the cache was
+        computed under (its content's fingerprint), so ``load`` restores both."""
         path = Path(path).expanduser()
         if path.is_dir():
             raise IsADirectoryError(f"{path} is a folder: give a file name, e.g. {path / 'chat.safetensors'}")
@@ -231,7 +232,8 @@ class Chat:
         meta = {"messages": json.dumps(self.messages, ensure_ascii=False), "text": str(pc.text),
                 "plain": json.dumps(plain_spans(pc.text)), "tokens": json.dumps(pc.tokens),
                 "model": json.dumps(model_identity(self.model)), "weights": model_digest(self.model, self.tokenizer),
-                "system": self.system or "", "head": str(self.head), "format": FORMAT}
+                "system": self.system or "", "head": str(self.head), "format": FORMAT,
+                "adapter": self.adapter or "", "cache_namespace": self.store.latest_namespace()}
         save_session(path, pc.cache, meta)
 
     def _check_transcript(self, path, messages: list, tokens: list, text) -> None:
@@ -285,6 +287,7 @@ class Chat:
         except (KeyError, ValueError, TypeError) as e:
             raise ValueError(f"{path} is a damaged saved chat: {e}") from e
         self._check_transcript(path, messages, tokens, text)
+        adapter = self._saved_adapter(path, meta)
         ours = model_identity(self.model)
         if saved != ours:
             raise ValueError(f"{path} was saved with another model ({_mismatch(saved, ours)}): "
@@ -302,8 +305,20 @@ class Chat:
             pc = PromptCache(self.model, draft_model=self.draft_model)
         self.messages, self._stats, self.head = messages, [], head
         self.system = meta.get("system") or None
+        self.adapter = adapter
         self.store.clear()
-        self.store.keep(pc)
+        # Filed under the adapter content it was computed with: reused only under that content.
+        self.store.keep(pc, meta.get("cache_namespace") or "")
+
+    def _saved_adapter(self, path, meta: dict) -> Optional[str]:
+        """The adapter a saved chat replied with (None: the base); it must be resident here."""
+        name = meta.get("adapter") or None
+        resident = adapter_set(self.model)
+        if name is not None and (resident is None or name not in resident):
+            loaded = ", ".join(resident.loaded) if resident is not None else ""
+            raise ValueError(f"{path} replies with adapter {name!r}, which is not loaded here "
+                             f"(loaded: {loaded or 'none'}): start with --adapter {name}=PATH")
+        return name
 
     def load_prompt_cache(self, path, model_name: Optional[str] = None) -> int:
         """Start a conversation from an mlx-lm prompt-cache file: its cache is the head (the

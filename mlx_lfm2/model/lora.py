@@ -42,11 +42,19 @@ def lora_delta(x: mx.array, a: mx.array, b: mx.array, scale: float) -> mx.array:
 def stacked_delta(x: mx.array, a: mx.array, b: mx.array, scale: mx.array, rows: mx.array) -> mx.array:
     """Per-row adapters: x ``[B, L, in]``, a ``[N, in, r]``, b ``[N, r, out]``, scale ``[N]``,
     rows ``[B]`` (which adapter each row takes) -> ``[B, L, out]``."""
+    return gathered_delta(x, a, b, rows, mx.arange(rows.size, dtype=mx.uint32), scale[rows][:, None, None])
+
+
+def gathered_delta(x: mx.array, a: mx.array, b: mx.array, rows: mx.array, lhs: mx.array,
+                   row_scale: mx.array) -> mx.array:
+    """``stacked_delta`` with what every layer of a forward shares made once by the caller:
+    ``lhs`` ``arange(B)`` (gather_mm's own default, else made anew per call), ``row_scale``
+    ``[B, 1, 1]``, each row's adapter's scale."""
     f32 = device.float32_gather_mm(x.dtype)
     xs = x.astype(mx.float32) if f32 else x
-    z = mx.gather_mm(xs, a.astype(xs.dtype), rhs_indices=rows)  # [B, L, r]
-    z = mx.gather_mm(z, b.astype(xs.dtype), rhs_indices=rows)  # [B, L, out]
-    return (scale[rows][:, None, None] * z).astype(x.dtype)
+    z = mx.gather_mm(xs, a.astype(xs.dtype), lhs_indices=lhs, rhs_indices=rows)  # [B, L, r]
+    z = mx.gather_mm(z, b.astype(xs.dtype), lhs_indices=lhs, rhs_indices=rows)  # [B, L, out]
+    return (row_scale * z).astype(x.dtype)
 
 
 def expert_lora(x: mx.array, a: mx.array, b: mx.array, indices: mx.array, sorted_indices: bool) -> mx.array:

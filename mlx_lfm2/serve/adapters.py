@@ -14,7 +14,9 @@ restart, behind the API key when one is set:
 * ``POST /v1/unload_lora_adapter {"lora_name"}``: refused (409) while any running or queued
   request uses the adapter, so no reply ever changes adapter midway; retry when they finish.
 
-At most ``--max-adapters`` are resident (each holds its A/B for every layer it adapts).
+At most ``--max-adapters`` are resident (each holds its A/B for every layer it adapts). A load
+writes one free slot of the resident stacks in place (``AdapterSet.add``); when none is free
+the stacks grow to twice the adapters (at most ``--max-adapters``), a one-time copy.
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ class AdapterTable:
         self.folder = Path(folder).expanduser().resolve() if folder else None
         self.max_adapters = max_adapters
         self.lock = asyncio.Lock()  # one load or unload at a time
+        if self.set is not None:
+            self.set.limit = max_adapters  # the stacks grow up to this many slots, never past it
 
     @property
     def set(self):
@@ -96,7 +100,7 @@ class AdapterTable:
 
     async def load(self, name: str, given: str) -> dict:
         async with self.lock:
-            folder = self.resolve(given)
+            folder = await asyncio.to_thread(self.resolve, given)  # stat and list the disk off the event loop
             self.check_name(name)
             tic = time.perf_counter()
             try:  # on the worker, between two steps: read, checked before MLX reads it, stacked

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional, Union
 
@@ -214,7 +215,8 @@ def load_adapters(model: nn.Module, path: Union[str, Path]) -> dict:
 def read_resident(adapters, path: Union[str, Path]) -> tuple[dict, float, dict]:
     """An adapter folder (mlx-lm's layout or PEFT's) read for a ``model.lora_rows.AdapterSet``:
     ``({module path: (A, B)}, scale, info)``, every array checked against the base's layers
-    (names, shapes, dtypes; the file's header and size before MLX reads it)."""
+    (names, shapes, dtypes; the file's header, sizes and byte ranges before MLX reads it), then
+    read, its fingerprint hashed meanwhile."""
     folder = Path(path).expanduser()
     cfg = read_config(folder)
     weights, file = None, folder / WEIGHTS
@@ -235,8 +237,11 @@ def read_resident(adapters, path: Union[str, Path]) -> tuple[dict, float, dict]:
     check_shapes({f"{p}.{leaf}": shape for p, shapes in targets.items() for leaf, shape in zip(ADAPTER_LEAVES, shapes)},
                  weights, folder)
     arrays = {p: (weights[f"{p}.lora_a"], weights[f"{p}.lora_b"]) for p in targets}
-    info = {"path": str(folder), "rank": lora["rank"], "scale": float(lora["scale"]),
-            "fingerprint": fingerprint([folder / CONFIG, file])}
+    with ThreadPoolExecutor(1) as pool:  # the hash (which releases the GIL) beside MLX's read
+        digest = pool.submit(fingerprint, [folder / CONFIG, file])
+        mx.eval([x for ab in arrays.values() for x in ab])
+        info = {"path": str(folder), "rank": lora["rank"], "scale": float(lora["scale"]),
+                "fingerprint": digest.result()}
     return arrays, float(lora["scale"]), info
 
 

@@ -15,6 +15,7 @@ is the inverse used when writing folders for mlx-lm / LM Studio.
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Callable, Iterable, Optional
@@ -110,6 +111,9 @@ def check_safetensors(path: Path) -> None:
                 raise ValueError("bad header length")
             header = json.loads(f.read(n))
         end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        for k, v in header.items():
+            if k != "__metadata__":
+                _check_extent(k, v)
     except (ValueError, KeyError, TypeError) as e:
         raise WeightsError(f"cannot read {path}: {e} (corrupt or truncated download?)") from e
     if 8 + n + end > size:
@@ -117,6 +121,25 @@ def check_safetensors(path: Path) -> None:
             f"cannot read {path}: it holds {size} bytes but its header needs {8 + n + end} "
             "(corrupt or truncated download?)"
         )
+
+
+_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
+             "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8}
+
+
+def _check_extent(name: str, entry: dict) -> None:
+    """A tensor's byte range is ordered and holds exactly its shape's bytes (MLX would read
+    whatever the shape says, past the range)."""
+    start, stop = entry["data_offsets"]
+    shape = entry["shape"]
+    if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start <= stop):
+        raise ValueError(f"tensor {name}: bad data_offsets {entry['data_offsets']}")
+    if not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise ValueError(f"tensor {name}: bad shape {shape}")
+    size = _ITEMSIZE.get(entry["dtype"])
+    if size is not None and math.prod(shape) * size != stop - start:
+        raise ValueError(f"tensor {name}: shape {shape} of {entry['dtype']} needs {math.prod(shape) * size} bytes, "
+                         f"its data_offsets hold {stop - start}")
 
 
 def load_safetensors(path: Path) -> dict:

@@ -102,6 +102,7 @@ def load_model(folder: Union[str, Path], dtype: Optional[mx.Dtype] = None, lazy:
         from .adapters import add_resident
 
         aset = attach(model)
+        aset.reserve(len(adapters))  # stacks made once at their size, not grown load by load
         for name, path in adapters.items():
             add_resident(aset, name, path)
     if not lazy:
