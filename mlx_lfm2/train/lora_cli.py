@@ -158,6 +158,7 @@ def main(argv=None) -> int:
         if not data["test"]:
             print("error: --test needs test.jsonl in --data", file=sys.stderr)
             return 2
-        loss = evaluate(model, Batches(data["test"], cfg, pad, shuffle=False, pack=False), s["test_batches"], loss_fn(cfg))
+        test_b = Batches(data["test"], cfg, pad, shuffle=False, pack=False)
+        loss = evaluate(model, test_b, s["test_batches"], loss_fn(cfg, evaluating=True))
         print(f"test loss {loss:.4f}")
     return 0

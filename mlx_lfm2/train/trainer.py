@@ -26,7 +26,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from ..model.blocks import Block
 from ..weights.adapters import AdapterError, save_adapters, save_safetensors
 from .data import Pair
-from .losses import CHUNK, dpo_loss, sft_loss
+from .losses import CHUNK, dpo_loss, eval_loss, sft_loss
 from .packing import collate, epoch_rows, segment_state, segments_applied
 
 STATE = "training_state.safetensors"
@@ -104,12 +104,14 @@ class Batches:
         return (collate(rows, self.pad_id),)
 
 
-def loss_fn(cfg: TrainConfig) -> Callable:
+def loss_fn(cfg: TrainConfig, evaluating: bool = False) -> Callable:
+    """The training loss (``evaluating``: the same value without the fused gradient work)."""
     if cfg.train_mode == "dpo":
         return lambda model, chosen, rejected: dpo_loss(model, chosen, rejected, cfg.beta, cfg.chunk)
     if cfg.train_mode != "sft":
         raise ValueError(f"--train-mode must be sft or dpo, not {cfg.train_mode!r}")
-    return lambda model, batch: sft_loss(model, batch, cfg.chunk)
+    sft = eval_loss if evaluating else sft_loss
+    return lambda model, batch: sft(model, batch, cfg.chunk)
 
 
 def evaluate(model, batches: Batches, num_batches: int, loss) -> float:
@@ -211,7 +213,7 @@ def train(model, cfg: TrainConfig, train_set: list, valid_set: list, pad_id: int
     accum = max(cfg.grad_accumulation_steps, 1)
     total = max(cfg.epochs * train_b.per_epoch() // accum, 1) if cfg.epochs else cfg.iters
     optimizer = make_optimizer(cfg)
-    loss = loss_fn(cfg)
+    loss, val_loss = loss_fn(cfg), loss_fn(cfg, evaluating=True)
     step = load_state(Path(resume).parent, optimizer, model) if resume else 0
     value_and_grad = nn.value_and_grad(model, loss)
     progress, val, last = Progress(total, step, out), None, float("nan")
@@ -219,7 +221,7 @@ def train(model, cfg: TrainConfig, train_set: list, valid_set: list, pad_id: int
     with checkpointed_blocks(model, cfg.grad_checkpoint):
         while step < total:
             if valid_b is not None and step % cfg.steps_per_eval == 0:
-                val = evaluate(model, valid_b, cfg.val_batches, loss)
+                val = evaluate(model, valid_b, cfg.val_batches, val_loss)
             mx.random.seed(cfg.seed * 1_000_003 + step)  # dropout: the same per step on resume
             value, grads, batch = accumulate(value_and_grad, model, [train_b[step * accum + i] for i in range(accum)])
             if cfg.max_grad_norm:
@@ -236,7 +238,7 @@ def train(model, cfg: TrainConfig, train_set: list, valid_set: list, pad_id: int
                 save(model, folder, optimizer, step, adapter_config, checkpoint=step % cfg.save_every == 0)
     model.eval()
     if valid_b is not None:
-        val = evaluate(model, valid_b, cfg.val_batches, loss)
+        val = evaluate(model, valid_b, cfg.val_batches, val_loss)
         out(f"step {step}/{total} | val {val:.4f}")
     return {"step": step, "loss": last, "val_loss": val}
 
