@@ -3,7 +3,8 @@ reply is a call list and every name is an offered tool; streamed and whole alike
 
 import pytest
 
-from mlx_lfm2.text.tools import ToolCallStream, parse_tool_calls
+from mlx_lfm2.text.tool_stream import ToolCallStream
+from mlx_lfm2.text.tools import parse_tool_calls
 
 NAMES = {"get_weather", "search"}
 CALLS = [
@@ -73,11 +74,11 @@ def test_a_reply_that_cannot_be_a_call_list_streams_at_once():
 
 
 def test_a_long_bare_call_is_inspected_only_until_its_opening_is_known(monkeypatch):
-    from mlx_lfm2.text import tools
+    from mlx_lfm2.text import tool_stream
 
     seen = []
-    opening = tools._bare_opening
-    monkeypatch.setattr(tools, "_bare_opening", lambda text, names: seen.append(len(text)) or opening(text, names))
+    opening = tool_stream._bare_opening
+    monkeypatch.setattr(tool_stream, "_bare_opening", lambda text, names: seen.append(len(text)) or opening(text, names))
     text = '[search(q="' + "x" * 100_000 + '")]'
     _, content, calls = stream(text, 8)
     assert content == "" and len(calls[0]["arguments"]["q"]) == 100_000

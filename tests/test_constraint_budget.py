@@ -247,7 +247,7 @@ def test_parse_tool_calls_warns_nothing_on_backslashes():
 
 @pytest.mark.parametrize("cut", ['get_weather(city="Oslo"), ping(), get_weather(ci', 'ping(), get_weather(city="a)b"), n'])
 def test_a_block_cut_short_keeps_its_finished_calls(cut):
-    from mlx_lfm2.text.tools import ToolCallStream
+    from mlx_lfm2.text.tool_stream import ToolCallStream
 
     text = "Sure. <|tool_call_start|>[" + cut
     finished = parse_tool_calls(text)

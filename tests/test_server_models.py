@@ -199,6 +199,22 @@ def test_the_ollama_client_picks_models_by_name(server, folders):
     assert sorted(x.labels["model"] for x in gauges["mlx_lfm2_resident_model_bytes"]) == ["a", "b"]
 
 
+def test_ollama_show_reads_a_model_not_loaded_from_its_folder_and_loads_nothing(server, folders):
+    ollama = pytest.importorskip("ollama")
+    base, models = server("--model", f"a={folders[0]}", "--model", f"b={folders[1]}", "--max-context", "4096")
+    client = ollama.Client(host=base)
+    cold = client.show("b")
+    assert loaded(base) == ["a"] and models.entries["b"].scheduler is None  # shown, not loaded
+    assert cold.template == (reference_dir() / "chat_template.jinja").read_text() and "<|im_start|>" in cold.template
+    assert cold.modelinfo["context_length"] == cold.modelinfo["lfm2.context_length"] == 4096
+    assert cold.modelinfo["lfm2.block_count"] == tiny_config("tiny-dense")["num_hidden_layers"]
+    chat(base, "b")
+    assert loaded(base) == ["a", "b"]
+    assert client.show("b").model_dump() == cold.model_dump()  # the folder says what the loaded model does
+    with pytest.raises(ollama.ResponseError, match="not found"):
+        client.show("c")
+
+
 def test_a_model_loaded_again_reads_its_prefix_from_the_disk_cache(server, folders):
     base, _ = server("--model", f"a={folders[0]}", "--model", f"b={folders[1]}", "--max-loaded-models", "1")
     long = [{"role": "system", "content": LONG}, {"role": "user", "content": "Key 5?"}]

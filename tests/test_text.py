@@ -7,7 +7,8 @@ import pytest
 
 from conftest import ROOT, reference_dir
 from mlx_lfm2.text.tokenizer import load_tokenizer
-from mlx_lfm2.text.tools import ToolCallStream, parse_tool_calls
+from mlx_lfm2.text.tool_stream import ToolCallStream
+from mlx_lfm2.text.tools import parse_tool_calls
 
 transformers = pytest.importorskip("transformers")
 

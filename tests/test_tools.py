@@ -5,7 +5,8 @@ import time
 
 import pytest
 
-from mlx_lfm2.text.tools import CALL_END, CALL_START, MAX_DEPTH, ToolCallStream, parse_tool_calls
+from mlx_lfm2.text.tool_stream import ToolCallStream
+from mlx_lfm2.text.tools import CALL_END, CALL_START, MAX_DEPTH, parse_tool_calls
 
 
 def block(body: str) -> str:

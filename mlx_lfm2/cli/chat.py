@@ -207,7 +207,7 @@ class Repl:
         from rich.markdown import Markdown
         from rich.text import Text
 
-        from ..text.tools import ToolCallStream
+        from ..text.tool_stream import ToolCallStream
 
         calls, shown = ToolCallStream(bare_names=self.tools), ""  # names: LFM2.5's unmarked calls
         # hyperlinks=False: a link shows as "text (url)", its real target, never a hidden one.

@@ -62,8 +62,18 @@ class Admission:
         """Whether a request of ``need`` bytes fits beside rows that reserve ``running``."""
         return need <= self.available - running
 
+    def waits(self, need: int, rows: dict) -> bool:
+        """Whether a request of ``need`` bytes waits for memory beside the batch's ``rows``
+        (uid -> the scheduler's row, holding its job). An empty batch admits any request."""
+        return bool(rows) and not self.fits(need, reserved(rows))
+
     def status(self, running: int, waiting: bool) -> dict:
         """For ``/health``: the budget, the weights, what the running rows reserve, what is free."""
         return {"budget_mb": round(self.budget / MB, 1), "weights_mb": round((self.weights + self.others()) / MB, 1),
                 "reserved_mb": round(running / MB, 1), "free_mb": round((self.available - running) / MB, 1),
                 "waiting_for_memory": int(waiting)}
+
+
+def reserved(rows: dict) -> int:
+    """The predicted bytes that a batch's rows reserve (read from any thread)."""
+    return sum(row.job.memory for row in rows.copy().values())  # copy(): atomic while the worker changes it

@@ -199,6 +199,7 @@ def registry(a) -> Models:
     check_single_model_flags(a, paths)
     models = Models(paths, lambda name, path: build_scheduler(a, name, path), a.max_loaded_models, a.memory_budget,
                     a.idle_unload, a.load_timeout)
+    models.max_context = a.max_context  # /api/show of a model not loaded
     if a.model:
         name = next(iter(paths))
         try:

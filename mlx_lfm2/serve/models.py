@@ -116,6 +116,7 @@ class Models:
                         for name, path in paths.items()}
         self.build, self.max_loaded, self.budget = build, max_loaded, budget
         self.idle_unload, self.load_timeout = idle_unload, load_timeout
+        self.max_context: Optional[int] = None  # --max-context, for what is shown of a model not loaded
         self._room: Optional[asyncio.Lock] = None  # made on the loop: one load or unload at a time
         self._released: Optional[asyncio.Event] = None
         self._reaper: Optional[asyncio.Task] = None

@@ -26,6 +26,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from .boundary import APIError, exception_handlers, no_reply, read_body, validate
+from ..text.tokenizer import folder_chat_template
 from .models import UNSET, folder_config
 from .openai_api import ChatRequest, to_template_messages
 from .service import Routed, Service
@@ -212,15 +213,28 @@ class Ollama(Routed):
                                         for e, item in self._entries(self.service.models.loaded())]})
 
     async def show(self, request: Request):
+        """The model's details, template and context from its folder's files: a model not
+        loaded stays unloaded (apps call this for every listed model)."""
         self.service.authorize(request)
         body = await read_body(request, self.service.body_timeout)
-        s, _ = await self.service.route(body.get("model") or body.get("name"))
-        args = s.model.args
-        return JSONResponse({"modelfile": "", "parameters": "", "template": s.tokenizer.chat_template or "",
-                             "details": self._entry(self.service.models.entries[s.model_id])["details"],
-                             "capabilities": ["completion", "tools"],
-                             "model_info": {"general.architecture": getattr(args, "model_type", "lfm2"),
-                                            "context_length": s.max_context}})
+        name = body.get("model") or body.get("name")
+        if name is not None and not isinstance(name, str):
+            raise APIError(400, "model: a string", param="model")
+        e, _ = self.service.resolve(name)
+        s = e.scheduler
+        if s is not None:
+            config, template, context = vars(s.model.args), s.tokenizer.chat_template, s.max_context
+        else:
+            config = folder_config(e.path)
+            template = await run_in_threadpool(folder_chat_template, e.path) if e.path else None
+            limits = (config.get("max_position_embeddings"), self.service.models.max_context)  # as Scheduler's
+            context = min((n for n in limits if isinstance(n, int) and n > 0), default=0)
+        kind = config.get("model_type", "lfm2")
+        info = {"general.architecture": kind, "context_length": context, f"{kind}.context_length": context,
+                f"{kind}.embedding_length": config.get("hidden_size"), f"{kind}.block_count": config.get("num_hidden_layers")}
+        return JSONResponse({"modelfile": "", "parameters": "", "template": template or "",
+                             "details": self._entry(e)["details"], "capabilities": ["completion", "tools"],
+                             "model_info": {k: v for k, v in info.items() if v is not None}})
 
     async def version(self, request: Request):
         return JSONResponse({"version": VERSION})

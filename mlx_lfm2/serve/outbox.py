@@ -4,9 +4,9 @@ The worker (a thread) ``put``s each item; the job's coroutine ``get``s them. A c
 stops reading (a slow or stalled reader: the socket fills, the stream's coroutine waits on
 it) stops taking items, so they pile up here. The box counts them and their approximate
 size; once either reaches its bound it is ``full`` (until the reader has taken half), and the worker stops producing for that
-job (the scheduler parks its row, see ``engine.batch.BatchGenerator.park``; the serial mode
-waits), so memory never grows past the bound. A job that stays full for ``stall_timeout``
-seconds is cancelled (``Scheduler``): the other requests never wait on it.
+job (``Backpressure``: the batched mode parks its row, see ``engine.batch.BatchGenerator.park``;
+the serial mode waits), so memory never grows past the bound. A job that stays full for
+``stall_timeout`` seconds is cancelled: the other requests never wait on it.
 
 Items carry no arrays: the scheduler strips the engine's logprob row from each response
 before it is queued (a vocabulary-sized row per token is what made a stalled stream costly).
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from typing import Optional
 
 MAX_ITEMS = 1024  # tokens a stream may have produced and not yet sent
@@ -77,3 +78,39 @@ class Outbox:
     def wait_room(self, timeout: float) -> bool:
         """Block (the worker, serial mode) until the reader takes items; False: it did not in time."""
         return self._room.wait(timeout)
+
+
+class Backpressure:
+    """What the worker does about readers that fall behind (their outboxes full), counted in
+    the scheduler's ``stats`` (``paused``: times a job waited on its reader; ``stalled``:
+    jobs cancelled for it)."""
+
+    def __init__(self, stall_timeout: float, stats: dict):
+        self.stall_timeout = stall_timeout  # seconds a reader may leave its outbox full
+        self.stats = stats
+
+    def rows(self, live: dict, batch) -> None:
+        """Batched mode, before each step: park the rows (``live``: uid -> the scheduler's
+        ``_Live``) whose readers are behind, resume those that caught up, cancel those stalled
+        past ``stall_timeout`` (out of the batch at the next step, their caches kept)."""
+        now = time.monotonic()
+        for uid, row in live.items():
+            full = row.job.out.full
+            if full and row.parked is None and batch.park(uid):
+                row.parked = now
+                self.stats["paused"] += 1
+            elif row.parked is not None and not full:
+                batch.unpark(uid)
+                row.parked = None
+            elif row.parked is not None and now - row.parked > self.stall_timeout:
+                self.stats["stalled"] += 1
+                row.job.stop.set()
+
+    def wait(self, job) -> None:
+        """Serial mode, after each token but the last: wait while the job's reader is behind,
+        and cancel the job when it does not catch up within ``stall_timeout``."""
+        if job.out.full:
+            self.stats["paused"] += 1
+            if not job.out.wait_room(self.stall_timeout):
+                self.stats["stalled"] += 1
+                job.stop.set()

@@ -10,29 +10,28 @@ modes, chosen once in ``start``:
   (``--draft-model``, ``--prompt-lookup``) and under ``mlx.launch``, whose ranks must run the
   same steps (rank 0 broadcasts each job; the other ranks ``follow``).
 
-Tokens travel back to each job's coroutine through its bounded ``outbox.Outbox``; a client that
-disconnects sets its job's stop event, which takes its row out of the batch at the next step.
-A client that stops reading fills its outbox: its row is parked (out of the forward, the
-others decode on) until the client reads again, and cancelled after ``stall_timeout`` s.
+Tokens travel back to each job (``serve.job``) through its bounded ``outbox.Outbox``; a client
+that disconnects sets its job's stop event, which takes its row out of the batch at the next
+step. A client that stops reading fills its outbox: its row is parked (out of the forward, the
+others decode on) until the client reads again, and cancelled after ``stall_timeout`` s
+(``outbox.Backpressure``). With a memory budget (``serve.admission``) the queue's head joins
+the batch only when its predicted peak fits beside the running rows; until then it is ``held``.
 
 Prompt reuse (``engine.prompt_cache``): after each request the worker keeps its cache in
 the store; a later prompt takes a copy of the one that shares the longest prefix with it,
 which extends, or rewinds to the longest common prefix it can reach, and prefills the rest.
 A job may name a resident adapter (``model.lora_rows``): its row decodes with it, and its
 caches are filed under that adapter's namespace (never reused by another adapter or the base).
-Work that must not race a forward (loading an adapter) is handed to the worker (``call``),
-which runs it between two steps.
+Work that must not race a forward (loading an adapter) is handed to the worker (``call``,
+``serve.controls``), which runs it between two steps.
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import math
 import queue
 import threading
 import time
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -40,60 +39,20 @@ from ..engine.batch import BatchGenerator
 from ..engine.decode import default_prefill_step
 from ..engine.distributed import broadcast, group
 from ..engine.generation import TextStream, default_sampling, stream_request
-from ..engine.request import PromptTooLongError, build_request
+from ..engine.request import build_request
 from ..engine.sample import SamplingParams
 from ..engine.prompt_cache import PromptCache, PromptCacheStore
 from ..engine.score import score_prompt
 from ..model.lora_rows import NotLoaded, adapter_set, namespace, select
+from .admission import reserved
 from .boundary import APIError
-from .outbox import MAX_ITEMS, STALL_TIMEOUT, Outbox
+from .controls import Controls
+from .job import DONE, Job, failed, logprob_entry, refused
+from .outbox import MAX_ITEMS, STALL_TIMEOUT, Backpressure
 
 DEFAULT_MAX_TOKENS = 2048
-DONE = object()  # a job's last item
 STOP = object()  # in the job queue: the worker ends there (``shutdown``)
-IMPOSSIBLE = -9999.0  # the logprob OpenAI reports for a token that cannot be sampled
 WAKE = object()  # put in the job queue to wake an idle worker for ``call``ed work
-
-
-@dataclass
-class Job:
-    prompt_text: str
-    params: SamplingParams
-    top_logprobs: Optional[int]  # None: no logprobs
-    loop: asyncio.AbstractEventLoop
-    ids: Optional[list] = None  # prompt_text's ids, when the front end tokenized it already
-    exact_ids: bool = False  # ids are the prompt as sent (token ids): the model sees exactly them
-    constraint: Optional[object] = None  # params' constraint, compiled by the front end
-    out: Outbox = field(default_factory=Outbox)
-    stop: threading.Event = field(default_factory=threading.Event)
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    cache_written: int = 0  # prompt tokens this job's new disk-cache blocks hold
-    started: bool = False  # a token was generated
-    schema_warnings: list = field(default_factory=list)  # what a lenient schema's constraint skips
-    score_ids: Optional[list] = None  # score these prompt ids first (completions' echo with logprobs)
-    scores: list = field(default_factory=list)  # their ``engine.score.TokenScore``s, before the first token
-    pin: bool = False  # keep this prompt in the disk cache after unpinned ones
-    timing: Optional[object] = None  # serve.metrics.JobTiming: its tokens' times, when observed
-    adapter: Optional[str] = None  # a resident adapter's name (None: the base)
-    model: str = ""  # the name the request asked for, as its reply reports it
-    memory: int = 0  # its predicted peak bytes (serve.admission), reserved while it runs
-
-    def emit(self, item) -> None:
-        if self.timing is not None and isinstance(item, tuple) and item[0].token is not None:
-            self.timing.token(item[0].text)
-        self.out.put(item, self.loop)
-
-
-def failed(e: Exception) -> APIError:
-    return APIError(500, f"generation failed: {type(e).__name__}: {e}", type_="server_error")
-
-
-def refused(e: ValueError) -> APIError:
-    """The request's fault, found by the engine before its first token: a 400."""
-    if isinstance(e, PromptTooLongError):
-        return APIError(400, str(e), param="messages", code="context_length_exceeded")
-    return APIError(400, str(e), code="invalid_value")
 
 
 class Scheduler:
@@ -118,11 +77,11 @@ class Scheduler:
         self.closed = False
         self.defaults = SamplingParams(**default_sampling(model))
         self.jobs: queue.Queue = queue.Queue(maxsize=queue_size)
-        self.controls: queue.Queue = queue.Queue()  # (fn, future): run by the worker between steps
+        self.controls = Controls(self._wake)  # work run by the worker between steps
         self.disk = disk  # engine.disk_cache.DiskTier under the memory entries, or None
         self.caches = PromptCacheStore(model, cache_entries, draft_model, lower=disk)
         self.stats = {"completed": 0, "cancelled": 0, "active": 0, "peak_batch": 0, "paused": 0, "stalled": 0}
-        self.stall_timeout = stall_timeout  # seconds a reader may leave its outbox full
+        self.backpressure = Backpressure(stall_timeout, self.stats)
         self.max_buffered = max_buffered  # tokens a job's outbox holds before its row is parked
         self.template_renders_tool_calls = "tool_calls" in (tokenizer.chat_template or "")
         self._worker: Optional[threading.Thread] = None
@@ -148,12 +107,9 @@ class Scheduler:
         """The model's resident adapters (``model.lora_rows.AdapterSet``), None without."""
         return adapter_set(self.model)
 
-    def call(self, fn) -> Future:
+    def call(self, fn):
         """Run ``fn()`` on the worker between two steps (never during a forward) -> its future."""
-        future: Future = Future()
-        self.controls.put((fn, future))
-        self._wake()
-        return future
+        return self.controls.call(fn)
 
     def _wake(self) -> None:
         """Wake the worker if it waits for a job (a full queue: it is busy, and looks anyway)."""
@@ -161,17 +117,6 @@ class Scheduler:
             self.jobs.put_nowait(WAKE)
         except queue.Full:
             pass
-
-    def _run_controls(self) -> None:
-        while True:
-            try:
-                fn, future = self.controls.get_nowait()
-            except queue.Empty:
-                return
-            try:
-                future.set_result(fn())
-            except BaseException as e:  # the caller reports it; the worker lives on
-                future.set_exception(e)
 
     def in_use(self, adapter: str) -> int:
         """How many requests, running or queued, use ``adapter`` (call on the worker)."""
@@ -272,14 +217,14 @@ class Scheduler:
 
     def _work_batched(self) -> None:
         while not (self._stopping and not self.live):
-            self._run_controls()
+            self.controls.run()
             self._admit()
             for uid, live in list(self.live.items()):
                 if live.job.stop.is_set():  # its client left: out of the batch now
                     self._end(uid, self.batch.remove(uid), [live.text.end("cancelled")])
             if not self.live:
                 continue
-            self._backpressure()
+            self.backpressure.rows(self.live, self.batch)
             if not self.batch.rows and self.batch.prefilling is None and not self.batch.waiting:
                 time.sleep(0.01)  # every row waits on its reader
                 continue
@@ -303,22 +248,6 @@ class Scheduler:
                 else:
                     self._emit_all(live, out)
 
-    def _backpressure(self) -> None:
-        """Park the rows whose readers are behind (a full outbox), resume those that caught
-        up, cancel those stalled past ``stall_timeout``."""
-        now = time.monotonic()
-        for uid, live in self.live.items():
-            full = live.job.out.full
-            if full and live.parked is None and self.batch.park(uid):
-                live.parked = now
-                self.stats["paused"] += 1
-            elif live.parked is not None and not full:
-                self.batch.unpark(uid)
-                live.parked = None
-            elif live.parked is not None and now - live.parked > self.stall_timeout:
-                self.stats["stalled"] += 1
-                live.job.stop.set()  # out of the batch at the next step, its cache kept
-
     def _admit(self) -> None:
         """Move queued requests into the batch while it has room; wait for one when idle."""
         while len(self.live) < self.batch.max_batch and not self._stopping:
@@ -335,7 +264,7 @@ class Scheduler:
                 self.stats["cancelled"] += 1
                 job.emit(DONE)
                 continue
-            if self.admission is not None and self.live and not self.admission.fits(job.memory, self.reserved):
+            if self.admission is not None and self.admission.waits(job.memory, self.live):
                 self.held = job  # it waits for memory, and those behind it wait too (see serve.admission)
                 return
             try:
@@ -353,7 +282,7 @@ class Scheduler:
     @property
     def reserved(self) -> int:
         """The predicted bytes of the requests in the batch."""
-        return sum(live.job.memory for live in self.live.copy().values())
+        return reserved(self.live)
 
     def _score(self, job: Job) -> None:
         if job.score_ids is not None and job.top_logprobs is not None:
@@ -395,7 +324,7 @@ class Scheduler:
 
     def _work_serial(self) -> None:
         while True:
-            self._run_controls()
+            self.controls.run()
             job = self.jobs.get()
             if job is WAKE:
                 continue
@@ -434,11 +363,8 @@ class Scheduler:
                 generated.append(r.token)
             self._emit(job, r)
             finished = r.finish_reason is not None
-            if job.out.full and not finished:  # its reader is behind: wait for it, not past the timeout
-                self.stats["paused"] += 1
-                if not job.out.wait_room(self.stall_timeout):
-                    self.stats["stalled"] += 1
-                    job.stop.set()
+            if not finished:
+                self.backpressure.wait(job)
         self.stats["cancelled" if job.stop.is_set() else "completed"] += 1
         if finished:
             pc.commit(tok, job.prompt_text, request.ids, generated)
@@ -464,25 +390,3 @@ class _Live:
     text: TextStream
     generated: list = field(default_factory=list)
     parked: Optional[float] = None  # when its row left the forward for a full outbox (monotonic s)
-
-
-def logprob_entry(tokenizer, token: int, logprobs, top: int) -> dict:
-    """One ``logprobs.content`` item: the chosen token, its logprob and the top alternatives
-    (computed on the worker, which holds the arrays)."""
-    import mlx.core as mx
-
-    def item(t, lp):
-        text = tokenizer.decode([t])
-        # A masked token (a grammar, a -inf bias) has logprob -inf, which JSON cannot carry:
-        # OpenAI reports such tokens as -9999.0.
-        lp = lp if math.isfinite(lp) else IMPOSSIBLE
-        return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
-
-    entry = item(token, logprobs[token].item())
-    entry["top_logprobs"] = []
-    if top:
-        ids = mx.argpartition(-logprobs, kth=top - 1)[:top]
-        vals = logprobs[ids]
-        order = mx.argsort(-vals)
-        entry["top_logprobs"] = [item(int(t), float(v)) for t, v in zip(ids[order].tolist(), vals[order].tolist())]
-    return entry

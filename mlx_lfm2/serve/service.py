@@ -30,13 +30,15 @@ from starlette.requests import Request
 
 from ..engine.request import PromptTooLongError, check_context
 from ..text.constraints import ConstraintError, make_constraint
-from ..text.tools import ToolCallStream, parse_tool_calls
+from ..text.tool_stream import ToolCallStream
+from ..text.tools import parse_tool_calls
 from .boundary import APIError, BODY_TIMEOUT, no_reply, read_body, validate, watch
+from .job import DONE, Job
 from .metrics import note_model, track
 from .models import UNSET, Models, current
 from .outbox import Outbox
 from .openai_api import ChatRequest
-from .scheduler import DONE, Job, Scheduler
+from .scheduler import Scheduler
 
 
 class Routed:
@@ -99,12 +101,13 @@ class Service:
         first model and a name that is none of ``names()`` is a 404 listing them."""
         if name is not None and not isinstance(name, str):
             raise APIError(400, "model: a string", param="model")
-        entry, adapter = self._resolve(name)
+        entry, adapter = self.resolve(name)
         await self.models.acquire(entry, keep_alive)
         note_model(adapter or entry.name)
         return entry.scheduler, adapter
 
-    def _resolve(self, name: Optional[str]):
+    def resolve(self, name: Optional[str]):
+        """``(registry entry, adapter name or None)`` that ``name`` picks (see ``route``), nothing loaded."""
         for e in self.models.loaded():
             if e.scheduler.adapters is not None and name in e.scheduler.adapters:
                 return e, name

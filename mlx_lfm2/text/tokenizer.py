@@ -254,6 +254,30 @@ def _eos_ids(value, path: Path) -> list[int]:
     return ids
 
 
+def chat_template(folder: Path, config: dict) -> Optional[str]:
+    """The folder's chat template: ``chat_template.jinja``, else ``tokenizer_config.json``'s
+    ``chat_template`` (``config``, checked; of named templates, "default")."""
+    if (folder / "chat_template.jinja").exists():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    if isinstance(config.get("chat_template"), str):
+        return config["chat_template"]
+    if isinstance(config.get("chat_template"), list):
+        return {t["name"]: t["template"] for t in config["chat_template"]}.get("default")
+    return None
+
+
+def folder_chat_template(folder) -> Optional[str]:
+    """The chat template of a model folder, read without loading its tokenizer (None: none,
+    or files that do not read)."""
+    folder = Path(folder)
+    try:
+        config = _read_json(folder / "tokenizer_config.json")
+        _check_tokenizer_config(config, folder / "tokenizer_config.json")
+        return chat_template(folder, config)
+    except (OSError, ValueError):
+        return None
+
+
 def load_tokenizer(folder, model_args=None) -> Tokenizer:
     folder = Path(folder)
     f = folder / "tokenizer.json"
@@ -265,14 +289,7 @@ def load_tokenizer(folder, model_args=None) -> Tokenizer:
         raise ConfigError(f"{f} is not a tokenizers file: {e}") from e
     config = _read_json(folder / "tokenizer_config.json")
     _check_tokenizer_config(config, folder / "tokenizer_config.json")
-    template = None
-    if (folder / "chat_template.jinja").exists():
-        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
-    elif isinstance(config.get("chat_template"), str):
-        template = config["chat_template"]
-    elif isinstance(config.get("chat_template"), list):  # named templates: take "default"
-        named = {t["name"]: t["template"] for t in config["chat_template"]}
-        template = named.get("default")
+    template = chat_template(folder, config)
     gen = folder / "generation_config.json"
     eos = _eos_ids(_read_json(gen).get("eos_token_id"), gen)
     if not eos and model_args is not None:
