@@ -5,6 +5,7 @@ model.safetensors each, as the hub ships it) and converts each to 4-bit in a fre
 
     python bench/convert_memory.py --layers 3 6
     python bench/convert_memory.py --layers 3 6 --method awq   # calibrated: the same bound
+    python bench/convert_memory.py --layers 3 --method awq-gptq --calibration-tokens 512
 """
 
 import argparse
@@ -47,8 +48,9 @@ def main():
     p.add_argument("--preset", default="24b-a2b")
     p.add_argument("--layers", type=int, nargs="+", default=[3, 6])
     p.add_argument("--keep", action="store_true", help="keep the checkpoints afterwards")
-    p.add_argument("--method", default="rtn", choices=["rtn", "awq", "dynamic-awq"],
-                   help="awq: --q-method awq; dynamic-awq: and --target-bpw 4.5 (two passes)")
+    p.add_argument("--method", default="rtn", choices=["rtn", "awq", "gptq", "awq-gptq", "dynamic-awq",
+                                                       "dynamic-awq-gptq"],
+                   help="awq/gptq/awq-gptq: that --q-method; dynamic-*: and --target-bpw 4.5 (two passes)")
     p.add_argument("--calibration-tokens", type=int, default=1024)
     a = p.parse_args()
     from common import ROOT
@@ -57,8 +59,9 @@ def main():
     for n in a.layers:
         src = checkpoint(a.preset, n, vocab_size=65536)  # the LFM2 tokenizer's: calibration text needs it
         dst = OUT / f"{src.name}-convert-memory-q4"
-        kw = {} if a.method == "rtn" else dict(q_method="awq", calibration_tokens=a.calibration_tokens,
-                                                **({"target_bpw": 4.5} if a.method == "dynamic-awq" else {}))
+        method = a.method.removeprefix("dynamic-")
+        kw = {} if a.method == "rtn" else dict(q_method=method, calibration_tokens=a.calibration_tokens,
+                                                **({"target_bpw": 4.5} if a.method.startswith("dynamic") else {}))
         r = run_json(["-c", WORKER.format(root=str(ROOT), src=str(src), dst=str(dst), kw=kw)])
         size = (src / "model.safetensors").stat().st_size / 1e9
         rows.append({"layers": n, "checkpoint_gb": size, "largest_layer_gb": largest_layer_gb(src),

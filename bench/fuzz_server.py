@@ -10,8 +10,9 @@ mid-stream or before a plain reply, stalled request heads, Anthropic-shaped ``/v
 and (``fuzz_hostile.py``) slow readers of top_logprobs streams, mutated tool and response
 schemas on every API, huge stop lists, multi-MB bodies. Reports (last stdout line, JSON):
 requests sent, status counts, crashes (the server process died), 5xx answers, error events
-inside streams, client timeouts, the server's VmRSS growth, the worst /health latency during
-the run and the elapsed time. Exit status
+inside streams, client timeouts, the server's VmRSS (its peak over the warm-up baseline, at
+the end, and with MLX's active and buffer-cache memory and the prompts cached at each
+quarter), the worst /health latency during the run and the elapsed time. Exit status
 1 if anything crashed, answered 5xx or hung.
 """
 
@@ -309,20 +310,23 @@ def main(argv=None) -> int:
         tally, stop = Tally(), threading.Event()
         tic = time.perf_counter()
 
-        trace = []  # (requests sent, VmRSS): growth that levels off is caches, a leak keeps climbing
+        # (requests sent, VmRSS, MLX active, MLX buffer cache, prompts cached): growth that levels
+        # off is caches or the allocator's high-water mark, a leak keeps climbing
+        trace = []
 
         health_s = []  # /health latency, sampled through the run: the event loop never waits
 
         def sample():
             nonlocal peak
             while not stop.wait(0.25) and server.poll() is None:
-                trace.append((tally.sent, rss_mb(server.pid)))
-                peak = max(peak, trace[-1][1])
+                sent, rss = tally.sent, rss_mb(server.pid)
+                peak = max(peak, rss)
                 t0 = time.perf_counter()
                 try:
-                    httpx.get(base + "/health", timeout=30)
+                    h = httpx.get(base + "/health", timeout=30).json()
                     health_s.append(time.perf_counter() - t0)
-                except httpx.HTTPError:
+                    trace.append((sent, rss, h.get("mlx_active_mb"), h.get("mlx_cache_mb"), h.get("cached_prompts")))
+                except (httpx.HTTPError, ValueError):
                     health_s.append(30.0)
 
         def worker(w: int, n: int):
@@ -354,6 +358,7 @@ def main(argv=None) -> int:
                            json={"messages": [{"role": "user", "content": "still there?"}], "max_tokens": 4})
             still_serving = r.status_code == 200
             peak = max(peak, rss_mb(server.pid))
+        end = rss_mb(server.pid) if alive else 0.0
         stop.set()
         five_xx = sum(n for s, n in tally.status.items() if s.isdigit() and int(s) >= 500)
         report = {
@@ -361,10 +366,11 @@ def main(argv=None) -> int:
             "client_timeouts": tally.timeouts, "still_serving": still_serving,
             "worker_idle_after": bool(health and health["active"] == 0 and health["queued"] == 0),
             "rss_cold_mb": round(cold, 1), "rss_baseline_mb": round(baseline, 1), "rss_max_mb": round(peak, 1),
-            "rss_growth_mb": round(peak - baseline, 1), "elapsed_s": round(elapsed, 1),
-            "health_worst_s": round(max(health_s, default=0.0), 3),
+            "rss_growth_mb": round(peak - baseline, 1), "rss_end_mb": round(end, 1),
+            "elapsed_s": round(elapsed, 1), "health_worst_s": round(max(health_s, default=0.0), 3),
             "health_median_s": round(sorted(health_s)[len(health_s) // 2], 3) if health_s else None,
-            "rss_mb_at_quarters": [round(([r for n, r in trace if n <= q * tally.sent] or [baseline])[-1], 1)
+            # The last sample of each quarter: [VmRSS, MLX active, MLX buffer cache] MB, prompts cached
+            "memory_at_quarters": [([list(s[1:]) for s in trace if s[0] <= q * tally.sent] or [None])[-1]
                                    for q in (0.25, 0.5, 0.75, 1.0)],
             "status": dict(sorted(tally.status.items())), "kinds": dict(sorted(tally.kinds.items())),
             "health": health, "examples": tally.examples, "seed": a.seed, "workers": a.workers,

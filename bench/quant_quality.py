@@ -8,6 +8,9 @@ all its mass on the input token and hides quantization error):
   narrow           24b-a2b-narrow (64 experts, top-4, width 512), 6 layers
   outliers         the same with 8 outlier activation channels (block norm weights x20 there),
                    the structure of trained LLMs that activation-aware methods exploit
+  structured       outliers, and embeddings sharing 16 directions (75% of their variance): every
+                   layer's inputs correlated, as trained LLMs' anisotropic hidden states are,
+                   the structure GPTQ's error compensation exploits
   24b              real LFM2-24B-A2B per-layer shapes, 3 layers (2 dense + 1 MoE)
   dense            dense LFM2 at LFM2-350M shapes, 4 layers
 
@@ -35,6 +38,7 @@ from common import OUT, REFERENCE, ROOT
 MODELS = {
     "narrow": dict(preset="24b-a2b-narrow", layers=6, vocab_size=65536),
     "outliers": dict(preset="24b-a2b-narrow", layers=6, vocab_size=65536, outliers=8),
+    "structured": dict(preset="24b-a2b-narrow", layers=6, vocab_size=65536, outliers=8, anisotropy=16),
     "24b": dict(preset="24b-a2b", layers=3),
     "dense": dict(preset="tiny-dense", layers=4, hidden_size=1024, intermediate_size=4608, num_attention_heads=16,
                   num_key_value_heads=8),
@@ -45,6 +49,8 @@ OURS = {  # name -> convert() keywords
     "awq-nvfp4": dict(q_method="awq", q_mode="nvfp4"),
     "dynamic-4.5": dict(target_bpw=4.5), "dynamic-awq-4.5": dict(target_bpw=4.5, q_method="awq"),
     "dynamic-awq-4.25": dict(target_bpw=4.25, q_method="awq"),
+    "gptq": dict(q_method="gptq"), "awq-gptq": dict(q_method="awq-gptq"),
+    "dynamic-awq-gptq-4.5": dict(target_bpw=4.5, q_method="awq-gptq"),
 }
 MLX_LM = {  # name -> command (after python -m)
     "mlx_lm.convert": ["mlx_lm", "convert", "-q"],
@@ -54,7 +60,12 @@ MLX_LM = {  # name -> command (after python -m)
     "mlx_lm.dynamic_quant-4.5": ["mlx_lm", "dynamic_quant", "--target-bpw", "4.5"],
     "mlx_lm.awq": ["mlx_lm", "awq", "--num-samples", "4", "--sequence-length", "512"],
     "mlx_lm.dwq": ["mlx_lm", "dwq", "--num-samples", "20", "--max-seq-length", "257", "--batch-size", "2"],
+    # mlx-lm's gptq quantizes the layers it knows (Linear, SwitchLinear) at --bits and every other
+    # quantizable module, the embedding (= the tied head) included, at --fallback-bits (default 6):
+    # with a large vocabulary that is most of the weights, hence its 6.18 bits at 2 layers. The
+    # -4.5 row puts the fallback at 4 bits too: 4.5 bits per weight, the same as plain 4-bit.
     "mlx_lm.gptq": ["mlx_lm", "gptq", "--num-samples", "4", "--sequence-length", "512"],
+    "mlx_lm.gptq-4.5": ["mlx_lm", "gptq", "--num-samples", "4", "--sequence-length", "512", "--fallback-bits", "4"],
 }
 
 
@@ -62,13 +73,13 @@ def source(name: str, layers: Optional[int] = None) -> Path:
     from mlx_lfm2.weights.random_checkpoint import PRESETS, write_checkpoint
 
     spec = dict(MODELS[name])
-    preset, outliers = spec.pop("preset"), spec.pop("outliers", 0)
+    preset, outliers, anisotropy = spec.pop("preset"), spec.pop("outliers", 0), spec.pop("anisotropy", 0)
     layers = layers or spec.pop("layers")
     spec.pop("layers", None)
     folder = OUT / f"qq-{name}-{layers}L"
     if not (folder / "config.json").exists():
         write_checkpoint(folder, {**PRESETS[preset](layers), **spec}, tokenizer_from=REFERENCE, outliers=outliers,
-                         lm_like_head=True)
+                         lm_like_head=True, anisotropy=anisotropy)
     return folder
 
 
@@ -86,8 +97,38 @@ def calibration_home(tokenizer) -> Path:
     return home
 
 
+def float32_copy(src: Path) -> Path:
+    """The checkpoint with float32 weights: mlx-lm's calibrated tools run the model in its
+    weights' dtype, and MLX's CPU gather_mm (the experts) takes only float32."""
+    import shutil
+
+    dst = src.with_name(src.name + "-f32")
+    if not (dst / "config.json").exists():
+        dst.mkdir(exist_ok=True)
+        for f in src.iterdir():
+            if f.suffix != ".safetensors":
+                shutil.copyfile(f, dst / f.name)
+        mx.save_safetensors(str(dst / "model.safetensors"),
+                            {k: v.astype(mx.float32) for k, v in mx.load(str(src / "model.safetensors")).items()})
+    return dst
+
+
+def to_bfloat16(folder: Path) -> None:
+    """Cast a folder's float tensors (scales, biases, norms) to bfloat16, as the tool writes
+    them from bfloat16 weights; the quantized values and per-path choices are unchanged."""
+    for f in folder.glob("*.safetensors"):
+        t = mx.load(str(f))
+        mx.save_safetensors(str(f), {k: v.astype(mx.bfloat16) if v.dtype == mx.float32 else v for k, v in t.items()},
+                            metadata={"format": "mlx"})
+
+
 def run_mlx_lm(name: str, src: Path, out: Path, home: Path) -> str:
-    """Run one mlx-lm tool; '' on success, else the reason it failed."""
+    """Run one mlx-lm tool; '' on success, else the reason it failed. A calibrated tool on a
+    model with experts runs on a float32 copy, its output cast back to bfloat16."""
+    moe = json.loads((src / "config.json").read_text()).get("num_experts")
+    f32 = moe and "convert" not in name
+    if f32:
+        src = float32_copy(src)
     cmd = [sys.executable, "-m", *MLX_LM[name]]
     cmd += ["--hf-path" if "convert" in name else "--model", str(src), "--mlx-path", str(out)]
     if name == "mlx_lm.dwq":
@@ -95,6 +136,8 @@ def run_mlx_lm(name: str, src: Path, out: Path, home: Path) -> str:
     env = dict(os.environ, HOME=str(home), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=home, env=env, timeout=3600)
     if p.returncode == 0 and (out / "config.json").exists():
+        if f32:
+            to_bfloat16(out)
         return ""
     lines = [l for l in (p.stderr + p.stdout).strip().splitlines() if l.strip()]
     return lines[-1][:300] if lines else f"exit {p.returncode}"

@@ -128,9 +128,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(folder, *args):
+def start_server(folder, *args, code=None):
     """``python -m mlx_lfm2.server`` on a free loopback port, once /health answers:
-    ``(proc, base_url, port)``. The caller stops it."""
+    ``(proc, base_url, port)``. The caller stops it. ``code``: ``python -c code`` instead (a
+    patch, then the server module run as ``__main__``), with the same arguments."""
     import subprocess
     import sys
     import time
@@ -138,8 +139,9 @@ def start_server(folder, *args):
     import httpx
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "mlx_lfm2.server", "--model", str(folder), "--port", str(port),
-                             *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    run = ["-c", code] if code else ["-m", "mlx_lfm2.server"]
+    proc = subprocess.Popen([sys.executable, *run, "--model", str(folder), "--port", str(port), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     for _ in range(300):
         try:

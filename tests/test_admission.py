@@ -1,15 +1,17 @@
-"""Admission by predicted memory: the prediction against MLX's measured peak, the 400 for a
-request that cannot fit alone (OpenAI and Anthropic clients), and a request that waits for
-memory until the one before it finishes, with the same reply as alone."""
+"""Admission by predicted memory: the prediction against MLX's measured peak (one request, and
+a batch whose short rows are padded to its long one), the 400 for a request that cannot fit
+alone (OpenAI and Anthropic clients), a request that waits for memory until the one before it
+finishes, with the same reply as alone, and prompt caches that give way to requests."""
 
 import asyncio
+import gc
 
 import mlx.core as mx
 import pytest
 
 from conftest import start_server, tiny_config
 from mlx_lfm2.engine.batch import BatchGenerator
-from mlx_lfm2.engine.memory import Shapes, budget_bytes, default_budget, kv_capacity, predict
+from mlx_lfm2.engine.memory import Row, Shapes, batch_peak, budget_bytes, default_budget, kv_capacity, predict
 from mlx_lfm2.serve.admission import Admission
 from mlx_lfm2.serve.metrics import model_bytes
 from mlx_lfm2.serve.scheduler import DONE, Job, Scheduler
@@ -45,6 +47,46 @@ def test_predicted_peak_is_within_15_percent_of_the_measured_one(tiny, prompt_to
     measured = measured_peak(model, prompt_tokens, 16, shapes.prefill_step)
     predicted = predict(model.args, prompt_tokens, 16, shapes)
     assert 0.85 < predicted / measured < 1.15, (predicted, measured)
+
+
+@pytest.fixture(scope="module")
+def kv_heavy(checkpoint):
+    """A dense model whose KV cache outweighs its activations, as at long contexts: a batch's
+    left padding shows in its memory."""
+    from mlx_lfm2 import load
+
+    cfg = tiny_config("tiny-dense", hidden_size=256, num_attention_heads=4, num_key_value_heads=4, intermediate_size=256)
+    return load(checkpoint(cfg, tokenizer=True))
+
+
+def measured_batch_peak(model, rows: list, chunk: int) -> int:
+    """MLX's peak above the memory active before, for ``(prompt, max_tokens)`` rows that join
+    the batch one after the other (each once the one before decodes)."""
+    gen = BatchGenerator(model, len(rows), chunk)
+    gc.collect()  # what earlier tests left for the collector would be freed mid-run, below the baseline
+    mx.clear_cache()
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
+    for P, M in rows:
+        gen.insert(mx.random.randint(10, 1000, (P,), key=mx.random.key(P)).tolist(), max_tokens=M)
+        while gen.prefilling is not None or gen.waiting:
+            gen.step()
+        gen.step()
+    while len(gen):
+        gen.step()
+    return mx.get_peak_memory() - base
+
+
+@pytest.mark.parametrize("rows", [[(16, 40), (1200, 4)], [(1000, 40), (200, 4)]], ids=["long-joins", "short-joins"])
+def test_a_batch_is_predicted_with_its_left_padding_not_as_the_sum_of_its_rows(kv_heavy, rows):
+    model = kv_heavy[0]
+    shapes = Shapes.of(model, 32)
+    measured = measured_batch_peak(model, rows, 32)
+    batch = [Row(P, M, decoding=True) for P, M in rows[:-1]] + [Row(*rows[-1])]
+    assert 0.9 < batch_peak(model.args, batch, shapes) / measured < 1.3
+    # each row alone, summed: the short row's padding to the long one's length is missing
+    assert sum(predict(model.args, P, M, shapes) for P, M in rows) < 0.75 * measured
+    assert batch_peak(model.args, batch[-1:], shapes) == predict(model.args, *rows[-1], shapes)
 
 
 def test_prediction_grows_with_the_reply_by_its_kv_cache(tiny):
@@ -139,6 +181,20 @@ def test_a_request_that_fits_only_later_waits_and_replies_as_alone(tiny):
     assert peak == 2 and together == alone
 
 
+def test_a_short_request_waits_beside_a_long_one_whose_padded_batch_would_not_fit(kv_heavy):
+    model, tokenizer = kv_heavy
+    prompts = [" ".join(f"word{i}" for i in range(400)), "hi there"]
+    alone = [run_jobs(model, tokenizer, 1 << 40, [p], 12)[0][0] for p in prompts]
+    adm = Admission(model, 1 << 40)
+    rows = [adm.row(len(tokenizer.encode(p, add_special_tokens=False)), 12) for p in prompts]
+    summed = sum(adm.batch([r]) for r in rows)
+    assert rows[0].prompt > 500 and adm.batch(rows) > 1.5 * summed
+    replies, peak = run_jobs(model, tokenizer, model_bytes(model) + int(1.2 * summed), prompts, 12)
+    assert peak == 1 and replies == alone  # the sum of the two would have fit: it ran both at once
+    replies, peak = run_jobs(model, tokenizer, model_bytes(model) + int(1.1 * adm.batch(rows)), prompts, 12)
+    assert peak == 2 and replies == alone
+
+
 def test_with_several_models_loaded_each_admission_counts_all_their_weights(chat_model, tmp_path):
     from mlx_lfm2.serve.admission import Admission
     from mlx_lfm2.serve.metrics import model_bytes
@@ -162,3 +218,60 @@ def test_with_several_models_loaded_each_admission_counts_all_their_weights(chat
     finally:
         for s in made:
             s.close()
+
+
+def kept_caches(model, tokenizer, store, texts: list) -> None:
+    """Each text prefilled alone into ``store`` (as a finished request's cache is kept)."""
+    from mlx_lfm2.engine.decode import prefill
+
+    for text in texts:
+        pc = store.fresh()
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        prefill(model, mx.array(ids, dtype=mx.uint32), pc.cache)
+        pc.text, pc.tokens = text, ids
+        store.keep(pc)
+
+
+def test_kept_prompt_caches_count_in_the_budget_and_give_way_to_an_admitted_request(chat_model):
+    from mlx_lfm2.engine.prompt_cache import PromptCacheStore, entry_bytes
+
+    model, tokenizer, _ = chat_model
+    store = PromptCacheStore(model, entries=8)
+    texts = [f"conversation {i}: " + " ".join(f"w{i}x{j}" for j in range(150)) for i in range(4)]
+    kept_caches(model, tokenizer, store, texts)
+    each = entry_bytes(store.latest())
+    assert len(store) == 4 and store.nbytes == sum(entry_bytes(pc) for pc in store._entries.values()) >= 4 * each // 2
+    probe = Admission(model, 1 << 40)
+    need = probe.batch([probe.row(64, 16)])
+    admission = Admission(model, model_bytes(model) + need + store.nbytes - each // 2, store=store)
+    assert admission.status(0, False)["prompt_caches_mb"] == round(store.nbytes / 2**20, 1)
+    assert admission.check(64, 16) == probe.row(64, 16)  # alone it fits: caches give way, no 400
+    first = list(store._entries)[0]
+    assert admission.fits(admission.row(64, 16), []) and len(store) == 3  # the least recently used went
+    assert first not in store._entries and need + store.nbytes <= admission.available
+    assert not admission.fits(admission.row(64, 10**6), [])  # too big: it waits, nothing more is dropped
+    assert len(store) == 3
+
+
+def test_a_kept_cache_taken_out_of_a_batch_holds_its_own_memory_not_the_batchs(kv_heavy):
+    from mlx_lfm2.engine.prompt_cache import PromptCache, PromptCacheStore, entry_bytes
+
+    model, tokenizer = kv_heavy
+    store = PromptCacheStore(model)
+    gen = BatchGenerator(model, 2, 32)
+    prompts = [list(range(10, 30)), list(range(10, 1010))]
+    for p in prompts:
+        gen.insert(p, max_tokens=4)
+    done = {}
+    while len(gen):
+        done.update({t.uid: t.cache for t in gen.step() if t.cache is not None})
+    pc = PromptCache(model, done[0], "short", prompts[0] + [0] * (done[0][0].offset - len(prompts[0])))
+    del gen, done
+    gc.collect()
+    mx.clear_cache()
+    base = mx.get_active_memory()
+    store.keep(pc)  # the short row's cache is a view of the padded batch's buffer, until kept
+    del pc
+    gc.collect()
+    assert store.nbytes == entry_bytes(store.latest()) < 1 << 20
+    assert mx.get_active_memory() - base < 0  # the batch's buffer is freed once the entry owns its copy

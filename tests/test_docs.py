@@ -5,7 +5,9 @@ The convention (README, "Tests"): a block opened with ```` ```python {run} ```` 
 ```` ```sh {run} ```` runs; ```` ```python {run server} ```` runs with a live server, its
 ``http://127.0.0.1:8080`` replaced by that server's address. Every ``python`` block must be
 runnable; ``sh`` blocks without the mark are commands that download, serve forever or take
-long (benchmarks) and are only shown.
+long (benchmarks) and are only shown. ```` ```sh {run serve} ```` is a block whose last command
+starts a server: it runs with ``--port`` appended (a free one) until the server lists the
+models its ``--model NAME=PATH`` flags name and each answers a chat completion; then it is stopped.
 
 How they run, one document at a time, in a fresh folder that links the repository's
 ``chat.py``, ``convert.py``, ``tests`` and ``bench`` (so relative paths in the snippets work and
@@ -17,15 +19,18 @@ what they write stays in the temporary folder):
   stdin empty, so ``chat.py`` starts, loads its model and leaves at the end of input.
 """
 
+import json
 import os
 import re
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, reference_dir, start_server, tiny_config
+from conftest import ROOT, free_port, reference_dir, start_server, tiny_config
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```([\w-]*)[ \t]*(\{[^}\n]*\})?[ \t]*\n(.*?)^```[ \t]*$", re.M | re.S)
@@ -71,17 +76,46 @@ def sandbox(tmp_path, checkpoint, monkeypatch):
     return tmp_path, moe
 
 
-def run_shell(code: str, cwd: Path, where: str) -> None:
+def shell_env(cwd: Path) -> dict:
     bin_dir = cwd / ".bin"
     bin_dir.mkdir(exist_ok=True)
     python = bin_dir / "python"  # a script, not a link: a venv's interpreter finds its venv from its own path
     python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
     python.chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1",
-           "MLX_LFM2_HOME": str(cwd / ".mlx_lfm2"), "HF_HOME": str(cwd / ".hf")}
-    p = subprocess.run(["bash", "-euo", "pipefail", "-c", code], cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+    return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1",
+            "MLX_LFM2_HOME": str(cwd / ".mlx_lfm2"), "HF_HOME": str(cwd / ".hf")}
+
+
+def run_shell(code: str, cwd: Path, where: str) -> None:
+    p = subprocess.run(["bash", "-euo", "pipefail", "-c", code], cwd=cwd, env=shell_env(cwd), stdin=subprocess.DEVNULL,
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, f"{where}: exit {p.returncode}\n{code}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+
+
+def run_serving(code: str, cwd: Path, where: str) -> None:
+    """A ``{run serve}`` block (module docstring)."""
+    port = free_port()
+    names = re.findall(r"--model\s+(\w[\w.-]*)=", code)
+    p = subprocess.Popen(["bash", "-euo", "pipefail", "-c", f"{code.rstrip()} --port {port}"], cwd=cwd,
+                         env=shell_env(cwd), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    base, listed = f"http://127.0.0.1:{port}", None
+    try:
+        deadline = time.monotonic() + 300
+        while listed is None and p.poll() is None and time.monotonic() < deadline:
+            try:
+                listed = [m["id"] for m in json.load(urllib.request.urlopen(base + "/v1/models", timeout=5))["data"]]
+            except OSError:
+                time.sleep(0.5)
+        assert listed is not None, f"{where}: the server did not start\n{code}\n{p.stdout.read()[-3000:] if p.poll() is not None else ''}"
+        assert names and set(names) <= set(listed), (where, names, listed)
+        for name in names:
+            body = json.dumps({"model": name, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
+            req = urllib.request.Request(base + "/v1/chat/completions", body.encode(), {"content-type": "application/json"})
+            assert json.load(urllib.request.urlopen(req, timeout=300))["model"] == name, where
+    finally:
+        os.killpg(p.pid, 15)
+        p.wait(timeout=60)
 
 
 @pytest.mark.slow
@@ -103,6 +137,8 @@ def test_runnable_snippets_run(doc, sandbox):
                     exec(compile(code, where, "exec"), namespace)
                 except Exception as e:
                     raise AssertionError(f"{where}: {type(e).__name__}: {e}\n{code}") from e
+            elif lang in ("sh", "bash", "console") and "serve" in marks.split():
+                run_serving(code, cwd, where)
             elif lang in ("sh", "bash", "console"):
                 run_shell(code, cwd, where)
             else:

@@ -195,3 +195,92 @@ def test_the_bit_budget_takes_4_bit_groups_of_128_only_where_the_width_allows():
     assert sensitivity.allocate({"wide": (1000, errs)}, options, budget)["wide"] == options[wide]
     plan = sensitivity.allocate({"narrow": (1000, narrow)}, options, budget)  # its width takes no group of 128
     assert plan["narrow"] == {"group_size": 64, "bits": 3, "mode": "affine"}
+
+
+def correlated_inputs(rng, n: int, d: int) -> np.ndarray:
+    """Activations with the correlations of a trained model's (a few strong directions), where
+    GPTQ's error compensation has something to exploit; white inputs leave it nothing."""
+    basis = np.random.default_rng(7).standard_normal((8, d)).astype(np.float32)  # the same directions in every call
+    return (rng.standard_normal((n, 8)).astype(np.float32) * 3) @ basis + rng.standard_normal((n, d)).astype(np.float32)
+
+
+def test_gptq_compensates_rounding_error_and_packs_as_mlx_does():
+    """On correlated inputs GPTQ's output error is well below round-to-nearest's (it fails if
+    GPTQ degenerates to RTN), and its weights are an ordinary MLX affine triple."""
+    from mlx_lfm2.weights import gptq
+    from mlx_lfm2.weights.quantize import fake_quantize
+
+    rng = np.random.default_rng(0)
+    W = (rng.standard_normal((2, 64, 128)) / np.sqrt(128)).astype(np.float32)  # two experts
+    Xa, Xb, X = (correlated_inputs(rng, 512, 128) for _ in range(3))  # two halves, and other text
+    white = [rng.standard_normal((512, 128)).astype(np.float32) for _ in range(2)]
+    halves = [(np.stack([x.T @ x, w.T @ w]), np.array([512.0, 512.0])) for x, w in zip((Xa, Xb), white)]
+    choice = {"group_size": 64, "bits": 4, "mode": "affine"}
+    w, s, b, kept = gptq.quantize_weight(mx.array(W), halves, choice, mx.float32)
+    assert (w.dtype, w.shape, s.shape) == (mx.uint32, (2, 64, 16), (2, 64, 2))
+    Q = np.array(mx.dequantize(w, s, b, group_size=64, bits=4))
+    R = np.array(fake_quantize(mx.array(W), choice))
+    err = lambda M: np.linalg.norm((W[0] - M[0]) @ X.T) / np.linalg.norm(W[0] @ X.T)  # noqa: E731
+    assert err(Q) < 0.5 * err(R), (err(Q), err(R))  # on text it was not fitted on
+    # the expert with white inputs has nothing to gain: it keeps plain rounding
+    assert kept.tolist() == [True, False] and np.array_equal(Q[1], R[1])
+
+
+def test_gptq_per_expert_hessians_lower_a_moe_blocks_error(source):
+    """quantize_block + install on a real MoE block: every expert and projection gets GPTQ
+    weights, and the block's output error on the calibration input is below RTN's."""
+    from mlx_lfm2.model.blocks import Block
+    from mlx_lfm2.model.config import ModelArgs
+    from mlx_lfm2.weights import gptq
+    from mlx_lfm2.weights.quantize import recipe_predicate, spec
+
+    args = ModelArgs.from_dict(CFG)
+    block = Block(args, 2)  # a conv layer with experts
+    mx.random.seed(0)
+    rng = np.random.default_rng(1)
+    block.update(tree_map_random(block, rng))
+    x = mx.array(correlated_inputs(rng, 512, args.hidden_size).reshape(2, 256, -1))
+    y = block(x)
+    predicate = recipe_predicate(spec(4, 64), "uniform")
+    results, (kept, total) = gptq.quantize_block(block, x, predicate)
+    assert total == 2 + 3 * CFG["num_experts"] and kept > total // 2  # conv in/out, each expert's w1/w3/w2
+    assert {"feed_forward.experts.w1", "feed_forward.experts.w2", "feed_forward.experts.w3",
+            "conv.in_proj", "conv.out_proj"} <= set(results)
+    assert "feed_forward.gate" not in results  # the router stays 8-bit round-to-nearest
+
+    def quantized(with_gptq: bool):
+        b = Block(args, 2)
+        b.update(block.parameters())
+        nn.quantize(b, 64, 4, class_predicate=lambda p, m: predicate(p, m))
+        if with_gptq:
+            gptq.install(b, results)
+        return float((((b(x) - y) ** 2).sum() / (y ** 2).sum()).item())
+
+    assert quantized(True) < 0.9 * quantized(False)
+
+
+def tree_map_random(block, rng):
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    return tree_unflatten([(k, mx.array(rng.standard_normal(v.shape).astype(np.float32) / np.sqrt(v.shape[-1]))
+                            if v.ndim >= 2 else v) for k, v in tree_flatten(block.parameters())])
+
+
+def test_gptq_folders_round_trip_and_mlx_lm_reads_them_alike(source, tmp_path, method="awq-gptq"):
+    out = convert(source, tmp_path / method, quantize=True, q_method=method, dtype="float32", **FAST)
+    card = card_quantization(out)
+    assert card["method"] == method and card["kl"] > 0 and " of " in card["gptq_kept"]
+    ours = load_model(out)
+    full = logits(load_model(source, compute_dtype=mx.float32))
+    got = logits(ours)
+    assert relative_error(got, full) < BOUNDS["affine"]
+    np.testing.assert_allclose(mlx_lm_logits(out), got, rtol=1e-3, atol=1e-3)
+    rtn = load_model(convert(source, tmp_path / "rtn", quantize=True, dtype="float32", progress=False))
+    a, b = ours.layers[1].feed_forward.experts.w2, rtn.layers[1].feed_forward.experts.w2
+    assert (a.bits, a.group_size) == (b.bits, b.group_size) and not mx.array_equal(a.weight, b.weight)
+
+
+def test_gptq_refuses_the_float_modes(source, tmp_path):
+    with pytest.raises(ValueError, match="--q-method gptq quantizes affine grids: use --q-mode affine"):
+        convert(source, tmp_path / "x", quantize=True, q_mode="mxfp4", q_method="gptq", **FAST)
+    assert not list(tmp_path.iterdir())

@@ -133,7 +133,7 @@ def test_bad_requests_are_refused_in_words(real, body, status, words):
 
 
 def test_images_and_files_are_placeholders():
-    from mlx_lfm2.serve.responses import input_messages
+    from mlx_lfm2.serve.responses_api import input_messages
 
     assert input_messages([{"role": "user", "content": [{"type": "input_text", "text": "See "},
                                                         {"type": "input_image", "image_url": "data:..."}]}]) == [

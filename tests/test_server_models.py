@@ -1,8 +1,9 @@
 """Several models on one server (``serve/models.py``), through the real clients: a request's
 ``model`` picks one, a budget of one model swaps them (the other unloaded and loaded again,
-replies unchanged, memory back to its level), idle models unload and free their memory, a
-model loaded again reads its prefix from the disk cache, unknown names are 404s listing the
-names, and requests wait (boundedly) for a model being loaded or for a busy one to finish."""
+replies unchanged, every unloaded model freed, memory back to its level), idle models unload
+and free their memory, a model loaded again reads its prefix from the disk cache, unknown
+names are 404s listing the names, and requests wait (boundedly) for a model being loaded or
+for a busy one to finish."""
 
 import asyncio
 import functools
@@ -68,6 +69,15 @@ def loaded(base) -> list:
     return [m["name"] for m in httpx.get(base + "/api/ps").json()["models"]]
 
 
+def wait_for(check, seconds: float = 60.0) -> None:
+    """Poll ``check()`` until it holds; the bound only fails a state that never comes (a
+    loaded machine makes the unload late, not wrong)."""
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, "the state never came"
+        time.sleep(0.05)
+
+
 def references(server, folders) -> dict:
     """Each model's greedy reply on a server of that model alone."""
     out = {}
@@ -102,7 +112,13 @@ def test_without_a_model_name_the_first_answers(server, folders):
 
 
 @pytest.mark.slow
-def test_fifty_swaps_leak_no_memory(server, folders):
+def test_repeated_swaps_free_every_unloaded_model_and_leak_no_memory(server, folders):
+    """Twelve swaps: each unloaded model object is gone (a weak reference to it dies), so any
+    reference kept to a model, whatever its size, fails at the first swap; and MLX's active
+    memory ends within weights/8 of its level, so a leak of over weights/96 a swap fails too."""
+    import gc
+    import weakref
+
     base, models = server("--model", f"a={folders[0]}", "--model", f"b={folders[1]}", "--max-loaded-models", "1",
                           "--prompt-cache-bytes", "0")
     want = {}
@@ -110,10 +126,16 @@ def test_fifty_swaps_leak_no_memory(server, folders):
         want[name] = chat(base, name, n=1)[0]
     level = mx.get_active_memory()  # b loaded, a unloaded, each run once
     weights = models.entries["b"].size
-    for i in range(50):
-        name = "ab"[i % 2]
+    unloaded = []
+    for i in range(12):
+        name, other = "ab"[i % 2], "ab"[(i + 1) % 2]
+        e = models.entries[other]  # loaded, idle: this request unloads it
+        unloaded.append((weakref.ref(e.scheduler), weakref.ref(e.scheduler.model)))
+        del e
         assert chat(base, name, n=1)[0] == want[name]
-    assert loaded(base) == ["b"]
+        assert loaded(base) == [name]
+    gc.collect()
+    assert [(s() is None, m() is None) for s, m in unloaded] == [(True, True)] * 12
     assert abs(mx.get_active_memory() - level) < weights // 8, (mx.get_active_memory(), level, weights)
 
 
@@ -122,11 +144,7 @@ def test_idle_unload_frees_the_models_memory(server, folders):
     weights = models.entries["a"].size
     chat(base, "a")
     held = mx.get_active_memory()
-    for _ in range(100):
-        if not loaded(base):
-            break
-        time.sleep(0.1)
-    assert loaded(base) == []
+    wait_for(lambda: loaded(base) == [])
     assert held - mx.get_active_memory() >= weights * 0.9
     assert chat(base, "a")[0]  # loaded again on the next request
     assert loaded(base) == ["a"]
@@ -140,19 +158,11 @@ def test_keep_alive_0_unloads_after_the_reply_and_a_duration_sets_the_expiry(ser
     expiry = {m.model: m.expires_at for m in client.ps().models}
     assert set(expiry) == {"a", "b"} and expiry["b"].year < 2300
     client.chat(model="b", messages=ASK, options={"num_predict": 3}, keep_alive=0)
-    for _ in range(50):
-        if loaded(base) == ["a"]:
-            break
-        time.sleep(0.1)
-    assert loaded(base) == ["a"]
+    wait_for(lambda: loaded(base) == ["a"])
     assert client.generate(model="b").done_reason == "load"  # no prompt: Ollama's way to load a model
     assert sorted(loaded(base)) == ["a", "b"]
     assert client.generate(model="b", keep_alive=0).done_reason == "unload"
-    for _ in range(50):
-        if loaded(base) == ["a"]:
-            break
-        time.sleep(0.1)
-    assert loaded(base) == ["a"]
+    wait_for(lambda: loaded(base) == ["a"])
     bad = httpx.post(base + "/v1/chat/completions", json={"model": "a", "messages": ASK, "keep_alive": "soon"})
     assert bad.status_code == 400 and "keep_alive" in bad.json()["error"]["message"]
 
@@ -298,23 +308,40 @@ async def _holding(models, name, release: asyncio.Event):
     return e
 
 
+async def _until(check, seconds: float = 60.0) -> None:
+    """Wait for ``check()``, polling; the bound only fails a state that never comes."""
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, "the state never came"
+        await asyncio.sleep(0.02)
+
+
 def test_a_model_being_loaded_makes_its_requests_wait_with_a_bound():
+    """The load is held by an event, not a sleep: the request's 0.2 s bound passes while the
+    load is surely unfinished (a 503), the load goes on without it (built once), and a
+    request with room to wait gets the loaded model."""
     from mlx_lfm2.serve.boundary import APIError
 
+    _tokenizer()  # loaded before any bound is timed
+    gate, builds = threading.Event(), []
+
     def slow(name, path):
-        time.sleep(0.6)
+        builds.append(name)
+        assert gate.wait(60)
         return _scheduler(name)
 
     async def run():
         models = _registry(slow, load_timeout=0.2)
-        go = asyncio.Event()
         with pytest.raises(APIError) as e:
             await models.acquire(models.entries["a"])
-        assert e.value.status == 503 and "not loaded yet" in str(e.value)
-        await asyncio.sleep(0.6)  # the load went on without the request that gave up
-        models.load_timeout = 5
+        assert e.value.status == 503 and "not loaded yet (waited 0.2 s)" in str(e.value)
+        assert models.entries["a"].loading is not None and not gate.is_set()  # the load goes on
+        models.load_timeout = 60
+        gate.set()
+        go = asyncio.Event()
         go.set()
         assert (await _holding(models, "a", go)).scheduler is not None
+        assert builds == ["a"]  # the load the first request started, not a second one
         for e in models.loaded():
             e.scheduler.shutdown()
 
@@ -322,24 +349,29 @@ def test_a_model_being_loaded_makes_its_requests_wait_with_a_bound():
 
 
 def test_a_busy_model_is_never_unloaded_the_load_waits_for_it():
+    """Order, not time: b's model is built only after a's request let go of a (a broken rule
+    builds it, unloading a, within the 0.3 s window); no bound here can pass too early."""
+    _tokenizer()
+    events = []
+
+    def build(name, path):
+        events.append(f"build {name}")
+        return _scheduler(name)
+
     async def run():
-        models = _registry(lambda name, path: _scheduler(name), max_loaded=1, load_timeout=5)
+        models = _registry(build, max_loaded=1, load_timeout=60)
         done_a = asyncio.Event()
         a = asyncio.ensure_future(_holding(models, "a", done_a))
-        for _ in range(200):  # a loads (however slow this machine is today)
-            if models.entries["a"].scheduler is not None:
-                break
-            await asyncio.sleep(0.05)
+        await _until(lambda: models.entries["a"].scheduler is not None)  # a loads, and is held
         b = asyncio.ensure_future(_holding(models, "b", asyncio.Event()))
-        await asyncio.sleep(0.5)
+        await _until(lambda: models.entries["b"].loading is not None)  # b's load has begun: it waits for room
+        await asyncio.sleep(0.3)
         assert [e.name for e in models.loaded()] == ["a"] and not b.done()  # waiting for a to finish
+        events.append("release a")
         done_a.set()
         await a
-        for _ in range(200):
-            if [e.name for e in models.loaded()] == ["b"]:
-                break
-            await asyncio.sleep(0.05)
-        assert [e.name for e in models.loaded()] == ["b"]
+        await _until(lambda: [e.name for e in models.loaded()] == ["b"])
+        assert events == ["build a", "release a", "build b"]
         b.cancel()
         for e in models.loaded():
             e.scheduler.shutdown()

@@ -33,13 +33,18 @@ def stop(proc):
     proc.wait(30)
 
 
+@pytest.fixture(scope="module")
+def cold_server(folder):
+    """One server that keeps no prompt cache (none on disk, none in memory) for the tests' cold
+    references: each of its replies is a cold run (each test checks it reused 0 tokens)."""
+    proc, base = served(folder, "--prompt-cache-bytes", "0", "--cache-entries", "0")
+    yield base
+    stop(proc)
+
+
 @pytest.mark.slow
-def test_after_a_restart_the_prefix_comes_from_disk_and_the_reply_equals_a_cold_one(folder, tmp_path):
-    proc, base = served(folder, "--prompt-cache-bytes", "0")  # memory only: the cold reference
-    try:
-        cold, use = ask_openai(base)
-    finally:
-        stop(proc)
+def test_after_a_restart_the_prefix_comes_from_disk_and_the_reply_equals_a_cold_one(folder, cold_server, tmp_path):
+    cold, use = ask_openai(cold_server)
     assert use.prompt_tokens > 600 and use.prompt_tokens_details.cached_tokens == 0
     proc, base = served(folder, "--prompt-cache-dir", str(tmp_path))
     try:
@@ -115,26 +120,8 @@ SLOW_WRITES = ("import runpy, time; import mlx_lfm2.engine.disk_cache as d; w = 
 
 
 def served_slow_writes(folder, *args):
-    import subprocess
-    import sys
-    import time
-
-    import httpx
-
-    from conftest import free_port
-
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_WRITES, "--model", str(folder), "--port", str(port), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            if httpx.get(base + "/health", timeout=1).status_code == 200:
-                return proc, base
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    proc.kill()
-    pytest.fail("server did not start: " + proc.stdout.read().decode())
+    proc, base, _ = start_server(folder, *args, code=SLOW_WRITES)
+    return proc, base
 
 
 def greedy_tokens(base, messages):
@@ -146,17 +133,14 @@ def greedy_tokens(base, messages):
 
 
 @pytest.mark.slow
-def test_a_prefix_of_many_prefill_chunks_is_whole_after_a_restart_right_after_the_reply(folder, tmp_path):
+def test_a_prefix_of_many_prefill_chunks_is_whole_after_a_restart_right_after_the_reply(folder, cold_server, tmp_path):
     """The server is stopped (SIGTERM) as soon as its reply arrives: the blocks still queued
     for the disk are written before it exits, so the restart reuses the whole block-aligned
     prefix (here 9 of the CPU's 128-token prefill chunks and more) and answers as a cold run."""
     lines = " ".join(f"Line {i}: the value of key {i} is {i * 7 % 13}." for i in range(200))
     messages = [{"role": "system", "content": lines}, {"role": "user", "content": "Key 5?"}]
-    proc, base = served(folder, "--prompt-cache-bytes", "0")
-    try:
-        cold, use = greedy_tokens(base, messages)
-    finally:
-        stop(proc)
+    cold, use = greedy_tokens(cold_server, messages)
+    assert use.prompt_tokens_details.cached_tokens == 0
     assert use.prompt_tokens > 2048 + 256  # past the first 2048-token chunk of a GPU's prefill
     proc, base = served_slow_writes(folder, "--prompt-cache-dir", str(tmp_path))
     try:

@@ -18,6 +18,9 @@ def run_project(tmp_path, tests: str, **env):
     (project / "test_it.py").write_text(textwrap.dedent(tests))
     base = {k: v for k, v in os.environ.items() if k != "MLX_LFM2_ALLOW_SKIPS"}
     base["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
+    # Only the checks under test: the environment's plugins (langsmith's alone took ~10 s a run
+    # on a loaded CPU) play no part in them.
+    base["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"
     p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                         f"--basetemp={tmp_path / 'basetemp'}"], cwd=project, env={**base, **env},
                        capture_output=True, text=True, timeout=120)

@@ -19,9 +19,9 @@ batched cache (model/batch_cache.py) and decodes one token a step. Its peak is t
   the step) and one layer's buffer more (joining copies the single cache in a layer at a time,
   growing copies a layer), and the step's logits (``vocab`` float32 per row).
 
-``serve.admission`` counts a batch as the sum of its rows' peaks. That over-counts prefill
-(one row prefills at a time) but under-counts the KV of a short row beside a long one: the
-batched cache left-pads every row to the longest (model/batch_cache.py).
+A batch (``batch_peak``, what ``serve.admission`` reserves) is not the sum of its rows: the
+batched cache left-pads every row to the longest (model/batch_cache.py), so each row takes the
+longest row's positions; and one row prefills at a time beside the others' decode.
 
 Dimensions: P prompt tokens, M max_tokens, T = P + M, C prefill chunk, D hidden, H / H_kv
 query / key-value heads, Dh head dim, F FFN width, E experts, K experts per token, V vocab.
@@ -110,30 +110,81 @@ def predict(args: ModelArgs, prompt_tokens: int, max_tokens: int, shapes: Shapes
     return max(phases(args, prompt_tokens, max_tokens, shapes).values())
 
 
+@dataclass(frozen=True)
+class Row:
+    """One request of a batch: its prompt's tokens (cached ones included), its reply's limit,
+    and whether it decodes already (False: its prefill may still be ahead)."""
+
+    prompt: int
+    max_tokens: int
+    decoding: bool = False
+
+
 def phases(args: ModelArgs, prompt_tokens: int, max_tokens: int, shapes: Shapes = Shapes()) -> dict:
     """``{"prefill": bytes, "decode": bytes}``: the peak of each phase (``predict``: the larger)."""
-    a, C = shapes.act_bytes, shapes.prefill_step
-    P = max(1, prompt_tokens)
-    T = P + max(0, max_tokens)
-    n_attn = sum(args.is_attention(i) for i in range(args.num_hidden_layers))
-    n_conv = args.num_hidden_layers - n_attn
-    D, K1 = args.hidden_size, args.conv_L_cache - 1
-    kv_token = 2 * args.num_key_value_heads * args.head_dim * a  # one attention layer, one position
+    row = Row(max(1, prompt_tokens), max(0, max_tokens))
+    return {"prefill": _prefill(args, row, shapes), "decode": _decode(args, [row], shapes)}
 
+
+def batch_peak(args: ModelArgs, rows: list, shapes: Shapes = Shapes()) -> int:
+    """Peak bytes a batch of ``rows`` (``Row``) adds, as engine/batch.py runs it: every row
+    in the batched KV cache at the longest row's length (left padding, model/batch_cache.py:
+    a short row beside a long one takes the long one's positions), while one row at a time
+    prefills beside the others. One row: ``predict``."""
+    if not rows:
+        return 0
+    peak = _decode(args, rows, shapes)
+    for i, r in enumerate(rows):
+        if not r.decoding:
+            peak = max(peak, _prefill(args, r, shapes) + _decode(args, rows[:i] + rows[i + 1 :], shapes))
+    return int(peak)
+
+
+def _sizes(args: ModelArgs, a: int) -> tuple[int, int, int]:
+    """Attention layers, conv layers, one attention layer's KV bytes per position."""
+    n_attn = sum(args.is_attention(i) for i in range(args.num_hidden_layers))
+    return n_attn, args.num_hidden_layers - n_attn, 2 * args.num_key_value_heads * args.head_dim * a
+
+
+def _conv(args: ModelArgs, P: int, shapes: Shapes) -> int:
+    """A row's conv states with the checkpoints its prefill leaves (every chunk's end, every block)."""
+    _, n_conv, _ = _sizes(args, shapes.act_bytes)
+    body = P - 1
+    kept = min(ConvCache.max_checkpoints, body // shapes.prefill_step + body // ConvCache.block + 1)
+    return n_conv * (args.conv_L_cache - 1) * args.hidden_size * shapes.act_bytes * (1 + kept)
+
+
+def _prefill(args: ModelArgs, row: Row, shapes: Shapes) -> int:
+    """The prefill's peak: its last chunk against the whole prefix (module docstring)."""
+    a, C, P, D = shapes.act_bytes, shapes.prefill_step, row.prompt, args.hidden_size
+    n_attn, n_conv, kv_token = _sizes(args, a)
     body = P - 1
     chunk = min(C, body) if body else 1
     single_cap = max(_prefill_capacity(body, C), kv_capacity(P))
     single = n_attn * kv_token * single_cap
-    conv = n_conv * K1 * D * a * (1 + min(ConvCache.max_checkpoints, body // C + body // ConvCache.block + 1))
-    recent = n_conv * (2 * chunk + K1) * D * a  # the last chunk's conv inputs (see module docstring)
+    recent = n_conv * (2 * chunk + args.conv_L_cache - 1) * D * a  # the last chunk's conv inputs (module docstring)
     grow = kv_token * single_cap  # one layer's buffer copied (as it grows, or written in place of a view)
-    prefill = single + conv + recent + grow + _layer_peak(args, shapes, chunk, P)
+    return int(single + _conv(args, P, shapes) + recent + grow + _layer_peak(args, shapes, chunk, P))
 
-    batch_cap = max(kv_capacity(T, BatchKVCache.step), P + 1)
+
+def _decode(args: ModelArgs, rows: list, shapes: Shapes) -> int:
+    """Decoding ``rows`` together: the batched KV buffer, every row at the longest row's end
+    (rounded up to the step), and one layer's buffer more (growing copies a layer, and so does
+    the first row's join); a row joining others costs a layer's buffer more again and its own
+    cache's layer (measured: tests/test_admission.py); each row's conv state and logits; one
+    layer's activations for a token per row."""
+    if not rows:
+        return 0
+    n_attn, _, kv_token = _sizes(args, shapes.act_bytes)
+    T = max(r.prompt + r.max_tokens for r in rows)
+    cap = max(kv_capacity(T, BatchKVCache.step), max(r.prompt for r in rows) + 1)
     logits = args.vocab_size * 4 * 3  # float32 logits, log-probabilities, the sampler's copy
-    # joining copies the single cache into the batch a layer at a time, growing copies a layer
-    decode = (n_attn + 1) * kv_token * batch_cap + conv + logits + _layer_peak(args, shapes, 1, T)
-    return {"prefill": int(prefill), "decode": int(decode)}
+    kv = (n_attn + 1) * kv_token * cap * len(rows)
+    if len(rows) > 1:  # a row joining others: per layer, the old rows and the new one placed at the
+        # batch's capacity beside their concatenation, and the new row's own cache of that layer
+        kv += kv_token * (cap * len(rows) + max(kv_capacity(r.prompt) for r in rows))
+    conv = sum(_conv(args, r.prompt, shapes) for r in rows)
+    return int(kv + conv + logits * len(rows) + _layer_peak(args, shapes, len(rows), T))
 
 
 def _layer_peak(args: ModelArgs, shapes: Shapes, L: int, T: int) -> int:

@@ -34,12 +34,13 @@ re-rendered text would be.
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from typing import Optional, Protocol
 
 import mlx.core as mx
 
-from ..model.cache import checkpoint, copy_cache, reachable, rewind
+from ..model.cache import KVCache, checkpoint, copy_cache, reachable, rewind
 from ..text.tokenizer import plain_spans
 from .decode import default_prefill_step, prefill
 
@@ -176,12 +177,41 @@ class CacheTier(Protocol):
     def store(self, namespace: str, pc: PromptCache) -> Optional[list]: ...
 
 
+def entry_bytes(pc: PromptCache) -> int:
+    """What a kept entry holds: its KV buffers, conv states, checkpoints and recent conv inputs
+    (its draft model's too)."""
+    total = 0
+    for c in pc._caches:
+        if isinstance(c, KVCache):
+            total += c.nbytes
+        else:
+            arrays = [c.conv_state, *c.checkpoints.values(), *(a for _, b, x in c.recent for a in (b, x))]
+            total += sum(a.nbytes for a in arrays if a is not None)
+    return total
+
+
+def _owned(cache: list) -> None:
+    """Each KV layer's positions copied out of the buffer they view: a row taken out of a batch
+    (model/batch_cache.py ``extract``) is a view that would keep the whole batch's buffer alive."""
+    for c in cache or []:
+        if isinstance(c, KVCache) and c.keys is not None:
+            c.keys, c.values = mx.contiguous(c.keys[..., : c.offset, :]), mx.contiguous(c.values[..., : c.offset, :])
+    mx.eval([c.state for c in cache or []])
+
+
 class PromptCacheStore:
-    """An LRU of ``PromptCache`` keyed by ``(namespace, text)`` (see the module docstring)."""
+    """An LRU of ``PromptCache`` keyed by ``(namespace, text)`` (see the module docstring).
+
+    ``nbytes`` is what its entries hold (``entry_bytes``): the server counts it in its memory
+    budget and drops entries (``shrink``, least recently used first) to make room for requests
+    and models. ``shrink`` may be called from any thread (a lock guards the entries)."""
 
     def __init__(self, model, entries: int = 8, draft_model=None, lower: Optional[CacheTier] = None):
         self.model, self.entries, self.draft_model, self.lower = model, entries, draft_model, lower
         self._entries: OrderedDict[tuple[str, str], PromptCache] = OrderedDict()
+        self._bytes: dict[tuple[str, str], int] = {}
+        self.nbytes = 0
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -193,7 +223,9 @@ class PromptCacheStore:
         """The entry sharing the longest prefix with ``text`` (not a copy) and that prefix's
         length in characters; (None, 0) when none shares any."""
         best, shared = None, 0
-        for (ns, key), pc in self._entries.items():
+        with self._lock:
+            items = list(self._entries.items())
+        for (ns, key), pc in items:
             n = shared_chars(key, text) if ns == namespace else 0
             if n > shared:
                 best, shared = pc, n
@@ -211,8 +243,9 @@ class PromptCacheStore:
         if best is None:
             return self.fresh()
         key = (namespace, str(best.text))
-        if self._entries.get(key) is best:
-            self._entries.move_to_end(key)
+        with self._lock:
+            if self._entries.get(key) is best:
+                self._entries.move_to_end(key)
         return best.copy()
 
     def keep(self, pc: PromptCache, namespace: str = "") -> list:
@@ -220,20 +253,41 @@ class PromptCacheStore:
         the token ranges ``(start, end)`` the lower tier wrote for it (new disk blocks)."""
         if pc.offset != len(pc.tokens) or not pc.text:
             return []
+        _owned(pc.cache)
+        _owned(pc.draft_cache)
         key = (namespace, str(pc.text))
-        self._entries[key] = pc
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.entries:
-            self._entries.popitem(last=False)
+        with self._lock:
+            self._drop(key)
+            self._entries[key], self._bytes[key] = pc, entry_bytes(pc)
+            self.nbytes += self._bytes[key]
+            while len(self._entries) > self.entries:
+                self._drop(next(iter(self._entries)))
         return (self.lower.store(namespace, pc) or []) if self.lower is not None else []
+
+    def _drop(self, key) -> None:
+        if self._entries.pop(key, None) is not None:
+            self.nbytes -= self._bytes.pop(key)
+
+    def shrink(self, to: int) -> int:
+        """Drop the least recently used entries until at most ``to`` bytes are kept -> bytes freed
+        (their prefixes stay in the lower tier, if any)."""
+        with self._lock:
+            before = self.nbytes
+            while self._entries and self.nbytes > to:
+                self._drop(next(iter(self._entries)))
+            return before - self.nbytes
 
     def latest(self) -> Optional[PromptCache]:
         """The entry kept or taken last, if any."""
-        return next(reversed(self._entries.values()), None)
+        with self._lock:
+            return next(reversed(self._entries.values()), None)
 
     def latest_namespace(self) -> str:
         """The namespace ``latest()`` is filed under ("" when the store is empty)."""
         return next(reversed(self._entries), ("", ""))[0]
 
     def clear(self) -> None:
-        self._entries.clear()
+        with self._lock:
+            self._entries.clear()
+            self._bytes.clear()
+            self.nbytes = 0

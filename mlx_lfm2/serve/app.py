@@ -159,7 +159,7 @@ def build_scheduler(a, name: str, path: str) -> Scheduler:
     scheduler = Scheduler(model, tokenizer, name, a.queue_size, a.cache_entries, a.max_context, a.default_max_tokens,
                           a.max_batch, draft, a.prompt_lookup, a.num_draft_tokens, disk_tier(a, model, tokenizer, draft),
                           a.stall_timeout, a.max_buffered_tokens)
-    scheduler.admission = Admission(model, a.memory_budget, scheduler.max_context)
+    scheduler.admission = Admission(model, a.memory_budget, scheduler.max_context, scheduler.caches)
     return scheduler
 
 

@@ -45,7 +45,7 @@ class Job:
     timing: Optional[object] = None  # serve.metrics.JobTiming: its tokens' times, when observed
     adapter: Optional[str] = None  # a resident adapter's name (None: the base)
     model: str = ""  # the name the request asked for, as its reply reports it
-    memory: int = 0  # its predicted peak bytes (serve.admission), reserved while it runs
+    memory: Optional[object] = None  # engine.memory.Row: its place in the batch's memory (serve.admission)
 
     def emit(self, item) -> None:
         if self.timing is not None and isinstance(item, tuple) and item[0].token is not None:

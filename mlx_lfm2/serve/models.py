@@ -8,9 +8,10 @@ one ``Scheduler`` per loaded model, with its own worker thread, prompt caches an
   loaded wait for it, at most ``load_timeout`` seconds (then a 503). The request holds the model
   until its response ends (``Holds``, an ASGI wrapper), so a model with a request in flight is
   never unloaded.
-* Room: a load first unloads the least recently used idle models until the new one fits both
-  ``max_loaded`` and ``budget`` (bytes of weights; a model not loaded yet counts its weight
-  files). While the others are all busy the load waits for one to finish. A model larger than
+* Room: a load first drops the loaded models' prompt caches kept in memory (their prefixes
+  stay in the disk tier), then unloads the least recently used idle models, until the new one
+  fits both ``max_loaded`` and ``budget`` (bytes of weights and kept prompt caches; a model not
+  loaded yet counts its weight files; ``serve.admission`` shares the same budget). While the others are all busy the load waits for one to finish. A model larger than
   the budget on its own is loaded alone.
 * Unloading stops the worker, waits for the disk tier's writes (each prompt cache the scheduler
   keeps is written to the disk tier as it is kept, so a model loaded again reads its prefixes
@@ -83,6 +84,12 @@ class Entry:
     loading: Optional[asyncio.Future] = None
 
     @property
+    def cached(self) -> int:
+        """Bytes of the prompt caches its scheduler keeps in memory (0: not loaded)."""
+        store = getattr(self.scheduler, "caches", None)
+        return store.nbytes if store is not None else 0
+
+    @property
     def expires(self) -> Optional[float]:
         """When an idle unload is due (time.monotonic()), None: never."""
         if self.pinned or self.keep_alive is None:
@@ -138,6 +145,7 @@ class Models:
         e.pinned = e.pinned or pinned
         if getattr(scheduler, "admission", None) is not None:  # its requests share the budget with every loaded model
             scheduler.admission.others = lambda: sum(x.size for x in self.loaded() if x is not e)
+            scheduler.admission.other_stores = lambda: [x.scheduler.caches for x in self._by_use() if x is not e]
 
     @property
     def names(self) -> list[str]:
@@ -145,6 +153,10 @@ class Models:
 
     def loaded(self) -> list[Entry]:
         return [e for e in self.entries.values() if e.scheduler is not None]
+
+    def _by_use(self) -> list[Entry]:
+        """The loaded models, least recently used first."""
+        return sorted(self.loaded(), key=lambda x: x.last_used)
 
     # Requests ------------------------------------------------------------------------------
 
@@ -216,19 +228,35 @@ class Models:
         finally:
             e.loading = None
 
+    def _over(self, e: Entry) -> int:
+        """Bytes the loaded models (weights and prompt caches) and ``e``'s weights exceed the budget by."""
+        others = [x for x in self.loaded() if x is not e]
+        return 0 if self.budget is None else sum(x.size + x.cached for x in others) + e.size - self.budget
+
     def _too_many(self, e: Entry) -> bool:
         others = [x for x in self.loaded() if x is not e]
         if not others:
             return False  # alone it loads, whatever its size
-        over_count = self.max_loaded is not None and len(others) + 1 > self.max_loaded
-        over_bytes = self.budget is not None and sum(x.size for x in others) + e.size > self.budget
-        return over_count or over_bytes
+        return (self.max_loaded is not None and len(others) + 1 > self.max_loaded) or self._over(e) > 0
+
+    def _drop_caches(self, e: Entry) -> None:
+        """The other models' prompt caches give way first, least recently used model first (their
+        prefixes stay on disk): cheaper than unloading a model."""
+        for x in self._by_use():
+            over = self._over(e)
+            if over <= 0:
+                return
+            if x is not e and x.cached:
+                x.scheduler.caches.shrink(x.cached - over)
 
     async def _make_room(self, e: Entry, deadline: float) -> None:
-        """Unload least recently used idle models until ``e`` fits; wait while all are busy."""
+        """Drop prompt caches, then unload least recently used idle models, until ``e`` fits;
+        wait while all are busy."""
         while self._too_many(e):
-            idle = sorted((x for x in self.loaded() if x is not e and x.users == 0 and not x.pinned),
-                          key=lambda x: x.last_used)
+            self._drop_caches(e)
+            if not self._too_many(e):
+                return
+            idle = [x for x in self._by_use() if x is not e and x.users == 0 and not x.pinned]
             if idle:
                 await self._unload(idle[0])
                 continue

@@ -44,7 +44,6 @@ from ..engine.sample import SamplingParams
 from ..engine.prompt_cache import PromptCache, PromptCacheStore
 from ..engine.score import score_prompt
 from ..model.lora_rows import NotLoaded, adapter_set, namespace, select
-from .admission import reserved
 from .boundary import APIError
 from .controls import Controls
 from .job import DONE, Job, failed, logprob_entry, refused
@@ -281,8 +280,8 @@ class Scheduler:
 
     @property
     def reserved(self) -> int:
-        """The predicted bytes of the requests in the batch."""
-        return reserved(self.live)
+        """The predicted peak bytes of the batch (``serve.admission``), read from any thread."""
+        return self.admission.reserved(self.live) if self.admission is not None else 0
 
     def _score(self, job: Job) -> None:
         if job.score_ids is not None and job.top_logprobs is not None:

@@ -190,7 +190,7 @@ class Service:
         exact = ids is not None
         ids, spec, constraint = await run_in_threadpool(self._compile, s, req, prompt_text, ids)
         limit = s.default_max_tokens if req.limit is None else req.limit  # 0: score only (completions)
-        memory = s.admission.check(len(ids), limit) if s.admission is not None else 0  # too big even alone: 400
+        memory = s.admission.check(len(ids), limit) if s.admission is not None else None  # too big even alone: 400
         params = req.sampling(s.defaults).replace(max_tokens=limit, **spec)
         job = Job(prompt_text, params, top_logprobs, asyncio.get_running_loop(), ids=ids, constraint=constraint,
                   schema_warnings=constraint.warnings if constraint is not None else [], score_ids=score_ids,

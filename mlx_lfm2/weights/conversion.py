@@ -34,7 +34,9 @@ from .output_folder import (PROGRESS, ConversionError, check_replaceable, clean_
 from .quantize import MODES, RECIPES, recipe_predicate, spec
 
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
-METHODS = ("rtn", "awq")  # round-to-nearest; activation-aware scales (weights/awq.py)
+# round-to-nearest; activation-aware scales (weights/awq.py); GPTQ's error compensation
+# (weights/gptq.py); both, AWQ's scales first
+METHODS = ("rtn", "awq", "gptq", "awq-gptq")
 
 
 def quant_predicate(bits: int, group_size: int, recipe: str = "uniform", mode: str = "affine") -> Callable:
@@ -153,6 +155,8 @@ def convert(hf_path: Union[str, Path], mlx_path: Union[str, Path], quantize: boo
     default = spec(q_bits, q_group_size, q_mode) if quantize else None
     if q_method not in METHODS:
         raise ValueError(f"unknown quantization method {q_method!r}; choose from {', '.join(METHODS)}")
+    if quantize and "gptq" in q_method and default["mode"] != "affine":
+        raise ValueError(f"--q-method {q_method} quantizes affine grids: use --q-mode affine (or --q-method awq)")
     calibrated = quantize and (q_method != "rtn" or target_bpw is not None or measure)
     if target_bpw is not None and not 2 < target_bpw <= 16:
         raise ValueError(f"target bits per weight must be above 2 and at most 16, not {target_bpw}")
@@ -329,7 +333,8 @@ def main(argv=None) -> None:
                    help="uniform: all at --q-bits; mixed_6/mixed_8: experts at --q-bits, the rest at 6/8")
     p.add_argument("--q-method", default="rtn", choices=METHODS,
                    help="rtn: round to nearest (as mlx_lm.convert -q); awq: activation-aware scales fitted on "
-                        "calibration text, per expert")
+                        "calibration text, per expert; gptq: rounding error compensated from calibration "
+                        "Hessians, per expert; awq-gptq: both (the best; affine mode)")
     p.add_argument("--target-bpw", type=float,
                    help="sensitivity-driven mixed precision: choose each weight's bits from calibration so the "
                         "model averages this many bits per weight (e.g. 4.5)")

@@ -20,7 +20,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..model.blocks import Block
-from . import awq
+from . import awq, gptq
 from .calibrate import CalibrationSet
 from .quantize import fake_quantize
 
@@ -38,8 +38,11 @@ def embed_rows(embed_weight: mx.array, ids: np.ndarray, choice=None) -> mx.array
 class LayerwiseQuantizer:
     """Hooks around each group's quantization in ``conversion`` (see ``before`` / ``after``)."""
 
-    def __init__(self, calib: CalibrationSet, predicate: Callable, use_awq: bool, min_expert_tokens: int = 16):
-        self.calib, self.predicate, self.use_awq = calib, predicate, use_awq
+    def __init__(self, calib: CalibrationSet, predicate: Callable, method: str, min_expert_tokens: int = 16):
+        self.calib, self.predicate = calib, predicate
+        self.use_awq, self.use_gptq = method in ("awq", "awq-gptq"), method in ("gptq", "awq-gptq")
+        self.gptq: dict = {}  # path -> GPTQ's (weight, scales, biases) for the group being converted
+        self.gptq_kept = [0, 0]  # weights (an expert counts as one) where GPTQ beat rounding, of all
         self.min_expert_tokens = min_expert_tokens
         self.x = self.h_fp = self.h_q = None
         self.head_fp: Optional[mx.array] = None
@@ -54,7 +57,8 @@ class LayerwiseQuantizer:
         mx.eval(self.x, self.h_fp, self.h_q)
 
     def before(self, module: nn.Module, prefix: str) -> None:
-        """The group is loaded unquantized: advance the unquantized streams, fit AWQ scales."""
+        """The group is loaded unquantized: advance the unquantized streams, fit AWQ scales,
+        then GPTQ's weights (installed by ``after`` once the group is quantized)."""
         if not isinstance(module, Block):  # embeddings, final norm, head
             head = module.lm_head if "lm_head" in module else module.model.embed_tokens
             self.head_fp = mx.array(head.weight)
@@ -62,22 +66,29 @@ class LayerwiseQuantizer:
             return
         x_next, self.h_fp = module(self.x), module(self.h_fp)
         mx.eval(x_next, self.h_fp)
+        choices = lambda path, m: self.predicate(prefix + path, m)  # noqa: E731
         if self.use_awq:
-            choices = lambda path, m: self.predicate(prefix + path, m)  # noqa: E731
             covered = awq.scale_block(module, self.x, choices, self.min_expert_tokens)
             if covered is not None:
                 self.coverage.append(covered)
+        if self.use_gptq:
+            self.gptq, (kept, total) = gptq.quantize_block(module, self.x, choices, self.min_expert_tokens)
+            self.gptq_kept = [self.gptq_kept[0] + kept, self.gptq_kept[1] + total]
         self.x = x_next
 
     def after(self, module: nn.Module, prefix: str) -> None:
         """The group is quantized: advance the quantized stream; at the head, measure."""
         if isinstance(module, Block):
+            gptq.install(module, self.gptq)
+            self.gptq = {}
             self.h_q = module(self.h_q)
             mx.eval(self.h_q)
             return
         norm = module.model.embedding_norm
         head = module.lm_head if "lm_head" in module else module.model.embed_tokens
         self.result = kl_and_agreement(norm(self.h_fp), norm(self.h_q), self.head_fp, dequantized(head))
+        if self.use_gptq:
+            self.result["gptq_kept"] = f"{self.gptq_kept[0]} of {self.gptq_kept[1]}"
         self.head_fp = None
 
 
@@ -153,7 +164,7 @@ def prepare(src, args, files, dtype, predicate: Callable, method: str, target_bp
         plan, _ = sensitivity.plan(blocks(), x0, options, target_bpw, total, ends,
                                    lambda p, m: bool(predicate(p, m)), dtype_bits)
         predicate = plan_predicate(plan, predicate)
-    hooks = LayerwiseQuantizer(calib, predicate, use_awq=method == "awq")
+    hooks = LayerwiseQuantizer(calib, predicate, method)
     hooks.start(embed_weight, predicate(EMBED, rest.model.embed_tokens))
     return hooks, predicate, plan
 

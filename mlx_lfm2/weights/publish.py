@@ -144,8 +144,11 @@ print(generate(model, tokenizer, [{{"role": "user", "content": "Hello!"}}], max_
 
 
 _METHODS = {"rtn": "round-to-nearest", "awq": "activation-aware scales (AWQ, fitted per expert)",
-            "dynamic": "sensitivity-driven mixed precision", "dynamic-awq": "sensitivity-driven mixed precision "
-            "with activation-aware scales (AWQ, fitted per expert)"}
+            "gptq": "GPTQ error compensation (Hessians per expert)",
+            "awq-gptq": "activation-aware scales (AWQ) then GPTQ error compensation, both per expert",
+            "dynamic": "sensitivity-driven mixed precision"}
+for _m in ("awq", "gptq", "awq-gptq"):
+    _METHODS[f"dynamic-{_m}"] = f"sensitivity-driven mixed precision with {_METHODS[_m]}"
 
 
 def _quant_text(q: dict) -> str:
@@ -158,6 +161,9 @@ def _quant_text(q: dict) -> str:
         text += f", quantized by {_METHODS.get(q['method'], q['method'])}"
         if q.get("method", "").startswith("dynamic"):
             text += f" ({q.get('per_path', 0)} paths with their own precision in config.json)"
+        if q.get("gptq_kept"):
+            text += (f" (GPTQ kept for {q['gptq_kept']} weights, an expert counting as one; the rest rounded to "
+                     "nearest, where GPTQ fitted on half the calibration text did not beat it on the other half)")
     if q.get("bits_per_weight"):
         text += f"; {q['bits_per_weight']:.2f} bits per weight"
     if q.get("kl") is not None:

@@ -131,17 +131,33 @@ def _outlier_channels(a: np.ndarray, name: str, n: int) -> np.ndarray:
     return a
 
 
+ANISOTROPIC_SHARE = 0.75  # of each embedding's variance, in the shared directions
+
+
+def _anisotropic(a: np.ndarray, name: str, rank: int, rng: np.random.Generator) -> np.ndarray:
+    """Embeddings that share ``rank`` directions (most of their variance in them), as trained
+    LLMs' hidden states are anisotropic: every layer's inputs are then correlated, the
+    structure GPTQ's error compensation exploits (white inputs leave it nothing)."""
+    if not rank or "embed_tokens" not in name:
+        return a
+    basis = rng.standard_normal((rank, a.shape[-1]), dtype=np.float32)
+    shared = rng.standard_normal((a.shape[0], rank), dtype=np.float32) @ basis
+    return (np.sqrt(1 - ANISOTROPIC_SHARE) * a + np.sqrt(ANISOTROPIC_SHARE / rank) * shared).astype(np.float32)
+
+
 def _bf16_bytes(a: np.ndarray) -> bytes:
     u = a.astype(np.float32).view(np.uint32)
     return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16).tobytes()
 
 
 def write_checkpoint(out: Path, config: dict, seed: int = 0, dtype: str = "bfloat16",
-                     tokenizer_from: Optional[Path] = None, outliers: int = 0, lm_like_head: bool = False) -> Path:
+                     tokenizer_from: Optional[Path] = None, outliers: int = 0, lm_like_head: bool = False,
+                     anisotropy: int = 0) -> Path:
     """Write ``config.json`` and one ``model.safetensors`` of random weights into ``out``
     (``outliers``: that many outlier activation channels, see ``_outlier_channels``;
     ``lm_like_head``: embeddings small enough (std 4/sqrt(D)) that a tied head gives next-token
-    distributions of a few nats, like a trained model's, instead of one-hot on the input token)."""
+    distributions of a few nats, like a trained model's, instead of one-hot on the input token;
+    ``anisotropy``: embeddings sharing that many directions, see ``_anisotropic``)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     args = ModelArgs.from_dict(config)
@@ -161,7 +177,7 @@ def write_checkpoint(out: Path, config: dict, seed: int = 0, dtype: str = "bfloa
     with open(out / "model.safetensors", "wb") as f:
         f.write(struct.pack("<Q", len(blob)) + blob)
         for name, shape in tensors:
-            a = _outlier_channels(_random(rng, name, shape), name, outliers)
+            a = _anisotropic(_outlier_channels(_random(rng, name, shape), name, outliers), name, anisotropy, rng)
             if lm_like_head and "embed_tokens" in name:
                 a *= np.float32(4 / np.sqrt(shape[-1]))
             f.write(a.tobytes() if header[name]["dtype"] == "F32" else _bf16_bytes(a))

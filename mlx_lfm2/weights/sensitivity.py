@@ -4,8 +4,8 @@ A first streaming pass over the checkpoint measures, layer by layer, what quanti
 alone at each candidate precision does to the layer's output on the calibration text (relative
 squared error of the residual stream after the layer, which is what the rest of the network
 sees). The budget then goes, a bit at a time, where it buys the largest drop in that error per
-bit (a greedy knapsack over the lower envelope of each path's error curve). Paths are mlx-lm's
-quantization units: one projection of one layer, all experts of a projection together (they
+bit (a greedy knapsack over the lower envelope of each path's error curve; the candidates: affine
+2 to 8 bits in groups of 64, 3 and 4 bits in groups of 128). Paths are mlx-lm's quantization units: one projection of one layer, all experts of a projection together (they
 share one stacked tensor, so one precision).
 
 The embedding and the head are chosen too: as the input, by the relative error of the
@@ -24,8 +24,9 @@ from mlx.utils import tree_flatten
 
 from .quantize import ROUTER, bits_per_weight, fake_quantize, is_router, spec
 
-AFFINE_BITS = (3, 4, 5, 6, 8)
-WIDE_GROUP = 128  # 4-bit in groups of 128: 4.25 bits per weight, between 3 and 4 in groups of 64
+AFFINE_BITS = (2, 3, 4, 5, 6, 8)
+WIDE_GROUP = 128  # 3 and 4 bits in groups of 128: 3.25 and 4.25 bits per weight, between those of 64
+WIDE_BITS = (3, 4)
 
 
 def candidates(mode: str, group_size: int) -> list[dict]:
@@ -34,7 +35,7 @@ def candidates(mode: str, group_size: int) -> list[dict]:
     if mode == "affine":
         options = [spec(b, group_size, "affine") for b in AFFINE_BITS]
         if group_size < WIDE_GROUP:
-            options.append(spec(4, WIDE_GROUP, "affine"))
+            options += [spec(b, WIDE_GROUP, "affine") for b in WIDE_BITS]
         return sorted(options, key=bits_per_weight)
     return [spec(mode=mode)] + ([spec(mode="mxfp8")] if mode != "mxfp8" else [])
 
