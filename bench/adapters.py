@@ -100,10 +100,31 @@ def decode(folder, adapters: dict, steps: int, runs: int) -> dict:
             results[m].append(batched(modes[m]))
         results["8 adapters, separate forwards"].append(separate(names))
     med = {m: round(statistics.median(v), 2) for m, v in results.items()}
+    aset = model.adapter_set
     return {"tok_s": med, "ratio_8_over_1": round(med["8 adapters"] / med["1 adapter"], 3),
             "ratio_8_over_base": round(med["8 adapters"] / med["base"], 3),
             "forwards_per_step": {"per-row adapters": 1, "one forward per adapter": 8},
-            "bytes_per_adapter_mb": round(model.adapter_set.nbytes(names[0]) / 2**20, 2)}
+            "graph_nodes_per_forward": {m: graph_nodes(model, rows, prompts) for m, rows in modes.items()},
+            "bytes_per_adapter_mb": round(aset.nbytes(names[0]) / 2**20, 2),
+            "stacks_mb": round(aset.nbytes() / 2**20, 2), "slots": aset.capacity}
+
+
+def graph_nodes(model, rows, prompts) -> int:
+    """Primitives in one decode forward's graph (what a GPU launches; the CPU hides their cost)."""
+    import io
+    import re
+
+    import mlx.core as mx
+
+    from mlx_lfm2.model.lora_rows import select
+
+    cache = model.make_cache()
+    select(model, rows)
+    y = model(mx.array(prompts), cache=cache)[:, -1:].argmax(-1)
+    mx.eval(y)
+    f = io.StringIO()
+    mx.export_to_dot(f, model(y, cache=cache))
+    return len(re.findall(r'label\s*=\s*"[A-Z]', f.getvalue()))
 
 
 def hot_load(folder, adapters: dict, runs: int) -> dict:
