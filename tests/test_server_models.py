@@ -377,3 +377,14 @@ def test_a_busy_model_is_never_unloaded_the_load_waits_for_it():
             e.scheduler.shutdown()
 
     asyncio.run(run())
+
+
+def test_a_config_json_that_is_not_an_object_reads_as_no_config(tmp_path):
+    """/api/show and the registry read config.json of folders not loaded: a list or a number
+    there is no config (not an AttributeError, a 500, on ``.get``)."""
+    from mlx_lfm2.serve.models import folder_config
+
+    (tmp_path / "config.json").write_text("[1, 2]")
+    assert folder_config(str(tmp_path)) == {}
+    (tmp_path / "config.json").write_text('{"model_type": "lfm2"}')
+    assert folder_config(str(tmp_path)) == {"model_type": "lfm2"}

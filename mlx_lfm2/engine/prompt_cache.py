@@ -284,7 +284,8 @@ class PromptCacheStore:
 
     def latest_namespace(self) -> str:
         """The namespace ``latest()`` is filed under ("" when the store is empty)."""
-        return next(reversed(self._entries), ("", ""))[0]
+        with self._lock:
+            return next(reversed(self._entries), ("", ""))[0]
 
     def clear(self) -> None:
         with self._lock:

@@ -72,6 +72,12 @@ def on_cpu() -> bool:
 # --- the choices -------------------------------------------------------------------------
 
 
+def linalg_device():
+    """Where MLX's linear algebra (Cholesky, inverses) runs: its CPU, on every backend (MLX
+    implements ``mx.linalg`` there only)."""
+    return mx.cpu
+
+
 def compute_dtype(quantized: bool) -> Optional[mx.Dtype]:
     """Activation dtype for a model (None: the weights'). On the CPU, quantized matmuls with
     float32 inputs run ~8x faster than with bfloat16 ones (scales stay bfloat16)."""

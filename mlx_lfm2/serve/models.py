@@ -106,9 +106,10 @@ def weight_files_bytes(path: str) -> int:
 def folder_config(path: Optional[str]) -> dict:
     """A model folder's config.json ({} when there is none to read)."""
     try:
-        return json.loads((Path(path).expanduser() / "config.json").read_text())
+        config = json.loads((Path(path).expanduser() / "config.json").read_text())
     except (TypeError, OSError, ValueError):
         return {}
+    return config if isinstance(config, dict) else {}
 
 
 class Models:

@@ -225,8 +225,8 @@ class Ollama(Routed):
         if s is not None:
             config, template, context = vars(s.model.args), s.tokenizer.chat_template, s.max_context
         else:
-            config = folder_config(e.path)
-            template = await run_in_threadpool(folder_chat_template, e.path) if e.path else None
+            config, template = await run_in_threadpool(lambda: (folder_config(e.path),
+                                                                 folder_chat_template(e.path) if e.path else None))
             limits = (config.get("max_position_embeddings"), self.service.models.max_context)  # as Scheduler's
             context = min((n for n in limits if isinstance(n, int) and n > 0), default=0)
         kind = config.get("model_type", "lfm2")

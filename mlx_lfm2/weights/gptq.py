@@ -34,6 +34,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
+from ..model import device
 from ..model.blocks import Block, SparseMoE
 from ..model.experts import swiglu
 from .awq import expert_pairs
@@ -63,7 +64,7 @@ def _inverse_factor(H: np.ndarray) -> np.ndarray:
     mean = np.maximum(diag.mean(-1), 1e-8)[:, None]
     for damp in (DAMP, 0.1, 1.0):
         add = mx.array(damp * mean + (diag <= 0))  # [E, D]
-        with mx.stream(mx.cpu):
+        with mx.stream(device.linalg_device()):
             Hd = mx.array(H, dtype=F32) + add[:, :, None] * mx.eye(H.shape[-1])
             L = mx.linalg.cholesky(Hd)
             mx.eval(L)
