@@ -314,10 +314,11 @@ def test_kept_prompt_caches_count_in_the_budget_and_give_way_to_an_admitted_requ
     assert admission.status(0, False)["prompt_caches_mb"] == round(store.nbytes / 2**20, 1)
     assert admission.check(64, 16) == probe.row(64, 16)  # alone it fits: caches give way, no 400
     first = list(store._entries)[0]
-    assert admission.fits(admission.row(64, 16), []) and len(store) == 3  # the least recently used went
+    assert admission.fits(admission.row(64, 16), []) and len(store) == 4  # asking drops nothing
+    assert not admission.waits(admission.row(64, 16), {}) and len(store) == 3  # admitting: the least recently used went
     assert first not in store._entries and need + store.nbytes <= admission.available
-    assert not admission.fits(admission.row(64, 10**6), [])  # too big: it waits, nothing more is dropped
-    assert len(store) == 3
+    assert not admission.fits(admission.row(64, 10**6), []) and len(store) == 3  # too big: a question, nothing dropped
+    assert admission.status(0, False)["prompt_caches_mb"] == round(store.nbytes / 2**20, 1)
 
 
 def test_a_kept_cache_taken_out_of_a_batch_holds_its_own_memory_not_the_batchs(kv_heavy):
