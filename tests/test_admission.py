@@ -343,3 +343,20 @@ def test_a_kept_cache_taken_out_of_a_batch_holds_its_own_memory_not_the_batchs(k
     gc.collect()
     assert store.nbytes == entry_bytes(store.latest()) < 1 << 20
     assert mx.get_active_memory() - base < 0  # the batch's buffer is freed once the entry owns its copy
+
+
+def test_a_kept_cache_that_owns_its_buffer_is_not_copied(kv_heavy):
+    from mlx_lfm2.engine.decode import prefill
+    from mlx_lfm2.engine.prompt_cache import PromptCacheStore
+    from mlx_lfm2.model.cache import KVCache
+
+    model, _ = kv_heavy
+    store = PromptCacheStore(model)
+    pc = store.fresh()
+    ids = list(range(10, 1010))
+    prefill(model, mx.array(ids, dtype=mx.uint32), pc.cache)  # prefilled alone: its own buffers
+    pc.text, pc.tokens = "long", ids
+    before = [(c.keys, c.values) for c in pc.cache if isinstance(c, KVCache)]
+    store.keep(pc)
+    kept = [(c.keys, c.values) for c in store.latest().cache if isinstance(c, KVCache)]
+    assert kept and all(k is k0 and v is v0 for (k, v), (k0, v0) in zip(kept, before))  # the same arrays: no copy
