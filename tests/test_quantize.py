@@ -111,11 +111,14 @@ def test_mixed_precision_is_recorded_per_path_and_reloaded_by_both_loaders(two_l
 
 
 @pytest.mark.slow
-def test_the_card_kl_is_the_whole_model_kl_on_held_out_text(source, tmp_path):
+@pytest.mark.parametrize("method", ["awq", "gptq"])
+def test_the_card_kl_is_the_whole_model_kl_on_held_out_text(source, tmp_path, method):
     """The KL measured while streaming (one layer at a time) equals the KL of the loaded
-    quantized model against the unquantized one on the same held-out tokens."""
-    out = convert(source, tmp_path / "awq", quantize=True, q_method="awq", **FAST)
+    quantized model against the unquantized one on the same held-out tokens (with GPTQ, the
+    tied table's GPTQ rows are the ones both its lookups and its head use)."""
+    out = convert(source, tmp_path / method, quantize=True, q_method=method, **FAST)
     card = card_quantization(out)
+    assert (" rows: relative error " in card.get("head_gptq", "")) == (method == "gptq")
     held = load_calibration(load_tokenizer(source), CFG["vocab_size"], tokens=128, held_out_tokens=64).held_out
     full = load_model(source, dtype=mx.bfloat16, compute_dtype=mx.float32)
     quant = load_model(out)
@@ -226,6 +229,37 @@ def test_gptq_compensates_rounding_error_and_packs_as_mlx_does():
     assert kept.tolist() == [True, False] and np.array_equal(Q[1], R[1])
 
 
+def test_the_heads_gptq_is_kept_per_row_only_where_it_beats_rounding_on_held_out_tokens():
+    """GPTQ of a head on correlated final hidden states: well below rounding's logit error on
+    text it was not fitted on; for a tied table whose lookups weigh heavily (the lookup use
+    is plain rounding's best case), rows that GPTQ would worsen keep rounding bit for bit, and
+    the mix is never worse than rounding on the held-out half."""
+    from mlx_lfm2.weights import gptq
+    from mlx_lfm2.weights.quantize import fake_quantize
+
+    rng = np.random.default_rng(3)
+    W = mx.array((rng.standard_normal((512, 128)) / np.sqrt(128)).astype(np.float32))  # V=512 rows
+    X = correlated_inputs(rng, 1024, 128)
+    halves = gptq.head_halves(mx.array(X))
+    (Ha, na), (Hb, nb) = halves
+    assert na[0] == nb[0] == 512 and np.allclose(Ha[0] + Hb[0], X.T @ X, rtol=1e-4, atol=1e-2)
+    choice = {"group_size": 64, "bits": 4, "mode": "affine"}
+    other = correlated_inputs(rng, 512, 128)
+    H_other = (other.T @ other)[None]
+    R = fake_quantize(W, choice)
+    (w, s, b), rows, (e_rtn, e_mix) = gptq.quantize_head(W, halves, choice, mx.float32)
+    Q = mx.dequantize(w, s, b, group_size=64, bits=4)
+    assert rows > 500 and e_mix < 0.6 * e_rtn
+    assert gptq.head_error(W, Q, H_other) < 0.6 * gptq.head_error(W, R, H_other)
+    for lookup in (1.0, 30.0):
+        (w, s, b), rows, (e_rtn, e_mix) = gptq.quantize_head(W, halves, choice, mx.float32, lookup=lookup)
+        Q = mx.dequantize(w, s, b, group_size=64, bits=4)
+        same = mx.all(Q == R, axis=-1)
+        assert 0 < rows < 512 and int((~same).sum().item()) == rows, rows  # the rest: rounding, bit-equal
+        assert e_mix < e_rtn
+        assert gptq.head_error(W, Q, H_other, lookup) < gptq.head_error(W, R, H_other, lookup)
+
+
 def test_gptq_per_expert_hessians_lower_a_moe_blocks_error(source):
     """quantize_block + install on a real MoE block: every expert and projection gets GPTQ
     weights, and the block's output error on the calibration input is below RTN's."""
@@ -270,6 +304,7 @@ def test_gptq_folders_round_trip_and_mlx_lm_reads_them_alike(source, tmp_path, m
     out = convert(source, tmp_path / method, quantize=True, q_method=method, dtype="float32", **FAST)
     card = card_quantization(out)
     assert card["method"] == method and card["kl"] > 0 and " of " in card["gptq_kept"]
+    assert card["head_gptq"].split(" of ")[1].startswith(f"{CFG['vocab_size']} rows")
     ours = load_model(out)
     full = logits(load_model(source, compute_dtype=mx.float32))
     got = logits(ours)

@@ -16,7 +16,7 @@ that are not quantized (norms, conv taps) at the weights' dtype.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -99,20 +99,22 @@ def allocate(errors: dict, options: list[dict], budget_bits: float, dtype_bits: 
 
 
 def plan(blocks: Iterable, x: mx.array, options: list[dict], target_bpw: float, total_params: int,
-         ends: Callable, quantized: Callable, dtype_bits: int = 16) -> tuple[dict, dict]:
+         ends: Callable, quantized: Callable, dtype_bits: int = 16, carried: Optional[mx.array] = None
+         ) -> tuple[dict, dict]:
     """Measure every layer (``blocks`` yields ``(prefix, unquantized block)`` in order; ``x`` the
-    calibration embeddings) and, by ``ends(final hidden states)``, the embedding and head (path
-    -> (weights, errors)); then spend ``target_bpw`` over the whole model. Returns the plan
-    (path -> choice) and the measured errors (path -> list)."""
+    calibration embeddings) and, by ``ends(final hidden states, carried)``, the embedding and head
+    (path -> (weights, errors)); then spend ``target_bpw`` over the whole model. ``carried``: other
+    hidden states taken through the same layers (e.g. from a perturbed embedding). Returns the
+    plan (path -> choice) and the measured errors (path -> list)."""
     errors, router_params = {}, 0
     for prefix, block in blocks:
         errors.update(measure_block(block, x, prefix, options, quantized))
         router_params += sum(m.weight.size for n, m in tree_flatten(block.leaf_modules(), is_leaf=nn.Module.is_module)
                              if is_router(prefix + n))
-        x = block(x)
-        mx.eval(x)
+        x, carried = block(x), None if carried is None else block(carried)
+        mx.eval(x, carried)
         del block
-    errors.update(ends(x))
+    errors.update(ends(x, carried))
     chosen = sum(n for n, _ in errors.values())
     fixed = (total_params - chosen - router_params) * dtype_bits + router_params * bits_per_weight(ROUTER, dtype_bits)
     budget = target_bpw * total_params - fixed
