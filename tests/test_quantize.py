@@ -200,6 +200,38 @@ def test_the_bit_budget_takes_4_bit_groups_of_128_only_where_the_width_allows():
     assert plan["narrow"] == {"group_size": 64, "bits": 3, "mode": "affine"}
 
 
+def test_the_sensitivity_pass_scales_one_measured_error_per_path_to_every_precision(source):
+    """measure_block's errors (one forward per path at 4 bits, scaled by the weight errors)
+    against one forward per path and precision, on a dense layer of random weights: within
+    25% for the conv and FFN paths; and the FFN paths are measured from the cached operator."""
+    from mlx.utils import tree_flatten
+
+    from mlx_lfm2.model.blocks import Block
+    from mlx_lfm2.model.config import ModelArgs
+    from mlx_lfm2.weights import sensitivity
+    from mlx_lfm2.weights.quantize import fake_quantize
+
+    args = ModelArgs.from_dict(CFG)
+    block = Block(args, 0)  # conv, dense FFN
+    rng = np.random.default_rng(2)
+    block.update(tree_map_random(block, rng))
+    x = mx.array(correlated_inputs(rng, 512, args.hidden_size).reshape(2, 256, -1))
+    options = sensitivity.candidates("affine", 64)
+    quantized = lambda p, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % 64 == 0  # noqa: E731
+    got = sensitivity.measure_block(block, x, "", options, quantized)
+    assert set(got) == {"conv.in_proj", "conv.out_proj", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"}
+    y = block(x)
+    leaves = dict(tree_flatten(block.leaf_modules(), is_leaf=nn.Module.is_module))
+    for path, (n, errs) in got.items():
+        m, w0 = leaves[path], leaves[path].weight
+        assert n == w0.size
+        for c, e in zip(options, errs):
+            m.weight = fake_quantize(w0, c)
+            exact = float((((block(x) - y) ** 2).mean() / (y ** 2).mean()).item())
+            assert e == pytest.approx(exact, rel=0.25), (path, c, e, exact)
+        m.weight = w0
+
+
 def correlated_inputs(rng, n: int, d: int) -> np.ndarray:
     """Activations with the correlations of a trained model's (a few strong directions), where
     GPTQ's error compensation has something to exploit; white inputs leave it nothing."""

@@ -25,6 +25,7 @@ from .calibrate import CalibrationSet
 from .quantize import fake_quantize
 
 EMBED, HEAD = "model.embed_tokens", "lm_head"
+SAMPLE_ROWS = 8192  # of the vocabulary: the head's sensitivity is measured on these rows
 
 
 def embed_rows(embed_weight: mx.array, ids: np.ndarray, choice=None) -> mx.array:
@@ -208,6 +209,8 @@ class _Head:
         self.embed, self.embed_module = embed_weight, rest.model.embed_tokens
         self.norm = source["model.embedding_norm.weight"].astype(mx.float32)
         self.ids = mx.array(calib.calibration.ravel())
+        V = embed_weight.shape[0]  # the rows the sensitivity is measured on: rows are independent in both uses
+        self.rows = mx.array(np.sort(np.random.default_rng(0).choice(V, min(V, SAMPLE_ROWS), replace=False)))
         self.args, self.dtype, self.gptq, self.halves, self.lookup = args, dtype, gptq, None, 1.0
 
     def inputs(self, x: mx.array, x_q: Optional[mx.array]) -> None:
@@ -219,8 +222,8 @@ class _Head:
         if x_q is None:
             return
         d = mx.fast.rms_norm(x_q.reshape(-1, D).astype(mx.float32), self.norm, self.args.norm_eps) - h
-        W = self.weight.astype(mx.float32)
-        WtW = W.T @ W  # the logits' squared norm of a hidden state z is z WtW z
+        W = self.weight[self.rows].astype(mx.float32)
+        WtW = W.T @ W  # the logits' squared norm of a hidden state z is z WtW z (a row sample's: a ratio)
         logits_err = ((d @ WtW) * d).sum() / ((h @ WtW) * h).sum()
         rows = self.embed[self.ids].astype(mx.float32)
         looked_up = ((embed_rows(self.embed, self.ids[None], self.table_choice)[0] - rows) ** 2).sum() / (rows ** 2).sum()
@@ -234,19 +237,19 @@ class _Head:
         out = {}
         lookup = self.lookup if self.tied else None
         if predicate(self.path, self.module):
-            errs = []
+            W, errs = self.weight[self.rows], []
             for c in options:
-                if self.weight.shape[-1] % c["group_size"]:
+                if W.shape[-1] % c["group_size"]:
                     errs.append(float("inf"))
                 elif self.gptq and c.get("mode", "affine") == "affine":
-                    errs.append(gptq.head_trial(self.weight, self.halves, c, self.dtype, lookup)[2][1])
+                    errs.append(gptq.head_trial(W, self.halves, c, self.dtype, lookup)[2][1])
                 else:
-                    errs.append(gptq.head_error(self.weight, fake_quantize(self.weight, c).astype(mx.float32),
-                                                self.halves[1][0], lookup))
+                    errs.append(gptq.head_error(W, fake_quantize(W, c).astype(mx.float32), self.halves[1][0], lookup))
             out[self.path] = (self.weight.size, errs)
         if not self.tied and predicate(EMBED, self.embed_module):
-            out[EMBED] = (self.embed.size, [float("inf") if self.embed.shape[-1] % c["group_size"] else gptq.head_error(
-                self.embed, fake_quantize(self.embed, c).astype(mx.float32), None, self.lookup) for c in options])
+            E = self.embed[self.rows]
+            out[EMBED] = (self.embed.size, [float("inf") if E.shape[-1] % c["group_size"] else gptq.head_error(
+                E, fake_quantize(E, c).astype(mx.float32), None, self.lookup) for c in options])
         return out
 
     def quantize(self, choice) -> Optional[tuple]:
