@@ -55,12 +55,12 @@ def layers_peak(src, dst, monkeypatch) -> int:
 @pytest.mark.slow
 def test_calibrated_conversion_peak_does_not_grow_with_depth(tmp_path, monkeypatch):
     peaks, layer = {}, 0
-    for n in (2, 6):
+    for n in (2, 8):
         cfg = tiny_config("tiny-moe", n, hidden_size=128, intermediate_size=256, moe_intermediate_size=64)
         src = write_checkpoint(tmp_path / f"src{n}", cfg, dtype="float32", tokenizer_from=reference_dir(),
                                lm_like_head=True)
         layer = max(layer, layer_bytes(src))
         peaks[n] = layers_peak(src, tmp_path / f"out{n}", monkeypatch)
-    # measured: 2 layers 8.9-9.4 MB, 6 layers 6.7 MB; keeping each converted layer's unquantized
-    # weights (4 more at 6 layers, ~0.8 MB each) measured 9.9 MB and fails this
-    assert peaks[6] <= peaks[2] + layer // 2, (peaks, layer)
+    # measured at 2 and 6 layers: 6.7-9.4 MB either way (noise ~1 MB, under one layer); keeping
+    # each converted layer's unquantized weights added ~0.8 MB a layer, 6 more here: over this
+    assert peaks[8] <= peaks[2] + layer, (peaks, layer)
