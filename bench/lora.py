@@ -50,9 +50,9 @@ def data_dir(seq: int, masked: bool, spread: bool = False):
     folder.mkdir(parents=True, exist_ok=True)
     words = ("the model routes each token to four experts and the adapter learns the task " * 400).split()
     cut = lambda i, n: " ".join(words[i * 7:i * 7 + n])
-    if spread:  # ~1.3 tokens a word: the longest rows are cut at --seq by both tools
+    if spread:  # about one token a word: rows of ~seq/4 to ~seq tokens, none cut
         n = lambda i: seq // 4 + (seq - seq // 4) * ((i * 7) % ROWS) // (ROWS - 1)
-        rows = [{"text": cut(i, n(i) * 3 // 4)} for i in range(ROWS)]
+        rows = [{"text": cut(i, n(i) * 15 // 16)} for i in range(ROWS)]
     else:
         rows = [{"prompt": cut(i, seq * 3 // 4), "completion": cut(i + 3, seq)} if masked else {"text": cut(i, seq)}
                 for i in range(ROWS)]
