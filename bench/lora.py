@@ -5,6 +5,8 @@ its peak memory.
 
     python bench/lora.py --preset 24b-a2b-narrow --layers 3 --seq 64 --batch-size 2 --steps 2 --runs 3
     python bench/lora.py --preset lfm2-350m --layers 2 --bits 0 --seq 64 --batch-size 2 --steps 2 --runs 3
+    python bench/lora.py --preset lfm2-350m --layers 2 --bits 0 --seq 512 --batch-size 2 --steps 1 --warmup 0
+    python bench/lora.py --preset lfm2-350m --layers 2 --bits 0 --seq 512 --spread --pack   # mixed lengths
     python bench/lora.py --full-shapes --layers 4 --rank 8 --seq 2048   # QLoRA step, real 24B-A2B shapes
 
 Each run is a fresh process: ``steps`` optimizer steps after one warm-up step, reporting
