@@ -158,7 +158,8 @@ def full_shapes(a) -> None:
 
     shapes = run("bytes", a.rank)
     points = [run("step", [int(i) for i in s.split(",")], a.rank, a.seq) for s in a.sets]
-    block = run("block", 4, a.rank, a.block_seq)
+    block = json.loads(Path(a.block_result).read_text())["block"] if a.block_result else run("block", 4, a.rank,
+                                                                                             a.block_seq)
     if shapes and block and all(points):
         law = lora_shapes.law(points, block, shapes, a.block_seq)
         print(json.dumps({"law": law, "peak_gb": law["peak"] / 1e9}, indent=2))
@@ -205,6 +206,8 @@ def main() -> None:
     p.add_argument("--sets", nargs="+", default=["4", "2,4"],
                    help="--full-shapes: 24B-A2B layer indices per run, each adding a MoE layer to the last")
     p.add_argument("--block-seq", type=int, default=2048, help="--full-shapes: the length of the fitted peak")
+    p.add_argument("--block-result", help="--full-shapes: a file with an earlier run's {\"block\": ...} line "
+                                          "(the block at 2048 tokens takes ~10 min on a 2-core CPU)")
     a = p.parse_args()
     if a.full_shapes:
         full_shapes(a)

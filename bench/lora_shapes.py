@@ -53,10 +53,14 @@ def build(indices: list[int], rank: int):
     args = real_args(indices)
     model = Model(args)
     quantizable = lambda p, m: hasattr(m, "to_quantized") and not p.endswith("gate")
-    for part in [model.model.embed_tokens, *model.layers]:  # one layer's float weights at a time
-        part.set_dtype(mx.bfloat16)
-        nn.quantize(part, 64, 4, class_predicate=quantizable)
-        mx.eval(part.parameters())
+    emb = model.model.embed_tokens
+    emb.set_dtype(mx.bfloat16)
+    model.model.embed_tokens = emb.to_quantized(64, 4)  # nn.quantize skips the module it is given
+    del emb
+    for layer in model.layers:  # one layer's float weights at a time
+        layer.set_dtype(mx.bfloat16)
+        nn.quantize(layer, 64, 4, class_predicate=quantizable)
+        mx.eval(layer.parameters())
     model.model.embedding_norm.set_dtype(mx.bfloat16)
     model.compute_dtype = mx.float32
     apply_lora(model, -1, rank=rank)
