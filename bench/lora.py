@@ -5,7 +5,9 @@ its peak memory.
 
     python bench/lora.py --preset 24b-a2b-narrow --layers 3 --seq 64 --batch-size 2 --steps 2 --runs 3
     python bench/lora.py --preset lfm2-350m --layers 2 --bits 0 --seq 64 --batch-size 2 --steps 2 --runs 3
-    python bench/lora.py --full-shapes --layers 4 --rank 8 --seq 2048   # QLoRA step, real 24B-A2B shapes
+    python bench/lora.py --preset lfm2-350m --layers 2 --bits 0 --seq 512 --batch-size 2 --steps 1 --warmup 0
+    python bench/lora.py --preset lfm2-350m --layers 2 --bits 0 --seq 512 --spread --pack   # mixed lengths
+    python bench/lora.py --full-shapes --rank 8 --seq 128 --block-seq 2048   # QLoRA step, real 24B-A2B shapes
 
 Each run is a fresh process: ``steps`` optimizer steps after one warm-up step, reporting
 trained tokens/s (the targets the loss counts) and MLX's peak memory over those steps. Each
@@ -16,10 +18,9 @@ tools; with bfloat16 scales mlx_lm.lora computes in bfloat16, which this CPU's q
 matmul runs ~9x slower, while ours computes quantized models in float32 on the CPU). A run
 past ``--timeout`` seconds is reported as timed out, not waited for.
 
-``--full-shapes`` builds the model in memory (no checkpoint on disk), quantizes it layer by
-layer, and measures one step at ``--layers`` - 1 and ``--layers`` layers (both past the 2
-dense layers) with --grad-checkpoint: the growth per (MoE) layer extrapolates the peak to 40
-layers.
+``--full-shapes`` builds the model in memory (no checkpoint on disk) from a few of the real
+24B-A2B layers (``--sets``), runs one QLoRA step on each set at ``--seq``, the costliest block
+alone at ``--block-seq``, and fits the 40-layer peak at ``--block-seq`` (``lora_shapes.py``).
 """
 
 from __future__ import annotations
@@ -50,9 +51,9 @@ def data_dir(seq: int, masked: bool, spread: bool = False):
     folder.mkdir(parents=True, exist_ok=True)
     words = ("the model routes each token to four experts and the adapter learns the task " * 400).split()
     cut = lambda i, n: " ".join(words[i * 7:i * 7 + n])
-    if spread:  # ~1.3 tokens a word: the longest rows are cut at --seq by both tools
+    if spread:  # about one token a word: rows of ~seq/4 to ~seq tokens, none cut
         n = lambda i: seq // 4 + (seq - seq // 4) * ((i * 7) % ROWS) // (ROWS - 1)
-        rows = [{"text": cut(i, n(i) * 3 // 4)} for i in range(ROWS)]
+        rows = [{"text": cut(i, n(i) * 15 // 16)} for i in range(ROWS)]
     else:
         rows = [{"prompt": cut(i, seq * 3 // 4), "completion": cut(i + 3, seq)} if masked else {"text": cut(i, seq)}
                 for i in range(ROWS)]
@@ -129,45 +130,6 @@ def worker(engine: str, folder: str, data: str, rank: int, batch: int, seq: int,
             "loss": float(loss)}
 
 
-def full_shapes(layers: int, rank: int, seq: int) -> dict:
-    """One QLoRA step (rank ``rank`` on every matmul incl. experts) on ``layers`` real 24B-A2B layers."""
-    import mlx.core as mx
-    import mlx.nn as nn
-    import mlx.optimizers as optim
-
-    from mlx_lfm2.model.blocks import Model
-    from mlx_lfm2.model.config import ModelArgs
-    from mlx_lfm2.model.lora import apply_lora, trainable_adapters
-    from mlx_lfm2.train.losses import sft_loss
-    from mlx_lfm2.train.packing import Batch
-    from mlx_lfm2.train.trainer import checkpointed_blocks
-    from mlx_lfm2.weights.random_checkpoint import PRESETS
-
-    args = ModelArgs.from_dict(PRESETS["24b-a2b"](layers))
-    model = Model(args)
-    nn.quantize(model.model.embed_tokens, 64, 4)
-    mx.eval(model.model.embed_tokens.parameters())
-    for layer in model.layers:  # one layer's float weights at a time
-        nn.quantize(layer, 64, 4, class_predicate=lambda p, m: hasattr(m, "to_quantized") and not p.endswith("gate"))
-        mx.eval(layer.parameters())
-    model.compute_dtype = mx.float32
-    apply_lora(model, -1, rank=rank)
-    trainable_adapters(model)
-    mx.eval(model.parameters())
-    weights_gb = mx.get_active_memory() / 1e9
-    ids = mx.random.randint(0, args.vocab_size, (1, seq + 1))
-    batch = Batch(ids[:, :-1], ids[:, 1:], mx.ones((1, seq)))
-    opt = optim.Adam(learning_rate=1e-5)
-    mx.reset_peak_memory()
-    t0 = time.perf_counter()
-    with checkpointed_blocks(model, True):  # --grad-checkpoint
-        (loss, _), grads = nn.value_and_grad(model, sft_loss)(model, batch)
-        opt.update(model, grads)
-        mx.eval(model.trainable_parameters(), opt.state, loss)
-    return {"layers": layers, "weights_gb": weights_gb, "peak_gb": mx.get_peak_memory() / 1e9,
-            "step_s": time.perf_counter() - t0}
-
-
 def timed_run(args: list[str], timeout: int):
     """A worker's result, or None (with a line on stderr) when it ran past ``timeout`` seconds."""
     try:
@@ -191,6 +153,25 @@ def alternating(runners: dict, runs: int) -> dict:
         out[e] = {k: statistics.median(r[k] for r in done) for k in (done[0] if done else {})}
         out[e]["timed_out"] = len(rs) - len(done)
     return out
+
+
+def full_shapes(a) -> None:
+    """The 24B-A2B QLoRA step: runs on ``--sets`` of real layers at ``--seq``, the costliest block
+    (layer 4, MoE + attention) at ``--block-seq``, and the law fitted to 40 layers (lora_shapes.py)."""
+    import lora_shapes
+
+    def run(fn, *arg):
+        r = timed_run([__file__, "--full-worker", fn, json.dumps(arg)], a.timeout)
+        print(json.dumps({fn: r}), flush=True)
+        return r
+
+    shapes = run("bytes", a.rank)
+    points = [run("step", [int(i) for i in s.split(",")], a.rank, a.seq) for s in a.sets]
+    block = json.loads(Path(a.block_result).read_text())["block"] if a.block_result else run("block", 4, a.rank,
+                                                                                             a.block_seq)
+    if shapes and block and all(points):
+        law = lora_shapes.law(points, block, shapes, a.block_seq)
+        print(json.dumps({"law": law, "peak_gb": law["peak"] / 1e9}, indent=2))
 
 
 def bench_folder(a) -> Path:
@@ -217,7 +198,11 @@ def main() -> None:
                                 int(warmup), pack == "1")))
         return
     if sys.argv[1:2] == ["--full-worker"]:
-        print(json.dumps(full_shapes(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))))
+        import lora_shapes
+
+        fn, arg = sys.argv[2], json.loads(sys.argv[3])
+        print(json.dumps({"step": lora_shapes.step, "block": lora_shapes.block_transient,
+                          "bytes": lora_shapes.shapes_bytes}[fn](*arg)))
         return
     p = model_parser(__doc__, runs=3)
     p.add_argument("--rank", type=int, default=8)
@@ -231,16 +216,14 @@ def main() -> None:
     p.add_argument("--pack", action="store_true", help="ours packs rows (mlx_lm.lora cannot: it pads)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (0: time the compile too)")
     p.add_argument("--full-shapes", action="store_true")
+    p.add_argument("--sets", nargs="+", default=["4", "2,4"],
+                   help="--full-shapes: 24B-A2B layer indices per run, each adding a MoE layer to the last")
+    p.add_argument("--block-seq", type=int, default=2048, help="--full-shapes: the length of the fitted peak")
+    p.add_argument("--block-result", help="--full-shapes: a file with an earlier run's {\"block\": ...} line "
+                                          "(the block at 2048 tokens takes ~10 min on a 2-core CPU)")
     a = p.parse_args()
     if a.full_shapes:
-        points = [timed_run([__file__, "--full-worker", str(n), str(a.rank), str(a.seq)], a.timeout)
-                  for n in (a.layers - 1, a.layers)]
-        for r in points:
-            print(json.dumps(r))
-        if all(points) and len(points) > 1:
-            per = (points[-1]["peak_gb"] - points[0]["peak_gb"]) / (points[-1]["layers"] - points[0]["layers"])
-            est = points[-1]["peak_gb"] + per * (40 - points[-1]["layers"])
-            print(json.dumps({"per_layer_gb": per, "extrapolated_40_layer_peak_gb": est}))
+        full_shapes(a)
         return
     folder = bench_folder(a)
     data = str(data_dir(a.seq, a.mask_prompt, a.spread))
