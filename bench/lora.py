@@ -38,23 +38,30 @@ DENSE_350M = dict(hidden_size=1024, num_attention_heads=16, num_key_value_heads=
                   block_dim=1024, block_multiple_of=256, block_ffn_dim_multiplier=1.0)
 
 
-def data_dir(seq: int, masked: bool):
+def data_dir(seq: int, masked: bool, spread: bool = False):
     """16 rows of >= ``seq`` tokens (no padding). ``masked``: prompt/completion rows whose
-    prompt is about 3/4 of ``seq`` (trained with --mask-prompt: only the completion counts)."""
+    prompt is about 3/4 of ``seq`` (trained with --mask-prompt: only the completion counts).
+    ``spread``: ``text`` rows of seq/4 to seq words, evenly spread (real data's mix of lengths:
+    mlx_lm.lora pads each batch to its longest row, ours packs rows with --pack)."""
     from common import OUT
 
-    folder = OUT / f"lora-data-{seq}{'-masked' if masked else ''}"
+    folder = OUT / f"lora-data-{seq}{'-masked' if masked else ''}{'-spread' if spread else ''}"
     folder.mkdir(parents=True, exist_ok=True)
     words = ("the model routes each token to four experts and the adapter learns the task " * 400).split()
     cut = lambda i, n: " ".join(words[i * 7:i * 7 + n])
-    rows = [{"prompt": cut(i, seq * 3 // 4), "completion": cut(i + 3, seq)} if masked else {"text": cut(i, seq)}
-            for i in range(ROWS)]
+    if spread:  # ~1.3 tokens a word: the longest rows are cut at --seq by both tools
+        n = lambda i: seq // 4 + (seq - seq // 4) * ((i * 7) % ROWS) // (ROWS - 1)
+        rows = [{"text": cut(i, n(i) * 3 // 4)} for i in range(ROWS)]
+    else:
+        rows = [{"prompt": cut(i, seq * 3 // 4), "completion": cut(i + 3, seq)} if masked else {"text": cut(i, seq)}
+                for i in range(ROWS)]
     for split in ("train", "valid"):
         (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return folder
 
 
-def worker(engine: str, folder: str, data: str, rank: int, batch: int, seq: int, steps: int, masked: bool) -> dict:
+def worker(engine: str, folder: str, data: str, rank: int, batch: int, seq: int, steps: int, masked: bool,
+           warmup: int = 1, pack: bool = False) -> dict:
     import mlx.core as mx
     import mlx.nn as nn
     import mlx.optimizers as optim
@@ -71,7 +78,7 @@ def worker(engine: str, folder: str, data: str, rank: int, batch: int, seq: int,
         model, tok = load(folder, fuse=False)
         add_adapter_layers(model, "lora", -1, lora)
         trainable_adapters(model)
-        cfg = TrainConfig(batch_size=batch, max_seq_length=seq + 1)
+        cfg = TrainConfig(batch_size=batch, max_seq_length=seq + 1, pack=pack)
         b = Batches(load_datasets(data, tok, masked, max_seq_length=seq + 1)["train"], cfg, 0)
         vg = nn.value_and_grad(model, loss_fn(cfg))
         live = lambda: [model.trainable_parameters(), opt.state]
@@ -109,8 +116,8 @@ def worker(engine: str, folder: str, data: str, rank: int, batch: int, seq: int,
         step = lambda i: compiled(next(it))
     model.train()
     trained, t0 = 0.0, None
-    for i in range(steps + 1):
-        if i == 1:  # step 0 warms up (and compiles mlx_lm's step)
+    for i in range(steps + warmup):
+        if i == warmup:  # the warm-up steps (mlx_lm's compiles its step) are not timed
             mx.reset_peak_memory()
             t0, trained = time.perf_counter(), 0.0
         loss, n = step(i)
@@ -184,8 +191,9 @@ def bench_folder(a) -> Path:
 
 def main() -> None:
     if sys.argv[1:2] == ["--worker"]:
-        e, folder, data, rank, batch, seq, steps, masked = sys.argv[2:10]
-        print(json.dumps(worker(e, folder, data, int(rank), int(batch), int(seq), int(steps), masked == "1")))
+        e, folder, data, rank, batch, seq, steps, masked, warmup, pack = sys.argv[2:12]
+        print(json.dumps(worker(e, folder, data, int(rank), int(batch), int(seq), int(steps), masked == "1",
+                                int(warmup), pack == "1")))
         return
     if sys.argv[1:2] == ["--full-worker"]:
         import lora_shapes
@@ -202,6 +210,9 @@ def main() -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--timeout", type=int, default=1200, help="seconds per run before it is reported as timed out")
     p.add_argument("--mask-prompt", action="store_true", help="prompt/completion rows, only the completion trained")
+    p.add_argument("--spread", action="store_true", help="text rows of seq/4 to seq tokens (mixed lengths)")
+    p.add_argument("--pack", action="store_true", help="ours packs rows (mlx_lm.lora cannot: it pads)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first (0: time the compile too)")
     p.add_argument("--full-shapes", action="store_true")
     p.add_argument("--sets", nargs="+", default=["4", "2,4"],
                    help="--full-shapes: 24B-A2B layer indices per run, each adding a MoE layer to the last")
@@ -213,9 +224,10 @@ def main() -> None:
         full_shapes(a)
         return
     folder = bench_folder(a)
-    data = str(data_dir(a.seq, a.mask_prompt))
+    data = str(data_dir(a.seq, a.mask_prompt, a.spread))
     run = lambda e: (lambda: timed_run([__file__, "--worker", e, str(folder), data, str(a.rank), str(a.batch_size),
-                                        str(a.seq), str(a.steps), str(int(a.mask_prompt))], a.timeout))
+                                        str(a.seq), str(a.steps), str(int(a.mask_prompt)), str(a.warmup),
+                                        str(int(a.pack))], a.timeout))
     med = alternating({"ours": run("ours"), "mlx_lm": run("mlx_lm")}, a.runs)
     print(json.dumps({"folder": str(folder), "medians": med, "ratios": ratios(med, "mlx_lm")}, indent=2))
 

@@ -14,7 +14,8 @@ all its mass on the input token and hides quantization error):
   tiny-outliers    tests/test_quantize.py's MoE model (hidden 128, 1 dense + 3 MoE layers of 8
                    experts, top-2) with 4 outlier channels; tiny-structured: and anisotropy 8
   24b              real LFM2-24B-A2B per-layer shapes, 3 layers (2 dense + 1 MoE)
-  dense            dense LFM2 at LFM2-350M shapes, 4 layers
+  dense            dense LFM2 at LFM2-350M shapes, 4 layers; dense-outliers: 2 of them (one conv, one
+                   attention) with 8 outlier channels
 
 Held-out text: the rows of the bundled calibration sample that calibration never sees (every
 4th); mlx-lm's calibrated tools get the other rows as their calibration file, so both sides
@@ -48,6 +49,8 @@ MODELS = {
     "24b": dict(preset="24b-a2b", layers=3),
     "dense": dict(preset="tiny-dense", layers=4, hidden_size=1024, intermediate_size=4608, num_attention_heads=16,
                   num_key_value_heads=8),
+    "dense-outliers": dict(preset="tiny-dense", layers=2, hidden_size=1024, intermediate_size=4608,
+                           num_attention_heads=16, num_key_value_heads=8, outliers=8),
 }
 OURS = {  # name -> convert() keywords
     "rtn": {}, "rtn-mxfp4": dict(q_mode="mxfp4"), "rtn-nvfp4": dict(q_mode="nvfp4"), "rtn-mxfp8": dict(q_mode="mxfp8"),

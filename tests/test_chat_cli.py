@@ -127,7 +127,8 @@ def test_tool_calls_are_confirmed_run_and_fed_back(chat_model, monkeypatch):
     """The REPL's tool loop, with a chat whose model asks for a tool once."""
     from rich.console import Console
 
-    from mlx_lfm2.cli.chat import Repl, load_tools
+    from mlx_lfm2.cli.chat import load_tools
+    from mlx_lfm2.cli.repl import Repl
     from mlx_lfm2.engine.session import Chat
 
     model, tok, _ = chat_model
@@ -184,7 +185,7 @@ def _scripted_chat(chat_model, monkeypatch, replies):
 def test_untrusted_text_is_shown_literally_never_as_markup(chat_model, monkeypatch):
     from rich.console import Console
 
-    from mlx_lfm2.cli.chat import Repl
+    from mlx_lfm2.cli.repl import Repl
 
     call = '<|tool_call_start|>[echo(text="[conceal]rm -rf ~[/conceal] [/x] \x1b[8mhidden\u202e")]<|tool_call_end|>'
     chat = _scripted_chat(chat_model, monkeypatch, [call, "Model says [/script] and [bold]x[/bold]."])
@@ -211,7 +212,7 @@ def test_untrusted_text_is_shown_literally_never_as_markup(chat_model, monkeypat
 def test_save_failures_keep_the_conversation(chat_model, monkeypatch, tmp_path):
     from rich.console import Console
 
-    from mlx_lfm2.cli.chat import Repl
+    from mlx_lfm2.cli.repl import Repl
 
     chat = _scripted_chat(chat_model, monkeypatch, ["Hello [/x]!"])
     console = Console(record=True, width=200)
@@ -298,7 +299,7 @@ def test_a_message_beyond_the_context_is_refused_and_the_conversation_kept(check
     from rich.console import Console
 
     from mlx_lfm2 import load
-    from mlx_lfm2.cli.chat import Repl
+    from mlx_lfm2.cli.repl import Repl
     from mlx_lfm2.engine.session import Chat
 
     model, tok = load(checkpoint(tiny_config("tiny-moe", max_position_embeddings=96), tokenizer=True))
@@ -336,7 +337,7 @@ def test_a_crafted_saved_chat_is_refused_at_load_and_the_conversation_kept(chat_
 
     from rich.console import Console
 
-    from mlx_lfm2.cli.chat import Repl
+    from mlx_lfm2.cli.repl import Repl
     from mlx_lfm2.engine.session import Chat
 
     model, tok, _ = chat_model
@@ -370,7 +371,7 @@ def test_a_crafted_saved_chat_is_refused_at_load_and_the_conversation_kept(chat_
 def test_markdown_links_show_their_real_target(chat_model, monkeypatch):
     from rich.console import Console
 
-    from mlx_lfm2.cli.chat import Repl
+    from mlx_lfm2.cli.repl import Repl
 
     chat = _scripted_chat(chat_model, monkeypatch, ["see [the docs](https://evil.example/steal) now"])
     import io

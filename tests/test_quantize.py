@@ -111,11 +111,14 @@ def test_mixed_precision_is_recorded_per_path_and_reloaded_by_both_loaders(two_l
 
 
 @pytest.mark.slow
-def test_the_card_kl_is_the_whole_model_kl_on_held_out_text(source, tmp_path):
+@pytest.mark.parametrize("method", ["awq", "gptq"])
+def test_the_card_kl_is_the_whole_model_kl_on_held_out_text(source, tmp_path, method):
     """The KL measured while streaming (one layer at a time) equals the KL of the loaded
-    quantized model against the unquantized one on the same held-out tokens."""
-    out = convert(source, tmp_path / "awq", quantize=True, q_method="awq", **FAST)
+    quantized model against the unquantized one on the same held-out tokens (with GPTQ, the
+    tied table's GPTQ rows are the ones both its lookups and its head use)."""
+    out = convert(source, tmp_path / method, quantize=True, q_method=method, **FAST)
     card = card_quantization(out)
+    assert (" rows: relative error " in card.get("head_gptq", "")) == (method == "gptq")
     held = load_calibration(load_tokenizer(source), CFG["vocab_size"], tokens=128, held_out_tokens=64).held_out
     full = load_model(source, dtype=mx.bfloat16, compute_dtype=mx.float32)
     quant = load_model(out)
@@ -197,6 +200,38 @@ def test_the_bit_budget_takes_4_bit_groups_of_128_only_where_the_width_allows():
     assert plan["narrow"] == {"group_size": 64, "bits": 3, "mode": "affine"}
 
 
+def test_the_sensitivity_pass_scales_one_measured_error_per_path_to_every_precision(source):
+    """measure_block's errors (one forward per path at 4 bits, scaled by the weight errors)
+    against one forward per path and precision, on a dense layer of random weights: within
+    25% for the conv and FFN paths; and the FFN paths are measured from the cached operator."""
+    from mlx.utils import tree_flatten
+
+    from mlx_lfm2.model.blocks import Block
+    from mlx_lfm2.model.config import ModelArgs
+    from mlx_lfm2.weights import sensitivity
+    from mlx_lfm2.weights.quantize import fake_quantize
+
+    args = ModelArgs.from_dict(CFG)
+    block = Block(args, 0)  # conv, dense FFN
+    rng = np.random.default_rng(2)
+    block.update(tree_map_random(block, rng))
+    x = mx.array(correlated_inputs(rng, 512, args.hidden_size).reshape(2, 256, -1))
+    options = sensitivity.candidates("affine", 64)
+    quantized = lambda p, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % 64 == 0  # noqa: E731
+    got = sensitivity.measure_block(block, x, "", options, quantized)
+    assert set(got) == {"conv.in_proj", "conv.out_proj", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"}
+    y = block(x)
+    leaves = dict(tree_flatten(block.leaf_modules(), is_leaf=nn.Module.is_module))
+    for path, (n, errs) in got.items():
+        m, w0 = leaves[path], leaves[path].weight
+        assert n == w0.size
+        for c, e in zip(options, errs):
+            m.weight = fake_quantize(w0, c)
+            exact = float((((block(x) - y) ** 2).mean() / (y ** 2).mean()).item())
+            assert e == pytest.approx(exact, rel=0.25), (path, c, e, exact)
+        m.weight = w0
+
+
 def correlated_inputs(rng, n: int, d: int) -> np.ndarray:
     """Activations with the correlations of a trained model's (a few strong directions), where
     GPTQ's error compensation has something to exploit; white inputs leave it nothing."""
@@ -224,6 +259,37 @@ def test_gptq_compensates_rounding_error_and_packs_as_mlx_does():
     assert err(Q) < 0.5 * err(R), (err(Q), err(R))  # on text it was not fitted on
     # the expert with white inputs has nothing to gain: it keeps plain rounding
     assert kept.tolist() == [True, False] and np.array_equal(Q[1], R[1])
+
+
+def test_the_heads_gptq_is_kept_per_row_only_where_it_beats_rounding_on_held_out_tokens():
+    """GPTQ of a head on correlated final hidden states: well below rounding's logit error on
+    text it was not fitted on; for a tied table whose lookups weigh heavily (the lookup use
+    is plain rounding's best case), rows that GPTQ would worsen keep rounding bit for bit, and
+    the mix is never worse than rounding on the held-out half."""
+    from mlx_lfm2.weights import gptq
+    from mlx_lfm2.weights.quantize import fake_quantize
+
+    rng = np.random.default_rng(3)
+    W = mx.array((rng.standard_normal((512, 128)) / np.sqrt(128)).astype(np.float32))  # V=512 rows
+    X = correlated_inputs(rng, 1024, 128)
+    halves = gptq.head_halves(mx.array(X))
+    (Ha, na), (Hb, nb) = halves
+    assert na[0] == nb[0] == 512 and np.allclose(Ha[0] + Hb[0], X.T @ X, rtol=1e-4, atol=1e-2)
+    choice = {"group_size": 64, "bits": 4, "mode": "affine"}
+    other = correlated_inputs(rng, 512, 128)
+    H_other = (other.T @ other)[None]
+    R = fake_quantize(W, choice)
+    (w, s, b), rows, (e_rtn, e_mix) = gptq.quantize_head(W, halves, choice, mx.float32)
+    Q = mx.dequantize(w, s, b, group_size=64, bits=4)
+    assert rows > 500 and e_mix < 0.6 * e_rtn
+    assert gptq.head_error(W, Q, H_other) < 0.6 * gptq.head_error(W, R, H_other)
+    for lookup in (1.0, 30.0):
+        (w, s, b), rows, (e_rtn, e_mix) = gptq.quantize_head(W, halves, choice, mx.float32, lookup=lookup)
+        Q = mx.dequantize(w, s, b, group_size=64, bits=4)
+        same = mx.all(Q == R, axis=-1)
+        assert 0 < rows < 512 and int((~same).sum().item()) == rows, rows  # the rest: rounding, bit-equal
+        assert e_mix < e_rtn
+        assert gptq.head_error(W, Q, H_other, lookup) < gptq.head_error(W, R, H_other, lookup)
 
 
 def test_gptq_per_expert_hessians_lower_a_moe_blocks_error(source):
@@ -270,6 +336,7 @@ def test_gptq_folders_round_trip_and_mlx_lm_reads_them_alike(source, tmp_path, m
     out = convert(source, tmp_path / method, quantize=True, q_method=method, dtype="float32", **FAST)
     card = card_quantization(out)
     assert card["method"] == method and card["kl"] > 0 and " of " in card["gptq_kept"]
+    assert card["head_gptq"].split(" of ")[1].startswith(f"{CFG['vocab_size']} rows")
     ours = load_model(out)
     full = logits(load_model(source, compute_dtype=mx.float32))
     got = logits(ours)

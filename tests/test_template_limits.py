@@ -103,6 +103,58 @@ def test_a_long_text_tokenizes_as_the_tokenizer_itself_does(ours):
     assert ours.encode(text, add_special_tokens=False) == ours.backend.encode(text, add_special_tokens=False).ids
 
 
+def test_a_long_text_encoded_in_pieces_gives_the_whole_texts_ids(ours, monkeypatch):
+    """Long texts are encoded in pieces (text/tokenizer.py ``_CUT``), here of 40 characters
+    so that thousands of cuts meet every kind of character (spaces, newline runs, tabs, \\r,
+    contractions, digits, punctuation, accents, CJK, emoji, template tokens): the ids are
+    the same as one encode's."""
+    import random
+
+    from mlx_lfm2.text import tokenizer
+
+    monkeypatch.setattr(tokenizer, "LONG_TEXT", 40)
+    rnd = random.Random(26)
+    parts = ["word", "Grüße", "naïve", "東京", "🙂", "12345", "7", "'s", "'LL", ",", "...", "!\n", "-", "_x",
+             " ", "  ", "\t", "\n", "\n\n", " \n", "\r\n", "\u00a0", "\u3000", "<|im_end|>", "x\u0301", "²"]
+    text = "".join(rnd.choice(parts) for _ in range(40_000))
+    for add in (False, True):
+        assert ours.encode(text, add_special_tokens=add) == ours.backend.encode(text, add_special_tokens=add).ids
+    rendered = ours.apply_chat_template([{"role": "user", "content": text}])  # specials inside content: plain text
+    whole = ours._splitting().encode(text, add_special_tokens=False).ids
+    ids = ours.encode(rendered, add_special_tokens=False)
+    assert len(ids) > len(whole) and any(ids[i : i + len(whole)] == whole for i in range(8))
+
+
+PEAK_OF_A_4MIB_PROMPT = r"""
+import sys
+from mlx_lfm2.text.tokenizer import load_tokenizer
+
+def peak_mb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+
+tok = load_tokenizer(sys.argv[1])
+text = "A sentence of words, and 12 numbers.\n" * (4 * 2**20 // 37)
+before = peak_mb()
+ids = tok.encode(text, add_special_tokens=False)
+assert len(ids) > 900_000
+print(peak_mb() - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_tokenizing_a_4_mib_prompt_peaks_at_tens_of_mb_not_hundreds():
+    """tokenizers holds some 500 bytes a character while it encodes: a 4 MiB body peaked at
+    +630 MB; in pieces the peak is one piece's plus the ids."""
+    from conftest import ROOT
+
+    p = subprocess.run([sys.executable, "-c", PEAK_OF_A_4MIB_PROMPT, str(ROOT / "tests/fixtures/LFM2-350M")],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert float(p.stdout) < 100, p.stdout  # MB of peak RSS above the tokenizer's
+
+
 RSS_AFTER_LONG_PROMPTS = r"""
 import sys
 from mlx_lfm2.text.tokenizer import load_tokenizer

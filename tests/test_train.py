@@ -88,13 +88,23 @@ def test_packed_rows_give_each_document_its_own_loss(models, kind):
         np.testing.assert_allclose(got, [alone[i] for i in order], rtol=1e-5)
 
 
-@pytest.mark.parametrize("head", ["frozen", "trained"])
-def test_chunked_loss_equals_full_logits_loss_and_gradients(models, head):
-    """Frozen head: the fused cross-entropy (gradient in the forward pass); a trained head
-    (full fine-tune): the checkpointed chunks."""
+@pytest.mark.parametrize("head", ["frozen", "frozen-split", "trained"])
+def test_chunked_loss_equals_full_logits_loss_and_gradients(models, head, monkeypatch):
+    """Frozen head: the fused cross-entropy (gradient in the forward pass), its float head
+    split across CPU streams when large ("frozen-split": every head split here); a trained
+    head (full fine-tune): the checkpointed chunks."""
     import mlx.nn as nn
     from mlx.utils import tree_flatten
 
+    from mlx_lfm2.model import device
+
+    splits = []
+    if head == "frozen-split":
+        if len(device.cpu_streams()) < 2:
+            pytest.skip("one CPU stream: nothing to split across")
+        monkeypatch.setattr(device, "MIN_WEIGHTS", 0)
+        real = device.split
+        monkeypatch.setattr(device, "split", lambda part, n, work, axis=-1: splits.append(n) or real(part, n, work, axis))
     model, _ = load(models["tiny-moe"])
     apply_lora(model, -1, rank=4)
     trainable_adapters(model)
@@ -107,6 +117,7 @@ def test_chunked_loss_equals_full_logits_loss_and_gradients(models, head):
     assert abs(float(a) - float(b)) < 1e-5
     for (k, x), (_, y) in zip(tree_flatten(ga), tree_flatten(gb)):
         np.testing.assert_allclose(np.array(x), np.array(y), atol=2e-5, rtol=1e-4, err_msg=k)
+    assert bool(splits) == (head == "frozen-split")
 
 
 def rows(n=20):

@@ -11,10 +11,13 @@ batched cache (model/batch_cache.py) and decodes one token a step. Its peak is t
   so one layer holds both for a moment), each conv layer's state, checkpoints (every chunk's
   end and every ``ConvCache.block``) and the chunk's conv inputs that ``ConvCache.recent``
   keeps (views of whole-chunk arrays), and the activations of the layer at work: where
-  attention is not fused (the CPU) its scores against the prefix, ``H x chunk x T`` (MLX masks
-  and softmaxes them in place: one copy, measured); a feed-forward's ``chunk x F`` buffers, or
-  the MoE's routed copies ``chunk x K x (D, F)`` (tokens sorted by expert) and, for a quantized
-  model on float32 activations, its scales and biases cast to float32;
+  attention has no fused kernel (``attention_scores``) its scores against the prefix, all
+  heads at once, ``H x chunk x T`` in the activations' dtype (MLX masks and softmaxes them in
+  place: one copy, measured) and the causal mask's ``chunk x T`` booleans; a feed-forward's
+  ``chunk x F`` buffers, or the MoE's routed copies ``chunk x K x (D, F)`` (tokens sorted by
+  expert) and, for a quantized model on float32 activations, its scales and biases cast to
+  float32. A chunk before the last token evaluates only the caches: the last layer's output
+  is never needed, so that layer only writes its cache (no scores, no feed-forward);
 * join and decode: the batched KV buffer at ``prompt + max_tokens`` positions (rounded up to
   the step) and one layer's buffer more (joining copies the single cache in a layer at a time,
   growing copies a layer), and the step's logits (``vocab`` float32 per row).
@@ -36,6 +39,13 @@ from ..model.batch_cache import BatchKVCache
 from ..model.cache import ConvCache, KVCache
 from ..model.config import ModelArgs
 from .disk_cache import parse_bytes
+
+# Head dims of MLX's fused attention kernels (mlx/backend/{metal,cuda}/scaled_dot_product_attention.cpp,
+# ml-explore/mlx 846d176): Metal's full kernel (more than 8 queries; 192 and 256 exist but MLX runs
+# those unfused, as faster) and vector kernel (at most 8 queries, queries x GQA factor at most 32);
+# CUDA's cuDNN kernel (float16/bfloat16, multiples of 8 up to 128, Ampere or later) and vector
+# kernel (fewer than 4 queries, no array mask).
+METAL_FULL, METAL_VECTOR, CUDA_VECTOR = (64, 72, 80, 96, 128), (64, 96, 128, 256), (64, 96, 128)
 
 # MLX's temporaries beyond a feed-forward's named buffers (copies made by split matmuls and
 # their concatenation across CPU streams, casts): a multiple of them, measured with
@@ -63,11 +73,12 @@ def budget_bytes(text: Optional[str]) -> int:
 @dataclass(frozen=True)
 class Shapes:
     """How a model runs, beyond its config: activation bytes (the KV cache's too), the
-    prefill chunk, whether attention materializes its scores, whether MoE scales are cast."""
+    prefill chunk, the backend whose attention kernels run (``attention_scores``), whether
+    MoE scales are cast."""
 
     act_bytes: int = 2
     prefill_step: int = 2048
-    fused_attention: bool = True  # GPUs: no H x C x T scores
+    backend: str = "metal"  # "cpu", "metal", "cuda", or "cuda-old" (before Ampere: no cuDNN attention)
     float32_scales: bool = False  # quantized weights, float32 activations: scales cast per call
     group_size: int = 64
 
@@ -82,8 +93,41 @@ class Shapes:
         emb = model.model.embed_tokens
         dtype = model.compute_dtype or (emb["scales"].dtype if "scales" in emb else emb["weight"].dtype)
         q = model.args.quantization or {}
-        return cls(dtype.size, prefill_step or default_prefill_step(), not device.on_cpu(),
+        return cls(dtype.size, prefill_step or default_prefill_step(), backend(),
                    bool(q) and dtype == mx.float32, int(q.get("group_size", 64)))
+
+
+def backend() -> str:
+    """Where MLX's ops really run (``Shapes.backend``), whatever device the engine's choices
+    assume (``model.device.assume``): a CUDA device that does not say its compute capability
+    counts as one before Ampere (its attention then charged unfused: the safe side)."""
+    import mlx.core as mx
+
+    if mx.default_device().type == mx.cpu:
+        return "cpu"
+    if not (hasattr(mx, "cuda") and mx.cuda.is_available()):
+        return "metal"
+    major = mx.device_info().get("compute_capability_major", 0)
+    return "cuda" if isinstance(major, int) and major >= 8 else "cuda-old"
+
+
+def attention_scores(args: ModelArgs, shapes: Shapes, rows: int, queries: int, keys: int) -> int:
+    """Bytes MLX holds for attention's scores when ``rows`` x ``queries`` attend to ``keys``
+    positions: none where a fused kernel runs, else (``mx.fast.scaled_dot_product_attention``'s
+    fallback, the CPU's only path) every head's ``queries x keys`` scores at once in the
+    activations' dtype, masked and softmaxed in place, beside the boolean mask."""
+    Dh, gqa = args.head_dim, args.num_attention_heads // args.num_key_value_heads
+    if shapes.backend == "metal":
+        fused = Dh in METAL_FULL if queries > 8 else Dh in METAL_VECTOR and queries * gqa <= 32
+    elif shapes.backend.startswith("cuda"):
+        cudnn = shapes.backend == "cuda" and shapes.act_bytes == 2 and Dh % 8 == 0 and Dh <= 128
+        # one query: the vector kernel takes no array mask (a batch's is one), cuDNN only some caches
+        fused = queries >= 4 and cudnn or queries < 4 and rows == 1 and Dh in CUDA_VECTOR
+    else:
+        fused = False
+    if fused:
+        return 0
+    return SCORES * rows * args.num_attention_heads * queries * keys * shapes.act_bytes + rows * queries * keys
 
 
 def kv_capacity(tokens: int, step: int = KVCache.step) -> int:
@@ -164,7 +208,8 @@ def _prefill(args: ModelArgs, row: Row, shapes: Shapes) -> int:
     single = n_attn * kv_token * single_cap
     recent = n_conv * (2 * chunk + args.conv_L_cache - 1) * D * a  # the last chunk's conv inputs (module docstring)
     grow = kv_token * single_cap  # one layer's buffer copied (as it grows, or written in place of a view)
-    return int(single + _conv(args, P, shapes) + recent + grow + _layer_peak(args, shapes, chunk, P))
+    # a chunk evaluates the caches only; the last token's step is decode-sized
+    return int(single + _conv(args, P, shapes) + recent + grow + _layer_peak(args, shapes, 1, chunk, P, cache_only=True))
 
 
 def _decode(args: ModelArgs, rows: list, shapes: Shapes) -> int:
@@ -184,21 +229,24 @@ def _decode(args: ModelArgs, rows: list, shapes: Shapes) -> int:
         # batch's capacity beside their concatenation, and the new row's own cache of that layer
         kv += kv_token * (cap * len(rows) + max(kv_capacity(r.prompt) for r in rows))
     conv = sum(_conv(args, r.prompt, shapes) for r in rows)
-    return int(kv + conv + logits * len(rows) + _layer_peak(args, shapes, len(rows), T))
+    return int(kv + conv + logits * len(rows) + _layer_peak(args, shapes, len(rows), 1, T))
 
 
-def _layer_peak(args: ModelArgs, shapes: Shapes, L: int, T: int) -> int:
-    """The largest of one layer's activations for ``L`` new tokens against ``T`` positions."""
-    a, D = shapes.act_bytes, args.hidden_size
+def _layer_peak(args: ModelArgs, shapes: Shapes, rows: int, queries: int, T: int, cache_only: bool = False) -> int:
+    """The largest of one layer's activations for ``rows`` x ``queries`` new tokens against
+    ``T`` positions; ``cache_only``: only the caches are evaluated, so the last layer stops
+    at its cache's inputs (its attention and feed-forward never run)."""
+    a, D, L = shapes.act_bytes, args.hidden_size, rows * queries
     H, H_kv, Dh = args.num_attention_heads, args.num_key_value_heads, args.head_dim
+    run = range(args.num_hidden_layers - 1 if cache_only else args.num_hidden_layers)  # layers run whole
     hidden = 4 * L * D * a  # the residual stream, its norm, the layer's output, the op's output
     attn = L * (H + 2 * H_kv) * Dh * a  # q, k, v
-    if not shapes.fused_attention:
-        attn += SCORES * H * L * T * a + L * T  # MLX's unfused attention: the scores, the causal mask
+    if any(args.is_attention(i) for i in run):
+        attn += attention_scores(args, shapes, rows, queries, T)
     conv = 4 * L * D * a  # in_proj's three outputs, B * x
-    dense = 3 * L * args.intermediate_size * a  # gate, up, their product
+    dense = 3 * L * args.intermediate_size * a if any(not args.is_moe(i) for i in run) else 0  # gate, up, product
     moe = 0
-    if args.model_type == "lfm2_moe":
+    if any(args.is_moe(i) for i in run):
         E, K, F = args.num_experts, args.num_experts_per_tok, args.moe_intermediate_size
         moe = 4 * L * E * 4 + L * K * (3 * D + 3 * F) * a  # router (float32); routed copies
         if shapes.float32_scales:  # scales and biases of one matrix pair, cast to float32

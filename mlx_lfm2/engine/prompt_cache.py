@@ -191,11 +191,13 @@ def entry_bytes(pc: PromptCache) -> int:
 
 
 def _owned(cache: list) -> None:
-    """Each KV layer's positions copied out of the buffer they view: a row taken out of a batch
-    (model/batch_cache.py ``extract``) is a view that would keep the whole batch's buffer alive."""
+    """Each KV layer that views a larger buffer (``KVCache.shared``: a row taken out of a batch,
+    model/batch_cache.py ``extract``, would keep the whole batch's buffer alive) copied out of
+    it; a cache holding its own buffer is kept as it is."""
     for c in cache or []:
-        if isinstance(c, KVCache) and c.keys is not None:
+        if isinstance(c, KVCache) and c.keys is not None and c.shared:
             c.keys, c.values = mx.contiguous(c.keys[..., : c.offset, :]), mx.contiguous(c.values[..., : c.offset, :])
+            c.shared = False
     mx.eval([c.state for c in cache or []])
 
 

@@ -107,8 +107,10 @@ class BatchKVCache:
     def extract(self, i: int) -> KVCache:
         """Row ``i`` as an ordinary cache."""
         p = self.left_padding[i]
-        return KVCache.from_state((self.keys[i : i + 1, :, p : self.idx], self.values[i : i + 1, :, p : self.idx]),
-                                  self.idx - p)
+        c = KVCache.from_state((self.keys[i : i + 1, :, p : self.idx], self.values[i : i + 1, :, p : self.idx]),
+                               self.idx - p)
+        c.shared = True  # a view: it keeps the whole batch's buffer alive
+        return c
 
     @property
     def state(self):

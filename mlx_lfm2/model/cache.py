@@ -42,6 +42,7 @@ import mlx.core as mx
 
 class KVCache:
     step = 256
+    shared = False  # keys/values view a larger buffer (a batch's row: batch_cache.extract)
 
     def __init__(self):
         self.keys: Optional[mx.array] = None

@@ -76,13 +76,14 @@ class Admission:
         return row
 
     def fits(self, row: Row, running: list) -> bool:
-        """Whether ``row`` fits beside the ``running`` rows; if so, prompt caches beyond what is
-        left are dropped (module docstring)."""
-        need = self.batch([*running, row])
-        if need > self.available:
-            return False
-        self.make_room(self.available - need)
-        return True
+        """Whether ``row`` fits beside the ``running`` rows, prompt caches giving way. A
+        question: nothing is dropped (``admit`` drops)."""
+        return self.batch([*running, row]) <= self.available
+
+    def admit(self, row: Row, running: list) -> None:
+        """``row`` joins the ``running`` rows: prompt caches beyond what the batch leaves are
+        dropped (module docstring)."""
+        self.make_room(self.available - self.batch([*running, row]))
 
     def stores(self) -> list:
         return ([self.store] if self.store is not None else []) + list(self.other_stores())
@@ -102,8 +103,14 @@ class Admission:
 
     def waits(self, row: Optional[Row], live: dict) -> bool:
         """Whether ``row`` waits for memory beside the batch's ``live`` rows (uid -> the
-        scheduler's row). An empty batch admits any request."""
-        return bool(live) and row is not None and not self.fits(row, rows_of(live))
+        scheduler's row); if not, it is admitted (``admit``). An empty batch admits any request."""
+        if row is None:
+            return False
+        running = rows_of(live)
+        if live and not self.fits(row, running):
+            return True
+        self.admit(row, running)
+        return False
 
     def reserved(self, live: dict) -> int:
         """The predicted peak of the batch's ``live`` rows."""

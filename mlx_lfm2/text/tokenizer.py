@@ -21,7 +21,6 @@ import warnings
 from pathlib import Path
 from typing import Iterable, Optional
 
-from tokenizers import Encoding
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers.decoders import DecodeStream
 
@@ -148,21 +147,21 @@ class Tokenizer:
         if add_special_tokens and self.bos_token and text.startswith(self.bos_token):
             add_special_tokens = False
         if split_special_tokens:
-            return _encode(self._splitting(), text, add_special_tokens).ids
+            return _encode(self._splitting(), text, add_special_tokens)
         spans = plain_spans(text)
         if not any(self._special_re.search(text, a, b) for a, b in spans):
-            return _encode(self.backend, str(text), add_special_tokens).ids
+            return _encode(self.backend, str(text), add_special_tokens)
         # Cut at the template's special tokens (those outside the spans), as the tokenizer
         # itself would, and read each piece between them with specials as plain text.
-        pieces, pos = [], 0
+        ids, pos = [], 0
         for m in self._special_re.finditer(text):
             if any(a < m.end() and m.start() < b for a, b in spans):
                 continue  # typed inside untrusted content
-            pieces.append(_encode(self._splitting(), text[pos:m.start()], False))
-            pieces.append(self.backend.encode(m.group(), add_special_tokens=False))
+            ids += _encode(self._splitting(), text[pos:m.start()], False)
+            ids += self.backend.encode(m.group(), add_special_tokens=False).ids
             pos = m.end()
-        pieces.append(_encode(self._splitting(), text[pos:], False))
-        return self.backend.post_process(Encoding.merge(pieces), None, add_special_tokens).ids
+        ids += _encode(self._splitting(), text[pos:], False)
+        return _with_specials(self.backend, ids) if add_special_tokens else ids
 
     def _splitting(self) -> _HFTokenizer:
         if self._split_backend is None:
@@ -217,13 +216,37 @@ LONG_TEXT = 1 << 16  # characters: past this, encode through encode_batch
 TRIM_TEXT = 1 << 18
 
 
-def _encode(backend: _HFTokenizer, text: str, add_special_tokens: bool) -> Encoding:
-    """``backend.encode``; a long text through ``encode_batch``, which lets go of the GIL
-    while it works (``encode`` holds it: a multi-MB prompt tokenized in a worker thread
-    would stall the server's event loop for seconds)."""
-    if len(text) > LONG_TEXT:
-        return backend.encode_batch([text], add_special_tokens=add_special_tokens)[0]
-    return backend.encode(text, add_special_tokens=add_special_tokens)
+# Where a long text is cut into pieces: after a newline, or before a space, each between
+# characters that are not whitespace. LFM2's pre-tokenizer (a GPT-style split regex, then
+# byte-level BPE within each piece) always splits there: only its whitespace-led patterns
+# reach over a space or past a newline run. So the pieces' ids are the whole text's
+# (tests/test_template_limits.py checks).
+_CUT = re.compile(r"(?<=\n)(?=\S)|(?<=\S)(?= \S)")
+
+
+def _encode(backend: _HFTokenizer, text: str, add_special_tokens: bool) -> list[int]:
+    """``backend.encode(...).ids``. A long text goes through ``encode_batch``, which lets go
+    of the GIL while it works (``encode`` holds it: a multi-MB prompt tokenized in a worker
+    thread would stall the server's event loop for seconds), in pieces of about
+    ``LONG_TEXT`` characters (``_CUT``): ``tokenizers`` holds some 500 bytes a character
+    while it encodes (a 4 MiB prompt: 630 MB), a piece's instead of the text's."""
+    if len(text) <= LONG_TEXT:
+        return backend.encode(text, add_special_tokens=add_special_tokens).ids
+    ids, start = [], 0
+    while start < len(text):
+        cut = _CUT.search(text, start + LONG_TEXT) if len(text) - start > 2 * LONG_TEXT else None
+        end = cut.start() if cut is not None else len(text)
+        ids += backend.encode_batch([text[start:end]], add_special_tokens=False)[0].ids
+        start = end
+    return _with_specials(backend, ids) if add_special_tokens else ids
+
+
+def _with_specials(backend: _HFTokenizer, ids: list[int]) -> list[int]:
+    """``ids`` with what the post-processor adds around a text (LFM2: BOS before it)."""
+    bare = backend.encode("a", add_special_tokens=False).ids
+    full = backend.encode("a", add_special_tokens=True).ids
+    i = next(i for i in range(len(full) - len(bare) + 1) if full[i : i + len(bare)] == bare)
+    return full[:i] + ids + full[i + len(bare) :]
 
 
 def release_freed_memory() -> None:

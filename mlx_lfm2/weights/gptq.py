@@ -27,7 +27,7 @@ Dimensions: E experts (1 for a plain linear), O outputs, D inputs, g group size,
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -165,6 +165,78 @@ def quantize_weight(W: mx.array, halves, choice: dict, dtype):
         r[idx] = f.astype(r.dtype)
         out.append(r)
     return (*out, keep)
+
+
+def head_halves(h: mx.array) -> list:
+    """The two halves' (H [1, D, D], tokens [1]) of the head's inputs ``h`` [N, D] (the final-normed
+    calibration hidden states), even and odd tokens apart."""
+    hf = h.reshape(-1, h.shape[-1]).astype(F32)
+    return [(np.array(hf[p::2].T @ hf[p::2])[None], np.array([hf[p::2].shape[0]], np.float32)) for p in (0, 1)]
+
+
+def head_row_errors(W: mx.array, M: mx.array, H: Optional[np.ndarray], lookup: Optional[float] = None) -> mx.array:
+    """Per row [V], the relative error of the quantized table ``M`` for ``W`` [V, D]: of the logits
+    on ``H``'s inputs (None: no head use), plus, for a table also looked up, ``lookup`` times the
+    relative error of its rows (every row alike: the calibration text sees few of the rows later
+    text looks up). ``lookup`` is the measured gain from a lookup's relative error to the
+    logits' (``_Head.inputs``). Rows are independent in both uses (GPTQ moves error along a
+    row's inputs, never between rows), so a table may mix GPTQ's rows and rounding's."""
+    W, d = W.astype(F32), W.astype(F32) - M
+    err = mx.zeros(W.shape[0])
+    if H is not None:
+        Hm = mx.array(H[0])
+        err = ((d @ Hm) * d).sum(-1) / ((W @ Hm) * W).sum()
+    if lookup is not None:
+        err = err + lookup * (d * d).sum(-1) / (W * W).sum()
+    return err
+
+
+def head_error(W: mx.array, M: mx.array, H: Optional[np.ndarray], lookup: Optional[float] = None) -> float:
+    """``head_row_errors`` summed over the rows."""
+    return float(head_row_errors(W, M, H, lookup).sum().item())
+
+
+def _head_gptq(W: mx.array, H: np.ndarray, tokens: np.ndarray, choice: dict, dtype, lookup: Optional[float]):
+    """GPTQ of the table ``W`` [V, D] on the objective ``head_row_errors`` sums: the shrunk head
+    Hessian over its error scale, plus the lookup use's identity (a ridge towards rounding)."""
+    Hs = shrink(H, tokens)
+    if lookup is not None:
+        Wf = W.astype(F32)
+        head_scale = float(((Wf @ mx.array(Hs[0])) * Wf).sum().item())
+        Hs = Hs / head_scale + (lookup / float((Wf * Wf).sum().item())) * np.eye(H.shape[-1], dtype=np.float32)
+    return tuple(a[0] for a in _gptq(W[None], Hs.astype(np.float32), choice, dtype))
+
+
+def head_trial(W: mx.array, halves, choice: dict, dtype, lookup: Optional[float] = None):
+    """Round-to-nearest of the table ``W`` [V, D] (a head; with ``lookup``, a tied one), the rows in
+    which GPTQ fitted on the first half of the calibration text beats rounding on the second, and
+    the errors (``head_error``) there of rounding and of that per-row mix."""
+    if choice.get("mode", "affine") != "affine":
+        raise ValueError(f"GPTQ quantizes affine grids, not {choice['mode']}")
+    (Ha, na), (Hb, _) = halves
+    rtn = tuple(mx.quantize(W.astype(dtype), group_size=choice["group_size"], bits=choice["bits"]))
+    trial = _head_gptq(W, Ha, na, choice, dtype, lookup)
+    e_rtn = head_row_errors(W, _dequantize(rtn, choice), Hb, lookup)
+    e_gptq = head_row_errors(W, _dequantize(trial, choice), Hb, lookup)
+    rows = e_gptq < e_rtn
+    return rtn, rows, (float(e_rtn.sum().item()), float(mx.minimum(e_rtn, e_gptq).sum().item()))
+
+
+def quantize_head(W: mx.array, halves, choice: dict, dtype, lookup: Optional[float] = None):
+    """The table ``W`` [V, D] quantized for its head use (and, with ``lookup``, its lookups): GPTQ
+    refitted on both halves of the calibration text in the rows where ``head_trial`` found it
+    better than rounding on held-out calibration tokens, rounding elsewhere. Returns ((packed
+    weight, scales, biases), how many rows kept GPTQ, (error of rounding, of the mix) there)."""
+    rtn, rows, errs = head_trial(W, halves, choice, dtype, lookup)
+    n = int(rows.sum().item())
+    if n == 0:
+        return rtn, 0, errs
+    (Ha, na), (Hb, nb) = halves
+    return _mix_rows(rows, _head_gptq(W, Ha + Hb, na + nb, choice, dtype, lookup), rtn), n, errs
+
+
+def _mix_rows(rows: mx.array, gptq_triple, rtn_triple) -> tuple:
+    return tuple(mx.where(rows.reshape(-1, 1), g, r.astype(g.dtype)) for g, r in zip(gptq_triple, rtn_triple))
 
 
 class _Catcher(nn.Module):
