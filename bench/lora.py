@@ -5,6 +5,8 @@ its peak memory.
 
     python bench/lora.py --preset 24b-a2b-narrow --layers 3 --seq 64 --batch-size 2 --steps 2 --runs 3
     python bench/lora.py --preset lfm2-350m --layers 2 --bits 0 --seq 64 --batch-size 2 --steps 2 --runs 3
+    python bench/lora.py --preset lfm2-350m --layers 2 --bits 0 --seq 512 --batch-size 2 --steps 1 --warmup 0
+    python bench/lora.py --preset lfm2-350m --layers 2 --bits 0 --seq 512 --spread --pack   # mixed lengths
     python bench/lora.py --full-shapes --rank 8 --seq 128 --block-seq 2048   # QLoRA step, real 24B-A2B shapes
 
 Each run is a fresh process: ``steps`` optimizer steps after one warm-up step, reporting
@@ -49,9 +51,9 @@ def data_dir(seq: int, masked: bool, spread: bool = False):
     folder.mkdir(parents=True, exist_ok=True)
     words = ("the model routes each token to four experts and the adapter learns the task " * 400).split()
     cut = lambda i, n: " ".join(words[i * 7:i * 7 + n])
-    if spread:  # ~1.3 tokens a word: the longest rows are cut at --seq by both tools
+    if spread:  # about one token a word: rows of ~seq/4 to ~seq tokens, none cut
         n = lambda i: seq // 4 + (seq - seq // 4) * ((i * 7) % ROWS) // (ROWS - 1)
-        rows = [{"text": cut(i, n(i) * 3 // 4)} for i in range(ROWS)]
+        rows = [{"text": cut(i, n(i) * 15 // 16)} for i in range(ROWS)]
     else:
         rows = [{"prompt": cut(i, seq * 3 // 4), "completion": cut(i + 3, seq)} if masked else {"text": cut(i, seq)}
                 for i in range(ROWS)]

@@ -240,33 +240,43 @@ def _mix_rows(rows: mx.array, gptq_triple, rtn_triple) -> tuple:
 
 
 class _Catcher(nn.Module):
-    """Wraps a linear: sums ``x^T x`` of its inputs, even and odd tokens apart, while computing
-    as it did."""
+    """Wraps a linear: keeps its inputs (a reference, no copy: [N, D] each, far smaller than a
+    [D, D] Hessian while calibration tokens number fewer than a few widths) while computing as
+    it did, so each linear's Hessian can be formed only when that linear is quantized."""
 
     def __init__(self, module: nn.Module):
         super().__init__()
         self.module = module
-        self.H, self.n = [0, 0], [0, 0]
+        self.inputs: list = []
 
     def __call__(self, x, *args, **kwargs):
-        xf = x.reshape(-1, x.shape[-1]).astype(F32)
-        for p in (0, 1):
-            self.H[p] = self.H[p] + xf[p::2].T @ xf[p::2]
-            self.n[p] += xf[p::2].shape[0]
+        self.inputs.append(x)
         return self.module(x, *args, **kwargs)
 
+    def halves(self) -> list:
+        """The two halves' (H [1, D, D], tokens [1]), even and odd tokens apart."""
+        H, n = [0, 0], [0, 0]
+        for x in self.inputs:
+            xf = x.reshape(-1, x.shape[-1]).astype(F32)
+            for p in (0, 1):
+                H[p] = H[p] + xf[p::2].T @ xf[p::2]
+                n[p] += xf[p::2].shape[0]
+        return [(np.array(H[p])[None], np.array([n[p]], np.float32)) for p in (0, 1)]
 
-def _linear_hessians(block: Block, x: mx.array, names: list[str]) -> dict:
-    """path -> the two halves' (H [1, D, D], tokens [1]) of each plain linear in ``names``,
-    from one pass of ``x`` [B, L, D]."""
+
+def _linear_hessians(block: Block, x: mx.array, names: list[str]):
+    """Yields path -> the two halves' (H [1, D, D], tokens [1]) of each plain linear in ``names``,
+    from one pass of ``x`` [B, L, D], one linear's at a time (the caller frees each before the next)."""
     leaves = dict(tree_flatten(block.leaf_modules(), is_leaf=nn.Module.is_module))
     catchers = [(n, _Catcher(leaves[n])) for n in names]
     block.update_modules(tree_unflatten(catchers))
     try:
         mx.eval(block(x))
-        return {n: [(np.array(c.H[p])[None], np.array([c.n[p]], np.float32)) for p in (0, 1)] for n, c in catchers}
     finally:
         block.update_modules(tree_unflatten([(n, c.module) for n, c in catchers]))
+    for n, c in catchers:
+        yield n, c.halves()
+        c.inputs = []
 
 
 def _prior_hessian(own: mx.array, every: mx.array, prior: float) -> tuple[mx.array, float]:
@@ -315,9 +325,11 @@ def quantize_block(block: Block, x: mx.array, choice: Callable, min_tokens: int 
 
     leaves = dict(tree_flatten(block.leaf_modules(), is_leaf=nn.Module.is_module))
     plain = [n for n, m in leaves.items() if isinstance(m, nn.Linear) and wanted(n, m)]
-    for n, halves in _linear_hessians(block, x, plain).items():
+    for n, halves in _linear_hessians(block, x, plain):
         *triple, keep = quantize_weight(leaves[n].weight[None], halves, wanted(n, leaves[n]), dtype)
+        del halves
         out[n] = tuple(a[0] for a in triple)
+        mx.eval(out[n])
         kept.append(keep)
     ffn = block.feed_forward
     if isinstance(ffn, SparseMoE):
