@@ -167,11 +167,21 @@ def quantize_weight(W: mx.array, halves, choice: dict, dtype):
     return (*out, keep)
 
 
+def hessian_halves(inputs: list) -> list:
+    """The two halves' (H [1, D, D], tokens [1]) of a matrix's ``inputs`` (arrays [..., D]),
+    even and odd tokens apart."""
+    H, n = [0, 0], [0, 0]
+    for x in inputs:
+        xf = x.reshape(-1, x.shape[-1]).astype(F32)
+        for p in (0, 1):
+            H[p] = H[p] + xf[p::2].T @ xf[p::2]
+            n[p] += xf[p::2].shape[0]
+    return [(np.array(H[p])[None], np.array([n[p]], np.float32)) for p in (0, 1)]
+
+
 def head_halves(h: mx.array) -> list:
-    """The two halves' (H [1, D, D], tokens [1]) of the head's inputs ``h`` [N, D] (the final-normed
-    calibration hidden states), even and odd tokens apart."""
-    hf = h.reshape(-1, h.shape[-1]).astype(F32)
-    return [(np.array(hf[p::2].T @ hf[p::2])[None], np.array([hf[p::2].shape[0]], np.float32)) for p in (0, 1)]
+    """``hessian_halves`` of the head's inputs ``h`` [N, D] (the final-normed calibration hidden states)."""
+    return hessian_halves([h])
 
 
 def head_row_errors(W: mx.array, M: mx.array, H: Optional[np.ndarray], lookup: Optional[float] = None) -> mx.array:
@@ -254,14 +264,7 @@ class _Catcher(nn.Module):
         return self.module(x, *args, **kwargs)
 
     def halves(self) -> list:
-        """The two halves' (H [1, D, D], tokens [1]), even and odd tokens apart."""
-        H, n = [0, 0], [0, 0]
-        for x in self.inputs:
-            xf = x.reshape(-1, x.shape[-1]).astype(F32)
-            for p in (0, 1):
-                H[p] = H[p] + xf[p::2].T @ xf[p::2]
-                n[p] += xf[p::2].shape[0]
-        return [(np.array(H[p])[None], np.array([n[p]], np.float32)) for p in (0, 1)]
+        return hessian_halves(self.inputs)
 
 
 def _linear_hessians(block: Block, x: mx.array, names: list[str]):
