@@ -73,8 +73,8 @@ def budget_bytes(text: Optional[str]) -> int:
 @dataclass(frozen=True)
 class Shapes:
     """How a model runs, beyond its config: activation bytes (the KV cache's too), the
-    prefill chunk, the backend whose attention kernels run (``attention_scores``), whether
-    MoE scales are cast."""
+    prefill chunk, the backend whose attention kernels run (``device.runtime``,
+    ``attention_scores``), whether MoE scales are cast."""
 
     act_bytes: int = 2
     prefill_step: int = 2048
@@ -93,22 +93,8 @@ class Shapes:
         emb = model.model.embed_tokens
         dtype = model.compute_dtype or (emb["scales"].dtype if "scales" in emb else emb["weight"].dtype)
         q = model.args.quantization or {}
-        return cls(dtype.size, prefill_step or default_prefill_step(), backend(),
+        return cls(dtype.size, prefill_step or default_prefill_step(), device.runtime(),
                    bool(q) and dtype == mx.float32, int(q.get("group_size", 64)))
-
-
-def backend() -> str:
-    """Where MLX's ops really run (``Shapes.backend``), whatever device the engine's choices
-    assume (``model.device.assume``): a CUDA device that does not say its compute capability
-    counts as one before Ampere (its attention then charged unfused: the safe side)."""
-    import mlx.core as mx
-
-    if mx.default_device().type == mx.cpu:
-        return "cpu"
-    if not (hasattr(mx, "cuda") and mx.cuda.is_available()):
-        return "metal"
-    major = mx.device_info().get("compute_capability_major", 0)
-    return "cuda" if isinstance(major, int) and major >= 8 else "cuda-old"
 
 
 def attention_scores(args: ModelArgs, shapes: Shapes, rows: int, queries: int, keys: int) -> int:

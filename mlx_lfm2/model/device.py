@@ -69,6 +69,19 @@ def on_cpu() -> bool:
     return kind() == "cpu"
 
 
+def runtime() -> str:
+    """Where MLX's ops really run, whatever ``kind`` the choices assume: "cpu", "metal", "cuda",
+    or "cuda-old" (engine/memory.py's ``Shapes.backend``: which attention kernels exist). A CUDA
+    device that does not say its compute capability counts as one before Ampere (its attention
+    then charged unfused: the safe side)."""
+    if mx.default_device().type == mx.cpu:
+        return "cpu"
+    if not (hasattr(mx, "cuda") and mx.cuda.is_available()):
+        return "metal"
+    major = mx.device_info().get("compute_capability_major", 0)
+    return "cuda" if isinstance(major, int) and major >= 8 else "cuda-old"
+
+
 # --- the choices -------------------------------------------------------------------------
 
 
