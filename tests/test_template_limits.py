@@ -125,6 +125,32 @@ def test_a_long_text_encoded_in_pieces_gives_the_whole_texts_ids(ours, monkeypat
     assert len(ids) > len(whole) and any(ids[i : i + len(whole)] == whole for i in range(8))
 
 
+
+@pytest.mark.parametrize("change", ["another split", "normalizer"])
+def test_a_tokenizer_that_is_not_lfm2s_encodes_long_texts_whole(ours, monkeypatch, change):
+    """The piece cuts hold for LFM2's pre-tokenizer only. With another split rule (here: every
+    3 characters) or a normalizer that reads across a cut, cutting would change the ids; such
+    a tokenizer is encoded whole and its ids are its own."""
+    import json
+
+    from tokenizers import Tokenizer as HF
+
+    from mlx_lfm2.text import tokenizer
+
+    spec = json.loads(ours.backend.to_str())
+    if change == "another split":  # a piece of 3k+1 characters shifts the next piece's triples
+        spec["pre_tokenizer"]["pretokenizers"][0]["pattern"] = {"Regex": "[\\s\\S]{1,3}"}
+        text = "words,and.12\n" * 1000
+    else:  # cut only before " b": the normalizer would never see "a b"
+        spec["normalizer"] = {"type": "Replace", "pattern": {"String": "a b"}, "content": "ab"}
+        text = "a b " * 3000
+    other = tokenizer.Tokenizer(HF.from_str(json.dumps(spec)), ours.config, ours.chat_template)
+    assert tokenizer.splits_at_cuts(ours.backend) and not tokenizer.splits_at_cuts(other.backend)
+    monkeypatch.setattr(tokenizer, "LONG_TEXT", 40)
+    assert other.encode(text, add_special_tokens=False) == other.backend.encode(text, add_special_tokens=False).ids
+    monkeypatch.setattr(other, "_pieces", True)  # what cutting would have given: not the same ids
+    assert other.encode(text, add_special_tokens=False) != other.backend.encode(text, add_special_tokens=False).ids
+
 PEAK_OF_A_4MIB_PROMPT = r"""
 import sys
 from mlx_lfm2.text.tokenizer import load_tokenizer

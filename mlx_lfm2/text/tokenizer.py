@@ -119,6 +119,7 @@ class Tokenizer:
         self._special_re = re.compile("|".join(re.escape(t) for t in sorted(self._specials, key=len, reverse=True))
                                       or "(?!)")
         self._split_backend = None  # a copy that reads special-token strings as text, made when needed
+        self._pieces = splits_at_cuts(backend)  # long texts may be encoded in pieces (``_CUT``)
         self.bos_token_id = vocab.get(self.bos_token)
         self.eos_token_id = vocab.get(self.eos_token)
         self.pad_token_id = vocab.get(self.pad_token)
@@ -147,20 +148,20 @@ class Tokenizer:
         if add_special_tokens and self.bos_token and text.startswith(self.bos_token):
             add_special_tokens = False
         if split_special_tokens:
-            return _encode(self._splitting(), text, add_special_tokens)
+            return _encode(self._splitting(), text, add_special_tokens, self._pieces)
         spans = plain_spans(text)
         if not any(self._special_re.search(text, a, b) for a, b in spans):
-            return _encode(self.backend, str(text), add_special_tokens)
+            return _encode(self.backend, str(text), add_special_tokens, self._pieces)
         # Cut at the template's special tokens (those outside the spans), as the tokenizer
         # itself would, and read each piece between them with specials as plain text.
         ids, pos = [], 0
         for m in self._special_re.finditer(text):
             if any(a < m.end() and m.start() < b for a, b in spans):
                 continue  # typed inside untrusted content
-            ids += _encode(self._splitting(), text[pos:m.start()], False)
+            ids += _encode(self._splitting(), text[pos:m.start()], False, self._pieces)
             ids += self.backend.encode(m.group(), add_special_tokens=False).ids
             pos = m.end()
-        ids += _encode(self._splitting(), text[pos:], False)
+        ids += _encode(self._splitting(), text[pos:], False, self._pieces)
         return _with_specials(self.backend, ids) if add_special_tokens else ids
 
     def _splitting(self) -> _HFTokenizer:
@@ -222,19 +223,35 @@ TRIM_TEXT = 1 << 18
 # reach over a space or past a newline run. So the pieces' ids are the whole text's
 # (tests/test_template_limits.py checks).
 _CUT = re.compile(r"(?<=\n)(?=\S)|(?<=\S)(?= \S)")
+# The pre-tokenization that rule was derived from (LFM2's tokenizer.json), and no normalizer.
+_LFM2_SPLIT = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
+               "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
+_LFM2_PRE_TOKENIZER = {"type": "Sequence", "pretokenizers": [
+    {"type": "Split", "pattern": {"Regex": _LFM2_SPLIT}, "behavior": "Isolated", "invert": False},
+    {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
 
 
-def _encode(backend: _HFTokenizer, text: str, add_special_tokens: bool) -> list[int]:
+def splits_at_cuts(backend: _HFTokenizer) -> bool:
+    """Whether ``backend`` pre-tokenizes as LFM2's does, so that ``_CUT`` never changes its
+    ids. Any other tokenizer (a normalizer, another split regex, a prefix space) encodes a
+    long text whole: the memory of one encode, and ids that are its own."""
+    if backend.normalizer is not None or backend.pre_tokenizer is None:
+        return False
+    return json.loads(backend.pre_tokenizer.__getstate__()) == _LFM2_PRE_TOKENIZER
+
+
+def _encode(backend: _HFTokenizer, text: str, add_special_tokens: bool, pieces: bool) -> list[int]:
     """``backend.encode(...).ids``. A long text goes through ``encode_batch``, which lets go
     of the GIL while it works (``encode`` holds it: a multi-MB prompt tokenized in a worker
     thread would stall the server's event loop for seconds), in pieces of about
     ``LONG_TEXT`` characters (``_CUT``): ``tokenizers`` holds some 500 bytes a character
-    while it encodes (a 4 MiB prompt: 630 MB), a piece's instead of the text's."""
+    while it encodes (a 4 MiB prompt: 630 MB), a piece's instead of the text's. Not
+    ``pieces`` (``splits_at_cuts`` is false): the whole text in one ``encode_batch``."""
     if len(text) <= LONG_TEXT:
         return backend.encode(text, add_special_tokens=add_special_tokens).ids
     ids, start = [], 0
     while start < len(text):
-        cut = _CUT.search(text, start + LONG_TEXT) if len(text) - start > 2 * LONG_TEXT else None
+        cut = _CUT.search(text, start + LONG_TEXT) if pieces and len(text) - start > 2 * LONG_TEXT else None
         end = cut.start() if cut is not None else len(text)
         ids += backend.encode_batch([text[start:end]], add_special_tokens=False)[0].ids
         start = end
