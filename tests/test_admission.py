@@ -345,6 +345,32 @@ def test_a_kept_cache_taken_out_of_a_batch_holds_its_own_memory_not_the_batchs(k
     assert mx.get_active_memory() - base < 0  # the batch's buffer is freed once the entry owns its copy
 
 
+
+def test_a_conv_row_taken_out_of_a_batch_is_copied_out_of_the_batchs_state_buffer():
+    """A batch's conv state is one ``[B, K-1, D]`` buffer; a row taken out of it is a view that
+    would keep the whole buffer alive in the prompt-cache store. Once kept, it holds its own row."""
+    from mlx_lfm2.engine.prompt_cache import _owned
+    from mlx_lfm2.model.batch_cache import BatchConvCache
+    from mlx_lfm2.model.cache import ConvCache
+
+    rows, width = 64, 1 << 16
+    batch = BatchConvCache()
+    for i in range(rows):
+        single = ConvCache.from_state((mx.full((1, 2, width), float(i)),), 10)
+        batch.join(single)
+    mx.eval(batch.conv_state)
+    row = batch.extract(5)
+    assert row.shared
+    del batch, single
+    gc.collect()
+    mx.clear_cache()
+    pinned = mx.get_active_memory()
+    _owned([row])
+    gc.collect()
+    mx.clear_cache()
+    assert not row.shared and row.conv_state.shape == (1, 2, width) and (row.conv_state == 5).all().item()
+    assert pinned - mx.get_active_memory() >= (rows - 2) * 2 * width * 4  # the batch's buffer went
+
 def test_a_kept_cache_that_owns_its_buffer_is_not_copied(kv_heavy):
     from mlx_lfm2.engine.decode import prefill
     from mlx_lfm2.engine.prompt_cache import PromptCacheStore

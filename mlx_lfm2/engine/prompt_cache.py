@@ -40,7 +40,7 @@ from typing import Optional, Protocol
 
 import mlx.core as mx
 
-from ..model.cache import KVCache, checkpoint, copy_cache, reachable, rewind
+from ..model.cache import ConvCache, KVCache, checkpoint, copy_cache, reachable, rewind
 from ..text.tokenizer import plain_spans
 from .decode import default_prefill_step, prefill
 
@@ -191,13 +191,17 @@ def entry_bytes(pc: PromptCache) -> int:
 
 
 def _owned(cache: list) -> None:
-    """Each KV layer that views a larger buffer (``KVCache.shared``: a row taken out of a batch,
+    """Each layer that views a larger buffer (``shared``: a row taken out of a batch,
     model/batch_cache.py ``extract``, would keep the whole batch's buffer alive) copied out of
     it; a cache holding its own buffer is kept as it is."""
     for c in cache or []:
-        if isinstance(c, KVCache) and c.keys is not None and c.shared:
+        if not getattr(c, "shared", False):
+            continue
+        if isinstance(c, KVCache) and c.keys is not None:
             c.keys, c.values = mx.contiguous(c.keys[..., : c.offset, :]), mx.contiguous(c.values[..., : c.offset, :])
-            c.shared = False
+        elif isinstance(c, ConvCache) and c.conv_state is not None:
+            c.conv_state = mx.contiguous(c.conv_state)  # a row of [B, K-1, D]: copied out (MLX copies a view)
+        c.shared = False
     mx.eval([c.state for c in cache or []])
 
 

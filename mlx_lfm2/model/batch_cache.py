@@ -150,6 +150,7 @@ class BatchConvCache:
 
     def extract(self, i: int) -> ConvCache:
         c = ConvCache.from_state((self.conv_state[i : i + 1],), int(self.offset[i]))
+        c.shared = True  # a view of the batch's state buffer, as KVCache's rows are
         c.checkpoints = dict(self.checkpoints[i])
         return c
 

@@ -113,6 +113,7 @@ class ConvCache:
     window = 16  # tokens of recent conv inputs kept for exact rewinds (>= draft length + 1)
     block = 256  # the state at every multiple of this offset is kept (see the module docstring)
     max_checkpoints = 1024
+    shared = False  # conv_state views a larger buffer (a batch's row: batch_cache.extract)
 
     def __init__(self):
         self.conv_state: Optional[mx.array] = None  # [B, K - 1, D]; None: zeros (no input yet)
