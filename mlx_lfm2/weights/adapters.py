@@ -19,50 +19,23 @@ Every file is validated (header, names, shapes, dtypes) before MLX reads a byte 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
-import os
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Optional, Union
+from typing import Union
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ..model.lora import ADAPTER_LEAVES, apply_lora
-from .layouts import WeightsError, check_safetensors, from_mlx_lm_name, to_mlx_lm_name
+from .adapter_files import (CONFIG, PEFT_WEIGHTS, WEIGHTS, AdapterError, read_config, read_weights, save_json,
+                            save_safetensors)
+from .layouts import from_mlx_lm_name, to_mlx_lm_name
+from .peft import peft_to_mlx_lm
 
-CONFIG, WEIGHTS = "adapter_config.json", "adapters.safetensors"
-PEFT_WEIGHTS = "adapter_model.safetensors"
 FINE_TUNE_TYPES = ("lora", "dora", "full")
 DEFAULT_LORA = {"rank": 8, "dropout": 0.0, "scale": 20.0}
-
-
-class AdapterError(ValueError):
-    """An adapter folder that does not fit the model (or is not an adapter folder)."""
-
-
-def write_atomic(path: Path, write) -> None:
-    """``write(tmp_path)`` then rename over ``path``: a crash leaves the old file or none."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def save_safetensors(path: Path, arrays: dict, metadata: Optional[dict] = None) -> None:
-    write_atomic(Path(path), lambda tmp: mx.save_safetensors(tmp, arrays, metadata=metadata or {}))
-
-
-def save_json(path: Path, obj: dict) -> None:
-    write_atomic(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
 
 
 # --- mlx-lm's layout -----------------------------------------------------------------------
@@ -105,21 +78,6 @@ def save_adapters(model: nn.Module, folder: Union[str, Path], config: dict) -> P
     return folder / WEIGHTS
 
 
-def read_config(folder: Path) -> dict:
-    f = folder / CONFIG
-    if not folder.is_dir():
-        raise AdapterError(f"adapter path {folder} is not a folder")
-    if not f.exists():
-        raise AdapterError(f"{folder} has no {CONFIG}: is it an adapter folder (mlx-lm or PEFT)?")
-    try:
-        cfg = json.loads(f.read_text())
-    except ValueError as e:
-        raise AdapterError(f"{f} is not valid JSON: {e}") from e
-    if not isinstance(cfg, dict):
-        raise AdapterError(f"{f} must hold a JSON object")
-    return cfg
-
-
 def check_lora_config(cfg: dict, where: Path) -> tuple[str, int, dict]:
     kind = cfg.get("fine_tune_type", "lora")
     if kind not in FINE_TUNE_TYPES:
@@ -146,16 +104,6 @@ def add_adapter_layers(model: nn.Module, kind: str, num_layers: int, lora: dict)
     return apply_lora(model, num_layers, rank=lora["rank"], scale=float(lora["scale"]),
                       dropout=float(lora.get("dropout", 0.0)), keys=keys, dora=kind == "dora",
                       expert_rank=lora.get("expert_rank"))
-
-
-def read_weights(path: Path) -> dict:
-    if not path.exists():
-        raise AdapterError(f"{path.parent} has no {path.name}")
-    try:
-        check_safetensors(path)
-        return mx.load(str(path))
-    except (WeightsError, RuntimeError, ValueError) as e:
-        raise AdapterError(str(e)) from e
 
 
 def check_against(model: nn.Module, weights: dict, where: Path, full: bool) -> None:
@@ -191,8 +139,6 @@ def load_adapters(model: nn.Module, path: Union[str, Path]) -> dict:
     folder = Path(path).expanduser()
     cfg = read_config(folder)
     if "peft_type" in cfg:
-        from .peft import peft_to_mlx_lm
-
         cfg, weights = peft_to_mlx_lm(folder, cfg, model)
     else:
         weights = None
@@ -221,8 +167,6 @@ def read_resident(adapters, path: Union[str, Path]) -> tuple[dict, float, dict]:
     cfg = read_config(folder)
     weights, file = None, folder / WEIGHTS
     if "peft_type" in cfg:
-        from .peft import peft_to_mlx_lm
-
         cfg, weights = peft_to_mlx_lm(folder, cfg, adapters.model)
         file = folder / PEFT_WEIGHTS
     kind, num_layers, lora = check_lora_config(cfg, folder / CONFIG)

@@ -17,7 +17,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from .adapters import PEFT_WEIGHTS, AdapterError, read_weights, save_json, save_safetensors
+from .adapter_files import PEFT_WEIGHTS, AdapterError, read_weights, save_json, save_safetensors
 from .layouts import to_mlx_lm_name
 
 PREFIX = "base_model.model."
